@@ -1,0 +1,39 @@
+"""The `PipelineError` family: errors the CLI turns into a clean message and an exit code."""
+
+from __future__ import annotations
+
+
+class PipelineError(Exception):
+    """Base class of every error the pipeline reports to a user (exit code 2 unless noted)."""
+
+    exit_code: int = 2
+
+
+class SpecError(PipelineError):
+    """A job file or `--set` override is invalid. Holds every problem found, not just the first.
+
+    Each entry of `errors` is one line: "key.path: value 'x' is ...; allowed: ...".
+    """
+
+    def __init__(self, errors: list[str], source: str = "job") -> None:
+        self.errors = list(errors)
+        self.source = source
+        super().__init__(f"{source}: {len(self.errors)} error(s)\n" + "\n".join(
+            f"  - {e}" for e in self.errors))
+
+
+class StorageError(PipelineError):
+    """A storage location cannot be read or written (permissions, missing bucket, network)."""
+
+
+class ShardError(PipelineError):
+    """One attempt at one input shard failed as a whole (unreadable tar, lost actor, ...).
+
+    The runner retries the shard; after `compute.shard_retries` it is reported failed.
+    """
+
+    exit_code = 1
+
+
+class ResumeConflictError(PipelineError):
+    """The output folder holds a job whose output-affecting fingerprint differs from this spec."""

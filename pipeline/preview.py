@@ -1,0 +1,192 @@
+"""Contact sheets of a finished (or running) job: guide | output (| target), one row per sample.
+
+    image = make_preview("s3://bucket/out/sketch2bedroom", n=16)
+    image.save("grid.png")
+
+Reads the output shards `OUT/shards/*.tar` (members `{key}.png` output, `{key}.guide.png`,
+optionally `{key}.target.png`, `{key}.mask.png`, and `{key}.json` metadata with "key", "t0").
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import json
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import fsspec
+from fsspec.core import url_to_fs
+from PIL import Image, ImageDraw, ImageFont, ImageOps
+from webdataset.tariterators import group_by_keys, tar_file_iterator
+
+from pipeline.errors import PipelineError, StorageError
+
+__all__ = ["CAPTION_HEIGHT", "HEADER_HEIGHT", "PADDING", "grid_size", "make_preview"]
+
+log = logging.getLogger(__name__)
+
+PADDING = 4
+"""Pixels between tiles and around the sheet."""
+CAPTION_HEIGHT = 14
+"""Pixels of the caption strip under each row (key and t0)."""
+HEADER_HEIGHT = 14
+"""Pixels of the column-title strip at the top (guide / output / target)."""
+_BACKGROUND = (255, 255, 255)
+_TEXT = (0, 0, 0)
+
+
+@dataclass(frozen=True)
+class _Sample:
+    """The members of one output sample, still encoded."""
+
+    key: str
+    output: bytes
+    guide: bytes
+    target: bytes | None
+    meta: dict[str, Any]
+
+
+def grid_size(rows: int, columns: int, tile: int) -> tuple[int, int]:
+    """(width, height) in pixels of a contact sheet of `rows` x `columns` square tiles.
+
+    width = columns * tile + (columns + 1) * PADDING
+    height = HEADER_HEIGHT + rows * (tile + CAPTION_HEIGHT) + (rows + 1) * PADDING
+    """
+    width = columns * tile + (columns + 1) * PADDING
+    height = HEADER_HEIGHT + rows * (tile + CAPTION_HEIGHT) + (rows + 1) * PADDING
+    return width, height
+
+
+def _shard_paths(fs: fsspec.AbstractFileSystem, root: str, out: str) -> list[str]:
+    """Sorted paths of OUT/shards/*.tar; PipelineError naming `out` when there are none."""
+    try:
+        paths = sorted(fs.glob(f"{root}/shards/*.tar"))
+    except OSError as exc:
+        raise StorageError(f"cannot list the shards of {out}: {exc}") from exc
+    if not paths:
+        raise PipelineError(f"no output shards in {out} (expected {out}/shards/*.tar); "
+                            "has the job written any shard yet?")
+    return paths
+
+
+def _read_samples(fs: fsspec.AbstractFileSystem, path: str) -> list[_Sample]:
+    """All complete samples (with output and guide) of one output tar, in tar order."""
+    samples = []
+    incomplete = 0
+    with fs.open(path, "rb") as stream:
+        members = ({**member, "__url__": path} for member in tar_file_iterator(stream))
+        for sample in group_by_keys(members):
+            if "png" not in sample or "guide.png" not in sample:
+                incomplete += 1
+                continue
+            meta = json.loads(sample["json"]) if "json" in sample else {}
+            samples.append(_Sample(
+                key=str(meta.get("key", sample["__key__"])), output=sample["png"],
+                guide=sample["guide.png"], target=sample.get("target.png"), meta=meta))
+    if incomplete:
+        log.warning("%s: %d sample(s) without output or guide image left out of the preview",
+                    path, incomplete)
+    return samples
+
+
+def _first_samples(fs: fsspec.AbstractFileSystem, paths: list[str], n: int) -> list[_Sample]:
+    """The first `n` samples: shards in name order, samples sorted by key within each shard.
+
+    Reads whole shards only until `n` samples are found; keeps at most `n` encoded samples.
+    """
+    chosen: list[_Sample] = []
+    for path in paths:
+        in_shard: list[_Sample] = []
+        keys: list[str] = []
+        for sample in _read_samples(fs, path):
+            index = bisect.bisect(keys, sample.key)
+            if index >= n - len(chosen):
+                continue
+            keys.insert(index, sample.key)
+            in_shard.insert(index, sample)
+            del keys[n - len(chosen):], in_shard[n - len(chosen):]
+        chosen += in_shard
+        if len(chosen) >= n:
+            break
+    return chosen
+
+
+def _tile(data: bytes, tile: int) -> Image.Image:
+    """Decode a PNG and fit it into a (tile, tile) RGB square, aspect kept, padded white."""
+    with Image.open(io.BytesIO(data)) as image:
+        return ImageOps.pad(image.convert("RGB"), (tile, tile), color=_BACKGROUND)
+
+
+def _caption(sample: _Sample) -> str:
+    t0 = sample.meta.get("t0")
+    if isinstance(t0, (int, float)):
+        return f"{sample.key}  t0={t0:g}"
+    return sample.key if t0 is None else f"{sample.key}  t0={t0}"
+
+
+def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width: int,
+               font: ImageFont.ImageFont | ImageFont.FreeTypeFont) -> None:
+    """Draw `text` at `xy`, cut with '...' so it fits in `width` pixels."""
+    if draw.textlength(text, font=font) > width:
+        while text and draw.textlength(text + "...", font=font) > width:
+            text = text[:-1]
+        text += "..."
+    draw.text(xy, text, fill=_TEXT, font=font)
+
+
+def make_preview(
+    out: str,
+    n: int = 16,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    tile: int | None = None,
+) -> Image.Image:
+    """A contact sheet of the first `n` samples of the job in `out`.
+
+    One row per sample: guide | output, plus a target column when any shown sample has
+    `{key}.target.png`; a caption with the key and t0 under each row; column titles on top.
+    Samples are taken from the shards in name order, sorted by key within each shard.
+
+    Args:
+        out: the job's output folder (local path or fsspec URL) holding `shards/*.tar`.
+        n: at most this many rows (>= 1).
+        storage_options: fsspec options for `out`.
+        tile: side of each square tile in pixels; None = the larger side of the first output.
+
+    Returns:
+        PIL RGB image of size `grid_size(rows, columns, tile)`.
+
+    Raises:
+        PipelineError: `out` holds no shards or no complete sample, or `n`/`tile` < 1.
+    """
+    if n < 1:
+        raise PipelineError(f"n must be >= 1, got {n}")
+    if tile is not None and tile < 1:
+        raise PipelineError(f"tile must be >= 1 pixel, got {tile}")
+    out = out.rstrip("/")
+    fs, root = url_to_fs(out, **(storage_options or {}))
+    samples = _first_samples(fs, _shard_paths(fs, root, out), n)
+    if not samples:
+        raise PipelineError(f"the shards of {out} hold no sample with an output and a guide")
+    if tile is None:
+        with Image.open(io.BytesIO(samples[0].output)) as first:
+            tile = max(first.size)
+
+    titles = ["guide", "output"] + (["target"] if any(s.target for s in samples) else [])
+    width, height = grid_size(len(samples), len(titles), tile)
+    sheet = Image.new("RGB", (width, height), _BACKGROUND)
+    draw = ImageDraw.Draw(sheet)
+    font = ImageFont.load_default()
+    for column, title in enumerate(titles):
+        x = PADDING + column * (tile + PADDING)
+        _draw_text(draw, (x, PADDING // 2), title, tile, font)
+    for row, sample in enumerate(samples):
+        y = HEADER_HEIGHT + PADDING + row * (tile + CAPTION_HEIGHT + PADDING)
+        for column, data in enumerate([sample.guide, sample.output, sample.target][:len(titles)]):
+            if data is not None:
+                sheet.paste(_tile(data, tile), (PADDING + column * (tile + PADDING), y))
+        _draw_text(draw, (PADDING, y + tile + 1), _caption(sample), width - 2 * PADDING, font)
+    log.info("preview of %d sample(s) from %s: %dx%d px", len(samples), out, width, height)
+    return sheet

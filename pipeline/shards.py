@@ -1,0 +1,168 @@
+"""Input shard listing and resume planning.
+
+`expand_shards` turns the job's `input.shards` patterns into a list of shard URLs: brace ranges
+and lists (`p-{000000..000127}.tar`, `{train,val}.tar`) are expanded without touching storage,
+globs (`*`, `?`, `[...]`) are listed through fsspec, plain URLs are kept. `plan_pending` splits
+that list into pending and done shards with ONE listing of the output's `done/` folder.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import posixpath
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import fsspec
+from braceexpand import UnbalancedBracesError, braceexpand
+
+from pipeline.errors import PipelineError, StorageError
+
+logger = logging.getLogger(__name__)
+
+_GLOB_CHARS = ("*", "?", "[")
+_NO_GLOB_PROTOCOLS = ("http", "https")  # '?' starts a query string there, and no listing
+_TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
+DONE_DIR = "done"
+"""Commit markers live at `{output}/done/{stem}.json`."""
+
+
+def _protocol(url: str) -> str | None:
+    """The protocol of `url` ("s3", "memory", ...) or None for a plain local path."""
+    head, sep, _ = url.partition("://")
+    return head.split("::")[-1] if sep else None
+
+
+def _is_glob(url: str) -> bool:
+    return _protocol(url) not in _NO_GLOB_PROTOCOLS and any(c in url for c in _GLOB_CHARS)
+
+
+def _glob(pattern: str, storage_options: Mapping[str, Any]) -> list[str]:
+    """Sorted files matching `pattern`, as URLs with the pattern's protocol prefix."""
+    try:
+        fs, path = fsspec.core.url_to_fs(pattern, **storage_options)
+        found = fs.glob(path, detail=True)
+    except (OSError, ValueError) as error:
+        raise StorageError(f"cannot list input shards {pattern!r}: {error}") from error
+    files = sorted(name for name, info in found.items() if info.get("type") != "directory")
+    if _protocol(pattern) is None:
+        return files  # LocalFileSystem returns absolute plain paths
+    return [fs.unstrip_protocol(name) for name in files]
+
+
+@functools.lru_cache(maxsize=32)
+def _strip_protocol(protocol: str | None) -> Callable[[str], str]:
+    """The fsspec class method that turns a URL of `protocol` into its canonical path; the
+    URL minus its protocol when that filesystem is not installed (it fails later, on open)."""
+    try:
+        return fsspec.get_filesystem_class(protocol or "file")._strip_protocol
+    except (ImportError, ValueError):
+        return lambda url: url.split("://", 1)[-1]
+
+
+def _canonical(url: str) -> str:
+    """A key under which two spellings of the same object compare equal."""
+    protocol = _protocol(url)
+    path = _strip_protocol(protocol)(url)
+    return path if protocol in (None, "file") else f"{protocol}://{path}"
+
+
+def expand_shards(spec_or_patterns: str | Sequence[str],
+                  storage_options: Mapping[str, Any] | None = None) -> list[str]:
+    """Expand shard patterns into URLs, in pattern order, duplicates removed (first kept).
+
+    Args:
+        spec_or_patterns: one pattern or a list (`InputSpec.shards`). Each may be a brace
+            range/list (expanded without listing storage), a glob (listed via fsspec, sorted;
+            directories are skipped) or a plain URL or path (kept, not checked).
+        storage_options: fsspec options for listing globs (`input.storage_options`).
+
+    Local paths without a protocol are returned absolute, so that actors in other working
+    directories can open them. Raises `PipelineError` when a pattern matches nothing or the
+    stems of two shards collide (see `shard_stem`), `StorageError` when a glob cannot be listed.
+    """
+    patterns = [spec_or_patterns] if isinstance(spec_or_patterns, str) else spec_or_patterns
+    options = dict(storage_options or {})
+    result: dict[str, str] = {}  # canonical -> url, in insertion order
+    if not patterns:
+        raise PipelineError("input.shards: no patterns given")
+    for pattern in patterns:
+        try:
+            names = list(braceexpand(pattern))
+        except UnbalancedBracesError as error:
+            raise PipelineError(f"input.shards: {pattern!r}: {error}") from error
+        matched = 0
+        for name in names:
+            urls = _glob(name, options) if _is_glob(name) else [name]
+            for url in urls:
+                key = _canonical(url)
+                result.setdefault(key, key if _protocol(url) is None else url)
+            matched += len(urls)
+        if matched == 0:
+            raise PipelineError(f"input.shards: {pattern!r} matches no files")
+        logger.debug("input pattern %s: %d shard(s)", pattern, matched)
+    shards = list(result.values())
+    unique_stems(shards)
+    return shards
+
+
+def shard_stem(url: str) -> str:
+    """The shard's name without folders, query string and .tar / .tar.gz / .tgz suffix.
+
+    Output names derive from it: `{output}/shards/{stem}.tar`, `.../done/{stem}.json`.
+    """
+    if _protocol(url) in _NO_GLOB_PROTOCOLS:
+        url = url.split("?", 1)[0].split("#", 1)[0]
+    name = posixpath.basename(url.rstrip("/"))
+    for suffix in _TAR_SUFFIXES:
+        if name.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def unique_stems(shards: Sequence[str]) -> dict[str, str]:
+    """Map stem -> shard URL; raises `PipelineError` listing every group of shards whose stems
+    collide (their outputs would overwrite each other)."""
+    by_stem: dict[str, list[str]] = {}
+    for url in shards:
+        by_stem.setdefault(shard_stem(url), []).append(url)
+    clashes = {stem: urls for stem, urls in by_stem.items() if len(urls) > 1}
+    if clashes:
+        lines = [f"  {stem}: {', '.join(urls)}" for stem, urls in sorted(clashes.items())]
+        raise PipelineError("input shards must have unique names (output names derive from "
+                            "them); these collide:\n" + "\n".join(lines))
+    return {stem: urls[0] for stem, urls in by_stem.items()}
+
+
+def done_stems(output_path: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
+    """Stems whose commit marker `{output}/done/{stem}.json` exists, from one listing."""
+    try:
+        fs, root = fsspec.core.url_to_fs(output_path, **dict(storage_options or {}))
+        folder = f"{root.rstrip('/')}/{DONE_DIR}"
+        fs.invalidate_cache(folder)  # markers written since an earlier listing must show
+        names = fs.ls(folder, detail=False)
+    except FileNotFoundError:
+        return set()
+    except (OSError, ValueError) as error:
+        raise StorageError(f"cannot list commit markers in {output_path!r}: {error}") from error
+    return {posixpath.basename(name)[: -len(".json")] for name in names
+            if name.endswith(".json")}
+
+
+def plan_pending(shards: Sequence[str], output_path: str,
+                 storage_options: Mapping[str, Any] | None = None,
+                 ) -> tuple[list[str], list[str]]:
+    """Split `shards` into (pending, done), in input order, by their commit markers.
+
+    A shard is done only if `{output_path}/done/{stem}.json` exists; the `done/` folder is
+    listed once (no request per shard). A missing output folder means nothing is done.
+    """
+    stems = unique_stems(shards)
+    done = done_stems(output_path, storage_options)
+    pending = [url for stem, url in stems.items() if stem not in done]
+    finished = [url for stem, url in stems.items() if stem in done]
+    extra = len(done - stems.keys())
+    if extra:
+        logger.info("%d commit marker(s) in %s belong to no input shard", extra, output_path)
+    return pending, finished

@@ -1,0 +1,16 @@
+"""SDEdit: guided image synthesis and editing with stochastic differential equations.
+
+The method of Meng et al., 2021 (arXiv 2108.01073) as plain functions over a denoiser:
+
+    from sdedit import load_model, edit
+    model = load_model("google/ddpm-ema-bedroom-256")
+    out = edit(model, images, t0=0.5, seeds=[1, 2, 3])
+
+This package imports neither Ray, fsspec nor click at import time.
+"""
+
+from sdedit.edit import edit
+from sdedit.models import DiffusionModel, load_model
+
+__all__ = ["DiffusionModel", "edit", "load_model"]
+__version__ = "0.1.0"

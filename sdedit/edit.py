@@ -1,0 +1,239 @@
+"""The SDEdit procedure (Meng et al., 2021): perturb the guide to t0, then reverse to t = 0.
+
+Reproducibility contract (DESIGN.md): all noise of one output comes from
+`torch.Generator("cpu").manual_seed(seed)` as float32 (C, H, W) draws: each round's perturbation
+noise first, then one draw per reverse step that adds noise, in step order (with a VE corrector,
+each Langevin step's draw precedes its predictor step's draw). Draws are moved to the compute
+device afterwards, so an output depends neither on batch size, nor on batch composition, nor on
+the device the noise was drawn for.
+
+Masks: 1 = regenerate, 0 = keep. Outside the mask the state is the guide re-noised with the
+round's perturbation noise to the level each step produced, and the output equals the guide there.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+from sdedit import samplers
+from sdedit.models import DiffusionModel
+from sdedit.schedules import respace
+
+__all__ = ["SAMPLERS", "SeedNoise", "edit"]
+
+SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve"}
+MAX_SEED = 2**63 - 1
+
+
+class SeedNoise:
+    """Per-sample standard normal draws, one CPU generator per sample (the contract above).
+
+    Args:
+        seeds: one int in [0, 2^63) per sample.
+        shape: (C, H, W) of one draw.
+        device: where draws are delivered (pinned + non-blocking copy on CUDA).
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, int, int],
+                 device: torch.device) -> None:
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.shape = shape
+        self.device = device
+
+    def __call__(self, rows: list[int]) -> torch.Tensor:
+        """float32 (len(rows), C, H, W): the next draw of each listed sample's generator."""
+        draws = torch.stack([torch.randn(self.shape, generator=self.generators[i])
+                             for i in rows])
+        if self.device.type == "cuda":
+            return draws.pin_memory().to(self.device, non_blocking=True)
+        return draws.to(self.device)
+
+
+def edit(
+    model: DiffusionModel,
+    images: torch.Tensor,
+    *,
+    t0: float | Sequence[float],
+    seeds: Sequence[int],
+    sampler: str = "ddpm",
+    steps: int | None = None,
+    masks: torch.Tensor | None = None,
+    repeats: int = 1,
+    eta: float = 0.0,
+    corrector_steps: int = 0,
+) -> torch.Tensor:
+    """SDEdit a batch of guides.
+
+    Args:
+        model: from `load_model`; VP for "ddpm"/"ddim", VE for "ve".
+        images: float32 (N, C, H, W) in [-1, 1], the guides; H, W multiples of the model's
+            downsampling factor.
+        t0: the starting time in (0, 1], one float or one per sample (a batch may mix levels);
+            larger = more realistic, smaller = more faithful (the paper uses 0.3-0.6).
+        seeds: N ints in [0, 2^63), one per output (see the reproducibility contract).
+        sampler: "ddpm" (the paper's VP loop; `steps` None = every step, start index + 1
+            evaluations), "ddim" (deterministic for eta = 0; `steps` evaluations, default 50),
+            "ve" (Alg. 1; `steps` None = round(t0 * N)).
+        steps: network evaluations per round (per sample).
+        masks: optional (N, 1, H, W) in {0, 1}: 1 = regenerate, 0 = keep the guide.
+        repeats: K rounds; each round's output is the next round's guide inside the mask.
+        eta: DDIM noise scale (ddim only).
+        corrector_steps: Langevin corrector steps per VE step (Alg. 2; ve only).
+    Returns:
+        float32 (N, C, H, W) in [-1, 1] on `images.device`.
+    Raises:
+        ValueError naming the argument, its value and what is allowed.
+    """
+    n = _check_images(model, images)
+    t0s = _check_t0(t0, n)
+    _check_common(model, seeds, n, sampler, steps, repeats, eta, corrector_steps)
+    mask = _check_masks(masks, images)
+    plans = [_plan(model, sampler, t, steps) for t in t0s]
+
+    device = model.device
+    guide = images.detach().to(device=device, dtype=torch.float32)
+    regen = None if mask is None else mask.to(device=device, dtype=torch.float32)
+    noise = SeedNoise(seeds, tuple(images.shape[1:]), device)  # type: ignore[arg-type]
+    everyone = list(range(n))
+    first_signal, first_sigma = _start_level(model, plans)
+    signal0, sigma0 = first_signal.to(device), first_sigma.to(device)
+    for _ in range(repeats):
+        z0 = noise(everyone)
+        x = signal0 * guide + sigma0 * z0
+        after = None if regen is None else _renoise(guide, z0, regen)
+        x = _sample(model, sampler, x, plans, noise, after, eta, corrector_steps)
+        if regen is not None:
+            x = regen * x + (1 - regen) * guide
+        guide = x
+    return guide.clamp(-1.0, 1.0).to(images.device)
+
+
+def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samplers.AfterStep:
+    """The after_step hook of masked editing: the kept region follows the re-noised guide."""
+
+    def after(x: torch.Tensor, rows: list[int], signal: torch.Tensor,
+              sigma: torch.Tensor) -> torch.Tensor:
+        known = signal.view(-1, 1, 1, 1) * guide[rows] + sigma.view(-1, 1, 1, 1) * z0[rows]
+        m = regen[rows]
+        return m * x + (1 - m) * known
+
+    return after
+
+
+def _plan(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> list[float]:
+    """One sample's descending reverse-step list: VP timestep indices or VE times."""
+    if model.kind == "vp":
+        assert model.vp is not None
+        start = model.vp.start_index(t0)
+        if sampler == "ddim" and steps is None:
+            steps = min(50, start + 1)
+        if steps is not None and steps > start + 1:
+            raise ValueError(
+                f"steps={steps} is too many for t0={t0}: the start index is {start}; "
+                f"allowed: 1..{start + 1}")
+        return [float(t) for t in respace(start, steps)]
+    assert model.ve is not None
+    count = steps if steps is not None else max(1, round(t0 * model.ve.num_train_timesteps))
+    return [t0 * (i / count) for i in range(count, 0, -1)]
+
+
+def _start_level(model: DiffusionModel, plans: list[list[float]]) -> tuple[torch.Tensor, ...]:
+    """(signal, sigma) each (N, 1, 1, 1) float32: x(t0) = signal * guide + sigma * z."""
+    if model.kind == "vp":
+        assert model.vp is not None
+        abar = model.vp.alphas_cumprod[torch.tensor([int(p[0]) for p in plans])]
+        return (abar.sqrt().float().view(-1, 1, 1, 1),
+                (1 - abar).sqrt().float().view(-1, 1, 1, 1))
+    assert model.ve is not None
+    sigma = model.ve.sigma(torch.tensor([p[0] for p in plans], dtype=torch.float64))
+    return torch.ones(len(plans), 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
+
+
+def _sample(model: DiffusionModel, sampler: str, x: torch.Tensor, plans: list[list[float]],
+            noise: SeedNoise, after: samplers.AfterStep | None, eta: float,
+            corrector_steps: int) -> torch.Tensor:
+    if sampler == "ve":
+        assert model.ve is not None
+        return samplers.ve(model.score, x, plans, model.ve, noise,
+                           corrector_steps=corrector_steps, after_step=after)
+    assert model.vp is not None
+    timesteps = [[int(t) for t in p] for p in plans]
+    if sampler == "ddim":
+        return samplers.ddim(model.eps, x, timesteps, model.vp.alphas_cumprod, noise, eta=eta,
+                             after_step=after)
+    return samplers.ddpm(model.eps, x, timesteps, model.vp.alphas_cumprod, noise,
+                         after_step=after)
+
+
+def _check_images(model: DiffusionModel, images: torch.Tensor) -> int:
+    if not isinstance(images, torch.Tensor):
+        raise ValueError(f"images must be a torch.Tensor; got {type(images).__name__}")
+    if images.dtype != torch.float32:
+        raise ValueError(f"images dtype {images.dtype} is not allowed; allowed: torch.float32")
+    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != model.in_channels:
+        raise ValueError(
+            f"images shape {tuple(images.shape)} is not allowed; allowed: (N, {model.in_channels},"
+            " H, W) with N >= 1")
+    h, w = images.shape[2:]
+    f = model.downsample_factor
+    if h % f or w % f or h < f or w < f:
+        raise ValueError(
+            f"image size {h}x{w} cannot be taken by model {model.source}; allowed: height and "
+            f"width multiples of {f} (the model was trained at {model.sample_size[0]}x"
+            f"{model.sample_size[1]})")
+    if not torch.isfinite(images).all():
+        raise ValueError("images contain NaN or infinite values; allowed: finite values in [-1, 1]")
+    low, high = float(images.min()), float(images.max())
+    if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
+        raise ValueError(f"images values span [{low:.4g}, {high:.4g}]; allowed: [-1, 1]")
+    return int(images.shape[0])
+
+
+def _check_t0(t0: float | Sequence[float], n: int) -> list[float]:
+    values = [t0] * n if isinstance(t0, (int, float)) else list(t0)
+    if len(values) != n:
+        raise ValueError(f"t0 has {len(values)} values for {n} images; allowed: one float or {n}")
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)) \
+                or not math.isfinite(value) or not 0 < value <= 1:
+            raise ValueError(f"t0={value!r} is out of range; allowed: a number in (0, 1]")
+    return [float(v) for v in values]
+
+
+def _check_common(model: DiffusionModel, seeds: Sequence[int], n: int, sampler: str,
+                  steps: int | None, repeats: int, eta: float, corrector_steps: int) -> None:
+    if len(seeds) != n:
+        raise ValueError(f"seeds has {len(seeds)} values for {n} images; allowed: exactly {n}")
+    for seed in seeds:
+        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
+            raise ValueError(f"seed {seed!r} is not allowed; allowed: an int in [0, 2^63)")
+    if sampler not in SAMPLERS:
+        raise ValueError(f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
+    if SAMPLERS[sampler] != model.kind:
+        allowed = [s for s, kind in SAMPLERS.items() if kind == model.kind]
+        raise ValueError(f"sampler={sampler!r} needs a {SAMPLERS[sampler].upper()} model but "
+                         f"{model.source} is {model.kind.upper()}; allowed: {', '.join(allowed)}")
+    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
+        raise ValueError(f"steps={steps!r} is not allowed; allowed: None or an int >= 1")
+    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+        raise ValueError(f"repeats={repeats!r} is not allowed; allowed: an int >= 1")
+    if eta < 0 or (eta > 0 and sampler != "ddim"):
+        raise ValueError(f"eta={eta!r} is not allowed; allowed: >= 0, and > 0 only with ddim")
+    if corrector_steps < 0 or (corrector_steps > 0 and sampler != "ve"):
+        raise ValueError(f"corrector_steps={corrector_steps!r} is not allowed; allowed: >= 0, "
+                         "and > 0 only with ve")
+
+
+def _check_masks(masks: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor | None:
+    if masks is None:
+        return None
+    n, _, h, w = images.shape
+    if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (n, 1, h, w):
+        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
+        raise ValueError(f"masks shape {shape} is not allowed; allowed: ({n}, 1, {h}, {w})")
+    if not ((masks == 0) | (masks == 1)).all():
+        raise ValueError("masks values are not all 0 or 1; allowed: {0, 1} (1 = regenerate)")
+    return masks

@@ -1,0 +1,270 @@
+"""Load a pretrained unconditional diffusion model as a denoiser.
+
+Sources (see `load_model`): a local diffusers model directory, a Hugging Face hub id (through
+the hub cache), or an fsspec URL to such a directory (copied to a local cache first; fsspec is
+imported only then). Two layouts are understood:
+
+    root layout (google/ddpm-ema-bedroom-256, google/ncsnpp-church-256):
+        config.json  diffusion_pytorch_model.{safetensors,bin}  scheduler_config.json
+    pipeline layout (DDPMPipeline.save_pretrained):
+        model_index.json  unet/{config.json, diffusion_pytorch_model.*}
+        scheduler/scheduler_config.json
+
+Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitrary unpickling.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+
+from sdedit.schedules import VESchedule, VPSchedule
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["DiffusionModel", "ModelSourceError", "load_model"]
+
+VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
+                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"}
+VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+class ModelSourceError(ValueError):
+    """A model source is missing, unreachable, corrupt or of an unsupported kind."""
+
+
+@dataclass
+class DiffusionModel:
+    """A pretrained network plus the schedule it was trained with.
+
+    Attributes:
+        net: a diffusers UNet2DModel in eval mode on `device` with `dtype`.
+        kind: "vp" (DDPM-style, discrete timesteps) or "ve" (score SDE, continuous sigma).
+        prediction_type: "epsilon", "sample" or "v_prediction" for VP; "score" for VE.
+        vp / ve: the schedule of the kind (the other is None).
+        sample_size: (H, W) the network was trained at.
+        in_channels: C.
+        downsample_factor: H and W must be multiples of this.
+        source: the source string it was loaded from (no credentials).
+    """
+
+    net: torch.nn.Module
+    kind: Literal["vp", "ve"]
+    prediction_type: str
+    vp: VPSchedule | None
+    ve: VESchedule | None
+    sample_size: tuple[int, int]
+    in_channels: int
+    downsample_factor: int
+    source: str
+    device: torch.device
+    dtype: torch.dtype
+
+    @torch.no_grad()
+    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T) -> float32."""
+        out = self.net(x.to(self.dtype), t).sample.float()
+        if self.prediction_type == "epsilon":
+            return out
+        assert self.vp is not None
+        abar = self.vp.alphas_cumprod.to(x.device, torch.float32)[t].view(-1, 1, 1, 1)
+        if self.prediction_type == "sample":
+            return (x - abar.sqrt() * out) / (1 - abar).sqrt()
+        return abar.sqrt() * out + (1 - abar).sqrt() * x  # v_prediction
+
+    @torch.no_grad()
+    def score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
+        """VE score s(x, sigma) = grad log p_sigma(x). x: float32 (B, C, H, W); sigma: (B,)."""
+        return self.net(x.to(self.dtype), sigma.to(self.dtype)).sample.float()
+
+
+def load_model(
+    source: str | os.PathLike[str],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    *,
+    cache_dir: str | os.PathLike[str] | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> DiffusionModel:
+    """Load a diffusers UNet2DModel and its scheduler config as a `DiffusionModel`.
+
+    Args:
+        source: a local directory, a hub id ("google/ddpm-ema-bedroom-256"), or an fsspec URL
+            ("s3://bucket/models/bedroom", "memory://m") to a directory in either layout.
+        device, dtype: where and in what precision the network runs (sampling stays float32).
+        cache_dir: where URL sources are copied (default ~/.cache/sdedit-batch/models).
+        storage_options: fsspec options for URL sources (endpoint, credentials).
+    Raises:
+        ModelSourceError (a ValueError) naming the source and what is wrong.
+    """
+    text = os.fspath(source)
+    directory = _resolve(text, cache_dir, storage_options)
+    unet_dir, scheduler_path = _layout(directory, text)
+    config = _read_json(unet_dir / "config.json", text)
+    scheduler = _read_json(scheduler_path, text)
+    net = _build_net(unet_dir, config, text)
+    kind, prediction, vp, ve = _schedule(scheduler, config, text)
+    net = net.to(device=torch.device(device)).eval().requires_grad_(False)
+    if dtype != torch.float32:
+        net = net.to(dtype=dtype)
+    size = config.get("sample_size", 256)
+    sample_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    model = DiffusionModel(
+        net=net, kind=kind, prediction_type=prediction, vp=vp, ve=ve, sample_size=sample_size,
+        in_channels=int(config.get("in_channels", 3)),
+        downsample_factor=2 ** (len(config.get("down_block_types", ())) - 1),
+        source=text, device=torch.device(device), dtype=dtype,
+    )
+    logger.info("loaded %s model %s (%s, %s) on %s", kind.upper(), text, prediction,
+                f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params", device)
+    return model
+
+
+def _resolve(source: str, cache_dir: Any, storage_options: dict[str, Any] | None) -> Path:
+    """A local directory holding the model files for `source`."""
+    if "://" in source and not source.startswith("file://"):
+        return _copy_url(source, cache_dir, storage_options or {})
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise ModelSourceError(f"model source {source!r} is a file; expected a model directory")
+    if HUB_ID.match(source) and not source.startswith((".", "/")):
+        return _from_hub(source)
+    raise ModelSourceError(
+        f"model source {source!r} not found; allowed: a local diffusers model directory, "
+        "a hub id such as 'google/ddpm-ema-bedroom-256', or an fsspec URL (s3://, gs://, ...)"
+    )
+
+
+def _from_hub(repo_id: str) -> Path:
+    from huggingface_hub import snapshot_download
+
+    patterns = ["*.json", "*.safetensors", "diffusion_pytorch_model.bin", "*/*.json",
+                "*/diffusion_pytorch_model.*"]
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model source {repo_id!r}: could not get it from the Hugging Face hub or its cache "
+            f"({type(exc).__name__}). On a machine with network access run "
+            f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
+            "model directory somewhere reachable and set model.source to that path or URL."
+        ) from exc
+
+
+def _copy_url(url: str, cache_dir: Any, storage_options: dict[str, Any]) -> Path:
+    import fsspec  # only for URL sources: sdedit does not need fsspec otherwise
+
+    root = Path(cache_dir or Path.home() / ".cache" / "sdedit-batch" / "models")
+    target = root / hashlib.sha256(url.encode()).hexdigest()[:20]
+    if (target / ".complete").exists():
+        return target
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        files = [f for f in fs.find(path) if not f.endswith("/")]
+    except Exception as exc:
+        raise ModelSourceError(f"model source {url!r}: cannot list it: {exc}") from exc
+    if not files:
+        raise ModelSourceError(f"model source {url!r}: no files at that URL")
+    base = path.rstrip("/")
+    partial = target.with_name(target.name + ".partial")
+    for stale in (partial, target):
+        shutil.rmtree(stale, ignore_errors=True)
+    for remote in files:
+        local = partial / remote[len(base):].lstrip("/")
+        local.parent.mkdir(parents=True, exist_ok=True)
+        fs.get_file(remote, str(local))
+    partial.replace(target)
+    (target / ".complete").touch()
+    logger.info("copied model %s to %s (%d files)", url, target, len(files))
+    return target
+
+
+def _layout(directory: Path, source: str) -> tuple[Path, Path]:
+    """(unet directory, scheduler config path) for the root or pipeline layout."""
+    if (directory / "unet" / "config.json").exists():
+        return directory / "unet", directory / "scheduler" / "scheduler_config.json"
+    if (directory / "config.json").exists():
+        return directory, directory / "scheduler_config.json"
+    raise ModelSourceError(
+        f"model source {source!r}: no config.json or unet/config.json in {directory}; expected a "
+        "diffusers UNet2DModel directory (config.json, diffusion_pytorch_model.safetensors, "
+        "scheduler_config.json)"
+    )
+
+
+def _read_json(path: Path, source: str) -> dict[str, Any]:
+    if not path.exists():
+        raise ModelSourceError(f"model source {source!r}: missing {path.name} ({path})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"model source {source!r}: {path.name} is not valid JSON: {exc}") \
+            from exc
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"model source {source!r}: {path.name} is not a JSON object")
+    return data
+
+
+def _build_net(unet_dir: Path, config: dict[str, Any], source: str) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    name = config.get("_class_name", "UNet2DModel")
+    if name != "UNet2DModel":
+        raise ModelSourceError(
+            f"model source {source!r}: network class {name!r} is not supported; allowed: "
+            "UNet2DModel (unconditional pixel-space diffusion models)"
+        )
+    weights = next((unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).exists()), None)
+    if weights is None:
+        raise ModelSourceError(
+            f"model source {source!r}: no weights in {unet_dir}; expected one of {WEIGHT_FILES}")
+    try:
+        net = UNet2DModel.from_config(config)
+        if weights.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(weights))
+        else:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        net.load_state_dict(state, strict=True)
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model source {source!r}: cannot load {weights.name}: {type(exc).__name__}: "
+            f"{str(exc)[:300]}") from exc
+    return net
+
+
+def _schedule(
+    scheduler: dict[str, Any], config: dict[str, Any], source: str
+) -> tuple[Literal["vp", "ve"], str, VPSchedule | None, VESchedule | None]:
+    name = scheduler.get("_class_name", "")
+    fourier = config.get("time_embedding_type") == "fourier"
+    if name in VE_SCHEDULERS or (not name and "sigma_max" in scheduler):
+        if not fourier:
+            raise ModelSourceError(
+                f"model source {source!r}: a VE scheduler with time embedding "
+                f"{config.get('time_embedding_type')!r}; VE score models need 'fourier'")
+        return "ve", "score", None, VESchedule.from_config(scheduler)
+    if name in VP_SCHEDULERS or (not name and "beta_start" in scheduler):
+        prediction = scheduler.get("prediction_type", "epsilon")
+        if prediction not in ("epsilon", "sample", "v_prediction"):
+            raise ModelSourceError(
+                f"model source {source!r}: prediction_type {prediction!r} is not supported; "
+                "allowed: epsilon, sample, v_prediction")
+        return "vp", prediction, VPSchedule.from_config(scheduler), None
+    raise ModelSourceError(
+        f"model source {source!r}: scheduler {name or '(no _class_name)'!r} is not supported; "
+        f"allowed: VP ({', '.join(sorted(VP_SCHEDULERS))}) or VE (ScoreSdeVeScheduler)")

@@ -1,0 +1,140 @@
+"""Noise schedules: VP (DDPM betas, alpha_bar) and VE (geometric sigmas), and t0 -> start step.
+
+VP (Ho et al., 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t = 0..T-1.
+VE (Song et al., 2021): x(t) = x0 + sigma(t) z, t in [0, 1],
+    sigma(t) = sigma_min (sigma_max / sigma_min)^t.
+
+All tables are float64 on the CPU; samplers gather and cast what they need.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+__all__ = ["VESchedule", "VPSchedule", "respace"]
+
+
+@dataclass(frozen=True)
+class VPSchedule:
+    """A discrete variance-preserving schedule.
+
+    Attributes:
+        betas: (T,) float64, each in (0, 1).
+    """
+
+    betas: torch.Tensor
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    @property
+    def alphas_cumprod(self) -> torch.Tensor:
+        """(T,) float64 alpha_bar_t = prod_{s<=t} (1 - beta_s), decreasing in (0, 1)."""
+        return torch.cumprod(1.0 - self.betas, dim=0)
+
+    @classmethod
+    def linear(
+        cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000
+    ) -> VPSchedule:
+        """The DDPM linear schedule (the SDEdit paper's LSUN models: 1e-4..0.02 over 1000)."""
+        return cls(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> VPSchedule:
+        """Build from a diffusers DDPM/DDIM-style scheduler config.
+
+        Accepts `num_train_timesteps` (or the older key `timesteps`), `beta_start`, `beta_end`,
+        `beta_schedule` in {linear, scaled_linear, squaredcos_cap_v2} or `trained_betas`.
+        """
+        steps = int(config.get("num_train_timesteps", config.get("timesteps", 1000)))
+        trained = config.get("trained_betas")
+        if trained is not None:
+            return cls(torch.tensor(trained, dtype=torch.float64))
+        start = float(config.get("beta_start", 1e-4))
+        end = float(config.get("beta_end", 0.02))
+        kind = config.get("beta_schedule", "linear")
+        if kind == "linear":
+            return cls.linear(start, end, steps)
+        if kind == "scaled_linear":
+            betas = torch.linspace(start**0.5, end**0.5, steps, dtype=torch.float64) ** 2
+            return cls(betas)
+        if kind == "squaredcos_cap_v2":
+            def alpha_bar(u: float) -> float:
+                return math.cos((u + 0.008) / 1.008 * math.pi / 2) ** 2
+
+            betas = [min(1 - alpha_bar((i + 1) / steps) / alpha_bar(i / steps), 0.999)
+                     for i in range(steps)]
+            return cls(torch.tensor(betas, dtype=torch.float64))
+        raise ValueError(
+            f"scheduler beta_schedule={kind!r} is not supported; "
+            "allowed: linear, scaled_linear, squaredcos_cap_v2 or trained_betas"
+        )
+
+    def start_index(self, t0: float) -> int:
+        """Map t0 in (0, 1] to the first reverse step: round(t0 * T) - 1 (t0=0.5 -> 499)."""
+        index = round(t0 * self.num_train_timesteps) - 1
+        if not 0 < t0 <= 1 or index < 0:
+            raise ValueError(
+                f"t0={t0!r} is out of range; allowed: a number in (0, 1] with "
+                f"round(t0 * {self.num_train_timesteps}) >= 1"
+            )
+        return index
+
+
+@dataclass(frozen=True)
+class VESchedule:
+    """A variance-exploding schedule, sigma(t) = sigma_min (sigma_max / sigma_min)^t.
+
+    Attributes:
+        sigma_min, sigma_max: noise scales at t = 0 and t = 1.
+        num_train_timesteps: the number of discretisation steps over [0, 1] (N in the paper);
+            the default number of reverse steps from t0 is round(t0 * N).
+        snr: the Langevin corrector's signal-to-noise ratio (Song et al., 2021, Alg. 4).
+    """
+
+    sigma_min: float = 0.01
+    sigma_max: float = 348.0
+    num_train_timesteps: int = 2000
+    snr: float = 0.15
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> VESchedule:
+        """Build from a diffusers ScoreSdeVeScheduler config."""
+        return cls(
+            sigma_min=float(config.get("sigma_min", 0.01)),
+            sigma_max=float(config.get("sigma_max", 1348.0)),
+            num_train_timesteps=int(config.get("num_train_timesteps", 2000)),
+            snr=float(config.get("snr", 0.15)),
+        )
+
+    def sigma(self, t: torch.Tensor) -> torch.Tensor:
+        """sigma(t) for t in [0, 1], same shape and dtype as t."""
+        return self.sigma_min * (self.sigma_max / self.sigma_min) ** t
+
+
+def respace(start: int, steps: int | None) -> list[int]:
+    """The timesteps a respaced sampler visits, from `start` down to 0, descending.
+
+    Args:
+        start: the first (largest) timestep index, >= 0.
+        steps: how many network evaluations; None means every index (start + 1 of them).
+
+    Returns:
+        `steps` distinct ints, evenly spaced over [0, start], first = start, last = 0.
+    """
+    if steps is None or steps == start + 1:
+        return list(range(start, -1, -1))
+    if not 1 <= steps <= start + 1:
+        raise ValueError(
+            f"steps={steps!r} is out of range for start index {start}; allowed: 1..{start + 1}"
+        )
+    if steps == 1:
+        return [start]
+    points = torch.linspace(start, 0, steps, dtype=torch.float64).round().long().tolist()
+    return [int(p) for p in points]

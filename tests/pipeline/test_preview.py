@@ -1,0 +1,116 @@
+"""Tests of `pipeline.preview`: contact sheets built from a fake output layout.
+
+The fake layout is written here with webdataset.TarWriter (members `{key}.png`,
+`{key}.guide.png`, optional `{key}.target.png` / `{key}.mask.png`, `{key}.json`), so these tests
+do not depend on the pipeline's own writer.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import uuid
+from pathlib import Path
+
+import fsspec
+import numpy as np
+import pytest
+import webdataset as wds
+from click.testing import CliRunner
+from PIL import Image
+
+from pipeline.cli import main
+from pipeline.errors import PipelineError
+from pipeline.preview import CAPTION_HEIGHT, HEADER_HEIGHT, PADDING, grid_size, make_preview
+
+TILE = 16
+
+
+def _png(color: tuple[int, int, int], size: int = TILE, mode: str = "RGB") -> bytes:
+    buffer = io.BytesIO()
+    Image.new(mode, (size, size), color if mode == "RGB" else color[0]).save(buffer, "PNG")
+    return buffer.getvalue()
+
+
+def _write_job(out: str, shards: dict[str, list[str]], *, targets: bool = False,
+               masks: bool = False) -> None:
+    """A fake job output: OUT/shards/{stem}.tar with samples keyed as given (any order).
+
+    Output tiles are green, guides red, targets blue.
+    """
+    for stem, keys in shards.items():
+        with fsspec.open(f"{out}/shards/{stem}.tar", "wb") as f:
+            writer = wds.TarWriter(f)
+            for i, key in enumerate(keys):
+                sample = {"__key__": key, "png": _png((0, 255, 0)),
+                          "guide.png": _png((255, 0, 0)),
+                          "json": json.dumps({"key": key, "t0": 0.5, "index": i}).encode()}
+                if targets:
+                    sample["target.png"] = _png((0, 0, 255))
+                if masks:
+                    sample["mask.png"] = _png((255, 255, 255), mode="L")
+                writer.write(sample)
+            writer.close()
+
+
+def _rows_top(row: int) -> int:
+    return HEADER_HEIGHT + PADDING + row * (TILE + CAPTION_HEIGHT + PADDING)
+
+
+def test_grid_size_formula() -> None:
+    assert grid_size(rows=3, columns=2, tile=16) == (2 * 16 + 3 * PADDING,
+                                                     HEADER_HEIGHT + 3 * (16 + CAPTION_HEIGHT)
+                                                     + 4 * PADDING)
+
+
+def test_preview_has_one_row_per_sample_and_guide_output_columns(tmp_path: Path) -> None:
+    out = str(tmp_path / "job")
+    _write_job(out, {"in-000001": ["k5", "k4", "k3"], "in-000000": ["k2", "k1", "k0"]},
+               masks=True)
+    sheet = make_preview(out, n=4)
+    width = 2 * TILE + 3 * PADDING
+    height = HEADER_HEIGHT + 4 * (TILE + CAPTION_HEIGHT) + 5 * PADDING
+    assert sheet.size == (width, height) == grid_size(4, 2, TILE)
+    pixels = np.asarray(sheet)
+    for row in range(4):
+        y = _rows_top(row) + TILE // 2
+        assert tuple(pixels[y, PADDING + TILE // 2]) == (255, 0, 0)  # guide
+        assert tuple(pixels[y, 2 * PADDING + TILE + TILE // 2]) == (0, 255, 0)  # output
+        caption = pixels[_rows_top(row) + TILE + 1:_rows_top(row) + TILE + CAPTION_HEIGHT]
+        assert (caption < 128).any()  # some caption text was drawn
+
+
+def test_preview_adds_a_target_column_and_can_be_written(tmp_path: Path) -> None:
+    out = str(tmp_path / "job")
+    _write_job(out, {"in-000000": ["b", "a"]}, targets=True)
+    sheet = make_preview(out, n=16)  # fewer samples than n: one row each
+    assert sheet.size == grid_size(2, 3, TILE)
+    assert sheet.width == 3 * TILE + 4 * PADDING
+    y = _rows_top(1) + TILE // 2
+    assert tuple(np.asarray(sheet)[y, 3 * PADDING + 2 * TILE + TILE // 2]) == (0, 0, 255)
+
+    result = CliRunner().invoke(main, ["preview", out, "--n", "16", "-o",
+                                       str(tmp_path / "grid.png")])
+    assert result.exit_code == 0, result.output
+    with Image.open(tmp_path / "grid.png") as written:
+        assert written.format == "PNG" and written.size == grid_size(2, 3, TILE)
+
+
+def test_preview_first_n_samples_in_sorted_order(tmp_path: Path) -> None:
+    out = f"memory://preview-test-{uuid.uuid4().hex}/job"
+    _write_job(out, {"in-000001": ["k5", "k4"], "in-000000": ["k2", "k9", "k0"]})
+    from pipeline import preview
+
+    fs, root = fsspec.core.url_to_fs(out)
+    chosen = preview._first_samples(fs, preview._shard_paths(fs, root, out), 4)
+    assert [s.key for s in chosen] == ["k0", "k2", "k9", "k4"]
+    assert make_preview(out, n=4, tile=8).size == grid_size(4, 2, 8)
+
+
+def test_no_shards_is_an_error_naming_out(tmp_path: Path) -> None:
+    out = str(tmp_path / "empty-job")
+    with pytest.raises(PipelineError, match="empty-job"):
+        make_preview(out)
+    result = CliRunner().invoke(main, ["preview", out, "-o", str(tmp_path / "g.png")])
+    assert result.exit_code == PipelineError.exit_code
+    assert "empty-job" in result.output and not (tmp_path / "g.png").exists()

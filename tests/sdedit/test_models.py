@@ -1,0 +1,163 @@
+"""load_model: diffusers directories (both layouts), fsspec URLs, the hub cache, clear errors."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import fsspec
+import pytest
+import torch
+from diffusers import DDPMPipeline, DDPMScheduler
+
+from sdedit import load_model
+from sdedit.models import ModelSourceError
+from tests.support.tiny_models import save_vp_model, tiny_unet
+
+
+def _same_net(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        return torch.equal(a(x, t).sample, b(x, t).sample)
+
+
+def test_round_trip_root_layout(tiny_vp_dir):
+    model = load_model(tiny_vp_dir)
+    assert model.kind == "vp" and model.prediction_type == "epsilon"
+    assert model.sample_size == (16, 16) and model.in_channels == 3
+    assert model.vp.num_train_timesteps == 1000
+    assert _same_net(model.net, tiny_unet())
+    assert abs(float(model.vp.betas[0]) - 1e-4) < 1e-12
+
+
+def test_bin_weights_load_without_pickle_objects(tmp_path):
+    save_vp_model(tmp_path / "m", safe=False)
+    assert (tmp_path / "m" / "diffusion_pytorch_model.bin").exists()
+    assert _same_net(load_model(tmp_path / "m").net, tiny_unet())
+
+
+def test_pipeline_layout(tmp_path):
+    scheduler = DDPMScheduler(beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction")
+    DDPMPipeline(unet=tiny_unet(seed=1), scheduler=scheduler).save_pretrained(tmp_path / "p")
+    model = load_model(tmp_path / "p")
+    assert model.prediction_type == "v_prediction"
+    assert _same_net(model.net, tiny_unet(seed=1))
+
+
+def test_ve_model_is_recognised(tiny_ve_dir):
+    model = load_model(tiny_ve_dir)
+    assert model.kind == "ve" and model.ve.sigma_max == 50.0 and model.vp is None
+
+
+@pytest.mark.parametrize("scheme", ["memory", "file"])
+def test_fsspec_url_is_copied_to_the_cache(tiny_vp_dir, tmp_path, scheme):
+    if scheme == "memory":
+        fs = fsspec.filesystem("memory")
+        for f in Path(tiny_vp_dir).iterdir():
+            fs.pipe_file(f"/models/tiny/{f.name}", f.read_bytes())
+        url = "memory://models/tiny"
+    else:
+        url = f"file://{tiny_vp_dir}"
+    model = load_model(url, cache_dir=tmp_path / "cache")
+    assert model.source == url
+    assert _same_net(model.net, tiny_unet())
+    if scheme == "memory":
+        assert len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_hub_id_from_the_cache_offline(tiny_vp_dir, tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    repo = tmp_path / "hub" / "models--someone--tiny-ddpm"
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    for f in Path(tiny_vp_dir).iterdir():
+        (snap / f.name).write_bytes(f.read_bytes())
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    model = load_model("someone/tiny-ddpm")
+    assert _same_net(model.net, tiny_unet())
+
+
+def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
+    import huggingface_hub.constants as hub
+
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "empty"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    with pytest.raises(ModelSourceError) as info:
+        load_model("google/ddpm-ema-bedroom-256")
+    message = str(info.value)
+    assert "google/ddpm-ema-bedroom-256" in message and "huggingface-cli download" in message
+
+
+def _corrupt(path: Path) -> None:
+    (path / "diffusion_pytorch_model.safetensors").write_bytes(b"not a safetensors file" * 10)
+
+
+def _mismatched(path: Path) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["block_out_channels"] = [16, 32]
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _unsupported_scheduler(path: Path) -> None:
+    (path / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "LMSDiscreteScheduler", "beta_start": 1e-4, "beta_end": 0.02}))
+
+
+def _conditional(path: Path) -> None:
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["_class_name"] = "UNet2DConditionModel"
+    (path / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_scheduler(path: Path) -> None:
+    (path / "scheduler_config.json").unlink()
+
+
+def _bad_json(path: Path) -> None:
+    (path / "config.json").write_text("{ not json")
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (_corrupt, "cannot load diffusion_pytorch_model.safetensors"),
+        (_mismatched, "cannot load diffusion_pytorch_model.safetensors"),
+        (_unsupported_scheduler, "scheduler 'LMSDiscreteScheduler' is not supported"),
+        (_conditional, "'UNet2DConditionModel' is not supported"),
+        (_no_scheduler, "missing scheduler_config.json"),
+        (_bad_json, "config.json is not valid JSON"),
+    ],
+)
+def test_broken_models_give_clear_errors(tmp_path, damage, fragment):
+    path = save_vp_model(tmp_path / "m")
+    damage(path)
+    with pytest.raises(ModelSourceError) as info:
+        load_model(path)
+    assert fragment in str(info.value) and str(path) in str(info.value)
+
+
+def test_missing_and_wrong_sources(tmp_path):
+    with pytest.raises(ModelSourceError, match=r"not found; allowed: a local"):
+        load_model(tmp_path / "nope" / "model")
+    (tmp_path / "file.bin").write_bytes(b"x")
+    with pytest.raises(ModelSourceError, match="is a file"):
+        load_model(tmp_path / "file.bin")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelSourceError, match=r"no config\.json"):
+        load_model(tmp_path / "empty")
+    with pytest.raises(ModelSourceError, match="no files at that URL"):
+        load_model("memory://does/not/exist", cache_dir=tmp_path / "c")
+
+
+def test_importing_sdedit_pulls_no_ray_fsspec_or_click():
+    code = ("import sys, sdedit; bad = [m for m in ('ray', 'fsspec', 'click') "
+            "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,40 @@
+"""Session fixtures: tiny seeded models saved to disk once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.support.tiny_models import save_ve_model, save_vp_model
+
+# Tiny models are dominated by per-op overhead: one thread is fastest and never oversubscribes
+# the cores of a shared 2-core CI machine.
+torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def tiny_vp_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny DDPM (16x16, ~42k parameters) in the diffusers root layout."""
+    return save_vp_model(tmp_path_factory.mktemp("models") / "tiny-vp")
+
+
+@pytest.fixture(scope="session")
+def tiny_ve_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny VE score model (fourier time embedding) with a ScoreSdeVeScheduler config."""
+    return save_ve_model(tmp_path_factory.mktemp("models") / "tiny-ve")
+
+
+@pytest.fixture(scope="session")
+def tiny_vp(tiny_vp_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_vp_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_ve(tiny_ve_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_ve_dir)
