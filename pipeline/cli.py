@@ -68,6 +68,86 @@ def validate_cmd(job: str, overrides: tuple[str, ...]) -> None:
     click.echo(f"# input shards: {len(shards)} ({len(done)} done, {len(pending)} pending)")
 
 
+@main.command("run")
+@click.argument("job", metavar="JOB", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, metavar="ADDR",
+              help="Ray cluster to join: auto, HOST:PORT or ray://HOST:10001. "
+                   "Default: start a local Ray on this machine.")
+@set_option
+@click.option("--limit-shards", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Process at most N pending shards (a quick trial; run again for the rest).")
+@click.option("--overwrite", is_flag=True,
+              help="Discard results in output.path written with different settings.")
+@click.option("--progress/--no-progress", default=True, show_default=True,
+              help="Show a progress bar (shards, samples, images/s, ETA).")
+def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
+            limit_shards: int | None, overwrite: bool, progress: bool) -> None:
+    """Run a job: SDEdit every input shard, write output shards + Parquet manifests.
+
+    Resumable: running the same command again skips every shard with a commit marker
+    (OUT/done/STEM.json) and processes the rest. A changed output-affecting setting (model,
+    t0, sampler, ...) is refused unless --overwrite. Exit code 0 when every shard is done,
+    1 when some shard failed after its retries (see OUT/failed/), 2 for a bad job.
+
+    \b
+    Examples:
+      sdedit-batch run jobs/quickstart.yaml
+      sdedit-batch run jobs/sketch2bedroom.yaml --address auto --set compute.actors.max=8
+    """
+    from pipeline.errors import PipelineError
+    from pipeline.runner import run_job
+    from pipeline.spec import load_spec
+
+    try:
+        spec = load_spec(job, overrides)
+        summary = run_job(spec, address=address, limit_shards=limit_shards,
+                          overwrite=overwrite, progress=progress)
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(e.exit_code) from e
+    if summary.shards_done == 0 and not summary.failed:
+        click.echo(f"nothing to do: all {summary.shards_already_done} of "
+                   f"{summary.shards_total} shards are already done (no model work); "
+                   f"outputs in {spec.output.path}")
+        return
+    click.echo(
+        f"{spec.name}: shards {summary.shards_done} done now, "
+        f"{summary.shards_already_done} done before, {len(summary.failed)} failed "
+        f"(of {summary.shards_total}); samples {summary.samples}, outputs "
+        f"{summary.outputs_ok} ok / {summary.outputs_error} error; "
+        f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s")
+    for url, error in summary.failed.items():
+        click.echo(f"  FAILED {url}: {error}", err=True)
+    click.echo(f"outputs: {spec.output.path}")
+    raise SystemExit(summary.exit_code)
+
+
+@main.command("status")
+@click.argument("target", metavar="OUT_OR_JOB")
+def status_cmd(target: str) -> None:
+    """Show done, pending and failed shards and sample counts of a job.
+
+    OUT_OR_JOB is the job's output path/URL or its job file. Reads only the output
+    (job.json and the done/ and failed/ markers): works while a job runs, or after.
+    """
+    from pipeline.errors import PipelineError
+    from pipeline.status import job_status
+
+    try:
+        st = job_status(target)
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(e.exit_code) from e
+    total = "?" if st.shards_total is None else st.shards_total
+    pending = "?" if st.pending is None else st.pending
+    click.echo(f"job {st.name} at {st.output}")
+    click.echo(f"shards: {st.done} done, {pending} pending, {len(st.failed)} failed "
+               f"(of {total})")
+    click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
+    for url, error in st.failed.items():
+        click.echo(f"  FAILED {url}: {error}")
+
+
 @main.command("demo-data")
 @click.option("--out", required=True, metavar="URL",
               help="Folder (any fsspec URL: local path, s3://, gs://, ...) for the shards.")

@@ -22,7 +22,7 @@ from sdedit import samplers
 from sdedit.models import DiffusionModel
 from sdedit.schedules import respace
 
-__all__ = ["SAMPLERS", "SeedNoise", "edit"]
+__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit"]
 
 SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve"}
 MAX_SEED = 2**63 - 1
@@ -109,6 +109,11 @@ def edit(
             x = regen * x + (1 - regen) * guide
         guide = x
     return guide.clamp(-1.0, 1.0).to(images.device)
+
+
+def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> int:
+    """Network evaluations per round for one sample: what `steps` (None = default) resolves to."""
+    return len(_plan(model, sampler, t0, steps))
 
 
 def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samplers.AfterStep:

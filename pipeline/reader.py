@@ -1,0 +1,178 @@
+"""Stream the samples of one input WebDataset tar through fsspec and decode them.
+
+The tar is read as a stream (`tarfile` mode "r|*" over an fsspec file): never downloaded whole.
+Members are grouped into samples by webdataset's own key rule (`{key}.{ext}`). Decoding problems
+of one sample (undecodable image, missing guide, bad mask, a key that would escape the output
+folder) become a `Sample` with `error` set; a truncated or unreadable tar raises `ShardError`.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import queue
+import tarfile
+import threading
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from webdataset.tariterators import group_by_keys
+
+from pipeline.errors import ShardError
+from pipeline.storage import describe_error, redact_url, url_fs, with_retries
+
+logger = logging.getLogger(__name__)
+
+AUTO_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
+_END = object()
+
+
+@dataclass
+class Sample:
+    """One decoded input sample.
+
+    Attributes:
+        key: the WebDataset key.
+        guide: uint8 (H, W, 3) RGB, or None when `error` is set.
+        mask: uint8 (H, W) in {0, 1} (1 = regenerate, from white), or None.
+        members: the raw bytes of the guide ("guide"), mask ("mask") and target ("target")
+            members present, passed through to the output tar.
+        error: why this sample cannot be edited, or None.
+    """
+
+    key: str
+    guide: np.ndarray | None = None
+    mask: np.ndarray | None = None
+    members: Mapping[str, bytes] | None = None
+    error: str | None = None
+
+
+def check_key(key: str) -> str | None:
+    """None if `key` is safe as an output name, else the reason it is not."""
+    if not key or "/" in key or "\\" in key or ".." in key or key.startswith("."):
+        return (f"key {key!r} is not allowed: keys may not contain '/', '\\\\' or '..', "
+                "nor start with '.'")
+    return None
+
+
+def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str | None) -> Sample:
+    """Decode one grouped sample (extension -> bytes) into a `Sample`; never raises."""
+    key = str(raw["__key__"])
+    problem = check_key(key)
+    if problem:
+        return Sample(key=key, error=problem)
+    exts = [image_ext] if image_ext else [e for e in AUTO_IMAGE_EXTS if e in raw]
+    if not exts or exts[0] not in raw:
+        wanted = image_ext or " or ".join(AUTO_IMAGE_EXTS)
+        present = sorted(k for k in raw if not k.startswith("__"))
+        return Sample(key=key, error=f"missing guide member {key}.{wanted} (present: {present})")
+    members: dict[str, bytes] = {"guide": raw[exts[0]]}
+    try:
+        with Image.open(io.BytesIO(raw[exts[0]])) as img:
+            guide = np.asarray(img.convert("RGB"), dtype=np.uint8)
+    except Exception as exc:
+        return Sample(key=key, error=f"cannot decode {key}.{exts[0]}: {describe_error(exc)}")
+    mask = None
+    if mask_ext:
+        if mask_ext not in raw:
+            return Sample(key=key, error=f"missing mask member {key}.{mask_ext}")
+        try:
+            with Image.open(io.BytesIO(raw[mask_ext])) as img:
+                mask = (np.asarray(img.convert("L"), dtype=np.uint8) >= 128).astype(np.uint8)
+        except Exception as exc:
+            return Sample(key=key, error=f"cannot decode {key}.{mask_ext}: {describe_error(exc)}")
+        if mask.shape != guide.shape[:2]:
+            return Sample(key=key, error=(
+                f"mask {key}.{mask_ext} is {mask.shape[1]}x{mask.shape[0]} but the guide is "
+                f"{guide.shape[1]}x{guide.shape[0]}; allowed: the same size"))
+        members["mask"] = raw[mask_ext]
+    if "target.png" in raw:
+        members["target"] = raw["target.png"]
+    return Sample(key=key, guide=guide, mask=mask, members=members)
+
+
+def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
+                 mask_ext: str | None) -> Iterator[Sample]:
+    """Yield decoded samples of the tar at `url` in tar order.
+
+    Raises:
+        ShardError: the tar cannot be opened, is truncated or malformed.
+    """
+    try:
+        fs, path = url_fs(url, storage_options)
+        # Opening is retried on transient errors (an object store restarting); a failure
+        # later, mid-stream, is a ShardError and the runner retries the whole shard.
+        opened = with_retries(lambda: fs.open(path, "rb"), what="open input shard", url=url)
+        with opened as stream:
+            for raw in group_by_keys(_members(stream, url, fs.size(path))):
+                yield decode_sample(raw, image_ext, mask_ext)
+    except ShardError:
+        raise
+    except Exception as exc:
+        raise ShardError(f"input shard {redact_url(url)}: cannot read: "
+                         f"{describe_error(exc)}") from exc
+
+
+def _members(stream: Any, url: str, size: int | None) -> Iterator[dict[str, Any]]:
+    """Regular members of a tar stream as webdataset file samples (fname, data, __url__).
+
+    `tarfile` ends a stream silently when it is cut at a header; a plain tar must end with
+    its end-of-archive block, so a shorter file is reported as truncated.
+    """
+    with tarfile.open(fileobj=stream, mode="r|*") as tar:
+        for info in tar:
+            if info.isreg():
+                data = tar.extractfile(info).read()  # type: ignore[union-attr]
+                yield {"fname": info.name, "data": data, "__url__": url}
+    if size is not None and url.endswith(".tar") and size < tar.offset + tarfile.BLOCKSIZE:
+        raise ShardError(f"input shard {redact_url(url)}: cannot read: truncated tar "
+                         f"({size} bytes, no end-of-archive block after byte {tar.offset})")
+
+
+def prefetch(items: Iterator[Sample], depth: int = 64) -> Iterator[Sample]:
+    """Run `items` in a background thread (read + decode) so the model never waits on I/O.
+
+    Exceptions of the producer are re-raised in the consumer, after the items before them.
+    """
+    buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def produce() -> None:
+        try:
+            for item in items:
+                while not stop.is_set():
+                    try:
+                        buffer.put(item, timeout=0.2)
+                        break
+                    except queue.Full:
+                        continue
+                if stop.is_set():
+                    return
+            buffer.put(_END)
+        except BaseException as exc:  # handed to the consumer
+            buffer.put(exc)
+
+    thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = buffer.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+
+
+def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
+               mask_ext: str | None, *, background: bool = True) -> Iterator[Sample]:
+    """`iter_samples`, decoded in a background thread when `background`."""
+    samples = iter_samples(url, storage_options, image_ext, mask_ext)
+    return prefetch(samples) if background else samples
+
+

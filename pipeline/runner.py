@@ -1,0 +1,321 @@
+"""The Ray driver: plan pending shards, run them on a pool of actors, retry, report.
+
+driver: spec -> input shards -> drop shards with a done marker -> actor pool.
+The pool starts up to `compute.actors.max` actors while shards are pending (pending GPU actors are
+what makes a Ray autoscaler add nodes) and kills each actor as soon as the queue has no more work
+for it, so an autoscaler can remove idle nodes. A shard whose attempt fails (unreadable tar, lost
+actor) is queued again, up to `compute.shard_retries` times, then reported in `failed/{stem}.json`.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import logging
+import math
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+from tqdm import tqdm
+
+from pipeline.errors import PipelineError, ResumeConflictError
+from pipeline.shards import expand_shards, plan_pending, shard_stem
+from pipeline.spec import JobSpec
+from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs, with_retries
+from pipeline.worker import ShardWorker
+
+logger = logging.getLogger(__name__)
+
+RETRY_BASE_DELAY = 1.0
+"""Seconds before the first retry of a failed shard; doubles per attempt (a storage outage
+should not use up every retry at once)."""
+RETRY_MAX_DELAY = 30.0
+
+
+def retry_delay(attempt: int) -> float:
+    """Seconds to wait before retrying a shard whose `attempt`-th attempt (1-based) failed."""
+    return min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** max(0, attempt - 1))
+
+
+@dataclass
+class RunSummary:
+    """The outcome of one `run_job` call."""
+
+    shards_total: int = 0
+    shards_already_done: int = 0
+    shards_done: int = 0
+    failed: dict[str, str] = field(default_factory=dict)
+    samples: int = 0
+    outputs_ok: int = 0
+    outputs_error: int = 0
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return self.outputs_ok / self.seconds if self.seconds > 0 else 0.0
+
+    @property
+    def exit_code(self) -> int:
+        return 1 if self.failed else 0
+
+
+def prepare_output(spec: JobSpec, overwrite: bool) -> None:
+    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work)."""
+    out, options = spec.output.path, spec.output.storage_options
+    check_writable(out, options)
+    fs, path = url_fs(join(out, "job.json"), options)
+    if fs.exists(path):
+        old = json.loads(fs.cat_file(path))
+        if old.get("fingerprint") != spec.fingerprint():
+            if not overwrite:
+                changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
+                raise ResumeConflictError(
+                    f"output {out} holds a job with different output-affecting settings "
+                    f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
+                    "--overwrite to discard its results")
+            _discard_results(spec)
+    put_bytes_atomic(join(out, "job.json"), json.dumps(job_record(spec), indent=1).encode(),
+                     options)
+
+
+def job_record(spec: JobSpec) -> dict[str, Any]:
+    """OUT/job.json: the resolved spec (secrets redacted), its fingerprint and versions."""
+    import diffusers
+    import torch
+
+    from pipeline import __version__
+
+    return {"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
+            "output_affecting": spec.output_affecting(),
+            "versions": {"sdedit-batch": __version__, "torch": torch.__version__,
+                         "diffusers": diffusers.__version__, "ray": ray.__version__},
+            "model": spec.model.source}
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+def _discard_results(spec: JobSpec) -> None:
+    for sub in ("done", "failed", "shards", "manifests"):
+        fs, path = url_fs(join(spec.output.path, sub), spec.output.storage_options)
+        if fs.exists(path):
+            logger.warning("--overwrite: removing %s", join(spec.output.path, sub))
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                fs.rm(path, recursive=True)
+
+
+@ray.remote(num_cpus=0)
+class _Counter:
+    """Samples finished so far, reported by actors per batch."""
+
+    def __init__(self) -> None:
+        self.value = 0
+
+    def add(self, n: int) -> None:
+        self.value += n
+
+    def get(self) -> int:
+        return self.value
+
+
+class _ShardActor:
+    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards."""
+
+    def __init__(self, spec: JobSpec, threads: int, counter: Any) -> None:
+        logging.basicConfig(level=logging.INFO)
+        self.counter = counter
+        self.worker = ShardWorker(spec, threads=threads)
+
+    def process(self, url: str) -> dict[str, Any]:
+        stats = self.worker.process(url, progress=lambda n: self.counter.add.remote(n))
+        return dataclasses.asdict(stats)
+
+
+def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
+    """Ray options of one actor and its torch thread count, from compute.* and the cluster."""
+    compute = spec.compute
+    cluster = ray.cluster_resources()
+    use_gpu = compute.device == "cuda" or (compute.device == "auto" and cluster.get("GPU", 0) > 0)
+    env = {k: v for k, v in os.environ.items() if k.startswith("SDEDIT_BATCH_")}
+    options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1}
+    if env:
+        options["runtime_env"] = {"env_vars": env}
+    if use_gpu:
+        cpus = compute.cpus_per_actor or 1
+        options.update(num_gpus=compute.gpus_per_actor, num_cpus=cpus)
+        return options, max(1, int(cpus))
+    total = int(cluster.get("CPU", 1))
+    cpus = compute.cpus_per_actor or max(1, total // max(1, compute.actors.max))
+    options.update(num_gpus=0, num_cpus=cpus)
+    return options, max(1, math.floor(cpus))
+
+
+def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | None = None,
+            overwrite: bool = False, progress: bool = True) -> RunSummary:
+    """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
+
+    Raises:
+        PipelineError: no input shards, unwritable output, changed spec, model not loadable.
+    """
+    started = time.perf_counter()
+    shards = expand_shards(list(spec.input.shards), spec.input.storage_options)
+    prepare_output(spec, overwrite)
+    pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
+    summary = RunSummary(shards_total=len(shards), shards_already_done=len(done))
+    if limit_shards is not None:
+        pending = pending[:limit_shards]
+    if not pending:
+        logger.info("nothing to do: all %d shards are done", len(shards))
+        return summary
+    own_ray = not ray.is_initialized()
+    if own_ray:
+        # "local": a new Ray on this machine, never a cluster that happens to run here
+        ray.init(address=address or "local", include_dashboard=False,
+                 log_to_driver=logger.isEnabledFor(logging.INFO), logging_level=logging.WARNING)
+    try:
+        _Pool(spec, pending, summary, progress).run()
+    finally:
+        if own_ray:
+            ray.shutdown()
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+class _Pool:
+    """The actor pool and its scheduling loop."""
+
+    def __init__(self, spec: JobSpec, pending: list[str], summary: RunSummary,
+                 progress: bool) -> None:
+        self.spec = spec
+        self.queue = collections.deque(pending)
+        self.summary = summary
+        self.attempts: collections.Counter[str] = collections.Counter()
+        self.inflight: dict[Any, tuple[Any, str]] = {}
+        self.not_before: dict[str, float] = {}  # url -> monotonic time its retry may start
+        self.idle: list[Any] = []  # actors waiting for a retry delay to pass
+        self.counter = _Counter.remote()  # type: ignore[attr-defined]
+        options, self.threads = actor_options(spec)
+        self.actor_cls = ray.remote(_ShardActor).options(**options)
+        self.bar = tqdm(total=len(pending), unit="shard", disable=not progress,
+                        desc=spec.name, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def _start_actor(self) -> Any:
+        return self.actor_cls.remote(self.spec, self.threads, self.counter)
+
+    def _assign(self, actor: Any) -> None:
+        now = time.monotonic()
+        for url in self.queue:
+            if self.not_before.get(url, 0.0) <= now:
+                self.queue.remove(url)
+                self.inflight[actor.process.remote(url)] = (actor, url)
+                return
+        self.idle.append(actor)  # every queued shard still waits for its retry delay
+
+    def _dispatch_idle(self) -> None:
+        if not self.queue:
+            while self.idle:
+                ray.kill(self.idle.pop())
+        for actor in [self.idle.pop() for _ in range(len(self.idle))]:
+            self._assign(actor)
+
+    def run(self) -> None:
+        wanted = min(self.spec.compute.actors.max, len(self.queue))
+        logger.info("starting %d actors for %d shards", wanted, len(self.queue))
+        for _ in range(wanted):
+            self._assign(self._start_actor())
+        try:
+            while self.inflight or self.queue:
+                self._dispatch_idle()
+                if not self.inflight:
+                    time.sleep(0.2)
+                    continue
+                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
+                for ref in ready:
+                    self._finish(ref)
+                self._update_bar()
+        finally:
+            for actor in [*(a for a, _ in self.inflight.values()), *self.idle]:
+                ray.kill(actor)
+            self.bar.close()
+
+    def _finish(self, ref: Any) -> None:
+        actor, url = self.inflight.pop(ref)
+        alive = True
+        try:
+            stats = ray.get(ref)
+        except ray.exceptions.RayActorError as exc:
+            alive = False
+            if "ModelSourceError" in str(exc):
+                raise PipelineError(f"cannot load model {self.spec.model.source}: "
+                                    f"{_last_line(exc)}") from exc
+            self._failed(url, f"actor died: {_last_line(exc)}")
+        except ray.exceptions.RayTaskError as exc:
+            self._failed(url, _last_line(exc))
+        else:
+            self._succeeded(url, stats)
+        if self.queue:
+            self._assign(actor if alive else self._start_actor())
+        elif alive:
+            ray.kill(actor)  # release its resources (an autoscaler can remove the node)
+
+    def _succeeded(self, url: str, stats: dict[str, Any]) -> None:
+        s = self.summary
+        s.shards_done += 1
+        s.samples += stats["samples"]
+        s.outputs_ok += stats["outputs_ok"]
+        s.outputs_error += stats["outputs_error"]
+        self.bar.update(1)
+        marker = self._failed_url(url)
+        fs, path = url_fs(marker, self.spec.output.storage_options)
+        if with_retries(lambda: fs.exists(path), what="check failed marker", url=marker):
+            with_retries(lambda: fs.rm_file(path), what="remove failed marker", url=marker)
+
+    def _failed(self, url: str, error: str) -> None:
+        self.attempts[url] += 1
+        retries = self.spec.compute.shard_retries
+        if self.attempts[url] <= retries:
+            delay = retry_delay(self.attempts[url])
+            logger.warning("shard %s failed (attempt %d of %d), retrying in %.0f s: %s",
+                           shard_stem(url), self.attempts[url], retries + 1, delay, error)
+            self.not_before[url] = time.monotonic() + delay
+            self.queue.append(url)
+            return
+        logger.error("shard %s failed after %d attempts: %s", shard_stem(url),
+                     self.attempts[url], error)
+        self.summary.failed[url] = error
+        record = {"stem": shard_stem(url), "input_shard": url, "attempts": self.attempts[url],
+                  "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        put_bytes_atomic(self._failed_url(url), json.dumps(record, indent=1).encode(),
+                         self.spec.output.storage_options)
+        self.bar.update(1)
+
+    def _failed_url(self, url: str) -> str:
+        return join(self.spec.output.path, "failed", f"{shard_stem(url)}.json")
+
+    def _update_bar(self) -> None:
+        samples = ray.get(self.counter.get.remote())
+        elapsed = time.perf_counter() - self.t0
+        self.bar.set_postfix(samples=samples, img_s=f"{samples / max(elapsed, 1e-9):.2f}",
+                             failed=len(self.summary.failed), refresh=False)
+        self.bar.refresh()
+
+
+def _last_line(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).strip().splitlines() if line.strip()]
+    return lines[-1] if lines else type(exc).__name__

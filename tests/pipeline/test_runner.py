@@ -1,0 +1,149 @@
+"""run_job on a real local Ray: end to end, actor loss, resume, failures, driver kill."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.dataset as pads
+import pytest
+import ray
+import yaml
+
+from pipeline.errors import ResumeConflictError
+from pipeline.runner import run_job
+from pipeline.worker import CRASH_HOOK, DELAY_HOOK, ShardWorker
+from tests.support.rayhead import kill_session
+from tests.support.shards import make_spec, write_shards
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def local_ray():
+    """One local Ray for this module (2 CPUs), shut down at the end."""
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def inputs(tmp_path_factory):
+    return write_shards(tmp_path_factory.mktemp("in"), n_shards=3, per_shard=4)
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_vp, tiny_vp_dir, inputs, tmp_path_factory) -> dict[str, bytes]:
+    """Output tars of an uninterrupted run, made by the worker without Ray."""
+    out = tmp_path_factory.mktemp("ref")
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
+    worker = ShardWorker(spec, model=tiny_vp)
+    for url in inputs:
+        worker.process(url)
+    return {p.name: p.read_bytes() for p in sorted((out / "shards").iterdir())}
+
+
+def _check_complete(out: Path, reference: dict[str, bytes]) -> None:
+    """Every key once per output index, each shard committed once, tars as the reference."""
+    rows = pads.dataset(str(out / "manifests"), format="parquet").to_table().to_pylist()
+    pairs = [(r["key"], r["sample_index"]) for r in rows]
+    assert len(pairs) == len(set(pairs)) == 12 * 2
+    markers = sorted(p.name for p in (out / "done").iterdir())
+    assert markers == ["part-000000.json", "part-000001.json", "part-000002.json"]
+    tars = {p.name: p.read_bytes() for p in (out / "shards").iterdir() if p.suffix == ".tar"}
+    assert tars == reference
+
+
+def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, reference,
+                                           tmp_path):
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
+    summary = run_job(spec, progress=False)
+    assert (summary.shards_done, summary.samples) == (3, 12)
+    assert (summary.outputs_ok, summary.outputs_error) == (20, 4) and summary.exit_code == 0
+    _check_complete(out, reference)
+    job = json.loads((out / "job.json").read_text())
+    assert job["fingerprint"] == spec.fingerprint() and job["versions"]["ray"] == ray.__version__
+    again = run_job(spec, progress=False)
+    assert again.shards_done == 0 and again.shards_already_done == 3
+
+
+def test_actor_killed_mid_shard_is_retried(local_ray, tiny_vp_dir, inputs, reference,
+                                           tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    flag = tmp_path / "crashed"
+    monkeypatch.setenv(CRASH_HOOK, f"part-000001:3:{flag}")
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
+    summary = run_job(spec, progress=False)
+    assert flag.exists(), "the test hook did not fire"
+    assert summary.shards_done == 3 and not summary.failed
+    _check_complete(out, reference)
+
+
+def test_resume_redoes_only_missing_shard_and_refuses_changed_t0(
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path):
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
+    run_job(spec, progress=False)
+    for path in ("shards/part-000001.tar", "manifests/part-000001.parquet",
+                 "done/part-000001.json"):
+        (out / path).unlink()
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
+    summary = run_job(spec, progress=False)
+    assert (summary.shards_done, summary.shards_already_done) == (1, 2)
+    after = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
+    assert all(after[name] == stamp for name, stamp in before.items())
+    _check_complete(out, reference)
+    changed = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2, "t0": 0.05})
+    with pytest.raises(ResumeConflictError, match=r"sdedit\.t0: 0\.04 -> 0\.05"):
+        run_job(changed, progress=False)
+
+
+def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs, tmp_path):
+    data = Path(inputs[0]).read_bytes()
+    bad = tmp_path / "bad-000009.tar"
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, [inputs[0], str(bad)], out, compute={"shard_retries": 1})
+    summary = run_job(spec, progress=False)
+    assert summary.shards_done == 1 and list(summary.failed) == [str(bad)]
+    assert summary.exit_code == 1
+    failed = json.loads((out / "failed" / "bad-000009.json").read_text())
+    assert failed["attempts"] == 2 and "truncated" in failed["error"]
+    assert not (out / "done" / "bad-000009.json").exists()
+
+
+def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_path):
+    """The CLI in its own session, SIGKILLed after the first commit; rerun completes it."""
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
+    data = spec.to_dict()
+    data["compute"]["actors"] = {"min": 1, "max": 1}
+    job.write_text(yaml.safe_dump(data))
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress"]
+    env = {**os.environ, DELAY_HOOK: "1.0"}
+    proc = subprocess.Popen(cmd, start_new_session=True, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 180
+        while not (out / "done").exists() or not any((out / "done").iterdir()):
+            assert proc.poll() is None, proc.stdout.read().decode()[-3000:]
+            assert time.monotonic() < deadline, "no shard committed in time"
+            time.sleep(0.2)
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)  # the driver dies at once, without cleanup
+        proc.wait(timeout=30)
+        kill_session(proc.pid, grace=0.5)  # then end the Ray processes it had started
+    committed = len(list((out / "done").iterdir()))
+    assert 1 <= committed < 3, "the driver should have died mid-run"
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                           start_new_session=True)
+    assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert f"{3 - committed} done now, {committed} done before" in rerun.stdout
+    _check_complete(out, reference)

@@ -1,0 +1,66 @@
+"""Small input WebDataset shards for pipeline tests, written with webdataset.TarWriter."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import webdataset as wds
+from PIL import Image
+
+from pipeline.spec import JobSpec, parse_spec
+
+
+def png(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    Image.fromarray(array).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def write_shards(root: Path, n_shards: int = 3, per_shard: int = 4, size: int = 16,
+                 bad: bool = True, masks: bool = False, seed: int = 0) -> list[str]:
+    """Shards root/part-00000{i}.tar of random RGB guides (keys s{shard}_{i:03d}).
+
+    With `bad`: shard 1 holds an undecodable image (key s1_001) and shard 2 a sample without
+    its guide member (key s2_002, only a .txt). With `masks`: every sample has a mask.png
+    (left half white = regenerate).
+    """
+    rng = np.random.default_rng(seed)
+    root.mkdir(parents=True, exist_ok=True)
+    urls = []
+    for s in range(n_shards):
+        url = root / f"part-{s:06d}.tar"
+        with wds.TarWriter(str(url)) as writer:
+            for i in range(per_shard):
+                key = f"s{s}_{i:03d}"
+                sample = {"__key__": key}
+                if bad and s == 1 and i == 1:
+                    sample["png"] = b"this is not a png"
+                elif bad and s == 2 and i == 2:
+                    sample["txt"] = b"no guide here"
+                else:
+                    sample["png"] = png(rng.integers(0, 256, (size, size, 3), dtype=np.uint8))
+                    if masks:
+                        mask = np.zeros((size, size), np.uint8)
+                        mask[:, : size // 2] = 255
+                        sample["mask.png"] = png(mask)
+                writer.write(sample)
+        urls.append(str(url))
+    return urls
+
+
+def make_spec(model_dir: Path, shards: str | list[str], out: Path, **sections: dict) -> JobSpec:
+    """A JobSpec for the tiny model: t0 0.04 (40 steps), CPU, one actor, batch 3."""
+    data = {
+        "name": "test-job",
+        "model": {"source": str(model_dir)},
+        "input": {"shards": shards},
+        "output": {"path": str(out)},
+        "sdedit": {"t0": 0.04, "sampler": "ddpm", "seed": 7},
+        "compute": {"device": "cpu", "batch_size": 3, "actors": 1, "shard_retries": 1,
+                    "cpus_per_actor": 1},
+    }
+    for name, values in sections.items():
+        data[name] = {**data.get(name, {}), **values}
+    return parse_spec(data, source="test")
