@@ -14,7 +14,9 @@ import pyarrow.dataset as pads
 import pytest
 import ray
 import yaml
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.errors import ResumeConflictError
 from pipeline.runner import run_job
 from pipeline.worker import CRASH_HOOK, DELAY_HOOK, ShardWorker
@@ -147,3 +149,9 @@ def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_pa
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"{3 - committed} done now, {committed} done before" in rerun.stdout
     _check_complete(out, reference)
+    status = CliRunner().invoke(main, ["status", str(out)])
+    assert status.exit_code == 0, status.output
+    assert "shards: 3 done, 0 pending, 0 failed (of 3)" in status.output
+    assert "samples: 12; outputs 20 ok, 4 error" in status.output
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert third.returncode == 0 and "nothing to do" in third.stdout
