@@ -28,6 +28,10 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from pipeline.storage import SecretFilter
+
+    for handler in logging.getLogger().handlers:  # credentials never reach a log line
+        handler.addFilter(SecretFilter())
 
 
 set_option = click.option(
@@ -123,17 +127,28 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
 
 
 @main.command("status")
-@click.argument("target", metavar="OUT_OR_JOB")
-def status_cmd(target: str) -> None:
+@click.argument("target", metavar="OUT_OR_JOB_OR_SUBMISSION")
+@click.option("--address", default=None, metavar="URL",
+              help="Ray Jobs API of the cluster (http://HEAD:8265): TARGET is a submission id.")
+def status_cmd(target: str, address: str | None) -> None:
     """Show done, pending and failed shards and sample counts of a job.
 
-    OUT_OR_JOB is the job's output path/URL or its job file. Reads only the output
-    (job.json and the done/ and failed/ markers): works while a job runs, or after.
+    TARGET is the job's output path/URL or its job file: reads only the output (job.json and
+    the done/ and failed/ markers), while a job runs or after. Or a submission id printed by
+    `sdedit-batch submit` (raysubmit_...) with --address (default RAY_API_SERVER_ADDRESS): the
+    cluster's view of the submission, then the shard counts of its output if reachable.
     """
     from pipeline.errors import PipelineError
     from pipeline.status import job_status
+    from pipeline.submit import describe, is_submission_id, submission_status
 
     try:
+        if address is not None or is_submission_id(target):
+            sub = submission_status(address, target)
+            click.echo("\n".join(describe(sub)))
+            if sub.output is None:
+                return
+            target = sub.output
         st = job_status(target)
     except PipelineError as e:
         click.echo(f"error: {e}", err=True)
@@ -146,6 +161,53 @@ def status_cmd(target: str) -> None:
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
     for url, error in st.failed.items():
         click.echo(f"  FAILED {url}: {error}")
+
+
+@main.command("submit")
+@click.argument("job", metavar="JOB", type=click.Path(exists=True, dir_okay=False))
+@click.option("--address", default=None, metavar="URL",
+              help="Ray Jobs API (dashboard) of the cluster, http://HEAD:8265 "
+                   "[default: RAY_API_SERVER_ADDRESS].")
+@set_option
+@click.option("--wait/--no-wait", default=True, show_default=True,
+              help="Follow the job's output and exit with its exit code; --no-wait prints the "
+                   "submission id and returns.")
+def submit_cmd(job: str, address: str | None, overrides: tuple[str, ...], wait: bool) -> None:
+    """Run a job on a Ray cluster through the Ray Jobs API (the driver runs on the head).
+
+    The job file (with --set applied) is validated here, uploaded as the submission's
+    working_dir and run as `sdedit-batch run job.yaml --address auto`. Paths in it are read
+    on the cluster: use URLs (s3://...) or absolute paths that exist there. With token
+    authentication set RAY_AUTH_TOKEN to the cluster's token. Ctrl-C stops following, not
+    the job. Exit code: the job's (0 done, 1 some shard failed, 2 bad job).
+
+    \b
+    Examples:
+      sdedit-batch submit jobs/sketch2bedroom.yaml --address http://127.0.0.1:8265
+      sdedit-batch submit jobs/sketch2bedroom.yaml --no-wait --set compute.actors.max=8
+      sdedit-batch status raysubmit_XXXX --address http://127.0.0.1:8265
+    """
+    from pipeline.errors import PipelineError
+    from pipeline.submit import follow, submit
+
+    sid = None
+    try:
+        sid, spec = submit(job, address, overrides)
+        if not wait:
+            click.echo(sid)
+            return
+        click.echo(f"submitted {spec.name} as {sid}", err=True)
+        final = follow(address, sid, lambda text: click.echo(text, nl=False))
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(e.exit_code) from e
+    except KeyboardInterrupt:
+        if sid is not None:
+            click.echo(f"\nstopped following; {sid} keeps running: "
+                       f"sdedit-batch status {sid} --address ...", err=True)
+        raise SystemExit(130) from None
+    click.echo(f"submission {sid}: {final.status} (exit code {final.exit_code})", err=True)
+    raise SystemExit(final.exit_code)
 
 
 @main.command("demo-data")
@@ -383,6 +445,70 @@ def train_cmd(data: tuple[str, ...], out: str, size: int, steps: int, batch_size
                f"{report.parameters:,} parameters, loss (EMA) {loss}, "
                f"{report.seconds / 60:.1f} min in total on {report.device}")
 
+
+@main.command("bench")
+@click.option("--model", "source", default=None, metavar="SOURCE",
+              help="A VP model (directory, hub id or URL) instead of random weights.")
+@click.option("--arch", type=click.Choice(["ddpm-256", "ddpm-32", "tiny"]), default="ddpm-256",
+              show_default=True, help="Architecture for random weights (ddpm-256 = the LSUN "
+                                      "bedroom/church models of the paper).")
+@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_channels)
+@click.option("--dtypes", default="fp32,bf16", show_default=True,
+              help="Comma-separated: fp32, bf16, fp16 (network precision; sampling is fp32).")
+@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp2m"]), default="ddpm",
+              show_default=True)
+@click.option("--steps", type=click.IntRange(min=1), default=None,
+              help="Network evaluations per edit [default: the sampler's].")
+@click.option("--t0", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True))
+@click.option("--threads", default=None, callback=lambda c, p, v: v and _channels(c, p, v),
+              help="Torch CPU threads; comma-separated to compare [default: the CPU share].")
+@click.option("--reference/--no-reference", default=True, show_default=True,
+              help="Also time benchmarks/reference_loop.py (the official SDEdit loop).")
+@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
+@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
+              help="torch.compile the network (warm-up compiles it).")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
+              help="Replay CUDA graphs of the network (CUDA only; ignored elsewhere).")
+@click.option("--channels-last/--no-channels-last", default=None,
+              help="NHWC network memory format [default: on for CUDA].")
+@click.option("--noise-threads", type=click.IntRange(min=0), default=None,
+              help="Threads drawing noise ahead [default: up to 8 on CUDA, 0 on CPU].")
+@click.option("--json", "json_path", default=None, metavar="PATH", help="Also write JSON here.")
+def bench_cmd(source: str | None, arch: str, batch_sizes: tuple[int, ...], dtypes: str,
+              sampler: str, steps: int | None, t0: float, threads: tuple[int, ...] | None,
+              reference: bool, repeats: int, device: str, compile_: bool, cuda_graphs: bool,
+              channels_last: bool | None, noise_threads: int | None,
+              json_path: str | None) -> None:
+    """Measure forwards/s, edits/s, TFLOP/s and MFU of sdedit.edit vs the paper's loop.
+
+    \b
+    GPU (the paper's model and chain: 500 DDPM steps from t0 = 0.5):
+      sdedit-batch bench --arch ddpm-256 --batch-sizes 8,16,32 --dtypes fp32,bf16 --json out.json
+    CPU (small and short):
+      sdedit-batch bench --arch ddpm-32 --t0 0.01 --batch-sizes 1,8 --threads 1,2
+    """
+    import json
+
+    from pipeline.bench import BenchConfig, format_table, run_bench
+    from pipeline.errors import PipelineError
+
+    config = BenchConfig(
+        arch=arch, source=source, batch_sizes=batch_sizes,
+        dtypes=tuple(d.strip() for d in dtypes.split(",") if d.strip()), sampler=sampler,
+        steps=steps, t0=t0, threads=threads or (), reference=reference, repeats=repeats,
+        device=device, compile=compile_, cuda_graphs=cuda_graphs, channels_last=channels_last,
+        noise_threads=noise_threads)
+    try:
+        report = run_bench(config, progress=lambda m: click.echo(f"# {m}", err=True))
+    except PipelineError as e:
+        click.echo(f"error: {e}", err=True)
+        raise SystemExit(e.exit_code) from e
+    click.echo(format_table(report))
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(report.to_dict(), f, indent=2)
+        click.echo(f"wrote {json_path}")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

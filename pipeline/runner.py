@@ -26,7 +26,14 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
-from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs, with_retries
+from pipeline.storage import (
+    SecretFilter,
+    check_writable,
+    join,
+    put_bytes_atomic,
+    url_fs,
+    with_retries,
+)
 from pipeline.worker import ShardWorker
 
 logger = logging.getLogger(__name__)
@@ -138,6 +145,8 @@ class _ShardActor:
 
     def __init__(self, spec: JobSpec, threads: int, counter: Any) -> None:
         logging.basicConfig(level=logging.INFO)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(SecretFilter())
         self.counter = counter
         self.worker = ShardWorker(spec, threads=threads)
 
@@ -283,8 +292,11 @@ class _Pool:
         self.bar.update(1)
         marker = self._failed_url(url)
         fs, path = url_fs(marker, self.spec.output.storage_options)
-        if with_retries(lambda: fs.exists(path), what="check failed marker", url=marker):
-            with_retries(lambda: fs.rm_file(path), what="remove failed marker", url=marker)
+        try:  # best effort: `status` ignores a failed marker whose shard is done
+            if with_retries(lambda: fs.exists(path), what="check failed marker", url=marker):
+                with_retries(lambda: fs.rm_file(path), what="remove failed marker", url=marker)
+        except (PipelineError, OSError) as exc:
+            logger.warning("could not remove %s: %s", marker, exc)
 
     def _failed(self, url: str, error: str) -> None:
         self.attempts[url] += 1

@@ -20,7 +20,7 @@ import torch
 from pipeline.reader import Sample, read_shard
 from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
-from pipeline.storage import url_fs
+from pipeline.storage import url_fs, with_retries
 from pipeline.writer import ShardOutput, now, output_urls
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.edit import count_steps
@@ -139,7 +139,8 @@ class ShardWorker:
     def _committed(self, stem: str) -> bool:
         fs, path = url_fs(output_urls(self.spec.output.path, stem)["marker"],
                           self.spec.output.storage_options)
-        return bool(fs.exists(path))
+        return bool(with_retries(lambda: fs.exists(path), what="check done marker",
+                                 url=output_urls(self.spec.output.path, stem)["marker"]))
 
     def _batches(self, samples: Iterator[Sample], writer: ShardOutput,
                  stats: ShardStats) -> Iterator[list[_Job]]:

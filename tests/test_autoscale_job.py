@@ -1,0 +1,92 @@
+"""A real job on Ray's fake multi-node autoscaler: GPU worker nodes appear for the job's GPU
+actors and are removed once it ended.
+
+The head has no GPU; the worker type is {CPU: 1, GPU: 1}, min 0, max 2. The job asks for
+`compute.device: cuda` with one GPU per actor and up to two actors; SDEDIT_BATCH_FAKE_GPU=1
+(forwarded to the actors) makes the model run on CPU, since the GPUs are Ray resources only. The
+driver is the CLI in its own session, joined to the cluster by address and token.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import pytest
+import ray
+import yaml
+
+from pipeline.worker import DELAY_HOOK
+from tests.support.rayhead import (
+    connected,
+    fake_cluster,
+    kill_session,
+    pids_mentioning,
+    session_pids,
+)
+from tests.support.shards import write_shards
+
+pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+
+def _gpu_nodes() -> dict[str, dict[str, Any]]:
+    """Alive nodes with a GPU (dead nodes report no resources)."""
+    return {n["NodeID"]: n for n in ray.nodes()
+            if n["Alive"] and n["Resources"].get("GPU", 0) > 0}
+
+
+@pytest.mark.timeout(420)
+def test_job_scales_gpu_nodes_up_and_back_down(tiny_vp_dir: Path, tmp_path: Path) -> None:
+    inputs = write_shards(tmp_path / "in", n_shards=4, per_shard=2, bad=False)
+    out = tmp_path / "out"
+    job = tmp_path / "job.yaml"
+    job.write_text(yaml.safe_dump({
+        "name": "autoscaled", "model": {"source": str(tiny_vp_dir)},
+        "input": {"shards": inputs}, "output": {"path": str(out)},
+        "sdedit": {"t0": 0.04},
+        "compute": {"device": "cuda", "gpus_per_actor": 1, "actors": {"min": 1, "max": 2},
+                    "batch_size": 2}}))
+    seen: set[str] = set()
+    most_at_once = 0
+    with fake_cluster(head_cpus=1, max_workers=2, idle_timeout_minutes=0.1) as info:
+        env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"}
+        env.update(info.driver_env(), SDEDIT_BATCH_FAKE_GPU="1", **{DELAY_HOOK: "0.5"})
+        with connected(info):
+            assert _gpu_nodes() == {} and ray.cluster_resources().get("GPU", 0) == 0
+            driver = subprocess.Popen(
+                [sys.executable, "-m", "pipeline.cli", "run", str(job), "--address",
+                 info.address, "--no-progress"], env=env, stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT, text=True, start_new_session=True)
+            try:
+                deadline = time.monotonic() + 300
+                while driver.poll() is None:
+                    assert time.monotonic() < deadline, "the job did not finish in time"
+                    alive = _gpu_nodes()
+                    seen |= alive.keys()
+                    most_at_once = max(most_at_once, len(alive))
+                    time.sleep(0.5)
+                output = driver.stdout.read() if driver.stdout else ""
+            finally:
+                kill_session(driver.pid, grace=0.5, leader=driver)
+            assert driver.returncode == 0, output[-3000:]
+            # Idle nodes go away: idle timeout 6 s, autoscaler update every 1 s.
+            deadline = time.monotonic() + 90
+            while _gpu_nodes():
+                assert time.monotonic() < deadline, "idle GPU nodes were not removed"
+                time.sleep(0.5)
+            removed = {n["NodeID"] for n in ray.nodes() if not n["Alive"]}
+    assert "4 done now, 0 done before, 0 failed (of 4)" in output
+    markers = [json.loads(p.read_text()) for p in sorted((out / "done").iterdir())]
+    assert [m["stem"] for m in markers] == [f"part-{i:06d}" for i in range(4)]
+    assert sum(m["outputs_ok"] for m in markers) == 8
+    assert len({m["worker"] for m in markers}) == 2, "both GPU actors should have worked"
+    assert len(seen) == 2, f"expected two GPU nodes for two GPU actors, saw {len(seen)}"
+    assert 1 <= most_at_once <= 2
+    assert seen <= removed, "a GPU node that served the job was not removed"
+    assert session_pids(info.pid) == [], "processes of the fake cluster survived"
+    assert pids_mentioning(str(info.temp_dir)) == []
