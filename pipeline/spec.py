@@ -30,7 +30,7 @@ from pipeline.errors import SpecError
 
 logger = logging.getLogger(__name__)
 
-SAMPLERS = ("ddpm", "ddim", "ve")
+SAMPLERS = ("ddpm", "ddim", "ve", "dpmpp2m")
 IMAGE_FORMATS = ("png", "jpg", "webp")
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "fp16", "bf16")
@@ -480,7 +480,7 @@ class _Reader:
 def _cross_checks(values: Mapping[str, dict[str, Any]], errors: list[str]) -> None:
     """Checks that involve several fields; skipped where one of them is already invalid."""
     t0, sampler, steps, eta = (values["sdedit"][k] for k in ("t0", "sampler", "steps", "eta"))
-    if _BAD not in (t0, sampler) and sampler in ("ddpm", "ddim"):
+    if _BAD not in (t0, sampler) and sampler in ("ddpm", "ddim", "dpmpp2m"):
         start = round(t0 * NUM_TRAIN_STEPS)
         if start < 1:
             errors.append(f"sdedit.t0: {_fmt(t0)} gives no denoising step with sampler "

@@ -19,12 +19,15 @@ from collections.abc import Sequence
 import torch
 
 from sdedit import samplers
+from sdedit.accel import PrefetchNoise
 from sdedit.models import DiffusionModel
 from sdedit.schedules import respace
 
 __all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit"]
 
-SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve"}
+SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve", "dpmpp2m": "vp"}
+DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
+"""Network evaluations per round when `steps` is None (capped at start index + 1)."""
 MAX_SEED = 2**63 - 1
 
 
@@ -68,7 +71,9 @@ def edit(
     """SDEdit a batch of guides.
 
     Args:
-        model: from `load_model`; VP for "ddpm"/"ddim", VE for "ve".
+        model: from `load_model`; VP for "ddpm"/"ddim"/"dpmpp2m", VE for "ve". Its `accel`
+            decides how the network runs and whether noise is drawn ahead in background
+            threads; outputs depend on it only through rounding (autocast, kernel choice).
         images: float32 (N, C, H, W) in [-1, 1], the guides; H, W multiples of the model's
             downsampling factor.
         t0: the starting time in (0, 1], one float or one per sample (a batch may mix levels);
@@ -76,6 +81,7 @@ def edit(
         seeds: N ints in [0, 2^63), one per output (see the reproducibility contract).
         sampler: "ddpm" (the paper's VP loop; `steps` None = every step, start index + 1
             evaluations), "ddim" (deterministic for eta = 0; `steps` evaluations, default 50),
+            "dpmpp2m" (DPM-Solver++(2M), deterministic, 5-50 evaluations, default 20),
             "ve" (Alg. 1; `steps` None = round(t0 * N)).
         steps: network evaluations per round (per sample).
         masks: optional (N, 1, H, W) in {0, 1}: 1 = regenerate, 0 = keep the guide.
@@ -96,18 +102,25 @@ def edit(
     device = model.device
     guide = images.detach().to(device=device, dtype=torch.float32)
     regen = None if mask is None else mask.to(device=device, dtype=torch.float32)
-    noise = SeedNoise(seeds, tuple(images.shape[1:]), device)  # type: ignore[arg-type]
+    shape: tuple[int, int, int] = tuple(images.shape[1:])  # type: ignore[assignment]
+    threads = model.accel.noise_threads
+    noise: SeedNoise | PrefetchNoise = SeedNoise(seeds, shape, device) if threads == 0 else \
+        PrefetchNoise(seeds, shape, device, threads, model.accel.noise_depth)
     everyone = list(range(n))
     first_signal, first_sigma = _start_level(model, plans)
     signal0, sigma0 = first_signal.to(device), first_sigma.to(device)
-    for _ in range(repeats):
-        z0 = noise(everyone)
-        x = signal0 * guide + sigma0 * z0
-        after = None if regen is None else _renoise(guide, z0, regen)
-        x = _sample(model, sampler, x, plans, noise, after, eta, corrector_steps)
-        if regen is not None:
-            x = regen * x + (1 - regen) * guide
-        guide = x
+    try:
+        for _ in range(repeats):
+            z0 = noise(everyone)
+            x = signal0 * guide + sigma0 * z0
+            after = None if regen is None else _renoise(guide, z0, regen)
+            x = _sample(model, sampler, x, plans, noise, after, eta, corrector_steps)
+            if regen is not None:
+                x = regen * x + (1 - regen) * guide
+            guide = x
+    finally:
+        if isinstance(noise, PrefetchNoise):
+            noise.close()
     return guide.clamp(-1.0, 1.0).to(images.device)
 
 
@@ -119,7 +132,7 @@ def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | Non
 def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samplers.AfterStep:
     """The after_step hook of masked editing: the kept region follows the re-noised guide."""
 
-    def after(x: torch.Tensor, rows: list[int], signal: torch.Tensor,
+    def after(x: torch.Tensor, rows: slice | torch.Tensor, signal: torch.Tensor,
               sigma: torch.Tensor) -> torch.Tensor:
         known = signal.view(-1, 1, 1, 1) * guide[rows] + sigma.view(-1, 1, 1, 1) * z0[rows]
         m = regen[rows]
@@ -133,12 +146,15 @@ def _plan(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> 
     if model.kind == "vp":
         assert model.vp is not None
         start = model.vp.start_index(t0)
-        if sampler == "ddim" and steps is None:
-            steps = min(50, start + 1)
+        if sampler in DEFAULT_STEPS and steps is None:
+            steps = min(DEFAULT_STEPS[sampler], start + 1)
         if steps is not None and steps > start + 1:
             raise ValueError(
                 f"steps={steps} is too many for t0={t0}: the start index is {start}; "
                 f"allowed: 1..{start + 1}")
+        if sampler == "dpmpp2m":
+            return [float(t) for t in samplers.logsnr_timesteps(model.vp.alphas_cumprod, start,
+                                                                steps or start + 1)]
         return [float(t) for t in respace(start, steps)]
     assert model.ve is not None
     count = steps if steps is not None else max(1, round(t0 * model.ve.num_train_timesteps))
@@ -158,7 +174,7 @@ def _start_level(model: DiffusionModel, plans: list[list[float]]) -> tuple[torch
 
 
 def _sample(model: DiffusionModel, sampler: str, x: torch.Tensor, plans: list[list[float]],
-            noise: SeedNoise, after: samplers.AfterStep | None, eta: float,
+            noise: samplers.NoiseFn, after: samplers.AfterStep | None, eta: float,
             corrector_steps: int) -> torch.Tensor:
     if sampler == "ve":
         assert model.ve is not None
@@ -169,6 +185,9 @@ def _sample(model: DiffusionModel, sampler: str, x: torch.Tensor, plans: list[li
     if sampler == "ddim":
         return samplers.ddim(model.eps, x, timesteps, model.vp.alphas_cumprod, noise, eta=eta,
                              after_step=after)
+    if sampler == "dpmpp2m":
+        return samplers.dpmpp2m(model.eps, x, timesteps, model.vp.alphas_cumprod, noise,
+                                after_step=after)
     return samplers.ddpm(model.eps, x, timesteps, model.vp.alphas_cumprod, noise,
                          after_step=after)
 

@@ -15,18 +15,20 @@ Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitr
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
 import os
 import re
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from sdedit.accel import Acceleration, NetRunner
 from sdedit.schedules import VESchedule, VPSchedule
 
 logger = logging.getLogger(__name__)
@@ -49,7 +51,7 @@ class DiffusionModel:
     """A pretrained network plus the schedule it was trained with.
 
     Attributes:
-        net: a diffusers UNet2DModel in eval mode on `device` with `dtype`.
+        net: a diffusers UNet2DModel in eval mode on `device`, float32 weights.
         kind: "vp" (DDPM-style, discrete timesteps) or "ve" (score SDE, continuous sigma).
         prediction_type: "epsilon", "sample" or "v_prediction" for VP; "score" for VE.
         vp / ve: the schedule of the kind (the other is None).
@@ -57,6 +59,10 @@ class DiffusionModel:
         in_channels: C.
         downsample_factor: H and W must be multiples of this.
         source: the source string it was loaded from (no credentials).
+        device: where the network runs.
+        dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast.
+        accel: how the network runs (autocast, channels_last, compile, CUDA graphs, noise
+            threads); see `sdedit.accel`. Change it with `accelerate`.
     """
 
     net: torch.nn.Module
@@ -70,15 +76,35 @@ class DiffusionModel:
     source: str
     device: torch.device
     dtype: torch.dtype
+    accel: Acceleration = field(default_factory=Acceleration)
+    _runner: NetRunner | None = field(default=None, init=False, repr=False, compare=False)
+    _abar: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    def accelerate(self, **options: Any) -> DiffusionModel:
+        """Change `accel` in place (fields of `sdedit.accel.Acceleration`); returns self.
+
+        `autocast` also sets `dtype` (None = float32)."""
+        self.accel = dataclasses.replace(self.accel, **options)
+        self.dtype = self.accel.autocast or torch.float32
+        self._runner = None
+        return self
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """The raw network output, float32 (B, C, H, W), run as `accel` says."""
+        if self._runner is None:
+            self._runner = NetRunner(self.net, self.accel, self.device)
+        return self._runner(x, t)
 
     @torch.no_grad()
     def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T) -> float32."""
-        out = self.net(x.to(self.dtype), t).sample.float()
+        out = self.forward(x, t)
         if self.prediction_type == "epsilon":
             return out
         assert self.vp is not None
-        abar = self.vp.alphas_cumprod.to(x.device, torch.float32)[t].view(-1, 1, 1, 1)
+        if self._abar is None or self._abar.device != x.device:
+            self._abar = self.vp.alphas_cumprod.to(x.device, torch.float32)
+        abar = self._abar[t].view(-1, 1, 1, 1)
         if self.prediction_type == "sample":
             return (x - abar.sqrt() * out) / (1 - abar).sqrt()
         return abar.sqrt() * out + (1 - abar).sqrt() * x  # v_prediction
@@ -86,7 +112,7 @@ class DiffusionModel:
     @torch.no_grad()
     def score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
         """VE score s(x, sigma) = grad log p_sigma(x). x: float32 (B, C, H, W); sigma: (B,)."""
-        return self.net(x.to(self.dtype), sigma.to(self.dtype)).sample.float()
+        return self.forward(x, sigma.float())
 
 
 def load_model(
@@ -96,15 +122,18 @@ def load_model(
     *,
     cache_dir: str | os.PathLike[str] | None = None,
     storage_options: dict[str, Any] | None = None,
+    accel: Acceleration | None = None,
 ) -> DiffusionModel:
     """Load a diffusers UNet2DModel and its scheduler config as a `DiffusionModel`.
 
     Args:
         source: a local directory, a hub id ("google/ddpm-ema-bedroom-256"), or an fsspec URL
             ("s3://bucket/models/bedroom", "memory://m") to a directory in either layout.
-        device, dtype: where and in what precision the network runs (sampling stays float32).
+        device, dtype: where and in what precision the network runs (sampling stays float32;
+            bfloat16 / float16 run the network under autocast with float32 weights).
         cache_dir: where URL sources are copied (default ~/.cache/sdedit-batch/models).
         storage_options: fsspec options for URL sources (endpoint, credentials).
+        accel: the fast-path options; default `Acceleration.default(device, dtype)`.
     Raises:
         ModelSourceError (a ValueError) naming the source and what is wrong.
     """
@@ -116,15 +145,18 @@ def load_model(
     net = _build_net(unet_dir, config, text)
     kind, prediction, vp, ve = _schedule(scheduler, config, text)
     net = net.to(device=torch.device(device)).eval().requires_grad_(False)
-    if dtype != torch.float32:
-        net = net.to(dtype=dtype)
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise ValueError(f"dtype={dtype!r} is not allowed; allowed: torch.float32, "
+                         "torch.bfloat16, torch.float16")
+    half = dtype if dtype != torch.float32 else None
+    accel = dataclasses.replace(accel or Acceleration.default(device, dtype), autocast=half)
     size = config.get("sample_size", 256)
     sample_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     model = DiffusionModel(
         net=net, kind=kind, prediction_type=prediction, vp=vp, ve=ve, sample_size=sample_size,
         in_channels=int(config.get("in_channels", 3)),
         downsample_factor=2 ** (len(config.get("down_block_types", ())) - 1),
-        source=text, device=torch.device(device), dtype=dtype,
+        source=text, device=torch.device(device), dtype=dtype, accel=accel,
     )
     logger.info("loaded %s model %s (%s, %s) on %s", kind.upper(), text, prediction,
                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params", device)

@@ -12,24 +12,48 @@ Conventions:
         the samples that take that step (this is what makes outputs batch-independent).
     after_step(x_rows, rows, signal, sigma): optional hook run after every step with the
         scale of the state the step produced, x ~ signal * x0 + sigma * z (signal, sigma: (B,)
-        float32); masked editing uses it to re-noise the kept region. The last step has
-        signal = 1, sigma = 0.
+        float32); rows selects the stepped samples of a full-batch tensor (a slice, or an int64
+        index tensor on x's device). Masked editing uses it to re-noise the kept region. The
+        last step has signal = 1, sigma = 0.
+
+The step loop never synchronises with the device: which samples step and draw noise is decided
+from CPU tables before the loop, and every index tensor the loop needs is built then too.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import torch
 
 from sdedit.schedules import VESchedule
 
-__all__ = ["Denoiser", "NoiseFn", "ddim", "ddpm", "ve"]
+__all__ = ["Denoiser", "NoiseFn", "ddim", "ddpm", "dpmpp2m", "logsnr_timesteps", "ve"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 """(x (B, C, H, W) float32, t (B,)) -> (B, C, H, W) float32: eps for VP, the score for VE."""
 NoiseFn = Callable[[list[int]], torch.Tensor]
-AfterStep = Callable[[torch.Tensor, list[int], torch.Tensor, torch.Tensor], torch.Tensor]
+AfterStep = Callable[[torch.Tensor, slice | torch.Tensor, torch.Tensor, torch.Tensor],
+                     torch.Tensor]
+
+
+class Rows(NamedTuple):
+    """The samples taking one aligned step: `select` indexes device tensors (a slice for the
+    whole batch, else an int64 index tensor on the device), `ids` lists them for the noise."""
+
+    select: slice | torch.Tensor
+    ids: list[int]
+
+
+class _Step(NamedTuple):
+    k: int
+    rows: Rows
+    draw: list[int]                # the rows' sample ids that add noise at this step
+    where: torch.Tensor | None     # their positions among rows (None = all of them)
+
+
+StepFn = Callable[[torch.Tensor, Rows, int, dict[str, torch.Tensor]], torch.Tensor]
 
 
 def _align(sequences: Sequence[Sequence[float]], pad: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -44,11 +68,27 @@ def _align(sequences: Sequence[Sequence[float]], pad: float) -> tuple[torch.Tens
     return grid, active
 
 
+def _schedule(active: torch.Tensor, noisy: torch.Tensor, device: torch.device) -> list[_Step]:
+    """Per aligned step with any active sample: its rows and noise draws, built before the loop."""
+    plan = []
+    n = active.shape[0]
+    for k in range(active.shape[1]):
+        ids = active[:, k].nonzero().flatten().tolist()
+        if not ids:
+            continue
+        select = slice(None) if len(ids) == n else torch.tensor(ids, device=device)
+        draw = [i for i in ids if noisy[i, k]]
+        where = None if len(draw) == len(ids) else \
+            torch.tensor([ids.index(i) for i in draw], device=device)
+        plan.append(_Step(k, Rows(select, ids), draw, where))
+    return plan
+
+
 def _run(
     x: torch.Tensor,
     active: torch.Tensor,
     tables: dict[str, torch.Tensor],
-    step: Callable[[torch.Tensor, slice | list[int], int, dict[str, torch.Tensor]], torch.Tensor],
+    step: StepFn,
     noisy: torch.Tensor,
     noise: NoiseFn,
     after_step: AfterStep | None,
@@ -56,29 +96,26 @@ def _run(
     """Drive `step` over the aligned grid: gather active rows, step, add noise, re-noise, scatter.
 
     tables: (N, K) float64 CPU tables; moved once to x's device as float32. `signal` and `sigma`
-    describe the state after each step (used by after_step).
+    describe the state after each step (used by after_step). active, noisy: (N, K) bool, CPU.
     """
     dev = {name: t.to(device=x.device, dtype=torch.float32) for name, t in tables.items()}
     x = x.clone()
-    n = x.shape[0]
-    for k in range(active.shape[1]):
-        idx = active[:, k].nonzero().flatten().tolist()
-        if not idx:
-            continue
-        rows: slice | list[int] = slice(None) if len(idx) == n else idx
-        cols = {name: t[rows, k].view(-1, 1, 1, 1) for name, t in dev.items()}
-        x_rows = step(x[rows], rows, k, cols)
-        draw = [i for i in idx if noisy[i, k]]
+    for k, rows, draw, where in _schedule(active, noisy, x.device):
+        cols = {name: t[rows.select, k].view(-1, 1, 1, 1) for name, t in dev.items()}
+        x_rows = step(x[rows.select], rows, k, cols)
         if draw:
             z = noise(draw)
-            if len(draw) == len(idx):
+            if where is None:
                 x_rows = x_rows + cols["std"] * z
             else:
-                where = [idx.index(i) for i in draw]
                 x_rows[where] = x_rows[where] + cols["std"][where] * z
         if after_step is not None:
-            x_rows = after_step(x_rows, idx, cols["signal"].flatten(), cols["sigma"].flatten())
-        x[rows] = x_rows
+            x_rows = after_step(x_rows, rows.select, cols["signal"].flatten(),
+                                cols["sigma"].flatten())
+        if isinstance(rows.select, slice):
+            x = x_rows
+        else:
+            x[rows.select] = x_rows
     return x
 
 
@@ -111,9 +148,8 @@ def _vp_loop(
     """x_s = coef_x * x_t + coef_eps * eps(x_t, t) + std * z, for all VP samplers."""
     t_dev = t.to(x.device)
 
-    def step(x_rows: torch.Tensor, rows: slice | list[int], k: int,
-             c: dict[str, torch.Tensor]) -> torch.Tensor:
-        eps = eps_fn(x_rows, t_dev[rows, k])
+    def step(x_rows: torch.Tensor, rows: Rows, k: int, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        eps = eps_fn(x_rows, t_dev[rows.select, k])
         return c["coef_x"] * x_rows + c["coef_eps"] * eps
 
     tables = {"coef_x": coef_x, "coef_eps": coef_eps, "std": std,
@@ -184,6 +220,88 @@ def ddim(
     return _vp_loop(eps_fn, x, t, active, coef_x, coef_eps, sigma, a_s, noise, after_step)
 
 
+def logsnr_timesteps(alphas_cumprod: torch.Tensor, start: int, steps: int) -> list[int]:
+    """`steps` distinct descending indices from `start` to 0, about uniform in lambda = log-SNR/2.
+
+    The spacing of Lu et al. (2022) for few-step solvers: index-uniform steps leave one huge
+    final step in lambda, which a multistep method extrapolates badly. Each index is the one
+    whose lambda is nearest its uniform target, then pushed down so the list stays distinct.
+
+    Args:
+        alphas_cumprod: (T,) float64. start: the first index. steps: in 1..start + 1.
+    """
+    if not 1 <= steps <= start + 1:
+        raise ValueError(f"steps={steps!r} is out of range for start index {start}; "
+                         f"allowed: 1..{start + 1}")
+    if steps == 1:
+        return [start]
+    abar = alphas_cumprod[: start + 1].double()
+    lam = 0.5 * torch.log(abar / (1.0 - abar))                  # increasing as the index falls
+    targets = torch.linspace(float(lam[start]), float(lam[0]), steps, dtype=torch.float64)
+    nearest = (lam[None, :] - targets[:, None]).abs().argmin(dim=1).tolist()
+    out = [start]
+    for i in range(1, steps):
+        out.append(max(min(nearest[i], out[-1] - 1), steps - 1 - i))
+    return out
+
+
+def dpmpp2m(
+    eps_fn: Denoiser,
+    x: torch.Tensor,
+    timesteps: Sequence[Sequence[int]],
+    alphas_cumprod: torch.Tensor,
+    noise: NoiseFn,
+    *,
+    after_step: AfterStep | None = None,
+) -> torch.Tensor:
+    """DPM-Solver++(2M) (Lu et al., 2022, arXiv 2211.01095, Alg. 2): multistep, second order,
+    data prediction, for the probability-flow ODE; started at each sample's own t0.
+
+    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
+    h = lambda_s - lambda_t and x0_t = (x_t - sigma_t eps) / alpha_t, one step t -> s is
+    x_s = sigma_s / sigma_t x_t + alpha_s (1 - e^-h) D, D = (1 + 1/2r) x0_t - 1/2r x0_prev,
+    r = h_prev / h. A sample's first step and its last step (to clean data, sigma_s = 0, where
+    it returns x0_t) are first order (= DDIM). Deterministic: it draws no noise.
+
+    Args:
+        timesteps: per sample, descending indices ending at 0; best spaced uniformly in lambda
+            (`logsnr_timesteps`, what `edit` uses).
+        alphas_cumprod: (T,) float64.
+    Returns:
+        float32 (N, C, H, W) (not clamped).
+    """
+    t, a_t, a_s, active = _vp_tables(timesteps, alphas_cumprod)
+    a_t = torch.where(active, a_t, 0.5)                  # padding: any finite level
+    final = active & (a_s >= 1.0)
+    a_s = torch.where(active & ~final, a_s, 0.5)
+    alpha_t, sigma_t = a_t.sqrt(), (1.0 - a_t).sqrt()
+    alpha_s, sigma_s = a_s.sqrt(), (1.0 - a_s).sqrt()
+    h = torch.log(alpha_s / sigma_s) - torch.log(alpha_t / sigma_t)
+    h_prev = torch.cat([torch.ones_like(h[:, :1]), h[:, :-1]], dim=1)
+    first = active & ~torch.cat([torch.zeros_like(active[:, :1]), active[:, :-1]], dim=1)
+    w_prev = torch.where(active & ~first & ~final, -h / (2.0 * h_prev), 0.0)   # -1 / 2r
+    coef_x = torch.where(final, 0.0, sigma_s / sigma_t)
+    coef_d = torch.where(final, 1.0, alpha_s * -torch.expm1(-h))
+    zero = torch.zeros_like(h)
+    tables = {"inv_a": 1.0 / alpha_t, "s_a": sigma_t / alpha_t, "coef_x": coef_x,
+              "cur": coef_d * (1.0 - w_prev), "prev": coef_d * w_prev, "std": zero,
+              "signal": torch.where(final, 1.0, alpha_s), "sigma": torch.where(final, 0.0, sigma_s)}
+    tables = {name: torch.where(active, v, 0.0) for name, v in tables.items()}
+    t_dev = t.to(x.device)
+    state = {"x0": torch.zeros_like(x)}                   # each sample's previous x0 estimate
+
+    def step(x_rows: torch.Tensor, rows: Rows, k: int, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        x0 = c["inv_a"] * x_rows - c["s_a"] * eps_fn(x_rows, t_dev[rows.select, k])
+        out = c["coef_x"] * x_rows + c["cur"] * x0 + c["prev"] * state["x0"][rows.select]
+        if isinstance(rows.select, slice):
+            state["x0"] = x0
+        else:
+            state["x0"][rows.select] = x0
+        return out
+
+    return _run(x, active, tables, step, torch.zeros_like(active), noise, after_step)
+
+
 def ve(
     score_fn: Denoiser,
     x: torch.Tensor,
@@ -222,13 +340,11 @@ def ve(
     std = torch.where(last, 0.0, eps2.clamp(min=0).sqrt())
     sig_dev = sig_t.to(device=x.device, dtype=torch.float32)
 
-    def step(x_rows: torch.Tensor, rows: slice | list[int], k: int,
-             c: dict[str, torch.Tensor]) -> torch.Tensor:
-        sigma = sig_dev[rows, k]
-        index = list(range(x.shape[0])) if isinstance(rows, slice) else rows
+    def step(x_rows: torch.Tensor, rows: Rows, k: int, c: dict[str, torch.Tensor]) -> torch.Tensor:
+        sigma = sig_dev[rows.select, k]
         for _ in range(corrector_steps):
             grad = score_fn(x_rows, sigma)
-            z = noise(index)
+            z = noise(rows.ids)
             ratio = z.flatten(1).norm(dim=1) / grad.flatten(1).norm(dim=1).clamp(min=1e-12)
             size = (2 * (snr * ratio) ** 2).view(-1, 1, 1, 1)
             x_rows = x_rows + size * grad + (2 * size).sqrt() * z

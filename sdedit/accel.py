@@ -1,0 +1,237 @@
+"""The GPU fast path: how the network runs and how noise reaches the device.
+
+`Acceleration` is a frozen set of options attached to a `DiffusionModel`; `NetRunner` applies
+them to the network call and `PrefetchNoise` draws the per-sample noise of the reproducibility
+contract ahead of time in background threads. Every option is safe on the CPU: CUDA-only options
+(CUDA graphs, pinned transfers) are no-ops there, so the same settings run everywhere.
+
+Sampler arithmetic always stays float32; only the network runs under autocast.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections import deque
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Acceleration", "NetRunner", "PrefetchNoise"]
+
+MAX_GRAPHS = 8
+"""CUDA graphs kept per runner (one per input shape); further shapes run eagerly."""
+
+
+@dataclass(frozen=True)
+class Acceleration:
+    """How the network runs.
+
+    Attributes:
+        autocast: torch.bfloat16 / torch.float16 to run the network under autocast (weights stay
+            float32, sampler arithmetic stays float32), or None for float32.
+        channels_last: NHWC memory format for the network (faster convolutions on tensor cores).
+        compile: wrap the network in `torch.compile` (compiled on the first call of each shape).
+        compile_backend, compile_mode: passed to torch.compile (the mode only with inductor).
+        cuda_graphs: capture one CUDA graph per input shape and replay it (CUDA only; a no-op
+            on other devices). With `compile`, inductor's own CUDA graphs are used instead
+            (mode "reduce-overhead").
+        noise_threads: background threads drawing per-sample noise ahead of the step loop into
+            pinned buffers; 0 draws inline. Outputs are bit-identical either way.
+        noise_depth: draws kept ready per sample.
+    """
+
+    autocast: torch.dtype | None = None
+    channels_last: bool = False
+    compile: bool = False
+    compile_backend: str = "inductor"
+    compile_mode: str | None = None
+    cuda_graphs: bool = False
+    noise_threads: int = 0
+    noise_depth: int = 2
+
+    def __post_init__(self) -> None:
+        if self.autocast not in (None, torch.bfloat16, torch.float16):
+            raise ValueError(f"autocast={self.autocast!r} is not allowed; allowed: None, "
+                             "torch.bfloat16, torch.float16")
+        if self.noise_threads < 0 or self.noise_depth < 1:
+            raise ValueError(f"noise_threads={self.noise_threads}, noise_depth="
+                             f"{self.noise_depth}; allowed: noise_threads >= 0, noise_depth >= 1")
+
+    @classmethod
+    def default(cls, device: torch.device | str, dtype: torch.dtype) -> Acceleration:
+        """What helps on `device`: autocast for a half `dtype`; on CUDA also channels_last and
+        background noise threads (the CPU cannot draw 256 px noise as fast as a GPU denoises).
+        torch.compile and CUDA graphs stay opt-in (their warm-up costs seconds to minutes)."""
+        device = torch.device(device)
+        half = dtype if dtype in (torch.bfloat16, torch.float16) else None
+        if device.type != "cuda":
+            return cls(autocast=half)
+        return cls(autocast=half, channels_last=True, noise_threads=default_noise_threads())
+
+
+def default_noise_threads() -> int:
+    """Threads for noise on a GPU machine: up to 8, leaving two cores to the driver thread."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(8, (cpus or 1) - 2))
+
+
+class NetRunner:
+    """Calls a diffusers-style network (`net(x, t).sample`) with the options of `accel`.
+
+    Args:
+        net: the network in eval mode on `device`, float32 weights.
+        accel: the options.
+        device: where the network lives.
+    """
+
+    def __init__(self, net: torch.nn.Module, accel: Acceleration, device: torch.device) -> None:
+        self.accel = accel
+        self.device = device
+        self.graphs = accel.cuda_graphs and device.type == "cuda"
+        if accel.cuda_graphs and not self.graphs:
+            logger.info("cuda_graphs requested on %s: ignored (CUDA only)", device)
+        layout = torch.channels_last if accel.channels_last else torch.contiguous_format
+        net = net.to(memory_format=layout)
+        self.module: Any = net
+        if accel.compile:
+            mode = accel.compile_mode
+            if self.graphs:
+                mode, self.graphs = "reduce-overhead", False
+            options: dict[str, Any] = {"backend": accel.compile_backend}
+            if accel.compile_backend == "inductor" and mode is not None:
+                options["mode"] = mode
+            self.module = torch.compile(net, **options)
+        self._captured: dict[tuple[Any, ...], tuple[torch.Tensor, ...] | Any] = {}
+        self._pool: Any = None
+        self._stream: Any = None
+
+    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        """x: float32 (B, C, H, W); t: (B,) timesteps or sigmas -> float32 (B, C, H, W),
+        contiguous, owned by the caller."""
+        if self.graphs:
+            return self._replay(x, t)
+        return self._forward(x, t, cache=True)
+
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cache: bool) -> torch.Tensor:
+        if self.accel.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        half = self.accel.autocast
+        with torch.autocast(self.device.type, dtype=half or torch.bfloat16,
+                            enabled=half is not None, cache_enabled=cache):
+            out = self.module(x, t).sample
+        return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
+
+    def _replay(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        key = (tuple(x.shape), t.dtype, tuple(t.shape))
+        entry = self._captured.get(key)
+        if entry is None:
+            if len(self._captured) >= MAX_GRAPHS:
+                return self._forward(x, t, cache=True)
+            entry = self._capture(x, t)
+            self._captured[key] = entry
+        static_x, static_t, static_out, graph = entry
+        static_x.copy_(x)
+        static_t.copy_(t)
+        graph.replay()
+        return static_out.clone()
+
+    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, ...]:
+        """Warm up on a side stream, then capture one forward (same stream, shared pool)."""
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+            self._stream = torch.cuda.Stream(self.device)
+        static_x, static_t = x.clone(), t.clone()
+        self._stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(self._stream):
+            for _ in range(3):
+                self._forward(static_x, static_t, cache=False)
+        torch.cuda.current_stream(self.device).wait_stream(self._stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: the noise threads may allocate pinned memory meanwhile
+        with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
+                              capture_error_mode="thread_local"):
+            static_out = self._forward(static_x, static_t, cache=False)
+        logger.info("captured a CUDA graph for input %s", tuple(x.shape))
+        return static_x, static_t, static_out, graph
+
+
+class PrefetchNoise:
+    """Per-sample noise of the reproducibility contract, drawn ahead by background threads.
+
+    Each sample's generator is only ever advanced by one thread at a time, under that sample's
+    lock, and its draws are queued in generator order; a call pops the next queued draw of each
+    listed sample. So the values are exactly those of `SeedNoise` (bit-identical outputs), while
+    drawing overlaps the network's forward passes. `torch.randn` releases the GIL; samples are
+    drawn in parallel. Draws prefetched but never used are discarded by `close()`.
+
+    Args:
+        seeds: one int in [0, 2^63) per sample.
+        shape: (C, H, W) of one draw.
+        device: where draws are delivered (from pinned memory, non-blocking, on CUDA).
+        threads: background threads (>= 1).
+        depth: draws kept ready per sample (>= 1).
+    """
+
+    def __init__(self, seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device,
+                 threads: int, depth: int = 2) -> None:
+        self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        self.shape = shape
+        self.device = device
+        self.pin = device.type == "cuda"
+        self.locks = [threading.Lock() for _ in seeds]
+        self.ready: list[deque[torch.Tensor]] = [deque() for _ in seeds]
+        self.changed = threading.Condition()
+        self.error: BaseException | None = None
+        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sdedit-noise")
+        for i in range(len(seeds)):
+            for _ in range(depth):
+                self.pool.submit(self._draw, i)
+
+    def _draw(self, i: int) -> None:
+        try:
+            with self.locks[i]:
+                buffer = torch.empty(self.shape, pin_memory=self.pin)
+                torch.randn(self.shape, generator=self.generators[i], out=buffer)
+                with self.changed:
+                    self.ready[i].append(buffer)
+                    self.changed.notify_all()
+        except BaseException as exc:  # surfaced to the caller by __call__
+            with self.changed:
+                self.error = exc
+                self.changed.notify_all()
+
+    def __call__(self, rows: list[int]) -> torch.Tensor:
+        """float32 (len(rows), C, H, W) on the device: the next draw of each listed sample."""
+        draws = []
+        with self.changed:
+            for i in rows:
+                while not self.ready[i]:
+                    if self.error is not None:
+                        raise RuntimeError("noise prefetch thread failed") from self.error
+                    self.changed.wait()
+                draws.append(self.ready[i].popleft())
+        for i in rows:
+            self.pool.submit(self._draw, i)
+        if not self.pin:
+            return torch.stack(draws).to(self.device)
+        out = torch.empty((len(rows), *self.shape), device=self.device)
+        for j, draw in enumerate(draws):
+            out[j].copy_(draw, non_blocking=True)
+        return out
+
+    def close(self) -> None:
+        """Stop the threads and drop unused draws."""
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> PrefetchNoise:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
