@@ -220,7 +220,11 @@ def submit_cmd(job: str, address: str | None, overrides: tuple[str, ...], wait: 
               help="Images per shard.")
 @click.option("--seed", default=0, show_default=True, type=int,
               help="Random seed; the same seed gives byte-identical shards.")
-def demo_data_cmd(out: str, n: int, size: int, shard_size: int, seed: int) -> None:
+@click.option("--strokes", is_flag=True,
+              help="Write SDEdit inputs: {key}.png = simulated stroke painting of the room, "
+                   "{key}.target.png = the room (as in the paper's evaluation).")
+def demo_data_cmd(out: str, n: int, size: int, shard_size: int, seed: int,
+                  strokes: bool) -> None:
     """Write the built-in procedural "rooms" domain as WebDataset shards.
 
     Tiny bedroom-like scenes (walls in perspective, a wooden floor, a bed, a window, a lamp)
@@ -235,7 +239,8 @@ def demo_data_cmd(out: str, n: int, size: int, shard_size: int, seed: int) -> No
     from pipeline.errors import PipelineError
 
     try:
-        urls = write_demo_data(out, n, size=size, shard_size=shard_size, seed=seed)
+        urls = write_demo_data(out, n, size=size, shard_size=shard_size, seed=seed,
+                               strokes=strokes)
     except PipelineError as e:
         click.echo(f"error: {e}", err=True)
         raise SystemExit(e.exit_code) from e
