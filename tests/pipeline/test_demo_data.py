@@ -92,3 +92,23 @@ def test_cli_demo_data(tmp_path: Path) -> None:
     assert sorted(p.name for p in out.iterdir()) == ["rooms-000000.tar", "rooms-000001.tar"]
     bad = CliRunner().invoke(main, ["demo-data", "--out", str(out), "--n", "0"])
     assert bad.exit_code == 2 and "--n" in bad.output
+
+
+def test_strokes_option_writes_guides_and_targets(tmp_path):
+    import io
+
+    import numpy as np
+    import webdataset as wds
+    from PIL import Image
+
+    from pipeline.demo_data import write_demo_data
+
+    (url,) = write_demo_data(str(tmp_path / "s"), 3, size=32, seed=5, strokes=True)
+    samples = list(wds.WebDataset([url], shardshuffle=False))
+    assert [s["__key__"] for s in samples] == ["room_0000000", "room_0000001", "room_0000002"]
+    for s in samples:
+        guide = np.asarray(Image.open(io.BytesIO(s["png"])).convert("RGB"))
+        target = np.asarray(Image.open(io.BytesIO(s["target.png"])).convert("RGB"))
+        assert guide.shape == target.shape == (32, 32, 3)
+        assert len(np.unique(guide.reshape(-1, 3), axis=0)) <= 6  # a 6-colour stroke painting
+        assert len(np.unique(target.reshape(-1, 3), axis=0)) > 6
