@@ -27,6 +27,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import SpecError
+from pipeline.storage import redact
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +41,6 @@ NUM_TRAIN_STEPS = 1000
 """VP discretisation used for the cross-field check: t0 starts at round(t0 * 1000) steps."""
 
 FINGERPRINT_VERSION = 1
-_SECRET_WORDS = ("key", "secret", "token", "password", "passwd", "credential")
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
 _EXT_RE = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
 _FREE = "*"  # schema marker: a free-form mapping (storage options)
@@ -144,16 +144,6 @@ class JobSpec:
         """sha256 hex digest of the canonical JSON of `output_affecting()`."""
         canonical = json.dumps(self.output_affecting(), sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
-
-
-def redact(options: Any) -> Any:
-    """Copy of a storage-options mapping with secret-looking values replaced by "***"."""
-    if isinstance(options, Mapping):
-        return {k: "***" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-                for k, v in options.items()}
-    if isinstance(options, (list, tuple)):
-        return [redact(v) for v in options]
-    return options
 
 
 # ---------------------------------------------------------------- YAML reading
