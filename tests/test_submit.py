@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from pipeline.submit import submission_status
-from tests.support.rayhead import RayHeadInfo, kill_session, ray_auth_env
+from tests.support.rayhead import RayHeadInfo, ray_auth_env, run_cli_in_session
 from tests.support.shards import write_shards
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -34,14 +34,7 @@ def _cli(args: list[str], info: RayHeadInfo, timeout: float,
     env.update(info.env)
     if token is not None:
         env["RAY_AUTH_TOKEN"] = token
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        kill_session(proc.pid, grace=0.5, leader=proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return run_cli_in_session(args, env, timeout)
 
 
 @pytest.mark.timeout(400)

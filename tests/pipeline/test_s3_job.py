@@ -19,7 +19,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -38,7 +37,7 @@ from pipeline.spec import JobSpec, parse_spec
 from pipeline.status import job_status
 from pipeline.worker import DELAY_HOOK
 from tests.support.fixtures import S3Bucket
-from tests.support.rayhead import kill_session, pids_mentioning
+from tests.support.rayhead import pids_mentioning, run_cli_in_session
 from tests.support.seaweed import SeaweedS3
 from tests.support.shards import write_shards
 
@@ -297,14 +296,7 @@ def _cli_env(bucket: S3Bucket, ray_tmp: Path, readonly: bool = False) -> dict[st
 def _run_cli(args: list[str], env: dict[str, str], ray_tmp: Path,
              timeout: float = 300) -> subprocess.CompletedProcess[str]:
     """`python -m pipeline.cli ARGS` in its own session; everything it started is ended."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        kill_session(proc.pid, grace=0.5, also=pids_mentioning(str(ray_tmp)), leader=proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)
+    return run_cli_in_session(args, env, timeout, also=pids_mentioning(str(ray_tmp)))
 
 
 def _write_job(path: Path, spec: dict[str, Any]) -> str:
