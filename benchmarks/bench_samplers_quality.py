@@ -32,7 +32,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.demo_data import render_room  # noqa: E402
+from pipeline.tools.demo_data import render_room  # noqa: E402
 from sdedit import DiffusionModel, edit, load_model  # noqa: E402
 from sdedit.accel import Acceleration  # noqa: E402
 from sdedit.schedules import VPSchedule  # noqa: E402

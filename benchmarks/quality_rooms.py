@@ -26,7 +26,7 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.demo_data import render_room
+from pipeline.tools.demo_data import render_room
 from sdedit import edit, load_model
 from sdedit.strokes import simulate_strokes
 

@@ -1,19 +1,37 @@
 """The `sdedit-batch` command line: parses arguments, calls the library, prints results.
 
-This is the only module that imports click. Subcommands are thin: they validate arguments,
-call a function in `pipeline/` and turn `PipelineError` into a clean message and exit code.
+The run path's commands live here (validate, run, status, submit); the side tools' commands
+(demo-data, prepare, preview, train, bench) in `pipeline/tools/cli.py`. These two modules are
+the only ones that import click. Commands are thin: they parse, call one function of
+`pipeline/` and print; every `PipelineError` becomes one "error: ..." line and its exit code in
+`_Group.invoke`, the one error handler.
 """
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import click
 
 from pipeline import __version__
+from pipeline.errors import PipelineError
+from pipeline.tools.cli import TOOL_COMMANDS
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class _Group(click.Group):
+    """The command group; turns a `PipelineError` of any command into its message and exit code
+    (2 = bad job or storage refused, 1 = some shard failed)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except PipelineError as e:
+            click.echo(f"error: {e}", err=True)
+            ctx.exit(e.exit_code)
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(__version__, prog_name="sdedit-batch")
 @click.option("-v", "--verbose", count=True, help="More log output (-v info, -vv debug).")
 def main(verbose: int) -> None:
@@ -28,7 +46,7 @@ def main(verbose: int) -> None:
     """
     level = logging.WARNING - 10 * min(verbose, 2)
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from pipeline.storage import SecretFilter
+    from pipeline.redaction import SecretFilter
 
     for handler in logging.getLogger().handlers:  # credentials never reach a log line
         handler.addFilter(SecretFilter())
@@ -56,17 +74,12 @@ def validate_cmd(job: str, overrides: tuple[str, ...]) -> None:
     """
     import yaml
 
-    from pipeline.errors import PipelineError
     from pipeline.shards import expand_shards, plan_pending
     from pipeline.spec import load_spec
 
-    try:
-        spec = load_spec(job, overrides)
-        shards = expand_shards(spec.input.shards, spec.input.storage_options)
-        pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
+    spec = load_spec(job, overrides)
+    shards = expand_shards(spec.input.shards, spec.input.storage_options)
+    pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
     click.echo(yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip())
     click.echo(f"# fingerprint: {spec.fingerprint()}")
     click.echo(f"# input shards: {len(shards)} ({len(done)} done, {len(pending)} pending)")
@@ -98,17 +111,12 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
       sdedit-batch run jobs/quickstart.yaml
       sdedit-batch run jobs/sketch2bedroom.yaml --address auto --set compute.actors.max=8
     """
-    from pipeline.errors import PipelineError
     from pipeline.runner import run_job
     from pipeline.spec import load_spec
 
-    try:
-        spec = load_spec(job, overrides)
-        summary = run_job(spec, address=address, limit_shards=limit_shards,
-                          overwrite=overwrite, progress=progress)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
+    spec = load_spec(job, overrides)
+    summary = run_job(spec, address=address, limit_shards=limit_shards, overwrite=overwrite,
+                      progress=progress)
     if summary.shards_done == 0 and not summary.failed:
         click.echo(f"nothing to do: all {summary.shards_already_done} of "
                    f"{summary.shards_total} shards are already done (no model work); "
@@ -138,21 +146,16 @@ def status_cmd(target: str, address: str | None) -> None:
     `sdedit-batch submit` (raysubmit_...) with --address (default RAY_API_SERVER_ADDRESS): the
     cluster's view of the submission, then the shard counts of its output if reachable.
     """
-    from pipeline.errors import PipelineError
     from pipeline.status import job_status
     from pipeline.submit import describe, is_submission_id, submission_status
 
-    try:
-        if address is not None or is_submission_id(target):
-            sub = submission_status(address, target)
-            click.echo("\n".join(describe(sub)))
-            if sub.output is None:
-                return
-            target = sub.output
-        st = job_status(target)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
+    if address is not None or is_submission_id(target):
+        sub = submission_status(address, target)
+        click.echo("\n".join(describe(sub)))
+        if sub.output is None:
+            return
+        target = sub.output
+    st = job_status(target)
     total = "?" if st.shards_total is None else st.shards_total
     pending = "?" if st.pending is None else st.pending
     click.echo(f"job {st.name} at {st.output}")
@@ -187,333 +190,25 @@ def submit_cmd(job: str, address: str | None, overrides: tuple[str, ...], wait: 
       sdedit-batch submit jobs/sketch2bedroom.yaml --no-wait --set compute.actors.max=8
       sdedit-batch status raysubmit_XXXX --address http://127.0.0.1:8265
     """
-    from pipeline.errors import PipelineError
     from pipeline.submit import follow, submit
 
-    sid = None
+    sid, spec = submit(job, address, overrides)
+    if not wait:
+        click.echo(sid)
+        return
+    click.echo(f"submitted {spec.name} as {sid}", err=True)
     try:
-        sid, spec = submit(job, address, overrides)
-        if not wait:
-            click.echo(sid)
-            return
-        click.echo(f"submitted {spec.name} as {sid}", err=True)
         final = follow(address, sid, lambda text: click.echo(text, nl=False))
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
     except KeyboardInterrupt:
-        if sid is not None:
-            click.echo(f"\nstopped following; {sid} keeps running: "
-                       f"sdedit-batch status {sid} --address ...", err=True)
+        click.echo(f"\nstopped following; {sid} keeps running: "
+                   f"sdedit-batch status {sid} --address ...", err=True)
         raise SystemExit(130) from None
     click.echo(f"submission {sid}: {final.status} (exit code {final.exit_code})", err=True)
     raise SystemExit(final.exit_code)
 
 
-@main.command("demo-data")
-@click.option("--out", required=True, metavar="URL",
-              help="Folder (any fsspec URL: local path, s3://, gs://, ...) for the shards.")
-@click.option("--n", "n", required=True, type=click.IntRange(min=1), help="Number of images.")
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=8),
-              help="Image width and height in pixels.")
-@click.option("--shard-size", default=256, show_default=True, type=click.IntRange(min=1),
-              help="Images per shard.")
-@click.option("--seed", default=0, show_default=True, type=int,
-              help="Random seed; the same seed gives byte-identical shards.")
-@click.option("--strokes", is_flag=True,
-              help="Write SDEdit inputs: {key}.png = simulated stroke painting of the room, "
-                   "{key}.target.png = the room (as in the paper's evaluation).")
-def demo_data_cmd(out: str, n: int, size: int, shard_size: int, seed: int,
-                  strokes: bool) -> None:
-    """Write the built-in procedural "rooms" domain as WebDataset shards.
-
-    Tiny bedroom-like scenes (walls in perspective, a wooden floor, a bed, a window, a lamp)
-    with random colours and layout, written as OUT/rooms-000000.tar, ... with members
-    `room_0000123.png`. Use them to train a demo model (`sdedit-batch train`) or as guides.
-
-    \b
-    Example:
-      sdedit-batch demo-data --out data/rooms --n 4096
-    """
-    from pipeline.demo_data import write_demo_data
-    from pipeline.errors import PipelineError
-
-    try:
-        urls = write_demo_data(out, n, size=size, shard_size=shard_size, seed=seed,
-                               strokes=strokes)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
-    click.echo(f"wrote {n} images in {len(urls)} shard(s) to {out}")
-
-
-def _storage_options(text: str | None) -> dict | None:
-    """Parse a --storage-options JSON object (fsspec keyword arguments), or None."""
-    import json
-
-    if text is None:
-        return None
-    try:
-        options = json.loads(text)
-    except json.JSONDecodeError as e:
-        raise click.BadParameter(f"not valid JSON: {e}", param_hint="--storage-options") from e
-    if not isinstance(options, dict):
-        raise click.BadParameter("must be a JSON object", param_hint="--storage-options")
-    return options
-
-
-_STORAGE_OPTIONS_HELP = (
-    'fsspec options as a JSON object, e.g. \'{"client_kwargs": {"endpoint_url": '
-    '"http://127.0.0.1:8333"}}\' for an S3-compatible server.'
-)
-
-
-@main.command("prepare")
-@click.argument("sources", nargs=-1, required=True, metavar="SRC...")
-@click.option("--out", required=True, metavar="URL",
-              help="Folder for the shards (local path or fsspec URL: s3://, gs://, ...); "
-                   "shards are named shard-000000.tar, ...")
-@click.option("--shard-size", default=1000, show_default=True, type=click.IntRange(min=1),
-              help="Images per shard.")
-@click.option("--size", default=256, show_default=True, type=click.IntRange(min=8),
-              help="Side of the square images: centre-crop, then LANCZOS resize.")
-@click.option("--strokes", type=click.Choice(["none", "simulate"]), default="none",
-              show_default=True,
-              help="none: the images are the guides. simulate: the guide is a simulated stroke "
-                   "painting (median filter + 6-colour palette, as in the SDEdit paper) and the "
-                   "image is kept as {key}.target.png.")
-@click.option("--overwrite", is_flag=True, help="Replace shards already in --out.")
-@click.option("--workers", default=4, show_default=True, type=click.IntRange(min=1),
-              help="Threads reading and decoding images concurrently.")
-@click.option("--storage-options", default=None, metavar="JSON", help=_STORAGE_OPTIONS_HELP)
-@click.option("--progress/--no-progress", default=True, show_default=True,
-              help="Show a progress bar on stderr.")
-def prepare_cmd(sources: tuple[str, ...], out: str, shard_size: int, size: int, strokes: str,
-                overwrite: bool, workers: int, storage_options: str | None,
-                progress: bool) -> None:
-    """Turn image folders, globs or URL lists into WebDataset input shards.
-
-    Each SRC is a folder (searched recursively), a glob, one image file, or a .txt file with
-    one URL or path per line (relative ones resolved against the list's folder); local or any
-    fsspec URL. Images are centre-cropped to a square and resized to --size; each becomes
-    {key}.png, with a key made from its relative path ('.' and '/' become '_', duplicates get
-    a suffix). Unreadable files are skipped and listed. Exit code 1 if no file was readable.
-
-    \b
-    Examples:
-      sdedit-batch prepare photos/ --out data/guides
-      sdedit-batch prepare 's3://bucket/lsun/*.jpg' urls.txt --out s3://bucket/in \\
-          --strokes simulate --shard-size 500
-    """
-    from pipeline.errors import PipelineError
-    from pipeline.prepare import prepare
-
-    try:
-        report = prepare(list(sources), out, shard_size=shard_size, size=size,
-                         strokes=strokes,  # type: ignore[arg-type]
-                         storage_options=_storage_options(storage_options), progress=progress,
-                         overwrite=overwrite, workers=workers)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
-    click.echo(f"wrote {report.n_images} of {report.n_files} file(s) in {report.n_shards} "
-               f"shard(s) to {out}")
-    if report.skipped:
-        click.echo(f"skipped {len(report.skipped)} unreadable file(s):")
-        for name, error in report.skipped:
-            click.echo(f"  {name}: {error}")
-    if report.n_images == 0:
-        click.echo("error: no file could be read", err=True)
-        raise SystemExit(1)
-
-
-@main.command("preview")
-@click.argument("out", metavar="OUT")
-@click.option("--n", "n", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Number of samples (rows).")
-@click.option("-o", "--output", default="preview.png", show_default=True, metavar="PATH",
-              help="Where to write the PNG contact sheet (local path or fsspec URL).")
-@click.option("--tile", default=None, type=click.IntRange(min=8), metavar="PX",
-              help="Tile side in pixels [default: the size of the outputs].")
-@click.option("--storage-options", default=None, metavar="JSON", help=_STORAGE_OPTIONS_HELP)
-def preview_cmd(out: str, n: int, output: str, tile: int | None,
-                storage_options: str | None) -> None:
-    """Write a contact sheet of a job's results: guide | output (| target) per row.
-
-    Reads the first N samples of OUT/shards/*.tar (shards in name order, keys sorted within a
-    shard) and captions each row with the sample key and t0.
-
-    \b
-    Example:
-      sdedit-batch preview out/quickstart --n 16 -o grid.png
-    """
-    import fsspec
-
-    from pipeline.errors import PipelineError, StorageError
-    from pipeline.preview import make_preview
-
-    options = _storage_options(storage_options)
-    try:
-        sheet = make_preview(out, n, storage_options=options, tile=tile)
-        try:
-            with fsspec.open(output, "wb", **(options or {})) as f:
-                sheet.save(f, format="PNG")
-        except OSError as e:
-            raise StorageError(f"cannot write {output}: {e}") from e
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
-    click.echo(f"wrote {output} ({sheet.width}x{sheet.height} px)")
-
-
-def _channels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:
-    try:
-        channels = tuple(int(c) for c in value.split(","))
-    except ValueError as e:
-        raise click.BadParameter(f"expected comma-separated integers, got {value!r}") from e
-    if not channels or min(channels) < 1:
-        raise click.BadParameter(f"expected positive integers, got {value!r}")
-    return channels
-
-
-@main.command("train")
-@click.argument("data", nargs=-1, required=True, metavar="DATA...")
-@click.option("--out", required=True, metavar="MODEL_DIR", type=click.Path(file_okay=False),
-              help="Model directory to write (and to resume from if it holds a checkpoint).")
-@click.option("--size", default=64, show_default=True, type=click.IntRange(min=8),
-              help="Training resolution; images are centre-cropped and resized to it.")
-@click.option("--steps", default=10000, show_default=True, type=click.IntRange(min=1),
-              help="Total optimisation steps, counting those of earlier (resumed) runs.")
-@click.option("--batch-size", default=32, show_default=True, type=click.IntRange(min=1))
-@click.option("--lr", default=2e-4, show_default=True, type=click.FloatRange(min=0, min_open=True),
-              help="Peak AdamW learning rate (after a linear warm-up).")
-@click.option("--warmup-steps", default=200, show_default=True, type=click.IntRange(min=0))
-@click.option("--ema-decay", default=0.999, show_default=True,
-              type=click.FloatRange(0, 1, max_open=True), help="Decay of the weight EMA.")
-@click.option("--channels", default="32,64,64,128", show_default=True, callback=_channels,
-              help="UNet block_out_channels, one number per resolution level.")
-@click.option("--layers-per-block", default=1, show_default=True, type=click.IntRange(min=1))
-@click.option("--attention/--no-attention", default=True, show_default=True,
-              help="Self-attention in the UNet's middle block.")
-@click.option("--snr-gamma", default=None, type=click.FloatRange(min=0, min_open=True),
-              help="Min-SNR loss weighting with this gamma (e.g. 5) [default: off].")
-@click.option("--bf16/--fp32", default=False, show_default=True,
-              help="Run forward/backward under bfloat16 autocast (weights stay float32).")
-@click.option("--checkpoint-every", default=500, show_default=True, type=click.IntRange(min=1),
-              help="Steps between checkpoints; each also refreshes the exported model.")
-@click.option("--seed", default=0, show_default=True, type=int)
-@click.option("--device", default="auto", show_default=True,
-              help="auto (CUDA when present, else CPU), cpu, cuda, cuda:1, ...")
-@click.option("--threads", default=None, type=click.IntRange(min=1),
-              help="Torch CPU threads [default: torch's choice].")
-@click.option("--storage-options", default=None, metavar="JSON", help=_STORAGE_OPTIONS_HELP)
-@click.option("--progress/--no-progress", default=True, help="Show a progress bar.")
-def train_cmd(data: tuple[str, ...], out: str, size: int, steps: int, batch_size: int,
-              lr: float, warmup_steps: int, ema_decay: float, channels: tuple[int, ...],
-              layers_per_block: int, attention: bool, snr_gamma: float | None, bf16: bool,
-              checkpoint_every: int, seed: int, device: str, threads: int | None,
-              storage_options: str | None, progress: bool) -> None:
-    """Train a small unconditional diffusion model (DDPM) on your own images.
-
-    This is how you get SDEdit for your own domain: SDEdit turns rough guides into images of
-    whatever domain its diffusion model was trained on. Put a few thousand images of the
-    target domain into WebDataset shards (`sdedit-batch prepare`, or `sdedit-batch demo-data`
-    for the built-in rooms), train here, and name MODEL_DIR as the model of a job.
-
-    DATA are shard URLs (local or fsspec: s3://, gs://, ...), brace patterns
-    (data/rooms-{000000..000015}.tar), globs, or folders of *.tar. MODEL_DIR becomes a diffusers
-    model directory (config.json, diffusion_pytorch_model.safetensors with the EMA weights,
-    scheduler_config.json) plus train_log.csv and checkpoint/. Run the same command again to
-    resume an interrupted run; raise --steps to train further. Uses a GPU when present.
-
-    \b
-    Example:
-      sdedit-batch demo-data --out data/rooms --n 4096
-      sdedit-batch train data/rooms --out models/my-rooms --steps 20000
-    """
-    from pipeline.errors import PipelineError
-    from pipeline.train import train
-
-    options = _storage_options(storage_options)
-    try:
-        report = train(list(data), out, size=size, steps=steps, batch_size=batch_size, lr=lr,
-                       warmup_steps=warmup_steps, ema_decay=ema_decay,
-                       block_out_channels=channels, layers_per_block=layers_per_block,
-                       attention=attention, snr_gamma=snr_gamma, bf16=bf16,
-                       checkpoint_every=checkpoint_every, seed=seed, device=device,
-                       threads=threads, progress=progress, storage_options=options)
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
-    loss = "n/a" if report.final_loss_ema is None else f"{report.final_loss_ema:.4f}"
-    click.echo(f"trained {out}: steps {report.start_step} -> {report.steps}, "
-               f"{report.parameters:,} parameters, loss (EMA) {loss}, "
-               f"{report.seconds / 60:.1f} min in total on {report.device}")
-
-
-@main.command("bench")
-@click.option("--model", "source", default=None, metavar="SOURCE",
-              help="A VP model (directory, hub id or URL) instead of random weights.")
-@click.option("--arch", type=click.Choice(["ddpm-256", "ddpm-32", "tiny"]), default="ddpm-256",
-              show_default=True, help="Architecture for random weights (ddpm-256 = the LSUN "
-                                      "bedroom/church models of the paper).")
-@click.option("--batch-sizes", default="1,8,32", show_default=True, callback=_channels)
-@click.option("--dtypes", default="fp32,bf16", show_default=True,
-              help="Comma-separated: fp32, bf16, fp16 (network precision; sampling is fp32).")
-@click.option("--sampler", type=click.Choice(["ddpm", "ddim", "dpmpp2m"]), default="ddpm",
-              show_default=True)
-@click.option("--steps", type=click.IntRange(min=1), default=None,
-              help="Network evaluations per edit [default: the sampler's].")
-@click.option("--t0", default=0.5, show_default=True, type=click.FloatRange(0, 1, min_open=True))
-@click.option("--threads", default=None, callback=lambda c, p, v: v and _channels(c, p, v),
-              help="Torch CPU threads; comma-separated to compare [default: the CPU share].")
-@click.option("--reference/--no-reference", default=True, show_default=True,
-              help="Also time benchmarks/reference_loop.py (the official SDEdit loop).")
-@click.option("--repeats", default=3, show_default=True, type=click.IntRange(min=1))
-@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda, cuda:1, ...")
-@click.option("--compile/--no-compile", "compile_", default=False, show_default=True,
-              help="torch.compile the network (warm-up compiles it).")
-@click.option("--cuda-graphs/--no-cuda-graphs", default=False, show_default=True,
-              help="Replay CUDA graphs of the network (CUDA only; ignored elsewhere).")
-@click.option("--channels-last/--no-channels-last", default=None,
-              help="NHWC network memory format [default: on for CUDA].")
-@click.option("--noise-threads", type=click.IntRange(min=0), default=None,
-              help="Threads drawing noise ahead [default: up to 8 on CUDA, 0 on CPU].")
-@click.option("--json", "json_path", default=None, metavar="PATH", help="Also write JSON here.")
-def bench_cmd(source: str | None, arch: str, batch_sizes: tuple[int, ...], dtypes: str,
-              sampler: str, steps: int | None, t0: float, threads: tuple[int, ...] | None,
-              reference: bool, repeats: int, device: str, compile_: bool, cuda_graphs: bool,
-              channels_last: bool | None, noise_threads: int | None,
-              json_path: str | None) -> None:
-    """Measure forwards/s, edits/s, TFLOP/s and MFU of sdedit.edit vs the paper's loop.
-
-    \b
-    GPU (the paper's model and chain: 500 DDPM steps from t0 = 0.5):
-      sdedit-batch bench --arch ddpm-256 --batch-sizes 8,16,32 --dtypes fp32,bf16 --json out.json
-    CPU (small and short):
-      sdedit-batch bench --arch ddpm-32 --t0 0.01 --batch-sizes 1,8 --threads 1,2
-    """
-    import json
-
-    from pipeline.bench import BenchConfig, format_table, run_bench
-    from pipeline.errors import PipelineError
-
-    config = BenchConfig(
-        arch=arch, source=source, batch_sizes=batch_sizes,
-        dtypes=tuple(d.strip() for d in dtypes.split(",") if d.strip()), sampler=sampler,
-        steps=steps, t0=t0, threads=threads or (), reference=reference, repeats=repeats,
-        device=device, compile=compile_, cuda_graphs=cuda_graphs, channels_last=channels_last,
-        noise_threads=noise_threads)
-    try:
-        report = run_bench(config, progress=lambda m: click.echo(f"# {m}", err=True))
-    except PipelineError as e:
-        click.echo(f"error: {e}", err=True)
-        raise SystemExit(e.exit_code) from e
-    click.echo(format_table(report))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(report.to_dict(), f, indent=2)
-        click.echo(f"wrote {json_path}")
+for _command in TOOL_COMMANDS:
+    main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -22,11 +22,12 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys
 
 from pipeline.errors import ShardError
-from pipeline.storage import describe_error, redact_url, url_fs, with_retries
+from pipeline.images import IMAGE_EXTS
+from pipeline.redaction import redact_url
+from pipeline.storage import describe_error, url_fs, with_retries
 
 logger = logging.getLogger(__name__)
 
-AUTO_IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 _END = object()
 
 
@@ -64,9 +65,9 @@ def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str |
     problem = check_key(key)
     if problem:
         return Sample(key=key, error=problem)
-    exts = [image_ext] if image_ext else [e for e in AUTO_IMAGE_EXTS if e in raw]
+    exts = [image_ext] if image_ext else [e for e in IMAGE_EXTS if e in raw]
     if not exts or exts[0] not in raw:
-        wanted = image_ext or " or ".join(AUTO_IMAGE_EXTS)
+        wanted = image_ext or " or ".join(IMAGE_EXTS)
         present = sorted(k for k in raw if not k.startswith("__"))
         return Sample(key=key, error=f"missing guide member {key}.{wanted} (present: {present})")
     members: dict[str, bytes] = {"guide": raw[exts[0]]}
@@ -136,24 +137,30 @@ def prefetch(items: Iterator[Sample], depth: int = 64) -> Iterator[Sample]:
     """Run `items` in a background thread (read + decode) so the model never waits on I/O.
 
     Exceptions of the producer are re-raised in the consumer, after the items before them.
+    When the consumer stops early (closes the generator), the producer stops at its next put
+    and its thread ends: no put ever blocks on a consumer that is gone.
     """
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
+    def put(item: Any) -> bool:
+        """Queue `item` unless the consumer has stopped; False when it has."""
+        while not stop.is_set():
+            try:
+                buffer.put(item, timeout=0.2)
+                return True
+            except queue.Full:
+                continue
+        return False
+
     def produce() -> None:
         try:
             for item in items:
-                while not stop.is_set():
-                    try:
-                        buffer.put(item, timeout=0.2)
-                        break
-                    except queue.Full:
-                        continue
-                if stop.is_set():
+                if not put(item):
                     return
-            buffer.put(_END)
+            put(_END)
         except BaseException as exc:  # handed to the consumer
-            buffer.put(exc)
+            put(exc)
 
     thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
     thread.start()

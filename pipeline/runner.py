@@ -24,17 +24,12 @@ import ray
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, ResumeConflictError
+from pipeline.redaction import SecretFilter
 from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
-from pipeline.storage import (
-    SecretFilter,
-    check_writable,
-    join,
-    put_bytes_atomic,
-    url_fs,
-    with_retries,
-)
+from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs, with_retries
 from pipeline.worker import ShardWorker
+from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -141,16 +136,27 @@ class _Counter:
 
 
 class _ShardActor:
-    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards."""
+    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
+
+    A model that cannot be loaded is not an actor crash: the error is kept and raised by every
+    `process` call, so the driver sees it as the task's exception (`RayTaskError.cause`) and
+    stops the job instead of retrying shards.
+    """
 
     def __init__(self, spec: JobSpec, threads: int, counter: Any) -> None:
         logging.basicConfig(level=logging.INFO)
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter())
         self.counter = counter
-        self.worker = ShardWorker(spec, threads=threads)
+        self.load_error: ModelSourceError | None = None
+        try:
+            self.worker = ShardWorker(spec, threads=threads)
+        except ModelSourceError as exc:
+            self.load_error = exc
 
     def process(self, url: str) -> dict[str, Any]:
+        if self.load_error is not None:
+            raise self.load_error
         stats = self.worker.process(url, progress=lambda n: self.counter.add.remote(n))
         return dataclasses.asdict(stats)
 
@@ -270,11 +276,11 @@ class _Pool:
             stats = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
             alive = False
-            if "ModelSourceError" in str(exc):
-                raise PipelineError(f"cannot load model {self.spec.model.source}: "
-                                    f"{_last_line(exc)}") from exc
             self._failed(url, f"actor died: {_last_line(exc)}")
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ModelSourceError):
+                raise PipelineError(f"cannot load model {self.spec.model.source}: "
+                                    f"{exc.cause}") from exc
             self._failed(url, _last_line(exc))
         else:
             self._succeeded(url, stats)

@@ -8,16 +8,15 @@ that list into pending and done shards with ONE listing of the output's `done/` 
 
 from __future__ import annotations
 
-import functools
 import logging
 import posixpath
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-import fsspec
 from braceexpand import UnbalancedBracesError, braceexpand
 
 from pipeline.errors import PipelineError, StorageError
+from pipeline.storage import canonical_path, url_fs
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +40,7 @@ def _is_glob(url: str) -> bool:
 def _glob(pattern: str, storage_options: Mapping[str, Any]) -> list[str]:
     """Sorted files matching `pattern`, as URLs with the pattern's protocol prefix."""
     try:
-        fs, path = fsspec.core.url_to_fs(pattern, **storage_options)
+        fs, path = url_fs(pattern, storage_options)
         found = fs.glob(path, detail=True)
     except (OSError, ValueError) as error:
         raise StorageError(f"cannot list input shards {pattern!r}: {error}") from error
@@ -51,20 +50,23 @@ def _glob(pattern: str, storage_options: Mapping[str, Any]) -> list[str]:
     return [fs.unstrip_protocol(name) for name in files]
 
 
-@functools.lru_cache(maxsize=32)
-def _strip_protocol(protocol: str | None) -> Callable[[str], str]:
-    """The fsspec class method that turns a URL of `protocol` into its canonical path; the
-    URL minus its protocol when that filesystem is not installed (it fails later, on open)."""
+def _folder_or_file(name: str, storage_options: Mapping[str, Any]) -> list[str]:
+    """The `*.tar` of folder `name`, or [name]: only names without a tar suffix are looked at
+    (a list of 10,000 `.tar` URLs costs no request)."""
+    if name.endswith(_TAR_SUFFIXES) or _protocol(name) in _NO_GLOB_PROTOCOLS:
+        return [name]
     try:
-        return fsspec.get_filesystem_class(protocol or "file")._strip_protocol
-    except (ImportError, ValueError):
-        return lambda url: url.split("://", 1)[-1]
+        fs, path = url_fs(name, storage_options)
+        folder = fs.isdir(path)
+    except (OSError, ValueError) as error:
+        raise StorageError(f"cannot look at input shards {name!r}: {error}") from error
+    return _glob(name.rstrip("/") + "/*.tar", storage_options) if folder else [name]
 
 
 def _canonical(url: str) -> str:
     """A key under which two spellings of the same object compare equal."""
     protocol = _protocol(url)
-    path = _strip_protocol(protocol)(url)
+    path = canonical_path(url)
     return path if protocol in (None, "file") else f"{protocol}://{path}"
 
 
@@ -75,7 +77,8 @@ def expand_shards(spec_or_patterns: str | Sequence[str],
     Args:
         spec_or_patterns: one pattern or a list (`InputSpec.shards`). Each may be a brace
             range/list (expanded without listing storage), a glob (listed via fsspec, sorted;
-            directories are skipped) or a plain URL or path (kept, not checked).
+            directories are skipped), a folder (its `*.tar`, sorted; a name without a tar suffix
+            is checked for being a folder) or a plain URL or path (kept, not checked).
         storage_options: fsspec options for listing globs (`input.storage_options`).
 
     Local paths without a protocol are returned absolute, so that actors in other working
@@ -94,7 +97,7 @@ def expand_shards(spec_or_patterns: str | Sequence[str],
             raise PipelineError(f"input.shards: {pattern!r}: {error}") from error
         matched = 0
         for name in names:
-            urls = _glob(name, options) if _is_glob(name) else [name]
+            urls = _glob(name, options) if _is_glob(name) else _folder_or_file(name, options)
             for url in urls:
                 key = _canonical(url)
                 result.setdefault(key, key if _protocol(url) is None else url)
@@ -138,7 +141,7 @@ def unique_stems(shards: Sequence[str]) -> dict[str, str]:
 def done_stems(output_path: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
     """Stems whose commit marker `{output}/done/{stem}.json` exists, from one listing."""
     try:
-        fs, root = fsspec.core.url_to_fs(output_path, **dict(storage_options or {}))
+        fs, root = url_fs(output_path, storage_options)
         folder = f"{root.rstrip('/')}/{DONE_DIR}"
         fs.invalidate_cache(folder)  # markers written since an earlier listing must show
         names = fs.ls(folder, detail=False)

@@ -30,8 +30,8 @@ from typing import Any
 import yaml
 
 from pipeline.errors import PipelineError
+from pipeline.redaction import redact_url, scrub
 from pipeline.spec import JobSpec, apply_overrides, load_spec
-from pipeline.storage import redact_url, scrub
 
 logger = logging.getLogger(__name__)
 

@@ -17,46 +17,22 @@ from typing import Any
 import numpy as np
 import torch
 
+from pipeline import testhooks
 from pipeline.reader import Sample, read_shard
 from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
 from pipeline.storage import url_fs, with_retries
 from pipeline.writer import ShardOutput, now, output_urls
 from sdedit import DiffusionModel, edit, load_model
+from sdedit.devices import resolve_device, resolve_dtype
 from sdedit.edit import count_steps
 
 logger = logging.getLogger(__name__)
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-CRASH_HOOK = "SDEDIT_BATCH_TEST_CRASH"
-"""Test hook: "STEM:OUTPUTS:FLAGFILE" makes the process exit once OUTPUTS outputs of STEM are done,
-once (the flag file records that it happened). Used to test actor loss and retries."""
-DELAY_HOOK = "SDEDIT_BATCH_TEST_BATCH_DELAY"
-"""Test hook: seconds to sleep after each batch (to stop a run mid-way in tests)."""
-
 
 def output_seed(job_seed: int, key: str, index: int) -> int:
     """The 63-bit seed of one output, from (job seed, input key, output index)."""
     digest = hashlib.sha256(f"{job_seed}\x00{key}\x00{index}".encode()).digest()
     return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-def resolve_device(device: str) -> torch.device:
-    """compute.device -> torch.device: auto = cuda when available, else cpu."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and os.environ.get("SDEDIT_BATCH_FAKE_GPU") == "1":
-        return torch.device("cpu")  # a fake multi-node test cluster: GPUs are Ray resources only
-    return torch.device(device)
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """compute.dtype -> torch dtype: auto = fp32 (the paper's precision) on every device."""
-    if dtype == "auto":
-        return torch.float32
-    if device.type == "cpu" and dtype == "fp16":
-        return torch.float32  # fp16 convolutions are not supported on CPU
-    return DTYPES[dtype]
 
 
 @dataclass
@@ -97,7 +73,9 @@ class ShardWorker:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.spec = spec
-        device = resolve_device(spec.compute.device)
+        self.hooks = testhooks.from_env()
+        fake_gpu = self.hooks is not None and self.hooks.fake_gpu and spec.compute.device == "cuda"
+        device = resolve_device("cpu" if fake_gpu else spec.compute.device)
         self.model = model or load_model(
             spec.model.source, device=device,
             dtype=resolve_dtype(spec.compute.dtype, device),
@@ -141,13 +119,22 @@ class ShardWorker:
                 self._run_batch(batch, writer, stats)
                 if progress is not None:
                     progress(len(batch))
-                self._test_hooks(stem, stats)
+                if self.hooks is not None:
+                    self.hooks.after_batch(stem, stats.outputs_ok + stats.outputs_error)
             stats.seconds = time.perf_counter() - start
             writer.commit(self._marker(stats, writer))
         except BaseException:
             writer.abort()
             raise
         return stats
+
+    def _steps(self, t0: float) -> int | None:
+        """Network evaluations per round of an output started at t0 (None: t0 is invalid)."""
+        sd = self.spec.sdedit
+        try:
+            return count_steps(self.model, sd.sampler, t0, sd.steps)
+        except ValueError:
+            return None
 
     def _committed(self, stem: str) -> bool:
         fs, path = url_fs(output_urls(self.spec.output.path, stem)["marker"],
@@ -205,7 +192,6 @@ class ShardWorker:
         outputs = ((out + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
         outputs = outputs.permute(0, 2, 3, 1).cpu().numpy()
         seconds = (time.perf_counter() - started) / len(batch)
-        steps = count_steps(self.model, sd.sampler, sd.t0, sd.steps)
         for job, output in zip(batch, outputs, strict=True):
             sample = job.sample
             assert sample.guide is not None and sample.members is not None
@@ -215,7 +201,8 @@ class ShardWorker:
             l2 = float(np.sqrt(np.mean(diff**2)))
             meta = {"key": sample.key, "output_key": job.output_key,
                     "sample_index": job.index, "seed": job.seed, "t0": sd.t0,
-                    "sampler": sd.sampler, "steps": steps, "repeats": sd.repeats,
+                    "sampler": sd.sampler, "steps": self._steps(sd.t0),
+                    "repeats": sd.repeats,
                     "model": self.spec.model.source, "input_shard": stats.input_shard,
                     "faithfulness_l2": round(l2, 6)}
             writer.add_output(job.output_key, output, sample.guide, sample.members,
@@ -234,7 +221,8 @@ class ShardWorker:
                         "input_shard": stats.input_shard, "output_shard": None,
                         "status": "error", "error": error,
                         "seed": output_seed(sd.seed, sample.key, index), "t0": sd.t0,
-                        "sampler": sd.sampler, "steps": sd.steps, "repeats": sd.repeats,
+                        "sampler": sd.sampler, "steps": self._steps(sd.t0),
+                    "repeats": sd.repeats,
                         "model": self.spec.model.source, "width": w, "height": h,
                         "worker": self.worker_id, "created_at": now()})
         stats.outputs_error += 1
@@ -247,19 +235,3 @@ class ShardWorker:
                 "outputs_error": stats.outputs_error, "seconds": round(stats.seconds, 3),
                 "worker": stats.worker, "fingerprint": self.fingerprint,
                 "created_at": now().isoformat()}
-
-    @staticmethod
-    def _test_hooks(stem: str, stats: ShardStats) -> None:
-        delay = os.environ.get(DELAY_HOOK)
-        if delay:
-            time.sleep(float(delay))
-        hook = os.environ.get(CRASH_HOOK)
-        if not hook:
-            return
-        target, outputs, flag = hook.split(":", 2)
-        done = stats.outputs_ok + stats.outputs_error
-        if target == stem and done >= int(outputs) and not os.path.exists(flag):
-            with open(flag, "w") as handle:
-                handle.write(f"crashed {stem} after {done} outputs\n")
-            logger.error("test hook %s: exiting the process mid-shard", CRASH_HOOK)
-            os._exit(1)

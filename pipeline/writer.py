@@ -14,7 +14,6 @@ order, fixed mtime, metadata without timings.
 from __future__ import annotations
 
 import datetime as dt
-import io
 import json
 import logging
 import os
@@ -27,8 +26,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
-from PIL import Image
 
+from pipeline.images import encode_image
 from pipeline.storage import is_local, join, put_bytes_atomic, url_fs, with_retries
 
 logger = logging.getLogger(__name__)
@@ -42,15 +41,6 @@ MANIFEST_SCHEMA = pa.schema([
     ("faithfulness_l2", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
 ])
-FORMATS = {"png": ("PNG", {}), "jpg": ("JPEG", {"quality": 95}), "webp": ("WEBP", {"quality": 95})}
-
-
-def encode_image(array: np.ndarray, fmt: str = "png") -> bytes:
-    """uint8 (H, W, 3) or (H, W) -> encoded bytes in `fmt` (png | jpg | webp)."""
-    name, options = FORMATS[fmt]
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format=name, **options)
-    return buffer.getvalue()
 
 
 def output_urls(output: str, stem: str) -> dict[str, str]:

@@ -16,14 +16,18 @@ Conventions:
         index tensor on x's device). Masked editing uses it to re-noise the kept region. The
         last step has signal = 1, sigma = 0.
 
-The step loop never synchronises with the device: which samples step and draw noise is decided
-from CPU tables before the loop, and every index tensor the loop needs is built then too.
+Each sampler is one loop over `Steps`, the helper that holds this end-alignment bookkeeping:
+per aligned step it names the samples that step (`step.rows`), their coefficients (columns of
+float64 CPU tables, cast to float32 on x's device once), adds the noise of the samples that draw
+it (`step.add_noise`) and writes the stepped rows back (`step.update`, which runs after_step).
+The loop never synchronises with the device: which samples step and draw noise is decided from
+CPU tables before the loop, and every index tensor the loop needs is built then too.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
-from typing import NamedTuple
+from collections.abc import Callable, Iterator, Sequence
+from types import SimpleNamespace
 
 import torch
 
@@ -38,24 +42,6 @@ AfterStep = Callable[[torch.Tensor, slice | torch.Tensor, torch.Tensor, torch.Te
                      torch.Tensor]
 
 
-class Rows(NamedTuple):
-    """The samples taking one aligned step: `select` indexes device tensors (a slice for the
-    whole batch, else an int64 index tensor on the device), `ids` lists them for the noise."""
-
-    select: slice | torch.Tensor
-    ids: list[int]
-
-
-class _Step(NamedTuple):
-    k: int
-    rows: Rows
-    draw: list[int]                # the rows' sample ids that add noise at this step
-    where: torch.Tensor | None     # their positions among rows (None = all of them)
-
-
-StepFn = Callable[[torch.Tensor, Rows, int, dict[str, torch.Tensor]], torch.Tensor]
-
-
 def _align(sequences: Sequence[Sequence[float]], pad: float) -> tuple[torch.Tensor, torch.Tensor]:
     """End-align ragged per-sample step lists into (N, K) float64 with `pad`, and (N, K) active."""
     width = max(len(s) for s in sequences)
@@ -68,55 +54,82 @@ def _align(sequences: Sequence[Sequence[float]], pad: float) -> tuple[torch.Tens
     return grid, active
 
 
-def _schedule(active: torch.Tensor, noisy: torch.Tensor, device: torch.device) -> list[_Step]:
-    """Per aligned step with any active sample: its rows and noise draws, built before the loop."""
-    plan = []
-    n = active.shape[0]
-    for k in range(active.shape[1]):
-        ids = active[:, k].nonzero().flatten().tolist()
-        if not ids:
-            continue
-        select = slice(None) if len(ids) == n else torch.tensor(ids, device=device)
-        draw = [i for i in ids if noisy[i, k]]
-        where = None if len(draw) == len(ids) else \
-            torch.tensor([ids.index(i) for i in draw], device=device)
-        plan.append(_Step(k, Rows(select, ids), draw, where))
-    return plan
+class Step:
+    """One aligned step: the samples that take it and their coefficients.
 
-
-def _run(
-    x: torch.Tensor,
-    active: torch.Tensor,
-    tables: dict[str, torch.Tensor],
-    step: StepFn,
-    noisy: torch.Tensor,
-    noise: NoiseFn,
-    after_step: AfterStep | None,
-) -> torch.Tensor:
-    """Drive `step` over the aligned grid: gather active rows, step, add noise, re-noise, scatter.
-
-    tables: (N, K) float64 CPU tables; moved once to x's device as float32. `signal` and `sigma`
-    describe the state after each step (used by after_step). active, noisy: (N, K) bool, CPU.
+    Attributes:
+        rows: selects the stepped samples of a full-batch tensor (a slice for the whole batch,
+            else an int64 index tensor on the device).
+        ids: the stepped samples' positions in the batch (a CPU list, for their noise).
+        c: the step's coefficients, each float32 (B, 1, 1, 1) on the device, by table name.
+        index: the step's integer table values (timesteps), each (B,) int64 on the device.
     """
-    dev = {name: t.to(device=x.device, dtype=torch.float32) for name, t in tables.items()}
-    x = x.clone()
-    for k, rows, draw, where in _schedule(active, noisy, x.device):
-        cols = {name: t[rows.select, k].view(-1, 1, 1, 1) for name, t in dev.items()}
-        x_rows = step(x[rows.select], rows, k, cols)
-        if draw:
-            z = noise(draw)
-            if where is None:
-                x_rows = x_rows + cols["std"] * z
-            else:
-                x_rows[where] = x_rows[where] + cols["std"][where] * z
+
+    def __init__(self, rows: slice | torch.Tensor, ids: list[int], c: SimpleNamespace,
+                 index: SimpleNamespace, draw: list[int], where: torch.Tensor | None) -> None:
+        self.rows, self.ids, self.c, self.index = rows, ids, c, index
+        self._draw, self._where = draw, where
+
+    def add_noise(self, x_rows: torch.Tensor, noise: NoiseFn) -> torch.Tensor:
+        """x_rows + c.std * z for the rows that draw noise at this step (one draw each)."""
+        if not self._draw:
+            return x_rows
+        z = noise(self._draw)
+        if self._where is None:
+            return x_rows + self.c.std * z
+        x_rows[self._where] = x_rows[self._where] + self.c.std[self._where] * z
+        return x_rows
+
+    def update(self, x: torch.Tensor, x_rows: torch.Tensor,
+               after_step: AfterStep | None) -> torch.Tensor:
+        """The batch with the stepped rows replaced by x_rows (after after_step)."""
         if after_step is not None:
-            x_rows = after_step(x_rows, rows.select, cols["signal"].flatten(),
-                                cols["sigma"].flatten())
-        if isinstance(rows.select, slice):
-            x = x_rows
-        else:
-            x[rows.select] = x_rows
-    return x
+            x_rows = after_step(x_rows, self.rows, self.c.signal.flatten(),
+                                self.c.sigma.flatten())
+        if isinstance(self.rows, slice):
+            return x_rows
+        x[self.rows] = x_rows
+        return x
+
+
+class Steps:
+    """The aligned steps of a batch whose samples have step lists of different lengths.
+
+    Args:
+        device: where the batch lives.
+        active: (N, K) bool, CPU: sample n takes aligned step k.
+        noisy: (N, K) bool, CPU: ... and draws noise there.
+        tables: (N, K) float64 CPU coefficient tables; moved once to the device as float32.
+            Every sampler gives `std`, `signal` and `sigma` (the scale of the state a step
+            produces, x ~ signal * x0 + sigma * z, for after_step).
+        index: (N, K) int64 CPU tables (timesteps), moved once to the device as they are.
+    """
+
+    def __init__(self, device: torch.device, active: torch.Tensor, noisy: torch.Tensor,
+                 tables: dict[str, torch.Tensor],
+                 index: dict[str, torch.Tensor] | None = None) -> None:
+        self.active, self.noisy, self.device = active, noisy, device
+        self.tables = {name: t.to(device=device, dtype=torch.float32)
+                       for name, t in tables.items()}
+        self.index = {name: t.to(device) for name, t in (index or {}).items()}
+
+    def __iter__(self) -> Iterator[Step]:
+        n = self.active.shape[0]
+        plan = []  # built whole before the first step: the loop reads no device data
+        for k in range(self.active.shape[1]):
+            ids = self.active[:, k].nonzero().flatten().tolist()
+            if not ids:
+                continue
+            rows = slice(None) if len(ids) == n else torch.tensor(ids, device=self.device)
+            draw = [i for i in ids if self.noisy[i, k]]
+            where = None if len(draw) == len(ids) else \
+                torch.tensor([ids.index(i) for i in draw], device=self.device)
+            plan.append((k, rows, ids, draw, where))
+        for k, rows, ids, draw, where in plan:
+            c = SimpleNamespace(**{name: t[rows, k].view(-1, 1, 1, 1)
+                                   for name, t in self.tables.items()})
+            index = SimpleNamespace(**{name: t[rows, k] for name, t in self.index.items()})
+            yield Step(rows, ids, c, index, draw, where)
 
 
 def _vp_tables(
@@ -133,28 +146,12 @@ def _vp_tables(
     return t.clamp(min=0), a_t, a_s, active
 
 
-def _vp_loop(
-    eps_fn: Denoiser,
-    x: torch.Tensor,
-    t: torch.Tensor,
-    active: torch.Tensor,
-    coef_x: torch.Tensor,
-    coef_eps: torch.Tensor,
-    std: torch.Tensor,
-    a_s: torch.Tensor,
-    noise: NoiseFn,
-    after_step: AfterStep | None,
-) -> torch.Tensor:
-    """x_s = coef_x * x_t + coef_eps * eps(x_t, t) + std * z, for all VP samplers."""
-    t_dev = t.to(x.device)
-
-    def step(x_rows: torch.Tensor, rows: Rows, k: int, c: dict[str, torch.Tensor]) -> torch.Tensor:
-        eps = eps_fn(x_rows, t_dev[rows.select, k])
-        return c["coef_x"] * x_rows + c["coef_eps"] * eps
-
-    tables = {"coef_x": coef_x, "coef_eps": coef_eps, "std": std,
-              "signal": a_s.sqrt(), "sigma": (1.0 - a_s).clamp(min=0).sqrt()}
-    return _run(x, active, tables, step, active & (std > 0), noise, after_step)
+def _vp_steps(x: torch.Tensor, t: torch.Tensor, active: torch.Tensor, a_s: torch.Tensor,
+              coef_x: torch.Tensor, coef_eps: torch.Tensor, std: torch.Tensor) -> Steps:
+    """The steps of an x_s = coef_x * x_t + coef_eps * eps + std * z sampler (ddpm, ddim)."""
+    return Steps(x.device, active, active & (std > 0),
+                 {"coef_x": coef_x, "coef_eps": coef_eps, "std": std, "signal": a_s.sqrt(),
+                  "sigma": (1.0 - a_s).clamp(min=0).sqrt()}, {"t": t})
 
 
 def ddpm(
@@ -186,7 +183,12 @@ def ddpm(
     coef_x = c_x0 / a_t.sqrt() + c_xt                 # x0 = (x_t - sqrt(1 - a_t) eps) / sqrt(a_t)
     coef_eps = -c_x0 * (1.0 - a_t).sqrt() / a_t.sqrt()
     std = (beta * (1.0 - a_s) / (1.0 - a_t)).clamp(min=0).sqrt()
-    return _vp_loop(eps_fn, x, t, active, coef_x, coef_eps, std, a_s, noise, after_step)
+    x = x.clone()
+    for step in _vp_steps(x, t, active, a_s, coef_x, coef_eps, std):
+        x_t = x[step.rows]
+        x_s = step.c.coef_x * x_t + step.c.coef_eps * eps_fn(x_t, step.index.t)
+        x = step.update(x, step.add_noise(x_s, noise), after_step)
+    return x
 
 
 def ddim(
@@ -215,9 +217,15 @@ def ddim(
         raise ValueError(f"eta={eta!r} is out of range; allowed: eta >= 0")
     t, a_t, a_s, active = _vp_tables(timesteps, alphas_cumprod)
     sigma = eta * ((1.0 - a_s) / (1.0 - a_t) * (1.0 - a_t / a_s)).clamp(min=0).sqrt()
-    coef_x = (a_s / a_t).sqrt()
+    coef_x = (a_s / a_t).sqrt()                       # = sqrt(a_s) x0_hat's share of x_t
     coef_eps = (1.0 - a_s - sigma**2).clamp(min=0).sqrt() - coef_x * (1.0 - a_t).sqrt()
-    return _vp_loop(eps_fn, x, t, active, coef_x, coef_eps, sigma, a_s, noise, after_step)
+    x = x.clone()
+    for step in _vp_steps(x, t, active, a_s, coef_x, coef_eps, sigma):
+        x_t = x[step.rows]
+        eps = eps_fn(x_t, step.index.t)
+        x = step.update(x, step.add_noise(step.c.coef_x * x_t + step.c.coef_eps * eps, noise),
+                        after_step)
+    return x
 
 
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, start: int, steps: int) -> list[int]:
@@ -282,24 +290,19 @@ def dpmpp2m(
     w_prev = torch.where(active & ~first & ~final, -h / (2.0 * h_prev), 0.0)   # -1 / 2r
     coef_x = torch.where(final, 0.0, sigma_s / sigma_t)
     coef_d = torch.where(final, 1.0, alpha_s * -torch.expm1(-h))
-    zero = torch.zeros_like(h)
     tables = {"inv_a": 1.0 / alpha_t, "s_a": sigma_t / alpha_t, "coef_x": coef_x,
-              "cur": coef_d * (1.0 - w_prev), "prev": coef_d * w_prev, "std": zero,
-              "signal": torch.where(final, 1.0, alpha_s), "sigma": torch.where(final, 0.0, sigma_s)}
+              "cur": coef_d * (1.0 - w_prev), "prev": coef_d * w_prev,
+              "std": torch.zeros_like(h), "signal": torch.where(final, 1.0, alpha_s),
+              "sigma": torch.where(final, 0.0, sigma_s)}
     tables = {name: torch.where(active, v, 0.0) for name, v in tables.items()}
-    t_dev = t.to(x.device)
-    state = {"x0": torch.zeros_like(x)}                   # each sample's previous x0 estimate
-
-    def step(x_rows: torch.Tensor, rows: Rows, k: int, c: dict[str, torch.Tensor]) -> torch.Tensor:
-        x0 = c["inv_a"] * x_rows - c["s_a"] * eps_fn(x_rows, t_dev[rows.select, k])
-        out = c["coef_x"] * x_rows + c["cur"] * x0 + c["prev"] * state["x0"][rows.select]
-        if isinstance(rows.select, slice):
-            state["x0"] = x0
-        else:
-            state["x0"][rows.select] = x0
-        return out
-
-    return _run(x, active, tables, step, torch.zeros_like(active), noise, after_step)
+    x, x0_prev = x.clone(), torch.zeros_like(x)         # each sample's previous x0 estimate
+    for step in Steps(x.device, active, torch.zeros_like(active), tables, {"t": t}):
+        x_t, c = x[step.rows], step.c
+        x0 = c.inv_a * x_t - c.s_a * eps_fn(x_t, step.index.t)
+        x_s = c.coef_x * x_t + c.cur * x0 + c.prev * x0_prev[step.rows]
+        x0_prev = step.update(x0_prev, x0, None)
+        x = step.update(x, x_s, after_step)
+    return x
 
 
 def ve(
@@ -338,17 +341,17 @@ def ve(
     sig_s = torch.where(last, 0.0, schedule.sigma((grid - dt).clamp(min=0)))
     eps2 = sig_t**2 - schedule.sigma((grid - dt).clamp(min=0)) ** 2
     std = torch.where(last, 0.0, eps2.clamp(min=0).sqrt())
-    sig_dev = sig_t.to(device=x.device, dtype=torch.float32)
-
-    def step(x_rows: torch.Tensor, rows: Rows, k: int, c: dict[str, torch.Tensor]) -> torch.Tensor:
-        sigma = sig_dev[rows.select, k]
+    tables = {"sig_t": sig_t, "eps2": eps2, "std": std, "signal": torch.ones_like(grid),
+              "sigma": sig_s}
+    x = x.clone()
+    for step in Steps(x.device, active, active & (std > 0), tables):
+        x_t, sigma = x[step.rows], step.c.sig_t.flatten()
         for _ in range(corrector_steps):
-            grad = score_fn(x_rows, sigma)
-            z = noise(rows.ids)
+            grad = score_fn(x_t, sigma)
+            z = noise(step.ids)
             ratio = z.flatten(1).norm(dim=1) / grad.flatten(1).norm(dim=1).clamp(min=1e-12)
             size = (2 * (snr * ratio) ** 2).view(-1, 1, 1, 1)
-            x_rows = x_rows + size * grad + (2 * size).sqrt() * z
-        return x_rows + c["eps2"] * score_fn(x_rows, sigma)
-
-    tables = {"eps2": eps2, "std": std, "signal": torch.ones_like(grid), "sigma": sig_s}
-    return _run(x, active, tables, step, active & (std > 0), noise, after_step)
+            x_t = x_t + size * grad + (2 * size).sqrt() * z
+        x_s = x_t + step.c.eps2 * score_fn(x_t, sigma)
+        x = step.update(x, step.add_noise(x_s, noise), after_step)
+    return x

@@ -9,6 +9,7 @@ All tables are float64 on the CPU; samplers gather and cast what they need.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -99,19 +100,17 @@ class VESchedule:
     """
 
     sigma_min: float = 0.01
-    sigma_max: float = 348.0
+    sigma_max: float = 1348.0
     num_train_timesteps: int = 2000
     snr: float = 0.15
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VESchedule:
-        """Build from a diffusers ScoreSdeVeScheduler config."""
-        return cls(
-            sigma_min=float(config.get("sigma_min", 0.01)),
-            sigma_max=float(config.get("sigma_max", 1348.0)),
-            num_train_timesteps=int(config.get("num_train_timesteps", 2000)),
-            snr=float(config.get("snr", 0.15)),
-        )
+        """Build from a diffusers ScoreSdeVeScheduler config; a missing key takes the default
+        of this class, which is diffusers' default too."""
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{name: type(f.default)(config[name])
+                      for name, f in fields.items() if name in config})
 
     def sigma(self, t: torch.Tensor) -> torch.Tensor:
         """sigma(t) for t in [0, 1], same shape and dtype as t."""

@@ -2,7 +2,7 @@
 actors and are removed once it ended.
 
 The head has no GPU; the worker type is {CPU: 1, GPU: 1}, min 0, max 2. The job asks for
-`compute.device: cuda` with one GPU per actor and up to two actors; SDEDIT_BATCH_FAKE_GPU=1
+`compute.device: cuda` with one GPU per actor and up to two actors; the fake_gpu test hook
 (forwarded to the actors) makes the model run on CPU, since the GPUs are Ray resources only. The
 driver is the CLI in its own session, joined to the cluster by address and token.
 """
@@ -19,9 +19,8 @@ from typing import Any
 
 import pytest
 import ray
-import yaml
 
-from pipeline.worker import DELAY_HOOK
+from pipeline.testhooks import hooks_env
 from tests.support.rayhead import (
     connected,
     fake_cluster,
@@ -29,7 +28,7 @@ from tests.support.rayhead import (
     pids_mentioning,
     session_pids,
 )
-from tests.support.shards import write_shards
+from tests.support.shards import write_job, write_shards
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -44,18 +43,14 @@ def _gpu_nodes() -> dict[str, dict[str, Any]]:
 def test_job_scales_gpu_nodes_up_and_back_down(tiny_vp_dir: Path, tmp_path: Path) -> None:
     inputs = write_shards(tmp_path / "in", n_shards=4, per_shard=2, bad=False)
     out = tmp_path / "out"
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "name": "autoscaled", "model": {"source": str(tiny_vp_dir)},
-        "input": {"shards": inputs}, "output": {"path": str(out)},
-        "sdedit": {"t0": 0.04},
-        "compute": {"device": "cuda", "gpus_per_actor": 1, "actors": {"min": 1, "max": 2},
-                    "batch_size": 2}}))
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, inputs, out, "autoscaled",
+                    compute={"device": "cuda", "gpus_per_actor": 1, "actors": {"min": 1, "max": 2},
+                             "batch_size": 2})
     seen: set[str] = set()
     most_at_once = 0
     with fake_cluster(head_cpus=1, max_workers=2, idle_timeout_minutes=0.1) as info:
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"}
-        env.update(info.driver_env(), SDEDIT_BATCH_FAKE_GPU="1", **{DELAY_HOOK: "0.5"})
+        env.update(info.driver_env(), **hooks_env(fake_gpu=True, batch_delay=0.5))
         with connected(info):
             assert _gpu_nodes() == {} and ray.cluster_resources().get("GPU", 0) == 0
             driver = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -17,9 +18,10 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.errors import ResumeConflictError
+from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.runner import run_job
-from pipeline.worker import CRASH_HOOK, DELAY_HOOK, ShardWorker
+from pipeline.testhooks import hooks_env
+from pipeline.worker import ShardWorker
 from tests.support.rayhead import kill_session
 from tests.support.shards import make_spec, write_shards
 
@@ -79,7 +81,8 @@ def test_actor_killed_mid_shard_is_retried(local_ray, tiny_vp_dir, inputs, refer
                                            tmp_path, monkeypatch):
     out = tmp_path / "out"
     flag = tmp_path / "crashed"
-    monkeypatch.setenv(CRASH_HOOK, f"part-000001:3:{flag}")
+    for name, value in hooks_env(crash=f"part-000001:3:{flag}").items():
+        monkeypatch.setenv(name, value)
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     summary = run_job(spec, progress=False)
     assert flag.exists(), "the test hook did not fire"
@@ -129,7 +132,7 @@ def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_pa
     data["compute"]["actors"] = {"min": 1, "max": 1}
     job.write_text(yaml.safe_dump(data))
     cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress"]
-    env = {**os.environ, DELAY_HOOK: "1.0"}
+    env = {**os.environ, **hooks_env(batch_delay=1.0)}
     proc = subprocess.Popen(cmd, start_new_session=True, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
@@ -155,3 +158,17 @@ def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_pa
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert third.returncode == 0 and "nothing to do" in third.stdout
+
+
+def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_vp_dir, inputs,
+                                                                 tmp_path):
+    broken = tmp_path / "broken-model"
+    shutil.copytree(tiny_vp_dir, broken)
+    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    out = tmp_path / "out"
+    spec = make_spec(broken, inputs, out)
+    with pytest.raises(PipelineError, match=r"cannot load model .*broken-model.*cannot load "
+                                            r"diffusion_pytorch_model\.safetensors") as info:
+        run_job(spec, progress=False)
+    assert isinstance(info.value.__cause__, ray.exceptions.RayTaskError)
+    assert not (out / "failed").exists() and not (out / "done").exists()

@@ -35,9 +35,10 @@ import yaml
 from pipeline.runner import RunSummary, run_job
 from pipeline.spec import JobSpec, parse_spec
 from pipeline.status import job_status
-from pipeline.worker import DELAY_HOOK
+from pipeline.testhooks import hooks_env
+from tests.support.cli import run_cli_in_session
 from tests.support.fixtures import S3Bucket
-from tests.support.rayhead import pids_mentioning, run_cli_in_session
+from tests.support.rayhead import patched_environ, pids_mentioning
 from tests.support.seaweed import SeaweedS3
 from tests.support.shards import write_shards
 
@@ -55,19 +56,10 @@ def private_ray(s3_server: SeaweedS3) -> Iterator[Path]:
     as they were.
     """
     temp = Path(tempfile.mkdtemp(prefix="rs3", dir="/tmp"))  # short: unix socket paths
-    env = s3_server.env()
-    saved = {name: os.environ.get(name) for name in env}
-    os.environ.update(env)
     try:
-        try:
+        with patched_environ(s3_server.env()):
             ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
                      logging_level=logging.WARNING, _temp_dir=str(temp))
-        finally:
-            for name, value in saved.items():
-                if value is None:
-                    os.environ.pop(name, None)
-                else:
-                    os.environ[name] = value
         yield temp
     finally:
         ray.shutdown()
@@ -235,7 +227,8 @@ def test_s3_outage_mid_job_is_retried_without_loss_or_duplicates(
     options["config_kwargs"].update(connect_timeout=1, read_timeout=5)
     spec = s3_spec("s3-outage", str(tiny_vp_dir), shards, f"{s3_bucket.url}/out", options,
                    batch_size=2, shard_retries=4)
-    monkeypatch.setenv(DELAY_HOOK, "0.3")  # forwarded to the actor: ~1 s per shard
+    for name, value in hooks_env(batch_delay=0.3).items():  # forwarded to the actor: ~1 s a shard
+        monkeypatch.setenv(name, value)
     result: dict[str, Any] = {}
 
     def run() -> None:

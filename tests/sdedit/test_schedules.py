@@ -46,3 +46,14 @@ def test_ve_sigmas():
     s = VESchedule(sigma_min=0.01, sigma_max=100.0)
     sig = s.sigma(torch.tensor([0.0, 0.5, 1.0], dtype=torch.float64))
     assert torch.allclose(sig, torch.tensor([0.01, 1.0, 100.0], dtype=torch.float64))
+
+
+def test_ve_defaults_are_one_fact_and_diffusers_defaults():
+    from diffusers import ScoreSdeVeScheduler
+
+    assert VESchedule() == VESchedule.from_config({})
+    config = ScoreSdeVeScheduler().config
+    assert VESchedule() == VESchedule(config["sigma_min"], config["sigma_max"],
+                                      config["num_train_timesteps"], config["snr"])
+    assert VESchedule.from_config({"sigma_max": 50, "snr": 0.2}) == VESchedule(sigma_max=50.0,
+                                                                                snr=0.2)

@@ -317,15 +317,12 @@ class RayHead:
 
 
 @contextlib.contextmanager
-def ray_auth_env(info: RayHeadInfo) -> Iterator[None]:
-    """Put the head's auth variables into ``os.environ`` (for an in-process driver); restore after.
-
-    Also drops Ray's cached token, which the C++ loader keeps per process.
-    """
-    saved = {k: os.environ.get(k) for k in (*info.env, "RAY_AUTH_TOKEN_PATH")}
-    os.environ.pop("RAY_AUTH_TOKEN_PATH", None)
-    os.environ.update(info.env)
-    _reset_ray_token_cache()
+def patched_environ(updates: Mapping[str, str], remove: Iterable[str] = ()) -> Iterator[None]:
+    """``os.environ`` with `updates` set and `remove` unset inside the block; restored after."""
+    saved = {k: os.environ.get(k) for k in (*updates, *remove)}
+    for key in remove:
+        os.environ.pop(key, None)
+    os.environ.update(updates)
     try:
         yield
     finally:
@@ -334,7 +331,20 @@ def ray_auth_env(info: RayHeadInfo) -> Iterator[None]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+@contextlib.contextmanager
+def ray_auth_env(info: RayHeadInfo) -> Iterator[None]:
+    """Put the head's auth variables into ``os.environ`` (for an in-process driver); restore after.
+
+    Also drops Ray's cached token, which the C++ loader keeps per process.
+    """
+    with patched_environ(info.env, remove=["RAY_AUTH_TOKEN_PATH"]):
         _reset_ray_token_cache()
+        try:
+            yield
+        finally:
+            _reset_ray_token_cache()
 
 
 def _reset_ray_token_cache() -> None:
@@ -421,17 +431,3 @@ def fake_cluster(
         yield head.start(timeout=timeout)
     finally:
         head.stop()
-
-
-def run_cli_in_session(args: list[str], env: Mapping[str, str], timeout: float,
-                       also: Iterable[int] = ()) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline.cli ARGS` in its own session; every process of that session (and
-    the pids in `also`) is ended afterwards, even on timeout."""
-    proc = subprocess.Popen([sys.executable, "-m", "pipeline.cli", *args], env=dict(env),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    finally:
-        kill_session(proc.pid, grace=0.5, also=also, leader=proc)
-    return subprocess.CompletedProcess(proc.args, proc.returncode, stdout, stderr)

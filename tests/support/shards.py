@@ -2,20 +2,19 @@
 
 from __future__ import annotations
 
-import io
 from pathlib import Path
 
 import numpy as np
 import webdataset as wds
-from PIL import Image
+import yaml
 
+from pipeline.images import encode_image
 from pipeline.spec import JobSpec, parse_spec
 
 
 def png(array: np.ndarray) -> bytes:
-    buffer = io.BytesIO()
-    Image.fromarray(array).save(buffer, format="PNG")
-    return buffer.getvalue()
+    """PNG bytes of a uint8 (H, W, 3) or (H, W) array."""
+    return encode_image(array, "png")
 
 
 def write_shards(root: Path, n_shards: int = 3, per_shard: int = 4, size: int = 16,
@@ -50,10 +49,12 @@ def write_shards(root: Path, n_shards: int = 3, per_shard: int = 4, size: int = 
     return urls
 
 
-def make_spec(model_dir: Path, shards: str | list[str], out: Path, **sections: dict) -> JobSpec:
-    """A JobSpec for the tiny model: t0 0.04 (40 steps), CPU, one actor, batch 3."""
+def job_data(model_dir: Path, shards: str | list[str], out: Path, name: str = "test-job",
+             **sections: dict) -> dict:
+    """A job mapping for the tiny model: t0 0.04 (40 steps), CPU, one actor, batch 3; each
+    of `sections` updates the section of its name."""
     data = {
-        "name": "test-job",
+        "name": name,
         "model": {"source": str(model_dir)},
         "input": {"shards": shards},
         "output": {"path": str(out)},
@@ -63,4 +64,16 @@ def make_spec(model_dir: Path, shards: str | list[str], out: Path, **sections: d
     }
     for name, values in sections.items():
         data[name] = {**data.get(name, {}), **values}
-    return parse_spec(data, source="test")
+    return data
+
+
+def make_spec(model_dir: Path, shards: str | list[str], out: Path, **sections: dict) -> JobSpec:
+    """The validated `job_data`."""
+    return parse_spec(job_data(model_dir, shards, out, **sections), source="test")
+
+
+def write_job(path: Path, model_dir: Path, shards: str | list[str], out: Path,
+              name: str = "test-job", **sections: dict) -> Path:
+    """`job_data` written as a YAML job file at `path`."""
+    path.write_text(yaml.safe_dump(job_data(model_dir, shards, out, name, **sections)))
+    return path

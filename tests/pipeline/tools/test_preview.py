@@ -21,7 +21,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.preview import CAPTION_HEIGHT, HEADER_HEIGHT, PADDING, grid_size, make_preview
+from pipeline.tools.preview import CAPTION_HEIGHT, HEADER_HEIGHT, PADDING, grid_size, make_preview
 
 TILE = 16
 
@@ -99,7 +99,7 @@ def test_preview_adds_a_target_column_and_can_be_written(tmp_path: Path) -> None
 def test_preview_first_n_samples_in_sorted_order(tmp_path: Path) -> None:
     out = f"memory://preview-test-{uuid.uuid4().hex}/job"
     _write_job(out, {"in-000001": ["k5", "k4"], "in-000000": ["k2", "k9", "k0"]})
-    from pipeline import preview
+    from pipeline.tools import preview
 
     fs, root = fsspec.core.url_to_fs(out)
     chosen = preview._first_samples(fs, preview._shard_paths(fs, root, out), 4)
@@ -114,3 +114,22 @@ def test_no_shards_is_an_error_naming_out(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["preview", out, "-o", str(tmp_path / "g.png")])
     assert result.exit_code == PipelineError.exit_code
     assert "empty-job" in result.output and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("fmt", ["jpg", "webp"])
+def test_preview_reads_any_output_format_and_jobs_without_guides(tmp_path: Path, fmt: str) -> None:
+    """Jobs written with image_format jpg|webp or include_guide: false have previews too."""
+    out = str(tmp_path / "job")
+    with fsspec.open(f"{out}/shards/in-000000.tar", "wb") as f:
+        writer = wds.TarWriter(f)
+        for key in ("b", "a"):
+            buffer = io.BytesIO()
+            Image.new("RGB", (TILE, TILE), (0, 255, 0)).save(
+                buffer, {"jpg": "JPEG", "webp": "WEBP"}[fmt], quality=100)
+            writer.write({"__key__": key, fmt: buffer.getvalue(),
+                          "json": json.dumps({"key": key, "t0": 0.5}).encode()})
+        writer.close()
+    sheet = make_preview(out, n=4)
+    assert sheet.size == grid_size(2, 1, TILE)  # no guide column: output only
+    pixel = np.asarray(sheet)[_rows_top(0) + TILE // 2, PADDING + TILE // 2]
+    assert abs(int(pixel[1]) - 255) < 8 and int(pixel[0]) < 8  # the green output

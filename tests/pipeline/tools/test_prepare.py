@@ -17,7 +17,7 @@ from PIL import Image
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
-from pipeline.prepare import prepare, sanitize_key
+from pipeline.tools.prepare import prepare, sanitize_key
 
 
 def _write_image(path: Path, size: tuple[int, int], seed: int, fmt: str = "PNG") -> None:

@@ -15,18 +15,18 @@ import io
 import logging
 import posixpath
 import re
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Literal, TypeVar
 
-import fsspec
 import webdataset as wds
-from fsspec.core import url_to_fs
 from PIL import Image, ImageOps, UnidentifiedImageError
 from tqdm import tqdm
 
 from pipeline.errors import PipelineError, StorageError
+from pipeline.images import encode_image, to_rgb
+from pipeline.storage import FileSystem, url_fs
 from sdedit.strokes import simulate_strokes
 
 __all__ = ["PrepareReport", "prepare", "sanitize_key"]
@@ -68,7 +68,7 @@ class PrepareReport:
 class _Source:
     """One file to prepare: where to read it and its path relative to its source root."""
 
-    fs: fsspec.AbstractFileSystem
+    fs: FileSystem
     path: str
     relpath: str
 
@@ -103,14 +103,14 @@ def _unique_keys(relpaths: Sequence[str]) -> list[str]:
     return keys
 
 
-def _find_files(fs: fsspec.AbstractFileSystem, root: str) -> list[tuple[str, str]]:
+def _find_files(fs: FileSystem, root: str) -> list[tuple[str, str]]:
     """(path, relpath) of every file under directory `root`, recursively."""
     root = root.rstrip("/")
     return [(p, posixpath.relpath(p, root)) for p in fs.find(root)]
 
 
 def _expand_list_file(
-    fs: fsspec.AbstractFileSystem, path: str, storage_options: dict[str, Any]
+    fs: FileSystem, path: str, storage_options: dict[str, Any]
 ) -> list[_Source]:
     """Entries of a .txt list file: one URL or path per line; '#' comments and blanks ignored.
 
@@ -130,7 +130,7 @@ def _expand_list_file(
         if "://" not in line and not line.startswith("/"):
             protocol, _, folder_path = folder.rpartition("://")
             line = f"{protocol}://{posixpath.normpath(posixpath.join(folder_path, line))}"
-        entry_fs, entry_path = url_to_fs(line, **storage_options)
+        entry_fs, entry_path = url_fs(line, storage_options)
         entries.append((entry_fs, entry_path, line.split("://", 1)[-1]))
     if not entries:
         return []
@@ -141,7 +141,7 @@ def _expand_list_file(
 
 def _expand_source(source: str, storage_options: dict[str, Any]) -> list[_Source]:
     """Files of one source: a folder (recursive), a glob, a .txt list of URLs, or one file."""
-    fs, path = url_to_fs(source, **storage_options)
+    fs, path = url_fs(source, storage_options)
     if _GLOB_CHARS.search(path):
         root = path[:_GLOB_CHARS.search(path).start()].rpartition("/")[0]  # type: ignore[union-attr]
         found: list[tuple[str, str]] = []
@@ -174,21 +174,8 @@ def _load_square(source: _Source, size: int) -> Image.Image:
     with source.fs.open(source.path, "rb") as f:
         data = f.read()
     with Image.open(io.BytesIO(data)) as image:
-        image.load()
-        image = ImageOps.exif_transpose(image)
-        if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-            rgba = image.convert("RGBA")
-            image = Image.new("RGB", rgba.size, (255, 255, 255))
-            image.paste(rgba, mask=rgba.getchannel("A"))
-        else:
-            image = image.convert("RGB")
-    return ImageOps.fit(image, (size, size), method=Image.Resampling.LANCZOS)
-
-
-def _png(image: Image.Image) -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG")
-    return buffer.getvalue()
+        rgb = to_rgb(image)
+    return ImageOps.fit(rgb, (size, size), method=Image.Resampling.LANCZOS)
 
 
 def _ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iterator[R]:
@@ -208,7 +195,7 @@ def _ordered_map(fn: Callable[[T], R], items: Sequence[T], workers: int) -> Iter
             yield result
 
 
-def _existing_shards(fs: fsspec.AbstractFileSystem, root: str) -> list[str]:
+def _existing_shards(fs: FileSystem, root: str) -> list[str]:
     return sorted(fs.glob(f"{root}/shard-*.tar")) if fs.isdir(root) else []
 
 
@@ -257,41 +244,17 @@ def prepare(
     if not sources:
         raise PipelineError("no sources given")
     options = dict(storage_options or {})
-
     files = [file for source in sources for file in _expand_source(source, options)]
     files.sort(key=lambda s: (s.relpath, s.url))
     keys = _unique_keys([s.relpath for s in files])
     log.info("preparing %d file(s) from %d source(s) into %s", len(files), len(sources), out)
-
     out = out.rstrip("/")
-    out_fs, out_root = url_to_fs(out, **options)
-    old_shards = _existing_shards(out_fs, out_root)
-    if old_shards and not overwrite:
-        raise PipelineError(f"{out} already holds {len(old_shards)} shard(s); pass overwrite "
-                            "(--overwrite) to replace them")
-    try:
-        out_fs.makedirs(out_root, exist_ok=True)
-    except OSError as exc:
-        raise StorageError(f"cannot create output folder {out}: {exc}") from exc
-
-    def load(source: _Source) -> tuple[dict[str, bytes] | None, str | None]:
-        try:
-            image = _load_square(source, size)
-        except UnidentifiedImageError:
-            return None, "not a recognised image format"
-        except Exception as exc:  # any failure of one file is reported, not fatal
-            return None, f"{type(exc).__name__}: {exc}"
-        if strokes == "simulate":
-            return {"png": _png(simulate_strokes(image)), "target.png": _png(image)}, None
-        return {"png": _png(image)}, None
-
+    out_fs, out_root, old_shards = _output_folder(out, options, overwrite)
+    results = _ordered_map(lambda source: _load_members(source, size, strokes), files, workers)
     shards: list[str] = []
     skipped: list[tuple[str, str]] = []
     n_images = 0
-    writer: wds.TarWriter | None = None
-    stream: Any = None
-    results: Iterable[tuple[dict[str, bytes] | None, str | None]] = _ordered_map(
-        load, files, workers)
+    writer: _ShardWriter | None = None
     try:
         for source, key, (members, error) in tqdm(
             zip(files, keys, results, strict=True), total=len(files), disable=not progress,
@@ -303,20 +266,16 @@ def prepare(
             if writer is None or n_images % shard_size == 0:
                 if writer is not None:
                     writer.close()
-                    stream.close()
                 name = SHARD_PATTERN.format(index=len(shards))
-                stream = out_fs.open(f"{out_root}/{name}", "wb")
-                writer = wds.TarWriter(stream, mtime=_TAR_MTIME)
+                writer = _ShardWriter(out_fs, f"{out_root}/{name}")
                 shards.append(f"{out}/{name}")
-            writer.write({"__key__": key, **members})
+            writer.tar.write({"__key__": key, **members})
             n_images += 1
     except OSError as exc:
         raise StorageError(f"cannot write shards to {out}: {exc}") from exc
     finally:
         if writer is not None:
             writer.close()
-            stream.close()
-
     written = {f"{out_root}/{SHARD_PATTERN.format(index=i)}" for i in range(len(shards))}
     for path in old_shards:
         if path not in written:
@@ -326,3 +285,46 @@ def prepare(
                     "; ".join(f"{url} ({error})" for url, error in skipped))
     log.info("wrote %d image(s) in %d shard(s) to %s", n_images, len(shards), out)
     return PrepareReport(n_images=n_images, n_shards=len(shards), shards=shards, skipped=skipped)
+
+
+def _output_folder(out: str, options: dict[str, Any],
+                   overwrite: bool) -> tuple[FileSystem, str, list[str]]:
+    """(filesystem, root, shards already there) of the output folder, created if missing;
+    PipelineError when it holds shards and `overwrite` is off."""
+    out_fs, out_root = url_fs(out, options)
+    old_shards = _existing_shards(out_fs, out_root)
+    if old_shards and not overwrite:
+        raise PipelineError(f"{out} already holds {len(old_shards)} shard(s); pass overwrite "
+                            "(--overwrite) to replace them")
+    try:
+        out_fs.makedirs(out_root, exist_ok=True)
+    except OSError as exc:
+        raise StorageError(f"cannot create output folder {out}: {exc}") from exc
+    return out_fs, out_root, old_shards
+
+
+def _load_members(source: _Source, size: int,
+                  strokes: str) -> tuple[dict[str, bytes] | None, str | None]:
+    """(members of one sample, None), or (None, why the file cannot be read)."""
+    try:
+        image = _load_square(source, size)
+    except UnidentifiedImageError:
+        return None, "not a recognised image format"
+    except Exception as exc:  # any failure of one file is reported, not fatal
+        return None, f"{type(exc).__name__}: {exc}"
+    if strokes == "simulate":
+        return {"png": encode_image(simulate_strokes(image)),
+                "target.png": encode_image(image)}, None
+    return {"png": encode_image(image)}, None
+
+
+class _ShardWriter:
+    """One output tar being written (fixed member mtime: the same inputs give the same bytes)."""
+
+    def __init__(self, fs: FileSystem, path: str) -> None:
+        self.stream = fs.open(path, "wb")
+        self.tar = wds.TarWriter(self.stream, mtime=_TAR_MTIME)
+
+    def close(self) -> None:
+        self.tar.close()
+        self.stream.close()

@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 from click.testing import CliRunner
 
-from pipeline.bench import count_flops, cpu_share, load_reference, peak_tflops, random_model
 from pipeline.cli import main
+from pipeline.tools import reference_loop as reference
+from pipeline.tools.bench import count_flops, cpu_share, peak_tflops, random_model
 from sdedit import edit
 
 
@@ -26,8 +32,6 @@ def test_flops_per_forward_match_the_published_architectures(arch, gflop, params
 
 def test_reference_loop_is_the_paper_loop(tiny_vp):
     """Fed the same per-sample noise, the official-style loop equals edit(sampler="ddpm")."""
-    reference = load_reference()
-    assert reference is not None, "benchmarks/reference_loop.py is missing from the checkout"
     seeds = list(range(10, 10 + reference.BATCH))
     generators = [torch.Generator().manual_seed(s) for s in seeds]
 
@@ -71,3 +75,23 @@ def test_bench_rejects_bad_settings_cleanly():
 def test_cpu_has_no_peak_and_a_cpu_share():
     assert peak_tflops(torch.device("cpu"), "bf16") is None
     assert 1 <= cpu_share() <= (torch.get_num_threads() + 64)
+
+
+def test_bench_runs_the_reference_from_an_installed_package(tmp_path):
+    """Only the packages are copied (no checkout around them, no benchmarks/ folder), as pip
+    installs them: the reference loop still runs."""
+    site = tmp_path / "site"
+    for package in ("pipeline", "sdedit"):
+        shutil.copytree(Path(__file__).parents[3] / package, site / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    code = ("import pipeline, sys; site = sys.argv.pop(1); "
+            "assert pipeline.__file__.startswith(site), pipeline.__file__; "
+            "from pipeline.cli import main; main()")
+    result = subprocess.run(
+        [sys.executable, "-c", code, str(site), "bench", "--arch", "tiny", "--t0", "0.002",
+         "--batch-sizes", "1", "--dtypes", "fp32", "--threads", "1", "--repeats", "1"],
+        cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(site)}, capture_output=True,
+        text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "reference loop" in result.stderr and "not run" not in result.stdout
+    assert result.stdout.count("reference") >= 1

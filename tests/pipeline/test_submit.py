@@ -16,11 +16,11 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.submit import submission_status
-from tests.support.rayhead import RayHeadInfo, ray_auth_env, run_cli_in_session
-from tests.support.shards import write_shards
+from tests.support.cli import run_cli_in_session
+from tests.support.rayhead import RayHeadInfo, ray_auth_env
+from tests.support.shards import write_job, write_shards
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
@@ -42,11 +42,8 @@ def test_submit_runs_job_on_the_cluster_and_status_reads_the_submission(
         ray_head: RayHeadInfo, tiny_vp_dir: Path, tmp_path: Path) -> None:
     inputs = write_shards(tmp_path / "in", n_shards=2, per_shard=2, bad=False)
     out = tmp_path / "out"
-    job = tmp_path / "job.yaml"
-    job.write_text(yaml.safe_dump({
-        "name": "submitted", "model": {"source": str(tiny_vp_dir)},
-        "input": {"shards": inputs}, "output": {"path": str(out)},
-        "sdedit": {"t0": 0.04}, "compute": {"device": "cpu", "actors": 1, "batch_size": 2}}))
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, inputs, out, "submitted",
+                    compute={"batch_size": 2})
     url = ray_head.dashboard_url
 
     run = _cli(["submit", str(job), "--address", url, "--set", "sdedit.seed=5"], ray_head, 300)

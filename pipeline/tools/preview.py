@@ -1,10 +1,11 @@
 """Contact sheets of a finished (or running) job: guide | output (| target), one row per sample.
 
     image = make_preview("s3://bucket/out/sketch2bedroom", n=16)
-    image.save("grid.png")
+    write_preview("s3://bucket/out/sketch2bedroom", "grid.png", n=16)
 
-Reads the output shards `OUT/shards/*.tar` (members `{key}.png` output, `{key}.guide.png`,
-optionally `{key}.target.png`, `{key}.mask.png`, and `{key}.json` metadata with "key", "t0").
+Reads the output shards `OUT/shards/*.tar`: the output `{key}.png|jpg|webp` (any
+`output.image_format`), and when present `{key}.guide.png` (absent with `include_guide: false`:
+the sheet then has no guide column), `{key}.target.png`, and `{key}.json` metadata ("key", "t0").
 """
 
 from __future__ import annotations
@@ -16,14 +17,15 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import fsspec
-from fsspec.core import url_to_fs
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.errors import PipelineError, StorageError
+from pipeline.images import OUTPUT_FORMATS, encode_image
+from pipeline.storage import FileSystem, put_bytes_atomic, url_fs
 
-__all__ = ["CAPTION_HEIGHT", "HEADER_HEIGHT", "PADDING", "grid_size", "make_preview"]
+__all__ = ["CAPTION_HEIGHT", "HEADER_HEIGHT", "PADDING", "grid_size", "make_preview",
+           "write_preview"]
 
 log = logging.getLogger(__name__)
 
@@ -43,7 +45,7 @@ class _Sample:
 
     key: str
     output: bytes
-    guide: bytes
+    guide: bytes | None
     target: bytes | None
     meta: dict[str, Any]
 
@@ -59,7 +61,7 @@ def grid_size(rows: int, columns: int, tile: int) -> tuple[int, int]:
     return width, height
 
 
-def _shard_paths(fs: fsspec.AbstractFileSystem, root: str, out: str) -> list[str]:
+def _shard_paths(fs: FileSystem, root: str, out: str) -> list[str]:
     """Sorted paths of OUT/shards/*.tar; PipelineError naming `out` when there are none."""
     try:
         paths = sorted(fs.glob(f"{root}/shards/*.tar"))
@@ -71,27 +73,28 @@ def _shard_paths(fs: fsspec.AbstractFileSystem, root: str, out: str) -> list[str
     return paths
 
 
-def _read_samples(fs: fsspec.AbstractFileSystem, path: str) -> list[_Sample]:
-    """All complete samples (with output and guide) of one output tar, in tar order."""
+def _read_samples(fs: FileSystem, path: str) -> list[_Sample]:
+    """All samples with an output image of one output tar, in tar order."""
     samples = []
     incomplete = 0
     with fs.open(path, "rb") as stream:
         members = ({**member, "__url__": path} for member in tar_file_iterator(stream))
         for sample in group_by_keys(members):
-            if "png" not in sample or "guide.png" not in sample:
+            output = next((sample[ext] for ext in OUTPUT_FORMATS if ext in sample), None)
+            if output is None:
                 incomplete += 1
                 continue
             meta = json.loads(sample["json"]) if "json" in sample else {}
             samples.append(_Sample(
-                key=str(meta.get("key", sample["__key__"])), output=sample["png"],
-                guide=sample["guide.png"], target=sample.get("target.png"), meta=meta))
+                key=str(meta.get("key", sample["__key__"])), output=output,
+                guide=sample.get("guide.png"), target=sample.get("target.png"), meta=meta))
     if incomplete:
-        log.warning("%s: %d sample(s) without output or guide image left out of the preview",
+        log.warning("%s: %d sample(s) without an output image left out of the preview",
                     path, incomplete)
     return samples
 
 
-def _first_samples(fs: fsspec.AbstractFileSystem, paths: list[str], n: int) -> list[_Sample]:
+def _first_samples(fs: FileSystem, paths: list[str], n: int) -> list[_Sample]:
     """The first `n` samples: shards in name order, samples sorted by key within each shard.
 
     Reads whole shards only until `n` samples are found; keeps at most `n` encoded samples.
@@ -114,7 +117,7 @@ def _first_samples(fs: fsspec.AbstractFileSystem, paths: list[str], n: int) -> l
 
 
 def _tile(data: bytes, tile: int) -> Image.Image:
-    """Decode a PNG and fit it into a (tile, tile) RGB square, aspect kept, padded white."""
+    """Decode an image and fit it into a (tile, tile) RGB square, aspect kept, padded white."""
     with Image.open(io.BytesIO(data)) as image:
         return ImageOps.pad(image.convert("RGB"), (tile, tile), color=_BACKGROUND)
 
@@ -145,8 +148,9 @@ def make_preview(
 ) -> Image.Image:
     """A contact sheet of the first `n` samples of the job in `out`.
 
-    One row per sample: guide | output, plus a target column when any shown sample has
-    `{key}.target.png`; a caption with the key and t0 under each row; column titles on top.
+    One row per sample: guide | output | target, each column only when some shown sample has
+    that member (the output always); a caption with the key and t0 under each row; column
+    titles on top.
     Samples are taken from the shards in name order, sorted by key within each shard.
 
     Args:
@@ -166,15 +170,18 @@ def make_preview(
     if tile is not None and tile < 1:
         raise PipelineError(f"tile must be >= 1 pixel, got {tile}")
     out = out.rstrip("/")
-    fs, root = url_to_fs(out, **(storage_options or {}))
+    fs, root = url_fs(out, storage_options)
     samples = _first_samples(fs, _shard_paths(fs, root, out), n)
     if not samples:
-        raise PipelineError(f"the shards of {out} hold no sample with an output and a guide")
+        raise PipelineError(f"the shards of {out} hold no sample with an output image")
     if tile is None:
         with Image.open(io.BytesIO(samples[0].output)) as first:
             tile = max(first.size)
 
-    titles = ["guide", "output"] + (["target"] if any(s.target for s in samples) else [])
+    columns = {"guide": lambda s: s.guide, "output": lambda s: s.output,
+               "target": lambda s: s.target}
+    titles = [t for t, member in columns.items()
+              if t == "output" or any(member(s) for s in samples)]
     width, height = grid_size(len(samples), len(titles), tile)
     sheet = Image.new("RGB", (width, height), _BACKGROUND)
     draw = ImageDraw.Draw(sheet)
@@ -184,9 +191,22 @@ def make_preview(
         _draw_text(draw, (x, PADDING // 2), title, tile, font)
     for row, sample in enumerate(samples):
         y = HEADER_HEIGHT + PADDING + row * (tile + CAPTION_HEIGHT + PADDING)
-        for column, data in enumerate([sample.guide, sample.output, sample.target][:len(titles)]):
+        for column, data in enumerate(columns[title](sample) for title in titles):
             if data is not None:
                 sheet.paste(_tile(data, tile), (PADDING + column * (tile + PADDING), y))
         _draw_text(draw, (PADDING, y + tile + 1), _caption(sample), width - 2 * PADDING, font)
     log.info("preview of %d sample(s) from %s: %dx%d px", len(samples), out, width, height)
+    return sheet
+
+
+def write_preview(out: str, path: str, n: int = 16,
+                  storage_options: dict[str, Any] | None = None, *,
+                  tile: int | None = None) -> Image.Image:
+    """`make_preview`, written as PNG to `path` (local or fsspec URL, with the same options);
+    returns the sheet. Raises StorageError when `path` cannot be written."""
+    sheet = make_preview(out, n, storage_options, tile=tile)
+    try:
+        put_bytes_atomic(path, encode_image(sheet, "png"), storage_options)
+    except OSError as exc:
+        raise StorageError(f"cannot write {path}: {exc}") from exc
     return sheet

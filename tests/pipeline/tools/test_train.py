@@ -12,9 +12,11 @@ import torch
 from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
-from pipeline.demo_data import write_demo_data
 from pipeline.errors import PipelineError
-from pipeline.train import expand_data_urls, image_batches, train
+from pipeline.shards import expand_shards
+from pipeline.tools.demo_data import write_demo_data
+from pipeline.tools.train import train
+from pipeline.tools.train_data import image_batches
 
 TINY: dict[str, Any] = dict(size=16, batch_size=4, block_out_channels=(8, 16), norm_num_groups=8,
                             threads=1, progress=False, shuffle_buffer=8, warmup_steps=2)
@@ -28,19 +30,19 @@ def rooms(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(out)
 
 
-def test_expand_data_urls_braces_globs_and_folders(rooms: str) -> None:
+def test_training_data_braces_globs_and_folders(rooms: str, tmp_path: Path) -> None:
     expected = [f"{rooms}/rooms-000000.tar", f"{rooms}/rooms-000001.tar"]
-    assert expand_data_urls(f"{rooms}/rooms-{{000000..000001}}.tar") == expected
-    assert [u.removeprefix("file://") for u in expand_data_urls(rooms)] == expected
-    assert [u.removeprefix("file://") for u in expand_data_urls([f"{rooms}/*.tar"])] == expected
+    assert expand_shards(f"{rooms}/rooms-{{000000..000001}}.tar") == expected
+    assert expand_shards(rooms) == expected
+    assert expand_shards([f"{rooms}/*.tar"]) == expected
     with pytest.raises(PipelineError, match="no training shards"):
-        expand_data_urls(f"{rooms}/nothing-*.tar")
+        train(f"{rooms}/nothing-*.tar", str(tmp_path / "m"), steps=1, **TINY)
 
 
 def test_image_batches_shapes_and_range(rooms: str) -> None:
     import numpy as np
 
-    batches = image_batches(expand_data_urls(rooms), 8, 3, rng=np.random.default_rng(0),
+    batches = image_batches(expand_shards(rooms), 8, 3, rng=np.random.default_rng(0),
                             shuffle_buffer=4)
     for _ in range(3):  # more than one epoch of 4 images
         x = next(batches)

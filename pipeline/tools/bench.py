@@ -3,8 +3,8 @@
 For each threads x dtype x batch size it times whole `edit` calls (warm-up first, then the
 median of `repeats`; CUDA synchronised around each) and one batched network forward, and
 reports image-forwards/s, edits/s, achieved TFLOP/s and MFU (known GPUs only). The baseline is
-benchmarks/reference_loop.py from the repository checkout (the official SDEdit loop: fp32,
-eager, one guide repeated to a batch of 8). FLOPs per forward are counted once with
+`pipeline.tools.reference_loop` (the official SDEdit loop: fp32, eager, one guide repeated to a
+batch of 8), part of the installed package. FLOPs per forward are counted once with
 `torch.utils.flop_counter.FlopCounterMode` on the "meta" device (2 FLOPs per multiply-add;
 on the CPU, real tensors would hide attention inside an uncounted fused kernel).
 Networks get random weights with the real architecture unless `source` names a model.
@@ -12,7 +12,6 @@ Networks get random weights with the real architecture unless `source` names a m
 
 from __future__ import annotations
 
-import importlib.util
 import logging
 import os
 import statistics
@@ -26,8 +25,10 @@ from typing import Any
 import torch
 
 from pipeline.errors import PipelineError
+from pipeline.tools import reference_loop
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.accel import Acceleration
+from sdedit.devices import DTYPES, resolve_device
 from sdedit.edit import SeedNoise, count_steps
 from sdedit.schedules import VPSchedule
 
@@ -58,8 +59,6 @@ PEAKS: list[tuple[str, dict[str, float]]] = [
     ("H200", {"bf16": 989.4, "fp16": 989.4, "tf32": 494.7, "fp32": 66.9}),
     ("A100", {"bf16": 312.0, "fp16": 312.0, "tf32": 156.0, "fp32": 19.5}),
 ]
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference_loop.py"
 
 
 @dataclass(frozen=True)
@@ -184,17 +183,6 @@ def peak_tflops(device: torch.device, dtype: str) -> float | None:
     return None
 
 
-def load_reference() -> Any | None:
-    """benchmarks/reference_loop.py of the checkout, or None when this is not a checkout."""
-    if not REFERENCE.exists():
-        return None
-    spec = importlib.util.spec_from_file_location("sdedit_reference_loop", REFERENCE)
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -232,10 +220,39 @@ def _count_syncs(fn: Callable[[int], Any], device: torch.device
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = logger.info) -> BenchReport:
     """Measure; see the module docstring. Raises PipelineError for bad settings."""
-    device = torch.device("cuda" if config.device == "auto" and torch.cuda.is_available()
-                          else "cpu" if config.device == "auto" else config.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("device cuda requested but no CUDA device is available")
+    device, model, evals = _setup(config)
+    flops = count_flops(model)
+    report = BenchReport(config=asdict(config), env=_environment(device, model),
+                         gflop_per_forward=flops / 1e9)
+    for threads in config.threads or (cpu_share(),):
+        torch.set_num_threads(threads)
+        ref_row = None
+        if config.reference:
+            progress(f"reference loop, {threads} thread(s)")
+            ref_row = _bench_reference(model, config, device, flops, threads)
+            report.rows.append(ref_row)
+        for name in config.dtypes:
+            if device.type == "cpu" and name == "fp16":
+                report.notes.append("fp16 skipped on the CPU (no fp16 convolutions)")
+                continue
+            model.accelerate(**_accel_options(config, device, DTYPES[name]))
+            for batch in config.batch_sizes:
+                progress(f"sdedit.edit {name} batch {batch}, {threads} thread(s)")
+                row = _bench_edit(model, config, device, name, batch, threads, evals, flops)
+                if ref_row is not None:
+                    row.vs_reference_forwards = row.img_forwards_per_s / \
+                        ref_row.img_forwards_per_s
+                    row.vs_reference_edits = row.edits_per_s / ref_row.edits_per_s
+                report.rows.append(row)
+    return report
+
+
+def _setup(config: BenchConfig) -> tuple[torch.device, DiffusionModel, int]:
+    """(device, model, network evaluations per edit), or PipelineError for bad settings."""
+    try:
+        device = resolve_device(config.device)
+    except ValueError as exc:
+        raise PipelineError(str(exc)) from exc
     for name in config.dtypes:
         if name not in DTYPES:
             raise PipelineError(f"dtype {name!r} is unknown; allowed: {', '.join(DTYPES)}")
@@ -243,40 +260,11 @@ def run_bench(config: BenchConfig, progress: Callable[[str], None] = logger.info
         random_model(config.arch, device)
     if model.kind != "vp":
         raise PipelineError(f"bench needs a VP (DDPM) model; {model.source} is VE")
-    flops = count_flops(model)
     try:
         evals = count_steps(model, config.sampler, config.t0, config.steps)
     except ValueError as exc:
         raise PipelineError(str(exc)) from exc
-    reference = load_reference() if config.reference else None
-    report = BenchReport(config=asdict(config), env=_environment(device, model),
-                         gflop_per_forward=flops / 1e9)
-    if config.reference and reference is None:
-        report.notes.append(f"reference loop not run: {REFERENCE} is absent (not a checkout)")
-    h, w = model.sample_size
-    for threads in config.threads or (cpu_share(),):
-        torch.set_num_threads(threads)
-        ref_row = None
-        if reference is not None:
-            progress(f"reference loop, {threads} thread(s)")
-            ref_row = _bench_reference(reference, model, config, device, flops, threads)
-            report.rows.append(ref_row)
-        for name in config.dtypes:
-            dtype = DTYPES[name]
-            if device.type == "cpu" and dtype == torch.float16:
-                report.notes.append("fp16 skipped on the CPU (no fp16 convolutions)")
-                continue
-            model.accelerate(**_accel_options(config, device, dtype))
-            for batch in config.batch_sizes:
-                progress(f"sdedit.edit {name} batch {batch}, {threads} thread(s)")
-                row = _bench_edit(model, config, device, name, batch, threads, evals, flops,
-                                  (h, w))
-                if ref_row is not None:
-                    row.vs_reference_forwards = row.img_forwards_per_s / \
-                        ref_row.img_forwards_per_s
-                    row.vs_reference_edits = row.edits_per_s / ref_row.edits_per_s
-                report.rows.append(row)
-    return report
+    return device, model, evals
 
 
 def _accel_options(config: BenchConfig, device: torch.device, dtype: torch.dtype
@@ -291,8 +279,8 @@ def _accel_options(config: BenchConfig, device: torch.device, dtype: torch.dtype
 
 
 def _bench_edit(model: DiffusionModel, config: BenchConfig, device: torch.device, name: str,
-                batch: int, threads: int, evals: int, flops: float,
-                size: tuple[int, int]) -> BenchRow:
+                batch: int, threads: int, evals: int, flops: float) -> BenchRow:
+    size = model.sample_size
     gen = torch.Generator().manual_seed(batch)
     guides = torch.rand(batch, model.in_channels, *size, generator=gen) * 2 - 1
     seeds = list(range(batch))
@@ -323,18 +311,18 @@ def _bench_edit(model: DiffusionModel, config: BenchConfig, device: torch.device
         syncs_per_edit=syncs, syncs_per_step=per_step)
 
 
-def _bench_reference(reference: Any, model: DiffusionModel, config: BenchConfig,
-                     device: torch.device, flops: float, threads: int) -> BenchRow:
-    net = reference.official_network(model.net, device)
+def _bench_reference(model: DiffusionModel, config: BenchConfig, device: torch.device,
+                     flops: float, threads: int) -> BenchRow:
+    net = reference_loop.official_network(model.net, device)
     gen = torch.Generator().manual_seed(0)
     guide = torch.rand(1, model.in_channels, *model.sample_size, generator=gen) * 2 - 1
     levels = round(config.t0 * 1000)
-    batch = reference.BATCH
-    reference.reference_edit(net, guide, min(config.warmup_steps, levels))
-    seconds = _median_seconds(lambda: reference.reference_edit(net, guide, levels),
+    batch = reference_loop.BATCH
+    reference_loop.reference_edit(net, guide, min(config.warmup_steps, levels))
+    seconds = _median_seconds(lambda: reference_loop.reference_edit(net, guide, levels),
                               config.repeats, device)
     syncs, per_step = _count_syncs(
-        lambda steps: reference.reference_edit(net, guide, min(steps, levels)), device)
+        lambda steps: reference_loop.reference_edit(net, guide, min(steps, levels)), device)
     rate = batch * levels / seconds
     peak = peak_tflops(device, "fp32")
     return BenchRow(

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.demo_data import render_room, write_demo_data
 from pipeline.errors import PipelineError
+from pipeline.tools.demo_data import render_room, write_demo_data
 
 
 def _members(path: Path) -> dict[str, bytes]:
@@ -101,7 +101,7 @@ def test_strokes_option_writes_guides_and_targets(tmp_path):
     import webdataset as wds
     from PIL import Image
 
-    from pipeline.demo_data import write_demo_data
+    from pipeline.tools.demo_data import write_demo_data
 
     (url,) = write_demo_data(str(tmp_path / "s"), 3, size=32, seed=5, strokes=True)
     samples = list(wds.WebDataset([url], shardshuffle=False))

@@ -14,8 +14,8 @@ What it keeps from the official code, since these are what cost time:
 Left out: progress bars and the intermediate PNGs written every 100 steps (I/O, not compute).
 
 The math is the paper's: x = sqrt(a_T) x0 + sqrt(1 - a_T) e, then for i = T-1 .. 0 the
-ancestral DDPM step with the small posterior variance; `tests/sdedit/test_bench.py` checks that,
-fed the same noise, it matches `sdedit.edit(..., sampler="ddpm")`.
+ancestral DDPM step with the small posterior variance; `tests/pipeline/tools/test_bench.py`
+checks that, fed the same noise, it matches `sdedit.edit(..., sampler="ddpm")`.
 """
 
 from __future__ import annotations
