@@ -1,12 +1,12 @@
 """Load a pretrained unconditional diffusion model as a denoiser.
 
-Sources (see `load_model`): a local diffusers model directory, a Hugging Face hub id (through
-the hub cache), or an fsspec URL to such a directory (copied to a local cache first; fsspec is
-imported only then). Two layouts are understood:
+Sources (see `load_model` and `sdedit.sources`): a local diffusers model directory, a Hugging
+Face hub id (through the hub cache), or an fsspec URL to such a directory (copied to a local
+cache first; fsspec is imported only then). Layouts:
 
     root layout (google/ddpm-ema-bedroom-256, google/ncsnpp-church-256):
         config.json  diffusion_pytorch_model.{safetensors,bin}  scheduler_config.json
-    pipeline layout (DDPMPipeline.save_pretrained):
+    pipeline layout, pixel (DDPMPipeline.save_pretrained):
         model_index.json  unet/{config.json, diffusion_pytorch_model.*}
         scheduler/scheduler_config.json
 
@@ -16,12 +16,9 @@ Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -30,6 +27,7 @@ import torch
 
 from sdedit.accel import Acceleration, NetRunner
 from sdedit.schedules import VESchedule, VPSchedule
+from sdedit.sources import ModelSourceError, files_identity, resolve
 
 logger = logging.getLogger(__name__)
 
@@ -39,11 +37,6 @@ VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PND
                  "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"}
 VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelSourceError(ValueError):
-    """A model source is missing, unreachable, corrupt or of an unsupported kind."""
 
 
 @dataclass
@@ -63,6 +56,9 @@ class DiffusionModel:
         dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast.
         accel: how the network runs (autocast, channels_last, compile, CUDA graphs, noise
             threads); see `sdedit.accel`. Change it with `accelerate`.
+        identity: what the weights are: "sha256:<hex>" over the files the model was built from
+            (`sdedit.sources.files_identity`), or "hf:<repo id>@<commit>" for a hub snapshot;
+            "" when the model was assembled by hand.
     """
 
     net: torch.nn.Module
@@ -77,6 +73,7 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     accel: Acceleration = field(default_factory=Acceleration)
+    identity: str = ""
     _runner: NetRunner | None = field(default=None, init=False, repr=False, compare=False)
     _abar: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
@@ -138,90 +135,35 @@ def load_model(
         ModelSourceError (a ValueError) naming the source and what is wrong.
     """
     text = os.fspath(source)
-    directory = _resolve(text, cache_dir, storage_options)
-    unet_dir, scheduler_path = _layout(directory, text)
-    config = _read_json(unet_dir / "config.json", text)
-    scheduler = _read_json(scheduler_path, text)
-    net = _build_net(unet_dir, config, text)
-    kind, prediction, vp, ve = _schedule(scheduler, config, text)
-    net = net.to(device=torch.device(device)).eval().requires_grad_(False)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype!r} is not allowed; allowed: torch.float32, "
                          "torch.bfloat16, torch.float16")
+    resolved = resolve(text, cache_dir, storage_options)
+    directory = resolved.directory
+    unet_dir, scheduler_path = _layout(directory, text)
+    config = _read_json(unet_dir / "config.json", text)
+    scheduler = _read_json(scheduler_path, text)
+    net, weights = _build_net(unet_dir, config, text)
+    files = [unet_dir / "config.json", weights, scheduler_path]
+    kind, prediction, vp, ve = _schedule(scheduler, config, text)
+    dev = torch.device(device)
+    net = net.to(device=dev).eval().requires_grad_(False)
     half = dtype if dtype != torch.float32 else None
     accel = dataclasses.replace(accel or Acceleration.default(device, dtype), autocast=half)
     size = config.get("sample_size", 256)
     sample_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    factor = 2 ** (len(config.get("down_block_types", ())) - 1)
+    channels = int(config.get("in_channels", 3))
+    identity = f"hf:{text}@{resolved.revision}" if resolved.revision else \
+        files_identity(directory, files)
     model = DiffusionModel(
         net=net, kind=kind, prediction_type=prediction, vp=vp, ve=ve, sample_size=sample_size,
-        in_channels=int(config.get("in_channels", 3)),
-        downsample_factor=2 ** (len(config.get("down_block_types", ())) - 1),
-        source=text, device=torch.device(device), dtype=dtype, accel=accel,
+        in_channels=channels, downsample_factor=factor, source=text, device=dev, dtype=dtype,
+        accel=accel, identity=identity,
     )
     logger.info("loaded %s model %s (%s, %s) on %s", kind.upper(), text, prediction,
                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params", device)
     return model
-
-
-def _resolve(source: str, cache_dir: Any, storage_options: dict[str, Any] | None) -> Path:
-    """A local directory holding the model files for `source`."""
-    if "://" in source and not source.startswith("file://"):
-        return _copy_url(source, cache_dir, storage_options or {})
-    path = Path(source.removeprefix("file://")).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelSourceError(f"model source {source!r} is a file; expected a model directory")
-    if HUB_ID.match(source) and not source.startswith((".", "/")):
-        return _from_hub(source)
-    raise ModelSourceError(
-        f"model source {source!r} not found; allowed: a local diffusers model directory, "
-        "a hub id such as 'google/ddpm-ema-bedroom-256', or an fsspec URL (s3://, gs://, ...)"
-    )
-
-
-def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "diffusion_pytorch_model.bin", "*/*.json",
-                "*/diffusion_pytorch_model.*"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:
-        raise ModelSourceError(
-            f"model source {repo_id!r}: could not get it from the Hugging Face hub or its cache "
-            f"({type(exc).__name__}). On a machine with network access run "
-            f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
-            "model directory somewhere reachable and set model.source to that path or URL."
-        ) from exc
-
-
-def _copy_url(url: str, cache_dir: Any, storage_options: dict[str, Any]) -> Path:
-    import fsspec  # only for URL sources: sdedit does not need fsspec otherwise
-
-    root = Path(cache_dir or Path.home() / ".cache" / "sdedit-batch" / "models")
-    target = root / hashlib.sha256(url.encode()).hexdigest()[:20]
-    if (target / ".complete").exists():
-        return target
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-        files = [f for f in fs.find(path) if not f.endswith("/")]
-    except Exception as exc:
-        raise ModelSourceError(f"model source {url!r}: cannot list it: {exc}") from exc
-    if not files:
-        raise ModelSourceError(f"model source {url!r}: no files at that URL")
-    base = path.rstrip("/")
-    partial = target.with_name(target.name + ".partial")
-    for stale in (partial, target):
-        shutil.rmtree(stale, ignore_errors=True)
-    for remote in files:
-        local = partial / remote[len(base):].lstrip("/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    partial.replace(target)
-    (target / ".complete").touch()
-    logger.info("copied model %s to %s (%d files)", url, target, len(files))
-    return target
 
 
 def _layout(directory: Path, source: str) -> tuple[Path, Path]:
@@ -250,7 +192,8 @@ def _read_json(path: Path, source: str) -> dict[str, Any]:
     return data
 
 
-def _build_net(unet_dir: Path, config: dict[str, Any], source: str) -> torch.nn.Module:
+def _build_net(unet_dir: Path, config: dict[str, Any], source: str
+               ) -> tuple[torch.nn.Module, Path]:
     from diffusers import UNet2DModel
 
     name = config.get("_class_name", "UNet2DModel")
@@ -276,7 +219,7 @@ def _build_net(unet_dir: Path, config: dict[str, Any], source: str) -> torch.nn.
         raise ModelSourceError(
             f"model source {source!r}: cannot load {weights.name}: {type(exc).__name__}: "
             f"{str(exc)[:300]}") from exc
-    return net
+    return net, weights
 
 
 def _schedule(

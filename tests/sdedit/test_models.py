@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from sdedit import load_model
 from sdedit.models import ModelSourceError
+from sdedit.sources import files_identity
 from tests.support.tiny_models import save_vp_model, tiny_unet
 
 
@@ -27,6 +28,10 @@ def _same_net(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_round_trip_root_layout(tiny_vp_dir):
     model = load_model(tiny_vp_dir)
     assert model.kind == "vp" and model.prediction_type == "epsilon"
+    root = Path(tiny_vp_dir)
+    assert model.identity == files_identity(root, [
+        root / "config.json", root / "diffusion_pytorch_model.safetensors",
+        root / "scheduler_config.json"])
     assert model.sample_size == (16, 16) and model.in_channels == 3
     assert model.vp.num_train_timesteps == 1000
     assert _same_net(model.net, tiny_unet())
@@ -82,6 +87,7 @@ def test_hub_id_from_the_cache_offline(tiny_vp_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     model = load_model("someone/tiny-ddpm")
     assert _same_net(model.net, tiny_unet())
+    assert model.identity == "hf:someone/tiny-ddpm@" + "a" * 40
 
 
 def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
@@ -161,3 +167,4 @@ def test_importing_sdedit_pulls_no_ray_fsspec_or_click():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
