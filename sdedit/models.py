@@ -1,4 +1,4 @@
-"""Load a pretrained unconditional diffusion model as a denoiser.
+"""Load a pretrained diffusion model as a denoiser: pixel-space or latent and text-conditioned.
 
 Sources (see `load_model` and `sdedit.sources`): a local diffusers model directory, a Hugging
 Face hub id (through the hub cache), or an fsspec URL to such a directory (copied to a local
@@ -8,6 +8,9 @@ cache first; fsspec is imported only then). Layouts:
         config.json  diffusion_pytorch_model.{safetensors,bin}  scheduler_config.json
     pipeline layout, pixel (DDPMPipeline.save_pretrained):
         model_index.json  unet/{config.json, diffusion_pytorch_model.*}
+        scheduler/scheduler_config.json
+    pipeline layout, latent (StableDiffusionPipeline: SD 1.x / 2.x; see `sdedit.latent`):
+        model_index.json  unet/ (UNet2DConditionModel)  vae/  text_encoder/  tokenizer/
         scheduler/scheduler_config.json
 
 Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitrary unpickling.
@@ -26,6 +29,7 @@ from typing import Any, Literal
 import torch
 
 from sdedit.accel import Acceleration, NetRunner
+from sdedit.latent import LatentCodec, TextEncoder, load_latent_parts
 from sdedit.schedules import VESchedule, VPSchedule
 from sdedit.sources import ModelSourceError, files_identity, resolve
 
@@ -41,21 +45,26 @@ WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.
 
 @dataclass
 class DiffusionModel:
-    """A pretrained network plus the schedule it was trained with.
+    """A pretrained network plus the schedule it was trained with; pixel or latent.
 
     Attributes:
-        net: a diffusers UNet2DModel in eval mode on `device`, float32 weights.
+        net: a diffusers UNet2DModel (pixel) or UNet2DConditionModel (latent) in eval mode on
+            `device`, float32 weights.
         kind: "vp" (DDPM-style, discrete timesteps) or "ve" (score SDE, continuous sigma).
         prediction_type: "epsilon", "sample" or "v_prediction" for VP; "score" for VE.
         vp / ve: the schedule of the kind (the other is None).
-        sample_size: (H, W) the network was trained at.
-        in_channels: C.
-        downsample_factor: H and W must be multiples of this.
+        sample_size: (H, W) in pixels the model was trained at (latent: latent size x factor).
+        in_channels: C of the images `edit` takes (latent models: the VAE's, 3).
+        downsample_factor: image H and W must be multiples of this (latent: VAE factor x UNet
+            downsampling factor).
         source: the source string it was loaded from (no credentials).
         device: where the network runs.
-        dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast.
+        dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast
+            (the UNet only; the VAE and text encoder run in float32).
         accel: how the network runs (autocast, channels_last, compile, CUDA graphs, noise
             threads); see `sdedit.accel`. Change it with `accelerate`.
+        codec: the VAE codec of a latent model (None for pixel models).
+        text: the prompt encoder of a text-conditioned model (None for unconditional ones).
         identity: what the weights are: "sha256:<hex>" over the files the model was built from
             (`sdedit.sources.files_identity`), or "hf:<repo id>@<commit>" for a hub snapshot;
             "" when the model was assembled by hand.
@@ -73,9 +82,28 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     accel: Acceleration = field(default_factory=Acceleration)
+    codec: LatentCodec | None = None
+    text: TextEncoder | None = None
     identity: str = ""
     _runner: NetRunner | None = field(default=None, init=False, repr=False, compare=False)
     _abar: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def conditional(self) -> bool:
+        """True for text-conditioned models: `edit` then takes prompts and a guidance scale."""
+        return self.text is not None
+
+    @property
+    def latent(self) -> bool:
+        """True when the chain runs on VAE latents (`codec` is set)."""
+        return self.codec is not None
+
+    def state_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the chain's state and of each noise draw for an H x W image."""
+        if self.codec is None:
+            return self.in_channels, height, width
+        f = self.codec.factor
+        return self.codec.channels, height // f, width // f
 
     def accelerate(self, **options: Any) -> DiffusionModel:
         """Change `accel` in place (fields of `sdedit.accel.Acceleration`); returns self.
@@ -86,16 +114,24 @@ class DiffusionModel:
         self._runner = None
         return self
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The raw network output, float32 (B, C, H, W), run as `accel` says."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw network output, float32 (B, C, H, W), run as `accel` says.
+
+        context: float32 (B, L, D) text embeddings, required by (only) conditional models."""
+        if (context is None) == self.conditional:
+            raise ValueError(f"context is {'missing' if context is None else 'given'}; allowed: "
+                             "(B, L, D) embeddings for text-conditioned models, else None")
         if self._runner is None:
             self._runner = NetRunner(self.net, self.accel, self.device)
-        return self._runner(x, t)
+        return self._runner(x, t, context)
 
     @torch.no_grad()
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T) -> float32."""
-        out = self.forward(x, t)
+    def eps(self, x: torch.Tensor, t: torch.Tensor,
+            context: torch.Tensor | None = None) -> torch.Tensor:
+        """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T);
+        context: (B, L, D) for conditional models -> float32 (B, C, H, W)."""
+        out = self.forward(x, t, context)
         if self.prediction_type == "epsilon":
             return out
         assert self.vp is not None
@@ -111,6 +147,22 @@ class DiffusionModel:
         """VE score s(x, sigma) = grad log p_sigma(x). x: float32 (B, C, H, W); sigma: (B,)."""
         return self.forward(x, sigma.float())
 
+    @torch.no_grad()
+    def warm_up(self, batch_size: int) -> None:
+        """One network call of `edit`'s shape at `sample_size` (the allocator's first-call cost;
+        conditional models: the doubled guidance batch with empty-prompt embeddings)."""
+        shape = self.state_shape(*self.sample_size)
+        x = torch.zeros(batch_size, *shape, device=self.device)
+        if self.kind == "ve":
+            self.score(x, torch.ones(batch_size, device=self.device))
+            return
+        t = torch.ones(batch_size, dtype=torch.long, device=self.device)
+        if self.text is None:
+            self.eps(x, t)
+            return
+        context = self.text.embed([""] * (2 * batch_size))
+        self.eps(torch.cat([x, x]), torch.cat([t, t]), context)
+
 
 def load_model(
     source: str | os.PathLike[str],
@@ -121,13 +173,14 @@ def load_model(
     storage_options: dict[str, Any] | None = None,
     accel: Acceleration | None = None,
 ) -> DiffusionModel:
-    """Load a diffusers UNet2DModel and its scheduler config as a `DiffusionModel`.
+    """Load a diffusers model directory (pixel UNet2DModel or a latent StableDiffusionPipeline)
+    and its scheduler config as a `DiffusionModel`.
 
     Args:
         source: a local directory, a hub id ("google/ddpm-ema-bedroom-256"), or an fsspec URL
-            ("s3://bucket/models/bedroom", "memory://m") to a directory in either layout.
+            ("s3://bucket/models/bedroom", "memory://m") to a directory in one of the layouts.
         device, dtype: where and in what precision the network runs (sampling stays float32;
-            bfloat16 / float16 run the network under autocast with float32 weights).
+            bfloat16 / float16 run the UNet under autocast with float32 weights).
         cache_dir: where URL sources are copied (default ~/.cache/sdedit-batch/models).
         storage_options: fsspec options for URL sources (endpoint, credentials).
         accel: the fast-path options; default `Acceleration.default(device, dtype)`.
@@ -143,25 +196,43 @@ def load_model(
     unet_dir, scheduler_path = _layout(directory, text)
     config = _read_json(unet_dir / "config.json", text)
     scheduler = _read_json(scheduler_path, text)
-    net, weights = _build_net(unet_dir, config, text)
-    files = [unet_dir / "config.json", weights, scheduler_path]
+    codec = encoder = None
+    if unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel":
+        index = _read_json(directory / "model_index.json", text)
+        vae = _read_json(directory / "vae" / "config.json", text) \
+            if (directory / "vae").is_dir() else {}
+        net, codec, encoder, files = load_latent_parts(directory, text, index, config, vae)
+    else:
+        net, weights = _build_net(unet_dir, config, text)
+        files = [unet_dir / "config.json", weights]
+    files.append(scheduler_path)
     kind, prediction, vp, ve = _schedule(scheduler, config, text)
+    if codec is not None and kind != "vp":
+        raise ModelSourceError(f"model source {text!r}: a latent model needs a VP scheduler")
     dev = torch.device(device)
     net = net.to(device=dev).eval().requires_grad_(False)
+    if codec is not None and encoder is not None:
+        codec.vae.to(dev)
+        encoder.encoder.to(dev)
     half = dtype if dtype != torch.float32 else None
     accel = dataclasses.replace(accel or Acceleration.default(device, dtype), autocast=half)
     size = config.get("sample_size", 256)
     sample_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     factor = 2 ** (len(config.get("down_block_types", ())) - 1)
     channels = int(config.get("in_channels", 3))
+    if codec is not None:
+        sample_size = (sample_size[0] * codec.factor, sample_size[1] * codec.factor)
+        factor *= codec.factor
+        channels = int(codec.vae.config.in_channels)
     identity = f"hf:{text}@{resolved.revision}" if resolved.revision else \
         files_identity(directory, files)
     model = DiffusionModel(
         net=net, kind=kind, prediction_type=prediction, vp=vp, ve=ve, sample_size=sample_size,
         in_channels=channels, downsample_factor=factor, source=text, device=dev, dtype=dtype,
-        accel=accel, identity=identity,
+        accel=accel, codec=codec, text=encoder, identity=identity,
     )
-    logger.info("loaded %s model %s (%s, %s) on %s", kind.upper(), text, prediction,
+    logger.info("loaded %s %s model %s (%s, %s) on %s", "latent" if codec else "pixel",
+                kind.upper(), text, prediction,
                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params", device)
     return model
 
@@ -200,7 +271,8 @@ def _build_net(unet_dir: Path, config: dict[str, Any], source: str
     if name != "UNet2DModel":
         raise ModelSourceError(
             f"model source {source!r}: network class {name!r} is not supported; allowed: "
-            "UNet2DModel (unconditional pixel-space diffusion models)"
+            "UNet2DModel (unconditional pixel-space diffusion models); text-conditioned "
+            "UNet2DConditionModel only in a StableDiffusionPipeline directory (model_index.json)"
         )
     weights = next((unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).exists()), None)
     if weights is None:
