@@ -137,3 +137,24 @@ def test_a_checkpoint_file_points_to_the_converter(tmp_path):
     (tmp_path / "model.ckpt").write_bytes(b"x")
     with pytest.raises(ModelSourceError, match=r"is a file.*convert_checkpoint"):
         resolve(str(tmp_path / "model.ckpt"), None, None)
+
+
+def test_from_hub_asks_only_for_the_chosen_files(tmp_path, monkeypatch):
+    import huggingface_hub
+
+    from sdedit.sources import from_hub
+
+    calls = {}
+    snapshot = tmp_path / "snapshots" / ("b" * 40)
+    snapshot.mkdir(parents=True)
+
+    def fake_snapshot(repo_id, allow_patterns=None, **kwargs):
+        calls[repo_id] = allow_patterns
+        return str(snapshot)
+
+    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
+                        lambda self, repo_id, **kwargs: SD15_FILES)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
+    assert from_hub("someone/sd15") == snapshot
+    assert calls == {"someone/sd15": hub_allow_patterns(SD15_FILES)}
+    assert resolve("someone/sd15", None, None).revision == "b" * 40
