@@ -38,7 +38,11 @@ logger = logging.getLogger(__name__)
 __all__ = ["DiffusionModel", "ModelSourceError", "load_model"]
 
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
-                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"}
+                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                 "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                 "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler"}
+"""Scheduler classes whose config is a discrete VP schedule (betas); only the betas are used."""
 VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
 
@@ -196,8 +200,12 @@ def load_model(
     unet_dir, scheduler_path = _layout(directory, text)
     config = _read_json(unet_dir / "config.json", text)
     scheduler = _read_json(scheduler_path, text)
+    kind, prediction, vp, ve = _schedule(scheduler, config, text)
+    latent = unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel"
+    if latent and kind != "vp":
+        raise ModelSourceError(f"model source {text!r}: a latent model needs a VP scheduler")
     codec = encoder = None
-    if unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel":
+    if latent:
         index = _read_json(directory / "model_index.json", text)
         vae = _read_json(directory / "vae" / "config.json", text) \
             if (directory / "vae").is_dir() else {}
@@ -206,9 +214,6 @@ def load_model(
         net, weights = _build_net(unet_dir, config, text)
         files = [unet_dir / "config.json", weights]
     files.append(scheduler_path)
-    kind, prediction, vp, ve = _schedule(scheduler, config, text)
-    if codec is not None and kind != "vp":
-        raise ModelSourceError(f"model source {text!r}: a latent model needs a VP scheduler")
     dev = torch.device(device)
     net = net.to(device=dev).eval().requires_grad_(False)
     if codec is not None and encoder is not None:

@@ -114,7 +114,7 @@ def _mismatched(path: Path) -> None:
 
 def _unsupported_scheduler(path: Path) -> None:
     (path / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "LMSDiscreteScheduler", "beta_start": 1e-4, "beta_end": 0.02}))
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
 
 
 def _conditional(path: Path) -> None:
@@ -136,7 +136,7 @@ def _bad_json(path: Path) -> None:
     [
         (_corrupt, "cannot load diffusion_pytorch_model.safetensors"),
         (_mismatched, "cannot load diffusion_pytorch_model.safetensors"),
-        (_unsupported_scheduler, "scheduler 'LMSDiscreteScheduler' is not supported"),
+        (_unsupported_scheduler, "scheduler 'FlowMatchEulerDiscreteScheduler' is not supported"),
         (_conditional, "'UNet2DConditionModel' is not supported"),
         (_no_scheduler, "missing scheduler_config.json"),
         (_bad_json, "config.json is not valid JSON"),
