@@ -83,7 +83,8 @@ def default_noise_threads() -> int:
 
 
 class NetRunner:
-    """Calls a diffusers-style network (`net(x, t).sample`) with the options of `accel`.
+    """Calls a diffusers-style network (`net(x, t).sample`, or `net(x, t,
+    encoder_hidden_states=context).sample` for text-conditioned ones) as `accel` says.
 
     Args:
         net: the network in eval mode on `device`, float32 weights.
@@ -112,54 +113,66 @@ class NetRunner:
         self._pool: Any = None
         self._stream: Any = None
 
-    def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: float32 (B, C, H, W); t: (B,) timesteps or sigmas -> float32 (B, C, H, W),
+    def __call__(self, x: torch.Tensor, t: torch.Tensor,
+                 context: torch.Tensor | None = None) -> torch.Tensor:
+        """x: float32 (B, C, H, W); t: (B,) timesteps or sigmas; context: optional float32
+        (B, L, D) text embeddings (`encoder_hidden_states`) -> float32 (B, C, H, W),
         contiguous, owned by the caller."""
         if self.graphs:
-            return self._replay(x, t)
-        return self._forward(x, t, cache=True)
+            return self._replay(x, t, context)
+        return self._forward(x, t, context, cache=True)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, cache: bool) -> torch.Tensor:
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+                 cache: bool) -> torch.Tensor:
         if self.accel.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         half = self.accel.autocast
         with torch.autocast(self.device.type, dtype=half or torch.bfloat16,
                             enabled=half is not None, cache_enabled=cache):
-            out = self.module(x, t).sample
+            if context is None:
+                out = self.module(x, t).sample
+            else:
+                out = self.module(x, t, encoder_hidden_states=context).sample
         return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
-    def _replay(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        key = (tuple(x.shape), t.dtype, tuple(t.shape))
+    def _replay(self, x: torch.Tensor, t: torch.Tensor,
+                context: torch.Tensor | None) -> torch.Tensor:
+        key = (tuple(x.shape), t.dtype, tuple(t.shape),
+               None if context is None else tuple(context.shape))
         entry = self._captured.get(key)
         if entry is None:
             if len(self._captured) >= MAX_GRAPHS:
-                return self._forward(x, t, cache=True)
-            entry = self._capture(x, t)
+                return self._forward(x, t, context, cache=True)
+            entry = self._capture(x, t, context)
             self._captured[key] = entry
-        static_x, static_t, static_out, graph = entry
+        static_x, static_t, static_context, static_out, graph = entry
         static_x.copy_(x)
         static_t.copy_(t)
+        if static_context is not None:
+            static_context.copy_(context)
         graph.replay()
         return static_out.clone()
 
-    def _capture(self, x: torch.Tensor, t: torch.Tensor) -> tuple[Any, ...]:
+    def _capture(self, x: torch.Tensor, t: torch.Tensor,
+                 context: torch.Tensor | None) -> tuple[Any, ...]:
         """Warm up on a side stream, then capture one forward (same stream, shared pool)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(self.device)
         static_x, static_t = x.clone(), t.clone()
+        static_context = None if context is None else context.clone()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             for _ in range(3):
-                self._forward(static_x, static_t, cache=False)
+                self._forward(static_x, static_t, static_context, cache=False)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the noise threads may allocate pinned memory meanwhile
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
                               capture_error_mode="thread_local"):
-            static_out = self._forward(static_x, static_t, cache=False)
+            static_out = self._forward(static_x, static_t, static_context, cache=False)
         logger.info("captured a CUDA graph for input %s", tuple(x.shape))
-        return static_x, static_t, static_out, graph
+        return static_x, static_t, static_context, static_out, graph
 
 
 class PrefetchNoise:

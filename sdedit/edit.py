@@ -7,8 +7,18 @@ each Langevin step's draw precedes its predictor step's draw). Draws are moved t
 device afterwards, so an output depends neither on batch size, nor on batch composition, nor on
 the device the noise was drawn for.
 
+Latent models follow the same contract in latent space: the draws have the latent shape
+(C, H/f, W/f) (SD: (4, H/8, W/8)), in the same order (perturbation, then one per noisy reverse
+step, per round); the VAE encoding (posterior mean) and decoding draw nothing. So with the same
+seed, prompt and t0, an output is the same whatever batch it ran in; each distinct prompt of a
+batch is embedded once, and guidance runs the unconditional and conditional passes as one
+network call.
+
 Masks: 1 = regenerate, 0 = keep. Outside the mask the state is the guide re-noised with the
 round's perturbation noise to the level each step produced, and the output equals the guide there.
+Latent models use the mask at latent resolution (a latent cell is regenerated if any of its
+pixels is), keep all rounds in latent space, decode once, and composite in pixels at the end, so
+the output equals the guide exactly outside the pixel mask.
 """
 
 from __future__ import annotations
@@ -20,6 +30,7 @@ import torch
 
 from sdedit import samplers
 from sdedit.accel import PrefetchNoise
+from sdedit.latent import GuidedEps, latent_mask
 from sdedit.models import DiffusionModel
 from sdedit.schedules import respace
 
@@ -28,6 +39,8 @@ __all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit"]
 SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve", "dpmpp2m": "vp"}
 DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
 """Network evaluations per round when `steps` is None (capped at start index + 1)."""
+DEFAULT_GUIDANCE = 7.5
+"""Classifier-free guidance scale of text-conditioned models when `guidance_scale` is None."""
 MAX_SEED = 2**63 - 1
 
 
@@ -67,6 +80,9 @@ def edit(
     repeats: int = 1,
     eta: float = 0.0,
     corrector_steps: int = 0,
+    prompts: Sequence[str] | None = None,
+    negative_prompts: Sequence[str] | None = None,
+    guidance_scale: float | None = None,
 ) -> torch.Tensor:
     """SDEdit a batch of guides.
 
@@ -74,35 +90,50 @@ def edit(
         model: from `load_model`; VP for "ddpm"/"ddim"/"dpmpp2m", VE for "ve". Its `accel`
             decides how the network runs and whether noise is drawn ahead in background
             threads; outputs depend on it only through rounding (autocast, kernel choice).
+            Latent models run the same samplers on VAE latents (see the module docstring).
         images: float32 (N, C, H, W) in [-1, 1], the guides; H, W multiples of the model's
-            downsampling factor.
+            `downsample_factor` (latent: VAE factor x UNet factor, 64 for SD); never resized.
         t0: the starting time in (0, 1], one float or one per sample (a batch may mix levels);
-            larger = more realistic, smaller = more faithful (the paper uses 0.3-0.6).
+            larger = more realistic, smaller = more faithful (the paper uses 0.3-0.6). The
+            start index is round(t0 * T) - 1 whatever the scheduler's steps_offset.
         seeds: N ints in [0, 2^63), one per output (see the reproducibility contract).
         sampler: "ddpm" (the paper's VP loop; `steps` None = every step, start index + 1
             evaluations), "ddim" (deterministic for eta = 0; `steps` evaluations, default 50),
             "dpmpp2m" (DPM-Solver++(2M), deterministic, 5-50 evaluations, default 20),
             "ve" (Alg. 1; `steps` None = round(t0 * N)).
         steps: network evaluations per round (per sample).
-        masks: optional (N, 1, H, W) in {0, 1}: 1 = regenerate, 0 = keep the guide.
+        masks: optional float32 (N, 1, H, W) in {0, 1} in pixels: 1 = regenerate, 0 = keep.
         repeats: K rounds; each round's output is the next round's guide inside the mask.
         eta: DDIM noise scale (ddim only).
         corrector_steps: Langevin corrector steps per VE step (Alg. 2; ve only).
+        prompts: text-conditioned models only: N strings, one per image (None = "" for all).
+        negative_prompts: text-conditioned models only: N strings for the unconditional pass
+            of classifier-free guidance (None = "" for all).
+        guidance_scale: text-conditioned models only: g >= 1 in eps_u + g (eps_c - eps_u)
+            (None = 7.5); g = 1 runs only the conditional pass.
     Returns:
         float32 (N, C, H, W) in [-1, 1] on `images.device`.
     Raises:
-        ValueError naming the argument, its value and what is allowed.
+        ValueError naming the argument, its value and what is allowed (prompts, negative
+        prompts or a guidance scale for an unconditional model included).
     """
     n = _check_images(model, images)
     t0s = _check_t0(t0, n)
     _check_common(model, seeds, n, sampler, steps, repeats, eta, corrector_steps)
     mask = _check_masks(masks, images)
+    texts = _check_prompts(model, n, prompts, negative_prompts, guidance_scale)
     plans = [_plan(model, sampler, t, steps) for t in t0s]
 
     device = model.device
-    guide = images.detach().to(device=device, dtype=torch.float32)
+    pixels = images.detach().to(device=device, dtype=torch.float32)
     regen = None if mask is None else mask.to(device=device, dtype=torch.float32)
-    shape: tuple[int, int, int] = tuple(images.shape[1:])  # type: ignore[assignment]
+    shape = model.state_shape(*images.shape[2:])
+    guide, kept, eps_fn = pixels, regen, None
+    if model.codec is not None:
+        guide = model.codec.encode(pixels)
+        kept = None if regen is None else latent_mask(regen, model.codec.factor)
+    if texts is not None:
+        eps_fn = _guided(model, texts, [len(p) for p in plans])
     threads = model.accel.noise_threads
     noise: SeedNoise | PrefetchNoise = SeedNoise(seeds, shape, device) if threads == 0 else \
         PrefetchNoise(seeds, shape, device, threads, model.accel.noise_depth)
@@ -113,15 +144,31 @@ def edit(
         for _ in range(repeats):
             z0 = noise(everyone)
             x = signal0 * guide + sigma0 * z0
-            after = None if regen is None else _renoise(guide, z0, regen)
-            x = _sample(model, sampler, x, plans, noise, after, eta, corrector_steps)
-            if regen is not None:
-                x = regen * x + (1 - regen) * guide
+            after = None if kept is None else _renoise(guide, z0, kept)
+            x = _sample(model, sampler, x, plans, noise, after, eta, corrector_steps, eps_fn)
+            if kept is not None:
+                x = kept * x + (1 - kept) * guide
             guide = x
     finally:
         if isinstance(noise, PrefetchNoise):
             noise.close()
+    if model.codec is not None:
+        guide = model.codec.decode(guide)
+        if regen is not None:
+            guide = torch.where(regen.bool(), guide, pixels)
     return guide.clamp(-1.0, 1.0).to(images.device)
+
+
+def _guided(model: DiffusionModel, texts: tuple[list[str], list[str], float],
+            lengths: list[int]) -> GuidedEps:
+    """The guided denoiser of a text-conditioned model for one batch: every distinct prompt
+    and negative prompt embedded once, in one text-encoder call."""
+    assert model.text is not None
+    prompts, negatives, scale = texts
+    n = len(prompts)
+    embeddings = model.text.embed(prompts + negatives if scale != 1.0 else prompts)
+    uncond = embeddings[n:] if scale != 1.0 else embeddings[:0]
+    return GuidedEps(model.eps, embeddings[:n], uncond, scale, lengths)
 
 
 def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> int:
@@ -175,20 +222,21 @@ def _start_level(model: DiffusionModel, plans: list[list[float]]) -> tuple[torch
 
 def _sample(model: DiffusionModel, sampler: str, x: torch.Tensor, plans: list[list[float]],
             noise: samplers.NoiseFn, after: samplers.AfterStep | None, eta: float,
-            corrector_steps: int) -> torch.Tensor:
+            corrector_steps: int, eps_fn: samplers.Denoiser | None) -> torch.Tensor:
     if sampler == "ve":
         assert model.ve is not None
         return samplers.ve(model.score, x, plans, model.ve, noise,
                            corrector_steps=corrector_steps, after_step=after)
     assert model.vp is not None
     timesteps = [[int(t) for t in p] for p in plans]
+    eps_fn = eps_fn if eps_fn is not None else model.eps
     if sampler == "ddim":
-        return samplers.ddim(model.eps, x, timesteps, model.vp.alphas_cumprod, noise, eta=eta,
+        return samplers.ddim(eps_fn, x, timesteps, model.vp.alphas_cumprod, noise, eta=eta,
                              after_step=after)
     if sampler == "dpmpp2m":
-        return samplers.dpmpp2m(model.eps, x, timesteps, model.vp.alphas_cumprod, noise,
+        return samplers.dpmpp2m(eps_fn, x, timesteps, model.vp.alphas_cumprod, noise,
                                 after_step=after)
-    return samplers.ddpm(model.eps, x, timesteps, model.vp.alphas_cumprod, noise,
+    return samplers.ddpm(eps_fn, x, timesteps, model.vp.alphas_cumprod, noise,
                          after_step=after)
 
 
@@ -261,3 +309,36 @@ def _check_masks(masks: torch.Tensor | None, images: torch.Tensor) -> torch.Tens
     if not ((masks == 0) | (masks == 1)).all():
         raise ValueError("masks values are not all 0 or 1; allowed: {0, 1} (1 = regenerate)")
     return masks
+
+
+def _check_prompts(model: DiffusionModel, n: int, prompts: Sequence[str] | None,
+                   negative_prompts: Sequence[str] | None, guidance_scale: float | None
+                   ) -> tuple[list[str], list[str], float] | None:
+    """(prompts, negative prompts, scale) for a text-conditioned model, else None."""
+    if not model.conditional:
+        given = [name for name, value in (("prompts", prompts), ("negative_prompts",
+                 negative_prompts), ("guidance_scale", guidance_scale)) if value is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} given for {model.source}, which is not "
+                             "text-conditioned; allowed: None (prompts need a latent "
+                             "text-conditioned model such as a StableDiffusionPipeline)")
+        return None
+    lists = []
+    for name, values in (("prompts", prompts), ("negative_prompts", negative_prompts)):
+        if values is None:
+            lists.append([""] * n)
+            continue
+        if isinstance(values, str) or len(values) != n:
+            count = "a str" if isinstance(values, str) else f"{len(values)} values"
+            raise ValueError(f"{name} is {count} for {n} images; allowed: a sequence of {n} "
+                             "strings")
+        for value in values:
+            if not isinstance(value, str):
+                raise ValueError(f"{name} entry {value!r} is not allowed; allowed: a str")
+        lists.append(list(values))
+    scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+            or not math.isfinite(scale) or scale < 1:
+        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed; allowed: a "
+                         "number >= 1 (1 = conditional pass only) or None (7.5)")
+    return lists[0], lists[1], float(scale)

@@ -1,13 +1,16 @@
-"""Load a pretrained unconditional diffusion model as a denoiser.
+"""Load a pretrained diffusion model as a denoiser: pixel-space or latent and text-conditioned.
 
-Sources (see `load_model`): a local diffusers model directory, a Hugging Face hub id (through
-the hub cache), or an fsspec URL to such a directory (copied to a local cache first; fsspec is
-imported only then). Two layouts are understood:
+Sources (see `load_model` and `sdedit.sources`): a local diffusers model directory, a Hugging
+Face hub id (through the hub cache), or an fsspec URL to such a directory (copied to a local
+cache first; fsspec is imported only then). Layouts:
 
     root layout (google/ddpm-ema-bedroom-256, google/ncsnpp-church-256):
         config.json  diffusion_pytorch_model.{safetensors,bin}  scheduler_config.json
-    pipeline layout (DDPMPipeline.save_pretrained):
+    pipeline layout, pixel (DDPMPipeline.save_pretrained):
         model_index.json  unet/{config.json, diffusion_pytorch_model.*}
+        scheduler/scheduler_config.json
+    pipeline layout, latent (StableDiffusionPipeline: SD 1.x / 2.x; see `sdedit.latent`):
+        model_index.json  unet/ (UNet2DConditionModel)  vae/  text_encoder/  tokenizer/
         scheduler/scheduler_config.json
 
 Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitrary unpickling.
@@ -16,12 +19,9 @@ Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitr
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,40 +29,49 @@ from typing import Any, Literal
 import torch
 
 from sdedit.accel import Acceleration, NetRunner
+from sdedit.latent import LatentCodec, TextEncoder, load_latent_parts
 from sdedit.schedules import VESchedule, VPSchedule
+from sdedit.sources import ModelSourceError, files_identity, resolve
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["DiffusionModel", "ModelSourceError", "load_model"]
 
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
-                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler"}
+                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                 "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                 "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler"}
+"""Scheduler classes whose config is a discrete VP schedule (betas); only the betas are used."""
 VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
 WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-class ModelSourceError(ValueError):
-    """A model source is missing, unreachable, corrupt or of an unsupported kind."""
 
 
 @dataclass
 class DiffusionModel:
-    """A pretrained network plus the schedule it was trained with.
+    """A pretrained network plus the schedule it was trained with; pixel or latent.
 
     Attributes:
-        net: a diffusers UNet2DModel in eval mode on `device`, float32 weights.
+        net: a diffusers UNet2DModel (pixel) or UNet2DConditionModel (latent) in eval mode on
+            `device`, float32 weights.
         kind: "vp" (DDPM-style, discrete timesteps) or "ve" (score SDE, continuous sigma).
         prediction_type: "epsilon", "sample" or "v_prediction" for VP; "score" for VE.
         vp / ve: the schedule of the kind (the other is None).
-        sample_size: (H, W) the network was trained at.
-        in_channels: C.
-        downsample_factor: H and W must be multiples of this.
+        sample_size: (H, W) in pixels the model was trained at (latent: latent size x factor).
+        in_channels: C of the images `edit` takes (latent models: the VAE's, 3).
+        downsample_factor: image H and W must be multiples of this (latent: VAE factor x UNet
+            downsampling factor).
         source: the source string it was loaded from (no credentials).
         device: where the network runs.
-        dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast.
+        dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast
+            (the UNet only; the VAE and text encoder run in float32).
         accel: how the network runs (autocast, channels_last, compile, CUDA graphs, noise
             threads); see `sdedit.accel`. Change it with `accelerate`.
+        codec: the VAE codec of a latent model (None for pixel models).
+        text: the prompt encoder of a text-conditioned model (None for unconditional ones).
+        identity: what the weights are: "sha256:<hex>" over the files the model was built from
+            (`sdedit.sources.files_identity`), or "hf:<repo id>@<commit>" for a hub snapshot;
+            "" when the model was assembled by hand.
     """
 
     net: torch.nn.Module
@@ -77,8 +86,28 @@ class DiffusionModel:
     device: torch.device
     dtype: torch.dtype
     accel: Acceleration = field(default_factory=Acceleration)
+    codec: LatentCodec | None = None
+    text: TextEncoder | None = None
+    identity: str = ""
     _runner: NetRunner | None = field(default=None, init=False, repr=False, compare=False)
     _abar: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def conditional(self) -> bool:
+        """True for text-conditioned models: `edit` then takes prompts and a guidance scale."""
+        return self.text is not None
+
+    @property
+    def latent(self) -> bool:
+        """True when the chain runs on VAE latents (`codec` is set)."""
+        return self.codec is not None
+
+    def state_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, h, w) of the chain's state and of each noise draw for an H x W image."""
+        if self.codec is None:
+            return self.in_channels, height, width
+        f = self.codec.factor
+        return self.codec.channels, height // f, width // f
 
     def accelerate(self, **options: Any) -> DiffusionModel:
         """Change `accel` in place (fields of `sdedit.accel.Acceleration`); returns self.
@@ -89,16 +118,24 @@ class DiffusionModel:
         self._runner = None
         return self
 
-    def forward(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """The raw network output, float32 (B, C, H, W), run as `accel` says."""
+    def forward(self, x: torch.Tensor, t: torch.Tensor,
+                context: torch.Tensor | None = None) -> torch.Tensor:
+        """The raw network output, float32 (B, C, H, W), run as `accel` says.
+
+        context: float32 (B, L, D) text embeddings, required by (only) conditional models."""
+        if (context is None) == self.conditional:
+            raise ValueError(f"context is {'missing' if context is None else 'given'}; allowed: "
+                             "(B, L, D) embeddings for text-conditioned models, else None")
         if self._runner is None:
             self._runner = NetRunner(self.net, self.accel, self.device)
-        return self._runner(x, t)
+        return self._runner(x, t, context)
 
     @torch.no_grad()
-    def eps(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T) -> float32."""
-        out = self.forward(x, t)
+    def eps(self, x: torch.Tensor, t: torch.Tensor,
+            context: torch.Tensor | None = None) -> torch.Tensor:
+        """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T);
+        context: (B, L, D) for conditional models -> float32 (B, C, H, W)."""
+        out = self.forward(x, t, context)
         if self.prediction_type == "epsilon":
             return out
         assert self.vp is not None
@@ -114,6 +151,22 @@ class DiffusionModel:
         """VE score s(x, sigma) = grad log p_sigma(x). x: float32 (B, C, H, W); sigma: (B,)."""
         return self.forward(x, sigma.float())
 
+    @torch.no_grad()
+    def warm_up(self, batch_size: int) -> None:
+        """One network call of `edit`'s shape at `sample_size` (the allocator's first-call cost;
+        conditional models: the doubled guidance batch with empty-prompt embeddings)."""
+        shape = self.state_shape(*self.sample_size)
+        x = torch.zeros(batch_size, *shape, device=self.device)
+        if self.kind == "ve":
+            self.score(x, torch.ones(batch_size, device=self.device))
+            return
+        t = torch.ones(batch_size, dtype=torch.long, device=self.device)
+        if self.text is None:
+            self.eps(x, t)
+            return
+        context = self.text.embed([""] * (2 * batch_size))
+        self.eps(torch.cat([x, x]), torch.cat([t, t]), context)
+
 
 def load_model(
     source: str | os.PathLike[str],
@@ -124,13 +177,14 @@ def load_model(
     storage_options: dict[str, Any] | None = None,
     accel: Acceleration | None = None,
 ) -> DiffusionModel:
-    """Load a diffusers UNet2DModel and its scheduler config as a `DiffusionModel`.
+    """Load a diffusers model directory (pixel UNet2DModel or a latent StableDiffusionPipeline)
+    and its scheduler config as a `DiffusionModel`.
 
     Args:
         source: a local directory, a hub id ("google/ddpm-ema-bedroom-256"), or an fsspec URL
-            ("s3://bucket/models/bedroom", "memory://m") to a directory in either layout.
+            ("s3://bucket/models/bedroom", "memory://m") to a directory in one of the layouts.
         device, dtype: where and in what precision the network runs (sampling stays float32;
-            bfloat16 / float16 run the network under autocast with float32 weights).
+            bfloat16 / float16 run the UNet under autocast with float32 weights).
         cache_dir: where URL sources are copied (default ~/.cache/sdedit-batch/models).
         storage_options: fsspec options for URL sources (endpoint, credentials).
         accel: the fast-path options; default `Acceleration.default(device, dtype)`.
@@ -138,90 +192,54 @@ def load_model(
         ModelSourceError (a ValueError) naming the source and what is wrong.
     """
     text = os.fspath(source)
-    directory = _resolve(text, cache_dir, storage_options)
-    unet_dir, scheduler_path = _layout(directory, text)
-    config = _read_json(unet_dir / "config.json", text)
-    scheduler = _read_json(scheduler_path, text)
-    net = _build_net(unet_dir, config, text)
-    kind, prediction, vp, ve = _schedule(scheduler, config, text)
-    net = net.to(device=torch.device(device)).eval().requires_grad_(False)
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise ValueError(f"dtype={dtype!r} is not allowed; allowed: torch.float32, "
                          "torch.bfloat16, torch.float16")
+    resolved = resolve(text, cache_dir, storage_options)
+    directory = resolved.directory
+    unet_dir, scheduler_path = _layout(directory, text)
+    config = _read_json(unet_dir / "config.json", text)
+    scheduler = _read_json(scheduler_path, text)
+    kind, prediction, vp, ve = _schedule(scheduler, config, text)
+    latent = unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel"
+    if latent and kind != "vp":
+        raise ModelSourceError(f"model source {text!r}: a latent model needs a VP scheduler")
+    codec = encoder = None
+    if latent:
+        index = _read_json(directory / "model_index.json", text)
+        vae = _read_json(directory / "vae" / "config.json", text) \
+            if (directory / "vae").is_dir() else {}
+        net, codec, encoder, files = load_latent_parts(directory, text, index, config, vae)
+    else:
+        net, weights = _build_net(unet_dir, config, text)
+        files = [unet_dir / "config.json", weights]
+    files.append(scheduler_path)
+    dev = torch.device(device)
+    net = net.to(device=dev).eval().requires_grad_(False)
+    if codec is not None and encoder is not None:
+        codec.vae.to(dev)
+        encoder.encoder.to(dev)
     half = dtype if dtype != torch.float32 else None
     accel = dataclasses.replace(accel or Acceleration.default(device, dtype), autocast=half)
     size = config.get("sample_size", 256)
     sample_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    factor = 2 ** (len(config.get("down_block_types", ())) - 1)
+    channels = int(config.get("in_channels", 3))
+    if codec is not None:
+        sample_size = (sample_size[0] * codec.factor, sample_size[1] * codec.factor)
+        factor *= codec.factor
+        channels = int(codec.vae.config.in_channels)
+    identity = f"hf:{text}@{resolved.revision}" if resolved.revision else \
+        files_identity(directory, files)
     model = DiffusionModel(
         net=net, kind=kind, prediction_type=prediction, vp=vp, ve=ve, sample_size=sample_size,
-        in_channels=int(config.get("in_channels", 3)),
-        downsample_factor=2 ** (len(config.get("down_block_types", ())) - 1),
-        source=text, device=torch.device(device), dtype=dtype, accel=accel,
+        in_channels=channels, downsample_factor=factor, source=text, device=dev, dtype=dtype,
+        accel=accel, codec=codec, text=encoder, identity=identity,
     )
-    logger.info("loaded %s model %s (%s, %s) on %s", kind.upper(), text, prediction,
+    logger.info("loaded %s %s model %s (%s, %s) on %s", "latent" if codec else "pixel",
+                kind.upper(), text, prediction,
                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params", device)
     return model
-
-
-def _resolve(source: str, cache_dir: Any, storage_options: dict[str, Any] | None) -> Path:
-    """A local directory holding the model files for `source`."""
-    if "://" in source and not source.startswith("file://"):
-        return _copy_url(source, cache_dir, storage_options or {})
-    path = Path(source.removeprefix("file://")).expanduser()
-    if path.is_dir():
-        return path
-    if path.exists():
-        raise ModelSourceError(f"model source {source!r} is a file; expected a model directory")
-    if HUB_ID.match(source) and not source.startswith((".", "/")):
-        return _from_hub(source)
-    raise ModelSourceError(
-        f"model source {source!r} not found; allowed: a local diffusers model directory, "
-        "a hub id such as 'google/ddpm-ema-bedroom-256', or an fsspec URL (s3://, gs://, ...)"
-    )
-
-
-def _from_hub(repo_id: str) -> Path:
-    from huggingface_hub import snapshot_download
-
-    patterns = ["*.json", "*.safetensors", "diffusion_pytorch_model.bin", "*/*.json",
-                "*/diffusion_pytorch_model.*"]
-    try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
-    except Exception as exc:
-        raise ModelSourceError(
-            f"model source {repo_id!r}: could not get it from the Hugging Face hub or its cache "
-            f"({type(exc).__name__}). On a machine with network access run "
-            f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
-            "model directory somewhere reachable and set model.source to that path or URL."
-        ) from exc
-
-
-def _copy_url(url: str, cache_dir: Any, storage_options: dict[str, Any]) -> Path:
-    import fsspec  # only for URL sources: sdedit does not need fsspec otherwise
-
-    root = Path(cache_dir or Path.home() / ".cache" / "sdedit-batch" / "models")
-    target = root / hashlib.sha256(url.encode()).hexdigest()[:20]
-    if (target / ".complete").exists():
-        return target
-    try:
-        fs, path = fsspec.core.url_to_fs(url, **storage_options)
-        files = [f for f in fs.find(path) if not f.endswith("/")]
-    except Exception as exc:
-        raise ModelSourceError(f"model source {url!r}: cannot list it: {exc}") from exc
-    if not files:
-        raise ModelSourceError(f"model source {url!r}: no files at that URL")
-    base = path.rstrip("/")
-    partial = target.with_name(target.name + ".partial")
-    for stale in (partial, target):
-        shutil.rmtree(stale, ignore_errors=True)
-    for remote in files:
-        local = partial / remote[len(base):].lstrip("/")
-        local.parent.mkdir(parents=True, exist_ok=True)
-        fs.get_file(remote, str(local))
-    partial.replace(target)
-    (target / ".complete").touch()
-    logger.info("copied model %s to %s (%d files)", url, target, len(files))
-    return target
 
 
 def _layout(directory: Path, source: str) -> tuple[Path, Path]:
@@ -250,14 +268,16 @@ def _read_json(path: Path, source: str) -> dict[str, Any]:
     return data
 
 
-def _build_net(unet_dir: Path, config: dict[str, Any], source: str) -> torch.nn.Module:
+def _build_net(unet_dir: Path, config: dict[str, Any], source: str
+               ) -> tuple[torch.nn.Module, Path]:
     from diffusers import UNet2DModel
 
     name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ModelSourceError(
             f"model source {source!r}: network class {name!r} is not supported; allowed: "
-            "UNet2DModel (unconditional pixel-space diffusion models)"
+            "UNet2DModel (unconditional pixel-space diffusion models); text-conditioned "
+            "UNet2DConditionModel only in a StableDiffusionPipeline directory (model_index.json)"
         )
     weights = next((unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).exists()), None)
     if weights is None:
@@ -276,7 +296,7 @@ def _build_net(unet_dir: Path, config: dict[str, Any], source: str) -> torch.nn.
         raise ModelSourceError(
             f"model source {source!r}: cannot load {weights.name}: {type(exc).__name__}: "
             f"{str(exc)[:300]}") from exc
-    return net
+    return net, weights
 
 
 def _schedule(

@@ -151,3 +151,12 @@ def test_input_checks(tiny_vp, kwargs, fragment):
     with pytest.raises(ValueError) as info:
         edit(tiny_vp, images, **args)
     assert fragment in str(info.value)
+
+
+@pytest.mark.parametrize("kwargs", [dict(prompts=["a", "b"]), dict(negative_prompts=["", ""]),
+                                    dict(guidance_scale=7.5)])
+def test_text_arguments_on_a_pixel_model_are_refused(tiny_vp, kwargs):
+    with pytest.raises(ValueError) as info:
+        edit(tiny_vp, torch.zeros(2, 3, 16, 16), t0=0.5, seeds=[1, 2], **kwargs)
+    assert f"{next(iter(kwargs))} given for" in str(info.value)
+    assert "not text-conditioned" in str(info.value)

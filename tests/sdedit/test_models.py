@@ -14,6 +14,7 @@ from diffusers import DDPMPipeline, DDPMScheduler
 
 from sdedit import load_model
 from sdedit.models import ModelSourceError
+from sdedit.sources import files_identity
 from tests.support.tiny_models import save_vp_model, tiny_unet
 
 
@@ -27,6 +28,11 @@ def _same_net(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 def test_round_trip_root_layout(tiny_vp_dir):
     model = load_model(tiny_vp_dir)
     assert model.kind == "vp" and model.prediction_type == "epsilon"
+    assert not model.conditional and not model.latent and model.codec is None
+    root = Path(tiny_vp_dir)
+    assert model.identity == files_identity(root, [
+        root / "config.json", root / "diffusion_pytorch_model.safetensors",
+        root / "scheduler_config.json"])
     assert model.sample_size == (16, 16) and model.in_channels == 3
     assert model.vp.num_train_timesteps == 1000
     assert _same_net(model.net, tiny_unet())
@@ -82,6 +88,7 @@ def test_hub_id_from_the_cache_offline(tiny_vp_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
     model = load_model("someone/tiny-ddpm")
     assert _same_net(model.net, tiny_unet())
+    assert model.identity == "hf:someone/tiny-ddpm@" + "a" * 40
 
 
 def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
@@ -107,7 +114,7 @@ def _mismatched(path: Path) -> None:
 
 def _unsupported_scheduler(path: Path) -> None:
     (path / "scheduler_config.json").write_text(json.dumps(
-        {"_class_name": "LMSDiscreteScheduler", "beta_start": 1e-4, "beta_end": 0.02}))
+        {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
 
 
 def _conditional(path: Path) -> None:
@@ -129,7 +136,7 @@ def _bad_json(path: Path) -> None:
     [
         (_corrupt, "cannot load diffusion_pytorch_model.safetensors"),
         (_mismatched, "cannot load diffusion_pytorch_model.safetensors"),
-        (_unsupported_scheduler, "scheduler 'LMSDiscreteScheduler' is not supported"),
+        (_unsupported_scheduler, "scheduler 'FlowMatchEulerDiscreteScheduler' is not supported"),
         (_conditional, "'UNet2DConditionModel' is not supported"),
         (_no_scheduler, "missing scheduler_config.json"),
         (_bad_json, "config.json is not valid JSON"),
@@ -161,3 +168,70 @@ def test_importing_sdedit_pulls_no_ray_fsspec_or_click():
             "if m in sys.modules]; print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_stable_diffusion_pipeline_directory(tiny_sd_dir, tmp_path):
+    import shutil
+
+    from tests.support.tiny_latent import tiny_cond_unet
+
+    directory = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, directory)
+    (directory / "safety_checker").mkdir()            # never read: broken on purpose
+    (directory / "safety_checker" / "config.json").write_text("{ not json")
+    model = load_model(directory)
+    assert model.conditional and model.latent and model.kind == "vp"
+    assert model.sample_size == (16, 16) and model.downsample_factor == 4
+    assert model.in_channels == 3 and model.state_shape(16, 24) == (4, 8, 12)
+    assert model.vp.num_train_timesteps == 1000
+    assert abs(float(model.vp.betas[0]) - 0.00085) < 1e-12
+    assert all(p.dtype == torch.float32 for p in model.codec.vae.parameters())
+    x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    context = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        expected = tiny_cond_unet()(x, t, encoder_hidden_states=context).sample
+    assert torch.equal(model.eps(x, t, context), expected)
+    with pytest.raises(ValueError, match="context is missing"):
+        model.eps(x, t)
+    assert model.identity.startswith("sha256:")
+    assert model.identity == load_model(tiny_sd_dir).identity    # extra folders do not count
+
+
+def _sdxl(path: Path) -> None:
+    index = json.loads((path / "model_index.json").read_text())
+    index["_class_name"] = "StableDiffusionXLImg2ImgPipeline"
+    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
+    (path / "model_index.json").write_text(json.dumps(index))
+
+
+def _inpainting(path: Path) -> None:
+    cfg = json.loads((path / "unet" / "config.json").read_text())
+    cfg["in_channels"] = 9
+    (path / "unet" / "config.json").write_text(json.dumps(cfg))
+
+
+def _no_tokenizer(path: Path) -> None:
+    import shutil
+
+    shutil.rmtree(path / "tokenizer")
+
+
+@pytest.mark.parametrize(
+    ("damage", "fragment"),
+    [
+        (_sdxl, "the SDXL layout (StableDiffusionXLImg2ImgPipeline"),
+        (_inpainting, "unet in/out channels 9/4"),
+        (_no_tokenizer, "no tokenizer/ folder"),
+    ],
+)
+def test_unsupported_latent_layouts_are_refused(tiny_sd_dir, tmp_path, damage, fragment):
+    import shutil
+
+    directory = tmp_path / "sd"
+    shutil.copytree(tiny_sd_dir, directory)
+    damage(directory)
+    with pytest.raises(ModelSourceError) as info:
+        load_model(directory)
+    assert fragment in str(info.value) and "supported: the StableDiffusionPipeline layout" in \
+        str(info.value)

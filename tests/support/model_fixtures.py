@@ -38,3 +38,18 @@ def tiny_ve(tiny_ve_dir: Path):
     from sdedit import load_model
 
     return load_model(tiny_ve_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Stable Diffusion pipeline directory (16x16 images, 8x8x4 latents)."""
+    from tests.support.tiny_latent import save_sd_model
+
+    return save_sd_model(tmp_path_factory.mktemp("models") / "tiny-sd")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd(tiny_sd_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_sd_dir)

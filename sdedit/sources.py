@@ -1,0 +1,206 @@
+"""Where model files come from: a local directory, the Hugging Face hub cache, or an fsspec URL.
+
+`resolve` turns a model source string into a local directory (plus the hub commit when the source
+is a hub id). URL sources are copied once into a cache; fsspec is imported only then. Hub
+downloads take only what `load_model` reads (`hub_allow_patterns`). `files_identity` is the
+content identity of the files a model was built from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["ModelSourceError", "Resolved", "files_identity", "hub_allow_patterns", "resolve"]
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+"""Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor)."""
+TEXT_COMPONENTS = ("tokenizer",)
+WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model")}
+DEFAULT_STEMS = ("diffusion_pytorch_model",)
+CHUNK = 1 << 22
+FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
+                     "diffusion_pytorch_model.safetensors", "unet/config.json",
+                     "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
+                     "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
+                     "text_encoder/model.safetensors", "tokenizer/*",
+                     "scheduler/scheduler_config.json"]
+"""What a hub fetch asks for when the repository cannot be listed (offline: the cache answers)."""
+
+
+class ModelSourceError(ValueError):
+    """A model source is missing, unreachable, corrupt or of an unsupported kind."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A source made local: `directory` holds the files; `revision` is the hub commit or None."""
+
+    directory: Path
+    revision: str | None = None
+
+
+def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
+            storage_options: dict[str, Any] | None) -> Resolved:
+    """A local directory holding the model files for `source` (see `load_model`)."""
+    if "://" in source and not source.startswith("file://"):
+        return Resolved(copy_url(source, cache_dir, storage_options or {}))
+    path = Path(source.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        return Resolved(path)
+    if path.exists():
+        raise ModelSourceError(
+            f"model source {source!r} is a file; expected a model directory (convert an "
+            "original DDPM/SDEdit checkpoint first: sdedit.convert.convert_checkpoint)")
+    if HUB_ID.match(source) and not source.startswith((".", "/")):
+        directory = from_hub(source)
+        return Resolved(directory, directory.name)
+    raise ModelSourceError(
+        f"model source {source!r} not found; allowed: a local diffusers model directory, "
+        "a hub id such as 'google/ddpm-ema-bedroom-256', or an fsspec URL (s3://, gs://, ...)"
+    )
+
+
+def _best_weights(names: set[str], folder: str, stems: Sequence[str]) -> list[str]:
+    """The one weights variant of `folder` to fetch: full-precision safetensors, else .bin,
+    sharded or not; never fp16 / ema / non_ema variants (they are `stem.<variant>.<ext>`)."""
+    prefix = f"{folder}/" if folder else ""
+    for ext in ("safetensors", "bin"):
+        for stem in stems:
+            if f"{prefix}{stem}.{ext}" in names:
+                return [f"{prefix}{stem}.{ext}"]
+            index = f"{prefix}{stem}.{ext}.index.json"
+            if index in names:
+                shard = re.compile(re.escape(f"{prefix}{stem}-") + r"\d+-of-\d+\." + ext + "$")
+                return [index, *sorted(n for n in names if shard.match(n))]
+    return []
+
+
+def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
+    """The files of a hub repository that `load_model` needs, as exact allow_patterns.
+
+    Pipeline layout (model_index.json): model_index.json, the config and one weights variant of
+    unet, vae and text_encoder (or just unet for a pixel pipeline), every file of tokenizer/,
+    and scheduler/scheduler_config.json. Root layout: config.json, scheduler_config.json and one
+    weights file. Never safety_checker/, feature_extractor/, root-level checkpoints (.ckpt,
+    v1-5-pruned.safetensors) or fp16 / ema / non_ema variants.
+
+    Args:
+        repo_files: the repository's file paths, e.g. from `HfApi().list_repo_files`.
+    Returns:
+        sorted file paths (exact names; fnmatch treats them as themselves).
+    """
+    names = set(repo_files)
+    if "model_index.json" not in names:
+        wanted = [n for n in ("config.json", "scheduler_config.json") if n in names]
+        return sorted(wanted + _best_weights(names, "", DEFAULT_STEMS))
+    wanted = ["model_index.json"]
+    for folder in WEIGHT_COMPONENTS:
+        if f"{folder}/config.json" in names:
+            wanted.append(f"{folder}/config.json")
+            wanted += _best_weights(names, folder, WEIGHT_STEMS.get(folder, DEFAULT_STEMS))
+    for folder in TEXT_COMPONENTS:
+        wanted += [n for n in names if n.startswith(f"{folder}/") and n.count("/") == 1]
+    wanted += [n for n in ("scheduler/scheduler_config.json",) if n in names]
+    return sorted(set(wanted))
+
+
+def from_hub(repo_id: str) -> Path:
+    """The hub snapshot directory of `repo_id` with `hub_allow_patterns`' files (from the cache
+    when offline). Its name is the commit hash."""
+    from huggingface_hub import HfApi, snapshot_download
+
+    try:
+        files: list[str] | None = HfApi().list_repo_files(repo_id)
+    except Exception as exc:  # offline, no network: the cache may still hold a snapshot
+        logger.info("cannot list hub repo %s (%s); trying the cache", repo_id, type(exc).__name__)
+        files = None
+    patterns = hub_allow_patterns(files) if files is not None else FALLBACK_PATTERNS
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model source {repo_id!r}: could not get it from the Hugging Face hub or its cache "
+            f"({type(exc).__name__}). On a machine with network access run "
+            f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
+            "model directory somewhere reachable and set model.source to that path or URL."
+        ) from exc
+
+
+def copy_url(url: str, cache_dir: str | os.PathLike[str] | None,
+             storage_options: dict[str, Any]) -> Path:
+    """Copy the directory at `url` into the cache once; safe across processes and threads.
+
+    Each caller copies into its own temporary folder (tempfile.mkdtemp in the cache root), marks
+    it complete, then renames it to the target atomically; a caller that loses the race to a
+    concurrent winner drops its copy and uses the winner's.
+    """
+    import fsspec  # only for URL sources: sdedit does not need fsspec otherwise
+
+    root = Path(cache_dir or Path.home() / ".cache" / "sdedit-batch" / "models")
+    name = hashlib.sha256(url.encode()).hexdigest()[:20]
+    target = root / name
+    if (target / ".complete").exists():
+        return target
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **storage_options)
+        files = [f for f in fs.find(path) if not f.endswith("/")]
+    except Exception as exc:
+        raise ModelSourceError(f"model source {url!r}: cannot list it: {exc}") from exc
+    if not files:
+        raise ModelSourceError(f"model source {url!r}: no files at that URL")
+    root.mkdir(parents=True, exist_ok=True)
+    base = path.rstrip("/")
+    partial = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".partial", dir=root))
+    try:
+        for remote in files:
+            local = partial / remote[len(base):].lstrip("/")
+            local.parent.mkdir(parents=True, exist_ok=True)
+            fs.get_file(remote, str(local))
+        (partial / ".complete").touch()
+        _publish(partial, target)
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    logger.info("copied model %s to %s (%d files)", url, target, len(files))
+    return target
+
+
+def _publish(partial: Path, target: Path) -> None:
+    """Rename the complete `partial` to `target`, unless a concurrent copy got there first."""
+    for _ in range(2):
+        try:
+            os.rename(partial, target)  # atomic; fails if target is a non-empty directory
+            return
+        except OSError:
+            if (target / ".complete").exists():
+                return  # a concurrent winner: use its copy
+            shutil.rmtree(target, ignore_errors=True)  # a stale, incomplete copy
+    raise ModelSourceError(f"cannot place the model copy at {target}")
+
+
+def files_identity(directory: Path, files: Iterable[Path]) -> str:
+    """"sha256:<hex>" of the files a model was built from, streamed.
+
+    The hex is the sha256 of the text `sha256sum` prints for the files, sorted by path relative
+    to `directory`: lines "<file sha256>  <relative path>\\n". So it can be checked with
+    `cd DIR && sha256sum FILES... | sha256sum` (files in sorted order).
+    """
+    lines = []
+    for path in sorted({Path(f) for f in files}, key=lambda p: p.relative_to(directory).as_posix()):
+        digest = hashlib.sha256()
+        with path.open("rb") as stream:
+            while chunk := stream.read(CHUNK):
+                digest.update(chunk)
+        lines.append(f"{digest.hexdigest()}  {path.relative_to(directory).as_posix()}\n")
+    return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
