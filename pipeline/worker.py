@@ -87,14 +87,7 @@ class ShardWorker:
     def _warm_up(self) -> None:
         """One network call at the job's batch size, so the first shard pays no allocator or
         kernel-selection cost (outputs are unaffected)."""
-        h, w = self.model.sample_size
-        x = torch.zeros(self.spec.compute.batch_size, self.model.in_channels, h, w,
-                        device=self.model.device)
-        t = torch.full((x.shape[0],), 1, device=self.model.device)
-        if self.model.kind == "vp":
-            self.model.eps(x, t.long())
-        else:
-            self.model.score(x, t.float())
+        self.model.warm_up(self.spec.compute.batch_size)
 
     def process(self, url: str, progress: Callable[[int], None] | None = None) -> ShardStats:
         """Edit every sample of the shard at `url` and commit its outputs.
