@@ -19,7 +19,7 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError, ResumeConflictError
-from pipeline.runner import run_job
+from pipeline.runner import actor_options, run_job
 from pipeline.testhooks import hooks_env
 from pipeline.worker import ShardWorker
 from tests.support.rayhead import kill_session
@@ -172,3 +172,14 @@ def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_
         run_job(spec, progress=False)
     assert isinstance(info.value.__cause__, ray.exceptions.RayTaskError)
     assert not (out / "failed").exists() and not (out / "done").exists()
+
+
+def test_cpu_actors_wait_passively_unless_told_otherwise(local_ray, tiny_vp_dir, inputs,
+                                                        tmp_path, monkeypatch):
+    spec = make_spec(tiny_vp_dir, inputs, tmp_path, compute={"cpus_per_actor": None})
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    options, threads = actor_options(spec)
+    assert options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
+    assert (options["num_cpus"], threads) == (2, 2)  # the cluster's 2 CPUs, one actor
+    monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
+    assert actor_options(spec)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
