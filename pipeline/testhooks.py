@@ -8,6 +8,10 @@ to its actors), for example `hooks_env(crash="part-000001:3:/tmp/flag", batch_de
     batch_delay  seconds to sleep after each batch (to stop a run mid-way).
     fake_gpu     true: compute.device cuda runs on the CPU (a fake multi-node cluster whose
                  GPUs are Ray resources only).
+    stand_in_ms  > 0: the loaded model's network is replaced by a stand-in whose every call
+                 sleeps this many milliseconds per image (releasing the GIL, as waiting on a
+                 GPU does) and predicts zeros: an emulated device whose busy time is known
+                 exactly (benchmarks/host_pipeline.py).
 
 Production code reads the variable once per worker (`from_env`) and does nothing else when it is
 unset.
@@ -20,7 +24,13 @@ import logging
 import os
 import time
 from dataclasses import dataclass
-from typing import Any
+from types import SimpleNamespace
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+if TYPE_CHECKING:
+    from sdedit import DiffusionModel
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +44,13 @@ class Hooks:
     crash: str | None = None
     batch_delay: float = 0.0
     fake_gpu: bool = False
+    stand_in_ms: float = 0.0
+
+    def install(self, model: DiffusionModel) -> None:
+        """Swap the network of a loaded pixel model for the stand-in, if one is asked for."""
+        if self.stand_in_ms > 0:
+            model.net = _SleepNet(self.stand_in_ms)
+            model.accelerate()  # rebuild the runner around the new network
 
     def after_batch(self, stem: str, outputs_done: int) -> None:
         """Run after each batch of shard `stem`, with that shard's outputs so far."""
@@ -47,6 +64,18 @@ class Hooks:
                 handle.write(f"crashed {stem} after {outputs_done} outputs\n")
             logger.error("test hook: exiting the process mid-shard %s", stem)
             os._exit(1)
+
+
+class _SleepNet(torch.nn.Module):
+    """A network call that takes `ms` milliseconds per image and predicts zeros."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(self.ms * x.shape[0] / 1000.0)
+        return SimpleNamespace(sample=torch.zeros_like(x))
 
 
 def from_env() -> Hooks | None:

@@ -80,6 +80,8 @@ class ShardWorker:
             spec.model.source, device=device,
             dtype=resolve_dtype(spec.compute.dtype, device),
             storage_options=dict(spec.model.storage_options) or None)
+        if self.hooks is not None:
+            self.hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.fingerprint = spec.fingerprint()
         self._warm_up()

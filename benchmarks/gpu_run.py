@@ -1,0 +1,215 @@
+"""One prepared GPU run: `sdedit-batch bench` against the reference loop, and the actor path.
+
+Made for one call of under 5 minutes on a GPU machine with no network (benchmarks/gpu_run.sh
+installs the carried wheels first). Whole 500-step chains are not run: each configuration is
+timed over a fixed number of steps (t0 = 0.02: 20 DDPM steps) and the 500-step chain is
+extrapolated from the time per step, which is the same at every step of the chain. Parts run
+in order of importance and the JSON file is rewritten after each, so a run cut short keeps
+what it measured; a part that does not fit the time budget is skipped and named in `skipped`.
+
+Parts:
+  1. bench, DDPM-256 random weights: the reference loop (fp32, batch 8) and `sdedit.edit` fp32
+     and bf16 at batch 16 and 32 on the DDPM chain: ms per step, x reference, MFU, and the
+     500-step chain extrapolated;
+  2. the same with dpmpp2m, 20 evaluations (run whole);
+  3. the three CUDA kernels that take the most time in a bf16 batch-32 forward (profiler);
+  4. the actor path end to end (ShardWorker, no Ray) at 256 px: device-busy fraction and
+     images/s, from two runs of different lengths against the edit-only time of the same work;
+  5. bf16 with torch.compile + CUDA graphs, and CUDA graphs alone, at batch 16 and 32.
+
+    python benchmarks/gpu_run.py --json out.json [--budget 270] [--smoke]
+--smoke runs every part tiny on the CPU (to check the script here, not to measure).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.tools.bench import BenchConfig, format_table, random_model, run_bench
+
+
+class Budget:
+    """Seconds left of the run; parts check it before they start, and a part still running
+    when the budget ends is interrupted (SIGALRM) so the call ends in time."""
+
+    def __init__(self, seconds: float) -> None:
+        self.end = time.monotonic() + seconds
+        signal.signal(signal.SIGALRM, self._expired)
+
+    def left(self) -> float:
+        return self.end - time.monotonic()
+
+    def arm(self) -> None:
+        signal.alarm(max(1, int(self.left())))
+
+    @staticmethod
+    def _expired(signum: int, frame: Any) -> None:
+        raise TimeoutError("the run's time budget ended during this part")
+
+
+def bench_part(name: str, config: BenchConfig, result: dict[str, Any]) -> None:
+    report = run_bench(config, progress=lambda m: print(f"# {name}: {m}", flush=True))
+    print(format_table(report), flush=True)
+    rows = report.to_dict()["rows"]
+    for row in rows:
+        row["chain_500_s"] = row["step_ms"] * 500 / 1000  # extrapolated 500-step edit
+    result["parts"][name] = {"config": report.config, "env": report.env,
+                             "gflop_per_forward": report.gflop_per_forward, "rows": rows,
+                             "notes": report.notes}
+
+
+def top_kernels(arch: str, device: torch.device, batch: int, result: dict[str, Any]) -> None:
+    """The three kernels with the most device time in bf16 forwards (torch.profiler)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    model = random_model(arch, device).accelerate(autocast=torch.bfloat16,
+                                                  channels_last=device.type == "cuda")
+    h, w = model.sample_size
+    x = torch.randn(batch, 3, h, w, device=device)
+    t = torch.full((batch,), 499, device=device)
+    for _ in range(3):
+        model.forward(x, t)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA]
+                                           if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        for _ in range(3):
+            model.forward(x, t)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key, 0), reverse=True)
+    total = sum(getattr(e, key, 0) for e in events) or 1
+    result["parts"]["top_kernels"] = [
+        {"name": e.key, "ms_per_forward": getattr(e, key, 0) / 3 / 1000,
+         "share": getattr(e, key, 0) / total} for e in events[:3]]
+    print("# top kernels:", json.dumps(result["parts"]["top_kernels"], indent=1), flush=True)
+
+
+def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, Any]) -> None:
+    """Busy fraction of the actor path: edit-only seconds of the work / pipeline seconds."""
+    import webdataset as wds
+
+    from pipeline.images import encode_image
+    from pipeline.spec import parse_spec
+    from pipeline.worker import ShardWorker, output_seed
+    from sdedit import edit
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from host_pipeline import painting
+
+    tmp = Path(tempfile.mkdtemp(prefix="gpu-run-"))
+    model = random_model(arch, device).accelerate(
+        autocast=None if smoke else torch.bfloat16, channels_last=device.type == "cuda")
+    size = model.sample_size[0]
+    per_shard, batch, steps = (8, 2, 2) if smoke else (64, 16, 20)
+    lengths = (1, 2) if smoke else (2, 5)
+    rng = np.random.default_rng(0)
+    urls = []
+    for s in range(lengths[1]):
+        url = tmp / f"in-{s:06d}.tar"
+        with wds.TarWriter(str(url)) as tar:
+            for i in range(per_shard):
+                tar.write({"__key__": f"s{s}_{i:04d}", "png": encode_image(painting(rng, size))})
+        urls.append(str(url))
+    sd = {"t0": 0.5, "sampler": "dpmpp2m", "steps": steps}
+    walls = []
+    for n in lengths:
+        spec = parse_spec({"name": "gpu-run", "model": {"source": "random"},
+                           "input": {"shards": urls[:n]}, "output": {"path": str(tmp / f"o{n}")},
+                           "sdedit": {**sd, "seed": 0},
+                           "compute": {"device": device.type, "batch_size": batch}})
+        worker = ShardWorker(spec, model=model)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        start = time.perf_counter()
+        for url in urls[:n]:
+            worker.process(url)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        walls.append(time.perf_counter() - start)
+    images = (lengths[1] - lengths[0]) * per_shard
+    guides = torch.stack([torch.from_numpy(painting(rng, size)).permute(2, 0, 1)
+                          for _ in range(batch)]).float() / 127.5 - 1
+    seeds = [output_seed(0, f"k{i}", 0) for i in range(batch)]
+    edit(model, guides, seeds=seeds, **sd)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    start = time.perf_counter()
+    for _ in range(images // batch):
+        edit(model, guides, seeds=seeds, **sd)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    device_s = time.perf_counter() - start
+    pipeline_s = walls[1] - walls[0]
+    result["parts"]["actor_path"] = {
+        "images": images, "batch": batch, "sampler": "dpmpp2m", "steps": steps,
+        "walls": walls, "pipeline_s": pipeline_s, "edit_only_s": device_s,
+        "busy": device_s / pipeline_s, "images_per_s": images / pipeline_s,
+        "edit_only_images_per_s": images / device_s}
+    print("# actor path:", json.dumps(result["parts"]["actor_path"]), flush=True)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--json", required=True)
+    parser.add_argument("--budget", type=float, default=270.0, help="seconds for all parts")
+    parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU (a check)")
+    args = parser.parse_args()
+    budget = Budget(args.budget)
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    arch = "tiny" if args.smoke else "ddpm-256"
+    batches = (1, 2) if args.smoke else (16, 32)
+    result: dict[str, Any] = {"device": str(device), "torch": torch.__version__,
+                              "name": torch.cuda.get_device_name(device)
+                              if device.type == "cuda" else "cpu", "parts": {},
+                              "skipped": []}
+    common = dict(arch=arch, batch_sizes=batches, dtypes=("fp32", "bf16"), repeats=3,
+                  device=device.type, threads=(1,) if args.smoke else ())
+    parts: list[tuple[str, float, Any]] = [
+        ("chain", 60, lambda: bench_part("chain", BenchConfig(
+            **common, sampler="ddpm", t0=0.02 if not args.smoke else 0.003), result)),
+        ("dpmpp2m_20", 40, lambda: bench_part("dpmpp2m_20", BenchConfig(
+            **common, sampler="dpmpp2m", steps=20 if not args.smoke else 2, t0=0.5,
+            reference=False), result)),
+        ("top_kernels", 10, lambda: top_kernels(arch, device, batches[-1], result)),
+        ("actor_path", 60, lambda: actor_part(arch, device, args.smoke, result)),
+        ("chain_graphs", 40, lambda: bench_part("chain_graphs", BenchConfig(
+            **{**common, "dtypes": ("bf16",)}, sampler="ddpm", cuda_graphs=True,
+            t0=0.02 if not args.smoke else 0.003, reference=False), result)),
+        ("chain_compile_graphs", 120, lambda: bench_part("chain_compile_graphs", BenchConfig(
+            **{**common, "dtypes": ("bf16",)}, sampler="ddpm", compile=True, cuda_graphs=True,
+            t0=0.02 if not args.smoke else 0.003, reference=False), result)),
+    ]
+    for name, needs, run in parts:
+        if budget.left() < (1 if args.smoke else needs):
+            result["skipped"].append(f"{name}: {budget.left():.0f} s left, needs ~{needs} s")
+            continue
+        started = time.monotonic()
+        budget.arm()
+        try:
+            run()
+        except Exception as exc:  # keep the other parts' figures (a timeout included)
+            result["parts"][name] = {"error": f"{type(exc).__name__}: {exc}"[:2000]}
+            print(f"# {name} failed: {exc}", flush=True)
+        finally:
+            signal.alarm(0)
+        result.setdefault("seconds", {})[name] = time.monotonic() - started
+        Path(args.json).write_text(json.dumps(result, indent=1))
+    Path(args.json).write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.json}; skipped: {result['skipped']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# The prepared GPU run (benchmarks/gpu_run.py) for a machine with CUDA torch and no network.
+#
+# Here, once (downloads the pure-Python wheels that machine lacks into .whl/, git-ignored):
+#   benchmarks/gpu_run.sh --fetch-wheels
+# There, as one call (the device tool: carry .whl; $OUT collects the JSON):
+#   bash benchmarks/gpu_run.sh            # about 4-5 minutes; --smoke: a CPU check here
+set -euo pipefail
+cd "$(dirname "$0")/.."
+WHEELS="diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 importlib_metadata==10.2.0 zipp==4.1.2"
+if [[ "${1:-}" == "--fetch-wheels" ]]; then
+  mkdir -p .whl
+  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
+    --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
+    -d .whl $WHEELS
+  ls -la .whl
+  exit 0
+fi
+if compgen -G ".whl/*.whl" > /dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target /tmp/site .whl/*.whl
+  export PYTHONPATH="/tmp/site${PYTHONPATH:+:$PYTHONPATH}"
+fi
+export PYTHONUNBUFFERED=1
+OUT="${OUT:-out/gpu_run}"
+mkdir -p "$OUT"
+python3 -c "import torch; print('torch', torch.__version__, 'cuda', torch.cuda.is_available())"
+python3 benchmarks/gpu_run.py --json "$OUT/gpu_run.json" "$@" 2>&1 | tee "$OUT/gpu_run.log"

@@ -1,0 +1,185 @@
+"""Device-busy fraction of `sdedit-batch run` with an emulated device whose speed is known.
+
+The network is replaced by a stand-in (test hook `stand_in_ms`) whose every call sleeps F ms
+per image in the batch, releasing the GIL as waiting on a GPU does, and predicts zeros. The
+model still goes through the real path: a UNet2DModel directory saved with save_pretrained,
+`load_model`, the Ray actor, the worker's read -> decode -> batch -> edit -> encode -> write ->
+commit. The sampler makes one network evaluation per image (ddim, 1 step), so F is the device
+time per image and the ideal wall time of N images is N * F.
+
+Busy fraction = device time / wall time in steady state. Ray start-up, model load and warm-up
+cancel out in the difference of two runs of different lengths:
+    busy = F * (N_long - N_short) / (wall_long - wall_short).
+Inputs: 256 px stroke-like paintings (flat colour regions, as SDEdit guides are), shards of
+about 100 images; outputs PNG. With --s3 the inputs and outputs live on the tests' SeaweedFS
+S3 server on loopback.
+
+    python benchmarks/host_pipeline.py --ms 10,25,50 --host-threads 1,2,4 [--s3] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import webdataset as wds
+from diffusers import DDPMScheduler, UNet2DModel
+from PIL import Image, ImageDraw
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.images import encode_image
+from pipeline.spec import parse_spec
+from pipeline.storage import join, url_fs
+from pipeline.testhooks import hooks_env
+
+
+def painting(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A stroke-like guide: a few flat colour regions from a 6-colour palette, uint8 RGB."""
+    palette = rng.integers(0, 256, (6, 3))
+    img = Image.new("RGB", (size, size), tuple(int(c) for c in palette[0]))
+    draw = ImageDraw.Draw(img)
+    for _ in range(12):
+        x0, y0 = rng.integers(0, size, 2)
+        w, h = rng.integers(size // 8, size // 2, 2)
+        color = tuple(int(c) for c in palette[rng.integers(0, 6)])
+        shape = draw.ellipse if rng.random() < 0.3 else draw.rectangle
+        shape([int(x0), int(y0), int(x0 + w), int(y0 + h)], fill=color)
+    return np.asarray(img)
+
+
+def write_inputs(root: str, options: dict[str, Any], shards: int, per_shard: int,
+                 size: int) -> list[str]:
+    """`shards` tars of `per_shard` paintings under `root` (local folder or URL)."""
+    rng = np.random.default_rng(0)
+    fs, base = url_fs(root, options)
+    fs.makedirs(base, exist_ok=True)
+    urls = []
+    for s in range(shards):
+        url = join(root, f"in-{s:06d}.tar")
+        with fs.open(f"{base}/in-{s:06d}.tar", "wb") as stream, wds.TarWriter(stream) as tar:
+            for i in range(per_shard):
+                tar.write({"__key__": f"s{s}_{i:05d}", "png": encode_image(painting(rng, size))})
+        urls.append(url)
+    return urls
+
+
+def write_model(path: Path, size: int) -> None:
+    """A small UNet2DModel directory at `size` px (its weights are never used: stand-in)."""
+    torch.manual_seed(0)
+    UNet2DModel(sample_size=size, in_channels=3, out_channels=3, layers_per_block=1,
+                block_out_channels=(8, 16), norm_num_groups=4,
+                down_block_types=("DownBlock2D",) * 2,
+                up_block_types=("UpBlock2D",) * 2).save_pretrained(path)
+    DDPMScheduler(beta_start=1e-4, beta_end=0.02).save_config(path)
+
+
+def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], ms: float,
+            host_threads: int, batch: int, extra: dict[str, Any]) -> tuple[float, int, dict]:
+    """(wall seconds, images, summary stats) of one `run_job`."""
+    from pipeline.runner import run_job  # here: gpu_run.py imports this module without Ray
+
+    compute: dict[str, Any] = {"device": "cpu", "batch_size": batch, "actors": 1}
+    if host_threads:
+        compute["host_threads"] = host_threads
+    spec = parse_spec({
+        "name": "host-pipeline", "model": {"source": str(model)},
+        "input": {"shards": shards, "storage_options": options},
+        "output": {"path": out, "storage_options": options, **extra.get("output", {})},
+        "sdedit": {"t0": 0.5, "sampler": "ddim", "steps": 1, "seed": 0},
+        "compute": compute})
+    os.environ.update(hooks_env(stand_in_ms=ms))
+    start = time.perf_counter()
+    summary = run_job(spec, progress=False)
+    wall = time.perf_counter() - start
+    assert not summary.failed and summary.outputs_error == 0, summary
+    return wall, summary.outputs_ok, markers_cpu(out, options)
+
+
+def markers_cpu(out: str, options: dict[str, Any]) -> dict[str, float]:
+    """Sum of the per-shard figures the commit markers hold (seconds, cpu and stage times)."""
+    fs, base = url_fs(join(out, "done"), options)
+    totals: dict[str, float] = {}
+    for path in fs.ls(base, detail=False):
+        marker = json.loads(fs.cat_file(path))
+        for key, value in marker.get("timings", {"seconds": marker["seconds"]}).items():
+            totals[key] = totals.get(key, 0.0) + float(value)
+    return totals
+
+
+def measure(args: argparse.Namespace, root: str, options: dict[str, Any], model: Path,
+            ms: float, host_threads: int) -> dict[str, Any]:
+    short, long = args.shards
+    inputs = write_inputs(join(root, f"in-{ms}-{host_threads}"), options, long, args.per_shard,
+                          args.size)
+    runs = []
+    for n in (short, long):
+        out = join(root, f"out-{ms}-{host_threads}-{n}")
+        wall, images, stages = one_run(model, inputs[:n], out, options, ms, host_threads,
+                                       args.batch, {})
+        runs.append((wall, images, stages))
+    (w1, n1, _), (w2, n2, stages) = runs
+    busy = ms / 1000 * (n2 - n1) / (w2 - w1)
+    per_image = {k: 1000 * v / n2 for k, v in stages.items()}
+    return {"ms": ms, "host_threads": host_threads, "images": [n1, n2], "wall": [w1, w2],
+            "busy": busy, "images_per_s": (n2 - n1) / (w2 - w1), "ideal_images_per_s": 1000 / ms,
+            "per_image_ms": per_image}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ms", default="10,25,50", help="device ms per image, comma-separated")
+    parser.add_argument("--host-threads", default="1,2,4",
+                        help="compute.host_threads values (0 = leave unset)")
+    parser.add_argument("--shards", default="1,3", help="short,long run lengths in shards")
+    parser.add_argument("--per-shard", type=int, default=100)
+    parser.add_argument("--size", type=int, default=256)
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--s3", action="store_true", help="inputs and outputs on SeaweedFS S3")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    args.shards = [int(x) for x in args.shards.split(",")]
+    tmp = Path(tempfile.mkdtemp(prefix="host-pipeline-"))
+    model = tmp / "model"
+    write_model(model, args.size)
+    server = None
+    root, options = str(tmp), {}
+    if args.s3:
+        from tests.support.seaweed import SeaweedS3, weed_binary
+
+        server = SeaweedS3(tmp / "seaweed", weed=weed_binary())
+        server.start()
+        root, options = server.create_bucket("bench"), server.storage_options()
+    results = []
+    try:
+        for ms in [float(x) for x in args.ms.split(",")]:
+            for threads in [int(x) for x in args.host_threads.split(",")]:
+                row = measure(args, root, options, model, ms, threads)
+                results.append(row)
+                stages = ", ".join(f"{k} {v:.1f}" for k, v in row["per_image_ms"].items())
+                print(f"F={ms:g} ms host_threads={threads}: busy {row['busy']:.3f}, "
+                      f"{row['images_per_s']:.1f} img/s (ideal {row['ideal_images_per_s']:.1f}); "
+                      f"per image ms: {stages}", flush=True)
+    finally:
+        if server is not None:
+            server.close()
+    print("\n| F (ms) | host threads | busy | images/s | ideal |")
+    print("|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['ms']:g} | {r['host_threads']} | {r['busy']:.2f} | "
+              f"{r['images_per_s']:.1f} | {r['ideal_images_per_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
+                                              indent=1))
+
+
+if __name__ == "__main__":
+    main()
