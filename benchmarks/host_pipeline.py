@@ -94,7 +94,7 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
         "name": "host-pipeline", "model": {"source": str(model)},
         "input": {"shards": shards, "storage_options": options},
         "output": {"path": out, "storage_options": options, **extra.get("output", {})},
-        "sdedit": {"t0": 0.5, "sampler": "ddim", "steps": 1, "seed": 0},
+        "sdedit": {"t0": 0.02, "sampler": "ddim", "steps": 1, "seed": 0},
         "compute": compute})
     os.environ.update(hooks_env(stand_in_ms=ms))
     start = time.perf_counter()

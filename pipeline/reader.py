@@ -4,6 +4,9 @@ The tar is read as a stream (`tarfile` mode "r|*" over an fsspec file): never do
 Members are grouped into samples by webdataset's own key rule (`{key}.{ext}`). Decoding problems
 of one sample (undecodable image, missing guide, bad mask, a key that would escape the output
 folder) become a `Sample` with `error` set; a truncated or unreadable tar raises `ShardError`.
+
+`read_shard` reads in a background thread and decodes in a thread pool (in order), ahead of
+the consumer by at most `depth` samples: the bound on decoded images a shard holds.
 """
 
 from __future__ import annotations
@@ -14,21 +17,24 @@ import queue
 import tarfile
 import threading
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Executor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 from webdataset.tariterators import group_by_keys
 
 from pipeline.errors import ShardError
-from pipeline.images import IMAGE_EXTS
+from pipeline.images import IMAGE_EXTS, is_rgb8_png
 from pipeline.redaction import redact_url
+from pipeline.stages import Gauge
 from pipeline.storage import describe_error, url_fs, with_retries
 
 logger = logging.getLogger(__name__)
 
 _END = object()
+T = TypeVar("T")
 
 
 @dataclass
@@ -42,6 +48,8 @@ class Sample:
         members: the raw bytes of the guide ("guide"), mask ("mask") and target ("target")
             members present, passed through to the output tar.
         error: why this sample cannot be edited, or None.
+        guide_png: the guide member's bytes when they are an 8-bit RGB PNG of exactly
+            `guide` (`images.is_rgb8_png`): stored as the output's guide.png unchanged.
     """
 
     key: str
@@ -49,6 +57,7 @@ class Sample:
     mask: np.ndarray | None = None
     members: Mapping[str, bytes] | None = None
     error: str | None = None
+    guide_png: bytes | None = None
 
 
 def check_key(key: str) -> str | None:
@@ -73,6 +82,7 @@ def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str |
     members: dict[str, bytes] = {"guide": raw[exts[0]]}
     try:
         with Image.open(io.BytesIO(raw[exts[0]])) as img:
+            guide_png = raw[exts[0]] if is_rgb8_png(img) else None
             guide = np.asarray(img.convert("RGB"), dtype=np.uint8)
     except Exception as exc:
         return Sample(key=key, error=f"cannot decode {key}.{exts[0]}: {describe_error(exc)}")
@@ -92,12 +102,11 @@ def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str |
         members["mask"] = raw[mask_ext]
     if "target.png" in raw:
         members["target"] = raw["target.png"]
-    return Sample(key=key, guide=guide, mask=mask, members=members)
+    return Sample(key=key, guide=guide, mask=mask, members=members, guide_png=guide_png)
 
 
-def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
-                 mask_ext: str | None) -> Iterator[Sample]:
-    """Yield decoded samples of the tar at `url` in tar order.
+def iter_raw(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
+    """Yield the samples of the tar at `url` undecoded (extension -> bytes, `__key__`), in order.
 
     Raises:
         ShardError: the tar cannot be opened, is truncated or malformed.
@@ -108,13 +117,23 @@ def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext:
         # later, mid-stream, is a ShardError and the runner retries the whole shard.
         opened = with_retries(lambda: fs.open(path, "rb"), what="open input shard", url=url)
         with opened as stream:
-            for raw in group_by_keys(_members(stream, url, fs.size(path))):
-                yield decode_sample(raw, image_ext, mask_ext)
+            yield from group_by_keys(_members(stream, url, fs.size(path)))
     except ShardError:
         raise
     except Exception as exc:
         raise ShardError(f"input shard {redact_url(url)}: cannot read: "
                          f"{describe_error(exc)}") from exc
+
+
+def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
+                 mask_ext: str | None) -> Iterator[Sample]:
+    """Yield decoded samples of the tar at `url` in tar order (in this thread).
+
+    Raises:
+        ShardError: the tar cannot be opened, is truncated or malformed.
+    """
+    for raw in iter_raw(url, storage_options):
+        yield decode_sample(raw, image_ext, mask_ext)
 
 
 def _members(stream: Any, url: str, size: int | None) -> Iterator[dict[str, Any]]:
@@ -133,7 +152,7 @@ def _members(stream: Any, url: str, size: int | None) -> Iterator[dict[str, Any]
                          f"({size} bytes, no end-of-archive block after byte {tar.offset})")
 
 
-def prefetch(items: Iterator[Sample], depth: int = 64) -> Iterator[Sample]:
+def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
     """Run `items` in a background thread (read + decode) so the model never waits on I/O.
 
     Exceptions of the producer are re-raised in the consumer, after the items before them.
@@ -177,9 +196,27 @@ def prefetch(items: Iterator[Sample], depth: int = 64) -> Iterator[Sample]:
 
 
 def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
-               mask_ext: str | None, *, background: bool = True) -> Iterator[Sample]:
-    """`iter_samples`, decoded in a background thread when `background`."""
-    samples = iter_samples(url, storage_options, image_ext, mask_ext)
-    return prefetch(samples) if background else samples
+               mask_ext: str | None, *, pool: Executor | None = None, depth: int = 64,
+               gauge: Gauge | None = None) -> Iterator[Sample]:
+    """Decoded samples of the tar at `url`, in tar order, read by a background thread.
 
+    With `pool`, samples are decoded there, several at once; without, by the reading thread.
+    At most `depth` samples are read ahead of the consumer (decoded or being decoded).
+    `gauge` counts each sample as it is decoded (the consumer counts it down when done).
+    """
+    def decode(raw: dict[str, Any]) -> Sample:
+        sample = decode_sample(raw, image_ext, mask_ext)
+        if gauge is not None:
+            gauge.add(1)
+        return sample
 
+    if pool is None:
+        yield from prefetch(map(decode, iter_raw(url, storage_options)), depth)
+        return
+    futures = prefetch((pool.submit(decode, raw) for raw in iter_raw(url, storage_options)),
+                       depth)
+    try:
+        for future in futures:
+            yield future.result()
+    finally:
+        futures.close()

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import ray
-from tqdm import tqdm
 
 from pipeline.errors import PipelineError, ResumeConflictError
+from pipeline.progress import RunProgress
 from pipeline.redaction import SecretFilter
 from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
@@ -37,6 +37,9 @@ RETRY_BASE_DELAY = 1.0
 """Seconds before the first retry of a failed shard; doubles per attempt (a storage outage
 should not use up every retry at once)."""
 RETRY_MAX_DELAY = 30.0
+SLOTS = 2
+"""Shards an actor holds at once: one computing, the other reading ahead or committing. A shard
+counts as in flight until it is committed (retries and scale-down count it so)."""
 
 
 def retry_delay(attempt: int) -> float:
@@ -123,16 +126,20 @@ def _discard_results(spec: JobSpec) -> None:
 
 @ray.remote(num_cpus=0)
 class _Counter:
-    """Samples finished so far, reported by actors per batch."""
+    """Images finished so far per shard, reported by the actors as they write them; a failed
+    attempt's count is dropped (its images are made again)."""
 
     def __init__(self) -> None:
-        self.value = 0
+        self.counts: dict[str, int] = {}
 
-    def add(self, n: int) -> None:
-        self.value += n
+    def add(self, shard: str, n: int) -> None:
+        self.counts[shard] = self.counts.get(shard, 0) + n
 
-    def get(self) -> int:
-        return self.value
+    def drop(self, shard: str) -> None:
+        self.counts.pop(shard, None)
+
+    def total(self) -> int:
+        return sum(self.counts.values())
 
 
 class _ShardActor:
@@ -155,10 +162,30 @@ class _ShardActor:
             self.load_error = exc
 
     def process(self, url: str) -> dict[str, Any]:
+        """Process one shard (two may run at once: the actor's two slots)."""
         if self.load_error is not None:
             raise self.load_error
-        stats = self.worker.process(url, progress=lambda n: self.counter.add.remote(n))
+        report = _Batched(lambda n: self.counter.add.remote(url, n))
+        stats = self.worker.process(url, progress=report)
+        report.flush()
         return dataclasses.asdict(stats)
+
+
+class _Batched:
+    """Image counts sent to the counter at most every 0.5 s (not one remote call per image)."""
+
+    def __init__(self, send: Any) -> None:
+        self.send, self.count, self.last = send, 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.count += n
+        if time.monotonic() - self.last > 0.5:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.count:
+            self.send(self.count)
+        self.count, self.last = 0, time.monotonic()
 
 
 def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
@@ -171,7 +198,7 @@ def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
     # (quickstart with one core busy: 674 s with spinning, 77 s passive, 56 s on an idle
     # machine); waiting passively costs ~15% on an idle one. An explicit setting wins.
     env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
-    options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": 1,
+    options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": SLOTS,
                                "runtime_env": {"env_vars": env}}
     if use_gpu:
         cpus = compute.cpus_per_actor or 1
@@ -215,7 +242,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
 
 
 class _Pool:
-    """The actor pool and its scheduling loop."""
+    """The actor pool and its scheduling loop: up to `SLOTS` shards per actor."""
 
     def __init__(self, spec: JobSpec, pending: list[str], summary: RunSummary,
                  progress: bool) -> None:
@@ -223,63 +250,67 @@ class _Pool:
         self.queue = collections.deque(pending)
         self.summary = summary
         self.attempts: collections.Counter[str] = collections.Counter()
-        self.inflight: dict[Any, tuple[Any, str]] = {}
+        self.inflight: dict[Any, tuple[Any, str]] = {}  # task ref -> (actor, shard url)
+        self.slots: dict[Any, int] = {}  # live actor -> shards it holds
         self.not_before: dict[str, float] = {}  # url -> monotonic time its retry may start
-        self.idle: list[Any] = []  # actors waiting for a retry delay to pass
         self.counter = _Counter.remote()  # type: ignore[attr-defined]
         options, self.threads = actor_options(spec)
         self.actor_cls = ray.remote(_ShardActor).options(**options)
-        self.bar = tqdm(total=len(pending), unit="shard", disable=not progress,
-                        desc=spec.name, dynamic_ncols=True)
-        self.t0 = time.perf_counter()
+        self.progress = RunProgress(len(pending), spec.name, progress)
 
-    def _start_actor(self) -> Any:
-        return self.actor_cls.remote(self.spec, self.threads, self.counter)
+    def _start_actor(self) -> None:
+        self.slots[self.actor_cls.remote(self.spec, self.threads, self.counter)] = 0
 
-    def _assign(self, actor: Any) -> None:
+    def _ready(self) -> str | None:
+        """The first queued shard whose retry delay has passed, taken off the queue."""
         now = time.monotonic()
         for url in self.queue:
             if self.not_before.get(url, 0.0) <= now:
                 self.queue.remove(url)
-                self.inflight[actor.process.remote(url)] = (actor, url)
-                return
-        self.idle.append(actor)  # every queued shard still waits for its retry delay
+                return url
+        return None
 
-    def _dispatch_idle(self) -> None:
-        if not self.queue:
-            while self.idle:
-                ray.kill(self.idle.pop())
-        for actor in [self.idle.pop() for _ in range(len(self.idle))]:
-            self._assign(actor)
+    def _dispatch(self) -> None:
+        """Start the actors the work needs (replacing lost ones), fill their free slots, and
+        end actors that hold nothing when nothing is left to give them (releasing their
+        resources lets an autoscaler remove the node)."""
+        needed = -(-(len(self.queue) + len(self.inflight)) // SLOTS)
+        while self.queue and len(self.slots) < min(self.spec.compute.actors.max, needed):
+            self._start_actor()
+        for actor in list(self.slots):
+            while self.slots[actor] < SLOTS and (url := self._ready()) is not None:
+                self.inflight[actor.process.remote(url)] = (actor, url)
+                self.slots[actor] += 1
+            if not self.queue and self.slots[actor] == 0:
+                del self.slots[actor]
+                ray.kill(actor)
 
     def run(self) -> None:
-        wanted = min(self.spec.compute.actors.max, len(self.queue))
-        logger.info("starting %d actors for %d shards", wanted, len(self.queue))
-        for _ in range(wanted):
-            self._assign(self._start_actor())
+        logger.info("starting up to %d actors for %d shards", self.spec.compute.actors.max,
+                    len(self.queue))
         try:
             while self.inflight or self.queue:
-                self._dispatch_idle()
+                self._dispatch()
                 if not self.inflight:
                     time.sleep(0.2)
                     continue
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
                 for ref in ready:
                     self._finish(ref)
-                self._update_bar()
+                self.progress.images(ray.get(self.counter.total.remote()))
         finally:
-            for actor in [*(a for a, _ in self.inflight.values()), *self.idle]:
+            for actor in self.slots:
                 ray.kill(actor)
-            self.bar.close()
+            self.progress.close()
 
     def _finish(self, ref: Any) -> None:
         actor, url = self.inflight.pop(ref)
-        alive = True
         try:
             stats = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
-            alive = False
+            self.slots.pop(actor, None)  # _dispatch starts a replacement if work is left
             self._failed(url, f"actor died: {_last_line(exc)}")
+            return
         except ray.exceptions.RayTaskError as exc:
             if isinstance(exc.cause, ModelSourceError):
                 raise PipelineError(f"cannot load model {self.spec.model.source}: "
@@ -287,10 +318,8 @@ class _Pool:
             self._failed(url, _last_line(exc))
         else:
             self._succeeded(url, stats)
-        if self.queue:
-            self._assign(actor if alive else self._start_actor())
-        elif alive:
-            ray.kill(actor)  # release its resources (an autoscaler can remove the node)
+        if actor in self.slots:
+            self.slots[actor] -= 1
 
     def _succeeded(self, url: str, stats: dict[str, Any]) -> None:
         s = self.summary
@@ -298,7 +327,7 @@ class _Pool:
         s.samples += stats["samples"]
         s.outputs_ok += stats["outputs_ok"]
         s.outputs_error += stats["outputs_error"]
-        self.bar.update(1)
+        self.progress.shard_done(stats["outputs_ok"] + stats["outputs_error"])
         marker = self._failed_url(url)
         fs, path = url_fs(marker, self.spec.output.storage_options)
         try:  # best effort: `status` ignores a failed marker whose shard is done
@@ -308,6 +337,7 @@ class _Pool:
             logger.warning("could not remove %s: %s", marker, exc)
 
     def _failed(self, url: str, error: str) -> None:
+        self.counter.drop.remote(url)  # its images will be made again
         self.attempts[url] += 1
         retries = self.spec.compute.shard_retries
         if self.attempts[url] <= retries:
@@ -324,17 +354,10 @@ class _Pool:
                   "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         put_bytes_atomic(self._failed_url(url), json.dumps(record, indent=1).encode(),
                          self.spec.output.storage_options)
-        self.bar.update(1)
+        self.progress.shard_failed()
 
     def _failed_url(self, url: str) -> str:
         return join(self.spec.output.path, "failed", f"{shard_stem(url)}.json")
-
-    def _update_bar(self) -> None:
-        samples = ray.get(self.counter.get.remote())
-        elapsed = time.perf_counter() - self.t0
-        self.bar.set_postfix(samples=samples, img_s=f"{samples / max(elapsed, 1e-9):.2f}",
-                             failed=len(self.summary.failed), refresh=False)
-        self.bar.refresh()
 
 
 def _last_line(exc: BaseException) -> str:

@@ -43,6 +43,38 @@ MANIFEST_SCHEMA = pa.schema([
 ])
 
 
+def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, Any], *,
+                  guide: np.ndarray | None = None, guide_png: bytes | None = None,
+                  mask: np.ndarray | None = None, target: bytes | None = None,
+                  image_format: str = "png",
+                  png_compress_level: int | None = None) -> dict[str, Any]:
+    """The tar members of one output sample, encoded (this runs in a host thread).
+
+    Args:
+        output: uint8 (H, W, 3), stored as `{key}.{image_format}`.
+        metadata: stored as `{key}.json`.
+        guide: uint8 (H, W, 3), the guide as edited, stored as `{key}.guide.png`; or
+            guide_png: the input's own PNG bytes of exactly that image, stored unchanged.
+        mask: uint8 (H, W) in {0, 1}, stored as `{key}.mask.png` (white = regenerated).
+        target: bytes stored unchanged as `{key}.target.png`.
+    Raises:
+        what the encoder raises for this sample (a size the format cannot hold, ...).
+    """
+    sample: dict[str, Any] = {
+        "__key__": output_key,
+        image_format: encode_image(output, image_format, png_compress_level),
+        "json": json.dumps(dict(metadata), sort_keys=True).encode()}
+    if guide_png is not None:
+        sample["guide.png"] = guide_png
+    elif guide is not None:
+        sample["guide.png"] = encode_image(guide, "png", png_compress_level)
+    if mask is not None:
+        sample["mask.png"] = encode_image(mask * 255, "png", png_compress_level)
+    if target is not None:
+        sample["target.png"] = target
+    return sample
+
+
 def output_urls(output: str, stem: str) -> dict[str, str]:
     """The three final locations of a shard's results."""
     return {"tar": join(output, "shards", f"{stem}.tar"),
@@ -53,13 +85,11 @@ def output_urls(output: str, stem: str) -> dict[str, str]:
 class ShardOutput:
     """Collects one shard's outputs and manifest rows; `commit()` publishes them in order."""
 
-    def __init__(self, output: str, stem: str, storage_options: Mapping[str, Any] | None,
-                 image_format: str = "png", include_guide: bool = True) -> None:
+    def __init__(self, output: str, stem: str,
+                 storage_options: Mapping[str, Any] | None) -> None:
         self.urls = output_urls(output, stem)
         self.stem = stem
         self.options = dict(storage_options or {})
-        self.image_format = image_format
-        self.include_guide = include_guide
         self.rows: list[dict[str, Any]] = []
         self.fs, self.tar_path = url_fs(self.urls["tar"], self.options)
         if is_local(self.fs):
@@ -78,20 +108,10 @@ class ShardOutput:
             if name.startswith(f".{self.stem}.tar.tmp-"):
                 os.unlink(os.path.join(directory, name))
 
-    def add_output(self, output_key: str, output: np.ndarray, guide: np.ndarray,
-                   members: Mapping[str, bytes], mask: np.ndarray | None,
-                   metadata: Mapping[str, Any]) -> None:
-        """Append one output sample to the tar. Arrays: uint8 (H, W, 3); mask (H, W) in {0,1}."""
-        sample: dict[str, Any] = {"__key__": output_key,
-                                  self.image_format: encode_image(output, self.image_format),
-                                  "json": json.dumps(dict(metadata), sort_keys=True).encode()}
-        if self.include_guide:
-            sample["guide.png"] = encode_image(guide, "png")
-            if mask is not None:
-                sample["mask.png"] = encode_image(mask * 255, "png")
-            if "target" in members:
-                sample["target.png"] = members["target"]
-        self._tar.write(sample)
+    def add_sample(self, sample: Mapping[str, Any]) -> None:
+        """Append one encoded output sample (`output_sample`) to the tar; members of a key are
+        contiguous and samples stay in the order they are added."""
+        self._tar.write(dict(sample))
 
     def add_row(self, row: Mapping[str, Any]) -> None:
         """Append one manifest row (keys of MANIFEST_SCHEMA; missing ones become null)."""

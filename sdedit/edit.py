@@ -34,7 +34,7 @@ from sdedit.latent import GuidedEps, latent_mask
 from sdedit.models import DiffusionModel
 from sdedit.schedules import respace
 
-__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit"]
+__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "noise_for"]
 
 SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve", "dpmpp2m": "vp"}
 DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
@@ -68,6 +68,23 @@ class SeedNoise:
         return draws.to(self.device)
 
 
+NoiseSource = SeedNoise | PrefetchNoise
+
+
+def noise_for(model: DiffusionModel, seeds: Sequence[int], height: int,
+              width: int) -> NoiseSource:
+    """The noise of one `edit` call over images of (height, width): per-sample generators as
+    the reproducibility contract says, drawn ahead in background threads when the model's
+    `accel.noise_threads` > 0 (they start at once). Make it before the call, while the device
+    is still busy with the previous batch, and pass it as `edit(..., noise=...)`; it serves one
+    call, which closes it."""
+    shape = model.state_shape(height, width)
+    threads = model.accel.noise_threads
+    if threads == 0:
+        return SeedNoise(seeds, shape, model.device)
+    return PrefetchNoise(seeds, shape, model.device, threads, model.accel.noise_depth)
+
+
 def edit(
     model: DiffusionModel,
     images: torch.Tensor,
@@ -83,6 +100,7 @@ def edit(
     prompts: Sequence[str] | None = None,
     negative_prompts: Sequence[str] | None = None,
     guidance_scale: float | None = None,
+    noise: NoiseSource | None = None,
 ) -> torch.Tensor:
     """SDEdit a batch of guides.
 
@@ -111,6 +129,8 @@ def edit(
             of classifier-free guidance (None = "" for all).
         guidance_scale: text-conditioned models only: g >= 1 in eps_u + g (eps_c - eps_u)
             (None = 7.5); g = 1 runs only the conditional pass.
+        noise: the call's noise from `noise_for(model, seeds, H, W)` made ahead (the same
+            values as without it); None = made here.
     Returns:
         float32 (N, C, H, W) in [-1, 1] on `images.device`.
     Raises:
@@ -134,9 +154,12 @@ def edit(
         kept = None if regen is None else latent_mask(regen, model.codec.factor)
     if texts is not None:
         eps_fn = _guided(model, texts, [len(p) for p in plans])
-    threads = model.accel.noise_threads
-    noise: SeedNoise | PrefetchNoise = SeedNoise(seeds, shape, device) if threads == 0 else \
-        PrefetchNoise(seeds, shape, device, threads, model.accel.noise_depth)
+    if noise is None:
+        noise = noise_for(model, seeds, *images.shape[2:])
+    elif noise.shape != shape or len(noise.generators) != n:
+        raise ValueError(f"noise is for {len(noise.generators)} draws of {noise.shape}; "
+                         f"allowed: noise_for(model, seeds, {images.shape[2]}, "
+                         f"{images.shape[3]}) for these {n} images")
     everyone = list(range(n))
     first_signal, first_sigma = _start_level(model, plans)
     signal0, sigma0 = first_signal.to(device), first_sigma.to(device)
@@ -256,9 +279,9 @@ def _check_images(model: DiffusionModel, images: torch.Tensor) -> int:
             f"image size {h}x{w} cannot be taken by model {model.source}; allowed: height and "
             f"width multiples of {f} (the model was trained at {model.sample_size[0]}x"
             f"{model.sample_size[1]})")
-    if not torch.isfinite(images).all():
+    low, high = (float(v) for v in torch.aminmax(images))  # one pass; NaN propagates
+    if not (math.isfinite(low) and math.isfinite(high)):
         raise ValueError("images contain NaN or infinite values; allowed: finite values in [-1, 1]")
-    low, high = float(images.min()), float(images.max())
     if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
         raise ValueError(f"images values span [{low:.4g}, {high:.4g}]; allowed: [-1, 1]")
     return int(images.shape[0])

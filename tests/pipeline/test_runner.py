@@ -183,3 +183,17 @@ def test_cpu_actors_wait_passively_unless_told_otherwise(local_ray, tiny_vp_dir,
     assert (options["num_cpus"], threads) == (2, 2)  # the cluster's 2 CPUs, one actor
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert actor_options(spec)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
+
+
+def test_a_write_error_fails_the_attempt_and_the_shard_is_retried(local_ray, tiny_vp_dir, inputs,
+                                                                  reference, tmp_path,
+                                                                  monkeypatch):
+    flag = tmp_path / "failed-once"
+    for name, value in hooks_env(fail_write=f"part-000002:{flag}").items():
+        monkeypatch.setenv(name, value)
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
+    summary = run_job(spec, progress=False)
+    assert flag.exists(), "the test hook did not fire"
+    assert summary.shards_done == 3 and not summary.failed
+    _check_complete(out, reference)

@@ -311,3 +311,23 @@ def test_validate_cli_no_shards(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["validate", job])
     assert result.exit_code == 2
     assert "q-*.tar' matches no files" in result.stderr
+
+
+# Fingerprints of job specs as the first released version computed them (commit a6a2ccb):
+# a job started then must resume after any upgrade, so new settings at their defaults must
+# leave these unchanged.
+PINNED_FINGERPRINTS = [
+    ({}, "5f3902098009a237b2218cac2807fc8432485989ed6ff294bcec9c46193d5308"),
+    ({"input": {"shards": "a.tar", "mask": "mask.png"},
+      "output": {"path": "o", "image_format": "jpg"},
+      "sdedit": {"t0": 0.3, "sampler": "ddim", "steps": 20, "eta": 0.5, "repeats": 2,
+                 "samples_per_input": 3, "seed": 11}},
+     "314b6bcef1ba2ee49f4ab47c6901b36c5f204b629595763bcfb43c17bc90c55d"),
+]
+
+
+@pytest.mark.parametrize(("sections", "fingerprint"), PINNED_FINGERPRINTS)
+def test_fingerprints_of_jobs_started_by_earlier_versions_do_not_change(sections, fingerprint):
+    data = {"name": "x", "model": {"source": "m"}, "input": {"shards": "a.tar"},
+            "output": {"path": "o"}, **sections}
+    assert parse_spec(data).fingerprint() == fingerprint

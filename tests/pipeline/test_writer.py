@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import writer as writer_module
-from pipeline.writer import MANIFEST_SCHEMA, ShardOutput, now, output_urls
+from pipeline.writer import MANIFEST_SCHEMA, ShardOutput, now, output_sample, output_urls
 
 
 def _arrays(seed: int = 0):
@@ -20,10 +20,12 @@ def _arrays(seed: int = 0):
             rng.integers(0, 256, (8, 8, 3), dtype=np.uint8))
 
 
-def _fill(out: ShardOutput, keys=("a", "b")) -> None:
+def _fill(out: ShardOutput, keys=("a", "b"), image_format="png", include_guide=True) -> None:
     for i, key in enumerate(keys):
         output, guide = _arrays(i)
-        out.add_output(key, output, guide, {"target": b"TARGET"}, None, {"key": key})
+        out.add_sample(output_sample(key, output, {"key": key}, image_format=image_format,
+                                     guide=guide if include_guide else None,
+                                     target=b"TARGET" if include_guide else None))
         out.add_row({"key": key, "output_key": key, "status": "ok", "created_at": now()})
     out.add_row({"key": "bad", "output_key": "bad", "status": "error", "error": "x"})
 
@@ -55,9 +57,8 @@ def test_commit_publishes_tar_manifest_then_marker(tmp_path, monkeypatch):
 def test_tar_bytes_are_deterministic_and_guides_optional(tmp_path):
     blobs = []
     for run in range(2):
-        out = ShardOutput(str(tmp_path / str(run)), "s", None, image_format="webp",
-                          include_guide=False)
-        _fill(out)
+        out = ShardOutput(str(tmp_path / str(run)), "s", None)
+        _fill(out, image_format="webp", include_guide=False)
         out.commit({})
         blobs.append((tmp_path / str(run) / "shards" / "s.tar").read_bytes())
     assert blobs[0] == blobs[1]

@@ -1,0 +1,132 @@
+"""The pipelined ShardWorker (issue 9): two shards at once, bounded memory, guides carried as
+they came, per-output encode errors, and write errors that abort the shard."""
+
+from __future__ import annotations
+
+import io
+import tarfile
+import threading
+
+import numpy as np
+import pyarrow.dataset as pads
+import pytest
+import webdataset as wds
+from PIL import Image
+
+from pipeline import testhooks
+from pipeline.worker import ShardWorker
+from tests.support.shards import make_spec, png, write_shards
+
+
+def _tar_members(path) -> dict[str, bytes]:
+    with tarfile.open(path) as tar:
+        return {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+
+
+def test_two_shards_at_once_write_what_one_at_a_time_writes(tiny_vp, tiny_vp_dir, tmp_path):
+    shards = write_shards(tmp_path / "in", n_shards=3, per_shard=7, bad=False, seed=5)
+    serial, concurrent = tmp_path / "serial", tmp_path / "concurrent"
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, serial), model=tiny_vp)
+    for url in shards:
+        worker.process(url)
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, concurrent), model=tiny_vp)
+    stats = {}
+    threads = [threading.Thread(target=lambda u=url: stats.update({u: worker.process(u)}))
+               for url in shards]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for url in shards:
+        name = url.rsplit("/", 1)[1]
+        assert (concurrent / "shards" / name).read_bytes() == \
+            (serial / "shards" / name).read_bytes()
+    # the shards took turns on the device: at least one waited for another to finish computing
+    assert max(s.timings.get("wait_device", 0.0) for s in stats.values()) > 0
+
+
+def test_images_in_flight_stay_within_the_bound(tiny_vp, tiny_vp_dir, tmp_path):
+    shards = write_shards(tmp_path / "in", n_shards=2, per_shard=60, size=16, bad=False)
+    spec = make_spec(tiny_vp_dir, shards, tmp_path / "out", compute={"batch_size": 2})
+    worker = ShardWorker(spec, model=tiny_vp)
+    results = []
+    threads = [threading.Thread(target=lambda u=url: results.append(worker.process(u)))
+               for url in shards]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert worker.max_in_flight == 2 * (4 + 4 + 4 + 4)  # batch 2: depth, buckets, 2 batches, window
+    peak = max(r.in_flight_max for r in results)
+    assert 2 <= peak <= worker.max_in_flight, peak  # 120 samples were read; far fewer held
+    assert worker.in_flight.value == 0  # every decoded image was released
+
+
+def _guides_tar(path, guides: dict[str, bytes]) -> str:
+    with wds.TarWriter(str(path)) as tar:
+        for key, data in guides.items():
+            ext = "jpg" if data[:2] == b"\xff\xd8" else "png"
+            tar.write({"__key__": key, ext: data})
+    return str(path)
+
+
+def _encode(image: Image.Image, fmt: str, **options) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, fmt, **options)
+    return buffer.getvalue()
+
+
+def test_rgb8_png_guides_are_carried_unchanged_others_stored_as_edited(tiny_vp, tiny_vp_dir,
+                                                                       tmp_path):
+    rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (16, 16, 3), np.uint8))
+    inputs = {"plain": _encode(rgb, "PNG", compress_level=9),  # not the writer's level
+              "jpeg": _encode(rgb, "JPEG", quality=90),
+              "palette": _encode(rgb.convert("P"), "PNG")}
+    url = _guides_tar(tmp_path / "in.tar", inputs)
+    spec = make_spec(tiny_vp_dir, [url], tmp_path / "out")
+    ShardWorker(spec, model=tiny_vp).process(url)
+    members = _tar_members(tmp_path / "out" / "shards" / "in.tar")
+    assert members["plain.guide.png"] == inputs["plain"]  # carried byte for byte
+    for key in ("jpeg", "palette"):
+        assert members[f"{key}.guide.png"] != inputs[key]
+        stored = np.asarray(Image.open(io.BytesIO(members[f"{key}.guide.png"])))
+        edited = np.asarray(Image.open(io.BytesIO(inputs[key])).convert("RGB"))
+        assert stored.shape == (16, 16, 3) and np.array_equal(stored, edited)
+
+
+def test_an_output_the_format_cannot_hold_is_that_outputs_error_row(tiny_vp, tiny_vp_dir,
+                                                                    tmp_path):
+    """WebP holds at most 16383 px a side: one 16400 x 4 guide fails to encode, alone."""
+    rng = np.random.default_rng(1)
+    url = str(tmp_path / "in.tar")
+    with wds.TarWriter(url) as tar:
+        tar.write({"__key__": "wide", "png": png(rng.integers(0, 256, (4, 16400, 3), np.uint8))})
+        tar.write({"__key__": "fine", "png": png(rng.integers(0, 256, (16, 16, 3), np.uint8))})
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, [url], out, output={"image_format": "webp"},
+                     sdedit={"t0": 0.002})
+    stats = ShardWorker(spec, model=tiny_vp).process(url)
+    assert (stats.outputs_ok, stats.outputs_error) == (1, 1)
+    rows = {r["key"]: r for r in pads.dataset(str(out / "manifests")).to_table().to_pylist()}
+    assert rows["fine"]["status"] == "ok"
+    assert rows["wide"]["status"] == "error"
+    assert "cannot encode the output as webp" in rows["wide"]["error"]
+    assert sorted(_tar_members(out / "shards" / "in.tar")) == [
+        "fine.guide.png", "fine.json", "fine.webp"]
+
+
+def test_a_write_error_aborts_the_shard_with_nothing_committed(tiny_vp, tiny_vp_dir, tmp_path,
+                                                               monkeypatch):
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=5, bad=False)
+    out = tmp_path / "out"
+    flag = tmp_path / "failed-once"
+    for name, value in testhooks.hooks_env(fail_write=f"part-000000:{flag}").items():
+        monkeypatch.setenv(name, value)
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp)
+    with pytest.raises(OSError, match="writing shard part-000000 failed"):
+        worker.process(shards[0])
+    assert flag.exists()
+    assert not (out / "done").exists() and not (out / "manifests").exists()
+    assert list((out / "shards").iterdir()) == []
+    assert worker.in_flight.value == 0
+    assert worker.process(shards[0]).outputs_ok == 5  # the next attempt commits it
