@@ -1,4 +1,4 @@
-"""Click commands of the side tools: demo-data, prepare, preview, train, bench.
+"""Click commands of the side tools: demo-data, prepare, preview, train, bench, convert.
 
 They are added to the `sdedit-batch` group by `pipeline/cli.py`, whose one error handler turns a
 `PipelineError` into its message and exit code. Each command parses its options and calls one
@@ -280,5 +280,39 @@ def bench_cmd(source: str | None, arch: str, batch_sizes: tuple[int, ...], dtype
         click.echo(f"wrote {json_path}")
 
 
-TOOL_COMMANDS = (demo_data_cmd, prepare_cmd, preview_cmd, train_cmd, bench_cmd)
+@click.command("convert")
+@click.argument("ckpt", metavar="CKPT", type=click.Path(exists=True, dir_okay=False))
+@click.option("--config", "config", required=True, metavar="YAML",
+              type=click.Path(exists=True, dir_okay=False),
+              help="The YAML config the checkpoint was trained with (the official repository's "
+                   "configs/bedroom.yml, church.yml, celeba.yml, ...).")
+@click.option("--out", required=True, metavar="MODEL_DIR", type=click.Path(file_okay=False),
+              help="The diffusers model directory to write (new or empty).")
+@click.option("--overwrite", is_flag=True, help="Replace a MODEL_DIR that is not empty.")
+def convert_cmd(ckpt: str, config: str, out: str, overwrite: bool) -> None:
+    """Convert an original DDPM/SDEdit checkpoint into a model directory jobs can use.
+
+    CKPT is the state dict of the official code's `models/diffusion.py` Model (SDEdit's
+    bedroom.ckpt, church_outdoor.ckpt, celeba_hq.ckpt; DDPM's LSUN and CIFAR-10 models),
+    read safely (torch.load with weights_only: no arbitrary unpickling). MODEL_DIR gets
+    config.json (a diffusers UNet2DModel), diffusion_pytorch_model.safetensors and
+    scheduler_config.json (the config's betas): set it as a job's model.source. The converted
+    network predicts the same noise as the original, within float32 rounding. Unknown,
+    missing or misshapen weights are named in the error.
+
+    \b
+    Example:
+      sdedit-batch convert bedroom.ckpt --config configs/bedroom.yml --out models/bedroom
+    """
+    from pipeline.errors import PipelineError
+    from sdedit.convert import convert_checkpoint
+
+    try:
+        path = convert_checkpoint(ckpt, config, out, overwrite=overwrite)
+    except ValueError as e:
+        raise PipelineError(str(e)) from e
+    click.echo(f"wrote {path} (diffusers UNet2DModel + scheduler); use it as model.source")
+
+
+TOOL_COMMANDS = (demo_data_cmd, prepare_cmd, preview_cmd, train_cmd, bench_cmd, convert_cmd)
 """Added to the `sdedit-batch` group by `pipeline/cli.py`."""

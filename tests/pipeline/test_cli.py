@@ -9,7 +9,7 @@ from pipeline import __version__
 from pipeline.cli import main
 
 COMMANDS = ["validate", "run", "status", "submit", "demo-data", "prepare", "preview", "train",
-            "bench"]
+            "bench", "convert"]
 
 
 def test_the_group_lists_every_command_and_its_version():
