@@ -1,6 +1,13 @@
-"""Image facts of the pipeline in one place: member extensions, formats and encoding.
+"""Image facts of the pipeline in one place: member extensions, formats, encoding and decoding.
 
 Arrays are uint8 (H, W, 3) RGB or (H, W) greyscale in [0, 255]; PIL images are accepted too.
+
+Decoding (`decode_guide`, `decode_mask`) is where untrusted bytes become pixels, so it is
+strict: the size is checked from the header before any pixel is decoded (`max_pixels`); every
+mode is converted as what it shows (16-bit data scaled, never clipped; transparency composited
+over white; EXIF orientation applied); a mode that cannot be converted faithfully is refused;
+masks must be black and white (`MASK_BLACK_MAX`, `MASK_WHITE_MIN`, `MASK_MID_FRACTION`).
+Each refusal is an `ImageError` whose `kind` is one of `pipeline.writer.ERROR_KINDS`.
 """
 
 from __future__ import annotations
@@ -11,7 +18,10 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_EXTS", "OUTPUT_FORMATS", "encode_image", "is_rgb8_png", "to_rgb"]
+__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTS", "MASK_BLACK_MAX", "MASK_MID_FRACTION",
+           "MASK_WHITE_MIN", "OUTPUT_FORMATS", "ImageError", "decode_guide",
+           "decode_guide_member", "decode_mask",
+           "encode_image", "is_rgb8_png", "to_rgb"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 """Member extensions read as images; the guide is the first present when input.image is null."""
@@ -22,6 +32,35 @@ OUTPUT_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "webp": ("WEBP", {"quality": 95}),
 }
 """output.image_format -> (Pillow format, save options)."""
+
+DEFAULT_MAX_PIXELS = 4096 * 4096
+"""input.max_pixels default: larger images are error rows, read from the header, never decoded."""
+MASK_BLACK_MAX = 32
+"""A mask value <= this is black (keep)."""
+MASK_WHITE_MIN = 223
+"""A mask value >= this is white (regenerate)."""
+MASK_MID_FRACTION = 0.01
+"""At most this fraction of a mask's pixels may lie between black and white (the edge ringing
+of lossy encodings); each goes to the nearer of black and white. More is an error."""
+
+EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
+"""Modes converted by Pillow itself (8 bits per channel; 16-bit RGB(A) PNGs open as RGB(A)
+with the high byte of each value: scaled, at most one level below round(v / 257))."""
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+"""Greyscale modes holding 16-bit values (mode I: 32-bit integers, accepted when every value is
+in 0..65535), scaled to 8 bits as round(v / 257)."""
+
+
+class ImageError(ValueError):
+    """An image member that cannot become a correct guide or mask.
+
+    Attributes:
+        kind: "decode", "size" or "mask" (see `pipeline.writer.ERROR_KINDS`).
+    """
+
+    def __init__(self, kind: str, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
 
 
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "png",
@@ -42,17 +81,161 @@ def encode_image(image: np.ndarray | Image.Image, fmt: str = "png",
     return buffer.getvalue()
 
 
-def to_rgb(image: Image.Image) -> Image.Image:
-    """An opened image as the RGB image it shows: EXIF orientation applied, transparency
-    composited over white (a transparent pixel's hidden colour never shows)."""
+def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
+    """A 16-bit greyscale image (a mode of SIXTEEN_BIT_MODES) as mode L (or LA when it has a
+    transparent grey value), scaled round(v / 257): 65535 is white, 32768 mid grey."""
+    values = np.asarray(image)
+    if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
+        raise ValueError(f"mode I with values in {values.min()}..{values.max()} cannot be "
+                         "converted faithfully; allowed: 16-bit values 0..65535")
+    grey = Image.fromarray(((values.astype(np.uint32) * 2 + 257) // 514).astype(np.uint8))
+    transparent = image.info.get("transparency")
+    if isinstance(transparent, int):
+        alpha = np.where(values == transparent, 0, 255).astype(np.uint8)
+        return Image.merge("LA", (grey, Image.fromarray(alpha)))
+    return grey
+
+
+def _normalised(image: Image.Image) -> Image.Image:
+    """An opened image with EXIF orientation applied, 8 bits per channel, as RGB or (when it
+    has any transparency) RGBA."""
     image.load()
     image = ImageOps.exif_transpose(image)
-    if image.mode in ("RGBA", "LA", "PA") or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        rgb = Image.new("RGB", rgba.size, (255, 255, 255))
-        rgb.paste(rgba, mask=rgba.getchannel("A"))
-        return rgb
+    if image.mode in SIXTEEN_BIT_MODES:
+        image = _sixteen_bit_to_l(image)
+    elif image.mode not in EIGHT_BIT_MODES:
+        raise ValueError(f"image mode {image.mode} cannot be converted to RGB faithfully; "
+                         f"allowed: {', '.join(EIGHT_BIT_MODES + SIXTEEN_BIT_MODES)}")
+    if image.mode in ("RGBA", "RGBa", "LA", "PA") or "transparency" in image.info:
+        return image.convert("RGBA")
     return image.convert("RGB")
+
+
+def to_rgb(image: Image.Image) -> Image.Image:
+    """An opened image as the RGB image it shows: EXIF orientation applied, 16-bit greyscale
+    scaled to 8 bits (never clipped), transparency composited over white (a transparent
+    pixel's hidden colour never shows).
+
+    Raises:
+        ValueError: a mode that cannot be converted faithfully (F, LAB, HSV, ...), naming it.
+    """
+    return _over_white(_normalised(image))
+
+
+def _over_white(image: Image.Image) -> Image.Image:
+    """An RGB or RGBA image as RGB, RGBA composited over white."""
+    if image.mode != "RGBA":
+        return image
+    rgb = Image.new("RGB", image.size, (255, 255, 255))
+    rgb.paste(image, mask=image.getchannel("A"))
+    return rgb
+
+
+def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
+    """Open `data` lazily and check its header size against `max_pixels` before decoding."""
+    try:
+        image = Image.open(io.BytesIO(data))
+    except Image.DecompressionBombError as exc:
+        raise ImageError("size", f"image {name}: {exc}; allowed: at most Pillow's "
+                           "decompression-bomb limit (2 x PIL.Image.MAX_IMAGE_PIXELS)") from exc
+    except Image.UnidentifiedImageError as exc:
+        raise ImageError("decode", f"cannot decode {name}: not an image in a format Pillow "
+                           "reads (PNG, JPEG, WebP, ...)") from exc
+    except Exception as exc:
+        raise ImageError("decode", f"cannot decode {name}: {type(exc).__name__}: "
+                           f"{exc}") from exc
+    width, height = image.size
+    if width * height > max_pixels:
+        image.close()
+        raise ImageError("size", f"image {name} is {width}x{height} ({width * height:,} "
+                           f"pixels); allowed: at most {max_pixels:,} pixels (input.max_pixels)")
+    return image
+
+
+def _decoded(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, bool]:
+    """The member as an RGB or RGBA image (`_normalised`), and whether its bytes are an 8-bit
+    RGB PNG of exactly that image (`is_rgb8_png`); every failure an ImageError."""
+    with _open(data, name, max_pixels) as image:
+        try:
+            plain = is_rgb8_png(image)
+            return _normalised(image), plain
+        except Image.DecompressionBombError as exc:
+            raise ImageError("size", f"image {name}: {exc}") from exc
+        except Exception as exc:
+            raise ImageError("decode", f"cannot decode {name}: {type(exc).__name__}: "
+                               f"{exc}") from exc
+
+
+def decode_guide(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a guide image member into uint8 (H, W, 3) RGB as `to_rgb` does.
+
+    Args:
+        data: the member's bytes.
+        name: the member's name for messages (``key.png``).
+        max_pixels: the largest width x height accepted, checked before decoding.
+    Raises:
+        ImageError: kind "size" (over `max_pixels` or Pillow's decompression-bomb limit) or
+        "decode" (not an image, truncated, or a mode that cannot be converted faithfully).
+    """
+    return decode_guide_member(data, name, max_pixels)[0]
+
+
+def decode_guide_member(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
+                        ) -> tuple[np.ndarray, bytes | None]:
+    """`decode_guide`, and `data` itself when it is an 8-bit RGB PNG of exactly the decoded
+    pixels (it can then be carried to the output unchanged), else None."""
+    image, plain = _decoded(data, name, max_pixels)
+    return np.asarray(_over_white(image), dtype=np.uint8), data if plain else None
+
+
+def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+    """Decode a mask member into uint8 (H, W) in {0, 1} (1 = regenerate, from white).
+
+    Read like a guide (EXIF orientation, 16-bit scaling), but it must be opaque: what a
+    transparent pixel of a mask means is not defined. A pixel is black when every channel is
+    <= MASK_BLACK_MAX, white when every channel is >= MASK_WHITE_MIN; other pixels (grey or
+    coloured) are accepted only up to MASK_MID_FRACTION of the mask and go to the nearer of
+    black and white (mean of the channels < 128: black). Nothing is thresholded silently.
+
+    Raises:
+        ImageError: kind "mask" (transparent pixels, or too many values that are neither
+        black nor white, naming how many and the most frequent), "size" or "decode" (as
+        `decode_guide`).
+    """
+    image, _ = _decoded(data, name, max_pixels)
+    if image.mode == "RGBA":
+        alpha = np.asarray(image.getchannel("A"))
+        if (alpha < 255).any():
+            raise ImageError("mask", f"mask {name}: {int((alpha < 255).sum())} of "
+                               f"{alpha.size} pixels are transparent or translucent; allowed: "
+                               "an opaque black-and-white image (white = regenerate)")
+        image = image.convert("RGB")
+    rgb = np.asarray(image, dtype=np.uint8)
+    low, high = rgb.min(axis=2), rgb.max(axis=2)
+    mid = ~((high <= MASK_BLACK_MAX) | (low >= MASK_WHITE_MIN))
+    count = int(mid.sum())
+    if count > MASK_MID_FRACTION * mid.size:
+        raise ImageError("mask", f"mask {name}: {count} of {mid.size} pixels "
+                           f"({100 * count / mid.size:.1f}%) are neither black (<= "
+                           f"{MASK_BLACK_MAX}) nor white (>= {MASK_WHITE_MIN}): "
+                           f"{_value_summary(rgb[mid])}; allowed: black and white, with at "
+                           f"most {MASK_MID_FRACTION:.0%} of pixels in between (edge ringing "
+                           "of lossy encodings)")
+    return (rgb.mean(axis=2) >= 128).astype(np.uint8)
+
+
+def _value_summary(pixels: np.ndarray, most: int = 5) -> str:
+    """The most frequent values of (N, 3) pixels, as "100 x2500, 90 x3" (grey values as one
+    number, coloured ones as (r, g, b)), and how many distinct values there are."""
+    values, counts = np.unique(pixels, axis=0, return_counts=True)
+    order = np.argsort(-counts, kind="stable")[:most]
+    parts = []
+    for index in order:
+        r, g, b = (int(v) for v in values[index])
+        text = str(r) if r == g == b else f"({r}, {g}, {b})"
+        parts.append(f"{text} x{int(counts[index])}")
+    more = f" ({len(values)} distinct values)" if len(values) > most else ""
+    return "values " + ", ".join(parts) + more
 
 
 def is_rgb8_png(image: Image.Image) -> bool:

@@ -1,9 +1,12 @@
 """Stream the samples of one input WebDataset tar through fsspec and decode them.
 
 The tar is read as a stream (`tarfile` mode "r|*" over an fsspec file): never downloaded whole.
-Members are grouped into samples by webdataset's own key rule (`{key}.{ext}`). Decoding problems
-of one sample (undecodable image, missing guide, bad mask, a key that would escape the output
-folder) become a `Sample` with `error` set; a truncated or unreadable tar raises `ShardError`.
+Members are grouped into samples by webdataset's key rule (`{key}.{ext}`: the key ends at the
+first dot of the file name), here by `group_members`, which unlike webdataset's `group_by_keys`
+never fails a shard for a repeated key (`mark_duplicates` marks every repeat). Problems of one
+sample (a key seen before in the shard, an undecodable image, a missing guide, a bad mask, a
+key that would escape the output folder) become a `Sample` with `error` and `error_kind` set;
+a truncated or unreadable tar raises `ShardError`.
 
 `read_shard` reads in a background thread and decodes in a thread pool (in order), ahead of
 the consumer by at most `depth` samples: the bound on decoded images a shard holds.
@@ -11,22 +14,26 @@ the consumer by at most `depth` samples: the bound on decoded images a shard hol
 
 from __future__ import annotations
 
-import io
 import logging
 import queue
 import tarfile
 import threading
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import numpy as np
-from PIL import Image
-from webdataset.tariterators import group_by_keys
+from webdataset.tariterators import base_plus_ext
 
 from pipeline.errors import ShardError
-from pipeline.images import IMAGE_EXTS, is_rgb8_png
+from pipeline.images import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTS,
+    ImageError,
+    decode_guide_member,
+    decode_mask,
+)
 from pipeline.redaction import redact_url
 from pipeline.stages import Gauge
 from pipeline.storage import describe_error, url_fs, with_retries
@@ -34,6 +41,8 @@ from pipeline.storage import describe_error, url_fs, with_retries
 logger = logging.getLogger(__name__)
 
 _END = object()
+DUPLICATE = "__duplicate__"
+"""Set by `mark_duplicates` on a sample whose key was seen before in the shard: its message."""
 T = TypeVar("T")
 
 
@@ -48,6 +57,7 @@ class Sample:
         members: the raw bytes of the guide ("guide"), mask ("mask") and target ("target")
             members present, passed through to the output tar.
         error: why this sample cannot be edited, or None.
+        error_kind: the kind of `error`, one of `pipeline.writer.ERROR_KINDS`, or None.
         guide_png: the guide member's bytes when they are an 8-bit RGB PNG of exactly
             `guide` (`images.is_rgb8_png`): stored as the output's guide.png unchanged.
     """
@@ -58,6 +68,7 @@ class Sample:
     members: Mapping[str, bytes] | None = None
     error: str | None = None
     guide_png: bytes | None = None
+    error_kind: str | None = None
 
 
 def check_key(key: str) -> str | None:
@@ -68,35 +79,42 @@ def check_key(key: str) -> str | None:
     return None
 
 
-def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str | None) -> Sample:
-    """Decode one grouped sample (extension -> bytes) into a `Sample`; never raises."""
+def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str | None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
+    """Decode one grouped sample (extension -> bytes) into a `Sample`; never raises.
+
+    The guide is decoded by `pipeline.images.decode_guide`, the mask by `decode_mask` (both
+    check `max_pixels` from the header before decoding). A sample marked by `mark_duplicates`
+    is not decoded: it is a "duplicate" error.
+    """
     key = str(raw["__key__"])
+    if raw.get(DUPLICATE):
+        return Sample(key=key, error=raw[DUPLICATE], error_kind="duplicate")
     problem = check_key(key)
     if problem:
-        return Sample(key=key, error=problem)
+        return Sample(key=key, error=problem, error_kind="key")
     exts = [image_ext] if image_ext else [e for e in IMAGE_EXTS if e in raw]
     if not exts or exts[0] not in raw:
         wanted = image_ext or " or ".join(IMAGE_EXTS)
         present = sorted(k for k in raw if not k.startswith("__"))
-        return Sample(key=key, error=f"missing guide member {key}.{wanted} (present: {present})")
+        return Sample(key=key, error=f"missing guide member {key}.{wanted} (present: {present})",
+                      error_kind="missing")
     members: dict[str, bytes] = {"guide": raw[exts[0]]}
     try:
-        with Image.open(io.BytesIO(raw[exts[0]])) as img:
-            guide_png = raw[exts[0]] if is_rgb8_png(img) else None
-            guide = np.asarray(img.convert("RGB"), dtype=np.uint8)
-    except Exception as exc:
-        return Sample(key=key, error=f"cannot decode {key}.{exts[0]}: {describe_error(exc)}")
+        guide, guide_png = decode_guide_member(raw[exts[0]], f"{key}.{exts[0]}", max_pixels)
+    except ImageError as exc:
+        return Sample(key=key, error=str(exc), error_kind=exc.kind)
     mask = None
     if mask_ext:
         if mask_ext not in raw:
-            return Sample(key=key, error=f"missing mask member {key}.{mask_ext}")
+            return Sample(key=key, error=f"missing mask member {key}.{mask_ext}",
+                          error_kind="missing")
         try:
-            with Image.open(io.BytesIO(raw[mask_ext])) as img:
-                mask = (np.asarray(img.convert("L"), dtype=np.uint8) >= 128).astype(np.uint8)
-        except Exception as exc:
-            return Sample(key=key, error=f"cannot decode {key}.{mask_ext}: {describe_error(exc)}")
+            mask = decode_mask(raw[mask_ext], f"{key}.{mask_ext}", max_pixels)
+        except ImageError as exc:
+            return Sample(key=key, error=str(exc), error_kind=exc.kind)
         if mask.shape != guide.shape[:2]:
-            return Sample(key=key, error=(
+            return Sample(key=key, error_kind="mask", error=(
                 f"mask {key}.{mask_ext} is {mask.shape[1]}x{mask.shape[0]} but the guide is "
                 f"{guide.shape[1]}x{guide.shape[0]}; allowed: the same size"))
         members["mask"] = raw[mask_ext]
@@ -105,8 +123,49 @@ def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str |
     return Sample(key=key, guide=guide, mask=mask, members=members, guide_png=guide_png)
 
 
+def group_members(files: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Group tar members ({"fname", "data"}) into samples {"__key__", ext: bytes, ...}.
+
+    Consecutive members with the same key form a sample (webdataset's rule: `base_plus_ext`,
+    extensions lower-cased; names without an extension are skipped). A member whose extension
+    the current sample already has starts a new sample with the same key, so a repeated key
+    (in a row or apart) never raises: it shows as a second sample with that key, for the
+    caller to refuse (`mark_duplicates`).
+    """
+    current: dict[str, Any] | None = None
+    for item in files:
+        prefix, suffix = base_plus_ext(item["fname"])
+        if prefix is None:
+            continue
+        suffix = suffix.lower()
+        if current is None or prefix != current["__key__"] or suffix in current:
+            if current is not None:
+                yield current
+            current = {"__key__": prefix, "__url__": item.get("__url__")}
+        current[suffix] = item["data"]
+    if current is not None:
+        yield current
+
+
+def mark_duplicates(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
+    """Grouped samples in order; a key seen before in the shard gets `DUPLICATE` set to the
+    message of its error row (only the first occurrence is used: edited, or an error row of its
+    own), so it is never decoded."""
+    seen: dict[str, int] = {}
+    for position, raw in enumerate(samples, start=1):
+        key = str(raw["__key__"])
+        if key in seen:
+            raw[DUPLICATE] = (f"duplicate key {key}: sample {position} of the shard repeats "
+                              f"sample {seen[key]} (only the first is used); allowed: each key "
+                              "once per shard")
+        else:
+            seen[key] = position
+        yield raw
+
+
 def iter_raw(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """Yield the samples of the tar at `url` undecoded (extension -> bytes, `__key__`), in order.
+    """Yield the samples of the tar at `url` undecoded (extension -> bytes, `__key__`), in order
+    (`group_members`), repeated keys marked (`mark_duplicates`).
 
     Raises:
         ShardError: the tar cannot be opened, is truncated or malformed.
@@ -117,7 +176,7 @@ def iter_raw(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[di
         # later, mid-stream, is a ShardError and the runner retries the whole shard.
         opened = with_retries(lambda: fs.open(path, "rb"), what="open input shard", url=url)
         with opened as stream:
-            yield from group_by_keys(_members(stream, url, fs.size(path)))
+            yield from mark_duplicates(group_members(_members(stream, url, fs.size(path))))
     except ShardError:
         raise
     except Exception as exc:
@@ -126,14 +185,15 @@ def iter_raw(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[di
 
 
 def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
-                 mask_ext: str | None) -> Iterator[Sample]:
+                 mask_ext: str | None, max_pixels: int = DEFAULT_MAX_PIXELS
+                 ) -> Iterator[Sample]:
     """Yield decoded samples of the tar at `url` in tar order (in this thread).
 
     Raises:
         ShardError: the tar cannot be opened, is truncated or malformed.
     """
     for raw in iter_raw(url, storage_options):
-        yield decode_sample(raw, image_ext, mask_ext)
+        yield decode_sample(raw, image_ext, mask_ext, max_pixels)
 
 
 def _members(stream: Any, url: str, size: int | None) -> Iterator[dict[str, Any]]:
@@ -197,7 +257,8 @@ def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
 
 def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
                mask_ext: str | None, *, pool: Executor | None = None, depth: int = 64,
-               gauge: Gauge | None = None) -> Iterator[Sample]:
+               gauge: Gauge | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
+               ) -> Iterator[Sample]:
     """Decoded samples of the tar at `url`, in tar order, read by a background thread.
 
     With `pool`, samples are decoded there, several at once; without, by the reading thread.
@@ -205,7 +266,7 @@ def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: s
     `gauge` counts each sample as it is decoded (the consumer counts it down when done).
     """
     def decode(raw: dict[str, Any]) -> Sample:
-        sample = decode_sample(raw, image_ext, mask_ext)
+        sample = decode_sample(raw, image_ext, mask_ext, max_pixels)
         if gauge is not None:
             gauge.add(1)
         return sample

@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import SpecError
-from pipeline.images import IMAGE_EXTS, OUTPUT_FORMATS
+from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, OUTPUT_FORMATS
 from pipeline.redaction import redact
 from pipeline.validation import (
     BAD,
@@ -78,6 +78,9 @@ class InputSpec:
     mask: str | None = None
     """Member extension of the optional mask (white = regenerate), e.g. "mask.png"."""
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    """Largest width x height of a guide or mask, read from the header before decoding; a
+    larger image is an error row (kind "size")."""
 
 
 @dataclass(frozen=True)
@@ -150,8 +153,13 @@ class JobSpec:
         return data
 
     def output_affecting(self) -> dict[str, Any]:
-        """The fields that change the outputs; resuming requires them to be unchanged."""
-        return {
+        """The fields that change the outputs; resuming requires them to be unchanged.
+
+        A setting added later (`_LATER_SETTINGS`) is included only when it differs from its
+        default, whose outputs are those of before it existed: the fingerprint of a job that
+        keeps the default is the one it had then, so such a job resumes unchanged.
+        """
+        data: dict[str, Any] = {
             "fingerprint_version": FINGERPRINT_VERSION,
             "model": {"source": self.model.source},
             "input": {"image": self.input.image, "mask": self.input.mask},
@@ -159,6 +167,11 @@ class JobSpec:
                        "include_guide": self.output.include_guide},
             "sdedit": dataclasses.asdict(self.sdedit),
         }
+        for section, name in _LATER_SETTINGS:
+            value = getattr(getattr(self, section), name)
+            if value != _field_default(_SECTIONS[section], name):
+                data.setdefault(section, {})[name] = value
+        return data
 
     def fingerprint(self) -> str:
         """sha256 hex digest of the canonical JSON of `output_affecting()`."""
@@ -209,6 +222,14 @@ _INT = functools.partial(number, integer=True)
 _NAME = string("letters, digits, '_', '.' and '-'", _NAME_RE)
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "input": InputSpec, "output": OutputSpec,
                               "sdedit": SdeditSpec, "compute": ComputeSpec}
+_LATER_SETTINGS = (("input", "max_pixels"),)
+"""Output-affecting settings added after fingerprint version 1 (see output_affecting)."""
+
+
+def _field_default(cls: type, name: str) -> Any:
+    """The declared default of dataclass field `name` of `cls`."""
+    found = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return found.default_factory() if found.default is dataclasses.MISSING else found.default
 _CHECKS: dict[str, dict[str, Check]] = {
     "model": {"source": string("a local directory, a hub id such as "
                                 "google/ddpm-ema-bedroom-256 or an fsspec URL"),
@@ -216,7 +237,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
     "input": {"shards": typed("a URL, brace range ({000000..000127}) or glob, or a list of "
                                "them", "is not a non-empty string or a non-empty list of them",
                                _shard_list, lambda v: (v,) if isinstance(v, str) else tuple(v)),
-              "image": _EXT, "mask": _EXT, "storage_options": _OPTIONS},
+              "image": _EXT, "mask": _EXT, "storage_options": _OPTIONS,
+              "max_pixels": _INT(1, 2**40)},
     "output": {"path": string("a local path or fsspec URL"),
                "image_format": choice(IMAGE_FORMATS),
                "include_guide": typed("true or false", "is not a boolean",

@@ -200,7 +200,7 @@ class ShardWorker:
         """Read, batch and edit the shard; each output goes to the sink to be encoded."""
         inp = self.spec.input
         samples = read_shard(url, inp.storage_options, inp.image, inp.mask, pool=self.host,
-                             depth=self.depth, gauge=gauge)
+                             depth=self.depth, gauge=gauge, max_pixels=inp.max_pixels)
         encode = timings.timed("encode", self._encode)
         prepare = timings.timed("prepare", self._prepare)
         ahead: Future[_Prepared] | None = None  # the next batch, made ready in the host pool

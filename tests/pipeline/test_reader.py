@@ -8,9 +8,18 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import webdataset as wds
 
 from pipeline.errors import ShardError
-from pipeline.reader import check_key, decode_sample, iter_samples, prefetch, read_shard
+from pipeline.reader import (
+    check_key,
+    decode_sample,
+    group_members,
+    iter_samples,
+    prefetch,
+    read_shard,
+)
+from tests.support.images import png16, png_header_only
 from tests.support.shards import png, write_shards
 
 
@@ -35,17 +44,72 @@ def test_decode_sample_guide_mask_and_target():
 
 
 def test_decode_problems_are_sample_errors_not_exceptions():
-    assert "missing guide member k.png or jpg" in decode_sample({"__key__": "k", "txt": b"x"},
-                                                                None, None).error
-    assert "cannot decode k.png" in decode_sample({"__key__": "k", "png": b"nope"}, None,
-                                                  None).error
+    def problem(raw, mask_ext=None, max_pixels=4096 * 4096):
+        sample = decode_sample(raw, None, mask_ext, max_pixels)
+        assert sample.guide is None or sample.error is None
+        return sample.error_kind, sample.error
+
+    kind, error = problem({"__key__": "k", "txt": b"x"})
+    assert kind == "missing" and "missing guide member k.png or jpg" in error
+    kind, error = problem({"__key__": "k", "png": b"nope"})
+    assert kind == "decode" and "cannot decode k.png" in error
     raw = {"__key__": "k", "png": png(_guide()), "mask.png": png(np.zeros((4, 8), np.uint8))}
-    assert "allowed: the same size" in decode_sample(raw, None, "mask.png").error
-    assert "missing mask member k.mask.png" in decode_sample({"__key__": "k",
-                                                              "png": png(_guide())},
-                                                             None, "mask.png").error
-    assert "not allowed" in decode_sample({"__key__": "..", "png": png(_guide())}, None,
-                                          None).error
+    kind, error = problem(raw, "mask.png")
+    assert kind == "mask" and "mask k.mask.png is 8x4 but the guide is 8x8; allowed: the " \
+        "same size" in error
+    kind, error = problem({"__key__": "k", "png": png(_guide())}, "mask.png")
+    assert kind == "missing" and "missing mask member k.mask.png" in error
+    kind, error = problem({"__key__": "..", "png": png(_guide())})
+    assert kind == "key" and "not allowed" in error
+    kind, error = problem({"__key__": "k", "png": png_header_only(9000, 9000)})
+    assert kind == "size" and "k.png is 9000x9000 (81,000,000 pixels)" in error
+    kind, error = problem({"__key__": "k", "png": png(_guide())}, max_pixels=63)
+    assert kind == "size" and "allowed: at most 63 pixels (input.max_pixels)" in error
+    grey = {"__key__": "k", "png": png(_guide()), "mask.png": png(np.full((8, 8), 100,
+                                                                           np.uint8))}
+    kind, error = problem(grey, "mask.png")
+    assert kind == "mask" and "values 100 x64" in error
+
+
+def test_decode_sample_uses_the_one_conversion():
+    """16-bit guides are scaled, not clipped (through pipeline.images.decode_guide)."""
+    raw = {"__key__": "k", "png": png16(np.full((8, 8), 32768, np.uint16))}
+    sample = decode_sample(raw, None, None)
+    assert sample.error is None and (sample.guide == 128).all()
+
+
+def test_group_members_splits_repeated_keys_instead_of_failing():
+    def member(name):
+        return {"fname": name, "data": name.encode()}
+
+    names = ["a.png", "a.json", "a.png", "a.json", "b.png", "a.png", "c.PNG", "README",
+             "c.mask.png", "c.mask.png"]
+    groups = [sorted(k for k in g if not k.startswith("__")) for g in
+              group_members(member(n) for n in names)]
+    keys = [g["__key__"] for g in group_members(member(n) for n in names)]
+    assert keys == ["a", "a", "b", "a", "c", "c"]
+    assert groups == [["json", "png"], ["json", "png"], ["png"], ["png"], ["mask.png", "png"],
+                      ["mask.png"]]
+
+
+def test_duplicate_keys_are_error_samples_and_never_fail_the_shard(tmp_path):
+    """The issue's cases: the same key twice in a row failed the shard ("duplicate file
+    name"); twice but apart it gave two ok samples with one seed."""
+    url = str(tmp_path / "dup.tar")
+    first, second = _guide(seed=1), _guide(seed=2)
+    with wds.TarWriter(url) as writer:
+        writer.write({"__key__": "a", "png": png(first)})
+        writer.write({"__key__": "a", "png": png(second)})  # in a row
+        writer.write({"__key__": "b", "png": png(second)})
+        writer.write({"__key__": "a", "png": png(second)})  # apart
+    samples = list(iter_samples(url, None, None, None))
+    assert [(s.key, s.error_kind) for s in samples] == [
+        ("a", None), ("a", "duplicate"), ("b", None), ("a", "duplicate")]
+    assert np.array_equal(samples[0].guide, first)  # the first occurrence is the one kept
+    assert samples[1].error == ("duplicate key a: sample 2 of the shard repeats sample 1 "
+                                "(only the first is used); allowed: each key once per shard")
+    assert "sample 4 of the shard repeats sample 1" in samples[3].error
+    assert samples[1].guide is None and samples[3].guide is None
 
 
 def test_iter_samples_in_tar_order(tmp_path):

@@ -215,6 +215,30 @@ def test_fingerprint_stability_and_fields() -> None:
         != ddim.fingerprint()
 
 
+# The fingerprint of OLD_JOB as the code before input.max_pixels existed computed it (main at
+# 3c176e9): a job started then must resume unchanged (see also tests/pipeline/test_jobrecord.py).
+OLD_JOB: dict[str, Any] = {
+    "name": "old-job", "model": {"source": "/models/rooms-64"},
+    "input": {"shards": "/data/in/part-{000000..000002}.tar", "mask": "mask.png"},
+    "output": {"path": "/data/out"}, "sdedit": {"t0": 0.04, "sampler": "ddpm", "seed": 7},
+    "compute": {"device": "cpu", "batch_size": 3}}
+OLD_FINGERPRINT = "72d45b03de50b6a7a4d8796d5e8c447fff77c4c7431c1e98d0546984d046be85"
+
+
+def test_max_pixels_joins_the_fingerprint_only_when_it_is_not_the_default() -> None:
+    old = parse_spec(OLD_JOB)
+    assert old.input.max_pixels == 4096 * 4096
+    assert old.fingerprint() == OLD_FINGERPRINT
+    assert "max_pixels" not in old.output_affecting()["input"]
+    explicit = parse_spec(OLD_JOB, overrides=["input.max_pixels=16777216"])
+    assert explicit.fingerprint() == OLD_FINGERPRINT
+    smaller = parse_spec(OLD_JOB, overrides=["input.max_pixels=1000000"])
+    assert smaller.output_affecting()["input"]["max_pixels"] == 1_000_000
+    assert smaller.fingerprint() != OLD_FINGERPRINT
+    assert _errors(_with("input.max_pixels", 0)) == [
+        "input.max_pixels: 0 is out of range; allowed: an integer in [1, 1099511627776]"]
+
+
 def test_to_dict_is_plain_and_redacted() -> None:
     data = copy.deepcopy(GOOD)
     data["input"]["storage_options"] = {
@@ -273,10 +297,11 @@ def _job_file(tmp_path: Path, body: str) -> str:
     return str(job)
 
 
-def test_validate_cli_ok(tmp_path: Path) -> None:
+def test_validate_cli_ok(tmp_path: Path, tiny_vp_dir: Path) -> None:
     (tmp_path / "out" / "done").mkdir(parents=True)
     (tmp_path / "out" / "done" / "p-000001.json").write_text("{}")
-    job = _job_file(tmp_path, f"name: cli\nmodel: {{source: m, storage_options: {{token: t}}}}\n"
+    job = _job_file(tmp_path, f"name: cli\nmodel: {{source: '{tiny_vp_dir}', "
+                              "storage_options: {token: t}}\n"
                               f"input: {{shards: '{tmp_path}/in/p-*.tar'}}\n"
                               f"output: {{path: '{tmp_path}/out'}}\n")
     result = CliRunner().invoke(main, ["validate", job, "--set", "sdedit.t0=0.4",
