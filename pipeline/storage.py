@@ -80,6 +80,18 @@ def canonical_path(url: str) -> str:
     return _strip_protocol(head.split("::")[-1] if sep else "file")(url)
 
 
+def absolute_url(url: str) -> str:
+    """`url` as it reads from any folder and without credentials: a local path (plain or
+    ``file://``) made absolute, any other URL kept with ``user:password@`` and secret query
+    values removed (`redact_url`)."""
+    head, sep, _ = url.partition("://")
+    if not sep:
+        return os.path.abspath(os.path.expanduser(url))
+    if head == "file":
+        return "file://" + os.path.abspath(os.path.expanduser(url[len("file://"):]))
+    return redact_url(url)
+
+
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
     """True for the local filesystem (where directories exist and rename is atomic)."""
     return isinstance(fs, LocalFileSystem)

@@ -7,6 +7,13 @@ the first encodes its last outputs and commits (`stages.DeviceTurns`). Within a 
 (host pool), the device, and encoding (host pool) overlap; outputs are written in the order of
 the serial loop, so tars and pixels are what the serial loop wrote.
 
+What is the worker's own in issue 11 (the rest is in reader.py, images.py and writer.py):
+`_batches` turns samples that cannot be edited into error rows (with their `error_kind`);
+`split_on_oom` splits a batch that runs out of device memory in halves, recursively, and a
+single sample that still does becomes a "device" error row; every row carries the job-constant
+`columns` (absolute model location, model identity, dtype, eta) and its `batch_size` (the
+samples of the network call that made it).
+
 Memory per shard is bounded, in decoded images: `depth` read ahead + `2 * batch` waiting in
 size buckets + `batch` prepared ahead + `batch` on the device + `window` being encoded
 (depth = window = 2 * batch), so at most 2 * 8 * batch for an actor's two shards (see
@@ -21,7 +28,7 @@ import logging
 import os
 import socket
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,18 +37,18 @@ import numpy as np
 import torch
 
 from pipeline import testhooks
+from pipeline.oom import EditFailure, split_on_oom
 from pipeline.reader import Sample, read_shard
 from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
-from pipeline.storage import url_fs, with_retries
-from pipeline.writer import ShardOutput, now, output_sample, output_urls
+from pipeline.storage import absolute_url, url_fs, with_retries
+from pipeline.writer import ShardOutput, model_location, now, output_sample, output_urls
 from sdedit import DiffusionModel, edit, load_model
-from sdedit.devices import resolve_device, resolve_dtype
+from sdedit.devices import dtype_name, resolve_device, resolve_dtype
 from sdedit.edit import NoiseSource, count_steps, noise_for
 
 logger = logging.getLogger(__name__)
-
 
 def output_seed(job_seed: int, key: str, index: int) -> int:
     """The 63-bit seed of one output, from (job seed, input key, output index)."""
@@ -67,6 +74,7 @@ class _Done:
     job: _Job
     edited: torch.Tensor  # float32 (3, H, W) in [-1, 1], on the CPU
     seconds: float        # device seconds per output of its batch
+    batch_size: int       # samples in the network call that made it
 
     def pixels(self) -> np.ndarray:
         """uint8 (H, W, 3): the edited image rounded to 8 bits."""
@@ -106,6 +114,7 @@ class ShardStats:
     samples: int = 0
     outputs_ok: int = 0
     outputs_error: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     worker: str = ""
     skipped: bool = False
@@ -142,6 +151,13 @@ class ShardWorker:
             self.hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.fingerprint = spec.fingerprint()
+        sd = spec.sdedit
+        self.columns: dict[str, Any] = {
+            "t0": sd.t0, "sampler": sd.sampler, "steps": self._steps(sd.t0),
+            "repeats": sd.repeats, "eta": sd.eta, "model": model_location(spec.model.source),
+            "model_identity": self.model.identity or None, "dtype": dtype_name(self.model.dtype),
+            "worker": self.worker_id}
+        """Manifest columns that are the same for every row of this worker."""
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
         self.turns = DeviceTurns()
@@ -156,7 +172,8 @@ class ShardWorker:
         """Edit every sample of the shard at `url` and commit its outputs.
 
         A shard whose marker already exists is not redone (`skipped=True`). Safe to call from
-        two threads at once (the actor's two shard slots).
+        two threads at once (the actor's two shard slots). No sample fails the shard: each one
+        that cannot be edited is an error row (see `_batches`, `split_on_oom`).
         Raises:
             ShardError: the tar is unreadable or truncated (the runner retries the shard);
             any error of writing: the shard is aborted, nothing of it is committed.
@@ -167,7 +184,7 @@ class ShardWorker:
             logger.info("shard %s already committed; skipping", stem)
             return ShardStats(stem=stem, input_shard=url, worker=self.worker_id, skipped=True)
         writer = ShardOutput(self.spec.output.path, stem, self.spec.output.storage_options)
-        stats = ShardStats(stem=stem, input_shard=url, worker=self.worker_id)
+        stats = ShardStats(stem=stem, input_shard=absolute_url(url), worker=self.worker_id)
         timings = Timings()
         gauge = Gauge(parent=self.in_flight)  # this shard's decoded images alive
         sink: OrderedSink[_Encoded] = OrderedSink(
@@ -243,9 +260,11 @@ class ShardWorker:
             stats.samples += 1
             if sample.error is None:
                 sample.error = self._size_problem(sample)
+                sample.error_kind = "size" if sample.error else None
             if sample.error is not None:
                 for index in range(sd.samples_per_input):
-                    self._error_row(writer, stats, sample, index, sample.error)
+                    self._error_row(writer, stats, sample, index,
+                                    sample.error_kind or "decode", sample.error)
                 gauge.add(-1)
                 continue
             shape = sample.guide.shape  # type: ignore[union-attr]
@@ -291,23 +310,45 @@ class ShardWorker:
 
     def _edit(self, prepared: _Prepared, writer: ShardOutput, stats: ShardStats,
               gauge: Gauge) -> list[_Done]:
-        """Edit one batch on the device; float outputs on the CPU, or error rows for a batch
-        the engine refuses (a problem of these inputs, not of the shard)."""
-        sd = self.spec.sdedit
-        batch = prepared.batch
+        """Edit one batch on the device (split in halves when it runs out of memory); float
+        outputs on the CPU, or error rows for the outputs the engine refuses (a problem of
+        these inputs, not of the shard) or that run out of memory alone."""
+        done: list[_Done] = []
+        indices = list(range(len(prepared.batch)))
         started = time.perf_counter()
+        for part, result in split_on_oom(indices, lambda rows: self._run(prepared, rows)):
+            if isinstance(result, EditFailure):
+                for row in part:
+                    job = prepared.batch[row]
+                    self._error_row(writer, stats, job.sample, job.index, result.kind,
+                                    result.message, batch_size=len(part))
+                    self._release(job, gauge)
+            else:
+                seconds = (time.perf_counter() - started) / len(part)
+                done += [_Done(prepared.batch[row], edited, seconds, len(part))
+                         for row, edited in zip(part, result, strict=True)]
+            started = time.perf_counter()
+        return done
+
+    def _run(self, prepared: _Prepared, rows: Sequence[int]) -> torch.Tensor | EditFailure:
+        """float32 (len(rows), 3, H, W) outputs on the CPU of these rows of a prepared batch
+        (all of them: with its noise drawn ahead), or the engine's refusal of the inputs.
+
+        Raises:
+            torch.OutOfMemoryError: the device ran out of memory (see `split_on_oom`).
+        """
+        sd = self.spec.sdedit
+        whole = len(rows) == len(prepared.batch)
+        index = torch.tensor(list(rows))
+        images = prepared.images if whole else prepared.images[index]
+        masks = prepared.masks if whole or prepared.masks is None else prepared.masks[index]
         try:
-            out = edit(self.model, prepared.images, t0=sd.t0, seeds=prepared.seeds,
-                       sampler=sd.sampler, steps=sd.steps, masks=prepared.masks,
-                       repeats=sd.repeats, eta=sd.eta, noise=prepared.noise)
+            out = edit(self.model, images, t0=sd.t0, seeds=[prepared.seeds[r] for r in rows],
+                       sampler=sd.sampler, steps=sd.steps, masks=masks, repeats=sd.repeats,
+                       eta=sd.eta, noise=prepared.noise if whole else None)
         except ValueError as exc:
-            for job in batch:
-                self._error_row(writer, stats, job.sample, job.index, str(exc))
-                self._release(job, gauge)
-            return []
-        out = out.cpu()  # converted to 8 bits per output, in the host pool (`_Done.pixels`)
-        seconds = (time.perf_counter() - started) / len(batch)
-        return [_Done(job, edited, seconds) for job, edited in zip(batch, out, strict=True)]
+            return EditFailure("edit", str(exc))
+        return out.cpu()  # converted to 8 bits per output, in the host pool (`_Done.pixels`)
 
     def _encode(self, done: _Done) -> _Encoded:
         """Metadata and the encoded tar sample of one output, or why it cannot be encoded (its
@@ -327,15 +368,16 @@ class ShardWorker:
                 image_format=out.image_format, png_compress_level=out.png_compress_level)
         except (OSError, ValueError) as exc:
             return _Encoded(done, metadata, None,
-                            f"cannot encode the output as {out.image_format}: {exc}")
+                            f"cannot encode the output as {out.image_format}: {exc}; allowed: "
+                            "an output size the format can hold")
         return _Encoded(done, metadata, encoded, size=pixels.shape[:2])
 
     def _metadata(self, job: _Job, l2: float) -> dict[str, Any]:
         """The output's `{key}.json` (also the first fields of its manifest row)."""
-        sd = self.spec.sdedit
         return {"key": job.sample.key, "output_key": job.output_key, "sample_index": job.index,
-                "seed": job.seed, "t0": sd.t0, "sampler": sd.sampler, "steps": self._steps(sd.t0),
-                "repeats": sd.repeats, "model": self.spec.model.source,
+                "seed": job.seed,
+                **{k: self.columns[k] for k in ("t0", "sampler", "steps", "repeats", "eta",
+                                                "model", "model_identity")},
                 "input_shard": job.input_shard, "faithfulness_l2": round(l2, 6)}
 
     def _write(self, item: _Encoded, writer: ShardOutput, stats: ShardStats, timings: Timings,
@@ -343,16 +385,18 @@ class ShardWorker:
         """Append one encoded output to the tar and its manifest row (in processing order)."""
         job = item.done.job
         if item.sample is None:
-            self._error_row(writer, stats, job.sample, job.index, item.error or "")
+            self._error_row(writer, stats, job.sample, job.index, "encode", item.error or "",
+                            batch_size=item.done.batch_size)
         else:
             if self.hooks is not None:
                 self.hooks.before_write(writer.stem)
             with timings.measure("write"):
                 writer.add_sample(item.sample)
             h, w = item.size
-            writer.add_row({**item.metadata, "output_shard": writer.urls["tar"], "status": "ok",
+            writer.add_row({**self.columns, **item.metadata,
+                            "output_shard": absolute_url(writer.urls["tar"]), "status": "ok",
                             "width": w, "height": h, "seconds": item.done.seconds,
-                            "worker": self.worker_id, "created_at": now()})
+                            "batch_size": item.done.batch_size, "created_at": now()})
             stats.outputs_ok += 1
         self._release(job, gauge)
         if progress is not None:
@@ -372,26 +416,29 @@ class ShardWorker:
             return None
 
     def _error_row(self, writer: ShardOutput, stats: ShardStats, sample: Sample, index: int,
-                   error: str) -> None:
-        sd = self.spec.sdedit
+                   kind: str, error: str, batch_size: int | None = None) -> None:
+        """One error row (`kind`: one of `pipeline.writer.ERROR_KINDS`)."""
         okey = self._output_key(sample.key, index)
         h, w = sample.guide.shape[:2] if sample.guide is not None else (None, None)
-        writer.add_row({"key": sample.key, "output_key": okey, "sample_index": index,
-                        "input_shard": stats.input_shard, "output_shard": None,
-                        "status": "error", "error": error,
-                        "seed": output_seed(sd.seed, sample.key, index), "t0": sd.t0,
-                        "sampler": sd.sampler, "steps": self._steps(sd.t0),
-                        "repeats": sd.repeats, "model": self.spec.model.source,
-                        "width": w, "height": h, "worker": self.worker_id,
+        writer.add_row({**self.columns, "key": sample.key, "output_key": okey,
+                        "sample_index": index, "input_shard": stats.input_shard,
+                        "output_shard": None, "status": "error", "error": error,
+                        "error_kind": kind,
+                        "seed": output_seed(self.spec.sdedit.seed, sample.key, index),
+                        "width": w, "height": h, "batch_size": batch_size,
                         "created_at": now()})
         stats.outputs_error += 1
+        stats.errors_by_kind[kind] = stats.errors_by_kind.get(kind, 0) + 1
         logger.warning("sample %s: %s", okey, error)
 
     def _marker(self, stats: ShardStats, writer: ShardOutput) -> dict[str, Any]:
         return {"stem": stats.stem, "input_shard": stats.input_shard,
-                "output_shard": writer.urls["tar"], "manifest": writer.urls["manifest"],
+                "output_shard": absolute_url(writer.urls["tar"]),
+                "manifest": absolute_url(writer.urls["manifest"]),
                 "samples": stats.samples, "outputs_ok": stats.outputs_ok,
-                "outputs_error": stats.outputs_error, "seconds": round(stats.seconds, 3),
+                "outputs_error": stats.outputs_error,
+                "errors_by_kind": dict(sorted(stats.errors_by_kind.items())),
+                "seconds": round(stats.seconds, 3),
                 "timings": stats.timings, "in_flight_max": stats.in_flight_max,
                 "worker": stats.worker, "fingerprint": self.fingerprint,
                 "created_at": now().isoformat()}

@@ -28,9 +28,25 @@ import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.images import encode_image
-from pipeline.storage import is_local, join, put_bytes_atomic, url_fs, with_retries
+from pipeline.storage import absolute_url, is_local, join, put_bytes_atomic, url_fs, with_retries
+from sdedit.sources import local_path, source_kind
 
 logger = logging.getLogger(__name__)
+
+ERROR_KINDS: dict[str, str] = {
+    "key": "the key cannot name an output (contains '/', '\\' or '..', or starts with '.')",
+    "missing": "the guide member, or the mask member the job names, is absent",
+    "duplicate": "the key was already seen in this shard (only its first occurrence is used)",
+    "decode": "the image or mask cannot be decoded, or its mode cannot be converted faithfully",
+    "size": "over input.max_pixels (read from the header), or a size the model cannot take",
+    "mask": "the mask is not black and white within the tolerance, is transparent, or its "
+            "size differs from the guide's",
+    "device": "the sample ran out of device memory even alone (batches are split first)",
+    "edit": "the SDEdit engine refused the sample's inputs",
+    "encode": "the output cannot be encoded as output.image_format (e.g. a size WebP cannot "
+              "hold)",
+}
+"""The fixed list of manifest `error_kind` values (null for ok rows), with what each means."""
 
 MANIFEST_SCHEMA = pa.schema([
     ("key", pa.string()), ("output_key", pa.string()), ("sample_index", pa.int32()),
@@ -40,7 +56,40 @@ MANIFEST_SCHEMA = pa.schema([
     ("model", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("faithfulness_l2", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
+    # added with issue 11 (appended: older manifests read together with these, the new
+    # columns null for their rows)
+    ("eta", pa.float64()), ("dtype", pa.string()), ("batch_size", pa.int32()),
+    ("model_identity", pa.string()), ("error_kind", pa.string()),
 ])
+"""One row per input sample x output index. `input_shard`, `output_shard` and `model` are
+absolute (local paths made absolute, URLs without credentials, a hub id as given);
+`batch_size` is the number of samples in the network call that made the output."""
+
+
+def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
+    """Parquet bytes of manifest rows (keys of MANIFEST_SCHEMA).
+
+    No rows (an empty shard, or one whose samples all failed before decoding) gives a file with
+    the schema and no row group: pyarrow, pandas and duckdb read it as 0 rows, and HF
+    `datasets` reads a folder holding it (a row group of 0 rows makes `datasets` fail with
+    "BatchSize must be greater than 0").
+    """
+    sink = pa.BufferOutputStream()
+    with pq.ParquetWriter(sink, MANIFEST_SCHEMA) as writer:
+        if rows:
+            writer.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
+    return sink.getvalue().to_pybytes()
+
+
+def model_location(source: str) -> str:
+    """The manifest's `model` column for a model source: a local directory made absolute, a URL
+    without credentials, a hub id as given (decided as `sdedit.sources.resolve` decides)."""
+    kind = source_kind(source)
+    if kind == "hub":
+        return source
+    if kind == "url":
+        return absolute_url(source)
+    return os.path.abspath(local_path(source))
 
 
 def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, Any], *,
@@ -114,7 +163,14 @@ class ShardOutput:
         self._tar.write(dict(sample))
 
     def add_row(self, row: Mapping[str, Any]) -> None:
-        """Append one manifest row (keys of MANIFEST_SCHEMA; missing ones become null)."""
+        """Append one manifest row (keys of MANIFEST_SCHEMA; missing ones become null).
+
+        Raises:
+            ValueError: an `error_kind` that is not one of ERROR_KINDS.
+        """
+        kind = row.get("error_kind")
+        if kind is not None and kind not in ERROR_KINDS:
+            raise ValueError(f"error_kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
         self.rows.append({name: row.get(name) for name in MANIFEST_SCHEMA.names})
 
     def commit(self, marker: Mapping[str, Any]) -> None:
@@ -130,10 +186,7 @@ class ShardOutput:
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
-        table = pa.Table.from_pylist(self.rows, schema=MANIFEST_SCHEMA)
-        sink = pa.BufferOutputStream()
-        pq.write_table(table, sink)
-        put_bytes_atomic(self.urls["manifest"], sink.getvalue().to_pybytes(), self.options)
+        put_bytes_atomic(self.urls["manifest"], manifest_bytes(self.rows), self.options)
         put_bytes_atomic(self.urls["marker"], json.dumps(dict(marker), indent=1).encode(),
                          self.options)
         logger.info("committed shard %s (%d manifest rows)", self.stem, len(self.rows))

@@ -9,11 +9,23 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DTYPES", "resolve_device", "resolve_dtype"]
+__all__ = ["DTYPES", "dtype_name", "resolve_device", "resolve_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
 """Precision names -> the network's compute dtype (sampling arithmetic stays float32)."""
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    """The precision name of a compute dtype ("fp32", "bf16", "fp16"); the inverse of DTYPES.
+
+    Raises:
+        ValueError: a dtype that is not a compute dtype.
+    """
+    for name, value in DTYPES.items():
+        if value == dtype:
+            return name
+    raise ValueError(f"dtype {dtype} is not a compute dtype; allowed: {', '.join(DTYPES)}")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -17,11 +17,20 @@ import tempfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["ModelSourceError", "Resolved", "files_identity", "hub_allow_patterns", "resolve"]
+__all__ = [
+    "ModelSourceError",
+    "Resolved",
+    "cached_snapshot",
+    "files_identity",
+    "hub_allow_patterns",
+    "local_path",
+    "resolve",
+    "source_kind",
+]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
@@ -51,19 +60,38 @@ class Resolved:
     revision: str | None = None
 
 
+def source_kind(source: str) -> Literal["url", "local", "hub", "missing"]:
+    """What a model source string names, decided as `resolve` decides it: "url" (an fsspec
+    URL), "local" (an existing local path: `local_path(source)`), "hub" (a hub id: org/name
+    that is not a local path) or "missing" (none of these)."""
+    if "://" in source and not source.startswith("file://"):
+        return "url"
+    if local_path(source).exists():
+        return "local"
+    if HUB_ID.match(source) and not source.startswith((".", "/")):
+        return "hub"
+    return "missing"
+
+
+def local_path(source: str) -> Path:
+    """The local path a source names (``file://`` and ``~`` resolved; not made absolute)."""
+    return Path(source.removeprefix("file://")).expanduser()
+
+
 def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
             storage_options: dict[str, Any] | None) -> Resolved:
     """A local directory holding the model files for `source` (see `load_model`)."""
-    if "://" in source and not source.startswith("file://"):
+    kind = source_kind(source)
+    if kind == "url":
         return Resolved(copy_url(source, cache_dir, storage_options or {}))
-    path = Path(source.removeprefix("file://")).expanduser()
-    if path.is_dir():
+    path = local_path(source)
+    if kind == "local" and path.is_dir():
         return Resolved(path)
-    if path.exists():
+    if kind == "local":
         raise ModelSourceError(
             f"model source {source!r} is a file; expected a model directory (convert an "
             "original DDPM/SDEdit checkpoint first: sdedit.convert.convert_checkpoint)")
-    if HUB_ID.match(source) and not source.startswith((".", "/")):
+    if kind == "hub":
         directory = from_hub(source)
         return Resolved(directory, directory.name)
     raise ModelSourceError(
@@ -136,6 +164,18 @@ def from_hub(repo_id: str) -> Path:
             f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
             "model directory somewhere reachable and set model.source to that path or URL."
         ) from exc
+
+
+def cached_snapshot(repo_id: str) -> Path | None:
+    """The hub-cache snapshot folder of `repo_id`'s main revision, or None when the cache holds
+    none (no network is used)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    for name in ("model_index.json", "config.json"):
+        found = try_to_load_from_cache(repo_id, name)
+        if isinstance(found, str):
+            return Path(found).parent
+    return None
 
 
 def copy_url(url: str, cache_dir: str | os.PathLike[str] | None,

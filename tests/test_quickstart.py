@@ -26,7 +26,9 @@ def test_quickstart_job_runs_end_to_end(tmp_path):
     assert "shards 4 done now" in run.stdout and "outputs 32 ok / 0 error" in run.stdout
     rows = pads.dataset(str(out / "manifests"), format="parquet").to_table().to_pylist()
     assert len(rows) == 32 and {r["status"] for r in rows} == {"ok"}
-    assert all(r["model"] == "models/rooms-64" and r["steps"] == 100 for r in rows)
+    assert all(r["model"] == str(ROOT / "models" / "rooms-64") and r["steps"] == 100 for r in rows)
+    assert len({r["model_identity"] for r in rows}) == 1
+    assert rows[0]["model_identity"].startswith("sha256:") and rows[0]["dtype"] == "fp32"
     # SDEdit moves away from the stroke guide but stays related to it
     assert all(5 < r["faithfulness_l2"] < 80 for r in rows)
     sheet = tmp_path / "grid.png"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import numpy as np
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
@@ -18,6 +20,7 @@ from pipeline import testhooks
 from pipeline.errors import ShardError
 from pipeline.worker import ShardWorker, output_seed
 from pipeline.writer import MANIFEST_SCHEMA
+from tests.support.images import png16, png_header_only
 from tests.support.shards import make_spec, png, write_shards
 
 
@@ -137,3 +140,151 @@ def test_test_hooks_are_off_unless_a_test_sets_them(tiny_vp, tiny_vp_dir, shards
     assert testhooks.from_env() == testhooks.Hooks(batch_delay=0.01)
     with pytest.raises(TypeError):
         testhooks.hooks_env(crahs="x:1:y")  # a misspelt hook fails at once
+
+
+def _tar(url, samples):
+    with wds.TarWriter(str(url)) as writer:
+        for sample in samples:
+            writer.write(sample)
+    return str(url)
+
+
+def test_manifest_columns_are_complete_and_locations_absolute(tiny_vp, tiny_vp_dir, shards,
+                                                             tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    model = os.path.relpath(tiny_vp_dir, tmp_path)
+    spec = make_spec(model, shards[1:2], Path("rel-out"), sdedit={"eta": 0.0})
+    ShardWorker(spec, model=tiny_vp).process(shards[1])
+    rows = {r["key"]: r for r in _rows(tmp_path / "rel-out")}
+    ok, bad = rows["s1_000"], rows["s1_001"]
+    assert ok["output_shard"] == str(tmp_path / "rel-out" / "shards" / "part-000001.tar")
+    assert ok["input_shard"] == shards[1] and os.path.isabs(shards[1])
+    assert ok["model"] == str(tiny_vp_dir) and not os.path.isabs(model)
+    assert ok["model_identity"] == tiny_vp.identity and tiny_vp.identity.startswith("sha256:")
+    assert (ok["dtype"], ok["eta"], ok["error_kind"], ok["status"]) == ("fp32", 0.0, None, "ok")
+    assert [rows[k]["batch_size"] for k in ("s1_000", "s1_002", "s1_003")] == [3, 3, 3]
+    assert (bad["status"], bad["error_kind"], bad["batch_size"]) == ("error", "decode", None)
+    assert bad["model"] == ok["model"] and bad["dtype"] == "fp32"
+    marker = json.loads((tmp_path / "rel-out" / "done" / "part-000001.json").read_text())
+    assert marker["errors_by_kind"] == {"decode": 1}
+    assert marker["output_shard"] == ok["output_shard"]
+
+
+def test_duplicate_keys_are_error_rows_and_the_tar_holds_each_key_once(tiny_vp, tiny_vp_dir,
+                                                                      tmp_path):
+    rng = np.random.default_rng(3)
+    guides = [rng.integers(0, 256, (16, 16, 3), dtype=np.uint8) for _ in range(3)]
+    url = _tar(tmp_path / "dup.tar", [
+        {"__key__": "a", "png": png(guides[0])}, {"__key__": "a", "png": png(guides[1])},
+        {"__key__": "b", "png": png(guides[1])}, {"__key__": "a", "png": png(guides[2])}])
+    out = tmp_path / "out"
+    stats = ShardWorker(make_spec(tiny_vp_dir, [url], out), model=tiny_vp).process(url)
+    assert (stats.samples, stats.outputs_ok, stats.outputs_error) == (4, 2, 2)
+    rows = sorted(_rows(out), key=lambda r: r["error"] or "")
+    assert [(r["key"], r["status"], r["error_kind"]) for r in rows] == [
+        ("a", "ok", None), ("b", "ok", None), ("a", "error", "duplicate"),
+        ("a", "error", "duplicate")]
+    assert "duplicate key a: sample 2 of the shard repeats sample 1" in rows[2]["error"]
+    assert "duplicate key a: sample 4 of the shard repeats sample 1" in rows[3]["error"]
+    with tarfile.open(out / "shards" / "dup.tar") as tar:
+        names = tar.getnames()
+        guide = np.asarray(Image.open(io.BytesIO(tar.extractfile("a.guide.png").read())))
+    assert [n.split(".")[0] for n in names] == ["a"] * 3 + ["b"] * 3  # once each, contiguous
+    assert np.array_equal(guide, guides[0])  # the first occurrence was edited
+
+
+def test_bad_inputs_become_named_rows_and_good_ones_correct_rows(tiny_vp, tiny_vp_dir,
+                                                                 tmp_path):
+    """The issue's bad inputs in one shard: none fails it, none becomes a wrong "ok"."""
+    mask = np.zeros((16, 16), np.uint8)
+    mask[:, 8:] = 255
+    rgba = np.zeros((16, 16, 4), np.uint8)
+    rgba[..., 0] = 200  # hidden red, fully transparent
+    url = _tar(tmp_path / "bad.tar", [
+        {"__key__": "half16", "png": png16(np.full((16, 16), 32768, np.uint16)),
+         "mask.png": png(mask)},
+        {"__key__": "clear", "png": png(rgba), "mask.png": png(mask)},
+        {"__key__": "greymask", "png": png(rgba[..., :3]), "mask.png": png(mask // 2 + 50)},
+        {"__key__": "huge", "png": png_header_only(12000, 12000), "mask.png": png(mask)}])
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, [url], out, input={"mask": "mask.png"})
+    ShardWorker(spec, model=tiny_vp).process(url)
+    rows = {r["key"]: r for r in _rows(out)}
+    assert {k: (r["status"], r["error_kind"]) for k, r in rows.items()} == {
+        "half16": ("ok", None), "clear": ("ok", None), "greymask": ("error", "mask"),
+        "huge": ("error", "size")}
+    assert "mask greymask.mask.png: 256 of 256 pixels (100.0%)" in rows["greymask"]["error"]
+    assert "values 50 x128, 177 x128" in rows["greymask"]["error"]
+    assert "huge.png is 12000x12000 (144,000,000 pixels)" in rows["huge"]["error"]
+    with tarfile.open(out / "shards" / "bad.tar") as tar:
+        def image(name):
+            return np.asarray(Image.open(io.BytesIO(tar.extractfile(name).read())))
+
+        assert (image("half16.guide.png") == 128).all()  # not a white guide
+        assert (image("clear.guide.png") == 255).all()  # not the hidden red
+        assert (image("clear.png")[:, :8] == 255).all()  # kept half: the guide, exactly
+    assert json.loads((out / "done" / "bad.json").read_text())["errors_by_kind"] == {
+        "mask": 1, "size": 1}
+
+
+def test_an_empty_shard_commits_an_empty_manifest(tiny_vp, tiny_vp_dir, tmp_path):
+    url = _tar(tmp_path / "empty.tar", [])
+    out = tmp_path / "out"
+    stats = ShardWorker(make_spec(tiny_vp_dir, [url], out), model=tiny_vp).process(url)
+    assert (stats.samples, stats.outputs_ok, stats.outputs_error) == (0, 0, 0)
+    table = pq.read_table(out / "manifests" / "empty.parquet")
+    assert table.num_rows == 0 and table.schema.equals(MANIFEST_SCHEMA)
+    assert (out / "done" / "empty.json").exists()
+
+
+def _oom_above(limit, calls):
+    """`edit` that raises torch.OutOfMemoryError for batches larger than `limit`."""
+    from pipeline import worker as worker_module
+
+    real = worker_module.edit
+
+    def edit(model, images, **kwargs):
+        calls.append(images.shape[0])
+        if images.shape[0] > limit:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real(model, images, **kwargs)
+    return edit
+
+
+def test_out_of_memory_batches_are_split_and_give_the_same_outputs(tiny_vp, tiny_vp_dir,
+                                                                   shards, tmp_path,
+                                                                   monkeypatch):
+    url = write_shards(tmp_path / "seven", n_shards=1, per_shard=7, bad=False, seed=9)[0]
+    plain = tmp_path / "plain"
+    ShardWorker(make_spec(tiny_vp_dir, [url], plain, compute={"batch_size": 7}),
+                model=tiny_vp).process(url)
+    calls: list[int] = []
+    monkeypatch.setattr("pipeline.worker.edit", _oom_above(2, calls))
+    split = tmp_path / "split"
+    stats = ShardWorker(make_spec(tiny_vp_dir, [url], split, compute={"batch_size": 7}),
+                        model=tiny_vp).process(url)
+    assert calls == [7, 4, 2, 2, 3, 2, 1]  # 7 -> 4 + 3 -> (2 + 2) + (2 + 1)
+    assert (stats.outputs_ok, stats.outputs_error) == (7, 0)
+    assert (split / "shards" / "part-000000.tar").read_bytes() == \
+        (plain / "shards" / "part-000000.tar").read_bytes()
+    assert [r["batch_size"] for r in _rows(split)] == [2, 2, 2, 2, 2, 2, 1]
+    assert [r["batch_size"] for r in _rows(plain)] == [7] * 7
+
+
+def test_a_sample_out_of_memory_alone_is_a_device_row(tiny_vp, tiny_vp_dir, tmp_path,
+                                                      monkeypatch):
+    url = write_shards(tmp_path / "in", n_shards=1, per_shard=3, bad=False)[0]
+    calls: list[int] = []
+    monkeypatch.setattr("pipeline.worker.edit", _oom_above(0, calls))
+    out = tmp_path / "out"
+    stats = ShardWorker(make_spec(tiny_vp_dir, [url], out), model=tiny_vp).process(url)
+    assert calls == [3, 2, 1, 1, 1]
+    assert (stats.outputs_ok, stats.outputs_error) == (0, 3)
+    rows = _rows(out)
+    assert {(r["error_kind"], r["batch_size"]) for r in rows} == {("device", 1)}
+    assert rows[0]["error"] == (
+        "out of device memory even alone (batch of 1): CUDA out of memory. Tried to allocate "
+        "2.00 GiB; allowed: an image that fits the device (smaller, or a device with more "
+        "memory)")
+    assert json.loads((out / "done" / "part-000000.json").read_text())["errors_by_kind"] == {
+        "device": 3}

@@ -111,6 +111,7 @@ def test_an_output_the_format_cannot_hold_is_that_outputs_error_row(tiny_vp, tin
     assert rows["fine"]["status"] == "ok"
     assert rows["wide"]["status"] == "error"
     assert "cannot encode the output as webp" in rows["wide"]["error"]
+    assert (rows["wide"]["error_kind"], rows["wide"]["batch_size"]) == ("encode", 1)
     assert sorted(_tar_members(out / "shards" / "in.tar")) == [
         "fine.guide.png", "fine.json", "fine.webp"]
 

@@ -7,11 +7,22 @@ import json
 import tarfile
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import writer as writer_module
-from pipeline.writer import MANIFEST_SCHEMA, ShardOutput, now, output_sample, output_urls
+from pipeline.storage import absolute_url
+from pipeline.writer import (
+    ERROR_KINDS,
+    MANIFEST_SCHEMA,
+    ShardOutput,
+    model_location,
+    now,
+    output_sample,
+    output_urls,
+)
 
 
 def _arrays(seed: int = 0):
@@ -91,3 +102,94 @@ def test_output_urls_keep_the_protocol():
     assert output_urls("s3://b/out/", "p-1") == {
         "tar": "s3://b/out/shards/p-1.tar", "manifest": "s3://b/out/manifests/p-1.parquet",
         "marker": "s3://b/out/done/p-1.json"}
+
+
+OLD_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(i) for i in range(19)])
+"""The manifest schema before issue 11 (its columns, in order, up to created_at)."""
+
+
+def test_new_columns_are_appended_to_the_old_schema():
+    assert OLD_SCHEMA.names[-1] == "created_at"
+    assert MANIFEST_SCHEMA.names[19:] == ["eta", "dtype", "batch_size", "model_identity",
+                                          "error_kind"]
+
+
+def test_old_and_new_manifests_read_together(tmp_path):
+    """A job resumed across the schema change holds both; read with MANIFEST_SCHEMA, the new
+    columns are null for the old rows (inferred from one file, pyarrow would drop them)."""
+    folder = tmp_path / "manifests"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist([{"key": "old", "status": "ok"}], schema=OLD_SCHEMA),
+                   folder / "a-old.parquet")
+    new = ShardOutput(str(tmp_path), "b-new", None)
+    new.add_row({"key": "new", "status": "error", "error": "x", "error_kind": "decode",
+                 "dtype": "fp32"})
+    new.commit({})
+    rows = pads.dataset(str(folder), schema=MANIFEST_SCHEMA).to_table().to_pylist()
+    assert [(r["key"], r["error_kind"], r["dtype"]) for r in rows] == [
+        ("old", None, None), ("new", "decode", "fp32")]
+    unified = pa.unify_schemas([pq.read_schema(p) for p in sorted(folder.iterdir())])
+    assert unified.equals(MANIFEST_SCHEMA)
+
+
+def test_error_kinds_are_a_fixed_list(tmp_path):
+    assert list(ERROR_KINDS) == ["key", "missing", "duplicate", "decode", "size", "mask",
+                                 "device", "edit", "encode"]
+    out = ShardOutput(str(tmp_path), "s", None)
+    with pytest.raises(ValueError, match="error_kind 'oops' is not one of key, missing"):
+        out.add_row({"key": "k", "status": "error", "error_kind": "oops"})
+    out.abort()
+
+
+def test_an_empty_manifest_reads_everywhere(tmp_path):
+    """The issue's case: a 0-row manifest broke HF datasets ("BatchSize must be greater
+    than 0"): it is written without a row group."""
+    import duckdb
+    import pandas
+
+    ShardOutput(str(tmp_path), "a-empty", None).commit({})
+    full = ShardOutput(str(tmp_path), "b-full", None)
+    _fill(full)
+    full.commit({})
+    empty = tmp_path / "manifests" / "a-empty.parquet"
+    table = pq.read_table(empty)
+    assert table.num_rows == 0 and table.schema.equals(MANIFEST_SCHEMA)
+    assert pq.ParquetFile(empty).metadata.num_row_groups == 0
+    frame = pandas.read_parquet(empty)
+    assert len(frame) == 0 and list(frame.columns) == MANIFEST_SCHEMA.names
+    assert duckdb.sql(f"SELECT count(*) FROM '{empty}'").fetchall() == [(0,)]
+    assert duckdb.sql(f"SELECT count(*) FROM '{tmp_path}/manifests/*.parquet'").fetchall() \
+        == [(3,)]
+    assert pads.dataset(str(tmp_path / "manifests")).to_table().num_rows == 3
+
+
+def test_an_empty_manifest_reads_with_hf_datasets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import datasets
+
+    ShardOutput(str(tmp_path), "a-empty", None).commit({})
+    full = ShardOutput(str(tmp_path), "b-full", None)
+    _fill(full)
+    full.commit({})
+    job = datasets.load_dataset("parquet", data_files=str(tmp_path / "manifests" / "*.parquet"),
+                                split="train", cache_dir=str(tmp_path / "cache"))
+    assert job.num_rows == 3 and set(job.column_names) == set(MANIFEST_SCHEMA.names)
+    # alone, an empty file streams as 0 rows with its columns (a non-streaming load refuses
+    # every empty split, "corresponds to no data", whatever the format)
+    alone = datasets.load_dataset("parquet", split="train", streaming=True, data_files=str(
+        tmp_path / "manifests" / "a-empty.parquet"))
+    assert list(alone) == [] and set(alone.features) == set(MANIFEST_SCHEMA.names)
+
+
+def test_locations_in_manifests_are_absolute_and_without_credentials(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "models" / "m").mkdir(parents=True)
+    assert model_location("models/m") == str(tmp_path / "models" / "m")
+    assert model_location("file://models/m") == str(tmp_path / "models" / "m")
+    assert model_location("google/ddpm-ema-bedroom-256") == "google/ddpm-ema-bedroom-256"
+    assert model_location("https://user:pw@host/m?X-Amz-Signature=abc&v=1") == \
+        "https://***@host/m?X-Amz-Signature=%2A%2A%2A&v=1"
+    assert absolute_url("out/shards/a.tar") == str(tmp_path / "out" / "shards" / "a.tar")
+    assert absolute_url("s3://b/out/a.tar") == "s3://b/out/a.tar"
+    assert absolute_url("file://out/a.tar") == f"file://{tmp_path}/out/a.tar"
