@@ -61,28 +61,44 @@ set_option = click.option(
 @main.command("validate")
 @click.argument("job", metavar="JOB", type=click.Path(dir_okay=False))
 @set_option
-def validate_cmd(job: str, overrides: tuple[str, ...]) -> None:
-    """Check a job file: print the resolved spec and the number of input shards.
+@click.option("--offline", is_flag=True,
+              help="Skip every remote check (object storage, the Hugging Face hub); local "
+                   "paths are still checked.")
+def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool) -> None:
+    """Check a job file and what it names: print the resolved spec and the input shards.
 
-    Lists the input shards (brace ranges are counted, globs are listed) and, when the output
-    already holds results, how many shards are done. Exit code 2 with every problem listed
-    if the job is invalid.
+    Checks, without loading any weights: the model source exists and looks loadable (a local
+    directory's config files and weights, a URL's config object, a hub id in the hub cache or
+    on the hub); the input shards (brace ranges are counted, globs are listed; local shards
+    must exist, and the first remote one); the output location can be read, and how many
+    shards are done. Exit code 0 when all holds, 2 with every problem listed (storage errors
+    such as missing credentials or buckets included).
 
     \b
     Example:
       sdedit-batch validate jobs/quickstart.yaml --set sdedit.t0=0.4
+      sdedit-batch validate jobs/sketch2bedroom.yaml --offline
     """
     import yaml
 
-    from pipeline.shards import expand_shards, plan_pending
+    from pipeline.errors import PreflightError
+    from pipeline.preflight import preflight
     from pipeline.spec import load_spec
 
     spec = load_spec(job, overrides)
-    shards = expand_shards(spec.input.shards, spec.input.storage_options)
-    pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
+    report = preflight(spec, offline=offline)
     click.echo(yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip())
     click.echo(f"# fingerprint: {spec.fingerprint()}")
-    click.echo(f"# input shards: {len(shards)} ({len(done)} done, {len(pending)} pending)")
+    if report.shards is None:
+        click.echo("# input shards: not listed")
+    else:
+        done = "?" if report.done is None else report.done
+        pending = "?" if report.done is None else len(report.shards) - report.done
+        click.echo(f"# input shards: {len(report.shards)} ({done} done, {pending} pending)")
+    for note in report.notes:
+        click.echo(f"# {note}")
+    if report.problems:
+        raise PreflightError(report.problems, source=job)
 
 
 @main.command("run")

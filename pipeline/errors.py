@@ -22,6 +22,16 @@ class SpecError(PipelineError):
             f"  - {e}" for e in self.errors))
 
 
+class PreflightError(SpecError):
+    """A job refused by the checks made before any work (`pipeline.preflight`): the model
+    source, the input shards or the output location. Lists every problem found."""
+
+    def __init__(self, errors: list[str], source: str = "job") -> None:
+        super().__init__(errors, source)
+        self.args = (f"{source}: {len(self.errors)} problem(s) found before any work\n"
+                     + "\n".join(f"  - {e}" for e in self.errors),)
+
+
 class StorageError(PipelineError):
     """A storage location cannot be read or written (permissions, missing bucket, network)."""
 

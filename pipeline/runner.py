@@ -23,6 +23,7 @@ from typing import Any
 import ray
 
 from pipeline.errors import PipelineError, ResumeConflictError
+from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
 from pipeline.redaction import SecretFilter
 from pipeline.shards import expand_shards, plan_pending, shard_stem
@@ -214,11 +215,19 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
             overwrite: bool = False, progress: bool = True) -> RunSummary:
     """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
 
+    The model source is checked (`pipeline.preflight.check_model`) before Ray starts and
+    before OUT/job.json is written, except with a Ray Client address (ray://): this driver
+    then runs on another machine than the actors, which read the model.
+
     Raises:
-        PipelineError: no input shards, unwritable output, changed spec, model not loadable.
+        PipelineError: no input shards, model missing or not loadable, unwritable output,
+        changed spec.
     """
     started = time.perf_counter()
     shards = expand_shards(list(spec.input.shards), spec.input.storage_options)
+    if not (address or "").startswith("ray://"):
+        for note in check_model(spec):
+            logger.info("%s", note)
     prepare_output(spec, overwrite)
     pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
     summary = RunSummary(shards_total=len(shards), shards_already_done=len(done))

@@ -16,7 +16,7 @@ from typing import Any
 from braceexpand import UnbalancedBracesError, braceexpand
 
 from pipeline.errors import PipelineError, StorageError
-from pipeline.storage import canonical_path, url_fs
+from pipeline.storage import canonical_path, describe_error, url_fs
 
 logger = logging.getLogger(__name__)
 
@@ -42,8 +42,9 @@ def _glob(pattern: str, storage_options: Mapping[str, Any]) -> list[str]:
     try:
         fs, path = url_fs(pattern, storage_options)
         found = fs.glob(path, detail=True)
-    except (OSError, ValueError) as error:
-        raise StorageError(f"cannot list input shards {pattern!r}: {error}") from error
+    except Exception as error:  # botocore's NoCredentialsError is no OSError
+        raise StorageError(f"cannot list input shards {pattern!r}: "
+                           f"{describe_error(error)}") from error
     files = sorted(name for name, info in found.items() if info.get("type") != "directory")
     if _protocol(pattern) is None:
         return files  # LocalFileSystem returns absolute plain paths
@@ -58,8 +59,9 @@ def _folder_or_file(name: str, storage_options: Mapping[str, Any]) -> list[str]:
     try:
         fs, path = url_fs(name, storage_options)
         folder = fs.isdir(path)
-    except (OSError, ValueError) as error:
-        raise StorageError(f"cannot look at input shards {name!r}: {error}") from error
+    except Exception as error:
+        raise StorageError(f"cannot look at input shards {name!r}: "
+                           f"{describe_error(error)}") from error
     return _glob(name.rstrip("/") + "/*.tar", storage_options) if folder else [name]
 
 
@@ -147,8 +149,9 @@ def done_stems(output_path: str, storage_options: Mapping[str, Any] | None = Non
         names = fs.ls(folder, detail=False)
     except FileNotFoundError:
         return set()
-    except (OSError, ValueError) as error:
-        raise StorageError(f"cannot list commit markers in {output_path!r}: {error}") from error
+    except Exception as error:
+        raise StorageError(f"cannot list commit markers in {output_path!r}: "
+                           f"{describe_error(error)}") from error
     return {posixpath.basename(name)[: -len(".json")] for name in names
             if name.endswith(".json")}
 

@@ -171,8 +171,7 @@ def load_latent_parts(directory: Path, source: str, index: dict[str, Any],
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _refuse_unsupported(directory, source, index)
-    _check_unet(unet_config, vae_config, source)
+    check_latent_layout(directory, source, index, unet_config, vae_config)
     unet = _component(UNet2DConditionModel, directory, "unet", source)
     vae = _component(AutoencoderKL, directory, "vae", source)
     encoder = _component(CLIPTextModel, directory, "text_encoder", source)
@@ -187,6 +186,22 @@ def load_latent_parts(directory: Path, source: str, index: dict[str, Any],
     files += [f for name in ("unet", "vae", "text_encoder") for f in _weights(directory / name)]
     files += [f for f in (directory / "tokenizer").iterdir() if f.is_file()]
     return unet, codec, TextEncoder(tokenizer=tokenizer, encoder=encoder), files
+
+
+def check_latent_layout(directory: Path, source: str, index: dict[str, Any],
+                        unet_config: dict[str, Any], vae_config: dict[str, Any]) -> None:
+    """Check a StableDiffusionPipeline directory without reading any weights: the layout is
+    supported, the UNet and VAE configs fit, and unet/, vae/ and text_encoder/ hold weights.
+
+    Raises:
+        ModelSourceError naming the source, the component and what is supported.
+    """
+    _refuse_unsupported(directory, source, index)
+    _check_unet(unet_config, vae_config, source)
+    for name in ("unet", "vae", "text_encoder"):
+        if not _weights(directory / name):
+            raise ModelSourceError(f"model source {source!r}: no weights in {name}/ "
+                                   f"({directory / name}); supported: {SUPPORTED}")
 
 
 def _refuse_unsupported(directory: Path, source: str, index: dict[str, Any]) -> None:

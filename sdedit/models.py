@@ -29,13 +29,14 @@ from typing import Any, Literal
 import torch
 
 from sdedit.accel import Acceleration, NetRunner
-from sdedit.latent import LatentCodec, TextEncoder, load_latent_parts
+from sdedit.latent import LatentCodec, TextEncoder, check_latent_layout, load_latent_parts
 from sdedit.schedules import VESchedule, VPSchedule
 from sdedit.sources import ModelSourceError, files_identity, resolve
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["DiffusionModel", "ModelSourceError", "load_model"]
+__all__ = ["DiffusionModel", "ModelLayout", "ModelSourceError", "inspect_model_dir",
+           "load_model"]
 
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
                  "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -197,23 +198,17 @@ def load_model(
                          "torch.bfloat16, torch.float16")
     resolved = resolve(text, cache_dir, storage_options)
     directory = resolved.directory
-    unet_dir, scheduler_path = _layout(directory, text)
-    config = _read_json(unet_dir / "config.json", text)
-    scheduler = _read_json(scheduler_path, text)
-    kind, prediction, vp, ve = _schedule(scheduler, config, text)
-    latent = unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel"
-    if latent and kind != "vp":
-        raise ModelSourceError(f"model source {text!r}: a latent model needs a VP scheduler")
+    layout = inspect_model_dir(directory, text)
+    unet_dir, config = layout.unet_dir, layout.config
+    kind, prediction, vp, ve = layout.kind, layout.prediction_type, layout.vp, layout.ve
     codec = encoder = None
-    if latent:
-        index = _read_json(directory / "model_index.json", text)
-        vae = _read_json(directory / "vae" / "config.json", text) \
-            if (directory / "vae").is_dir() else {}
-        net, codec, encoder, files = load_latent_parts(directory, text, index, config, vae)
+    if layout.latent:
+        net, codec, encoder, files = load_latent_parts(directory, text, layout.index, config,
+                                                       layout.vae_config)
     else:
         net, weights = _build_net(unet_dir, config, text)
         files = [unet_dir / "config.json", weights]
-    files.append(scheduler_path)
+    files.append(layout.scheduler_path)
     dev = torch.device(device)
     net = net.to(device=dev).eval().requires_grad_(False)
     if codec is not None and encoder is not None:
@@ -242,6 +237,53 @@ def load_model(
     return model
 
 
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a model directory holds, read from its JSON files only (no weights)."""
+
+    unet_dir: Path
+    scheduler_path: Path
+    config: dict[str, Any]
+    """The network's config.json."""
+    kind: Literal["vp", "ve"]
+    prediction_type: str
+    vp: VPSchedule | None
+    ve: VESchedule | None
+    latent: bool
+    index: dict[str, Any] = field(default_factory=dict)
+    """model_index.json of a latent pipeline ({} otherwise)."""
+    vae_config: dict[str, Any] = field(default_factory=dict)
+
+
+def inspect_model_dir(directory: Path, source: str) -> ModelLayout:
+    """Check that `directory` looks loadable by `load_model`, without reading weights: a
+    supported layout, config files that parse and name a supported network class and
+    scheduler, and the weights files present.
+
+    Args:
+        directory: the local model directory (a hub snapshot or a URL copy included).
+        source: the source string, for messages.
+    Raises:
+        ModelSourceError naming the source and what is wrong.
+    """
+    unet_dir, scheduler_path = _layout(directory, source)
+    config = _read_json(unet_dir / "config.json", source)
+    scheduler = _read_json(scheduler_path, source)
+    kind, prediction, vp, ve = _schedule(scheduler, config, source)
+    latent = unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel"
+    if not latent:
+        _check_pixel_net(unet_dir, config, source)
+        return ModelLayout(unet_dir, scheduler_path, config, kind, prediction, vp, ve, False)
+    if kind != "vp":
+        raise ModelSourceError(f"model source {source!r}: a latent model needs a VP scheduler")
+    index = _read_json(directory / "model_index.json", source)
+    vae = _read_json(directory / "vae" / "config.json", source) \
+        if (directory / "vae").is_dir() else {}
+    check_latent_layout(directory, source, index, config, vae)
+    return ModelLayout(unet_dir, scheduler_path, config, kind, prediction, vp, ve, True,
+                       index, vae)
+
+
 def _layout(directory: Path, source: str) -> tuple[Path, Path]:
     """(unet directory, scheduler config path) for the root or pipeline layout."""
     if (directory / "unet" / "config.json").exists():
@@ -268,10 +310,9 @@ def _read_json(path: Path, source: str) -> dict[str, Any]:
     return data
 
 
-def _build_net(unet_dir: Path, config: dict[str, Any], source: str
-               ) -> tuple[torch.nn.Module, Path]:
-    from diffusers import UNet2DModel
-
+def _check_pixel_net(unet_dir: Path, config: dict[str, Any], source: str) -> Path:
+    """The weights file of a pixel UNet2DModel directory; raises ModelSourceError for another
+    network class or no weights."""
     name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ModelSourceError(
@@ -283,6 +324,14 @@ def _build_net(unet_dir: Path, config: dict[str, Any], source: str
     if weights is None:
         raise ModelSourceError(
             f"model source {source!r}: no weights in {unet_dir}; expected one of {WEIGHT_FILES}")
+    return weights
+
+
+def _build_net(unet_dir: Path, config: dict[str, Any], source: str
+               ) -> tuple[torch.nn.Module, Path]:
+    from diffusers import UNet2DModel
+
+    weights = _check_pixel_net(unet_dir, config, source)
     try:
         net = UNet2DModel.from_config(config)
         if weights.suffix == ".safetensors":

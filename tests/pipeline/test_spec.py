@@ -144,6 +144,7 @@ def test_good_spec_defaults() -> None:
     assert spec.model.storage_options == {}
     assert spec.input.shards == ("s3://bucket/in/p-{000000..000127}.tar",)
     assert (spec.input.image, spec.input.mask) == (None, None)
+    assert spec.input.max_pixels == 4096 * 4096
     assert (spec.output.image_format, spec.output.include_guide) == ("png", True)
     s = spec.sdedit
     assert (s.t0, s.sampler, s.steps, s.repeats, s.samples_per_input, s.seed, s.eta) == (
