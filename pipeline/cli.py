@@ -144,25 +144,45 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
         f"(of {summary.shards_total}); samples {summary.samples}, outputs "
         f"{summary.outputs_ok} ok / {summary.outputs_error} error; "
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s")
+    click.echo(f"error rows by kind: {_kinds(summary.errors_by_kind)}")
+    repeated = "?" if summary.keys_in_several_shards is None else summary.keys_in_several_shards
+    click.echo(f"keys in more than one shard: {repeated}")
     for url, error in summary.failed.items():
         click.echo(f"  FAILED {url}: {error}", err=True)
     click.echo(f"outputs: {spec.output.path}")
     raise SystemExit(summary.exit_code)
 
 
+def _kinds(counts: dict[str, int]) -> str:
+    """"decode 2, mask 1" (by count, then name), or "none"."""
+    ordered = sorted(counts.items(), key=lambda item: (-item[1], item[0]))
+    return ", ".join(f"{kind} {count}" for kind, count in ordered) or "none"
+
+
 @main.command("status")
 @click.argument("target", metavar="OUT_OR_JOB_OR_SUBMISSION")
 @click.option("--address", default=None, metavar="URL",
               help="Ray Jobs API of the cluster (http://HEAD:8265): TARGET is a submission id.")
-def status_cmd(target: str, address: str | None) -> None:
-    """Show done, pending and failed shards and sample counts of a job.
+@click.option("--errors", "show_errors", is_flag=True,
+              help="Also list the error rows of the manifests (key, shard, error_kind, error).")
+@click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
+              metavar="N", help="With --errors: list at most N error rows.")
+def status_cmd(target: str, address: str | None, show_errors: bool, limit: int) -> None:
+    """Show done, pending and failed shards, sample counts and error rows of a job.
 
-    TARGET is the job's output path/URL or its job file: reads only the output (job.json and
-    the done/ and failed/ markers), while a job runs or after. Or a submission id printed by
-    `sdedit-batch submit` (raysubmit_...) with --address (default RAY_API_SERVER_ADDRESS): the
-    cluster's view of the submission, then the shard counts of its output if reachable.
+    TARGET is the job's output path/URL or its job file: reads only the output (job.json,
+    the done/ and failed/ markers and, for error rows and repeated keys, the manifests),
+    while a job runs or after. Or a submission id printed by `sdedit-batch submit`
+    (raysubmit_...) with --address (default RAY_API_SERVER_ADDRESS): the cluster's view of
+    the submission, then the status of its output if reachable. Exit code 1 when a shard
+    has failed, else 0.
+
+    \b
+    Examples:
+      sdedit-batch status out/quickstart
+      sdedit-batch status out/quickstart --errors --limit 50
     """
-    from pipeline.status import job_status
+    from pipeline.status import error_rows, job_status
     from pipeline.submit import describe, is_submission_id, submission_status
 
     if address is not None or is_submission_id(target):
@@ -178,8 +198,21 @@ def status_cmd(target: str, address: str | None) -> None:
     click.echo(f"shards: {st.done} done, {pending} pending, {len(st.failed)} failed "
                f"(of {total})")
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
+    click.echo(f"error rows by kind: {_kinds(st.errors_by_kind)}")
+    click.echo(f"keys in more than one shard: {st.keys_in_several_shards}")
     for url, error in st.failed.items():
         click.echo(f"  FAILED {url}: {error}")
+    if show_errors:
+        from pipeline.shards import shard_stem
+
+        rows, total = error_rows(st.output, st.storage_options, limit=limit)
+        click.echo(f"error rows: {total}" + (f" (first {len(rows)})" if total > len(rows) else ""))
+        for row in rows:
+            click.echo(f"  {row['output_key']}  {shard_stem(row['input_shard'] or '?')}  "
+                       f"{row['error_kind'] or 'unknown'}  {row['error']}")
+        if total > len(rows):
+            click.echo(f"  ... and {total - len(rows)} more (--limit {total} shows all)")
+    raise SystemExit(1 if st.failed else 0)
 
 
 @main.command("submit")

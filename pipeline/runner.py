@@ -28,7 +28,15 @@ from pipeline.progress import RunProgress
 from pipeline.redaction import SecretFilter
 from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
-from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs, with_retries
+from pipeline.status import keys_in_several_shards
+from pipeline.storage import (
+    check_writable,
+    describe_error,
+    join,
+    put_bytes_atomic,
+    url_fs,
+    with_retries,
+)
 from pipeline.worker import ShardWorker
 from sdedit.models import ModelSourceError
 
@@ -59,6 +67,11 @@ class RunSummary:
     samples: int = 0
     outputs_ok: int = 0
     outputs_error: int = 0
+    errors_by_kind: dict[str, int] = field(default_factory=dict)
+    """Error rows of the shards done by this run, by `error_kind`."""
+    keys_in_several_shards: int | None = None
+    """Keys that occur in more than one input shard, over every manifest of the job (None:
+    the manifests could not be read)."""
     seconds: float = 0.0
 
     @property
@@ -246,8 +259,18 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     finally:
         if own_ray:
             ray.shutdown()
+    summary.keys_in_several_shards = _keys_in_several_shards(spec)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _keys_in_several_shards(spec: JobSpec) -> int | None:
+    """`pipeline.status.keys_in_several_shards` of the job's output; None when unreadable."""
+    try:
+        return keys_in_several_shards(spec.output.path, spec.output.storage_options)
+    except Exception as exc:  # a summary figure: never fails a run that succeeded
+        logger.warning("cannot count keys repeated across shards: %s", describe_error(exc))
+        return None
 
 
 class _Pool:
@@ -336,6 +359,8 @@ class _Pool:
         s.samples += stats["samples"]
         s.outputs_ok += stats["outputs_ok"]
         s.outputs_error += stats["outputs_error"]
+        for kind, count in stats.get("errors_by_kind", {}).items():
+            s.errors_by_kind[kind] = s.errors_by_kind.get(kind, 0) + count
         self.progress.shard_done(stats["outputs_ok"] + stats["outputs_error"])
         marker = self._failed_url(url)
         fs, path = url_fs(marker, self.spec.output.storage_options)

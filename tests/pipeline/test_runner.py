@@ -11,9 +11,11 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pyarrow.dataset as pads
 import pytest
 import ray
+import webdataset as wds
 import yaml
 from click.testing import CliRunner
 
@@ -22,8 +24,9 @@ from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.runner import actor_options, run_job
 from pipeline.testhooks import hooks_env
 from pipeline.worker import ShardWorker
+from tests.support.images import png_header_only
 from tests.support.rayhead import kill_session
-from tests.support.shards import make_spec, write_shards
+from tests.support.shards import make_spec, png, write_job, write_shards
 
 pytestmark = pytest.mark.slow
 
@@ -70,6 +73,8 @@ def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, refer
     summary = run_job(spec, progress=False)
     assert (summary.shards_done, summary.samples) == (3, 12)
     assert (summary.outputs_ok, summary.outputs_error) == (20, 4) and summary.exit_code == 0
+    assert summary.errors_by_kind == {"decode": 2, "missing": 2}
+    assert summary.keys_in_several_shards == 0
     _check_complete(out, reference)
     job = json.loads((out / "job.json").read_text())
     assert job["fingerprint"] == spec.fingerprint() and job["versions"]["ray"] == ray.__version__
@@ -197,3 +202,36 @@ def test_a_write_error_fails_the_attempt_and_the_shard_is_retried(local_ray, tin
     assert flag.exists(), "the test hook did not fire"
     assert summary.shards_done == 3 and not summary.failed
     _check_complete(out, reference)
+
+
+def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(
+        local_ray, tiny_vp_dir, tmp_path):
+    """Bad samples of every reader kind and a broken shard through the CLI: the run's last
+    lines count error rows by kind and keys repeated across shards; exit codes tell."""
+    good = np.zeros((16, 16, 3), np.uint8)
+    a, b = tmp_path / "in" / "a-000000.tar", tmp_path / "in" / "b-000001.tar"
+    a.parent.mkdir()
+    with wds.TarWriter(str(a)) as writer:
+        writer.write({"__key__": "k1", "png": png(good)})
+        writer.write({"__key__": "k1", "png": png(good)})
+        writer.write({"__key__": "k2", "png": b"not an image"})
+    with wds.TarWriter(str(b)) as writer:
+        writer.write({"__key__": "k1", "png": png(good)})
+        writer.write({"__key__": "k3", "png": png_header_only(5000, 5000)})
+    broken = tmp_path / "in" / "c-000002.tar"
+    broken.write_bytes(b.read_bytes()[:700])
+    out = tmp_path / "out"
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, [str(a), str(b), str(broken)], out,
+                    compute={"shard_retries": 0})
+    result = CliRunner().invoke(main, ["run", str(job), "--no-progress"])
+    assert result.exit_code == 1, result.output
+    assert "shards 2 done now, 0 done before, 1 failed (of 3); samples 5, outputs 2 ok / 3 " \
+        "error" in result.stdout
+    assert "error rows by kind: decode 1, duplicate 1, size 1\n" in result.stdout
+    assert "keys in more than one shard: 1\n" in result.stdout
+    assert f"FAILED {broken}: " in result.stderr
+    status = CliRunner().invoke(main, ["status", str(out), "--errors"])
+    assert status.exit_code == 1
+    assert "error rows: 3\n  k1  a-000000  duplicate  duplicate key k1" in status.output
+    assert "  k2  a-000000  decode  cannot decode k2.png" in status.output
+    assert "  k3  b-000001  size  image k3.png is 5000x5000 (25,000,000 pixels)" in status.output

@@ -1,16 +1,24 @@
-"""pipeline.status: counts from the output folder alone (job.json, done/ and failed/ markers)."""
+"""pipeline.status: counts from the output folder alone (job.json, done/ and failed/ markers,
+manifests for error rows and repeated keys); the status command's exit codes."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
+import webdataset as wds
+from click.testing import CliRunner
 
+from pipeline.cli import main
 from pipeline.errors import PipelineError
 from pipeline.runner import prepare_output
-from pipeline.status import job_status
+from pipeline.status import error_rows, job_status
 from pipeline.worker import ShardWorker
-from tests.support.shards import make_spec, write_shards
+from pipeline.writer import MANIFEST_SCHEMA
+from tests.support.shards import make_spec, png, write_shards
 
 
 def test_status_counts_done_failed_and_pending(tiny_vp, tiny_vp_dir, tmp_path):
@@ -35,3 +43,75 @@ def test_status_counts_done_failed_and_pending(tiny_vp, tiny_vp_dir, tmp_path):
 def test_status_of_a_folder_without_a_job_is_an_error(tmp_path):
     with pytest.raises(PipelineError, match=r"no job\.json"):
         job_status(str(tmp_path))
+
+
+def _bad_job(tiny_vp, tiny_vp_dir, tmp_path):
+    """Two committed shards (one undecodable sample in part-000001, a missing guide in
+    part-000002, key s0_000 repeated in part-000002) and one failed shard."""
+    shards = write_shards(tmp_path / "in", n_shards=3, per_shard=3)
+    with wds.TarWriter(shards[2]) as writer:  # rewrite part-000002 with a key of part-000000
+        writer.write({"__key__": "s0_000", "png": png(np.zeros((16, 16, 3), np.uint8))})
+        writer.write({"__key__": "s2_002", "txt": b"no guide"})
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, shards, out)
+    prepare_output(spec, overwrite=False)
+    worker = ShardWorker(spec, model=tiny_vp)
+    worker.process(shards[1])
+    worker.process(shards[2])
+    (out / "failed").mkdir()
+    (out / "failed" / "part-000000.json").write_text(json.dumps(
+        {"stem": "part-000000", "input_shard": shards[0], "error": "truncated tar"}))
+    return shards, out
+
+
+def test_status_counts_error_kinds_and_keys_repeated_across_shards(tiny_vp, tiny_vp_dir,
+                                                                   tmp_path):
+    shards, out = _bad_job(tiny_vp, tiny_vp_dir, tmp_path)
+    status = job_status(str(out))
+    assert status.errors_by_kind == {"decode": 1, "missing": 1}
+    assert status.keys_in_several_shards == 0  # part-000000 failed: no manifest of it
+    ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp).process(shards[0])
+    status = job_status(str(out))
+    assert status.keys_in_several_shards == 1 and not status.failed
+    marker = out / "done" / "part-000001.json"  # a marker written before error kinds existed
+    old = json.loads(marker.read_text())
+    del old["errors_by_kind"]
+    marker.write_text(json.dumps(old))
+    assert job_status(str(out)).errors_by_kind == {"missing": 1, "unknown": 1}
+
+
+def test_error_rows_are_listed_by_shard_with_a_limit(tiny_vp, tiny_vp_dir, tmp_path):
+    shards, out = _bad_job(tiny_vp, tiny_vp_dir, tmp_path)
+    rows, total = error_rows(str(out), limit=1)
+    assert total == 2 and len(rows) == 1
+    assert rows[0] == {"key": "s1_001", "output_key": "s1_001", "input_shard": shards[1],
+                       "error_kind": "decode", "error": rows[0]["error"]}
+    assert rows[0]["error"].startswith("cannot decode s1_001.png")
+    assert [r["key"] for r in error_rows(str(out))[0]] == ["s1_001", "s2_002"]
+    # a manifest written before error_kind existed reads with the others (kind null)
+    old_schema = pa.schema([MANIFEST_SCHEMA.field(i) for i in range(19)])
+    pq.write_table(pa.Table.from_pylist([{"key": "z", "output_key": "z", "status": "error",
+                                          "error": "old", "input_shard": "/zz.tar"}],
+                                        schema=old_schema), out / "manifests" / "zz.parquet")
+    rows, total = error_rows(str(out))
+    assert total == 3 and rows[-1]["error_kind"] is None and rows[-1]["error"] == "old"
+
+
+def test_status_cli_exit_codes_and_error_listing(tiny_vp, tiny_vp_dir, tmp_path):
+    """The issue's case: status exited 0 while shards had failed, nothing listed the rows."""
+    shards, out = _bad_job(tiny_vp, tiny_vp_dir, tmp_path)
+    result = CliRunner().invoke(main, ["status", str(out), "--errors", "--limit", "1"])
+    assert result.exit_code == 1, result.output
+    assert "shards: 2 done, 0 pending, 1 failed (of 3)" in result.output
+    assert f"  FAILED {shards[0]}: truncated tar" in result.output
+    assert "error rows by kind: decode 1, missing 1" in result.output
+    assert "keys in more than one shard: 0" in result.output
+    assert "error rows: 2 (first 1)\n  s1_001  part-000001  decode  cannot decode s1_001.png" \
+        in result.output
+    assert "  ... and 1 more (--limit 2 shows all)" in result.output
+    (out / "failed" / "part-000000.json").unlink()
+    ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp).process(shards[0])
+    result = CliRunner().invoke(main, ["status", str(out)])
+    assert result.exit_code == 0, result.output
+    assert "keys in more than one shard: 1" in result.output
+    assert "error rows:" not in result.output  # listed only with --errors
