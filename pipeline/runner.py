@@ -15,28 +15,21 @@ import json
 import logging
 import math
 import os
-import shutil
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
-from pipeline.errors import PipelineError, ResumeConflictError
+from pipeline.errors import PipelineError
+from pipeline.jobrecord import prepare_output, record_compute, resolved_compute
 from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
 from pipeline.redaction import SecretFilter
 from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
 from pipeline.status import keys_in_several_shards
-from pipeline.storage import (
-    check_writable,
-    describe_error,
-    join,
-    put_bytes_atomic,
-    url_fs,
-    with_retries,
-)
+from pipeline.storage import describe_error, join, put_bytes_atomic, url_fs, with_retries
 from pipeline.worker import ShardWorker
 from sdedit.models import ModelSourceError
 
@@ -81,61 +74,6 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
-
-
-def prepare_output(spec: JobSpec, overwrite: bool) -> None:
-    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work)."""
-    out, options = spec.output.path, spec.output.storage_options
-    check_writable(out, options)
-    fs, path = url_fs(join(out, "job.json"), options)
-    if fs.exists(path):
-        old = json.loads(fs.cat_file(path))
-        if old.get("fingerprint") != spec.fingerprint():
-            if not overwrite:
-                changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
-                raise ResumeConflictError(
-                    f"output {out} holds a job with different output-affecting settings "
-                    f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
-                    "--overwrite to discard its results")
-            _discard_results(spec)
-    put_bytes_atomic(join(out, "job.json"), json.dumps(job_record(spec), indent=1).encode(),
-                     options)
-
-
-def job_record(spec: JobSpec) -> dict[str, Any]:
-    """OUT/job.json: the resolved spec (secrets redacted), its fingerprint and versions."""
-    import diffusers
-    import torch
-
-    from pipeline import __version__
-
-    return {"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
-            "output_affecting": spec.output_affecting(),
-            "versions": {"sdedit-batch": __version__, "torch": torch.__version__,
-                         "diffusers": diffusers.__version__, "ray": ray.__version__},
-            "model": spec.model.source}
-
-
-def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
-    changed = []
-    for key in sorted(set(old) | set(new)):
-        a, b = old.get(key), new.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_fields(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
-    return changed
-
-
-def _discard_results(spec: JobSpec) -> None:
-    for sub in ("done", "failed", "shards", "manifests"):
-        fs, path = url_fs(join(spec.output.path, sub), spec.output.storage_options)
-        if fs.exists(path):
-            logger.warning("--overwrite: removing %s", join(spec.output.path, sub))
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                fs.rm(path, recursive=True)
 
 
 @ray.remote(num_cpus=0)
@@ -202,11 +140,17 @@ class _Batched:
         self.count, self.last = 0, time.monotonic()
 
 
+def uses_gpu(spec: JobSpec) -> bool:
+    """Whether actors run on GPUs: compute.device cuda, or auto on a cluster with GPUs."""
+    device = spec.compute.device
+    return device == "cuda" or (device == "auto" and ray.cluster_resources().get("GPU", 0) > 0)
+
+
 def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
     """Ray options of one actor and its torch thread count, from compute.* and the cluster."""
     compute = spec.compute
     cluster = ray.cluster_resources()
-    use_gpu = compute.device == "cuda" or (compute.device == "auto" and cluster.get("GPU", 0) > 0)
+    use_gpu = uses_gpu(spec)
     env = {k: v for k, v in os.environ.items() if k.startswith("SDEDIT_BATCH_")}
     # OpenMP threads that spin while they wait collapse when another process shares the cores
     # (quickstart with one core busy: 674 s with spinning, 77 s passive, 56 s on an idle
@@ -241,7 +185,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     if not (address or "").startswith("ray://"):
         for note in check_model(spec):
             logger.info("%s", note)
-    prepare_output(spec, overwrite)
+    previous = prepare_output(spec, overwrite)
     pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
     summary = RunSummary(shards_total=len(shards), shards_already_done=len(done))
     if limit_shards is not None:
@@ -255,7 +199,10 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=logger.isEnabledFor(logging.INFO), logging_level=logging.WARNING)
     try:
-        _Pool(spec, pending, summary, progress).run()
+        pool = _Pool(spec, pending, summary, progress)
+        record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads), previous,
+                       len(done))
+        pool.run()
     finally:
         if own_ray:
             ray.shutdown()

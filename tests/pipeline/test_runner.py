@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import signal
@@ -96,15 +97,24 @@ def test_actor_killed_mid_shard_is_retried(local_ray, tiny_vp_dir, inputs, refer
 
 
 def test_resume_redoes_only_missing_shard_and_refuses_changed_t0(
-        local_ray, tiny_vp_dir, inputs, reference, tmp_path):
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, caplog):
     out = tmp_path / "out"
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     run_job(spec, progress=False)
+    assert json.loads((out / "job.json").read_text())["compute"] == {
+        "device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
     for path in ("shards/part-000001.tar", "manifests/part-000001.parquet",
                  "done/part-000001.json"):
         (out / path).unlink()
     before = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
-    summary = run_job(spec, progress=False)
+    # a resume may change the batch size (not output-affecting), with a warning
+    resumed = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2},
+                        compute={"batch_size": 2})
+    assert resumed.fingerprint() == spec.fingerprint()
+    caplog.set_level(logging.WARNING, logger="pipeline.jobrecord")
+    summary = run_job(resumed, progress=False)
+    assert "already done (batch_size 3 -> 2)" in caplog.text
+    assert json.loads((out / "job.json").read_text())["compute"]["batch_size"] == 2
     assert (summary.shards_done, summary.shards_already_done) == (1, 2)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
     assert all(after[name] == stamp for name, stamp in before.items())

@@ -81,6 +81,8 @@ def test_faithfulness_l2_is_rms_in_255_units(tiny_vp, tiny_vp_dir, shards, tmp_p
 
 
 def test_outputs_do_not_depend_on_batch_size(tiny_vp, tiny_vp_dir, shards, tmp_path):
+    """Each output's noise comes from its own seed, whatever its batch. (The tiny model also
+    rounds alike at every batch size; a real one may not: test_reproducibility.py.)"""
     tars = []
     for batch in (1, 4):
         out = tmp_path / f"out{batch}"

@@ -1,0 +1,126 @@
+"""OUT/job.json: what a job is (resolved spec, fingerprint, versions) and what it ran with.
+
+`prepare_output` refuses a resume whose output-affecting settings changed (unless
+`--overwrite`) and writes job.json before any model work; `record_compute` adds the resolved
+compute values once the actors' settings are known, and warns when a resume changes one that
+outputs depend on through rounding (README, Reproducibility).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from typing import Any
+
+import torch
+
+from pipeline.errors import ResumeConflictError
+from pipeline.spec import JobSpec
+from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs
+from sdedit.devices import dtype_name, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["job_record", "prepare_output", "record_compute", "resolved_compute"]
+
+
+def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work).
+
+    Returns the job.json found there before (None if none, or discarded by `overwrite`); its
+    `compute` section (see `record_compute`) is kept in the new job.json until replaced.
+    """
+    out, options = spec.output.path, spec.output.storage_options
+    check_writable(out, options)
+    fs, path = url_fs(join(out, "job.json"), options)
+    old: dict[str, Any] | None = None
+    if fs.exists(path):
+        old = json.loads(fs.cat_file(path))
+        if old.get("fingerprint") != spec.fingerprint():
+            if not overwrite:
+                changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
+                raise ResumeConflictError(
+                    f"output {out} holds a job with different output-affecting settings "
+                    f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
+                    "--overwrite to discard its results")
+            _discard_results(spec)
+            old = None
+    record = job_record(spec)
+    if old is not None and "compute" in old:
+        record["compute"] = old["compute"]
+    put_bytes_atomic(join(out, "job.json"), json.dumps(record, indent=1).encode(), options)
+    return old
+
+
+def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OUT/job.json: the resolved spec (secrets redacted), its fingerprint, versions and, once
+    the actors' settings are known, the resolved `compute` values (see `record_compute`)."""
+    import diffusers
+
+    from pipeline import __version__
+
+    record = {"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
+              "output_affecting": spec.output_affecting(),
+              "versions": {"sdedit-batch": __version__, "torch": torch.__version__,
+                           "diffusers": diffusers.__version__,
+                           "ray": importlib.metadata.version("ray")},
+              "model": spec.model.source}
+    if compute is not None:
+        record["compute"] = compute
+    return record
+
+
+def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int) -> dict[str, Any]:
+    """The compute values outputs depend on through rounding (README, Reproducibility):
+    device type, compute dtype, torch threads per actor and batch size, resolved."""
+    device = "cuda" if use_gpu else "cpu"
+    dtype = resolve_dtype(spec.compute.dtype, torch.device(device))
+    return {"device": device, "dtype": dtype_name(dtype), "threads": threads,
+            "batch_size": spec.compute.batch_size}
+
+
+def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, Any] | None,
+                   shards_done: int) -> list[str]:
+    """Write the resolved compute values into OUT/job.json; warn when shards are already done
+    with other values (their outputs may differ in rounding from what these give).
+
+    Returns the changes warned about, as "name old -> new".
+    """
+    before = (previous or {}).get("compute") or {}
+    changes = [f"{name} {before[name]} -> {value}" for name, value in compute.items()
+               if name in before and before[name] != value] if shards_done else []
+    if changes:
+        logger.warning(
+            "resuming with compute settings that differ from those of the %d shard(s) already "
+            "done (%s): byte-identical outputs need the same batch size, device, dtype and "
+            "threads; other values give outputs that differ in rounding (a few levels; a dtype "
+            "change more), see README, Reproducibility", shards_done, ", ".join(changes))
+    put_bytes_atomic(join(spec.output.path, "job.json"),
+                     json.dumps(job_record(spec, compute), indent=1).encode(),
+                     spec.output.storage_options)
+    return changes
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+def _discard_results(spec: JobSpec) -> None:
+    for sub in ("done", "failed", "shards", "manifests"):
+        fs, path = url_fs(join(spec.output.path, sub), spec.output.storage_options)
+        if fs.exists(path):
+            logger.warning("--overwrite: removing %s", join(spec.output.path, sub))
+            if os.path.isdir(path):
+                shutil.rmtree(path)
+            else:
+                fs.rm(path, recursive=True)
