@@ -4,8 +4,9 @@ Reproducibility contract (DESIGN.md): all noise of one output comes from
 `torch.Generator("cpu").manual_seed(seed)` as float32 (C, H, W) draws: each round's perturbation
 noise first, then one draw per reverse step that adds noise, in step order (with a VE corrector,
 each Langevin step's draw precedes its predictor step's draw). Draws are moved to the compute
-device afterwards, so an output depends neither on batch size, nor on batch composition, nor on
-the device the noise was drawn for.
+device afterwards, so an output's noise depends neither on batch size, nor on batch composition,
+nor on the device the noise was drawn for (the network's float rounding may depend on the batch
+size and thread count: README, Reproducibility).
 
 Latent models follow the same contract in latent space: the draws have the latent shape
 (C, H/f, W/f) (SD: (4, H/8, W/8)), in the same order (perturbation, then one per noisy reverse

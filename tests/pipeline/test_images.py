@@ -90,6 +90,10 @@ def test_other_modes_convert_and_unfaithful_ones_are_refused():
     cmyk = encode(Image.new("CMYK", (8, 8), (0, 255, 255, 0)), "JPEG", quality=100)
     red = decode_guide(cmyk, "k.jpg")[4, 4]
     assert red[0] > 240 and red[1] < 15 and red[2] < 15
+    grey = decode_guide(encode(Image.new("L", (2, 2), 77)), "k.png")
+    assert grey.tolist() == [[[77] * 3] * 2] * 2
+    ycbcr = np.asarray(to_rgb(Image.new("YCbCr", (1, 1), (76, 85, 255))))[0, 0]
+    assert ycbcr[0] > 250 and ycbcr[1] < 5 and ycbcr[2] < 5  # red
     floats = encode(Image.fromarray(np.full((2, 2), 0.5, np.float32)), "TIFF")
     with pytest.raises(ImageError) as info:
         decode_guide(floats, "k.tif")
