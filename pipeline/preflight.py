@@ -139,13 +139,39 @@ def _hub_model_problems(repo_id: str, offline: bool) -> tuple[list[str], list[st
     return [], [f"model.source {repo_id}: on the hub; downloaded into the hub cache on first use"]
 
 
+def text_problems(spec: JobSpec) -> list[str]:
+    """Job-level prompts or guidance for a model that takes no text (known without loading it
+    for a local directory or a cached hub snapshot; otherwise the actor refuses it on load)."""
+    sd = spec.sdedit
+    given = [name for name in ("prompt", "negative_prompt", "guidance_scale")
+             if getattr(sd, name) is not None]
+    if not given:
+        return []
+    kind = source_kind(spec.model.source)
+    directory = local_path(spec.model.source) if kind == "local" else \
+        cached_snapshot(spec.model.source) if kind == "hub" else None
+    if directory is None or not directory.is_dir():
+        return []
+    try:
+        latent = inspect_model_dir(directory, spec.model.source).latent
+    except ModelSourceError:
+        return []  # reported by model_problems
+    if latent:
+        return []
+    return [f"sdedit.{name}: {getattr(sd, name)!r} is for text-conditioned models, and "
+            f"{spec.model.source} is an unconditional pixel model; allowed: null (per-row "
+            "json and txt members are carried over unchanged)" for name in given]
+
+
 def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
-    """Refuse a job whose model source is missing or not loadable, before any work.
+    """Refuse a job whose model source is missing or not loadable, or that gives prompts to
+    a model that takes none, before any work.
 
     Returns the notes; raises `PreflightError` listing the problems.
     """
     problems, notes = model_problems(spec.model.source, spec.model.storage_options,
                                      offline=offline)
+    problems += text_problems(spec)
     if problems:
         raise PreflightError(problems, source=spec.name)
     return notes
@@ -213,7 +239,7 @@ def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
     report = Preflight()
     problems, notes = model_problems(spec.model.source, spec.model.storage_options,
                                      offline=offline)
-    report.problems += problems
+    report.problems += problems + text_problems(spec)
     report.notes += notes
     _input_problems(spec, offline, report)
     _output_problems(spec, offline, report)

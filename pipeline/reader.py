@@ -20,7 +20,7 @@ import tarfile
 import threading
 from collections.abc import Iterable, Iterator, Mapping
 from concurrent.futures import Executor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
@@ -60,6 +60,8 @@ class Sample:
         error_kind: the kind of `error`, one of `pipeline.writer.ERROR_KINDS`, or None.
         guide_png: the guide member's bytes when they are an 8-bit RGB PNG of exactly
             `guide` (`images.is_rgb8_png`): stored as the output's guide.png unchanged.
+        carried: every other member (extension -> bytes): class labels, captions, `{key}.json`
+            with per-row settings; copied unchanged into each output sample.
     """
 
     key: str
@@ -69,6 +71,7 @@ class Sample:
     error: str | None = None
     guide_png: bytes | None = None
     error_kind: str | None = None
+    carried: Mapping[str, bytes] = field(default_factory=dict)
 
 
 def check_key(key: str) -> str | None:
@@ -120,7 +123,11 @@ def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str |
         members["mask"] = raw[mask_ext]
     if "target.png" in raw:
         members["target"] = raw["target.png"]
-    return Sample(key=key, guide=guide, mask=mask, members=members, guide_png=guide_png)
+    used = {exts[0], mask_ext, "target.png"}
+    carried = {ext: data for ext, data in raw.items()
+               if not ext.startswith("__") and ext not in used}
+    return Sample(key=key, guide=guide, mask=mask, members=members, guide_png=guide_png,
+                  carried=carried)
 
 
 def group_members(files: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:

@@ -107,6 +107,12 @@ class SdeditSpec:
     samples_per_input: int = 1
     seed: int = 0
     eta: float = 0.0  # DDIM stochasticity; only used by sampler ddim
+    prompt: str | None = None
+    """Text-conditioned models: the prompt of rows that set none (None = "")."""
+    negative_prompt: str | None = None
+    """Text-conditioned models: the negative prompt of rows that set none (None = "")."""
+    guidance_scale: float | None = None
+    """Text-conditioned models: classifier-free guidance g >= 1 (None = 7.5; 1 = no guidance)."""
 
 
 @dataclass(frozen=True)
@@ -165,7 +171,8 @@ class JobSpec:
             "input": {"image": self.input.image, "mask": self.input.mask},
             "output": {"image_format": self.output.image_format,
                        "include_guide": self.output.include_guide},
-            "sdedit": dataclasses.asdict(self.sdedit),
+            "sdedit": {name: value for name, value in dataclasses.asdict(self.sdedit).items()
+                       if ("sdedit", name) not in _LATER_SETTINGS},
         }
         for section, name in _LATER_SETTINGS:
             value = getattr(getattr(self, section), name)
@@ -220,9 +227,11 @@ _OPTIONS = typed("a mapping of fsspec storage options", "is not a mapping with s
 _EXT = optional(string("a member extension such as png or mask.png", _EXT_RE, strip="."))
 _INT = functools.partial(number, integer=True)
 _NAME = string("letters, digits, '_', '.' and '-'", _NAME_RE)
+_TEXT = typed("a string or null", "is not a string", lambda v: v is None or isinstance(v, str))
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "input": InputSpec, "output": OutputSpec,
                               "sdedit": SdeditSpec, "compute": ComputeSpec}
-_LATER_SETTINGS = (("input", "max_pixels"),)
+_LATER_SETTINGS = (("input", "max_pixels"), ("sdedit", "prompt"), ("sdedit", "negative_prompt"),
+                   ("sdedit", "guidance_scale"))
 """Output-affecting settings added after fingerprint version 1 (see output_affecting)."""
 
 
@@ -247,7 +256,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
     "sdedit": {"t0": number(0, 1, open_low=True), "sampler": choice(SAMPLERS),
                "steps": optional(_INT(1)), "repeats": _INT(1),
                "samples_per_input": _INT(1, 100), "seed": _INT(0, 2**63 - 1),
-               "eta": number(0)},
+               "eta": number(0), "prompt": _TEXT, "negative_prompt": _TEXT,
+               "guidance_scale": optional(number(1, 100))},
     "compute": {"device": choice(DEVICES), "dtype": choice(DTYPES),
                 "batch_size": _INT(1, 4096), "gpus_per_actor": number(0, 8),
                 "cpus_per_actor": optional(number(0, open_low=True)),

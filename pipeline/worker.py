@@ -7,12 +7,11 @@ the first encodes its last outputs and commits (`stages.DeviceTurns`). Within a 
 (host pool), the device, and encoding (host pool) overlap; outputs are written in the order of
 the serial loop, so tars and pixels are what the serial loop wrote.
 
-What is the worker's own in issue 11 (the rest is in reader.py, images.py and writer.py):
-`_batches` turns samples that cannot be edited into error rows (with their `error_kind`);
-`split_on_oom` splits a batch that runs out of device memory in halves, recursively, and a
-single sample that still does becomes a "device" error row; every row carries the job-constant
-`columns` (absolute model location, model identity, dtype, eta) and its `batch_size` (the
-samples of the network call that made it).
+No sample fails its shard: one that cannot be edited (decode, size, its per-row settings:
+`rows.py`) is error rows before batching; a batch that runs out of device memory is split in
+halves (`oom.split_on_oom`), and a sample that still does alone is a "device" row; an output
+the format cannot hold is an "encode" row (`outputs.py`). Every row carries the job-constant
+`columns` and its own t0, prompts and `batch_size` (the samples of the call that made it).
 
 Memory per shard is bounded, in decoded images: `depth` read ahead + `2 * batch` waiting in
 size buckets + `batch` prepared ahead + `batch` on the device + `window` being encoded
@@ -22,7 +21,6 @@ size buckets + `batch` prepared ahead + `batch` on the device + `window` being e
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import logging
 import os
@@ -33,77 +31,25 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
 import torch
 
 from pipeline import testhooks
+from pipeline.batching import Job, Prepared, by_size, output_key, output_seed, prepare
 from pipeline.oom import EditFailure, split_on_oom
+from pipeline.outputs import Done, Encoded, encode_output
 from pipeline.reader import Sample, read_shard
+from pipeline.rows import RowSettings, SettingError, row_settings
 from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
 from pipeline.storage import absolute_url, url_fs, with_retries
-from pipeline.writer import ShardOutput, model_location, now, output_sample, output_urls
+from pipeline.writer import ShardOutput, model_location, now, output_urls
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.devices import dtype_name, resolve_device, resolve_dtype
-from sdedit.edit import NoiseSource, count_steps, noise_for
+from sdedit.edit import DEFAULT_GUIDANCE, count_steps, noise_for
+from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
-
-def output_seed(job_seed: int, key: str, index: int) -> int:
-    """The 63-bit seed of one output, from (job seed, input key, output index)."""
-    digest = hashlib.sha256(f"{job_seed}\x00{key}\x00{index}".encode()).digest()
-    return int.from_bytes(digest[:8], "big") & (2**63 - 1)
-
-
-@dataclass
-class _Job:
-    """One output to make: a sample of a shard, its output index, seed and key."""
-
-    sample: Sample
-    input_shard: str
-    index: int
-    seed: int
-    output_key: str
-
-
-@dataclass
-class _Done:
-    """One output as it leaves the device: the job, its pixels and what it cost."""
-
-    job: _Job
-    edited: torch.Tensor  # float32 (3, H, W) in [-1, 1], on the CPU
-    seconds: float        # device seconds per output of its batch
-    batch_size: int       # samples in the network call that made it
-
-    def pixels(self) -> np.ndarray:
-        """uint8 (H, W, 3): the edited image rounded to 8 bits."""
-        rgb = ((self.edited + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-        return rgb.permute(1, 2, 0).numpy()
-
-
-@dataclass
-class _Prepared:
-    """A batch ready for the device: guides float32 (B, 3, H, W) in [-1, 1], masks float32
-    (B, 1, H, W) in {0, 1} or None, one seed per job, and the batch's noise source."""
-
-    batch: list[_Job]
-    images: torch.Tensor
-    masks: torch.Tensor | None
-    seeds: list[int]
-    noise: NoiseSource
-
-
-@dataclass
-class _Encoded:
-    """One output as it leaves the encoder: its tar sample, or why it has none."""
-
-    done: _Done
-    metadata: dict[str, Any]
-    sample: dict[str, Any] | None
-    error: str | None = None
-    size: tuple[int, int] = (0, 0)  # (H, W)
-
 
 @dataclass
 class ShardStats:
@@ -152,11 +98,20 @@ class ShardWorker:
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.fingerprint = spec.fingerprint()
         sd = spec.sdedit
+        self.conditional = self.model.conditional
+        if not self.conditional and (sd.prompt, sd.negative_prompt, sd.guidance_scale) != \
+                (None, None, None):
+            raise ModelSourceError(
+                f"model source {spec.model.source!r} is an unconditional pixel model; "
+                "sdedit.prompt, negative_prompt and guidance_scale are for text-conditioned "
+                "models; allowed: null")
         self.columns: dict[str, Any] = {
-            "t0": sd.t0, "sampler": sd.sampler, "steps": self._steps(sd.t0),
-            "repeats": sd.repeats, "eta": sd.eta, "model": model_location(spec.model.source),
+            "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
+            "model": model_location(spec.model.source),
             "model_identity": self.model.identity or None, "dtype": dtype_name(self.model.dtype),
-            "worker": self.worker_id}
+            "worker": self.worker_id,
+            "guidance_scale": sd.guidance_scale if sd.guidance_scale is not None
+            else DEFAULT_GUIDANCE if self.conditional else None}
         """Manifest columns that are the same for every row of this worker."""
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
@@ -187,7 +142,7 @@ class ShardWorker:
         stats = ShardStats(stem=stem, input_shard=absolute_url(url), worker=self.worker_id)
         timings = Timings()
         gauge = Gauge(parent=self.in_flight)  # this shard's decoded images alive
-        sink: OrderedSink[_Encoded] = OrderedSink(
+        sink: OrderedSink[Encoded] = OrderedSink(
             self.host, lambda item: self._write(item, writer, stats, timings, progress, gauge),
             self.window)
         token = object()
@@ -220,7 +175,7 @@ class ShardWorker:
                              depth=self.depth, gauge=gauge, max_pixels=inp.max_pixels)
         encode = timings.timed("encode", self._encode)
         prepare = timings.timed("prepare", self._prepare)
-        ahead: Future[_Prepared] | None = None  # the next batch, made ready in the host pool
+        ahead: Future[Prepared] | None = None  # the next batch, made ready in the host pool
         batches = self._batches(samples, writer, stats, timings, gauge)
         for batch in itertools.chain(batches, [None]):  # lazily: one batch ahead, no more
             following = None if batch is None else self.host.submit(prepare, batch)
@@ -243,49 +198,45 @@ class ShardWorker:
         return bool(with_retries(lambda: fs.exists(path), what="check done marker", url=url))
 
     def _batches(self, samples: Iterator[Sample], writer: ShardOutput, stats: ShardStats,
-                 timings: Timings, gauge: Gauge) -> Iterator[list[_Job]]:
-        """Group editable (sample, output index) jobs by image size into batches.
+                 timings: Timings, gauge: Gauge) -> Iterator[list[Job]]:
+        """Jobs of editable samples, batched by image size (`batching.by_size`); a sample that
+        cannot be edited (decode, size, its per-row settings) is error rows here, before
+        batching, so it never fails a batch."""
+        return by_size(self._jobs(samples, writer, stats, timings, gauge),
+                       self.spec.compute.batch_size)
 
-        At most 2 * batch jobs wait in size buckets: beyond that the largest bucket goes as a
-        partial batch (many distinct sizes cannot hold a shard in memory)."""
+    def _jobs(self, samples: Iterator[Sample], writer: ShardOutput, stats: ShardStats,
+              timings: Timings, gauge: Gauge) -> Iterator[Job]:
         sd = self.spec.sdedit
-        size = self.spec.compute.batch_size
-        buckets: dict[tuple[int, ...], list[_Job]] = {}
-        waiting = 0
         while True:
             with timings.measure("wait_input"):
                 sample = next(samples, None)
             if sample is None:
-                break
+                return
             stats.samples += 1
+            settings: RowSettings | None = None
             if sample.error is None:
                 sample.error = self._size_problem(sample)
                 sample.error_kind = "size" if sample.error else None
-            if sample.error is not None:
+            if sample.error is None:
+                try:
+                    settings = row_settings(
+                        sample.key, sample.carried, t0=sd.t0, prompt=sd.prompt,
+                        negative_prompt=sd.negative_prompt, conditional=self.conditional,
+                        check_t0=self._t0_problem)
+                except SettingError as exc:
+                    sample.error, sample.error_kind = str(exc), "setting"
+            if sample.error is not None or settings is None:
                 for index in range(sd.samples_per_input):
                     self._error_row(writer, stats, sample, index,
-                                    sample.error_kind or "decode", sample.error)
+                                    sample.error_kind or "decode", sample.error or "")
                 gauge.add(-1)
                 continue
-            shape = sample.guide.shape  # type: ignore[union-attr]
+            steps = self._steps(settings.t0)
             for index in range(sd.samples_per_input):
-                job = _Job(sample, stats.input_shard, index,
-                           output_seed(sd.seed, sample.key, index),
-                           self._output_key(sample.key, index))
-                bucket = buckets.setdefault(shape, [])
-                bucket.append(job)
-                waiting += 1
-                if len(bucket) == size:
-                    waiting -= size
-                    yield buckets.pop(shape)
-                elif waiting > 2 * size:
-                    largest = max(buckets, key=lambda s: len(buckets[s]))
-                    waiting -= len(buckets[largest])
-                    yield buckets.pop(largest)
-        yield from buckets.values()
-
-    def _output_key(self, key: str, index: int) -> str:
-        return key if self.spec.sdedit.samples_per_input == 1 else f"{key}_{index:02d}"
+                yield Job(sample, stats.input_shard, index,
+                          output_seed(sd.seed, sample.key, index),
+                          output_key(sample.key, index, sd.samples_per_input), settings, steps)
 
     def _size_problem(self, sample: Sample) -> str | None:
         assert sample.guide is not None
@@ -296,41 +247,40 @@ class ShardWorker:
                     f"allowed: width and height multiples of {f}")
         return None
 
-    def _prepare(self, batch: list[_Job]) -> _Prepared:
+    def _prepare(self, batch: list[Job]) -> Prepared:
         """A batch's tensors, and its noise already being drawn (runs in the host pool while
         the device works on the batch before)."""
-        guides = np.stack([job.sample.guide for job in batch])  # (B, H, W, 3) uint8
-        images = torch.from_numpy(guides).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-        masks = None
-        if batch[0].sample.mask is not None:
-            masks = torch.from_numpy(np.stack([job.sample.mask for job in batch]))[:, None].float()
-        seeds = [job.seed for job in batch]
-        return _Prepared(batch, images, masks, seeds,
-                         noise_for(self.model, seeds, *images.shape[2:]))
+        h, w = batch[0].sample.guide.shape[:2]  # type: ignore[union-attr]
+        return prepare(batch, noise_for(self.model, [job.seed for job in batch], h, w))
 
-    def _edit(self, prepared: _Prepared, writer: ShardOutput, stats: ShardStats,
-              gauge: Gauge) -> list[_Done]:
+    def _edit(self, prepared: Prepared, writer: ShardOutput, stats: ShardStats,
+              gauge: Gauge) -> list[Done]:
         """Edit one batch on the device (split in halves when it runs out of memory); float
         outputs on the CPU, or error rows for the outputs the engine refuses (a problem of
         these inputs, not of the shard) or that run out of memory alone."""
-        done: list[_Done] = []
-        indices = list(range(len(prepared.batch)))
+        done: list[Done] = []
+        indices = list(range(len(prepared.jobs)))
         started = time.perf_counter()
-        for part, result in split_on_oom(indices, lambda rows: self._run(prepared, rows)):
-            if isinstance(result, EditFailure):
-                for row in part:
-                    job = prepared.batch[row]
-                    self._error_row(writer, stats, job.sample, job.index, result.kind,
-                                    result.message, batch_size=len(part))
-                    self._release(job, gauge)
-            else:
-                seconds = (time.perf_counter() - started) / len(part)
-                done += [_Done(prepared.batch[row], edited, seconds, len(part))
-                         for row, edited in zip(part, result, strict=True)]
-            started = time.perf_counter()
+        try:
+            for part, result in split_on_oom(indices, lambda rows: self._run(prepared, rows)):
+                if isinstance(result, EditFailure):
+                    for row in part:
+                        job = prepared.jobs[row]
+                        self._error_row(writer, stats, job.sample, job.index, result.kind,
+                                        result.message, batch_size=len(part), job=job)
+                        self._release(job, gauge)
+                else:
+                    seconds = (time.perf_counter() - started) / len(part)
+                    done += [Done(prepared.jobs[row], edited, seconds, len(part))
+                             for row, edited in zip(part, result, strict=True)]
+                started = time.perf_counter()
+        finally:
+            close = getattr(prepared.noise, "close", None)  # unused when the batch was split
+            if close is not None:
+                close()
         return done
 
-    def _run(self, prepared: _Prepared, rows: Sequence[int]) -> torch.Tensor | EditFailure:
+    def _run(self, prepared: Prepared, rows: Sequence[int]) -> torch.Tensor | EditFailure:
         """float32 (len(rows), 3, H, W) outputs on the CPU of these rows of a prepared batch
         (all of them: with its noise drawn ahead), or the engine's refusal of the inputs.
 
@@ -338,55 +288,48 @@ class ShardWorker:
             torch.OutOfMemoryError: the device ran out of memory (see `split_on_oom`).
         """
         sd = self.spec.sdedit
-        whole = len(rows) == len(prepared.batch)
+        whole = len(rows) == len(prepared.jobs)
         index = torch.tensor(list(rows))
         images = prepared.images if whole else prepared.images[index]
         masks = prepared.masks if whole or prepared.masks is None else prepared.masks[index]
+        jobs = [prepared.jobs[r] for r in rows]
+        texts = {} if not self.conditional else {
+            "prompts": [job.settings.prompt or "" for job in jobs],
+            "negative_prompts": [job.settings.negative_prompt or "" for job in jobs],
+            "guidance_scale": self.columns["guidance_scale"]}
         try:
-            out = edit(self.model, images, t0=sd.t0, seeds=[prepared.seeds[r] for r in rows],
-                       sampler=sd.sampler, steps=sd.steps, masks=masks, repeats=sd.repeats,
-                       eta=sd.eta, noise=prepared.noise if whole else None)
+            out = edit(self.model, images, t0=[job.settings.t0 for job in jobs],
+                       seeds=[job.seed for job in jobs], sampler=sd.sampler, steps=sd.steps,
+                       masks=masks, repeats=sd.repeats, eta=sd.eta,
+                       noise=prepared.noise if whole else None, **texts)
         except ValueError as exc:
             return EditFailure("edit", str(exc))
-        return out.cpu()  # converted to 8 bits per output, in the host pool (`_Done.pixels`)
+        return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
-    def _encode(self, done: _Done) -> _Encoded:
-        """Metadata and the encoded tar sample of one output, or why it cannot be encoded (its
-        size or content: that output's error row, not the shard's); runs in the host pool."""
-        sample, out = done.job.sample, self.spec.output
-        assert sample.guide is not None and sample.members is not None
-        pixels = done.pixels()
-        metadata = self._metadata(done.job, faithfulness_l2(pixels, sample.guide, sample.mask))
-        keep = out.include_guide
-        try:
-            encoded = output_sample(
-                done.job.output_key, pixels, metadata,
-                guide=sample.guide if keep else None,
-                guide_png=sample.guide_png if keep else None,
-                mask=sample.mask if keep else None,
-                target=sample.members.get("target") if keep else None,
-                image_format=out.image_format, png_compress_level=out.png_compress_level)
-        except (OSError, ValueError) as exc:
-            return _Encoded(done, metadata, None,
-                            f"cannot encode the output as {out.image_format}: {exc}; allowed: "
-                            "an output size the format can hold")
-        return _Encoded(done, metadata, encoded, size=pixels.shape[:2])
+    def _encode(self, done: Done) -> Encoded:
+        """The output encoded (`outputs.encode_output`); runs in the host pool."""
+        return encode_output(done, self.spec.output, self._metadata)
 
-    def _metadata(self, job: _Job, l2: float) -> dict[str, Any]:
-        """The output's `{key}.json` (also the first fields of its manifest row)."""
-        return {"key": job.sample.key, "output_key": job.output_key, "sample_index": job.index,
-                "seed": job.seed,
-                **{k: self.columns[k] for k in ("t0", "sampler", "steps", "repeats", "eta",
-                                                "model", "model_identity")},
+    def _metadata(self, job: Job, l2: float) -> dict[str, Any]:
+        """The output's `{key}.json` (also the first fields of its manifest row): what it was
+        made with, enough to make it again with `sdedit.edit`."""
+        data = {"key": job.sample.key, "output_key": job.output_key, "sample_index": job.index,
+                "seed": job.seed, "t0": job.settings.t0, "steps": job.steps,
+                **{k: self.columns[k] for k in ("sampler", "repeats", "eta", "model",
+                                                "model_identity")},
                 "input_shard": job.input_shard, "faithfulness_l2": round(l2, 6)}
+        if self.conditional:
+            data.update(prompt=job.settings.prompt, negative_prompt=job.settings.negative_prompt,
+                        guidance_scale=self.columns["guidance_scale"])
+        return data
 
-    def _write(self, item: _Encoded, writer: ShardOutput, stats: ShardStats, timings: Timings,
+    def _write(self, item: Encoded, writer: ShardOutput, stats: ShardStats, timings: Timings,
                progress: Callable[[int], None] | None, gauge: Gauge) -> None:
         """Append one encoded output to the tar and its manifest row (in processing order)."""
         job = item.done.job
         if item.sample is None:
             self._error_row(writer, stats, job.sample, job.index, "encode", item.error or "",
-                            batch_size=item.done.batch_size)
+                            batch_size=item.done.batch_size, job=job)
         else:
             if self.hooks is not None:
                 self.hooks.before_write(writer.stem)
@@ -402,29 +345,42 @@ class ShardWorker:
         if progress is not None:
             progress(1)
 
-    def _release(self, job: _Job, gauge: Gauge) -> None:
+    def _release(self, job: Job, gauge: Gauge) -> None:
         """The last output of a sample is done: its decoded image is no longer in flight."""
         if job.index == self.spec.sdedit.samples_per_input - 1:
             gauge.add(-1)
 
     def _steps(self, t0: float) -> int | None:
         """Network evaluations per round of an output started at t0 (None: t0 is invalid)."""
+        return None if self._t0_problem(t0) else count_steps(
+            self.model, self.spec.sdedit.sampler, t0, self.spec.sdedit.steps)
+
+    def _t0_problem(self, t0: float) -> str | None:
+        """Why a row's t0 in (0, 1] cannot be used with this model, sampler and steps."""
         sd = self.spec.sdedit
         try:
-            return count_steps(self.model, sd.sampler, t0, sd.steps)
-        except ValueError:
-            return None
+            count_steps(self.model, sd.sampler, t0, sd.steps)
+        except ValueError as exc:
+            return str(exc)
+        return None
 
     def _error_row(self, writer: ShardOutput, stats: ShardStats, sample: Sample, index: int,
-                   kind: str, error: str, batch_size: int | None = None) -> None:
-        """One error row (`kind`: one of `pipeline.writer.ERROR_KINDS`)."""
-        okey = self._output_key(sample.key, index)
+                   kind: str, error: str, batch_size: int | None = None,
+                   job: Job | None = None) -> None:
+        """One error row (`kind`: one of `pipeline.writer.ERROR_KINDS`), with the row's own
+        settings when they were read (`job`), else the job's."""
+        sd = self.spec.sdedit
+        okey = output_key(sample.key, index, sd.samples_per_input)
         h, w = sample.guide.shape[:2] if sample.guide is not None else (None, None)
+        settings = job.settings if job is not None else RowSettings(
+            sd.t0, sd.prompt if self.conditional else None,
+            sd.negative_prompt if self.conditional else None)
         writer.add_row({**self.columns, "key": sample.key, "output_key": okey,
                         "sample_index": index, "input_shard": stats.input_shard,
                         "output_shard": None, "status": "error", "error": error,
-                        "error_kind": kind,
-                        "seed": output_seed(self.spec.sdedit.seed, sample.key, index),
+                        "error_kind": kind, "seed": output_seed(sd.seed, sample.key, index),
+                        "t0": settings.t0, "steps": self._steps(settings.t0),
+                        "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
                         "width": w, "height": h, "batch_size": batch_size,
                         "created_at": now()})
         stats.outputs_error += 1
@@ -443,11 +399,3 @@ class ShardWorker:
                 "worker": stats.worker, "fingerprint": self.fingerprint,
                 "created_at": now().isoformat()}
 
-
-def faithfulness_l2(output: np.ndarray, guide: np.ndarray, mask: np.ndarray | None) -> float:
-    """RMS difference of output and guide, uint8 (H, W, 3) each, in 0..255 units; inside the
-    mask (uint8 (H, W) in {0, 1}) when it regenerates anything."""
-    diff = output.astype(np.int32) - guide.astype(np.int32)
-    if mask is not None and mask.any():
-        diff = diff[mask.astype(bool)]
-    return float(np.sqrt(np.mean(diff * diff)))

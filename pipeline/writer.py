@@ -41,6 +41,8 @@ ERROR_KINDS: dict[str, str] = {
     "size": "over input.max_pixels (read from the header), or a size the model cannot take",
     "mask": "the mask is not black and white within the tolerance, is transparent, or its "
             "size differs from the guide's",
+    "setting": "a per-row setting in {key}.json / {key}.txt cannot be used (t0 out of range or "
+               "below what sdedit.steps allows, a prompt that is not a string, unreadable json)",
     "device": "the sample ran out of device memory even alone (batches are split first)",
     "edit": "the SDEdit engine refused the sample's inputs",
     "encode": "the output cannot be encoded as output.image_format (e.g. a size WebP cannot "
@@ -60,6 +62,8 @@ MANIFEST_SCHEMA = pa.schema([
     # columns null for their rows)
     ("eta", pa.float64()), ("dtype", pa.string()), ("batch_size", pa.int32()),
     ("model_identity", pa.string()), ("error_kind", pa.string()),
+    # added with issue 10: per-row settings of text-conditioned models (null for pixel models)
+    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
 ])
 """One row per input sample x output index. `input_shard`, `output_shard` and `model` are
 absolute (local paths made absolute, URLs without credentials, a hub id as given);
@@ -95,7 +99,7 @@ def model_location(source: str) -> str:
 def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, Any], *,
                   guide: np.ndarray | None = None, guide_png: bytes | None = None,
                   mask: np.ndarray | None = None, target: bytes | None = None,
-                  image_format: str = "png",
+                  carried: Mapping[str, bytes] | None = None, image_format: str = "png",
                   png_compress_level: int | None = None) -> dict[str, Any]:
     """The tar members of one output sample, encoded (this runs in a host thread).
 
@@ -106,6 +110,9 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
             guide_png: the input's own PNG bytes of exactly that image, stored unchanged.
         mask: uint8 (H, W) in {0, 1}, stored as `{key}.mask.png` (white = regenerated).
         target: bytes stored unchanged as `{key}.target.png`.
+        carried: the input sample's other members (extension -> bytes), stored unchanged under
+            their own extension, or as `input.<ext>` where that is one this function writes
+            (the input's `json` becomes `input.json`; see `carried_name`).
     Raises:
         what the encoder raises for this sample (a size the format cannot hold, ...).
     """
@@ -121,7 +128,22 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
         sample["mask.png"] = encode_image(mask * 255, "png", png_compress_level)
     if target is not None:
         sample["target.png"] = target
+    for ext, data in (carried or {}).items():
+        sample[carried_name(ext, image_format, sample)] = data
     return sample
+
+
+OWN_MEMBERS = ("json", "guide.png", "mask.png", "target.png")
+"""Members an output sample has of its own (with the output image's extension)."""
+
+
+def carried_name(ext: str, image_format: str, taken: Mapping[str, Any]) -> str:
+    """The extension a carried input member gets: its own, or `input.<ext>` where the output
+    writes that extension itself (and `input.input.<ext>` ... should that be taken too)."""
+    name = ext
+    while name in (image_format, *OWN_MEMBERS) or name in taken:
+        name = f"input.{name}"
+    return name
 
 
 def output_urls(output: str, stem: str) -> dict[str, str]:

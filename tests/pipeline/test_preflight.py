@@ -16,6 +16,7 @@ from huggingface_hub import constants as hub_constants
 from pipeline.cli import main
 from pipeline.errors import PreflightError
 from pipeline.preflight import check_model, model_problems, preflight
+from pipeline.spec import load_spec
 from tests.support.cli import run_cli_in_session
 from tests.support.shards import make_spec, write_job, write_shards
 
@@ -216,3 +217,14 @@ def test_run_refuses_a_missing_model_before_ray_and_job_json(tmp_path):
                                     f"  - model.source: '{tmp_path}/no-model' not found")
     assert not ray.is_initialized()
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("job", sorted(p.name for p in (ROOT / "jobs").glob("*.yaml")))
+def test_every_shipped_job_file_is_valid_offline(job, monkeypatch):
+    """Each job of jobs/ parses into a spec and passes the offline preflight (remote inputs,
+    outputs and hub models are only noted), so an example in the README cannot rot. Local
+    paths in them are relative to the repository root, as the README runs them."""
+    monkeypatch.chdir(ROOT)
+    spec = load_spec(str(ROOT / "jobs" / job))
+    report = preflight(spec, offline=True)
+    assert report.problems == [], report.problems

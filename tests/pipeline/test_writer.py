@@ -111,7 +111,8 @@ OLD_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(i) for i in range(19)])
 def test_new_columns_are_appended_to_the_old_schema():
     assert OLD_SCHEMA.names[-1] == "created_at"
     assert MANIFEST_SCHEMA.names[19:] == ["eta", "dtype", "batch_size", "model_identity",
-                                          "error_kind"]
+                                          "error_kind",  # issue 11
+                                          "prompt", "negative_prompt", "guidance_scale"]
 
 
 def test_old_and_new_manifests_read_together(tmp_path):
@@ -134,7 +135,7 @@ def test_old_and_new_manifests_read_together(tmp_path):
 
 def test_error_kinds_are_a_fixed_list(tmp_path):
     assert list(ERROR_KINDS) == ["key", "missing", "duplicate", "decode", "size", "mask",
-                                 "device", "edit", "encode"]
+                                 "setting", "device", "edit", "encode"]
     out = ShardOutput(str(tmp_path), "s", None)
     with pytest.raises(ValueError, match="error_kind 'oops' is not one of key, missing"):
         out.add_row({"key": "k", "status": "error", "error_kind": "oops"})
