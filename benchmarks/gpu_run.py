@@ -13,8 +13,9 @@ Parts:
      500-step chain extrapolated;
   2. the same with dpmpp2m, 20 evaluations (run whole);
   3. the three CUDA kernels that take the most time in a bf16 batch-32 forward (profiler);
-  4. the actor path end to end (ShardWorker, no Ray) at 256 px: device-busy fraction and
-     images/s, from two runs of different lengths against the edit-only time of the same work;
+  4. the actor path end to end at 256 px (ShardWorker, two shards at once as in an actor, no
+     Ray): device-busy fraction and images/s, from two runs of different lengths against the
+     edit-only time of the same work;
   5. bf16 with torch.compile + CUDA graphs, and CUDA graphs alone, at batch 16 and 32.
 
     python benchmarks/gpu_run.py --json out.json [--budget 270] [--smoke]
@@ -29,6 +30,7 @@ import signal
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -104,7 +106,7 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
     from pipeline.batching import output_seed
     from pipeline.images import encode_image
     from pipeline.spec import parse_spec
-    from pipeline.worker import ShardWorker
+    from pipeline.worker import SLOTS, ShardWorker
     from sdedit import edit
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -135,8 +137,8 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         start = time.perf_counter()
-        for url in urls[:n]:
-            worker.process(url)
+        with ThreadPoolExecutor(SLOTS) as slots:  # as the actor: two shards at once
+            list(slots.map(worker.process, urls[:n]))
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         walls.append(time.perf_counter() - start)

@@ -7,9 +7,12 @@ model still goes through the real path: a UNet2DModel directory saved with save_
 commit. The sampler makes one network evaluation per image (ddim, 1 step), so F is the device
 time per image and the ideal wall time of N images is N * F.
 
-Busy fraction = device time / wall time in steady state. Ray start-up, model load and warm-up
-cancel out in the difference of two runs of different lengths:
+Busy fraction = device time / wall time in steady state. Actor start-up, model load and warm-up
+cancel out in the difference of two runs of different lengths (one local Ray serves every run,
+so its own start-up is outside the timings):
     busy = F * (N_long - N_short) / (wall_long - wall_short).
+A second estimate from the long run alone: F * (images committed after its first shard) /
+(time from its first commit to its last), from the commit markers ("busy, commits").
 Inputs: 256 px stroke-like paintings (flat colour regions, as SDEdit guides are), shards of
 about 100 images; outputs PNG. With --s3 the inputs and outputs live on the tests' SeaweedFS
 S3 server on loopback.
@@ -20,6 +23,7 @@ S3 server on loopback.
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import os
 import sys
@@ -83,7 +87,7 @@ def write_model(path: Path, size: int) -> None:
 
 
 def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], ms: float,
-            host_threads: int, batch: int, extra: dict[str, Any]) -> tuple[float, int, dict]:
+            host_threads: int, batch: int, t0: float) -> tuple[float, int, dict]:
     """(wall seconds, images, summary stats) of one `run_job`."""
     from pipeline.runner import run_job  # here: gpu_run.py imports this module without Ray
 
@@ -93,8 +97,8 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
     spec = parse_spec({
         "name": "host-pipeline", "model": {"source": str(model)},
         "input": {"shards": shards, "storage_options": options},
-        "output": {"path": out, "storage_options": options, **extra.get("output", {})},
-        "sdedit": {"t0": 0.02, "sampler": "ddim", "steps": 1, "seed": 0},
+        "output": {"path": out, "storage_options": options},
+        "sdedit": {"t0": t0, "sampler": "ddim", "steps": 1, "seed": 0},
         "compute": compute})
     os.environ.update(hooks_env(stand_in_ms=ms))
     start = time.perf_counter()
@@ -105,13 +109,19 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
 
 
 def markers_cpu(out: str, options: dict[str, Any]) -> dict[str, float]:
-    """Sum of the per-shard figures the commit markers hold (seconds, cpu and stage times)."""
+    """Sums of the per-shard stage times of the commit markers, and `commit_rate`: images
+    committed after the first shard over the time from the first commit to the last."""
     fs, base = url_fs(join(out, "done"), options)
+    markers = sorted((json.loads(fs.cat_file(p)) for p in fs.ls(base, detail=False)),
+                     key=lambda m: m["created_at"])
     totals: dict[str, float] = {}
-    for path in fs.ls(base, detail=False):
-        marker = json.loads(fs.cat_file(path))
+    for marker in markers:
         for key, value in marker.get("timings", {"seconds": marker["seconds"]}).items():
             totals[key] = totals.get(key, 0.0) + float(value)
+    if len(markers) > 1:
+        first, last = (dt.datetime.fromisoformat(markers[i]["created_at"]) for i in (0, -1))
+        images = sum(m["outputs_ok"] for m in markers[1:])
+        totals["commit_rate"] = images / (last - first).total_seconds()
     return totals
 
 
@@ -124,13 +134,15 @@ def measure(args: argparse.Namespace, root: str, options: dict[str, Any], model:
     for n in (short, long):
         out = join(root, f"out-{ms}-{host_threads}-{n}")
         wall, images, stages = one_run(model, inputs[:n], out, options, ms, host_threads,
-                                       args.batch, {})
+                                       args.batch, args.t0)
         runs.append((wall, images, stages))
     (w1, n1, _), (w2, n2, stages) = runs
     busy = ms / 1000 * (n2 - n1) / (w2 - w1)
+    commit_rate = stages.pop("commit_rate")
     per_image = {k: 1000 * v / n2 for k, v in stages.items()}
     return {"ms": ms, "host_threads": host_threads, "images": [n1, n2], "wall": [w1, w2],
-            "busy": busy, "images_per_s": (n2 - n1) / (w2 - w1), "ideal_images_per_s": 1000 / ms,
+            "busy": busy, "busy_commits": ms / 1000 * commit_rate,
+            "images_per_s": (n2 - n1) / (w2 - w1), "ideal_images_per_s": 1000 / ms,
             "per_image_ms": per_image}
 
 
@@ -139,10 +151,14 @@ def main() -> None:
     parser.add_argument("--ms", default="10,25,50", help="device ms per image, comma-separated")
     parser.add_argument("--host-threads", default="1,2,4",
                         help="compute.host_threads values (0 = leave unset)")
-    parser.add_argument("--shards", default="1,3", help="short,long run lengths in shards")
+    parser.add_argument("--shards", default="1,4", help="short,long run lengths in shards")
     parser.add_argument("--per-shard", type=int, default=100)
     parser.add_argument("--size", type=int, default=256)
     parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--t0", type=float, default=0.002,
+                        help="the outputs' grain: with the stand-in predicting zeros an output is "
+                             "the guide plus noise of sqrt((1 - a)/a), 2 levels at 0.002 (about "
+                             "a generated photo's; it sets the PNG encoding cost), 6 at 0.02")
     parser.add_argument("--s3", action="store_true", help="inputs and outputs on SeaweedFS S3")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
@@ -158,6 +174,9 @@ def main() -> None:
         server = SeaweedS3(tmp / "seaweed", weed=weed_binary())
         server.start()
         root, options = server.create_bucket("bench"), server.storage_options()
+    import ray
+
+    ray.init(address="local", include_dashboard=False, log_to_driver=False)
     results = []
     try:
         for ms in [float(x) for x in args.ms.split(",")]:
@@ -165,17 +184,20 @@ def main() -> None:
                 row = measure(args, root, options, model, ms, threads)
                 results.append(row)
                 stages = ", ".join(f"{k} {v:.1f}" for k, v in row["per_image_ms"].items())
-                print(f"F={ms:g} ms host_threads={threads}: busy {row['busy']:.3f}, "
+                print(f"F={ms:g} ms host_threads={threads}: busy {row['busy']:.3f} "
+                      f"(commits {row['busy_commits']:.3f}), "
                       f"{row['images_per_s']:.1f} img/s (ideal {row['ideal_images_per_s']:.1f}); "
                       f"per image ms: {stages}", flush=True)
     finally:
+        ray.shutdown()
         if server is not None:
             server.close()
-    print("\n| F (ms) | host threads | busy | images/s | ideal |")
-    print("|---:|---:|---:|---:|---:|")
+    print("\n| F (ms) | host threads | busy | busy, commits | images/s | ideal |")
+    print("|---:|---:|---:|---:|---:|---:|")
     for r in results:
         print(f"| {r['ms']:g} | {r['host_threads']} | {r['busy']:.2f} | "
-              f"{r['images_per_s']:.1f} | {r['ideal_images_per_s']:.1f} |")
+              f"{r['busy_commits']:.2f} | {r['images_per_s']:.1f} | "
+              f"{r['ideal_images_per_s']:.1f} |")
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
                                               indent=1))

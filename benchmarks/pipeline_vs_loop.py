@@ -4,9 +4,11 @@ Both edit the same samples with the same model, sampler, seeds and batch size:
   (a) the pipeline: run_job on WebDataset shards (stream tar, decode in a background thread,
       batch, edit, encode PNG, write tar + Parquet manifest + marker), one actor, local Ray;
   (b) a bare loop: `sdedit.edit` on pre-decoded tensors, nothing else.
-Figures: images/s of each and their ratio, (1) steady state: pipeline time = the sum of the
-shards' processing seconds from their commit markers (read .. commit; excludes Ray start and
-model load) and (2) end to end: wall time of run_job including Ray start and model load.
+Figures: images/s of each and their ratio, (1) steady state: the images of every shard but the
+first committed, over the time from the first commit to the last (commit times from the
+markers; excludes Ray start, model load and the first shard's pipeline fill; valid whether an
+actor processes shards one at a time or overlaps them) and (2) end to end: wall time of
+run_job including Ray start and model load.
 
     python benchmarks/pipeline_vs_loop.py [--shards 4 --per-shard 16 --size 32 --steps 20]
 """
@@ -14,6 +16,7 @@ model load) and (2) end to end: wall time of run_job including Ray start and mod
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import shutil
 import sys
@@ -88,12 +91,15 @@ def main() -> None:
         start = time.perf_counter()
         summary = run_job(spec, progress=False)
         wall = time.perf_counter() - start
-        markers = [json.loads(p.read_text()) for p in (root / "out" / "done").iterdir()]
-        steady = sum(m["seconds"] for m in markers)
+        markers = sorted((json.loads(p.read_text()) for p in (root / "out" / "done").iterdir()),
+                         key=lambda m: m["created_at"])
+        commits = [dt.datetime.fromisoformat(m["created_at"]) for m in markers]
+        steady_images = sum(m["outputs_ok"] for m in markers[1:])
+        steady = (commits[-1] - commits[0]).total_seconds()
         loop_s, images = bare_loop(root / "model", shards, 7, args.t0, args.steps, args.batch,
                                    args.threads)
         assert summary.outputs_ok == images
-        loop_rate, pipe_rate, e2e_rate = images / loop_s, images / steady, images / wall
+        loop_rate, pipe_rate, e2e_rate = images / loop_s, steady_images / steady, images / wall
         print(f"model: UNet2DModel {channels} at {args.size}px, {params / 1e6:.2f}M params; "
               f"ddim {args.steps} steps at t0={args.t0}; batch {args.batch}; "
               f"{args.threads} threads; {images} images in {args.shards} shards")

@@ -35,7 +35,7 @@ from pipeline.images import (
     decode_mask,
 )
 from pipeline.redaction import redact_url
-from pipeline.stages import Gauge
+from pipeline.stages import Gauge, Timings
 from pipeline.storage import describe_error, url_fs, with_retries
 
 logger = logging.getLogger(__name__)
@@ -264,16 +264,21 @@ def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
 
 def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
                mask_ext: str | None, *, pool: Executor | None = None, depth: int = 64,
-               gauge: Gauge | None = None, max_pixels: int = DEFAULT_MAX_PIXELS
-               ) -> Iterator[Sample]:
+               gauge: Gauge | None = None, max_pixels: int = DEFAULT_MAX_PIXELS,
+               timings: Timings | None = None) -> Iterator[Sample]:
     """Decoded samples of the tar at `url`, in tar order, read by a background thread.
 
     With `pool`, samples are decoded there, several at once; without, by the reading thread.
     At most `depth` samples are read ahead of the consumer (decoded or being decoded).
-    `gauge` counts each sample as it is decoded (the consumer counts it down when done).
+    `gauge` counts each sample as it is decoded (the consumer counts it down when done);
+    `timings` gets the decoding time as "decode".
     """
     def decode(raw: dict[str, Any]) -> Sample:
-        sample = decode_sample(raw, image_ext, mask_ext, max_pixels)
+        if timings is None:
+            sample = decode_sample(raw, image_ext, mask_ext, max_pixels)
+        else:
+            with timings.measure("decode"):
+                sample = decode_sample(raw, image_ext, mask_ext, max_pixels)
         if gauge is not None:
             gauge.add(1)
         return sample

@@ -30,7 +30,7 @@ from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
 from pipeline.status import keys_in_several_shards
 from pipeline.storage import describe_error, join, put_bytes_atomic, url_fs, with_retries
-from pipeline.worker import ShardWorker
+from pipeline.worker import SLOTS, ShardWorker
 from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
@@ -39,9 +39,6 @@ RETRY_BASE_DELAY = 1.0
 """Seconds before the first retry of a failed shard; doubles per attempt (a storage outage
 should not use up every retry at once)."""
 RETRY_MAX_DELAY = 30.0
-SLOTS = 2
-"""Shards an actor holds at once: one computing, the other reading ahead or committing. A shard
-counts as in flight until it is committed (retries and scale-down count it so)."""
 
 
 def retry_delay(attempt: int) -> float:

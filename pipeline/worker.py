@@ -51,6 +51,10 @@ from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
+SLOTS = 2
+"""Shards an actor holds at once (concurrent `ShardWorker.process` calls): one computing, the
+other reading ahead or committing. A shard counts as in flight until it is committed."""
+
 @dataclass
 class ShardStats:
     """What a committed shard holds; written into its done marker."""
@@ -119,7 +123,7 @@ class ShardWorker:
         self.in_flight = Gauge()
         batch = spec.compute.batch_size
         self.depth = self.window = 2 * batch
-        self.max_in_flight = 2 * (self.depth + 2 * batch + 2 * batch + self.window)
+        self.max_in_flight = SLOTS * (self.depth + 2 * batch + 2 * batch + self.window)
         """The bound on decoded images alive in this worker (two shards)."""
         self.model.warm_up(batch)  # the first shard pays no allocator / kernel-selection cost
 
@@ -172,7 +176,8 @@ class ShardWorker:
         """Read, batch and edit the shard; each output goes to the sink to be encoded."""
         inp = self.spec.input
         samples = read_shard(url, inp.storage_options, inp.image, inp.mask, pool=self.host,
-                             depth=self.depth, gauge=gauge, max_pixels=inp.max_pixels)
+                             depth=self.depth, gauge=gauge, max_pixels=inp.max_pixels,
+                             timings=timings)
         encode = timings.timed("encode", self._encode)
         prepare = timings.timed("prepare", self._prepare)
         ahead: Future[Prepared] | None = None  # the next batch, made ready in the host pool
