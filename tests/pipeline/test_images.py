@@ -26,6 +26,17 @@ def test_eight_bit_rgb_png_is_decoded_exactly():
     assert np.array_equal(decode_guide(encode_image(rgb), "k.png"), rgb)
 
 
+def test_the_png_level_changes_the_size_never_the_pixels():
+    room = np.zeros((64, 64, 3), np.uint8)  # flat regions compress, as real images do
+    room[:40] = (200, 180, 150)
+    room[40:, 20:] = (60, 90, 120)
+    encoded = {level: encode_image(room, "png", level) for level in (0, 1, 6, 9)}
+    for data in encoded.values():
+        assert np.array_equal(decode_guide(data, "k.png"), room)
+    assert len(encoded[0]) > 4 * len(encoded[1]) and len(encoded[1]) >= len(encoded[9])
+    assert encode_image(room, "png") == encoded[6]  # no level: Pillow's default
+
+
 @pytest.mark.parametrize("value, expected", [(0, 0), (257, 1), (32768, 128), (65535, 255)])
 def test_sixteen_bit_grey_png_is_scaled_not_clipped(value, expected):
     """The issue's case: a 16-bit PNG at half scale was a pure white guide."""

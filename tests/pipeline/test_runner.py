@@ -83,12 +83,16 @@ def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, refer
     assert again.shards_done == 0 and again.shards_already_done == 3
 
 
-def test_actor_killed_mid_shard_is_retried(local_ray, tiny_vp_dir, inputs, reference,
-                                           tmp_path, monkeypatch):
+@pytest.mark.parametrize("hook, value", [
+    ("crash", "part-000001:3:{flag}"),  # the actor process exits after 3 outputs of the shard
+    ("fail_write", "part-000002:{flag}"),  # writing its first output raises OSError, once
+], ids=["actor-killed-mid-shard", "write-error"])
+def test_a_failed_attempt_loses_nothing_and_the_shard_is_retried(
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, monkeypatch, hook, value):
     out = tmp_path / "out"
-    flag = tmp_path / "crashed"
-    for name, value in hooks_env(crash=f"part-000001:3:{flag}").items():
-        monkeypatch.setenv(name, value)
+    flag = tmp_path / "fired"
+    for name, env in hooks_env(**{hook: value.format(flag=flag)}).items():
+        monkeypatch.setenv(name, env)
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     summary = run_job(spec, progress=False)
     assert flag.exists(), "the test hook did not fire"
@@ -138,17 +142,19 @@ def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs
     assert not (out / "done" / "bad-000009.json").exists()
 
 
-def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_path):
-    """The CLI in its own session, SIGKILLed after the first commit; rerun completes it."""
+def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, reference, tmp_path):
+    """The CLI in its own session, a driver of the session's Ray head, SIGKILLed after the
+    first commit (Ray ends its actors with it); a rerun completes the job."""
     out = tmp_path / "out"
     job = tmp_path / "job.yaml"
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     data = spec.to_dict()
     data["compute"]["actors"] = {"min": 1, "max": 1}
     job.write_text(yaml.safe_dump(data))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress"]
-    env = {**os.environ, **hooks_env(batch_delay=1.0)}
-    proc = subprocess.Popen(cmd, start_new_session=True, env=env,
+    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress",
+           "--address", ray_head.address]
+    env = {**os.environ, **ray_head.driver_env()}
+    proc = subprocess.Popen(cmd, start_new_session=True, env={**env, **hooks_env(batch_delay=1.0)},
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
@@ -159,10 +165,10 @@ def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_pa
     finally:
         os.kill(proc.pid, signal.SIGKILL)  # the driver dies at once, without cleanup
         proc.wait(timeout=30)
-        kill_session(proc.pid, grace=0.5)  # then end the Ray processes it had started
+        kill_session(proc.pid, grace=0.5)  # and anything it started
     committed = len(list((out / "done").iterdir()))
     assert 1 <= committed < 3, "the driver should have died mid-run"
-    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
                            start_new_session=True)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
     assert f"{3 - committed} done now, {committed} done before" in rerun.stdout
@@ -171,7 +177,7 @@ def test_driver_killed_mid_run_then_rerun(tiny_vp_dir, inputs, reference, tmp_pa
     assert status.exit_code == 0, status.output
     assert "shards: 3 done, 0 pending, 0 failed (of 3)" in status.output
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert third.returncode == 0 and "nothing to do" in third.stdout
 
 
@@ -198,20 +204,6 @@ def test_cpu_actors_wait_passively_unless_told_otherwise(local_ray, tiny_vp_dir,
     assert (options["num_cpus"], threads) == (2, 2)  # the cluster's 2 CPUs, one actor
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
     assert actor_options(spec)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
-
-
-def test_a_write_error_fails_the_attempt_and_the_shard_is_retried(local_ray, tiny_vp_dir, inputs,
-                                                                  reference, tmp_path,
-                                                                  monkeypatch):
-    flag = tmp_path / "failed-once"
-    for name, value in hooks_env(fail_write=f"part-000002:{flag}").items():
-        monkeypatch.setenv(name, value)
-    out = tmp_path / "out"
-    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
-    summary = run_job(spec, progress=False)
-    assert flag.exists(), "the test hook did not fire"
-    assert summary.shards_done == 3 and not summary.failed
-    _check_complete(out, reference)
 
 
 def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(

@@ -92,6 +92,10 @@ BAD_CASES = [
     (_with("compute.actors", 0), (), "compute.actors: 0 is out of range"),
     (_with("compute.actors", {"mx": 2}), (), "compute.actors.mx: unknown key"),
     (_with("compute.shard_retries", 101), (), "compute.shard_retries: 101 is out of range"),
+    (_with("output.png_compress_level", 10), (), "output.png_compress_level: 10 is out of range; "
+                                                 "allowed: an integer in [0, 9]"),
+    (_with("compute.host_threads", 0), (), "compute.host_threads: 0 is out of range; allowed: "
+                                           "an integer in [1, 256]"),
     (_with("compute", {"device": "cuda", "gpus_per_actor": 0}), (),
      "compute.gpus_per_actor: 0.0 with compute.device cuda"),
     (_with("input.mask", "png"), (), "input.mask: 'png' is also the guide image (input.image: "
@@ -201,6 +205,8 @@ def test_fingerprint_stability_and_fields() -> None:
     assert len(base.fingerprint()) == 64
     same = ["name=other", "compute.batch_size=64", "compute.actors=4", "compute.device=cpu",
             "input.shards=[x.tar]", "output.path=/elsewhere",
+            "output.png_compress_level=9",  # file size only: pixels are the same at every level
+            "compute.host_threads=4",
             "input.storage_options={anon: true}", "model.storage_options={token: x}"]
     for override in same:
         assert parse_spec(GOOD, overrides=[override]).fingerprint() == base.fingerprint(), \

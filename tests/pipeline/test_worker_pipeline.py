@@ -1,5 +1,6 @@
 """The pipelined ShardWorker (issue 9): two shards at once, bounded memory, guides carried as
-they came, per-output encode errors, and write errors that abort the shard."""
+they came, per-output encode errors, write errors that abort the shard, the PNG level and the
+host threads."""
 
 from __future__ import annotations
 
@@ -10,10 +11,12 @@ import threading
 import numpy as np
 import pyarrow.dataset as pads
 import pytest
+import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import testhooks
+from pipeline import testhooks, writer
+from pipeline.images import encode_image
 from pipeline.worker import ShardWorker
 from tests.support.shards import make_spec, png, write_shards
 
@@ -131,3 +134,46 @@ def test_a_write_error_aborts_the_shard_with_nothing_committed(tiny_vp, tiny_vp_
     assert list((out / "shards").iterdir()) == []
     assert worker.in_flight.value == 0
     assert worker.process(shards[0]).outputs_ok == 5  # the next attempt commits it
+
+
+def test_the_png_level_reaches_the_outputs_and_never_changes_their_pixels(
+        tiny_vp, tiny_vp_dir, tmp_path, monkeypatch):
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=6, bad=False, seed=3)
+    levels = []
+
+    def encode(image, fmt="png", png_compress_level=None):
+        levels.append(png_compress_level)
+        return encode_image(image, fmt, png_compress_level)
+
+    monkeypatch.setattr(writer, "encode_image", encode)
+    members = {}
+    for level in (0, 9):
+        out = tmp_path / f"out{level}"
+        spec = make_spec(tiny_vp_dir, shards, out, output={"png_compress_level": level})
+        ShardWorker(spec, model=tiny_vp).process(shards[0])
+        members[level] = {name: data for name, data in _tar_members(
+            out / "shards" / "part-000000.tar").items() if name.endswith(".png")}
+    assert members[0].keys() == members[9].keys() and members[0]
+    for name, data in members[0].items():
+        assert np.array_equal(np.asarray(Image.open(io.BytesIO(data))),
+                              np.asarray(Image.open(io.BytesIO(members[9][name]))))
+    assert levels == [0] * 6 + [9] * 6  # every output encoded at the job's level
+    # (the sizes cannot tell: the tiny model's 16 px outputs are noise, which no zlib level
+    # compresses; tests/pipeline/test_images.py shows the sizes on a realistic image)
+
+
+def test_host_threads_from_the_job_or_the_actors_cpus(tiny_vp, tiny_vp_dir, tmp_path):
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=2, bad=False)
+
+    def pool_size(threads=None, **compute):
+        worker = ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path, compute=compute),
+                             model=tiny_vp, threads=threads)
+        worker.host.shutdown()
+        return worker.host_threads, worker.host._max_workers
+
+    try:
+        assert pool_size(host_threads=3) == (3, 3) == pool_size(threads=1, host_threads=3)
+        assert pool_size(threads=1) == (2, 2)  # at least 2: one decodes while one encodes
+        assert pool_size(threads=4) == (4, 4)  # else the actor's CPUs
+    finally:
+        torch.set_num_threads(1)  # as tests/support/model_fixtures.py sets it
