@@ -112,36 +112,39 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from host_pipeline import painting
 
-    tmp = Path(tempfile.mkdtemp(prefix="gpu-run-"))
     model = random_model(arch, device).accelerate(
         autocast=None if smoke else torch.bfloat16, channels_last=device.type == "cuda")
     size = model.sample_size[0]
     per_shard, batch, steps = (8, 2, 2) if smoke else (64, 16, 20)
     lengths = (1, 2) if smoke else (2, 5)
     rng = np.random.default_rng(0)
-    urls = []
-    for s in range(lengths[1]):
-        url = tmp / f"in-{s:06d}.tar"
-        with wds.TarWriter(str(url)) as tar:
-            for i in range(per_shard):
-                tar.write({"__key__": f"s{s}_{i:04d}", "png": encode_image(painting(rng, size))})
-        urls.append(str(url))
     sd = {"t0": 0.5, "sampler": "dpmpp2m", "steps": steps}
     walls = []
-    for n in lengths:
-        spec = parse_spec({"name": "gpu-run", "model": {"source": "random"},
-                           "input": {"shards": urls[:n]}, "output": {"path": str(tmp / f"o{n}")},
-                           "sdedit": {**sd, "seed": 0},
-                           "compute": {"device": device.type, "batch_size": batch}})
-        worker = ShardWorker(spec, model=model)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        start = time.perf_counter()
-        with ThreadPoolExecutor(SLOTS) as slots:  # as the actor: two shards at once
-            list(slots.map(worker.process, urls[:n]))
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-        walls.append(time.perf_counter() - start)
+    with tempfile.TemporaryDirectory(prefix="gpu-run-") as name:  # removed at the end
+        tmp = Path(name)
+        urls = []
+        for s in range(lengths[1]):
+            url = tmp / f"in-{s:06d}.tar"
+            with wds.TarWriter(str(url)) as tar:
+                for i in range(per_shard):
+                    tar.write({"__key__": f"s{s}_{i:04d}",
+                               "png": encode_image(painting(rng, size))})
+            urls.append(str(url))
+        for n in lengths:
+            spec = parse_spec({"name": "gpu-run", "model": {"source": "random"},
+                               "input": {"shards": urls[:n]},
+                               "output": {"path": str(tmp / f"o{n}")},
+                               "sdedit": {**sd, "seed": 0},
+                               "compute": {"device": device.type, "batch_size": batch}})
+            worker = ShardWorker(spec, model=model)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            start = time.perf_counter()
+            with ThreadPoolExecutor(SLOTS) as slots:  # as the actor: two shards at once
+                list(slots.map(worker.process, urls[:n]))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            walls.append(time.perf_counter() - start)
     images = (lengths[1] - lengths[0]) * per_shard
     guides = torch.stack([torch.from_numpy(painting(rng, size)).permute(2, 0, 1)
                           for _ in range(batch)]).float() / 127.5 - 1

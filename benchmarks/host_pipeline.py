@@ -163,22 +163,37 @@ def main() -> None:
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.shards = [int(x) for x in args.shards.split(",")]
-    tmp = Path(tempfile.mkdtemp(prefix="host-pipeline-"))
+    with tempfile.TemporaryDirectory(prefix="host-pipeline-") as tmp:  # removed at the end
+        results = run_matrix(args, Path(tmp))
+    print("\n| F (ms) | host threads | busy | busy, commits | images/s | ideal |")
+    print("|---:|---:|---:|---:|---:|---:|")
+    for r in results:
+        print(f"| {r['ms']:g} | {r['host_threads']} | {r['busy']:.2f} | "
+              f"{r['busy_commits']:.2f} | {r['images_per_s']:.1f} | "
+              f"{r['ideal_images_per_s']:.1f} |")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
+                                              indent=1))
+
+
+def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
+    """One `measure` per F x host threads, with inputs, outputs and model under `tmp` (or
+    on a SeaweedFS server whose data is there)."""
     model = tmp / "model"
     write_model(model, args.size)
-    server = None
-    root, options = str(tmp), {}
-    if args.s3:
-        from tests.support.seaweed import SeaweedS3, weed_binary
-
-        server = SeaweedS3(tmp / "seaweed", weed=weed_binary())
-        server.start()
-        root, options = server.create_bucket("bench"), server.storage_options()
     import ray
 
-    ray.init(address="local", include_dashboard=False, log_to_driver=False)
+    server = None
+    root, options = str(tmp), {}
     results = []
     try:
+        if args.s3:
+            from tests.support.seaweed import SeaweedS3, weed_binary
+
+            server = SeaweedS3(tmp / "seaweed", weed=weed_binary())
+            server.start()
+            root, options = server.create_bucket("bench"), server.storage_options()
+        ray.init(address="local", include_dashboard=False, log_to_driver=False)
         for ms in [float(x) for x in args.ms.split(",")]:
             for threads in [int(x) for x in args.host_threads.split(",")]:
                 row = measure(args, root, options, model, ms, threads)
@@ -192,15 +207,7 @@ def main() -> None:
         ray.shutdown()
         if server is not None:
             server.close()
-    print("\n| F (ms) | host threads | busy | busy, commits | images/s | ideal |")
-    print("|---:|---:|---:|---:|---:|---:|")
-    for r in results:
-        print(f"| {r['ms']:g} | {r['host_threads']} | {r['busy']:.2f} | "
-              f"{r['busy_commits']:.2f} | {r['images_per_s']:.1f} | "
-              f"{r['ideal_images_per_s']:.1f} |")
-    if args.json:
-        Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
-                                              indent=1))
+    return results
 
 
 if __name__ == "__main__":

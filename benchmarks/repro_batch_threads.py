@@ -72,7 +72,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
-    work = Path(tempfile.mkdtemp(prefix="repro-"))
+    with tempfile.TemporaryDirectory(prefix="repro-") as work:  # removed at the end
+        compare_settings(args, Path(work))
+
+
+def compare_settings(args: argparse.Namespace, work: Path) -> None:
+    """Run the job once per batch size x thread count under `work`; print and save the
+    pair-wise comparison of their outputs."""
     if args.job == "tiny":
         model_dir = save_vp_model(work / "tiny-vp")
         shards = write_shards(work / "in", n_shards=3, per_shard=8, bad=False, seed=5)
