@@ -15,7 +15,8 @@ This package imports neither Ray, fsspec nor click at import time.
 """
 
 from sdedit.edit import edit
+from sdedit.errors import EditInputError
 from sdedit.models import DiffusionModel, load_model
 
-__all__ = ["DiffusionModel", "edit", "load_model"]
+__all__ = ["DiffusionModel", "EditInputError", "edit", "load_model"]
 __version__ = "0.1.0"

@@ -31,6 +31,7 @@ import torch
 
 from sdedit import samplers
 from sdedit.accel import PrefetchNoise
+from sdedit.errors import EditInputError
 from sdedit.latent import GuidedEps, latent_mask
 from sdedit.models import DiffusionModel
 from sdedit.schedules import respace
@@ -135,8 +136,8 @@ def edit(
     Returns:
         float32 (N, C, H, W) in [-1, 1] on `images.device`.
     Raises:
-        ValueError naming the argument, its value and what is allowed (prompts, negative
-        prompts or a guidance scale for an unconditional model included).
+        EditInputError (a ValueError) naming the argument, its value and what is allowed
+        (prompts, negative prompts or a guidance scale for an unconditional model included).
     """
     n = _check_images(model, images)
     t0s = _check_t0(t0, n)
@@ -158,7 +159,7 @@ def edit(
     if noise is None:
         noise = noise_for(model, seeds, *images.shape[2:])
     elif noise.shape != shape or len(noise.generators) != n:
-        raise ValueError(f"noise is for {len(noise.generators)} draws of {noise.shape}; "
+        raise EditInputError(f"noise is for {len(noise.generators)} draws of {noise.shape}; "
                          f"allowed: noise_for(model, seeds, {images.shape[2]}, "
                          f"{images.shape[3]}) for these {n} images")
     everyone = list(range(n))
@@ -216,17 +217,23 @@ def _plan(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> 
     """One sample's descending reverse-step list: VP timestep indices or VE times."""
     if model.kind == "vp":
         assert model.vp is not None
-        start = model.vp.start_index(t0)
+        try:
+            start = model.vp.start_index(t0)
+        except ValueError as exc:
+            raise EditInputError(str(exc)) from exc
         if sampler in DEFAULT_STEPS and steps is None:
             steps = min(DEFAULT_STEPS[sampler], start + 1)
         if steps is not None and steps > start + 1:
-            raise ValueError(
+            raise EditInputError(
                 f"steps={steps} is too many for t0={t0}: the start index is {start}; "
                 f"allowed: 1..{start + 1}")
-        if sampler == "dpmpp2m":
-            return [float(t) for t in samplers.logsnr_timesteps(model.vp.alphas_cumprod, start,
-                                                                steps or start + 1)]
-        return [float(t) for t in respace(start, steps)]
+        try:
+            if sampler == "dpmpp2m":
+                return [float(t) for t in samplers.logsnr_timesteps(
+                    model.vp.alphas_cumprod, start, steps or start + 1)]
+            return [float(t) for t in respace(start, steps)]
+        except ValueError as exc:
+            raise EditInputError(str(exc)) from exc
     assert model.ve is not None
     count = steps if steps is not None else max(1, round(t0 * model.ve.num_train_timesteps))
     return [t0 * (i / count) for i in range(count, 0, -1)]
@@ -266,60 +273,62 @@ def _sample(model: DiffusionModel, sampler: str, x: torch.Tensor, plans: list[li
 
 def _check_images(model: DiffusionModel, images: torch.Tensor) -> int:
     if not isinstance(images, torch.Tensor):
-        raise ValueError(f"images must be a torch.Tensor; got {type(images).__name__}")
+        raise EditInputError(f"images must be a torch.Tensor; got {type(images).__name__}")
     if images.dtype != torch.float32:
-        raise ValueError(f"images dtype {images.dtype} is not allowed; allowed: torch.float32")
+        raise EditInputError(f"images dtype {images.dtype} is not allowed; allowed: torch.float32")
     if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != model.in_channels:
-        raise ValueError(
+        raise EditInputError(
             f"images shape {tuple(images.shape)} is not allowed; allowed: (N, {model.in_channels},"
             " H, W) with N >= 1")
     h, w = images.shape[2:]
     f = model.downsample_factor
     if h % f or w % f or h < f or w < f:
-        raise ValueError(
+        raise EditInputError(
             f"image size {h}x{w} cannot be taken by model {model.source}; allowed: height and "
             f"width multiples of {f} (the model was trained at {model.sample_size[0]}x"
             f"{model.sample_size[1]})")
     low, high = (float(v) for v in torch.aminmax(images))  # one pass; NaN propagates
     if not (math.isfinite(low) and math.isfinite(high)):
-        raise ValueError("images contain NaN or infinite values; allowed: finite values in [-1, 1]")
+        raise EditInputError("images contain NaN or infinite values; allowed: finite values "
+                             "in [-1, 1]")
     if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
-        raise ValueError(f"images values span [{low:.4g}, {high:.4g}]; allowed: [-1, 1]")
+        raise EditInputError(f"images values span [{low:.4g}, {high:.4g}]; allowed: [-1, 1]")
     return int(images.shape[0])
 
 
 def _check_t0(t0: float | Sequence[float], n: int) -> list[float]:
     values = [t0] * n if isinstance(t0, (int, float)) else list(t0)
     if len(values) != n:
-        raise ValueError(f"t0 has {len(values)} values for {n} images; allowed: one float or {n}")
+        raise EditInputError(f"t0 has {len(values)} values for {n} images; allowed: one "
+                             f"float or {n}")
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or not 0 < value <= 1:
-            raise ValueError(f"t0={value!r} is out of range; allowed: a number in (0, 1]")
+            raise EditInputError(f"t0={value!r} is out of range; allowed: a number in (0, 1]")
     return [float(v) for v in values]
 
 
 def _check_common(model: DiffusionModel, seeds: Sequence[int], n: int, sampler: str,
                   steps: int | None, repeats: int, eta: float, corrector_steps: int) -> None:
     if len(seeds) != n:
-        raise ValueError(f"seeds has {len(seeds)} values for {n} images; allowed: exactly {n}")
+        raise EditInputError(f"seeds has {len(seeds)} values for {n} images; allowed: exactly {n}")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise ValueError(f"seed {seed!r} is not allowed; allowed: an int in [0, 2^63)")
+            raise EditInputError(f"seed {seed!r} is not allowed; allowed: an int in [0, 2^63)")
     if sampler not in SAMPLERS:
-        raise ValueError(f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
+        raise EditInputError(f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
     if SAMPLERS[sampler] != model.kind:
         allowed = [s for s, kind in SAMPLERS.items() if kind == model.kind]
-        raise ValueError(f"sampler={sampler!r} needs a {SAMPLERS[sampler].upper()} model but "
+        raise EditInputError(f"sampler={sampler!r} needs a {SAMPLERS[sampler].upper()} model but "
                          f"{model.source} is {model.kind.upper()}; allowed: {', '.join(allowed)}")
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise ValueError(f"steps={steps!r} is not allowed; allowed: None or an int >= 1")
+        raise EditInputError(f"steps={steps!r} is not allowed; allowed: None or an int >= 1")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise ValueError(f"repeats={repeats!r} is not allowed; allowed: an int >= 1")
+        raise EditInputError(f"repeats={repeats!r} is not allowed; allowed: an int >= 1")
     if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise ValueError(f"eta={eta!r} is not allowed; allowed: >= 0, and > 0 only with ddim")
+        raise EditInputError(f"eta={eta!r} is not allowed; allowed: >= 0, and > 0 only with ddim")
     if corrector_steps < 0 or (corrector_steps > 0 and sampler != "ve"):
-        raise ValueError(f"corrector_steps={corrector_steps!r} is not allowed; allowed: >= 0, "
+        raise EditInputError(f"corrector_steps={corrector_steps!r} is not allowed; allowed: >= 0, "
                          "and > 0 only with ve")
 
 
@@ -329,9 +338,9 @@ def _check_masks(masks: torch.Tensor | None, images: torch.Tensor) -> torch.Tens
     n, _, h, w = images.shape
     if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (n, 1, h, w):
         shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise ValueError(f"masks shape {shape} is not allowed; allowed: ({n}, 1, {h}, {w})")
+        raise EditInputError(f"masks shape {shape} is not allowed; allowed: ({n}, 1, {h}, {w})")
     if not ((masks == 0) | (masks == 1)).all():
-        raise ValueError("masks values are not all 0 or 1; allowed: {0, 1} (1 = regenerate)")
+        raise EditInputError("masks values are not all 0 or 1; allowed: {0, 1} (1 = regenerate)")
     return masks
 
 
@@ -343,7 +352,7 @@ def _check_prompts(model: DiffusionModel, n: int, prompts: Sequence[str] | None,
         given = [name for name, value in (("prompts", prompts), ("negative_prompts",
                  negative_prompts), ("guidance_scale", guidance_scale)) if value is not None]
         if given:
-            raise ValueError(f"{', '.join(given)} given for {model.source}, which is not "
+            raise EditInputError(f"{', '.join(given)} given for {model.source}, which is not "
                              "text-conditioned; allowed: None (prompts need a latent "
                              "text-conditioned model such as a StableDiffusionPipeline)")
         return None
@@ -354,15 +363,15 @@ def _check_prompts(model: DiffusionModel, n: int, prompts: Sequence[str] | None,
             continue
         if isinstance(values, str) or len(values) != n:
             count = "a str" if isinstance(values, str) else f"{len(values)} values"
-            raise ValueError(f"{name} is {count} for {n} images; allowed: a sequence of {n} "
+            raise EditInputError(f"{name} is {count} for {n} images; allowed: a sequence of {n} "
                              "strings")
         for value in values:
             if not isinstance(value, str):
-                raise ValueError(f"{name} entry {value!r} is not allowed; allowed: a str")
+                raise EditInputError(f"{name} entry {value!r} is not allowed; allowed: a str")
         lists.append(list(values))
     scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale < 1:
-        raise ValueError(f"guidance_scale={guidance_scale!r} is not allowed; allowed: a "
+        raise EditInputError(f"guidance_scale={guidance_scale!r} is not allowed; allowed: a "
                          "number >= 1 (1 = conditional pass only) or None (7.5)")
     return lists[0], lists[1], float(scale)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from sdedit import edit
+from sdedit import EditInputError, edit
 
 T0 = 0.06  # 60 reverse steps: enough to exercise the loop, fast on a tiny model
 
@@ -148,7 +148,7 @@ def test_input_checks(tiny_vp, kwargs, fragment):
     args = dict(images=torch.zeros(2, 3, 16, 16), t0=0.5, seeds=[1, 2])
     args.update(kwargs)
     images = args.pop("images")
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(EditInputError) as info:  # the engine's own class: a refused input
         edit(tiny_vp, images, **args)
     assert fragment in str(info.value)
 
@@ -156,7 +156,7 @@ def test_input_checks(tiny_vp, kwargs, fragment):
 @pytest.mark.parametrize("kwargs", [dict(prompts=["a", "b"]), dict(negative_prompts=["", ""]),
                                     dict(guidance_scale=7.5)])
 def test_text_arguments_on_a_pixel_model_are_refused(tiny_vp, kwargs):
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(EditInputError) as info:
         edit(tiny_vp, torch.zeros(2, 3, 16, 16), t0=0.5, seeds=[1, 2], **kwargs)
     assert f"{next(iter(kwargs))} given for" in str(info.value)
     assert "not text-conditioned" in str(info.value)
