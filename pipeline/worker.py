@@ -46,7 +46,7 @@ from pipeline.storage import absolute_url, url_fs, with_retries
 from pipeline.writer import ShardOutput, model_location, now, output_urls
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.devices import dtype_name, resolve_device, resolve_dtype
-from sdedit.edit import DEFAULT_GUIDANCE, count_steps, noise_for
+from sdedit.edit import count_steps, guidance_scale, noise_for
 from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
@@ -114,8 +114,7 @@ class ShardWorker:
             "model": model_location(spec.model.source),
             "model_identity": self.model.identity or None, "dtype": dtype_name(self.model.dtype),
             "worker": self.worker_id,
-            "guidance_scale": sd.guidance_scale if sd.guidance_scale is not None
-            else DEFAULT_GUIDANCE if self.conditional else None}
+            "guidance_scale": guidance_scale(self.model, sd.guidance_scale)}
         """Manifest columns that are the same for every row of this worker."""
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")

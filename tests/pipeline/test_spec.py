@@ -58,7 +58,8 @@ BAD_CASES = [
                                         "batch_size"),
     (_with("compute.bach_size", 4), (), "did you mean batch_size?"),
     (_with("sdedit.sampler", "ddmp"), (), "sdedit.sampler: 'ddmp' is not allowed; allowed: one "
-                                          "of ddpm, ddim, ve, dpmpp2m; did you mean ddpm?"),
+                                          "of ddpm, ddim, dpmpp2m, ve, euler, flow_ddpm; did "
+                                          "you mean ddpm?"),
     (_with("name", "my job"), (), "name: 'my job' is not allowed"),
     (_with("name", 42), (), "name: 42 is not a non-empty string"),
     ({k: v for k, v in GOOD.items() if k != "model"}, (), "model.source: missing"),
