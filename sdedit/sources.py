@@ -33,10 +33,11 @@ __all__ = [
 ]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
+WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
 """Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor)."""
-TEXT_COMPONENTS = ("tokenizer",)
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model")}
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2")
+WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"),
+                "text_encoder_2": ("model", "pytorch_model")}
 DEFAULT_STEMS = ("diffusion_pytorch_model",)
 CHUNK = 1 << 22
 FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
@@ -44,7 +45,8 @@ FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
                      "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
                      "text_encoder/model.safetensors", "tokenizer/*",
-                     "scheduler/scheduler_config.json"]
+                     "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+                     "tokenizer_2/*", "scheduler/scheduler_config.json"]
 """What a hub fetch asks for when the repository cannot be listed (offline: the cache answers)."""
 
 
@@ -119,10 +121,11 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
     """The files of a hub repository that `load_model` needs, as exact allow_patterns.
 
     Pipeline layout (model_index.json): model_index.json, the config and one weights variant of
-    unet, vae and text_encoder (or just unet for a pixel pipeline), every file of tokenizer/,
-    and scheduler/scheduler_config.json. Root layout: config.json, scheduler_config.json and one
-    weights file. Never safety_checker/, feature_extractor/, root-level checkpoints (.ckpt,
-    v1-5-pruned.safetensors) or fp16 / ema / non_ema variants.
+    unet, vae, text_encoder and text_encoder_2 (those present; just unet for a pixel pipeline),
+    every file of tokenizer/ and tokenizer_2/, and scheduler/scheduler_config.json. Root layout:
+    config.json, scheduler_config.json and one weights file. Never safety_checker/,
+    feature_extractor/, root-level checkpoints (.ckpt, v1-5-pruned.safetensors) or fp16 / ema /
+    non_ema variants.
 
     Args:
         repo_files: the repository's file paths, e.g. from `HfApi().list_repo_files`.

@@ -7,6 +7,7 @@ what a directory lacks.
 
     pixel  UNet2DModel + a VP or VE scheduler (DDPM, NCSN++)          pixel space, no text
     sd     SD 1.x / 2.x: UNet2DConditionModel + CLIP + AutoencoderKL   latent VP, CFG
+    sdxl   SDXL base / refiner: + CLIP-G with projection, size ids     latent VP, CFG
 """
 
 from __future__ import annotations
@@ -14,13 +15,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdedit.families import pixel, sd
+from sdedit.families import pixel, sd, sdxl
 from sdedit.families.base import Family, Loaded, ModelLayout
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILIES", "Family", "Loaded", "ModelLayout", "inspect_model_dir"]
 
-FAMILIES: tuple[Family, ...] = (sd.FAMILY, pixel.FAMILY)
+FAMILIES: tuple[Family, ...] = (sdxl.FAMILY, sd.FAMILY, pixel.FAMILY)
 """Tried in order; the pixel family last (it claims every directory)."""
 
 
