@@ -20,12 +20,13 @@ from pipeline.errors import PipelineError, PreflightError
 from pipeline.shards import expand_shards, plan_pending
 from pipeline.spec import JobSpec
 from pipeline.storage import describe_error, join, url_fs, with_retries
+from sdedit.lora import lora_fit, lora_kind
 from sdedit.models import ModelSourceError, inspect_model_dir
 from sdedit.sources import cached_snapshot, local_path, source_kind
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Preflight", "check_model", "model_problems", "preflight"]
+__all__ = ["Preflight", "check_model", "lora_problems", "model_problems", "preflight"]
 
 
 @dataclass
@@ -163,15 +164,46 @@ def text_problems(spec: JobSpec) -> list[str]:
             "json and txt members are carried over unchanged)" for name in given]
 
 
+def lora_problems(spec: JobSpec, *, offline: bool = False) -> tuple[list[str], list[str]]:
+    """(problems, notes) about `model.lora`: each LoRA is read and its keys checked against the
+    model's layers built from its configs on the meta device (`sdedit.lora.lora_fit`; no base
+    weights are read), naming the keys that do not fit. Needs the model's configs here (a
+    local directory or a cached hub snapshot); otherwise the actors check it on load."""
+    loras = spec.model.lora
+    if not loras:
+        return [], []
+    kind = source_kind(spec.model.source)
+    directory = local_path(spec.model.source) if kind == "local" else \
+        cached_snapshot(spec.model.source) if kind == "hub" else None
+    if directory is None or not directory.is_dir():
+        return [], [f"model.lora: not checked against {spec.model.source} here (its configs "
+                    "are not local); each actor checks it when it loads the model"]
+    try:
+        layout = inspect_model_dir(directory, spec.model.source)
+    except ModelSourceError:
+        return [], []  # reported by model_problems
+    problems, notes = [], []
+    for i, lora in enumerate(loras):
+        if offline and lora_kind(lora.source) in ("url", "hub"):
+            notes.append(f"model.lora[{i}] {lora.source}: not checked (--offline)")
+            continue
+        problems += [f"model.lora[{i}]: {problem}" for problem in
+                     lora_fit(layout, lora, storage_options=spec.model.storage_options)]
+    return problems, notes
+
+
 def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
-    """Refuse a job whose model source is missing or not loadable, or that gives prompts to
-    a model that takes none, before any work.
+    """Refuse a job whose model source is missing or not loadable, that gives prompts to
+    a model that takes none, or whose LoRAs do not fit the model, before any work.
 
     Returns the notes; raises `PreflightError` listing the problems.
     """
     problems, notes = model_problems(spec.model.source, spec.model.storage_options,
                                      offline=offline)
     problems += text_problems(spec)
+    more, lora_notes = lora_problems(spec, offline=offline)
+    problems += more
+    notes += lora_notes
     if problems:
         raise PreflightError(problems, source=spec.name)
     return notes
@@ -239,8 +271,9 @@ def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
     report = Preflight()
     problems, notes = model_problems(spec.model.source, spec.model.storage_options,
                                      offline=offline)
-    report.problems += problems + text_problems(spec)
-    report.notes += notes
+    more, lora_notes = lora_problems(spec, offline=offline)
+    report.problems += problems + text_problems(spec) + more
+    report.notes += notes + lora_notes
     _input_problems(spec, offline, report)
     _output_problems(spec, offline, report)
     return report

@@ -225,6 +225,24 @@ class StableDiffusionFamily:
                       text=ClipPromptEncoder(tokenizer, encoder),
                       files=[*files, layout.paths["scheduler"]])
 
+    def lora_targets(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> Any:
+        """What LoRA keys name: "unet" and "text_encoder"; the loaded modules when `net` and
+        `text` are given, else built from the layout's configs on the meta device (no
+        weights). See `sdedit.lora`."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from sdedit.lora import LoraTargets, meta_model
+
+        loader = "StableDiffusionLoraLoaderMixin"
+        if net is not None:
+            assert isinstance(text, ClipPromptEncoder)
+            return LoraTargets(loader, {"unet": net, "text_encoder": text.encoder})
+        assert layout is not None
+        return LoraTargets(loader, {
+            "unet": meta_model(UNet2DConditionModel, layout.directory / "unet"),
+            "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")})
 
 
 FAMILY = StableDiffusionFamily()
