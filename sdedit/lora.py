@@ -396,11 +396,17 @@ def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
             part = _part(state, prefix, module)
             if not part:
                 continue
-            if isinstance(module, ModelMixin):
-                module.load_lora_adapter(state, prefix=prefix, network_alphas=alphas,
-                                         adapter_name=name, metadata=metadata)
-            else:
-                _inject_text(module, part, prefix, alphas, metadata, name)
+            try:
+                if isinstance(module, ModelMixin):
+                    module.load_lora_adapter(state, prefix=prefix, network_alphas=alphas,
+                                             adapter_name=name, metadata=metadata)
+                else:
+                    _inject_text(module, part, prefix, alphas, metadata, name)
+            except ModelSourceError as exc:
+                raise ModelSourceError(f"LoRA {lora.source!r}: {exc}") from exc
+            except Exception as exc:
+                raise ModelSourceError(f"LoRA {lora.source!r}: cannot load its {prefix} part: "
+                                       f"{type(exc).__name__}: {str(exc)[:300]}") from exc
             names[prefix].append((name, float(lora.scale)))
         identities.append(f"{files_identity(path.parent, [path])}*{lora.scale:g}")
         logger.info("LoRA %s (%s) applied at scale %g", lora.source, path.name, lora.scale)

@@ -118,7 +118,7 @@ def test_sdxl_job_with_a_lora_on_ray(ray_connected, tiny_sdxl_dir, loras, tmp_pa
     names the LoRA."""
     sdxl_lora, _ = loras
     rng = np.random.default_rng(5)
-    guides = {f"k{i}": rng.integers(0, 256, (16, 16, 3), np.uint8) for i in range(3)}
+    guides = {f"k{i}": rng.integers(0, 256, (16, 16, 3), np.uint8) for i in range(2)}
     url = str(tmp_path / "in.tar")
     with wds.TarWriter(url) as tar:
         for key, guide in guides.items():
@@ -128,9 +128,9 @@ def test_sdxl_job_with_a_lora_on_ray(ray_connected, tiny_sdxl_dir, loras, tmp_pa
     spec = make_spec(tiny_sdxl_dir, [url], out, model={"lora": [{"source": str(sdxl_lora),
                                                                  "scale": 0.8}]},
                      sdedit={"t0": 0.01, "negative_prompt": "sky"},
-                     compute={"batch_size": 3, "cpus_per_actor": 1})
+                     compute={"batch_size": 2, "cpus_per_actor": 1})
     summary = run_job(spec, progress=False)
-    assert (summary.outputs_ok, summary.outputs_error) == (3, 0)
+    assert (summary.outputs_ok, summary.outputs_error) == (2, 0)
     rows = {r["key"]: r for r in pads.dataset(str(out / "manifests"), format="parquet")
             .to_table().to_pylist()}
     model = apply_loras(load_model(tiny_sdxl_dir), [Lora(str(sdxl_lora), 0.8)])

@@ -58,7 +58,7 @@ def _no_peft_layers(*modules: torch.nn.Module) -> bool:
 def test_sdxl_lora_on_unet_and_both_text_encoders_equals_diffusers(tmp_path):
     """A LoRA made with peft on the tiny SDXL's UNet and both text encoders and saved with
     save_lora_weights: our fused load equals the pipeline that holds those layers, at scale
-    0.7 (measured max |diff| 1.0e-5), and changes the output."""
+    0.7 (measured max |diff| 4.7e-6), and changes the output."""
     pipe = tiny_sdxl_pipeline(tmp_path / "vocab")
     model_dir = save_sdxl_model(tmp_path / "m")
     parts = {"unet": (pipe.unet, add_lora(pipe.unet, UNET_TARGETS, 4, 8, seed=1)),
