@@ -156,12 +156,14 @@ def test_shape_mismatches_and_unknown_parts_are_named(tiny_sdxl_dir, tmp_path):
     assert state[key].shape == (4, 64)
     state[key] = torch.zeros(4, 48)
     state["transformer.blocks.0.lora_A.weight"] = torch.zeros(2, 8)
+    state["unet.mid_block.attentions.0.proj_in.lokr_w1"] = torch.zeros(2, 2)  # not LoRA
     save_file(state, tmp_path / "bad.safetensors")
     problems = lora_fit(inspect_model_dir(tiny_sdxl_dir, "x"),
                         Lora(str(tmp_path / "bad.safetensors")))
     assert f"{key}: shape (4, 48) does not fit the layer's 64 inputs" in problems[0]
     assert ("transformer.blocks.0.lora_A.weight: names no part of this sdxl model (LoRA "
             "parts: unet, text_encoder, text_encoder_2)") in problems[0]
+    assert "unet.mid_block.attentions.0.proj_in.lokr_w1: not a LoRA weight" in problems[0]
     # the refiner has no text_encoder: a LoRA for it does not fit there
     refiner = inspect_model_dir(save_sdxl_model(tmp_path / "refiner", refiner=True), "r")
     te = save_lora(tmp_path / "te", StableDiffusionXLImg2ImgPipeline,
@@ -169,6 +171,30 @@ def test_shape_mismatches_and_unknown_parts_are_named(tiny_sdxl_dir, tmp_path):
                                                               2, 2, seed=2)))
     problems = lora_fit(refiner, Lora(str(te)))
     assert "names no part of this sdxl model (LoRA parts: unet, text_encoder_2)" in problems[0]
+
+
+def test_a_kohya_lora_is_read_as_its_diffusers_twin(tiny_sdxl_dir, tmp_path):
+    """A UNet LoRA in kohya's format (lora_unet_..., lora_down / lora_up, alpha), written with
+    diffusers' own convert_state_dict_to_kohya, fuses to the same weights as the diffusers file
+    of the same layers."""
+    from diffusers.utils import convert_state_dict_to_kohya
+    from peft.utils import get_peft_model_state_dict
+
+    maker = tiny_sdxl_pipeline(tmp_path / "v")
+    config = add_lora(maker.unet, ["to_q", "to_k"], 4, 4, seed=11)      # alpha = rank, as kohya's
+    twin = save_lora(tmp_path / "d", StableDiffusionXLImg2ImgPipeline, unet=(maker.unet, config))
+    kohya = convert_state_dict_to_kohya({f"unet.{k}": v for k, v in
+                                         get_peft_model_state_dict(maker.unet).items()})
+    assert all(k.startswith("lora_unet_") for k in kohya) and any(".alpha" in k for k in kohya)
+    save_file(kohya, tmp_path / "kohya.safetensors")
+    ours = apply_loras(load_model(tiny_sdxl_dir), [Lora(str(tmp_path / "kohya.safetensors"), 0.9)])
+    same = apply_loras(load_model(tiny_sdxl_dir), [Lora(str(twin), 0.9)])
+    base = load_model(tiny_sdxl_dir).net.state_dict()
+    weights, expected = ours.net.state_dict(), same.net.state_dict()
+    changed = [k for k in base if not torch.equal(weights[k], base[k])]
+    assert changed and all(k.endswith(("to_q.weight", "to_k.weight")) for k in changed)
+    assert len(changed) == sum(k.endswith(("to_q.weight", "to_k.weight")) for k in base)
+    assert all(torch.allclose(weights[k], expected[k], atol=1e-6) for k in base)
 
 
 def test_a_pixel_model_takes_no_lora(tiny_vp_dir, sd_lora):
@@ -190,6 +216,26 @@ def test_lora_sources_file_folder_and_refusals(tmp_path, sd_lora):
         lora_file(str(two))
     with pytest.raises(ModelSourceError, match="not found; allowed: a local LoRA file"):
         lora_file(str(tmp_path / "missing.safetensors"))
+
+
+def test_a_hub_lora_comes_from_the_hub_cache_when_offline(tmp_path, monkeypatch, sd_lora):
+    """A hub id (org/name, or org/name/file) is looked up in the real hub cache layout when the
+    hub cannot be reached (HF_HUB_OFFLINE); no network is used."""
+    import huggingface_hub.constants as hub
+
+    snapshot = tmp_path / "hub" / "models--someone--style-lora" / "snapshots" / ("a" * 40)
+    snapshot.mkdir(parents=True)
+    (snapshot / "pytorch_lora_weights.safetensors").write_bytes(sd_lora.read_bytes())
+    (tmp_path / "hub" / "models--someone--style-lora" / "refs").mkdir()
+    (tmp_path / "hub" / "models--someone--style-lora" / "refs" / "main").write_text("a" * 40)
+    monkeypatch.setattr(hub, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setattr(hub, "HF_HUB_OFFLINE", True)
+    expected = snapshot / "pytorch_lora_weights.safetensors"
+    assert lora_file("someone/style-lora") == expected
+    assert lora_file("someone/style-lora/pytorch_lora_weights.safetensors") == expected
+    with pytest.raises(ModelSourceError, match="'someone/other': could not get it from the "
+                                               "Hugging Face hub or its cache"):
+        lora_file("someone/other")
 
 
 @pytest.mark.s3
