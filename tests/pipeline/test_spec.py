@@ -246,6 +246,15 @@ def test_max_pixels_joins_the_fingerprint_only_when_it_is_not_the_default() -> N
         "input.max_pixels: 0 is out of range; allowed: an integer in [1, 1099511627776]"]
 
 
+def test_problems_are_counted_in_one_wording() -> None:
+    with pytest.raises(SpecError) as one:
+        parse_spec(_with("sdedit.t0", 2), source="job.yaml")
+    assert str(one.value).startswith("job.yaml: 1 problem\n  - sdedit.t0: 2 is out of range")
+    with pytest.raises(SpecError) as two:
+        parse_spec(_with("sdedit.t0", 2), source="job.yaml", overrides=["sdedit.seed=-1"])
+    assert str(two.value).startswith("job.yaml: 2 problems\n  - ")
+
+
 def test_to_dict_is_plain_and_redacted() -> None:
     data = copy.deepcopy(GOOD)
     data["input"]["storage_options"] = {
@@ -330,7 +339,7 @@ def test_validate_cli_lists_every_error(tmp_path: Path) -> None:
                                        "--set", "oops"])
     assert result.exit_code == 2
     assert result.stdout == ""
-    assert f"{job}: 4 error(s)" in result.stderr
+    assert f"{job}: 4 problems" in result.stderr
     for fragment in ("--set oops: missing '='", "sdedit.t0: 1.5 is out of range",
                      "compute.bach_size: unknown key", "sdedit.sampler: 'ddmp' is not allowed"):
         assert fragment in result.stderr
