@@ -20,6 +20,7 @@ import webdataset as wds
 import yaml
 from click.testing import CliRunner
 
+from pipeline import runner
 from pipeline.cli import main
 from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.runner import actor_options, run_job
@@ -237,3 +238,41 @@ def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(
     assert "error rows: 3\n  k1  a-000000  duplicate  duplicate key k1" in status.output
     assert "  k2  a-000000  decode  cannot decode k2.png" in status.output
     assert "  k3  b-000001  size  image k3.png is 5000x5000 (25,000,000 pixels)" in status.output
+
+
+def test_limit_shards_says_what_is_left_and_a_log_gets_progress_lines(local_ray, tiny_vp_dir,
+                                                                       tmp_path):
+    """--limit-shards ended without a word on the shards left; progress written to a file
+    or pipe (here the CLI runner's stderr) is plain lines, never '\\r'-redrawn bars."""
+    shards = write_shards(tmp_path / "in", n_shards=3, per_shard=1, bad=False)
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, shards, tmp_path / "out")
+    result = CliRunner().invoke(main, ["run", str(job), "--limit-shards", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == (
+        "2 shards of 3 not processed yet (--limit-shards 1): run the same command again for "
+        "the next 1, or without --limit-shards for all of them")
+    assert "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("test-job: images 0, ") and lines[0].endswith(
+        ", starting 1 actor (loading the model)")
+    assert lines[-1].startswith("test-job: images 1/1, ") and "shards 1/1 done" in lines[-1]
+
+
+def test_rays_notice_of_token_authentication_is_dropped_and_its_warnings_kept():
+    """A local run began with Ray's "Token authentication is enabled ..." notice, which asks
+    nothing of the user (tests/test_quickstart.py checks a whole run's output)."""
+    from ray._private.authentication import authentication_token_setup as setup
+
+    runner._quiet_token_notice()
+    runner._quiet_token_notice()  # installed once
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    setup.logger.addHandler(handler)
+    try:
+        setup._warn_token_auth_enabled()
+        setup._warn_token_auth_disabled()
+    finally:
+        setup.logger.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled"), seen
+    assert sum(isinstance(f, runner._TokenNotice) for f in setup.logger.filters) == 1
