@@ -1,4 +1,5 @@
-"""run_job on a real local Ray: end to end, actor loss, resume, failures, driver kill."""
+"""run_job on a real Ray (the session's head): end to end, actor loss, resume, failures,
+driver kill."""
 
 from __future__ import annotations
 
@@ -27,18 +28,18 @@ from pipeline.runner import actor_options, run_job
 from pipeline.testhooks import hooks_env
 from pipeline.worker import ShardWorker
 from tests.support.images import png_header_only
-from tests.support.rayhead import kill_session
+from tests.support.rayhead import connected, kill_session
 from tests.support.shards import make_spec, png, write_job, write_shards
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for this module (2 CPUs), shut down at the end."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(ray_head):
+    """This module's tests are drivers of the session's Ray head (2 CPUs), not of a Ray of
+    their own (starting and stopping one cost about 6 s)."""
+    with connected(ray_head):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -68,8 +69,10 @@ def _check_complete(out: Path, reference: dict[str, bytes]) -> None:
     assert tars == reference
 
 
-def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, reference,
-                                           tmp_path):
+def test_end_to_end_rerun_does_nothing_resume_redoes_only_a_missing_shard(
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, caplog):
+    """A whole run; the same run again does nothing; a shard removed is redone alone, with a
+    changed batch size (warned); a changed t0 is refused."""
     out = tmp_path / "out"
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     summary = run_job(spec, progress=False)
@@ -80,34 +83,9 @@ def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, refer
     _check_complete(out, reference)
     job = json.loads((out / "job.json").read_text())
     assert job["fingerprint"] == spec.fingerprint() and job["versions"]["ray"] == ray.__version__
+    assert job["compute"] == {"device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
     again = run_job(spec, progress=False)
     assert again.shards_done == 0 and again.shards_already_done == 3
-
-
-@pytest.mark.parametrize("hook, value", [
-    ("crash", "part-000001:3:{flag}"),  # the actor process exits after 3 outputs of the shard
-    ("fail_write", "part-000002:{flag}"),  # writing its first output raises OSError, once
-], ids=["actor-killed-mid-shard", "write-error"])
-def test_a_failed_attempt_loses_nothing_and_the_shard_is_retried(
-        local_ray, tiny_vp_dir, inputs, reference, tmp_path, monkeypatch, hook, value):
-    out = tmp_path / "out"
-    flag = tmp_path / "fired"
-    for name, env in hooks_env(**{hook: value.format(flag=flag)}).items():
-        monkeypatch.setenv(name, env)
-    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
-    summary = run_job(spec, progress=False)
-    assert flag.exists(), "the test hook did not fire"
-    assert summary.shards_done == 3 and not summary.failed
-    _check_complete(out, reference)
-
-
-def test_resume_redoes_only_missing_shard_and_refuses_changed_t0(
-        local_ray, tiny_vp_dir, inputs, reference, tmp_path, caplog):
-    out = tmp_path / "out"
-    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
-    run_job(spec, progress=False)
-    assert json.loads((out / "job.json").read_text())["compute"] == {
-        "device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
     for path in ("shards/part-000001.tar", "manifests/part-000001.parquet",
                  "done/part-000001.json"):
         (out / path).unlink()
@@ -129,7 +107,28 @@ def test_resume_redoes_only_missing_shard_and_refuses_changed_t0(
         run_job(changed, progress=False)
 
 
-def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs, tmp_path):
+def test_failed_attempts_lose_nothing_and_their_shards_are_retried(
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, monkeypatch):
+    """In one run: the actor process exits after 3 outputs of part-000001, and writing the
+    first output of part-000002 raises OSError (each once)."""
+    out = tmp_path / "out"
+    crashed, failed_write = tmp_path / "crashed", tmp_path / "failed-write"
+    hooks = hooks_env(crash=f"part-000001:3:{crashed}", fail_write=f"part-000002:{failed_write}")
+    for name, env in hooks.items():
+        monkeypatch.setenv(name, env)
+    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)
+    # part-000002 may be in flight when the actor dies, then fail its write: 2 retries
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2},
+                     compute={"shard_retries": 2})
+    summary = run_job(spec, progress=False)
+    assert crashed.exists() and failed_write.exists(), "a test hook did not fire"
+    assert summary.shards_done == 3 and not summary.failed
+    _check_complete(out, reference)
+
+
+def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs, tmp_path,
+                                                  monkeypatch):
+    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)
     data = Path(inputs[0]).read_bytes()
     bad = tmp_path / "bad-000009.tar"
     bad.write_bytes(data[: len(data) // 2])
@@ -178,8 +177,8 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     assert status.exit_code == 0, status.output
     assert "shards: 3 done, 0 pending, 0 failed (of 3)" in status.output
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert third.returncode == 0 and "nothing to do" in third.stdout
+    third = CliRunner().invoke(main, cmd[3:])  # done before Ray: no process of its own
+    assert third.exit_code == 0 and "nothing to do" in third.stdout
 
 
 def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_vp_dir, inputs,
