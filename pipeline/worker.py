@@ -35,6 +35,8 @@ import torch
 
 from pipeline import testhooks
 from pipeline.batching import Job, Prepared, by_size, output_key, output_seed, prepare
+from pipeline.errors import ModelSettingsError
+from pipeline.modelcheck import loaded_model_problems
 from pipeline.oom import EditFailure, split_on_oom
 from pipeline.outputs import Done, Encoded, encode_output
 from pipeline.reader import Sample, read_shard
@@ -47,7 +49,6 @@ from pipeline.writer import ShardOutput, model_location, now, output_urls
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.devices import dtype_name, resolve_device, resolve_dtype
 from sdedit.edit import count_steps, guidance_scale, noise_for
-from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -103,12 +104,10 @@ class ShardWorker:
         self.fingerprint = spec.fingerprint()
         sd = spec.sdedit
         self.conditional = self.model.conditional
-        if not self.conditional and (sd.prompt, sd.negative_prompt, sd.guidance_scale) != \
-                (None, None, None):
-            raise ModelSourceError(
-                f"model source {spec.model.source!r} is an unconditional pixel model; "
-                "sdedit.prompt, negative_prompt and guidance_scale are for text-conditioned "
-                "models; allowed: null")
+        problems = loaded_model_problems(spec, self.model)
+        if problems:  # the same check validate and run made on the config files
+            raise ModelSettingsError(f"model {spec.model.source} cannot run this job: "
+                                     + "; ".join(problems))
         self.columns: dict[str, Any] = {
             "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
             "model": model_location(spec.model.source),

@@ -59,11 +59,11 @@ def text_problems(spec: TextSpec | None, source: str, family: str, *,
     unconditional model, a non-empty negative prompt without classifier-free guidance, a
     guidance scale for a guidance-free model or out of the allowed range."""
     if spec is None:
-        given = [name for name, value in (("prompt", prompt), ("negative_prompt",
+        given = [(name, value) for name, value in (("prompt", prompt), ("negative_prompt",
                  negative_prompt), ("guidance_scale", guidance_scale)) if value is not None]
-        return [(name, f"{name} given for {source}, which is not text-conditioned; allowed: "
-                       "None (prompts need a latent text-conditioned model such as a "
-                       "StableDiffusionPipeline)") for name in given]
+        return [(name, f"{name}={value!r} is for text-conditioned models and {source} is a "
+                       f"{family} model that takes no text; allowed: unset (null)")
+                for name, value in given]
     problems = []
     if negative_prompt and not spec.negative_prompts:
         problems.append(("negative_prompt", (
