@@ -85,3 +85,20 @@ def test_steps_are_checked_against_the_models_own_schedule(tmp_path, train_steps
     result = CliRunner().invoke(main, ["validate", str(job)])
     assert result.exit_code == (2 if refused else 0), result.output
     assert ("sdedit.steps: steps=60 is too many for t0=0.5" in result.output) == refused
+
+
+def test_an_actors_refusal_stops_the_job_without_retries(ray_connected, tiny_vp_dir, tmp_path,
+                                                          monkeypatch):
+    """Where run could not read the model's configs before Ray (a URL model, say), the
+    actor's check on the loaded model stops the job with the same words: no shard is retried,
+    failed or committed."""
+    import pipeline.runner
+
+    monkeypatch.setattr(pipeline.runner, "check_model", lambda spec, **kw: [])
+    shards = write_shards(tmp_path / "in", n_shards=2, per_shard=1, bad=False)
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, shards, out, sdedit={"sampler": "ve"})
+    with pytest.raises(ModelSettingsError, match=r"cannot run this job: sdedit\.sampler: "
+                                                 r"sampler='ve' cannot run on"):
+        run_job(spec, progress=False)
+    assert not (out / "failed").exists() and not (out / "done").exists()
