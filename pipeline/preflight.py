@@ -82,9 +82,10 @@ def model_layout(source: str, storage_options: Mapping[str, Any] | None, *,
                           "(convert an original DDPM/SDEdit checkpoint first: "
                           "sdedit.convert)"], []
         try:
-            return inspect_model_dir(local_path(source), source), [], []
+            layout = inspect_model_dir(local_path(source), source)
         except ModelSourceError as exc:
             return None, [f"model.source: {exc}"], []
+        return layout, [], [describe_layout(source, layout)]
     if kind == "url":
         if offline:
             return None, [], [f"model.source {source}: not checked (--offline)"]
@@ -128,7 +129,7 @@ def _hub_model_problems(repo_id: str, offline: bool
         try:
             layout = inspect_model_dir(snapshot, repo_id)
             return layout, [], [f"model.source {repo_id}: in the hub cache (revision "
-                                f"{snapshot.name})"]
+                                f"{snapshot.name})", describe_layout(repo_id, layout)]
         except ModelSourceError as exc:
             cache_problem = str(exc)
     if offline:
@@ -152,6 +153,16 @@ def _hub_model_problems(repo_id: str, offline: bool
                       "model_index.json; expected a diffusers model"], []
     return None, [], [f"model.source {repo_id}: on the hub; downloaded into the hub cache on "
                       "first use"]
+
+
+def describe_layout(source: str, layout: ModelLayout) -> str:
+    """One line naming what a model is, read from its config files."""
+    text = "no text" if layout.text is None else \
+        f"prompts, guidance {layout.text.guidance}"
+    h, w = layout.sample_size
+    return (f"model.source {source}: {layout.family} model, {layout.process.name.upper()} "
+            f"noise process (samplers {', '.join(layout.process.samplers)}), {text}, trained "
+            f"at {w}x{h}, image sides multiples of {layout.downsample_factor}")
 
 
 def settings_problems(spec: JobSpec, layout: ModelLayout | None) -> tuple[list[str], list[str]]:
