@@ -20,7 +20,8 @@ from pipeline.errors import PipelineError, PreflightError
 from pipeline.shards import expand_shards, plan_pending
 from pipeline.spec import JobSpec
 from pipeline.storage import describe_error, join, url_fs, with_retries
-from sdedit.models import ModelSourceError, inspect_model_dir
+from sdedit.conditioning import TextSpec
+from sdedit.models import ModelLayout, ModelSourceError, inspect_model_dir
 from sdedit.sources import cached_snapshot, local_path, source_kind
 
 logger = logging.getLogger(__name__)
@@ -139,28 +140,67 @@ def _hub_model_problems(repo_id: str, offline: bool) -> tuple[list[str], list[st
     return [], [f"model.source {repo_id}: on the hub; downloaded into the hub cache on first use"]
 
 
-def text_problems(spec: JobSpec) -> list[str]:
-    """Job-level prompts or guidance for a model that takes no text (known without loading it
-    for a local directory or a cached hub snapshot; otherwise the actor refuses it on load)."""
-    sd = spec.sdedit
-    given = [name for name in ("prompt", "negative_prompt", "guidance_scale")
-             if getattr(sd, name) is not None]
-    if not given:
-        return []
+def _layout(spec: JobSpec) -> ModelLayout | None:
+    """The model's layout read from its configs (a local directory or a cached hub snapshot),
+    or None when it cannot be known without fetching or is unreadable (model_problems says
+    why)."""
     kind = source_kind(spec.model.source)
     directory = local_path(spec.model.source) if kind == "local" else \
         cached_snapshot(spec.model.source) if kind == "hub" else None
     if directory is None or not directory.is_dir():
-        return []
+        return None
     try:
-        latent = inspect_model_dir(directory, spec.model.source).latent
+        return inspect_model_dir(directory, spec.model.source)
     except ModelSourceError:
-        return []  # reported by model_problems
-    if latent:
+        return None
+
+
+def text_problems(spec: JobSpec) -> list[str]:
+    """What the job asks of the model that it cannot do, known without loading it for a local
+    directory or a cached hub snapshot (otherwise the actor refuses it on load): job-level
+    prompts or guidance for a model that takes no text, a sampler its noise process does not
+    run, a negative prompt or guidance scale for a family that takes none (Flux)."""
+    layout = _layout(spec)
+    if layout is None:
         return []
-    return [f"sdedit.{name}: {getattr(sd, name)!r} is for text-conditioned models, and "
+    return fit_problems(spec, layout.text, layout.process.samplers, layout.family)
+
+
+def fit_problems(spec: JobSpec, text: TextSpec | None, samplers: tuple[str, ...],
+                 family: str) -> list[str]:
+    """The job's sampler, prompts and guidance against a model's text side and samplers."""
+    sd = spec.sdedit
+    problems = []
+    if sd.sampler not in samplers:
+        problems.append(f"sdedit.sampler: {sd.sampler!r} cannot run on {spec.model.source}, a "
+                        f"{family} model; allowed: {', '.join(samplers)}")
+    given = [name for name in ("prompt", "negative_prompt", "guidance_scale")
+             if getattr(sd, name) is not None]
+    if text is None:
+        return problems + [
+            f"sdedit.{name}: {getattr(sd, name)!r} is for text-conditioned models, and "
             f"{spec.model.source} is an unconditional pixel model; allowed: null (per-row "
             "json and txt members are carried over unchanged)" for name in given]
+    if sd.negative_prompt and not text.negative_prompts:
+        problems.append(f"sdedit.negative_prompt: {sd.negative_prompt!r} is not used by "
+                        f"{spec.model.source}, a {family} model without classifier-free "
+                        f"guidance (guidance: {text.guidance}); allowed: null or \"\"")
+    if sd.guidance_scale is not None and text.guidance == "none":
+        problems.append(f"sdedit.guidance_scale: {sd.guidance_scale!r} is not used by "
+                        f"{spec.model.source}, a {family} model that takes no guidance; "
+                        "allowed: null")
+    return problems
+
+
+def model_note(spec: JobSpec) -> list[str]:
+    """What the model is, read from its configs: family, noise process, guidance."""
+    layout = _layout(spec)
+    if layout is None:
+        return []
+    guidance = "none" if layout.text is None else layout.text.guidance
+    return [f"model.source: a {layout.family} model ({layout.process.name} noise process, "
+            f"samplers {', '.join(layout.process.samplers)}; guidance {guidance}; sides "
+            f"multiples of {layout.downsample_factor})"]
 
 
 def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
@@ -240,7 +280,7 @@ def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
     problems, notes = model_problems(spec.model.source, spec.model.storage_options,
                                      offline=offline)
     report.problems += problems + text_problems(spec)
-    report.notes += notes
+    report.notes += notes + model_note(spec)
     _input_problems(spec, offline, report)
     _output_problems(spec, offline, report)
     return report

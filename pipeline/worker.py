@@ -37,6 +37,7 @@ from pipeline import testhooks
 from pipeline.batching import Job, Prepared, by_size, output_key, output_seed, prepare
 from pipeline.oom import EditFailure, split_on_oom
 from pipeline.outputs import Done, Encoded, encode_output
+from pipeline.preflight import fit_problems
 from pipeline.reader import Sample, read_shard
 from pipeline.rows import RowSettings, SettingError, row_settings
 from pipeline.shards import shard_stem
@@ -109,6 +110,12 @@ class ShardWorker:
                 f"model source {spec.model.source!r} is an unconditional pixel model; "
                 "sdedit.prompt, negative_prompt and guidance_scale are for text-conditioned "
                 "models; allowed: null")
+        problems = fit_problems(spec, self.model.text and self.model.text.spec,
+                                self.model.process.samplers, self.model.family)
+        if problems:
+            raise ModelSourceError("; ".join(problems))
+        self.negative_prompts = self.model.text is not None and \
+            self.model.text.spec.negative_prompts
         self.columns: dict[str, Any] = {
             "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
             "model": model_location(spec.model.source),
@@ -227,7 +234,7 @@ class ShardWorker:
                     settings = row_settings(
                         sample.key, sample.carried, t0=sd.t0, prompt=sd.prompt,
                         negative_prompt=sd.negative_prompt, conditional=self.conditional,
-                        check_t0=self._t0_problem)
+                        check_t0=self._t0_problem, negative_prompts=self.negative_prompts)
                 except SettingError as exc:
                     sample.error, sample.error_kind = str(exc), "setting"
             if sample.error is not None or settings is None:

@@ -9,12 +9,17 @@ import tarfile
 
 import numpy as np
 import pyarrow.dataset as pads
+import pytest
 import torch
 import webdataset as wds
 from PIL import Image
 
+from pipeline.errors import PipelineError
+from pipeline.preflight import preflight
 from pipeline.runner import run_job
+from pipeline.worker import ShardWorker
 from sdedit import edit
+from sdedit.models import ModelSourceError
 from tests.support.shards import make_spec, png
 
 
@@ -70,3 +75,48 @@ def test_flux_job_with_per_row_prompts_and_t0_on_ray(ray_connected, tiny_flux_de
         stored = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"))
         assert np.abs(remade.permute(1, 2, 0).numpy().astype(int) - stored.astype(int)).max() \
             <= 1, key
+
+
+def test_what_a_flux_schnell_model_cannot_do_is_refused_before_ray(tiny_flux_schnell_dir,
+                                                                  tmp_path):
+    """A sampler its flow process does not run, a negative prompt (no classifier-free
+    guidance) and a guidance scale (no guidance input) are refused before any work, all
+    listed; `validate` names the family it read from the configs."""
+    spec = make_spec(tiny_flux_schnell_dir, [str(tmp_path / "x.tar")], tmp_path / "out",
+                     sdedit={"sampler": "ddpm", "negative_prompt": "blurry",
+                             "guidance_scale": 3.0})
+    with pytest.raises(PipelineError) as info:
+        run_job(spec, progress=False)
+    message = str(info.value)
+    assert "sdedit.sampler: 'ddpm' cannot run on" in message and \
+        "allowed: euler, flow_ddpm" in message
+    assert "sdedit.negative_prompt: 'blurry' is not used by" in message
+    assert "sdedit.guidance_scale: 3.0 is not used by" in message
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(ModelSourceError, match=r"sdedit\.sampler: 'ddpm' cannot run on"):
+        ShardWorker(spec)                      # an actor refuses it too (e.g. a URL source)
+    ok = make_spec(tiny_flux_schnell_dir, [str(tmp_path / "x.tar")], tmp_path / "out",
+                   sdedit={"sampler": "euler"})
+    assert any("a flux model (flow noise process, samplers euler, flow_ddpm; guidance none; "
+               "sides multiples of 4)" in note for note in preflight(ok).notes)
+
+
+def test_a_row_negative_prompt_for_flux_is_that_rows_setting_error(tiny_flux_dev,
+                                                                   tiny_flux_dev_dir, tmp_path):
+    rng = np.random.default_rng(6)
+    url = str(tmp_path / "in.tar")
+    with wds.TarWriter(url) as tar:
+        for key, settings in (("a", {"negative_prompt": "sky"}), ("b", {"prompt": "cat"}),
+                              ("c", {"negative_prompt": ""})):
+            tar.write({"__key__": key, "json": json.dumps(settings).encode(),
+                       "png": png(rng.integers(0, 256, (16, 16, 3), np.uint8))})
+    spec = make_spec(tiny_flux_dev_dir, [url], tmp_path / "out",
+                     sdedit={"t0": 0.1, "sampler": "euler"})
+    stats = ShardWorker(spec, model=tiny_flux_dev).process(url)
+    assert (stats.outputs_ok, stats.outputs_error) == (2, 1)
+    rows = {r["key"]: r for r in pads.dataset(str(tmp_path / "out" / "manifests"),
+                                              format="parquet").to_table().to_pylist()}
+    assert rows["a"]["error_kind"] == "setting"
+    assert "negative_prompt in a.json is 'sky'" in rows["a"]["error"]
+    assert rows["b"]["status"] == rows["c"]["status"] == "ok"
+    assert rows["b"]["guidance_scale"] == 3.5                 # Flux-dev's default input
