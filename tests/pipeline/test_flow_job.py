@@ -75,6 +75,7 @@ def test_flux_job_with_per_row_prompts_and_t0_on_ray(ray_connected, tiny_flux_de
         stored = np.asarray(Image.open(io.BytesIO(members[f"{key}.png"])).convert("RGB"))
         assert np.abs(remade.permute(1, 2, 0).numpy().astype(int) - stored.astype(int)).max() \
             <= 1, key
+    assert members["k3.txt"] == b"red room" and "k3.input.json" in members   # carried
 
 
 def test_what_a_flux_schnell_model_cannot_do_is_refused_before_ray(tiny_flux_schnell_dir,
