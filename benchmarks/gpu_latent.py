@@ -11,8 +11,8 @@ For each batch size, edits of 2 and 4 steps (the faster of two runs each) give t
 step (their difference / 2) and the fixed cost (VAE encode + decode, conditioning); a full run
 is extrapolated from them:
 28 steps (Flux-dev's default from t0 = 1), 17 (t0 = 0.6) and 4 (Flux-schnell, same network
-without the guidance embedder). Peak device memory is recorded per batch size (it includes the
-autocast bf16 copies of the weights held during a pass). FLOPs per forward are counted on the
+without the guidance embedder). Peak device memory is recorded per batch size (the figure the
+job files' memory estimates wait for). FLOPs per forward are counted on the
 "meta" device (FlopCounterMode; 2 per multiply-add).
 
     python benchmarks/gpu_latent.py [--smoke] [--json out.json]

@@ -106,13 +106,17 @@ def test_sd3_default_grid_differs_and_linspace_sigmas_give_ours(tiny_sd3):
     assert torch.allclose(default, expected, atol=1e-6)
     ours = torch.tensor(process.plan(1.0, "euler", n), dtype=torch.float64)
     assert not torch.allclose(default, ours, atol=1e-3)
-    for t0, m in ((0.6, 6), (0.3, 3), (1.0, 10)):
+    # strength s, N steps: M = N - int(N - N s) evaluations from t0 = M / N (= s if N s whole)
+    for n, strength, m in ((10, 0.6, 6), (10, 0.3, 3), (10, 1.0, 10), (28, 0.6, 17)):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / n, n))
-        start = int(n - min(n * t0, n))                 # StableDiffusion3Img2ImgPipeline
+        start = int(n - min(n * strength, n))           # StableDiffusion3Img2ImgPipeline
         sigmas = scheduler.sigmas[start:-1].double()
         assert len(sigmas) == m
-        assert torch.allclose(sigmas, torch.tensor(process.plan(t0, "euler", m),
+        assert torch.allclose(sigmas, torch.tensor(process.plan(m / n, "euler", m),
                                                    dtype=torch.float64), atol=1e-6)
+    scheduler.set_timesteps(50)                         # the default grid, N = 50, s = 0.6
+    assert float(scheduler.sigmas[int(50 - 50 * 0.6)]) == pytest.approx(0.8139, abs=1e-4)
+    assert process.plan(0.6, "euler", 30)[0] == pytest.approx(0.8182, abs=1e-4)
 
 
 @pytest.mark.parametrize("dev", [True, False])
