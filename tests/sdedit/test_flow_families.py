@@ -273,3 +273,18 @@ def test_layouts_the_flow_families_refuse(tiny_flux_dev_dir, tiny_sd3_dir, tmp_p
     shutil.rmtree(missing / "tokenizer_2")
     with pytest.raises(ModelSourceError, match="no tokenizer_2/ folder"):
         inspect_model_dir(missing, "m")
+
+
+@pytest.mark.parametrize("fixture", ["tiny_sd3_dir", "tiny_flux_dev_dir"])
+def test_fast_path_options_run_the_flow_network_calls(request, fixture):
+    """channels_last (Flux's packing reshapes an NHWC state) and CUDA graphs (a no-op here)
+    keep the outputs; bf16 autocast runs."""
+    model = load_model(request.getfixturevalue(fixture))
+    x, texts = _guides(2, seed=6), _texts(model, 2)
+    plain = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
+    model.accelerate(channels_last=True, cuda_graphs=True, noise_threads=1)
+    fast = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    model.accelerate(autocast=torch.bfloat16)
+    half = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
+    assert torch.isfinite(half).all() and (half - plain).abs().max() < 0.5
