@@ -108,6 +108,8 @@ class ShardWorker:
         if problems:  # the same check validate and run made on the config files
             raise ModelSettingsError(f"model {spec.model.source} cannot run this job: "
                                      + "; ".join(problems))
+        self.negative_prompts = self.model.text is not None and \
+            self.model.text.spec.negative_prompts
         self.columns: dict[str, Any] = {
             "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
             "model": model_location(spec.model.source),
@@ -226,7 +228,7 @@ class ShardWorker:
                     settings = row_settings(
                         sample.key, sample.carried, t0=sd.t0, prompt=sd.prompt,
                         negative_prompt=sd.negative_prompt, conditional=self.conditional,
-                        check_t0=self._t0_problem)
+                        check_t0=self._t0_problem, negative_prompts=self.negative_prompts)
                 except SettingError as exc:
                     sample.error, sample.error_kind = str(exc), "setting"
             if sample.error is not None or settings is None:

@@ -96,10 +96,8 @@ def settings_problems(process: NoiseProcess, text: TextSpec | None, *, source: s
     settings. `tokens` is the token count of the model's sample size (for a resolution-
     dependent shift; it does not change which t0 and steps are allowed)."""
     problem = sampler_problem(process, sampler, source, family)
-    if problem:
-        return [("sampler", problem)]
-    problems = []
-    start = plan_problem(process.resolved(tokens), sampler, t0, steps)
+    problems = [("sampler", problem)] if problem else []
+    start = None if problem else plan_problem(process.resolved(tokens), sampler, t0, steps)
     if start:
         problems.append(("steps" if start.startswith("steps=") else "t0", start))
     return problems + text_problems(text, source, family, prompt=prompt,
