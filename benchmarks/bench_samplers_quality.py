@@ -35,6 +35,7 @@ sys.path.insert(0, str(ROOT))
 from pipeline.tools.demo_data import render_room  # noqa: E402
 from sdedit import DiffusionModel, edit, load_model  # noqa: E402
 from sdedit.accel import Acceleration  # noqa: E402
+from sdedit.processes import VPProcess  # noqa: E402
 from sdedit.schedules import VPSchedule  # noqa: E402
 from sdedit.strokes import simulate_strokes  # noqa: E402
 
@@ -49,8 +50,8 @@ def random_model(size: int = 32) -> DiffusionModel:
     net = UNet2DModel(sample_size=size, block_out_channels=(32, 64), layers_per_block=1,
                       norm_num_groups=8, down_block_types=("DownBlock2D", "AttnDownBlock2D"),
                       up_block_types=("AttnUpBlock2D", "UpBlock2D")).eval().requires_grad_(False)
-    return DiffusionModel(net=net, kind="vp", prediction_type="epsilon", vp=VPSchedule.linear(),
-                          ve=None, sample_size=(size, size), in_channels=3, downsample_factor=2,
+    return DiffusionModel(net=net, process=VPProcess(VPSchedule.linear()),
+                          sample_size=(size, size), in_channels=3, downsample_factor=2,
                           source="random UNet", device=torch.device("cpu"),
                           dtype=torch.float32, accel=Acceleration())
 
@@ -116,7 +117,7 @@ def main() -> None:
     print(f"model {model.source} ({size} px), {g} held-out guides x {s} seeds, t0 {args.t0}, "
           f"{args.threads} thread(s)")
     full, full_s = run("ddpm", None)
-    evals_full = model.vp.start_index(args.t0) + 1  # type: ignore[union-attr]
+    evals_full = model.process.schedule.start_index(args.t0) + 1  # type: ignore[attr-defined]
     rows = [{"sampler": "ddpm (full)", "evals": evals_full, "s_per_edit": full_s,
              **metrics(full, full, guides)}]
     floor, floor_s = run("ddpm", None, seed_offset=7_000_000)

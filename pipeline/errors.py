@@ -53,3 +53,10 @@ class ShardError(PipelineError):
 
 class ResumeConflictError(PipelineError):
     """The output folder holds a job whose output-affecting fingerprint differs from this spec."""
+
+
+class ModelSettingsError(PipelineError):
+    """The job's settings ask for what its model cannot do (a sampler its noise process does not
+    run, t0 / steps its schedule cannot start from, prompts or guidance it does not take); found
+    by `pipeline.modelcheck` before any work, or by an actor on the model it loaded. The whole
+    job is refused: no shard could succeed."""

@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ModelSettingsError, PipelineError
 from pipeline.jobrecord import prepare_output, record_compute, resolved_compute
 from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
@@ -104,10 +104,10 @@ class _ShardActor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter())
         self.counter = counter
-        self.load_error: ModelSourceError | None = None
+        self.load_error: ModelSourceError | ModelSettingsError | None = None
         try:
             self.worker = ShardWorker(spec, threads=threads)
-        except ModelSourceError as exc:
+        except (ModelSourceError, ModelSettingsError) as exc:
             self.load_error = exc
 
     def process(self, url: str) -> dict[str, Any]:
@@ -315,6 +315,8 @@ class _Pool:
             self._failed(url, f"actor died: {_last_line(exc)}")
             return
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ModelSettingsError):
+                raise ModelSettingsError(str(exc.cause)) from exc
             if isinstance(exc.cause, ModelSourceError):
                 raise PipelineError(f"cannot load model {self.spec.model.source}: "
                                     f"{exc.cause}") from exc

@@ -52,8 +52,6 @@ SAMPLERS = tuple(ENGINE_SAMPLERS)
 IMAGE_FORMATS = tuple(OUTPUT_FORMATS)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", *DEVICE_DTYPES)
-NUM_TRAIN_STEPS = 1000
-"""VP discretisation used for the cross-field check: t0 starts at round(t0 * 1000) steps."""
 
 FINGERPRINT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -313,17 +311,12 @@ class _JobReader(Reader):
 
 
 def _cross_checks(values: Mapping[str, dict[str, Any]], errors: list[str]) -> None:
-    """Checks that involve several fields; skipped where one of them is already invalid."""
-    t0, sampler, steps, eta = (values["sdedit"][k] for k in ("t0", "sampler", "steps", "eta"))
-    if BAD not in (t0, sampler) and sampler in ("ddpm", "ddim", "dpmpp2m"):
-        start = round(t0 * NUM_TRAIN_STEPS)
-        if start < 1:
-            errors.append(f"sdedit.t0: {fmt(t0)} gives no denoising step with sampler "
-                          f"{sampler}; allowed: a number in (0.0005, 1]")
-        elif steps not in (BAD, None) and steps > start:
-            errors.append(f"sdedit.steps: {steps} is more than the {start} steps that t0="
-                          f"{t0:g} starts from (round(t0*{NUM_TRAIN_STEPS})); allowed: an "
-                          f"integer in [1, {start}] with sampler {sampler}")
+    """Checks that involve several fields; skipped where one of them is already invalid.
+
+    Settings the model decides (which samplers it runs, how many steps t0 starts from, whether
+    it takes prompts) are checked against the model itself, from its config files, by
+    `pipeline.modelcheck` (validate, run before Ray, and each actor)."""
+    sampler, eta = values["sdedit"]["sampler"], values["sdedit"]["eta"]
     if BAD not in (sampler, eta) and eta != 0 and sampler != "ddim":
         errors.append(f"sdedit.eta: {fmt(eta)} is only used by sampler ddim (sampler is "
                       f"{sampler}); allowed: 0, or sampler ddim")

@@ -21,6 +21,8 @@ from typing import Any
 
 import torch
 
+from sdedit.conditioning import Conditioning, NetCall
+
 logger = logging.getLogger(__name__)
 
 __all__ = ["Acceleration", "NetRunner", "PrefetchNoise"]
@@ -83,18 +85,21 @@ def default_noise_threads() -> int:
 
 
 class NetRunner:
-    """Calls a diffusers-style network (`net(x, t).sample`, or `net(x, t,
-    encoder_hidden_states=context).sample` for text-conditioned ones) as `accel` says.
+    """Calls a diffusers network through its family's `NetCall` (`sdedit.conditioning`) as
+    `accel` says.
 
     Args:
         net: the network in eval mode on `device`, float32 weights.
         accel: the options.
         device: where the network lives.
+        call: how the family calls it (keyword names, Flux's packing).
     """
 
-    def __init__(self, net: torch.nn.Module, accel: Acceleration, device: torch.device) -> None:
+    def __init__(self, net: torch.nn.Module, accel: Acceleration, device: torch.device,
+                 call: NetCall) -> None:
         self.accel = accel
         self.device = device
+        self.call = call
         self.graphs = accel.cuda_graphs and device.type == "cuda"
         if accel.cuda_graphs and not self.graphs:
             logger.info("cuda_graphs requested on %s: ignored (CUDA only)", device)
@@ -114,65 +119,61 @@ class NetRunner:
         self._stream: Any = None
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor,
-                 context: torch.Tensor | None = None) -> torch.Tensor:
-        """x: float32 (B, C, H, W); t: (B,) timesteps or sigmas; context: optional float32
-        (B, L, D) text embeddings (`encoder_hidden_states`) -> float32 (B, C, H, W),
-        contiguous, owned by the caller."""
+                 cond: Conditioning | None = None) -> torch.Tensor:
+        """x: float32 (B, C, H, W); t: (B,) network times; cond: the family's conditioning of B
+        rows, or None for unconditional models -> float32 (B, C, H, W), contiguous, owned by
+        the caller."""
         if self.graphs:
-            return self._replay(x, t, context)
-        return self._forward(x, t, context, cache=True)
+            return self._replay(x, t, cond)
+        return self._forward(x, t, cond, cache=True)
 
-    def _forward(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None,
+    def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
                  cache: bool) -> torch.Tensor:
         if self.accel.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         half = self.accel.autocast
         with torch.autocast(self.device.type, dtype=half or torch.bfloat16,
                             enabled=half is not None, cache_enabled=cache):
-            if context is None:
-                out = self.module(x, t).sample
-            else:
-                out = self.module(x, t, encoder_hidden_states=context).sample
+            out = self.call(self.module, x, t, cond)
         return out.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
 
     def _replay(self, x: torch.Tensor, t: torch.Tensor,
-                context: torch.Tensor | None) -> torch.Tensor:
-        key = (tuple(x.shape), t.dtype, tuple(t.shape),
-               None if context is None else tuple(context.shape))
+                cond: Conditioning | None) -> torch.Tensor:
+        key = (tuple(x.shape), t.dtype, tuple(t.shape), None if cond is None else cond.key())
         entry = self._captured.get(key)
         if entry is None:
             if len(self._captured) >= MAX_GRAPHS:
-                return self._forward(x, t, context, cache=True)
-            entry = self._capture(x, t, context)
+                return self._forward(x, t, cond, cache=True)
+            entry = self._capture(x, t, cond)
             self._captured[key] = entry
-        static_x, static_t, static_context, static_out, graph = entry
+        static_x, static_t, static_cond, static_out, graph = entry
         static_x.copy_(x)
         static_t.copy_(t)
-        if static_context is not None:
-            static_context.copy_(context)
+        if static_cond is not None and cond is not None:
+            static_cond.copy_(cond)
         graph.replay()
         return static_out.clone()
 
     def _capture(self, x: torch.Tensor, t: torch.Tensor,
-                 context: torch.Tensor | None) -> tuple[Any, ...]:
+                 cond: Conditioning | None) -> tuple[Any, ...]:
         """Warm up on a side stream, then capture one forward (same stream, shared pool)."""
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
             self._stream = torch.cuda.Stream(self.device)
         static_x, static_t = x.clone(), t.clone()
-        static_context = None if context is None else context.clone()
+        static_cond = None if cond is None else cond.clone()
         self._stream.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(self._stream):
             for _ in range(3):
-                self._forward(static_x, static_t, static_context, cache=False)
+                self._forward(static_x, static_t, static_cond, cache=False)
         torch.cuda.current_stream(self.device).wait_stream(self._stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: the noise threads may allocate pinned memory meanwhile
         with torch.cuda.graph(graph, pool=self._pool, stream=self._stream,
                               capture_error_mode="thread_local"):
-            static_out = self._forward(static_x, static_t, static_context, cache=False)
+            static_out = self._forward(static_x, static_t, static_cond, cache=False)
         logger.info("captured a CUDA graph for input %s", tuple(x.shape))
-        return static_x, static_t, static_context, static_out, graph
+        return static_x, static_t, static_cond, static_out, graph
 
 
 class PrefetchNoise:

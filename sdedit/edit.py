@@ -8,12 +8,13 @@ device afterwards, so an output's noise depends neither on batch size, nor on ba
 nor on the device the noise was drawn for (the network's float rounding may depend on the batch
 size and thread count: README, Reproducibility).
 
-Latent models follow the same contract in latent space: the draws have the latent shape
-(C, H/f, W/f) (SD: (4, H/8, W/8)), in the same order (perturbation, then one per noisy reverse
-step, per round); the VAE encoding (posterior mean) and decoding draw nothing. So with the same
-seed, prompt and t0, an output is the same whatever batch it ran in; each distinct prompt of a
-batch is embedded once, and guidance runs the unconditional and conditional passes as one
-network call.
+Latent models follow the same contract in latent space: the draws have the family's latent
+shape (C, H/f, W/f) (SD, SDXL: (4, H/8, W/8); SD3, Flux: (16, H/8, W/8); Flux's packing into
+2 x 2 patches happens inside its network call), in the same order (perturbation, then one per
+noisy reverse step, per round); the VAE encoding (posterior mean) and decoding draw nothing.
+So with the same seed, prompt and t0, an output is the same whatever batch it ran in; each
+distinct prompt of a batch is embedded once, and guidance runs the unconditional and
+conditional passes as one network call.
 
 Masks: 1 = regenerate, 0 = keep. Outside the mask the state is the guide re-noised with the
 round's perturbation noise to the level each step produced, and the output equals the guide there.
@@ -24,26 +25,27 @@ the output equals the guide exactly outside the pixel mask.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from sdedit import samplers
 from sdedit.accel import PrefetchNoise
+from sdedit.checks import (
+    check_common,
+    check_images,
+    check_masks,
+    check_prompts,
+    check_t0,
+    sampler_problem,
+)
 from sdedit.errors import EditInputError
-from sdedit.latent import GuidedEps, latent_mask
+from sdedit.guidance import conditioned_denoiser
+from sdedit.latent import latent_mask
 from sdedit.models import DiffusionModel
-from sdedit.schedules import respace
+from sdedit.processes import SAMPLERS
 
-__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "noise_for"]
-
-SAMPLERS = {"ddpm": "vp", "ddim": "vp", "ve": "ve", "dpmpp2m": "vp"}
-DEFAULT_STEPS = {"ddim": 50, "dpmpp2m": 20}
-"""Network evaluations per round when `steps` is None (capped at start index + 1)."""
-DEFAULT_GUIDANCE = 7.5
-"""Classifier-free guidance scale of text-conditioned models when `guidance_scale` is None."""
-MAX_SEED = 2**63 - 1
+__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "guidance_scale", "noise_for"]
 
 
 class SeedNoise:
@@ -107,20 +109,24 @@ def edit(
     """SDEdit a batch of guides.
 
     Args:
-        model: from `load_model`; VP for "ddpm"/"ddim"/"dpmpp2m", VE for "ve". Its `accel`
+        model: from `load_model`. Its noise process (`model.process`) decides which samplers
+            run: VP "ddpm"/"ddim"/"dpmpp2m", VE "ve", flow "euler"/"flow_ddpm". Its `accel`
             decides how the network runs and whether noise is drawn ahead in background
             threads; outputs depend on it only through rounding (autocast, kernel choice).
             Latent models run the same samplers on VAE latents (see the module docstring).
         images: float32 (N, C, H, W) in [-1, 1], the guides; H, W multiples of the model's
-            `downsample_factor` (latent: VAE factor x UNet factor, 64 for SD); never resized.
+            `downsample_factor` (latent: VAE factor x network factor, 64 for SD); never resized.
         t0: the starting time in (0, 1], one float or one per sample (a batch may mix levels);
-            larger = more realistic, smaller = more faithful (the paper uses 0.3-0.6). The
+            larger = more realistic, smaller = more faithful (the paper uses 0.3-0.6); the same
+            fraction of the model's time axis for every process (`sdedit.processes`). VP: the
             start index is round(t0 * T) - 1 whatever the scheduler's steps_offset.
         seeds: N ints in [0, 2^63), one per output (see the reproducibility contract).
         sampler: "ddpm" (the paper's VP loop; `steps` None = every step, start index + 1
             evaluations), "ddim" (deterministic for eta = 0; `steps` evaluations, default 50),
             "dpmpp2m" (DPM-Solver++(2M), deterministic, 5-50 evaluations, default 20),
-            "ve" (Alg. 1; `steps` None = round(t0 * N)).
+            "ve" (Alg. 1; `steps` None = round(t0 * N)), "euler" (the flow ODE of the diffusers
+            SD3 / Flux pipelines) and "flow_ddpm" (ancestral sampling of the flow path; both
+            `steps` None = round(t0 * 28), at least 1).
         steps: network evaluations per round (per sample).
         masks: optional float32 (N, 1, H, W) in {0, 1} in pixels: 1 = regenerate, 0 = keep.
         repeats: K rounds; each round's output is the next round's guide inside the mask.
@@ -129,8 +135,10 @@ def edit(
         prompts: text-conditioned models only: N strings, one per image (None = "" for all).
         negative_prompts: text-conditioned models only: N strings for the unconditional pass
             of classifier-free guidance (None = "" for all).
-        guidance_scale: text-conditioned models only: g >= 1 in eps_u + g (eps_c - eps_u)
-            (None = 7.5); g = 1 runs only the conditional pass.
+        guidance_scale: text-conditioned models only: classifier-free guidance g >= 1 in
+            eps_u + g (eps_c - eps_u) (g = 1 runs only the conditional pass), or the guidance
+            input g >= 0 of a guidance-distilled model (Flux-dev); None = the family's default
+            (`guidance_scale(model, None)`); refused by guidance-free models (Flux-schnell).
         noise: the call's noise from `noise_for(model, seeds, H, W)` made ahead (the same
             values as without it); None = made here.
     Returns:
@@ -139,38 +147,43 @@ def edit(
         EditInputError (a ValueError) naming the argument, its value and what is allowed
         (prompts, negative prompts or a guidance scale for an unconditional model included).
     """
-    n = _check_images(model, images)
-    t0s = _check_t0(t0, n)
-    _check_common(model, seeds, n, sampler, steps, repeats, eta, corrector_steps)
-    mask = _check_masks(masks, images)
-    texts = _check_prompts(model, n, prompts, negative_prompts, guidance_scale)
-    plans = [_plan(model, sampler, t, steps) for t in t0s]
+    n = check_images(model, images)
+    t0s = check_t0(t0, n)
+    check_common(model, seeds, n, sampler, steps, repeats, eta, corrector_steps)
+    mask = check_masks(masks, images)
+    texts = check_prompts(model, n, prompts, negative_prompts, guidance_scale)
+    size = (int(images.shape[2]), int(images.shape[3]))
+    process = model.process_for(*size)
+    plans = [process.plan(t, sampler, steps) for t in t0s]
 
     device = model.device
     pixels = images.detach().to(device=device, dtype=torch.float32)
     regen = None if mask is None else mask.to(device=device, dtype=torch.float32)
     shape = model.state_shape(*images.shape[2:])
-    guide, kept, eps_fn = pixels, regen, None
+    guide, kept, denoise = pixels, regen, model.denoise
     if model.codec is not None:
         guide = model.codec.encode(pixels)
         kept = None if regen is None else latent_mask(regen, model.codec.factor)
     if texts is not None:
-        eps_fn = _guided(model, texts, [len(p) for p in plans])
+        prompt_list, negative_list, scale = texts
+        denoise = conditioned_denoiser(model, prompt_list, negative_list, scale,
+                                       [len(p) for p in plans], size)
     if noise is None:
         noise = noise_for(model, seeds, *images.shape[2:])
     elif noise.shape != shape or len(noise.generators) != n:
         raise EditInputError(f"noise is for {len(noise.generators)} draws of {noise.shape}; "
-                         f"allowed: noise_for(model, seeds, {images.shape[2]}, "
-                         f"{images.shape[3]}) for these {n} images")
+                             f"allowed: noise_for(model, seeds, {images.shape[2]}, "
+                             f"{images.shape[3]}) for these {n} images")
     everyone = list(range(n))
-    first_signal, first_sigma = _start_level(model, plans)
+    first_signal, first_sigma = process.start_level([p[0] for p in plans])
     signal0, sigma0 = first_signal.to(device), first_sigma.to(device)
     try:
         for _ in range(repeats):
             z0 = noise(everyone)
             x = signal0 * guide + sigma0 * z0
             after = None if kept is None else _renoise(guide, z0, kept)
-            x = _sample(model, sampler, x, plans, noise, after, eta, corrector_steps, eps_fn)
+            x = process.sample(sampler, denoise, x, plans, noise, after_step=after, eta=eta,
+                               corrector_steps=corrector_steps)
             if kept is not None:
                 x = kept * x + (1 - kept) * guide
             guide = x
@@ -184,21 +197,25 @@ def edit(
     return guide.clamp(-1.0, 1.0).to(images.device)
 
 
-def _guided(model: DiffusionModel, texts: tuple[list[str], list[str], float],
-            lengths: list[int]) -> GuidedEps:
-    """The guided denoiser of a text-conditioned model for one batch: every distinct prompt
-    and negative prompt embedded once, in one text-encoder call."""
-    assert model.text is not None
-    prompts, negatives, scale = texts
-    n = len(prompts)
-    embeddings = model.text.embed(prompts + negatives if scale != 1.0 else prompts)
-    uncond = embeddings[n:] if scale != 1.0 else embeddings[:0]
-    return GuidedEps(model.eps, embeddings[:n], uncond, scale, lengths)
-
-
 def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> int:
-    """Network evaluations per round for one sample: what `steps` (None = default) resolves to."""
-    return len(_plan(model, sampler, t0, steps))
+    """Network evaluations per round for one sample: what `steps` (None = default) resolves to.
+
+    Raises:
+        EditInputError: a sampler the model cannot run, or t0 / steps its process cannot
+            start from.
+    """
+    problem = sampler_problem(model.process, sampler, model.source, model.family)
+    if problem:
+        raise EditInputError(problem)
+    return len(model.process_for(*model.sample_size).plan(t0, sampler, steps))
+
+
+def guidance_scale(model: DiffusionModel, value: float | None) -> float | None:
+    """The guidance scale outputs of a text-conditioned model are made with: `value`, or the
+    family's default when None; None for unconditional and guidance-free models."""
+    if model.text is None or model.text.spec.guidance == "none":
+        return None
+    return model.text.spec.default_guidance if value is None else float(value)
 
 
 def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samplers.AfterStep:
@@ -211,167 +228,3 @@ def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samp
         return m * x + (1 - m) * known
 
     return after
-
-
-def _plan(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> list[float]:
-    """One sample's descending reverse-step list: VP timestep indices or VE times."""
-    if model.kind == "vp":
-        assert model.vp is not None
-        try:
-            start = model.vp.start_index(t0)
-        except ValueError as exc:
-            raise EditInputError(str(exc)) from exc
-        if sampler in DEFAULT_STEPS and steps is None:
-            steps = min(DEFAULT_STEPS[sampler], start + 1)
-        if steps is not None and steps > start + 1:
-            raise EditInputError(
-                f"steps={steps} is too many for t0={t0}: the start index is {start}; "
-                f"allowed: 1..{start + 1}")
-        try:
-            if sampler == "dpmpp2m":
-                return [float(t) for t in samplers.logsnr_timesteps(
-                    model.vp.alphas_cumprod, start, steps or start + 1)]
-            return [float(t) for t in respace(start, steps)]
-        except ValueError as exc:
-            raise EditInputError(str(exc)) from exc
-    assert model.ve is not None
-    count = steps if steps is not None else max(1, round(t0 * model.ve.num_train_timesteps))
-    return [t0 * (i / count) for i in range(count, 0, -1)]
-
-
-def _start_level(model: DiffusionModel, plans: list[list[float]]) -> tuple[torch.Tensor, ...]:
-    """(signal, sigma) each (N, 1, 1, 1) float32: x(t0) = signal * guide + sigma * z."""
-    if model.kind == "vp":
-        assert model.vp is not None
-        abar = model.vp.alphas_cumprod[torch.tensor([int(p[0]) for p in plans])]
-        return (abar.sqrt().float().view(-1, 1, 1, 1),
-                (1 - abar).sqrt().float().view(-1, 1, 1, 1))
-    assert model.ve is not None
-    sigma = model.ve.sigma(torch.tensor([p[0] for p in plans], dtype=torch.float64))
-    return torch.ones(len(plans), 1, 1, 1), sigma.float().view(-1, 1, 1, 1)
-
-
-def _sample(model: DiffusionModel, sampler: str, x: torch.Tensor, plans: list[list[float]],
-            noise: samplers.NoiseFn, after: samplers.AfterStep | None, eta: float,
-            corrector_steps: int, eps_fn: samplers.Denoiser | None) -> torch.Tensor:
-    if sampler == "ve":
-        assert model.ve is not None
-        return samplers.ve(model.score, x, plans, model.ve, noise,
-                           corrector_steps=corrector_steps, after_step=after)
-    assert model.vp is not None
-    timesteps = [[int(t) for t in p] for p in plans]
-    eps_fn = eps_fn if eps_fn is not None else model.eps
-    if sampler == "ddim":
-        return samplers.ddim(eps_fn, x, timesteps, model.vp.alphas_cumprod, noise, eta=eta,
-                             after_step=after)
-    if sampler == "dpmpp2m":
-        return samplers.dpmpp2m(eps_fn, x, timesteps, model.vp.alphas_cumprod, noise,
-                                after_step=after)
-    return samplers.ddpm(eps_fn, x, timesteps, model.vp.alphas_cumprod, noise,
-                         after_step=after)
-
-
-def _check_images(model: DiffusionModel, images: torch.Tensor) -> int:
-    if not isinstance(images, torch.Tensor):
-        raise EditInputError(f"images must be a torch.Tensor; got {type(images).__name__}")
-    if images.dtype != torch.float32:
-        raise EditInputError(f"images dtype {images.dtype} is not allowed; allowed: torch.float32")
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != model.in_channels:
-        raise EditInputError(
-            f"images shape {tuple(images.shape)} is not allowed; allowed: (N, {model.in_channels},"
-            " H, W) with N >= 1")
-    h, w = images.shape[2:]
-    f = model.downsample_factor
-    if h % f or w % f or h < f or w < f:
-        raise EditInputError(
-            f"image size {h}x{w} cannot be taken by model {model.source}; allowed: height and "
-            f"width multiples of {f} (the model was trained at {model.sample_size[0]}x"
-            f"{model.sample_size[1]})")
-    low, high = (float(v) for v in torch.aminmax(images))  # one pass; NaN propagates
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise EditInputError("images contain NaN or infinite values; allowed: finite values "
-                             "in [-1, 1]")
-    if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
-        raise EditInputError(f"images values span [{low:.4g}, {high:.4g}]; allowed: [-1, 1]")
-    return int(images.shape[0])
-
-
-def _check_t0(t0: float | Sequence[float], n: int) -> list[float]:
-    values = [t0] * n if isinstance(t0, (int, float)) else list(t0)
-    if len(values) != n:
-        raise EditInputError(f"t0 has {len(values)} values for {n} images; allowed: one "
-                             f"float or {n}")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or not 0 < value <= 1:
-            raise EditInputError(f"t0={value!r} is out of range; allowed: a number in (0, 1]")
-    return [float(v) for v in values]
-
-
-def _check_common(model: DiffusionModel, seeds: Sequence[int], n: int, sampler: str,
-                  steps: int | None, repeats: int, eta: float, corrector_steps: int) -> None:
-    if len(seeds) != n:
-        raise EditInputError(f"seeds has {len(seeds)} values for {n} images; allowed: exactly {n}")
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise EditInputError(f"seed {seed!r} is not allowed; allowed: an int in [0, 2^63)")
-    if sampler not in SAMPLERS:
-        raise EditInputError(f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
-    if SAMPLERS[sampler] != model.kind:
-        allowed = [s for s, kind in SAMPLERS.items() if kind == model.kind]
-        raise EditInputError(f"sampler={sampler!r} needs a {SAMPLERS[sampler].upper()} model but "
-                         f"{model.source} is {model.kind.upper()}; allowed: {', '.join(allowed)}")
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise EditInputError(f"steps={steps!r} is not allowed; allowed: None or an int >= 1")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise EditInputError(f"repeats={repeats!r} is not allowed; allowed: an int >= 1")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise EditInputError(f"eta={eta!r} is not allowed; allowed: >= 0, and > 0 only with ddim")
-    if corrector_steps < 0 or (corrector_steps > 0 and sampler != "ve"):
-        raise EditInputError(f"corrector_steps={corrector_steps!r} is not allowed; allowed: >= 0, "
-                         "and > 0 only with ve")
-
-
-def _check_masks(masks: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor | None:
-    if masks is None:
-        return None
-    n, _, h, w = images.shape
-    if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (n, 1, h, w):
-        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise EditInputError(f"masks shape {shape} is not allowed; allowed: ({n}, 1, {h}, {w})")
-    if not ((masks == 0) | (masks == 1)).all():
-        raise EditInputError("masks values are not all 0 or 1; allowed: {0, 1} (1 = regenerate)")
-    return masks
-
-
-def _check_prompts(model: DiffusionModel, n: int, prompts: Sequence[str] | None,
-                   negative_prompts: Sequence[str] | None, guidance_scale: float | None
-                   ) -> tuple[list[str], list[str], float] | None:
-    """(prompts, negative prompts, scale) for a text-conditioned model, else None."""
-    if not model.conditional:
-        given = [name for name, value in (("prompts", prompts), ("negative_prompts",
-                 negative_prompts), ("guidance_scale", guidance_scale)) if value is not None]
-        if given:
-            raise EditInputError(f"{', '.join(given)} given for {model.source}, which is not "
-                             "text-conditioned; allowed: None (prompts need a latent "
-                             "text-conditioned model such as a StableDiffusionPipeline)")
-        return None
-    lists = []
-    for name, values in (("prompts", prompts), ("negative_prompts", negative_prompts)):
-        if values is None:
-            lists.append([""] * n)
-            continue
-        if isinstance(values, str) or len(values) != n:
-            count = "a str" if isinstance(values, str) else f"{len(values)} values"
-            raise EditInputError(f"{name} is {count} for {n} images; allowed: a sequence of {n} "
-                             "strings")
-        for value in values:
-            if not isinstance(value, str):
-                raise EditInputError(f"{name} entry {value!r} is not allowed; allowed: a str")
-        lists.append(list(values))
-    scale = DEFAULT_GUIDANCE if guidance_scale is None else guidance_scale
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not math.isfinite(scale) or scale < 1:
-        raise EditInputError(f"guidance_scale={guidance_scale!r} is not allowed; allowed: a "
-                         "number >= 1 (1 = conditional pass only) or None (7.5)")
-    return lists[0], lists[1], float(scale)

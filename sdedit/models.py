@@ -1,17 +1,10 @@
-"""Load a pretrained diffusion model as a denoiser: pixel-space or latent and text-conditioned.
+"""Load a pretrained diffusion model as a denoiser: any supported family, pixel or latent.
 
 Sources (see `load_model` and `sdedit.sources`): a local diffusers model directory, a Hugging
 Face hub id (through the hub cache), or an fsspec URL to such a directory (copied to a local
-cache first; fsspec is imported only then). Layouts:
-
-    root layout (google/ddpm-ema-bedroom-256, google/ncsnpp-church-256):
-        config.json  diffusion_pytorch_model.{safetensors,bin}  scheduler_config.json
-    pipeline layout, pixel (DDPMPipeline.save_pretrained):
-        model_index.json  unet/{config.json, diffusion_pytorch_model.*}
-        scheduler/scheduler_config.json
-    pipeline layout, latent (StableDiffusionPipeline: SD 1.x / 2.x; see `sdedit.latent`):
-        model_index.json  unet/ (UNet2DConditionModel)  vae/  text_encoder/  tokenizer/
-        scheduler/scheduler_config.json
+cache first; fsspec is imported only then). Which layouts are read, and how each family's
+network is called, is `sdedit.families`; how its time axis works is its noise process
+(`sdedit.processes`).
 
 Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitrary unpickling.
 """
@@ -19,18 +12,19 @@ Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitr
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from sdedit.accel import Acceleration, NetRunner
-from sdedit.latent import LatentCodec, TextEncoder, check_latent_layout, load_latent_parts
-from sdedit.schedules import VESchedule, VPSchedule
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder
+from sdedit.families import ModelLayout, family_named, inspect_model_dir
+from sdedit.families.base import unet_call
+from sdedit.latent import LatentCodec
+from sdedit.processes import NoiseProcess
 from sdedit.sources import ModelSourceError, files_identity, resolve
 
 logger = logging.getLogger(__name__)
@@ -38,34 +32,26 @@ logger = logging.getLogger(__name__)
 __all__ = ["DiffusionModel", "ModelLayout", "ModelSourceError", "inspect_model_dir",
            "load_model"]
 
-VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
-                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
-                 "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
-                 "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
-                 "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler"}
-"""Scheduler classes whose config is a discrete VP schedule (betas); only the betas are used."""
-VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
-WEIGHT_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-
 
 @dataclass
 class DiffusionModel:
-    """A pretrained network plus the schedule it was trained with; pixel or latent.
+    """A pretrained network, how to call it, and the noise process it was trained with.
 
     Attributes:
-        net: a diffusers UNet2DModel (pixel) or UNet2DConditionModel (latent) in eval mode on
-            `device`, float32 weights.
-        kind: "vp" (DDPM-style, discrete timesteps) or "ve" (score SDE, continuous sigma).
-        prediction_type: "epsilon", "sample" or "v_prediction" for VP; "score" for VE.
-        vp / ve: the schedule of the kind (the other is None).
+        net: the diffusers network (UNet2DModel, UNet2DConditionModel, a transformer) in eval
+            mode on `device`, float32 weights.
+        process: its noise process (VP, VE or flow; `sdedit.processes`): the samplers it runs,
+            how t0 maps to a start level, what the network predicts.
         sample_size: (H, W) in pixels the model was trained at (latent: latent size x factor).
         in_channels: C of the images `edit` takes (latent models: the VAE's, 3).
-        downsample_factor: image H and W must be multiples of this (latent: VAE factor x UNet
-            downsampling factor).
+        downsample_factor: image H and W must be multiples of this (latent: VAE factor x the
+            network's own factor or patch size).
         source: the source string it was loaded from (no credentials).
         device: where the network runs.
         dtype: the network's compute precision: float32, or bfloat16 / float16 under autocast
-            (the UNet only; the VAE and text encoder run in float32).
+            (the network only; the VAE and text encoders run in float32).
+        call: how the network is called (`sdedit.conditioning.NetCall`).
+        family: the model family's name ("pixel", "sd", ...; `sdedit.families`).
         accel: how the network runs (autocast, channels_last, compile, CUDA graphs, noise
             threads); see `sdedit.accel`. Change it with `accelerate`.
         codec: the VAE codec of a latent model (None for pixel models).
@@ -73,25 +59,26 @@ class DiffusionModel:
         identity: what the weights are: "sha256:<hex>" over the files the model was built from
             (`sdedit.sources.files_identity`), or "hf:<repo id>@<commit>" for a hub snapshot;
             "" when the model was assembled by hand.
+        patch: state cells per network token along a side (a flow shift that depends on the
+            resolution counts tokens).
     """
 
     net: torch.nn.Module
-    kind: Literal["vp", "ve"]
-    prediction_type: str
-    vp: VPSchedule | None
-    ve: VESchedule | None
+    process: NoiseProcess
     sample_size: tuple[int, int]
     in_channels: int
     downsample_factor: int
     source: str
     device: torch.device
     dtype: torch.dtype
+    call: NetCall = unet_call
+    family: str = "pixel"
     accel: Acceleration = field(default_factory=Acceleration)
     codec: LatentCodec | None = None
-    text: TextEncoder | None = None
+    text: PromptEncoder | None = None
     identity: str = ""
+    patch: int = 1
     _runner: NetRunner | None = field(default=None, init=False, repr=False, compare=False)
-    _abar: torch.Tensor | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def conditional(self) -> bool:
@@ -103,12 +90,22 @@ class DiffusionModel:
         """True when the chain runs on VAE latents (`codec` is set)."""
         return self.codec is not None
 
+    @property
+    def kind(self) -> str:
+        """The noise process's name ("vp", "ve", "flow"), for messages."""
+        return self.process.name
+
     def state_shape(self, height: int, width: int) -> tuple[int, int, int]:
         """(C, h, w) of the chain's state and of each noise draw for an H x W image."""
         if self.codec is None:
             return self.in_channels, height, width
         f = self.codec.factor
         return self.codec.channels, height // f, width // f
+
+    def process_for(self, height: int, width: int) -> NoiseProcess:
+        """The noise process for H x W images (a flow shift may depend on the token count)."""
+        _, h, w = self.state_shape(height, width)
+        return self.process.resolved((h // self.patch) * (w // self.patch))
 
     def accelerate(self, **options: Any) -> DiffusionModel:
         """Change `accel` in place (fields of `sdedit.accel.Acceleration`); returns self.
@@ -120,53 +117,49 @@ class DiffusionModel:
         return self
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
-                context: torch.Tensor | None = None) -> torch.Tensor:
+                cond: Conditioning | None = None) -> torch.Tensor:
         """The raw network output, float32 (B, C, H, W), run as `accel` says.
 
-        context: float32 (B, L, D) text embeddings, required by (only) conditional models."""
-        if (context is None) == self.conditional:
-            raise ValueError(f"context is {'missing' if context is None else 'given'}; allowed: "
-                             "(B, L, D) embeddings for text-conditioned models, else None")
+        t: (B,) network times (`process.network_time`); cond: the conditioning of B rows,
+        required by (only) conditional models."""
+        if (cond is None) == self.conditional:
+            raise ValueError(f"cond is {'missing' if cond is None else 'given'}; allowed: "
+                             "a Conditioning for text-conditioned models, else None")
         if self._runner is None:
-            self._runner = NetRunner(self.net, self.accel, self.device)
-        return self._runner(x, t, context)
+            self._runner = NetRunner(self.net, self.accel, self.device, self.call)
+        return self._runner(x, t, cond)
 
     @torch.no_grad()
-    def eps(self, x: torch.Tensor, t: torch.Tensor,
-            context: torch.Tensor | None = None) -> torch.Tensor:
-        """VP noise prediction. x: float32 (B, C, H, W); t: (B,) int64 in [0, T);
-        context: (B, L, D) for conditional models -> float32 (B, C, H, W)."""
-        out = self.forward(x, t, context)
-        if self.prediction_type == "epsilon":
-            return out
-        assert self.vp is not None
-        if self._abar is None or self._abar.device != x.device:
-            self._abar = self.vp.alphas_cumprod.to(x.device, torch.float32)
-        abar = self._abar[t].view(-1, 1, 1, 1)
-        if self.prediction_type == "sample":
-            return (x - abar.sqrt() * out) / (1 - abar).sqrt()
-        return abar.sqrt() * out + (1 - abar).sqrt() * x  # v_prediction
-
-    @torch.no_grad()
-    def score(self, x: torch.Tensor, sigma: torch.Tensor) -> torch.Tensor:
-        """VE score s(x, sigma) = grad log p_sigma(x). x: float32 (B, C, H, W); sigma: (B,)."""
-        return self.forward(x, sigma.float())
+    def denoise(self, x: torch.Tensor, t: torch.Tensor,
+                cond: Conditioning | None = None) -> torch.Tensor:
+        """The sampler's quantity (eps for VP, the score for VE, the velocity for flow) at
+        step values t (B,): x float32 (B, C, H, W) -> float32 (B, C, H, W)."""
+        out = self.forward(x, self.process.network_time(t), cond)
+        return self.process.target(out, x, t)
 
     @torch.no_grad()
     def warm_up(self, batch_size: int) -> None:
-        """One network call of `edit`'s shape at `sample_size` (the allocator's first-call cost;
-        conditional models: the doubled guidance batch with empty-prompt embeddings)."""
+        """One sampler step of `edit`'s shape at `sample_size` (the allocator's first-call cost;
+        conditional models: the guidance batch with empty prompts)."""
+        from sdedit.guidance import conditioned_denoiser
+
         shape = self.state_shape(*self.sample_size)
         x = torch.zeros(batch_size, *shape, device=self.device)
-        if self.kind == "ve":
-            self.score(x, torch.ones(batch_size, device=self.device))
-            return
-        t = torch.ones(batch_size, dtype=torch.long, device=self.device)
-        if self.text is None:
-            self.eps(x, t)
-            return
-        context = self.text.embed([""] * (2 * batch_size))
-        self.eps(torch.cat([x, x]), torch.cat([t, t]), context)
+        process = self.process_for(*self.sample_size)
+        sampler = process.samplers[0]
+        plans = [process.plan(0.5, sampler, 1)] * batch_size
+        denoise = self.denoise
+        if self.text is not None:
+            spec = self.text.spec
+            denoise = conditioned_denoiser(self, [""] * batch_size, [""] * batch_size,
+                                           spec.default_guidance or 1.0, [1] * batch_size,
+                                           self.sample_size)
+
+        def no_noise(rows: list[int]) -> torch.Tensor:
+            raise RuntimeError("a one-step warm-up draws no noise")
+
+        process.sample(sampler, denoise, x, plans, no_noise, after_step=None, eta=0.0,
+                       corrector_steps=0)
 
 
 def load_model(
@@ -178,14 +171,14 @@ def load_model(
     storage_options: dict[str, Any] | None = None,
     accel: Acceleration | None = None,
 ) -> DiffusionModel:
-    """Load a diffusers model directory (pixel UNet2DModel or a latent StableDiffusionPipeline)
-    and its scheduler config as a `DiffusionModel`.
+    """Load a diffusers model directory of a supported family (`sdedit.families`) and its
+    scheduler config as a `DiffusionModel`.
 
     Args:
         source: a local directory, a hub id ("google/ddpm-ema-bedroom-256"), or an fsspec URL
             ("s3://bucket/models/bedroom", "memory://m") to a directory in one of the layouts.
         device, dtype: where and in what precision the network runs (sampling stays float32;
-            bfloat16 / float16 run the UNet under autocast with float32 weights).
+            bfloat16 / float16 run the network under autocast with float32 weights).
         cache_dir: where URL sources are copied (default ~/.cache/sdedit-batch/models).
         storage_options: fsspec options for URL sources (endpoint, credentials).
         accel: the fast-path options; default `Acceleration.default(device, dtype)`.
@@ -199,173 +192,22 @@ def load_model(
     resolved = resolve(text, cache_dir, storage_options)
     directory = resolved.directory
     layout = inspect_model_dir(directory, text)
-    unet_dir, config = layout.unet_dir, layout.config
-    kind, prediction, vp, ve = layout.kind, layout.prediction_type, layout.vp, layout.ve
-    codec = encoder = None
-    if layout.latent:
-        net, codec, encoder, files = load_latent_parts(directory, text, layout.index, config,
-                                                       layout.vae_config)
-    else:
-        net, weights = _build_net(unet_dir, config, text)
-        files = [unet_dir / "config.json", weights]
-    files.append(layout.scheduler_path)
+    parts = family_named(layout.family).load(layout, text)
     dev = torch.device(device)
-    net = net.to(device=dev).eval().requires_grad_(False)
-    if codec is not None and encoder is not None:
-        codec.vae.to(dev)
-        encoder.encoder.to(dev)
+    net = parts.net.to(device=dev).eval().requires_grad_(False)
+    if parts.codec is not None:
+        parts.codec.vae.to(dev)
+    for module in parts.text.modules() if parts.text is not None else []:
+        module.to(dev)
     half = dtype if dtype != torch.float32 else None
     accel = dataclasses.replace(accel or Acceleration.default(device, dtype), autocast=half)
-    size = config.get("sample_size", 256)
-    sample_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
-    factor = 2 ** (len(config.get("down_block_types", ())) - 1)
-    channels = int(config.get("in_channels", 3))
-    if codec is not None:
-        sample_size = (sample_size[0] * codec.factor, sample_size[1] * codec.factor)
-        factor *= codec.factor
-        channels = int(codec.vae.config.in_channels)
     identity = f"hf:{text}@{resolved.revision}" if resolved.revision else \
-        files_identity(directory, files)
+        files_identity(directory, parts.files)
     model = DiffusionModel(
-        net=net, kind=kind, prediction_type=prediction, vp=vp, ve=ve, sample_size=sample_size,
-        in_channels=channels, downsample_factor=factor, source=text, device=dev, dtype=dtype,
-        accel=accel, codec=codec, text=encoder, identity=identity,
-    )
-    logger.info("loaded %s %s model %s (%s, %s) on %s", "latent" if codec else "pixel",
-                kind.upper(), text, prediction,
+        net=net, process=layout.process, sample_size=layout.sample_size,
+        in_channels=layout.in_channels, downsample_factor=layout.downsample_factor, source=text,
+        device=dev, dtype=dtype, call=parts.call, family=layout.family, accel=accel,
+        codec=parts.codec, text=parts.text, identity=identity, patch=layout.patch)
+    logger.info("loaded %s model %s (%s, %s) on %s", layout.family, text, layout.process.name,
                 f"{sum(p.numel() for p in net.parameters()) / 1e6:.2f}M params", device)
     return model
-
-
-@dataclass(frozen=True)
-class ModelLayout:
-    """What a model directory holds, read from its JSON files only (no weights)."""
-
-    unet_dir: Path
-    scheduler_path: Path
-    config: dict[str, Any]
-    """The network's config.json."""
-    kind: Literal["vp", "ve"]
-    prediction_type: str
-    vp: VPSchedule | None
-    ve: VESchedule | None
-    latent: bool
-    index: dict[str, Any] = field(default_factory=dict)
-    """model_index.json of a latent pipeline ({} otherwise)."""
-    vae_config: dict[str, Any] = field(default_factory=dict)
-
-
-def inspect_model_dir(directory: Path, source: str) -> ModelLayout:
-    """Check that `directory` looks loadable by `load_model`, without reading weights: a
-    supported layout, config files that parse and name a supported network class and
-    scheduler, and the weights files present.
-
-    Args:
-        directory: the local model directory (a hub snapshot or a URL copy included).
-        source: the source string, for messages.
-    Raises:
-        ModelSourceError naming the source and what is wrong.
-    """
-    unet_dir, scheduler_path = _layout(directory, source)
-    config = _read_json(unet_dir / "config.json", source)
-    scheduler = _read_json(scheduler_path, source)
-    kind, prediction, vp, ve = _schedule(scheduler, config, source)
-    latent = unet_dir != directory and config.get("_class_name") == "UNet2DConditionModel"
-    if not latent:
-        _check_pixel_net(unet_dir, config, source)
-        return ModelLayout(unet_dir, scheduler_path, config, kind, prediction, vp, ve, False)
-    if kind != "vp":
-        raise ModelSourceError(f"model source {source!r}: a latent model needs a VP scheduler")
-    index = _read_json(directory / "model_index.json", source)
-    vae = _read_json(directory / "vae" / "config.json", source) \
-        if (directory / "vae").is_dir() else {}
-    check_latent_layout(directory, source, index, config, vae)
-    return ModelLayout(unet_dir, scheduler_path, config, kind, prediction, vp, ve, True,
-                       index, vae)
-
-
-def _layout(directory: Path, source: str) -> tuple[Path, Path]:
-    """(unet directory, scheduler config path) for the root or pipeline layout."""
-    if (directory / "unet" / "config.json").exists():
-        return directory / "unet", directory / "scheduler" / "scheduler_config.json"
-    if (directory / "config.json").exists():
-        return directory, directory / "scheduler_config.json"
-    raise ModelSourceError(
-        f"model source {source!r}: no config.json or unet/config.json in {directory}; expected a "
-        "diffusers UNet2DModel directory (config.json, diffusion_pytorch_model.safetensors, "
-        "scheduler_config.json)"
-    )
-
-
-def _read_json(path: Path, source: str) -> dict[str, Any]:
-    if not path.exists():
-        raise ModelSourceError(f"model source {source!r}: missing {path.name} ({path})")
-    try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ModelSourceError(f"model source {source!r}: {path.name} is not valid JSON: {exc}") \
-            from exc
-    if not isinstance(data, dict):
-        raise ModelSourceError(f"model source {source!r}: {path.name} is not a JSON object")
-    return data
-
-
-def _check_pixel_net(unet_dir: Path, config: dict[str, Any], source: str) -> Path:
-    """The weights file of a pixel UNet2DModel directory; raises ModelSourceError for another
-    network class or no weights."""
-    name = config.get("_class_name", "UNet2DModel")
-    if name != "UNet2DModel":
-        raise ModelSourceError(
-            f"model source {source!r}: network class {name!r} is not supported; allowed: "
-            "UNet2DModel (unconditional pixel-space diffusion models); text-conditioned "
-            "UNet2DConditionModel only in a StableDiffusionPipeline directory (model_index.json)"
-        )
-    weights = next((unet_dir / f for f in WEIGHT_FILES if (unet_dir / f).exists()), None)
-    if weights is None:
-        raise ModelSourceError(
-            f"model source {source!r}: no weights in {unet_dir}; expected one of {WEIGHT_FILES}")
-    return weights
-
-
-def _build_net(unet_dir: Path, config: dict[str, Any], source: str
-               ) -> tuple[torch.nn.Module, Path]:
-    from diffusers import UNet2DModel
-
-    weights = _check_pixel_net(unet_dir, config, source)
-    try:
-        net = UNet2DModel.from_config(config)
-        if weights.suffix == ".safetensors":
-            from safetensors.torch import load_file
-
-            state = load_file(str(weights))
-        else:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        net.load_state_dict(state, strict=True)
-    except Exception as exc:
-        raise ModelSourceError(
-            f"model source {source!r}: cannot load {weights.name}: {type(exc).__name__}: "
-            f"{str(exc)[:300]}") from exc
-    return net, weights
-
-
-def _schedule(
-    scheduler: dict[str, Any], config: dict[str, Any], source: str
-) -> tuple[Literal["vp", "ve"], str, VPSchedule | None, VESchedule | None]:
-    name = scheduler.get("_class_name", "")
-    fourier = config.get("time_embedding_type") == "fourier"
-    if name in VE_SCHEDULERS or (not name and "sigma_max" in scheduler):
-        if not fourier:
-            raise ModelSourceError(
-                f"model source {source!r}: a VE scheduler with time embedding "
-                f"{config.get('time_embedding_type')!r}; VE score models need 'fourier'")
-        return "ve", "score", None, VESchedule.from_config(scheduler)
-    if name in VP_SCHEDULERS or (not name and "beta_start" in scheduler):
-        prediction = scheduler.get("prediction_type", "epsilon")
-        if prediction not in ("epsilon", "sample", "v_prediction"):
-            raise ModelSourceError(
-                f"model source {source!r}: prediction_type {prediction!r} is not supported; "
-                "allowed: epsilon, sample, v_prediction")
-        return "vp", prediction, VPSchedule.from_config(scheduler), None
-    raise ModelSourceError(
-        f"model source {source!r}: scheduler {name or '(no _class_name)'!r} is not supported; "
-        f"allowed: VP ({', '.join(sorted(VP_SCHEDULERS))}) or VE (ScoreSdeVeScheduler)")

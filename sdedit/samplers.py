@@ -2,7 +2,8 @@
 
 Every sampler takes a batch `x` already perturbed to each sample's start level and a per-sample
 list of reverse steps (samples may start at different noise levels: the lists are aligned at their
-end, so every sample finishes at the last iteration and a sample with fewer steps joins later).
+end, so every sample finishes at the last iteration and a sample with fewer steps joins later;
+`sdedit.steps.Steps` holds that bookkeeping).
 
 Conventions:
     x: float32 (N, C, H, W) on the compute device; arithmetic stays float32 whatever the network's
@@ -16,120 +17,27 @@ Conventions:
         index tensor on x's device). Masked editing uses it to re-noise the kept region. The
         last step has signal = 1, sigma = 0.
 
-Each sampler is one loop over `Steps`, the helper that holds this end-alignment bookkeeping:
-per aligned step it names the samples that step (`step.rows`), their coefficients (columns of
-float64 CPU tables, cast to float32 on x's device once), adds the noise of the samples that draw
-it (`step.add_noise`) and writes the stepped rows back (`step.update`, which runs after_step).
-The loop never synchronises with the device: which samples step and draw noise is decided from
-CPU tables before the loop, and every index tensor the loop needs is built then too.
+Which sampler runs on which noise process (`sdedit.processes`): VP models (DDPM, SD 1.x/2.x,
+SDXL) take `ddpm`, `ddim` and `dpmpp2m` over a discrete alpha_bar table; VE score models take
+`ve`; rectified-flow models (SD3, Flux) take `euler` (the ODE the diffusers pipelines run) and
+`flow_ddpm` (ancestral sampling of the same path: the paper's reverse SDE).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
-from types import SimpleNamespace
+from collections.abc import Callable, Sequence
 
 import torch
 
 from sdedit.schedules import VESchedule
+from sdedit.steps import AfterStep, NoiseFn, Steps, align
 
-__all__ = ["Denoiser", "NoiseFn", "ddim", "ddpm", "dpmpp2m", "logsnr_timesteps", "ve"]
+__all__ = ["Denoiser", "NoiseFn", "ddim", "ddpm", "dpmpp2m", "euler", "flow_ddpm",
+           "logsnr_timesteps", "ve"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(x (B, C, H, W) float32, t (B,)) -> (B, C, H, W) float32: eps for VP, the score for VE."""
-NoiseFn = Callable[[list[int]], torch.Tensor]
-AfterStep = Callable[[torch.Tensor, slice | torch.Tensor, torch.Tensor, torch.Tensor],
-                     torch.Tensor]
-
-
-def _align(sequences: Sequence[Sequence[float]], pad: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """End-align ragged per-sample step lists into (N, K) float64 with `pad`, and (N, K) active."""
-    width = max(len(s) for s in sequences)
-    grid = torch.full((len(sequences), width), pad, dtype=torch.float64)
-    active = torch.zeros((len(sequences), width), dtype=torch.bool)
-    for i, seq in enumerate(sequences):
-        if seq:
-            grid[i, width - len(seq):] = torch.as_tensor(list(seq), dtype=torch.float64)
-            active[i, width - len(seq):] = True
-    return grid, active
-
-
-class Step:
-    """One aligned step: the samples that take it and their coefficients.
-
-    Attributes:
-        rows: selects the stepped samples of a full-batch tensor (a slice for the whole batch,
-            else an int64 index tensor on the device).
-        ids: the stepped samples' positions in the batch (a CPU list, for their noise).
-        c: the step's coefficients, each float32 (B, 1, 1, 1) on the device, by table name.
-        index: the step's integer table values (timesteps), each (B,) int64 on the device.
-    """
-
-    def __init__(self, rows: slice | torch.Tensor, ids: list[int], c: SimpleNamespace,
-                 index: SimpleNamespace, draw: list[int], where: torch.Tensor | None) -> None:
-        self.rows, self.ids, self.c, self.index = rows, ids, c, index
-        self._draw, self._where = draw, where
-
-    def add_noise(self, x_rows: torch.Tensor, noise: NoiseFn) -> torch.Tensor:
-        """x_rows + c.std * z for the rows that draw noise at this step (one draw each)."""
-        if not self._draw:
-            return x_rows
-        z = noise(self._draw)
-        if self._where is None:
-            return x_rows + self.c.std * z
-        x_rows[self._where] = x_rows[self._where] + self.c.std[self._where] * z
-        return x_rows
-
-    def update(self, x: torch.Tensor, x_rows: torch.Tensor,
-               after_step: AfterStep | None) -> torch.Tensor:
-        """The batch with the stepped rows replaced by x_rows (after after_step)."""
-        if after_step is not None:
-            x_rows = after_step(x_rows, self.rows, self.c.signal.flatten(),
-                                self.c.sigma.flatten())
-        if isinstance(self.rows, slice):
-            return x_rows
-        x[self.rows] = x_rows
-        return x
-
-
-class Steps:
-    """The aligned steps of a batch whose samples have step lists of different lengths.
-
-    Args:
-        device: where the batch lives.
-        active: (N, K) bool, CPU: sample n takes aligned step k.
-        noisy: (N, K) bool, CPU: ... and draws noise there.
-        tables: (N, K) float64 CPU coefficient tables; moved once to the device as float32.
-            Every sampler gives `std`, `signal` and `sigma` (the scale of the state a step
-            produces, x ~ signal * x0 + sigma * z, for after_step).
-        index: (N, K) int64 CPU tables (timesteps), moved once to the device as they are.
-    """
-
-    def __init__(self, device: torch.device, active: torch.Tensor, noisy: torch.Tensor,
-                 tables: dict[str, torch.Tensor],
-                 index: dict[str, torch.Tensor] | None = None) -> None:
-        self.active, self.noisy, self.device = active, noisy, device
-        self.tables = {name: t.to(device=device, dtype=torch.float32)
-                       for name, t in tables.items()}
-        self.index = {name: t.to(device) for name, t in (index or {}).items()}
-
-    def __iter__(self) -> Iterator[Step]:
-        n = self.active.shape[0]
-        plan = []  # built whole before the first step: the loop reads no device data
-        for k in range(self.active.shape[1]):
-            ids = self.active[:, k].nonzero().flatten().tolist()
-            if not ids:
-                continue
-            rows = slice(None) if len(ids) == n else torch.tensor(ids, device=self.device)
-            draw = [i for i in ids if self.noisy[i, k]]
-            where = None if len(draw) == len(ids) else \
-                torch.tensor([ids.index(i) for i in draw], device=self.device)
-            plan.append((k, rows, ids, draw, where))
-        for k, rows, ids, draw, where in plan:
-            c = SimpleNamespace(**{name: t[rows, k].view(-1, 1, 1, 1)
-                                   for name, t in self.tables.items()})
-            index = SimpleNamespace(**{name: t[rows, k] for name, t in self.index.items()})
-            yield Step(rows, ids, c, index, draw, where)
+"""(x (B, C, H, W) float32, t (B,)) -> (B, C, H, W) float32: eps for VP (t: int64 timestep
+indices), the score for VE (t: sigma), the velocity z - x0 for flow (t: sigma)."""
 
 
 def _vp_tables(
@@ -137,7 +45,7 @@ def _vp_tables(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """(t, alpha_bar_t, alpha_bar_s, active) for aligned steps t -> s; s = -1 means clean (=1)."""
     pairs = [[*seq, -1] for seq in timesteps]
-    grid, active = _align(pairs, pad=-2.0)
+    grid, active = align(pairs, pad=-2.0)
     t, s = grid[:, :-1].long(), grid[:, 1:].long()
     active = active[:, :-1]
     abar = torch.cat([alphas_cumprod.double(), torch.ones(1, dtype=torch.float64)])
@@ -333,7 +241,7 @@ def ve(
     if corrector_steps < 0:
         raise ValueError(f"corrector_steps={corrector_steps!r}; allowed: an int >= 0")
     snr = schedule.snr if snr is None else snr
-    grid, active = _align(times, pad=1.0)
+    grid, active = align(times, pad=1.0)
     dt = torch.tensor([s[0] / len(s) for s in times], dtype=torch.float64)[:, None]
     last = torch.zeros_like(active)
     last[:, -1] = True
@@ -353,5 +261,86 @@ def ve(
             size = (2 * (snr * ratio) ** 2).view(-1, 1, 1, 1)
             x_t = x_t + size * grad + (2 * size).sqrt() * z
         x_s = x_t + step.c.eps2 * score_fn(x_t, sigma)
+        x = step.update(x, step.add_noise(x_s, noise), after_step)
+    return x
+
+
+def _flow_tables(sigmas: Sequence[Sequence[float]]
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(sigma_t, sigma_s, active) float64 (N, K) for aligned steps sigma_t -> sigma_s of
+    rectified-flow paths; each sample's last step goes to sigma_s = 0 (clean data)."""
+    pairs = [[*seq, 0.0] for seq in sigmas]
+    grid, active = align(pairs, pad=0.5)
+    return grid[:, :-1], torch.where(active[:, 1:], grid[:, 1:], 0.0), active[:, :-1]
+
+
+def euler(
+    velocity_fn: Denoiser,
+    x: torch.Tensor,
+    sigmas: Sequence[Sequence[float]],
+    noise: NoiseFn,
+    *,
+    after_step: AfterStep | None = None,
+) -> torch.Tensor:
+    """Euler's method for the rectified-flow ODE dx/dsigma = v (Liu et al., 2022; Esser et al.,
+    2024, SD3): x_s = x_t + (sigma_s - sigma_t) v(x_t, sigma_t), the step of diffusers'
+    FlowMatchEulerDiscreteScheduler that the SD3 and Flux pipelines run. Deterministic: it draws
+    no noise. Since x_t = (1 - sigma_t) x0 + sigma_t z and v = z - x0, the step equals DDIM on
+    the flow path: x_s = (1 - sigma_s) x0_hat + sigma_s z_hat.
+
+    Args:
+        velocity_fn: (x, sigma (B,)) -> v = z - x0, float32 (B, C, H, W).
+        sigmas: per sample, descending noise levels in (0, 1] at which the network is called;
+            the last step goes on to sigma = 0.
+    Returns:
+        float32 (N, C, H, W) (not clamped).
+    """
+    sig_t, sig_s, active = _flow_tables(sigmas)
+    tables = {"sig_t": sig_t, "dt": sig_s - sig_t, "std": torch.zeros_like(sig_t),
+              "signal": 1.0 - sig_s, "sigma": sig_s}
+    x = x.clone()
+    for step in Steps(x.device, active, torch.zeros_like(active), tables):
+        x_t = x[step.rows]
+        x_s = x_t + step.c.dt * velocity_fn(x_t, step.c.sig_t.flatten())
+        x = step.update(x, x_s, after_step)
+    return x
+
+
+def flow_ddpm(
+    velocity_fn: Denoiser,
+    x: torch.Tensor,
+    sigmas: Sequence[Sequence[float]],
+    noise: NoiseFn,
+    *,
+    after_step: AfterStep | None = None,
+) -> torch.Tensor:
+    """Ancestral sampling of the rectified-flow path x = (1 - sigma) x0 + sigma z: each step
+    draws x_s from the posterior q(x_s | x_t, x0_hat) of the Gaussian path (Ho et al., 2020,
+    Alg. 2, with a_t = 1 - sigma_t, b_t = sigma_t in place of sqrt(alpha_bar), sqrt(1 -
+    alpha_bar); Kingma et al., 2021, eq. 27). This is the reverse-SDE sampler of SDEdit (Meng et
+    al., 2021) on a flow model, as `ddpm` is on a VP model; no noise at the last step.
+
+    With x0_hat = x_t - sigma_t v and z_hat = x_t + (1 - sigma_t) v, one step is
+    x_s = a_s x0_hat + sqrt(b_s^2 - c^2) z_hat + c z, c^2 = b_s^2 (b_t^2 - (a_t/a_s)^2 b_s^2) /
+    b_t^2 (the posterior variance).
+
+    Args:
+        velocity_fn: (x, sigma (B,)) -> v = z - x0, float32 (B, C, H, W).
+        sigmas: per sample, descending noise levels in (0, 1] (see `euler`).
+    Returns:
+        float32 (N, C, H, W) (not clamped).
+    """
+    sig_t, sig_s, active = _flow_tables(sigmas)
+    a_t, a_s = 1.0 - sig_t, 1.0 - sig_s
+    ratio = a_t / a_s
+    var = (sig_s**2 * (sig_t**2 - ratio**2 * sig_s**2) / sig_t**2).clamp(min=0)
+    std = torch.where(active, var.sqrt(), 0.0)
+    keep = (sig_s**2 - std**2).clamp(min=0).sqrt()           # z_hat's share of x_s
+    tables = {"sig_t": sig_t, "coef_x": a_s + keep, "coef_v": keep * a_t - a_s * sig_t,
+              "std": std, "signal": a_s, "sigma": sig_s}
+    x = x.clone()
+    for step in Steps(x.device, active, active & (std > 0), tables):
+        x_t = x[step.rows]
+        x_s = step.c.coef_x * x_t + step.c.coef_v * velocity_fn(x_t, step.c.sig_t.flatten())
         x = step.update(x, step.add_noise(x_s, noise), after_step)
     return x

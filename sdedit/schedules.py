@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["VESchedule", "VPSchedule", "respace"]
+__all__ = ["VESchedule", "VPSchedule", "respace", "zero_terminal_snr"]
 
 
 @dataclass(frozen=True)
@@ -51,8 +51,16 @@ class VPSchedule:
         """Build from a diffusers DDPM/DDIM-style scheduler config.
 
         Accepts `num_train_timesteps` (or the older key `timesteps`), `beta_start`, `beta_end`,
-        `beta_schedule` in {linear, scaled_linear, squaredcos_cap_v2} or `trained_betas`.
+        `beta_schedule` in {linear, scaled_linear, squaredcos_cap_v2} or `trained_betas`, and
+        `rescale_betas_zero_snr` (applied: `zero_terminal_snr`).
         """
+        schedule = cls._betas_from_config(config)
+        if config.get("rescale_betas_zero_snr"):
+            return cls(zero_terminal_snr(schedule.betas))
+        return schedule
+
+    @classmethod
+    def _betas_from_config(cls, config: Mapping[str, Any]) -> VPSchedule:
         steps = int(config.get("num_train_timesteps", config.get("timesteps", 1000)))
         trained = config.get("trained_betas")
         if trained is not None:
@@ -86,6 +94,18 @@ class VPSchedule:
                 f"round(t0 * {self.num_train_timesteps}) >= 1"
             )
         return index
+
+
+def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
+    """Betas rescaled so that alpha_bar at the last step is 0 (Lin et al., 2024, "Common
+    diffusion noise schedules and sample steps are flawed", Alg. 1): sqrt(alpha_bar) is shifted
+    to end at 0 and scaled to keep its first value. float64 (T,) in, float64 (T,) out."""
+    root = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
+    first, last = root[0].clone(), root[-1].clone()
+    root = (root - last) * first / (first - last)
+    abar = root**2
+    alphas = torch.cat([abar[:1], abar[1:] / abar[:-1]])
+    return 1.0 - alphas
 
 
 @dataclass(frozen=True)

@@ -35,10 +35,13 @@ __all__ = [
 ]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder")
-"""Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor)."""
-TEXT_COMPONENTS = ("tokenizer",)
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model")}
+WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2",
+                     "text_encoder_3")
+"""Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor,
+image_encoder)."""
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+WEIGHT_STEMS = {name: ("model", "pytorch_model")
+                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
 DEFAULT_STEMS = ("diffusion_pytorch_model",)
 CHUNK = 1 << 22
 FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
@@ -46,7 +49,14 @@ FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
                      "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
                      "text_encoder/model.safetensors", "tokenizer/*",
-                     "scheduler/scheduler_config.json"]
+                     "scheduler/scheduler_config.json", "transformer/config.json",
+                     "transformer/diffusion_pytorch_model.safetensors",
+                     "transformer/diffusion_pytorch_model.safetensors.index.json",
+                     "transformer/diffusion_pytorch_model-*-of-*.safetensors",
+                     *(f"text_encoder_{i}/{name}" for i in (2, 3) for name in (
+                         "config.json", "model.safetensors", "model.safetensors.index.json",
+                         "model-*-of-*.safetensors")),
+                     "tokenizer_2/*", "tokenizer_3/*"]
 """What a hub fetch asks for when the repository cannot be listed (offline: the cache answers)."""
 HUB_TIMEOUT = 10.0
 """Seconds one hub listing may take (`hub_repo_files`)."""
@@ -123,8 +133,9 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
     """The files of a hub repository that `load_model` needs, as exact allow_patterns.
 
     Pipeline layout (model_index.json): model_index.json, the config and one weights variant of
-    unet, vae and text_encoder (or just unet for a pixel pipeline), every file of tokenizer/,
-    and scheduler/scheduler_config.json. Root layout: config.json, scheduler_config.json and one
+    each of unet or transformer, vae, text_encoder, text_encoder_2, text_encoder_3 present (just
+    unet for a pixel pipeline), every file of tokenizer/, tokenizer_2/, tokenizer_3/, and
+    scheduler/scheduler_config.json. Root layout: config.json, scheduler_config.json and one
     weights file. Never safety_checker/, feature_extractor/, root-level checkpoints (.ckpt,
     v1-5-pruned.safetensors) or fp16 / ema / non_ema variants.
 

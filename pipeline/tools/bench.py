@@ -30,6 +30,7 @@ from sdedit import DiffusionModel, edit, load_model
 from sdedit.accel import Acceleration
 from sdedit.devices import DTYPES, resolve_device
 from sdedit.edit import SeedNoise, count_steps
+from sdedit.processes import VPProcess
 from sdedit.schedules import VPSchedule
 
 logger = logging.getLogger(__name__)
@@ -144,8 +145,7 @@ def random_model(arch: str, device: torch.device) -> DiffusionModel:
     net = UNet2DModel(**config).to(device).eval().requires_grad_(False)
     size = config["sample_size"]
     return DiffusionModel(
-        net=net, kind="vp", prediction_type="epsilon", vp=VPSchedule.linear(), ve=None,
-        sample_size=(size, size), in_channels=3,
+        net=net, process=VPProcess(VPSchedule.linear()), sample_size=(size, size), in_channels=3,
         downsample_factor=2 ** (len(config["block_out_channels"]) - 1),
         source=f"random:{arch}", device=device, dtype=torch.float32,
         accel=Acceleration.default(device, torch.float32))
@@ -258,8 +258,10 @@ def _setup(config: BenchConfig) -> tuple[torch.device, DiffusionModel, int]:
             raise PipelineError(f"dtype {name!r} is unknown; allowed: {', '.join(DTYPES)}")
     model = load_model(config.source, device) if config.source else \
         random_model(config.arch, device)
-    if model.kind != "vp":
-        raise PipelineError(f"bench needs a VP (DDPM) model; {model.source} is VE")
+    if not isinstance(model.process, VPProcess) or model.latent:
+        raise PipelineError(f"bench needs a pixel VP (DDPM) model (the reference is the "
+                            f"official DDPM loop); {model.source} is a {model.family} model "
+                            f"with a {model.process.name.upper()} process")
     try:
         evals = count_steps(model, config.sampler, config.t0, config.steps)
     except ValueError as exc:
@@ -284,7 +286,7 @@ def _bench_edit(model: DiffusionModel, config: BenchConfig, device: torch.device
     gen = torch.Generator().manual_seed(batch)
     guides = torch.rand(batch, model.in_channels, *size, generator=gen) * 2 - 1
     seeds = list(range(batch))
-    start = model.vp.start_index(config.t0)  # type: ignore[union-attr]
+    start = model.process.schedule.start_index(config.t0)  # type: ignore[attr-defined]
 
     def run(steps: int | None = config.steps) -> torch.Tensor:
         return edit(model, guides, t0=config.t0, seeds=seeds, sampler=config.sampler,

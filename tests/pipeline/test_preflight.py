@@ -44,9 +44,13 @@ def _cache_snapshot(cache: Path, repo: str, model_dir: Path, commit: str = "c0ff
     return snapshot
 
 
-def test_a_loadable_local_model_has_no_problem(tiny_vp_dir, tiny_sd_dir):
-    assert model_problems(str(tiny_vp_dir), None) == ([], [])
-    assert model_problems(str(tiny_sd_dir), None) == ([], [])
+def test_a_loadable_local_model_has_no_problem_and_is_named(tiny_vp_dir, tiny_sd_dir):
+    assert model_problems(str(tiny_vp_dir), None) == ([], [
+        f"model.source {tiny_vp_dir}: pixel model, VP noise process (samplers ddpm, ddim, "
+        "dpmpp2m), no text, trained at 16x16, image sides multiples of 2"])
+    assert model_problems(str(tiny_sd_dir), None) == ([], [
+        f"model.source {tiny_sd_dir}: sd model, VP noise process (samplers ddpm, ddim, "
+        "dpmpp2m), prompts, guidance cfg, trained at 16x16, image sides multiples of 4"])
 
 
 def test_local_model_problems_name_what_is_wrong(tiny_vp_dir, tmp_path):
@@ -91,7 +95,9 @@ def test_a_hub_id_in_the_hub_cache_is_checked_there(hub_cache, tiny_vp_dir):
     snapshot = _cache_snapshot(hub_cache, "org/tiny", tiny_vp_dir)
     for offline in (False, True):
         assert model_problems("org/tiny", None, offline=offline) == ([], [
-            f"model.source org/tiny: in the hub cache (revision {snapshot.name})"])
+            f"model.source org/tiny: in the hub cache (revision {snapshot.name})",
+            "model.source org/tiny: pixel model, VP noise process (samplers ddpm, ddim, "
+            "dpmpp2m), no text, trained at 16x16, image sides multiples of 2"])
     (snapshot / "diffusion_pytorch_model.safetensors").unlink()
     problems, notes = model_problems("org/tiny", None, offline=True)
     assert problems == [] and "incomplete in the hub cache" in notes[0]
@@ -117,7 +123,10 @@ def test_check_model_raises_listing_the_problem(tiny_vp_dir, tmp_path):
     assert info.value.exit_code == 2
     assert str(info.value).startswith("test-job: 1 problem found before any work\n  - "
                                       "model.source: ")
-    assert check_model(make_spec(tiny_vp_dir, [str(tmp_path / "a.tar")], tmp_path / "o")) == []
+    notes = check_model(make_spec(tiny_vp_dir, [str(tmp_path / "a.tar")], tmp_path / "o"))
+    assert notes == [f"model.source {tiny_vp_dir}: pixel model, VP noise process (samplers "
+                     "ddpm, ddim, dpmpp2m), no text, trained at 16x16, image sides multiples "
+                     "of 2"]
 
 
 def test_local_inputs_must_exist(tiny_vp_dir, tmp_path):

@@ -42,14 +42,14 @@ def test_converted_eps_equals_the_original_network(tmp_path, shape, prefix):
     t = torch.tensor([0, 499, 999])
     with torch.no_grad():
         expected = net(x, t)
-    got = model.eps(x, t)
+    got = model.denoise(x, t)
     scale = float(expected.abs().max())
     assert scale > 0.1
     assert torch.allclose(got, expected, rtol=0, atol=1e-5 * scale), \
         float((got - expected).abs().max())
     # the schedule of the config: linear 1e-4..0.02 over 1000, small variance
     betas = np.linspace(1e-4, 0.02, 1000, dtype=np.float64)
-    assert torch.allclose(model.vp.betas, torch.from_numpy(betas), rtol=1e-12, atol=0)
+    assert torch.allclose(model.process.schedule.betas, torch.from_numpy(betas), rtol=1e-12, atol=0)
     scheduler = json.loads((out / "scheduler_config.json").read_text())
     assert scheduler["_class_name"] == "DDPMScheduler"
     assert scheduler["variance_type"] == "fixed_small" and scheduler["clip_sample"] is False

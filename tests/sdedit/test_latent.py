@@ -8,7 +8,9 @@ import torch
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from sdedit import edit, load_model
-from sdedit.latent import GuidedEps, latent_mask
+from sdedit.conditioning import Conditioning
+from sdedit.guidance import Guided
+from sdedit.latent import latent_mask
 from tests.support.tiny_latent import save_sd_model, tiny_scheduler, tiny_sd_pipeline
 
 PROMPTS = ["a red cat", "blue dog"]
@@ -150,16 +152,16 @@ def test_prompts_change_the_output_and_outputs_are_batch_invariant(tiny_sd):
     assert not torch.allclose(batch[:1], other, atol=1e-4)
 
 
-def test_guided_eps_finds_rows_from_the_batch_size():
-    cond = torch.arange(4.0).view(4, 1, 1) + 10
-    uncond = torch.arange(4.0).view(4, 1, 1) + 20
+def test_guided_denoiser_finds_rows_from_the_batch_size():
+    cond = Conditioning({"encoder_hidden_states": torch.arange(4.0).view(4, 1, 1) + 10})
+    uncond = Conditioning({"encoder_hidden_states": torch.arange(4.0).view(4, 1, 1) + 20})
     seen = []
 
     def eps(x, t, context):
-        seen.append(context.flatten().tolist())
+        seen.append(context.rows["encoder_hidden_states"].flatten().tolist())
         return torch.zeros_like(x)
 
-    guided = GuidedEps(eps, cond, uncond, 2.0, lengths=[5, 9, 5, 7])
+    guided = Guided(eps, cond, uncond, 2.0, lengths=[5, 9, 5, 7])
     for size in (4, 2, 1):
         guided(torch.zeros(size, 1, 2, 2), torch.zeros(size, dtype=torch.long))
     assert seen == [[20, 21, 22, 23, 10, 11, 12, 13], [21, 23, 11, 13], [21, 11]]
@@ -183,7 +185,7 @@ def test_warm_up_runs_the_guided_batch(tiny_sd):
         (dict(prompts=["a", 3]), "prompts entry 3"),
         (dict(negative_prompts=["a"]), "negative_prompts is 1 values"),
         (dict(guidance_scale=0.5), "guidance_scale=0.5"),
-        (dict(sampler="ve"), "needs a VE model"),
+        (dict(sampler="ve"), "allowed: ddpm, ddim, dpmpp2m"),
     ],
 )
 def test_latent_input_checks(tiny_sd, kwargs, fragment):

@@ -13,7 +13,9 @@ import torch
 from diffusers import DDPMPipeline, DDPMScheduler
 
 from sdedit import load_model
+from sdedit.conditioning import Conditioning
 from sdedit.models import ModelSourceError
+from sdedit.processes import VEProcess, VPProcess
 from sdedit.sources import files_identity
 from tests.support.tiny_models import save_vp_model, tiny_unet
 
@@ -27,16 +29,17 @@ def _same_net(a: torch.nn.Module, b: torch.nn.Module) -> bool:
 
 def test_round_trip_root_layout(tiny_vp_dir):
     model = load_model(tiny_vp_dir)
-    assert model.kind == "vp" and model.prediction_type == "epsilon"
+    assert model.family == "pixel" and isinstance(model.process, VPProcess)
+    assert model.process.prediction_type == "epsilon"
     assert not model.conditional and not model.latent and model.codec is None
     root = Path(tiny_vp_dir)
     assert model.identity == files_identity(root, [
         root / "config.json", root / "diffusion_pytorch_model.safetensors",
         root / "scheduler_config.json"])
     assert model.sample_size == (16, 16) and model.in_channels == 3
-    assert model.vp.num_train_timesteps == 1000
+    assert model.process.schedule.num_train_timesteps == 1000
     assert _same_net(model.net, tiny_unet())
-    assert abs(float(model.vp.betas[0]) - 1e-4) < 1e-12
+    assert abs(float(model.process.schedule.betas[0]) - 1e-4) < 1e-12
 
 
 def test_bin_weights_load_without_pickle_objects(tmp_path):
@@ -49,13 +52,13 @@ def test_pipeline_layout(tmp_path):
     scheduler = DDPMScheduler(beta_start=1e-4, beta_end=0.02, prediction_type="v_prediction")
     DDPMPipeline(unet=tiny_unet(seed=1), scheduler=scheduler).save_pretrained(tmp_path / "p")
     model = load_model(tmp_path / "p")
-    assert model.prediction_type == "v_prediction"
+    assert model.process.prediction_type == "v_prediction"
     assert _same_net(model.net, tiny_unet(seed=1))
 
 
 def test_ve_model_is_recognised(tiny_ve_dir):
     model = load_model(tiny_ve_dir)
-    assert model.kind == "ve" and model.ve.sigma_max == 50.0 and model.vp is None
+    assert isinstance(model.process, VEProcess) and model.process.schedule.sigma_max == 50.0
 
 
 @pytest.mark.parametrize("scheme", ["memory", "file"])
@@ -115,6 +118,11 @@ def _mismatched(path: Path) -> None:
 
 def _unsupported_scheduler(path: Path) -> None:
     (path / "scheduler_config.json").write_text(json.dumps(
+        {"_class_name": "CMStochasticIterativeScheduler", "sigma_min": 0.002}))
+
+
+def _flow_scheduler_on_a_unet(path: Path) -> None:
+    (path / "scheduler_config.json").write_text(json.dumps(
         {"_class_name": "FlowMatchEulerDiscreteScheduler", "shift": 3.0}))
 
 
@@ -137,7 +145,8 @@ def _bad_json(path: Path) -> None:
     [
         (_corrupt, "cannot load diffusion_pytorch_model.safetensors"),
         (_mismatched, "cannot load diffusion_pytorch_model.safetensors"),
-        (_unsupported_scheduler, "scheduler 'FlowMatchEulerDiscreteScheduler' is not supported"),
+        (_unsupported_scheduler, "scheduler 'CMStochasticIterativeScheduler' is not supported"),
+        (_flow_scheduler_on_a_unet, "a flow-matching scheduler with a UNet2DModel"),
         (_conditional, "'UNet2DConditionModel' is not supported"),
         (_no_scheduler, "missing scheduler_config.json"),
         (_bad_json, "config.json is not valid JSON"),
@@ -181,20 +190,22 @@ def test_stable_diffusion_pipeline_directory(tiny_sd_dir, tmp_path):
     (directory / "safety_checker").mkdir()            # never read: broken on purpose
     (directory / "safety_checker" / "config.json").write_text("{ not json")
     model = load_model(directory)
-    assert model.conditional and model.latent and model.kind == "vp"
+    assert model.conditional and model.latent and isinstance(model.process, VPProcess)
+    assert model.family == "sd"
     assert model.sample_size == (16, 16) and model.downsample_factor == 4
     assert model.in_channels == 3 and model.state_shape(16, 24) == (4, 8, 12)
-    assert model.vp.num_train_timesteps == 1000
-    assert abs(float(model.vp.betas[0]) - 0.00085) < 1e-12
+    assert model.process.schedule.num_train_timesteps == 1000
+    assert abs(float(model.process.schedule.betas[0]) - 0.00085) < 1e-12
     assert all(p.dtype == torch.float32 for p in model.codec.vae.parameters())
     x = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     context = torch.randn(2, 12, 32, generator=torch.Generator().manual_seed(1))
     t = torch.tensor([3, 700])
     with torch.no_grad():
         expected = tiny_cond_unet()(x, t, encoder_hidden_states=context).sample
-    assert torch.equal(model.eps(x, t, context), expected)
-    with pytest.raises(ValueError, match="context is missing"):
-        model.eps(x, t)
+    cond = Conditioning({"encoder_hidden_states": context})
+    assert torch.equal(model.denoise(x, t, cond), expected)
+    with pytest.raises(ValueError, match="cond is missing"):
+        model.denoise(x, t)
     assert model.identity.startswith("sha256:")
     assert model.identity == load_model(tiny_sd_dir).identity    # extra folders do not count
 

@@ -1,0 +1,200 @@
+"""What every model family provides, and the loading helpers they share.
+
+A family (pixel UNet, SD 1.x/2.x, ...) recognises its directory layout, reads what the model is
+from its JSON files alone (`ModelLayout`: the noise process, sizes, how it takes prompts), and
+loads its parts (`Loaded`: the network and how to call it, the VAE codec, the prompt encoder).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec
+from sdedit.latent import LatentCodec
+from sdedit.processes import NoiseProcess, VEProcess, VPProcess, flow_from_config
+from sdedit.schedules import VESchedule, VPSchedule
+from sdedit.sources import ModelSourceError
+
+__all__ = ["Family", "Loaded", "ModelLayout", "component", "read_json", "scheduler_process",
+           "unet_call", "weight_files"]
+
+VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
+                 "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
+                 "EulerAncestralDiscreteScheduler", "LMSDiscreteScheduler",
+                 "DPMSolverSinglestepScheduler", "UniPCMultistepScheduler",
+                 "HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "DEISMultistepScheduler"}
+"""Scheduler classes whose config is a discrete VP schedule (betas); only the betas are used."""
+VE_SCHEDULERS = {"ScoreSdeVeScheduler"}
+FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    """What a model directory holds, read from its JSON files only (no weights).
+
+    Attributes:
+        family: the family's name ("pixel", "sd", ...), for messages and records.
+        directory: the local model directory.
+        process: its noise process (from the scheduler config).
+        sample_size: (H, W) pixels it was trained at.
+        in_channels: channels of the images `edit` takes (3).
+        downsample_factor: image sides must be multiples of this.
+        text: how it takes prompts and guidance, or None for unconditional models.
+        patch: latent cells per network token along a side (resolution-dependent shifts).
+        configs: the parsed JSON files, by name ("index", "unet", "vae", "scheduler", ...).
+        paths: where the parts are, by name ("unet", "scheduler", ...), for `load`.
+    """
+
+    family: str
+    directory: Path
+    process: NoiseProcess
+    sample_size: tuple[int, int]
+    in_channels: int
+    downsample_factor: int
+    text: TextSpec | None = None
+    patch: int = 1
+    configs: Mapping[str, dict[str, Any]] = field(default_factory=dict)
+    paths: Mapping[str, Path] = field(default_factory=dict)
+
+    @property
+    def latent(self) -> bool:
+        """True when the chain runs on VAE latents."""
+        return "vae" in self.configs
+
+
+@dataclass
+class Loaded:
+    """A family's loaded parts, float32 on the CPU, in eval mode.
+
+    Attributes:
+        net: the denoising network.
+        call: how to call it (`sdedit.conditioning.NetCall`).
+        codec: the VAE codec of a latent model, else None.
+        text: the prompt encoder of a text-conditioned model, else None.
+        files: the files the parts were built from (their content is the model's identity).
+    """
+
+    net: torch.nn.Module
+    call: NetCall
+    codec: LatentCodec | None = None
+    text: PromptEncoder | None = None
+    files: list[Path] = field(default_factory=list)
+
+
+class Family(Protocol):
+    """One model family (see the module docstring)."""
+
+    name: str
+
+    def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
+        """Whether `directory` (with its model_index.json, {} if none) is of this family."""
+
+    def inspect(self, directory: Path, source: str,
+                index: Mapping[str, Any]) -> ModelLayout:
+        """Read and check the layout without weights; ModelSourceError naming what is wrong."""
+
+    def load(self, layout: ModelLayout, source: str) -> Loaded:
+        """Load the parts (ModelSourceError naming the part that cannot be loaded)."""
+
+
+def unet_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+              cond: Conditioning | None) -> torch.Tensor:
+    """A diffusers UNet2DModel (`net(x, t).sample`) or a UNet2DConditionModel with prompt
+    embeddings only (`encoder_hidden_states`)."""
+    if cond is None:
+        return module(x, t).sample
+    return module(x, t, encoder_hidden_states=cond.rows["encoder_hidden_states"]).sample
+
+
+def read_json(path: Path, source: str) -> dict[str, Any]:
+    """A JSON object file of a model directory; ModelSourceError when missing or invalid."""
+    if not path.exists():
+        raise ModelSourceError(f"model source {source!r}: missing {path.name} ({path})")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ModelSourceError(f"model source {source!r}: {path.name} is not valid JSON: {exc}") \
+            from exc
+    if not isinstance(data, dict):
+        raise ModelSourceError(f"model source {source!r}: {path.name} is not a JSON object")
+    return data
+
+
+def scheduler_process(scheduler: Mapping[str, Any], source: str) -> NoiseProcess:
+    """The noise process a diffusers scheduler config describes: VP (betas), VE (sigmas) or
+    flow matching (shift). Options that change the schedule are applied or refused, never
+    ignored (`rescale_betas_zero_snr` is applied; flow grid options are refused)."""
+    name = scheduler.get("_class_name", "")
+    try:
+        if name in VE_SCHEDULERS or (not name and "sigma_max" in scheduler):
+            return VEProcess(VESchedule.from_config(scheduler))
+        if name in FLOW_SCHEDULERS:
+            return flow_from_config(scheduler)
+        if name in VP_SCHEDULERS or (not name and "beta_start" in scheduler):
+            prediction = scheduler.get("prediction_type", "epsilon")
+            if prediction not in ("epsilon", "sample", "v_prediction"):
+                raise ValueError(f"prediction_type {prediction!r} is not supported; allowed: "
+                                 "epsilon, sample, v_prediction")
+            return VPProcess(VPSchedule.from_config(scheduler), prediction)
+    except ValueError as exc:
+        raise ModelSourceError(f"model source {source!r}: scheduler {name}: {exc}") from exc
+    raise ModelSourceError(
+        f"model source {source!r}: scheduler {name or '(no _class_name)'!r} is not supported; "
+        f"allowed: VP ({', '.join(sorted(VP_SCHEDULERS))}), VE (ScoreSdeVeScheduler) or "
+        "flow matching (FlowMatchEulerDiscreteScheduler)")
+
+
+def component(cls: Any, directory: Path, name: str, source: str) -> Any:
+    """`cls.from_pretrained(directory / name)`, float32, eval, no grad; ModelSourceError naming
+    the part when it cannot be loaded."""
+    options = {}
+    if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
+        # meta-device initialisation needs accelerate; without it, say so once (not per part)
+        options["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+    try:
+        part = cls.from_pretrained(directory / name, **options)
+    except Exception as exc:
+        raise ModelSourceError(
+            f"model source {source!r}: cannot load {name}/ as {cls.__name__}: "
+            f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    if isinstance(part, torch.nn.Module):
+        part = part.float().eval().requires_grad_(False)
+    return part
+
+
+def weight_files(folder: Path) -> list[Path]:
+    """The full-precision weight files from_pretrained reads in `folder` (safetensors first)."""
+    for ext in ("safetensors", "bin"):
+        for stem in ("diffusion_pytorch_model", "model", "pytorch_model"):
+            single = folder / f"{stem}.{ext}"
+            if single.exists():
+                return [single]
+            if (folder / f"{stem}.{ext}.index.json").exists():
+                index = folder / f"{stem}.{ext}.index.json"
+                return [*sorted(folder.glob(f"{stem}-*-of-*.{ext}")), index]
+    return []
+
+
+def require_weights(directory: Path, names: tuple[str, ...], source: str, supported: str) -> None:
+    """ModelSourceError when a component folder of `names` holds no weights."""
+    for name in names:
+        if not weight_files(directory / name):
+            raise ModelSourceError(f"model source {source!r}: no weights in {name}/ "
+                                   f"({directory / name}); supported: {supported}")
+
+
+def component_files(directory: Path, weighted: tuple[str, ...],
+                    texts: tuple[str, ...] = ()) -> list[Path]:
+    """The files a pipeline's parts are built from: each weighted folder's config.json and
+    weights, and every file of each text folder (tokenizers)."""
+    files = [directory / name / "config.json" for name in weighted]
+    files += [f for name in weighted for f in weight_files(directory / name)]
+    files += [f for name in texts for f in sorted((directory / name).iterdir()) if f.is_file()]
+    return files
