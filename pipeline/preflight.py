@@ -23,7 +23,13 @@ from pipeline.spec import JobSpec
 from pipeline.storage import describe_error, join, url_fs, with_retries
 from sdedit.families import ModelLayout
 from sdedit.models import ModelSourceError, inspect_model_dir
-from sdedit.sources import cached_snapshot, local_path, source_kind
+from sdedit.sources import (
+    cached_snapshot,
+    hub_download_hint,
+    hub_repo_files,
+    local_path,
+    source_kind,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -137,17 +143,15 @@ def _hub_model_problems(repo_id: str, offline: bool
             "not in the hub cache"
         return None, [], [f"model.source {repo_id}: {state}; the hub was not checked "
                           "(--offline)"]
-    from huggingface_hub import HfApi
-
     try:
-        files = HfApi().list_repo_files(repo_id)
+        files = hub_repo_files(repo_id)  # one request: no retries, no warnings
     except Exception as exc:
         return None, [f"model.source: {repo_id!r} is no local directory "
-                f"({os.path.abspath(local_path(repo_id))} does not exist), and as a hub id it is "
-                f"not in the hub cache (HF_HOME) and the hub cannot tell about it "
-                f"({type(exc).__name__}: {str(exc)[:160]}); allowed: an existing model "
-                f"directory, or a hub repository that is reachable or cached (`huggingface-cli "
-                f"download {repo_id}`)"], []
+                      f"({os.path.abspath(local_path(repo_id))} does not exist), and as a hub id "
+                      f"it is not in the hub cache (HF_HOME) and the hub cannot tell about it "
+                      f"({type(exc).__name__}: {str(exc)[:160]}); allowed: an existing model "
+                      f"directory, or a hub repository that is reachable or cached (cache it "
+                      f"with {hub_download_hint(repo_id)} where the hub is reachable)"], []
     if not {"config.json", "model_index.json"} & set(files):
         return None, [f"model.source: hub repository {repo_id} has no config.json or "
                       "model_index.json; expected a diffusers model"], []

@@ -27,6 +27,8 @@ __all__ = [
     "cached_snapshot",
     "files_identity",
     "hub_allow_patterns",
+    "hub_download_hint",
+    "hub_repo_files",
     "local_path",
     "resolve",
     "source_kind",
@@ -56,6 +58,8 @@ FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
                          "model-*-of-*.safetensors")),
                      "tokenizer_2/*", "tokenizer_3/*"]
 """What a hub fetch asks for when the repository cannot be listed (offline: the cache answers)."""
+HUB_TIMEOUT = 10.0
+"""Seconds one hub listing may take (`hub_repo_files`)."""
 
 
 class ModelSourceError(ValueError):
@@ -136,7 +140,7 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
     v1-5-pruned.safetensors) or fp16 / ema / non_ema variants.
 
     Args:
-        repo_files: the repository's file paths, e.g. from `HfApi().list_repo_files`.
+        repo_files: the repository's file paths, e.g. from `hub_repo_files`.
     Returns:
         sorted file paths (exact names; fnmatch treats them as themselves).
     """
@@ -155,13 +159,34 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
     return sorted(set(wanted))
 
 
+def hub_repo_files(repo_id: str, timeout: float = HUB_TIMEOUT) -> list[str]:
+    """The file paths of hub model repository `repo_id`, from one request of at most `timeout`
+    seconds (`HfApi.model_info`, whose `siblings` list every file), never retried: without
+    network the answer comes at once (`HfApi.list_repo_files` retries five times, 23 s of
+    backoff with a warning each, before it gives up).
+
+    Raises:
+        what huggingface_hub raises: no network, offline mode, an unknown or gated repository.
+    """
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, timeout=timeout)
+    return [sibling.rfilename for sibling in info.siblings or []]
+
+
+def hub_download_hint(repo_id: str) -> str:
+    """The command that puts hub model `repo_id` into the hub cache on a machine with network:
+    `hf`, the command line of the pinned huggingface_hub (it has no `huggingface-cli`)."""
+    return f"`hf download {repo_id}`"
+
+
 def from_hub(repo_id: str) -> Path:
     """The hub snapshot directory of `repo_id` with `hub_allow_patterns`' files (from the cache
     when offline). Its name is the commit hash."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
     try:
-        files: list[str] | None = HfApi().list_repo_files(repo_id)
+        files: list[str] | None = hub_repo_files(repo_id)
     except Exception as exc:  # offline, no network: the cache may still hold a snapshot
         logger.info("cannot list hub repo %s (%s); trying the cache", repo_id, type(exc).__name__)
         files = None
@@ -172,7 +197,7 @@ def from_hub(repo_id: str) -> Path:
         raise ModelSourceError(
             f"model source {repo_id!r}: could not get it from the Hugging Face hub or its cache "
             f"({type(exc).__name__}). On a machine with network access run "
-            f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
+            f"{hub_download_hint(repo_id)} (it fills the hub cache, HF_HOME), or copy the "
             "model directory somewhere reachable and set model.source to that path or URL."
         ) from exc
 

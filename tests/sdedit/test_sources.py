@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec
 import pytest
@@ -192,8 +193,9 @@ def test_from_hub_asks_only_for_the_chosen_files(tmp_path, monkeypatch):
         calls[repo_id] = allow_patterns
         return str(snapshot)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda self, repo_id, **kwargs: SD15_FILES)
+    siblings = [SimpleNamespace(rfilename=name) for name in SD15_FILES]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, **kwargs: SimpleNamespace(siblings=siblings))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     assert from_hub("someone/sd15") == snapshot
     assert calls == {"someone/sd15": hub_allow_patterns(SD15_FILES)}
