@@ -16,10 +16,16 @@ Parts:
   4. the actor path end to end at 256 px (ShardWorker, two shards at once as in an actor, no
      Ray): device-busy fraction and images/s, from two runs of different lengths against the
      edit-only time of the same work;
-  5. bf16 with torch.compile + CUDA graphs, and CUDA graphs alone, at batch 16 and 32.
+  5. bf16 with torch.compile + CUDA graphs, and CUDA graphs alone, at batch 16 and 32;
+  latent_flux (third in order): a random-weights FLUX.1-dev-sized transformer (11.9 B
+     parameters) with the Flux VAE at 1024 px through `sdedit.edit`, batch 1 and 4: time per
+     step, fixed cost, a full run extrapolated (28 / 17 / 4 steps), peak memory, MFU
+     (benchmarks/gpu_latent.py).
 
-    python benchmarks/gpu_run.py --json out.json [--budget 270] [--smoke]
---smoke runs every part tiny on the CPU (to check the script here, not to measure).
+    python benchmarks/gpu_run.py --json out.json [--budget 390] [--parts a,b] [--smoke]
+--smoke runs every part tiny on the CPU (to check the script here, not to measure); --parts
+runs only the named parts (chain, dpmpp2m_20, latent_flux, top_kernels, actor_path,
+chain_graphs, chain_compile_graphs).
 """
 
 from __future__ import annotations
@@ -39,6 +45,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from benchmarks.gpu_latent import run as latent_run
 from pipeline.tools.bench import BenchConfig, format_table, random_model, run_bench
 
 
@@ -170,7 +177,8 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True)
-    parser.add_argument("--budget", type=float, default=270.0, help="seconds for all parts")
+    parser.add_argument("--budget", type=float, default=390.0, help="seconds for all parts")
+    parser.add_argument("--parts", default=None, help="comma-separated part names (default all)")
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU (a check)")
     args = parser.parse_args()
     budget = Budget(args.budget)
@@ -189,6 +197,8 @@ def main() -> None:
         ("dpmpp2m_20", 40, lambda: bench_part("dpmpp2m_20", BenchConfig(
             **common, sampler="dpmpp2m", steps=20 if not args.smoke else 2, t0=0.5,
             reference=False), result)),
+        ("latent_flux", 150, lambda: result["parts"].__setitem__(
+            "latent_flux", latent_run(device, args.smoke, (1, 2) if args.smoke else (1, 4)))),
         ("top_kernels", 10, lambda: top_kernels(arch, device, batches[-1], result)),
         ("actor_path", 60, lambda: actor_part(arch, device, args.smoke, result)),
         ("chain_graphs", 40, lambda: bench_part("chain_graphs", BenchConfig(
@@ -198,6 +208,13 @@ def main() -> None:
             **{**common, "dtypes": ("bf16",)}, sampler="ddpm", compile=True, cuda_graphs=True,
             t0=0.02 if not args.smoke else 0.003, reference=False), result)),
     ]
+    if args.parts:
+        wanted = set(args.parts.split(","))
+        unknown = wanted - {name for name, _, _ in parts}
+        if unknown:
+            parser.error(f"--parts: unknown {sorted(unknown)}; allowed: "
+                         f"{', '.join(name for name, _, _ in parts)}")
+        parts = [part for part in parts if part[0] in wanted]
     for name, needs, run in parts:
         if budget.left() < (1 if args.smoke else needs):
             result["skipped"].append(f"{name}: {budget.left():.0f} s left, needs ~{needs} s")

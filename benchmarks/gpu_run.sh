@@ -4,7 +4,8 @@
 # Here, once (downloads the pure-Python wheels that machine lacks into .whl/, git-ignored):
 #   benchmarks/gpu_run.sh --fetch-wheels
 # There, as one call (the device tool: carry .whl; $OUT collects the JSON):
-#   bash benchmarks/gpu_run.sh            # about 4-5 minutes; --smoke: a CPU check here
+#   bash benchmarks/gpu_run.sh            # about 6-7 minutes; --smoke: a CPU check here
+#   bash benchmarks/gpu_run.sh --parts latent_flux   # the Flux-sized latent case alone
 set -euo pipefail
 cd "$(dirname "$0")/.."
 WHEELS="diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 importlib_metadata==10.2.0 zipp==4.1.2"

@@ -15,7 +15,7 @@ from typing import Any
 import click
 
 from pipeline import __version__
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, count
 from pipeline.tools.cli import TOOL_COMMANDS
 
 
@@ -50,6 +50,13 @@ def main(verbose: int) -> None:
 
     for handler in logging.getLogger().handlers:  # credentials never reach a log line
         handler.addFilter(SecretFilter())
+    # huggingface_hub gives its loggers a handler of their own besides passing each record on
+    # to ours, so every line of it printed twice (once unformatted, unfiltered): ours only.
+    from huggingface_hub.utils import logging as hub_logging
+
+    hub_root = hub_logging.get_logger("huggingface_hub")
+    for handler in list(hub_root.handlers):
+        hub_root.removeHandler(handler)
 
 
 set_option = click.option(
@@ -71,8 +78,8 @@ def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool) -> None:
     directory's config files and weights, a URL's config object, a hub id in the hub cache or
     on the hub); the input shards (brace ranges are counted, globs are listed; local shards
     must exist, and the first remote one); the output location can be read, and how many
-    shards are done. Exit code 0 when all holds, 2 with every problem listed (storage errors
-    such as missing credentials or buckets included).
+    shards are done. Exit code 0 when all holds (the last line then says "ok"), 2 with every
+    problem listed (storage errors such as missing credentials or buckets included).
 
     \b
     Example:
@@ -99,6 +106,8 @@ def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool) -> None:
         click.echo(f"# {note}")
     if report.problems:
         raise PreflightError(report.problems, source=job)
+    click.echo(f"# ok: no problems found in {job}"
+               + (" (local checks only: --offline)" if offline else ""))
 
 
 @main.command("run")
@@ -150,6 +159,12 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
     for url, error in summary.failed.items():
         click.echo(f"  FAILED {url}: {error}", err=True)
     click.echo(f"outputs: {spec.output.path}")
+    left = summary.shards_total - summary.shards_already_done - summary.shards_done \
+        - len(summary.failed)
+    if limit_shards is not None and left > 0:
+        click.echo(f"{count(left, 'shard')} of {summary.shards_total} not processed yet "
+                   f"(--limit-shards {limit_shards}): run the same command again for the next "
+                   f"{min(left, limit_shards)}, or without --limit-shards for all of them")
     raise SystemExit(summary.exit_code)
 
 
@@ -160,7 +175,7 @@ def _kinds(counts: dict[str, int]) -> str:
 
 
 @main.command("status")
-@click.argument("target", metavar="OUT_OR_JOB_OR_SUBMISSION")
+@click.argument("target", metavar="TARGET")
 @click.option("--address", default=None, metavar="URL",
               help="Ray Jobs API of the cluster (http://HEAD:8265): TARGET is a submission id.")
 @click.option("--errors", "show_errors", is_flag=True,
@@ -174,8 +189,9 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int) 
     the done/ and failed/ markers and, for error rows and repeated keys, the manifests),
     while a job runs or after. Or a submission id printed by `sdedit-batch submit`
     (raysubmit_...) with --address (default RAY_API_SERVER_ADDRESS): the cluster's view of
-    the submission, then the status of its output if reachable. Exit code 1 when a shard
-    has failed, else 0.
+    the submission, then the status of its output if reachable. Exit code 0 when no shard
+    has failed, 1 when some shard has failed, 2 when TARGET holds no job (no job.json) or
+    cannot be read.
 
     \b
     Examples:

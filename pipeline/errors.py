@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+def count(n: int, noun: str) -> str:
+    """"1 problem", "3 problems": a count with its noun in the right number (regular plurals)."""
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 class PipelineError(Exception):
     """Base class of every error the pipeline reports to a user (exit code 2 unless noted)."""
 
@@ -12,14 +17,15 @@ class PipelineError(Exception):
 class SpecError(PipelineError):
     """A job file or `--set` override is invalid. Holds every problem found, not just the first.
 
-    Each entry of `errors` is one line: "key.path: value 'x' is ...; allowed: ...".
+    Each entry of `errors` is one line: "key.path: value 'x' is ...; allowed: ...". The message
+    counts them as "problems", as `PreflightError` does.
     """
 
     def __init__(self, errors: list[str], source: str = "job") -> None:
         self.errors = list(errors)
         self.source = source
-        super().__init__(f"{source}: {len(self.errors)} error(s)\n" + "\n".join(
-            f"  - {e}" for e in self.errors))
+        super().__init__(f"{source}: {count(len(self.errors), 'problem')}\n"
+                         + "\n".join(f"  - {e}" for e in self.errors))
 
 
 class PreflightError(SpecError):
@@ -28,7 +34,7 @@ class PreflightError(SpecError):
 
     def __init__(self, errors: list[str], source: str = "job") -> None:
         super().__init__(errors, source)
-        self.args = (f"{source}: {len(self.errors)} problem(s) found before any work\n"
+        self.args = (f"{source}: {count(len(self.errors), 'problem')} found before any work\n"
                      + "\n".join(f"  - {e}" for e in self.errors),)
 
 
@@ -47,3 +53,10 @@ class ShardError(PipelineError):
 
 class ResumeConflictError(PipelineError):
     """The output folder holds a job whose output-affecting fingerprint differs from this spec."""
+
+
+class ModelSettingsError(PipelineError):
+    """The job's settings ask for what its model cannot do (a sampler its noise process does not
+    run, t0 / steps its schedule cannot start from, prompts or guidance it does not take); found
+    by `pipeline.modelcheck` before any work, or by an actor on the model it loaded. The whole
+    job is refused: no shard could succeed."""

@@ -18,18 +18,21 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["DEFAULT_MAX_PIXELS", "IMAGE_EXTS", "MASK_BLACK_MAX", "MASK_MID_FRACTION",
-           "MASK_WHITE_MIN", "OUTPUT_FORMATS", "ImageError", "decode_guide",
+__all__ = ["DEFAULT_MAX_PIXELS", "DEFAULT_QUALITY", "IMAGE_EXTS", "MASK_BLACK_MAX",
+           "MASK_MID_FRACTION", "MASK_WHITE_MIN", "OUTPUT_FORMATS", "ImageError", "decode_guide",
            "decode_guide_member", "decode_mask",
            "encode_image", "is_rgb8_png", "to_rgb"]
 
 IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 """Member extensions read as images; the guide is the first present when input.image is null."""
 
+DEFAULT_QUALITY = 95
+"""Quality (Pillow's 0-100 scale) of jpg and webp outputs unless output.jpeg_quality /
+output.webp_quality say otherwise."""
 OUTPUT_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "png": ("PNG", {}),
-    "jpg": ("JPEG", {"quality": 95}),
-    "webp": ("WEBP", {"quality": 95}),
+    "jpg": ("JPEG", {"quality": DEFAULT_QUALITY}),
+    "webp": ("WEBP", {"quality": DEFAULT_QUALITY}),
 }
 """output.image_format -> (Pillow format, save options)."""
 
@@ -64,17 +67,20 @@ class ImageError(ValueError):
 
 
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "png",
-                 png_compress_level: int | None = None) -> bytes:
+                 png_compress_level: int | None = None, quality: int | None = None) -> bytes:
     """Encode an image as `fmt` (png | jpg | webp); deterministic bytes (no timestamps).
 
     Args:
         image: uint8 (H, W, 3) or (H, W) array, or a PIL image.
         fmt: a key of `OUTPUT_FORMATS`.
         png_compress_level: zlib level 0-9 for PNG (None: Pillow's default, 6).
+        quality: 0-100 for jpg and webp (None: `DEFAULT_QUALITY`); png ignores it.
     """
     name, options = OUTPUT_FORMATS[fmt]
     if fmt == "png" and png_compress_level is not None:
         options = {**options, "compress_level": png_compress_level}
+    if fmt != "png" and quality is not None:
+        options = {**options, "quality": quality}
     pil = Image.fromarray(image) if isinstance(image, np.ndarray) else image
     buffer = io.BytesIO()
     pil.save(buffer, format=name, **options)

@@ -63,7 +63,7 @@ def encode_output(done: Done, out: OutputSpec,
             mask=sample.mask if keep else None,
             target=sample.members.get("target") if keep else None,
             carried=sample.carried, image_format=out.image_format,
-            png_compress_level=out.png_compress_level)
+            png_compress_level=out.png_compress_level, quality=out.quality())
     except (OSError, ValueError) as exc:
         return Encoded(done, meta, None, f"cannot encode the output as {out.image_format}: "
                                          f"{exc}; allowed: an output size the format can hold")

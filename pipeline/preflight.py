@@ -17,16 +17,25 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import PipelineError, PreflightError
+from pipeline.modelcheck import layout_problems
 from pipeline.shards import expand_shards, plan_pending
 from pipeline.spec import JobSpec
 from pipeline.storage import describe_error, join, url_fs, with_retries
+from sdedit.families import ModelLayout
 from sdedit.lora import lora_fit, lora_kind
 from sdedit.models import ModelSourceError, inspect_model_dir
-from sdedit.sources import cached_snapshot, local_path, source_kind
+from sdedit.sources import (
+    cached_snapshot,
+    hub_download_hint,
+    hub_repo_files,
+    local_path,
+    source_kind,
+)
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Preflight", "check_model", "lora_problems", "model_problems", "preflight"]
+__all__ = ["Preflight", "check_model", "lora_problems", "model_layout", "model_problems",
+           "preflight", "settings_problems"]
 
 
 @dataclass
@@ -53,32 +62,41 @@ def _is_remote(url: str) -> bool:
 
 def model_problems(source: str, storage_options: Mapping[str, Any] | None, *,
                    offline: bool = False) -> tuple[list[str], list[str]]:
-    """(problems, notes) about a model source, without loading any weights.
+    """(problems, notes) about a model source, without loading any weights (`model_layout`)."""
+    _, problems, notes = model_layout(source, storage_options, offline=offline)
+    return problems, notes
 
-    A local directory: its config files parse and name a supported network and scheduler,
-    and its weights files are present (`sdedit.models.inspect_model_dir`). A URL: the config
-    object exists and parses. A hub id: a complete snapshot is in the hub cache, or (unless
-    `offline`) the hub lists the repository with a config file.
+
+def model_layout(source: str, storage_options: Mapping[str, Any] | None, *,
+                 offline: bool = False) -> tuple[ModelLayout | None, list[str], list[str]]:
+    """(layout or None, problems, notes) of a model source, without loading any weights.
+
+    A local directory: its config files parse and name a supported family, network and
+    scheduler, and its weights files are present (`sdedit.families.inspect_model_dir`; the
+    layout is returned). A URL: the config object exists and parses. A hub id: a complete
+    snapshot is in the hub cache (the layout is returned), or (unless `offline`) the hub lists
+    the repository with a config file.
     """
     kind = source_kind(source)
     if kind == "missing":
-        return [f"model.source: {source!r} not found (no directory "
-                f"{os.path.abspath(local_path(source))}); allowed: a local diffusers model "
-                "directory, a hub id such as google/ddpm-ema-bedroom-256, or an fsspec URL "
-                "(s3://, gs://, ...)"], []
+        return None, [f"model.source: {source!r} not found (no directory "
+                      f"{os.path.abspath(local_path(source))}); allowed: a local diffusers "
+                      "model directory, a hub id such as google/ddpm-ema-bedroom-256, or an "
+                      "fsspec URL (s3://, gs://, ...)"], []
     if kind == "local":
         if not local_path(source).is_dir():
-            return [f"model.source: {source!r} is a file; allowed: a model directory (convert "
-                    "an original DDPM/SDEdit checkpoint first: sdedit.convert)"], []
+            return None, [f"model.source: {source!r} is a file; allowed: a model directory "
+                          "(convert an original DDPM/SDEdit checkpoint first: "
+                          "sdedit.convert)"], []
         try:
-            inspect_model_dir(local_path(source), source)
+            layout = inspect_model_dir(local_path(source), source)
         except ModelSourceError as exc:
-            return [f"model.source: {exc}"], []
-        return [], []
+            return None, [f"model.source: {exc}"], []
+        return layout, [], [describe_layout(source, layout)]
     if kind == "url":
         if offline:
-            return [], [f"model.source {source}: not checked (--offline)"]
-        return _url_model_problems(source, storage_options), []
+            return None, [], [f"model.source {source}: not checked (--offline)"]
+        return None, _url_model_problems(source, storage_options), []
     return _hub_model_problems(source, offline)
 
 
@@ -109,79 +127,71 @@ def _read_if_exists(url: str, storage_options: Mapping[str, Any] | None) -> byte
     return with_retries(lambda: fs.cat_file(path), what="read", url=url)
 
 
-def _hub_model_problems(repo_id: str, offline: bool) -> tuple[list[str], list[str]]:
+def _hub_model_problems(repo_id: str, offline: bool
+                        ) -> tuple[ModelLayout | None, list[str], list[str]]:
     """A hub id: checked in the hub cache first, then (unless offline) on the hub."""
     snapshot = cached_snapshot(repo_id)
     cache_problem = None
     if snapshot is not None:
         try:
-            inspect_model_dir(snapshot, repo_id)
-            return [], [f"model.source {repo_id}: in the hub cache (revision {snapshot.name})"]
+            layout = inspect_model_dir(snapshot, repo_id)
+            return layout, [], [f"model.source {repo_id}: in the hub cache (revision "
+                                f"{snapshot.name})", describe_layout(repo_id, layout)]
         except ModelSourceError as exc:
             cache_problem = str(exc)
     if offline:
         state = f"incomplete in the hub cache ({cache_problem})" if cache_problem else \
             "not in the hub cache"
-        return [], [f"model.source {repo_id}: {state}; the hub was not checked (--offline)"]
-    from huggingface_hub import HfApi
-
+        return None, [], [f"model.source {repo_id}: {state}; the hub was not checked "
+                          "(--offline)"]
     try:
-        files = HfApi().list_repo_files(repo_id)
+        files = hub_repo_files(repo_id)  # one request: no retries, no warnings
     except Exception as exc:
-        return [f"model.source: {repo_id!r} is no local directory "
-                f"({os.path.abspath(local_path(repo_id))} does not exist), and as a hub id it is "
-                f"not in the hub cache (HF_HOME) and the hub cannot tell about it "
-                f"({type(exc).__name__}: {str(exc)[:160]}); allowed: an existing model "
-                f"directory, or a hub repository that is reachable or cached (`huggingface-cli "
-                f"download {repo_id}`)"], []
+        return None, [f"model.source: {repo_id!r} is no local directory "
+                      f"({os.path.abspath(local_path(repo_id))} does not exist), and as a hub id "
+                      f"it is not in the hub cache (HF_HOME) and the hub cannot tell about it "
+                      f"({type(exc).__name__}: {str(exc)[:160]}); allowed: an existing model "
+                      f"directory, or a hub repository that is reachable or cached (cache it "
+                      f"with {hub_download_hint(repo_id)} where the hub is reachable)"], []
     if not {"config.json", "model_index.json"} & set(files):
-        return [f"model.source: hub repository {repo_id} has no config.json or "
-                "model_index.json; expected a diffusers model"], []
-    return [], [f"model.source {repo_id}: on the hub; downloaded into the hub cache on first use"]
+        return None, [f"model.source: hub repository {repo_id} has no config.json or "
+                      "model_index.json; expected a diffusers model"], []
+    return None, [], [f"model.source {repo_id}: on the hub; downloaded into the hub cache on "
+                      "first use"]
 
 
-def text_problems(spec: JobSpec) -> list[str]:
-    """Job-level prompts or guidance for a model that takes no text (known without loading it
-    for a local directory or a cached hub snapshot; otherwise the actor refuses it on load)."""
-    sd = spec.sdedit
-    given = [name for name in ("prompt", "negative_prompt", "guidance_scale")
-             if getattr(sd, name) is not None]
-    if not given:
-        return []
-    kind = source_kind(spec.model.source)
-    directory = local_path(spec.model.source) if kind == "local" else \
-        cached_snapshot(spec.model.source) if kind == "hub" else None
-    if directory is None or not directory.is_dir():
-        return []
-    try:
-        latent = inspect_model_dir(directory, spec.model.source).latent
-    except ModelSourceError:
-        return []  # reported by model_problems
-    if latent:
-        return []
-    return [f"sdedit.{name}: {getattr(sd, name)!r} is for text-conditioned models, and "
-            f"{spec.model.source} is an unconditional pixel model; allowed: null (per-row "
-            "json and txt members are carried over unchanged)" for name in given]
+def describe_layout(source: str, layout: ModelLayout) -> str:
+    """One line naming what a model is, read from its config files."""
+    text = "no text" if layout.text is None else \
+        f"prompts, guidance {layout.text.guidance}"
+    h, w = layout.sample_size
+    return (f"model.source {source}: {layout.family} model, {layout.process.name.upper()} "
+            f"noise process (samplers {', '.join(layout.process.samplers)}), {text}, trained "
+            f"at {w}x{h}, image sides multiples of {layout.downsample_factor}")
 
 
-def lora_problems(spec: JobSpec, *, offline: bool = False) -> tuple[list[str], list[str]]:
+def settings_problems(spec: JobSpec, layout: ModelLayout | None) -> tuple[list[str], list[str]]:
+    """(problems, notes): the job settings the model decides (`pipeline.modelcheck`), checked
+    on its layout when it could be read here; otherwise each actor checks them on the loaded
+    model before its first shard, and a note says so."""
+    if layout is None:
+        return [], ["sdedit settings are checked against the model when it loads (its config "
+                    "files could not be read here)"]
+    return layout_problems(spec, layout), []
+
+
+def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = False
+                  ) -> tuple[list[str], list[str]]:
     """(problems, notes) about `model.lora`: each LoRA is read and its keys checked against the
-    model's layers built from its configs on the meta device (`sdedit.lora.lora_fit`; no base
-    weights are read), naming the keys that do not fit. Needs the model's configs here (a
-    local directory or a cached hub snapshot); otherwise the actors check it on load."""
+    model's layers built from its config files on the meta device (`sdedit.lora.lora_fit`; no
+    base weights are read), naming the keys that do not fit. Needs the layout read here (a
+    local directory or a cached hub snapshot); otherwise each actor checks it on load."""
     loras = spec.model.lora
     if not loras:
         return [], []
-    kind = source_kind(spec.model.source)
-    directory = local_path(spec.model.source) if kind == "local" else \
-        cached_snapshot(spec.model.source) if kind == "hub" else None
-    if directory is None or not directory.is_dir():
-        return [], [f"model.lora: not checked against {spec.model.source} here (its configs "
-                    "are not local); each actor checks it when it loads the model"]
-    try:
-        layout = inspect_model_dir(directory, spec.model.source)
-    except ModelSourceError:
-        return [], []  # reported by model_problems
+    if layout is None:
+        return [], ["model.lora: checked against the model when it loads (its config files "
+                    "could not be read here)"]
     problems, notes = [], []
     for i, lora in enumerate(loras):
         if offline and lora_kind(lora.source) in ("url", "hub"):
@@ -193,17 +203,18 @@ def lora_problems(spec: JobSpec, *, offline: bool = False) -> tuple[list[str], l
 
 
 def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
-    """Refuse a job whose model source is missing or not loadable, that gives prompts to
-    a model that takes none, or whose LoRAs do not fit the model, before any work.
+    """Refuse a job whose model source is missing or not loadable, whose settings the model
+    cannot run (a sampler, t0 / steps, prompts or guidance: `pipeline.modelcheck`), or whose
+    LoRAs do not fit the model (`lora_problems`), before any work.
 
     Returns the notes; raises `PreflightError` listing the problems.
     """
-    problems, notes = model_problems(spec.model.source, spec.model.storage_options,
-                                     offline=offline)
-    problems += text_problems(spec)
-    more, lora_notes = lora_problems(spec, offline=offline)
-    problems += more
-    notes += lora_notes
+    layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
+                                           offline=offline)
+    more, more_notes = settings_problems(spec, layout)
+    lora, lora_notes = lora_problems(spec, layout, offline=offline)
+    problems, notes = problems + more + lora, \
+        notes + (more_notes + lora_notes if not problems else [])
     if problems:
         raise PreflightError(problems, source=spec.name)
     return notes
@@ -269,11 +280,15 @@ def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
     """Every check of a job before any work (see the module docstring); never raises for a
     problem of the job or of storage: each one is a line of `problems`."""
     report = Preflight()
-    problems, notes = model_problems(spec.model.source, spec.model.storage_options,
-                                     offline=offline)
-    more, lora_notes = lora_problems(spec, offline=offline)
-    report.problems += problems + text_problems(spec) + more
-    report.notes += notes + lora_notes
+    layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
+                                           offline=offline)
+    report.problems += problems
+    report.notes += notes
+    if not problems:
+        more, more_notes = settings_problems(spec, layout)
+        lora, lora_notes = lora_problems(spec, layout, offline=offline)
+        report.problems += more + lora
+        report.notes += more_notes + lora_notes
     _input_problems(spec, offline, report)
     _output_problems(spec, offline, report)
     return report

@@ -35,7 +35,8 @@ class RowSettings:
 
 def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: str | None,
                  negative_prompt: str | None, conditional: bool,
-                 check_t0: Callable[[float], str | None]) -> RowSettings:
+                 check_t0: Callable[[float], str | None],
+                 negative_prompts: bool = True) -> RowSettings:
     """The settings of sample `key` from its carried members (extension -> bytes) over the job's.
 
     Args:
@@ -43,6 +44,8 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
         conditional: whether the model takes prompts.
         check_t0: why a t0 in (0, 1] cannot be used with the job's sampler and steps (e.g.
             fewer steps than `sdedit.steps`), or None.
+        negative_prompts: whether the model uses negative prompts (Flux does not: a row's
+            non-empty negative_prompt is then refused).
     Raises:
         SettingError: an unreadable json or txt member, or a value that is not allowed.
     """
@@ -61,6 +64,9 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
                                "prompt") from exc
     if "negative_prompt" in given:
         negative_prompt = _text(key, "negative_prompt", given["negative_prompt"])
+        if negative_prompt and not negative_prompts:
+            raise SettingError(f"negative_prompt in {key}.json is {negative_prompt!r}; the "
+                               "model has no classifier-free guidance; allowed: \"\" or none")
     return RowSettings(t0, prompt or "", negative_prompt or "")
 
 

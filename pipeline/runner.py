@@ -21,7 +21,7 @@ from typing import Any
 
 import ray
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ModelSettingsError, PipelineError
 from pipeline.jobrecord import prepare_output, record_compute, resolved_compute
 from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
@@ -104,10 +104,10 @@ class _ShardActor:
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter())
         self.counter = counter
-        self.load_error: ModelSourceError | None = None
+        self.load_error: ModelSourceError | ModelSettingsError | None = None
         try:
             self.worker = ShardWorker(spec, threads=threads)
-        except ModelSourceError as exc:
+        except (ModelSourceError, ModelSettingsError) as exc:
             self.load_error = exc
 
     def process(self, url: str) -> dict[str, Any]:
@@ -192,6 +192,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
         return summary
     own_ray = not ray.is_initialized()
     if own_ray:
+        _quiet_token_notice()
         # "local": a new Ray on this machine, never a cluster that happens to run here
         ray.init(address=address or "local", include_dashboard=False,
                  log_to_driver=logger.isEnabledFor(logging.INFO), logging_level=logging.WARNING)
@@ -206,6 +207,23 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     summary.keys_in_several_shards = _keys_in_several_shards(spec)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+class _TokenNotice(logging.Filter):
+    """Drops Ray's notice that a new local Ray uses token authentication (Ray 2.60's default,
+    nothing to act on: the token is made and used on this machine). Every other line of that
+    module passes: the warning that authentication is disabled, errors of a missing token."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not record.getMessage().startswith(
+            "Token authentication is enabled for this Ray cluster.")
+
+
+def _quiet_token_notice() -> None:
+    """Install `_TokenNotice` on Ray's authentication logger (once)."""
+    notices = logging.getLogger("ray._private.authentication.authentication_token_setup")
+    if not any(isinstance(f, _TokenNotice) for f in notices.filters):
+        notices.addFilter(_TokenNotice())
 
 
 def _keys_in_several_shards(spec: JobSpec) -> int | None:
@@ -233,9 +251,13 @@ class _Pool:
         options, self.threads = actor_options(spec)
         self.actor_cls = ray.remote(_ShardActor).options(**options)
         self.progress = RunProgress(len(pending), spec.name, progress)
+        self.loading: list[Any] = []  # readiness of actors still loading the model
 
     def _start_actor(self) -> None:
-        self.slots[self.actor_cls.remote(self.spec, self.threads, self.counter)] = 0
+        actor = self.actor_cls.remote(self.spec, self.threads, self.counter)
+        self.slots[actor] = 0
+        self.loading.append(actor.__ray_ready__.remote())  # done once the model is loaded
+        self.progress.actors_started(1)
 
     def _ready(self) -> str | None:
         """The first queued shard whose retry delay has passed, taken off the queue."""
@@ -273,6 +295,11 @@ class _Pool:
                 ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
                 for ref in ready:
                     self._finish(ref)
+                if self.loading:
+                    loaded, self.loading = ray.wait(self.loading, num_returns=len(self.loading),
+                                                    timeout=0)
+                    if loaded:
+                        self.progress.actor_ready(len(loaded))
                 self.progress.images(ray.get(self.counter.total.remote()))
         finally:
             for actor in self.slots:
@@ -288,6 +315,8 @@ class _Pool:
             self._failed(url, f"actor died: {_last_line(exc)}")
             return
         except ray.exceptions.RayTaskError as exc:
+            if isinstance(exc.cause, ModelSettingsError):
+                raise ModelSettingsError(str(exc.cause)) from exc
             if isinstance(exc.cause, ModelSourceError):
                 raise PipelineError(f"cannot load model {self.spec.model.source}: "
                                     f"{exc.cause}") from exc

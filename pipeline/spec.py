@@ -25,7 +25,7 @@ from typing import Any
 import yaml
 
 from pipeline.errors import SpecError
-from pipeline.images import DEFAULT_MAX_PIXELS, IMAGE_EXTS, OUTPUT_FORMATS
+from pipeline.images import DEFAULT_MAX_PIXELS, DEFAULT_QUALITY, IMAGE_EXTS, OUTPUT_FORMATS
 from pipeline.redaction import redact
 from pipeline.validation import (
     BAD,
@@ -53,8 +53,6 @@ SAMPLERS = tuple(ENGINE_SAMPLERS)
 IMAGE_FORMATS = tuple(OUTPUT_FORMATS)
 DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", *DEVICE_DTYPES)
-NUM_TRAIN_STEPS = 1000
-"""VP discretisation used for the cross-field check: t0 starts at round(t0 * 1000) steps."""
 
 FINGERPRINT_VERSION = 1
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.-]+$")
@@ -97,6 +95,15 @@ class OutputSpec:
     png_compress_level: int = 1
     """zlib level of PNG outputs, 0-9: file size only, never pixels (README: 1 is 4.7x faster
     to encode than Pillow's default 6, for 8% larger files)."""
+    jpeg_quality: int = DEFAULT_QUALITY
+    """Quality 0-100 of jpg outputs (Pillow's scale): changes their pixels, so in the
+    fingerprint when not the default (README: size and time per quality)."""
+    webp_quality: int = DEFAULT_QUALITY
+    """Quality 0-100 of (lossy) webp outputs, as jpeg_quality."""
+
+    def quality(self) -> int | None:
+        """The quality the output format uses: jpeg_quality, webp_quality, or None (png)."""
+        return {"jpg": self.jpeg_quality, "webp": self.webp_quality}.get(self.image_format)
 
 
 @dataclass(frozen=True)
@@ -235,7 +242,8 @@ _TEXT = typed("a string or null", "is not a string", lambda v: v is None or isin
 _SECTIONS: dict[str, type] = {"model": ModelSpec, "input": InputSpec, "output": OutputSpec,
                               "sdedit": SdeditSpec, "compute": ComputeSpec}
 _LATER_SETTINGS = (("input", "max_pixels"), ("sdedit", "prompt"), ("sdedit", "negative_prompt"),
-                   ("sdedit", "guidance_scale"), ("model", "lora"))
+                   ("sdedit", "guidance_scale"), ("output", "jpeg_quality"),
+                   ("output", "webp_quality"), ("model", "lora"))
 """Output-affecting settings added after fingerprint version 1 (see output_affecting)."""
 
 
@@ -264,7 +272,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
                "image_format": choice(IMAGE_FORMATS),
                "include_guide": typed("true or false", "is not a boolean",
                                        lambda v: isinstance(v, bool)),
-               "storage_options": _OPTIONS, "png_compress_level": _INT(0, 9)},
+               "storage_options": _OPTIONS, "png_compress_level": _INT(0, 9),
+               "jpeg_quality": _INT(0, 100), "webp_quality": _INT(0, 100)},
     "sdedit": {"t0": number(0, 1, open_low=True), "sampler": choice(SAMPLERS),
                "steps": optional(_INT(1)), "repeats": _INT(1),
                "samples_per_input": _INT(1, 100), "seed": _INT(0, 2**63 - 1),
@@ -341,20 +350,23 @@ class _JobReader(Reader):
 
 
 def _cross_checks(values: Mapping[str, dict[str, Any]], errors: list[str]) -> None:
-    """Checks that involve several fields; skipped where one of them is already invalid."""
-    t0, sampler, steps, eta = (values["sdedit"][k] for k in ("t0", "sampler", "steps", "eta"))
-    if BAD not in (t0, sampler) and sampler in ("ddpm", "ddim", "dpmpp2m"):
-        start = round(t0 * NUM_TRAIN_STEPS)
-        if start < 1:
-            errors.append(f"sdedit.t0: {fmt(t0)} gives no denoising step with sampler "
-                          f"{sampler}; allowed: a number in (0.0005, 1]")
-        elif steps not in (BAD, None) and steps > start:
-            errors.append(f"sdedit.steps: {steps} is more than the {start} steps that t0="
-                          f"{t0:g} starts from (round(t0*{NUM_TRAIN_STEPS})); allowed: an "
-                          f"integer in [1, {start}] with sampler {sampler}")
+    """Checks that involve several fields; skipped where one of them is already invalid.
+
+    Settings the model decides (which samplers it runs, how many steps t0 starts from, whether
+    it takes prompts) are checked against the model itself, from its config files, by
+    `pipeline.modelcheck` (validate, run before Ray, and each actor)."""
+    sampler, eta = values["sdedit"]["sampler"], values["sdedit"]["eta"]
     if BAD not in (sampler, eta) and eta != 0 and sampler != "ddim":
         errors.append(f"sdedit.eta: {fmt(eta)} is only used by sampler ddim (sampler is "
                       f"{sampler}); allowed: 0, or sampler ddim")
+    image_format = values["output"]["image_format"]
+    for name, fmt_used in (("jpeg_quality", "jpg"), ("webp_quality", "webp")):
+        quality = values["output"][name]
+        if BAD not in (image_format, quality) and quality != DEFAULT_QUALITY and \
+                image_format != fmt_used:
+            errors.append(f"output.{name}: {quality} is only used with output.image_format "
+                          f"{fmt_used} (image_format is {image_format}); allowed: "
+                          f"{DEFAULT_QUALITY} (the default), or image_format {fmt_used}")
     image, mask = values["input"]["image"], values["input"]["mask"]
     guides = (image,) if image else IMAGE_EXTS
     if image is not BAD and mask not in (BAD, None) and mask in guides:

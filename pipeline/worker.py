@@ -35,6 +35,8 @@ import torch
 
 from pipeline import testhooks
 from pipeline.batching import Job, Prepared, by_size, output_key, output_seed, prepare
+from pipeline.errors import ModelSettingsError
+from pipeline.modelcheck import loaded_model_problems
 from pipeline.oom import EditFailure, split_on_oom
 from pipeline.outputs import Done, Encoded, encode_output
 from pipeline.reader import Sample, read_shard
@@ -48,7 +50,6 @@ from sdedit import DiffusionModel, edit, load_model
 from sdedit.devices import dtype_name, resolve_device, resolve_dtype
 from sdedit.edit import count_steps, guidance_scale, noise_for
 from sdedit.lora import apply_loras
-from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
@@ -108,12 +109,12 @@ class ShardWorker:
         self.fingerprint = spec.fingerprint()
         sd = spec.sdedit
         self.conditional = self.model.conditional
-        if not self.conditional and (sd.prompt, sd.negative_prompt, sd.guidance_scale) != \
-                (None, None, None):
-            raise ModelSourceError(
-                f"model source {spec.model.source!r} is an unconditional pixel model; "
-                "sdedit.prompt, negative_prompt and guidance_scale are for text-conditioned "
-                "models; allowed: null")
+        problems = loaded_model_problems(spec, self.model)
+        if problems:  # the same check validate and run made on the config files
+            raise ModelSettingsError(f"model {spec.model.source} cannot run this job: "
+                                     + "; ".join(problems))
+        self.negative_prompts = self.model.text is not None and \
+            self.model.text.spec.negative_prompts
         self.columns: dict[str, Any] = {
             "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
             "model": model_location(spec.model.source),
@@ -232,7 +233,7 @@ class ShardWorker:
                     settings = row_settings(
                         sample.key, sample.carried, t0=sd.t0, prompt=sd.prompt,
                         negative_prompt=sd.negative_prompt, conditional=self.conditional,
-                        check_t0=self._t0_problem)
+                        check_t0=self._t0_problem, negative_prompts=self.negative_prompts)
                 except SettingError as exc:
                     sample.error, sample.error_kind = str(exc), "setting"
             if sample.error is not None or settings is None:

@@ -100,7 +100,8 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
                   guide: np.ndarray | None = None, guide_png: bytes | None = None,
                   mask: np.ndarray | None = None, target: bytes | None = None,
                   carried: Mapping[str, bytes] | None = None, image_format: str = "png",
-                  png_compress_level: int | None = None) -> dict[str, Any]:
+                  png_compress_level: int | None = None,
+                  quality: int | None = None) -> dict[str, Any]:
     """The tar members of one output sample, encoded (this runs in a host thread).
 
     Args:
@@ -113,12 +114,13 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
         carried: the input sample's other members (extension -> bytes), stored unchanged under
             their own extension, or as `input.<ext>` where that is one this function writes
             (the input's `json` becomes `input.json`; see `carried_name`).
+        png_compress_level: zlib level of every PNG member; quality: of a jpg / webp output.
     Raises:
         what the encoder raises for this sample (a size the format cannot hold, ...).
     """
     sample: dict[str, Any] = {
         "__key__": output_key,
-        image_format: encode_image(output, image_format, png_compress_level),
+        image_format: encode_image(output, image_format, png_compress_level, quality),
         "json": json.dumps(dict(metadata), sort_keys=True).encode()}
     if guide_png is not None:
         sample["guide.png"] = guide_png

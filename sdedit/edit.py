@@ -25,13 +25,20 @@ the output equals the guide exactly outside the pixel mask.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 
 import torch
 
 from sdedit import samplers
 from sdedit.accel import PrefetchNoise
+from sdedit.checks import (
+    check_common,
+    check_images,
+    check_masks,
+    check_prompts,
+    check_t0,
+    sampler_problem,
+)
 from sdedit.errors import EditInputError
 from sdedit.guidance import conditioned_denoiser
 from sdedit.latent import latent_mask
@@ -39,8 +46,6 @@ from sdedit.models import DiffusionModel
 from sdedit.processes import SAMPLERS
 
 __all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "guidance_scale", "noise_for"]
-
-MAX_SEED = 2**63 - 1
 
 
 class SeedNoise:
@@ -142,11 +147,11 @@ def edit(
         EditInputError (a ValueError) naming the argument, its value and what is allowed
         (prompts, negative prompts or a guidance scale for an unconditional model included).
     """
-    n = _check_images(model, images)
-    t0s = _check_t0(t0, n)
-    _check_common(model, seeds, n, sampler, steps, repeats, eta, corrector_steps)
-    mask = _check_masks(masks, images)
-    texts = _check_prompts(model, n, prompts, negative_prompts, guidance_scale)
+    n = check_images(model, images)
+    t0s = check_t0(t0, n)
+    check_common(model, seeds, n, sampler, steps, repeats, eta, corrector_steps)
+    mask = check_masks(masks, images)
+    texts = check_prompts(model, n, prompts, negative_prompts, guidance_scale)
     size = (int(images.shape[2]), int(images.shape[3]))
     process = model.process_for(*size)
     plans = [process.plan(t, sampler, steps) for t in t0s]
@@ -199,7 +204,9 @@ def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | Non
         EditInputError: a sampler the model cannot run, or t0 / steps its process cannot
             start from.
     """
-    _check_sampler(model, sampler)
+    problem = sampler_problem(model.process, sampler, model.source, model.family)
+    if problem:
+        raise EditInputError(problem)
     return len(model.process_for(*model.sample_size).plan(t0, sampler, steps))
 
 
@@ -221,131 +228,3 @@ def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samp
         return m * x + (1 - m) * known
 
     return after
-
-
-def _check_images(model: DiffusionModel, images: torch.Tensor) -> int:
-    if not isinstance(images, torch.Tensor):
-        raise EditInputError(f"images must be a torch.Tensor; got {type(images).__name__}")
-    if images.dtype != torch.float32:
-        raise EditInputError(f"images dtype {images.dtype} is not allowed; allowed: torch.float32")
-    if images.ndim != 4 or images.shape[0] == 0 or images.shape[1] != model.in_channels:
-        raise EditInputError(
-            f"images shape {tuple(images.shape)} is not allowed; allowed: (N, {model.in_channels},"
-            " H, W) with N >= 1")
-    h, w = images.shape[2:]
-    f = model.downsample_factor
-    if h % f or w % f or h < f or w < f:
-        raise EditInputError(
-            f"image size {h}x{w} cannot be taken by model {model.source}; allowed: height and "
-            f"width multiples of {f} (the model was trained at {model.sample_size[0]}x"
-            f"{model.sample_size[1]})")
-    low, high = (float(v) for v in torch.aminmax(images))  # one pass; NaN propagates
-    if not (math.isfinite(low) and math.isfinite(high)):
-        raise EditInputError("images contain NaN or infinite values; allowed: finite values "
-                             "in [-1, 1]")
-    if low < -1.0 - 1e-6 or high > 1.0 + 1e-6:
-        raise EditInputError(f"images values span [{low:.4g}, {high:.4g}]; allowed: [-1, 1]")
-    return int(images.shape[0])
-
-
-def _check_t0(t0: float | Sequence[float], n: int) -> list[float]:
-    values = [t0] * n if isinstance(t0, (int, float)) else list(t0)
-    if len(values) != n:
-        raise EditInputError(f"t0 has {len(values)} values for {n} images; allowed: one "
-                             f"float or {n}")
-    for value in values:
-        if isinstance(value, bool) or not isinstance(value, (int, float)) \
-                or not math.isfinite(value) or not 0 < value <= 1:
-            raise EditInputError(f"t0={value!r} is out of range; allowed: a number in (0, 1]")
-    return [float(v) for v in values]
-
-
-def _check_common(model: DiffusionModel, seeds: Sequence[int], n: int, sampler: str,
-                  steps: int | None, repeats: int, eta: float, corrector_steps: int) -> None:
-    if len(seeds) != n:
-        raise EditInputError(f"seeds has {len(seeds)} values for {n} images; allowed: exactly {n}")
-    for seed in seeds:
-        if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise EditInputError(f"seed {seed!r} is not allowed; allowed: an int in [0, 2^63)")
-    if sampler not in SAMPLERS:
-        raise EditInputError(f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}")
-    _check_sampler(model, sampler)
-    if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise EditInputError(f"steps={steps!r} is not allowed; allowed: None or an int >= 1")
-    if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise EditInputError(f"repeats={repeats!r} is not allowed; allowed: an int >= 1")
-    if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise EditInputError(f"eta={eta!r} is not allowed; allowed: >= 0, and > 0 only with "
-                             "ddim")
-    if corrector_steps < 0 or (corrector_steps > 0 and sampler != "ve"):
-        raise EditInputError(f"corrector_steps={corrector_steps!r} is not allowed; allowed: "
-                             ">= 0, and > 0 only with ve")
-
-
-def _check_sampler(model: DiffusionModel, sampler: str) -> None:
-    """The sampler is one the model's noise process runs."""
-    if sampler not in model.process.samplers:
-        raise EditInputError(
-            f"sampler={sampler!r} cannot run on {model.source}, a {model.family} model with a "
-            f"{model.process.name.upper()} noise process; allowed: "
-            f"{', '.join(model.process.samplers)}")
-
-
-def _check_masks(masks: torch.Tensor | None, images: torch.Tensor) -> torch.Tensor | None:
-    if masks is None:
-        return None
-    n, _, h, w = images.shape
-    if not isinstance(masks, torch.Tensor) or tuple(masks.shape) != (n, 1, h, w):
-        shape = tuple(masks.shape) if isinstance(masks, torch.Tensor) else type(masks).__name__
-        raise EditInputError(f"masks shape {shape} is not allowed; allowed: ({n}, 1, {h}, {w})")
-    if not ((masks == 0) | (masks == 1)).all():
-        raise EditInputError("masks values are not all 0 or 1; allowed: {0, 1} (1 = regenerate)")
-    return masks
-
-
-def _check_prompts(model: DiffusionModel, n: int, prompts: Sequence[str] | None,
-                   negative_prompts: Sequence[str] | None, guidance_scale: float | None
-                   ) -> tuple[list[str], list[str], float] | None:
-    """(prompts, negative prompts, scale) for a text-conditioned model, else None."""
-    if model.text is None:
-        given = [name for name, value in (("prompts", prompts), ("negative_prompts",
-                 negative_prompts), ("guidance_scale", guidance_scale)) if value is not None]
-        if given:
-            raise EditInputError(f"{', '.join(given)} given for {model.source}, which is not "
-                                 "text-conditioned; allowed: None (prompts need a latent "
-                                 "text-conditioned model such as a StableDiffusionPipeline)")
-        return None
-    lists = []
-    for name, values in (("prompts", prompts), ("negative_prompts", negative_prompts)):
-        if values is None:
-            lists.append([""] * n)
-            continue
-        if isinstance(values, str) or len(values) != n:
-            count = "a str" if isinstance(values, str) else f"{len(values)} values"
-            raise EditInputError(f"{name} is {count} for {n} images; allowed: a sequence of "
-                                 f"{n} strings")
-        for value in values:
-            if not isinstance(value, str):
-                raise EditInputError(f"{name} entry {value!r} is not allowed; allowed: a str")
-        lists.append(list(values))
-    spec = model.text.spec
-    given_negative = next((v for v in lists[1] if v), None)
-    if given_negative is not None and not spec.negative_prompts:
-        raise EditInputError(
-            f"negative prompt {given_negative!r} given for {model.source}, a {model.family} "
-            f"model without classifier-free guidance (guidance: {spec.guidance}); allowed: "
-            "empty negative prompts")
-    if spec.guidance == "none":
-        if guidance_scale is not None:
-            raise EditInputError(
-                f"guidance_scale={guidance_scale!r} given for {model.source}, a {model.family} "
-                "model that takes no guidance; allowed: None")
-        return lists[0], lists[1], 1.0
-    scale = spec.default_guidance if guidance_scale is None else guidance_scale
-    low, meaning = (1, "1 = conditional pass only") if spec.guidance == "cfg" else \
-        (0, "the guidance input of a guidance-distilled model")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-            or not math.isfinite(scale) or scale < low:
-        raise EditInputError(f"guidance_scale={guidance_scale!r} is not allowed; allowed: a "
-                             f"number >= {low} ({meaning}) or None ({spec.default_guidance:g})")
-    return lists[0], lists[1], float(scale)

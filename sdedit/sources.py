@@ -27,17 +27,21 @@ __all__ = [
     "cached_snapshot",
     "files_identity",
     "hub_allow_patterns",
+    "hub_download_hint",
+    "hub_repo_files",
     "local_path",
     "resolve",
     "source_kind",
 ]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-WEIGHT_COMPONENTS = ("unet", "vae", "text_encoder", "text_encoder_2")
-"""Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor)."""
-TEXT_COMPONENTS = ("tokenizer", "tokenizer_2")
-WEIGHT_STEMS = {"text_encoder": ("model", "pytorch_model"),
-                "text_encoder_2": ("model", "pytorch_model")}
+WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2",
+                     "text_encoder_3")
+"""Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor,
+image_encoder)."""
+TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
+WEIGHT_STEMS = {name: ("model", "pytorch_model")
+                for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
 DEFAULT_STEMS = ("diffusion_pytorch_model",)
 CHUNK = 1 << 22
 FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
@@ -45,9 +49,17 @@ FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
                      "unet/diffusion_pytorch_model.safetensors", "vae/config.json",
                      "vae/diffusion_pytorch_model.safetensors", "text_encoder/config.json",
                      "text_encoder/model.safetensors", "tokenizer/*",
-                     "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
-                     "tokenizer_2/*", "scheduler/scheduler_config.json"]
+                     "scheduler/scheduler_config.json", "transformer/config.json",
+                     "transformer/diffusion_pytorch_model.safetensors",
+                     "transformer/diffusion_pytorch_model.safetensors.index.json",
+                     "transformer/diffusion_pytorch_model-*-of-*.safetensors",
+                     *(f"text_encoder_{i}/{name}" for i in (2, 3) for name in (
+                         "config.json", "model.safetensors", "model.safetensors.index.json",
+                         "model-*-of-*.safetensors")),
+                     "tokenizer_2/*", "tokenizer_3/*"]
 """What a hub fetch asks for when the repository cannot be listed (offline: the cache answers)."""
+HUB_TIMEOUT = 10.0
+"""Seconds one hub listing may take (`hub_repo_files`)."""
 
 
 class ModelSourceError(ValueError):
@@ -121,14 +133,14 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
     """The files of a hub repository that `load_model` needs, as exact allow_patterns.
 
     Pipeline layout (model_index.json): model_index.json, the config and one weights variant of
-    unet, vae, text_encoder and text_encoder_2 (those present; just unet for a pixel pipeline),
-    every file of tokenizer/ and tokenizer_2/, and scheduler/scheduler_config.json. Root layout:
-    config.json, scheduler_config.json and one weights file. Never safety_checker/,
-    feature_extractor/, root-level checkpoints (.ckpt, v1-5-pruned.safetensors) or fp16 / ema /
-    non_ema variants.
+    each of unet or transformer, vae, text_encoder, text_encoder_2, text_encoder_3 present (just
+    unet for a pixel pipeline), every file of tokenizer/, tokenizer_2/, tokenizer_3/, and
+    scheduler/scheduler_config.json. Root layout: config.json, scheduler_config.json and one
+    weights file. Never safety_checker/, feature_extractor/, root-level checkpoints (.ckpt,
+    v1-5-pruned.safetensors) or fp16 / ema / non_ema variants.
 
     Args:
-        repo_files: the repository's file paths, e.g. from `HfApi().list_repo_files`.
+        repo_files: the repository's file paths, e.g. from `hub_repo_files`.
     Returns:
         sorted file paths (exact names; fnmatch treats them as themselves).
     """
@@ -147,13 +159,34 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
     return sorted(set(wanted))
 
 
+def hub_repo_files(repo_id: str, timeout: float = HUB_TIMEOUT) -> list[str]:
+    """The file paths of hub model repository `repo_id`, from one request of at most `timeout`
+    seconds (`HfApi.model_info`, whose `siblings` list every file), never retried: without
+    network the answer comes at once (`HfApi.list_repo_files` retries five times, 23 s of
+    backoff with a warning each, before it gives up).
+
+    Raises:
+        what huggingface_hub raises: no network, offline mode, an unknown or gated repository.
+    """
+    from huggingface_hub import HfApi
+
+    info = HfApi().model_info(repo_id, timeout=timeout)
+    return [sibling.rfilename for sibling in info.siblings or []]
+
+
+def hub_download_hint(repo_id: str) -> str:
+    """The command that puts hub model `repo_id` into the hub cache on a machine with network:
+    `hf`, the command line of the pinned huggingface_hub (it has no `huggingface-cli`)."""
+    return f"`hf download {repo_id}`"
+
+
 def from_hub(repo_id: str) -> Path:
     """The hub snapshot directory of `repo_id` with `hub_allow_patterns`' files (from the cache
     when offline). Its name is the commit hash."""
-    from huggingface_hub import HfApi, snapshot_download
+    from huggingface_hub import snapshot_download
 
     try:
-        files: list[str] | None = HfApi().list_repo_files(repo_id)
+        files: list[str] | None = hub_repo_files(repo_id)
     except Exception as exc:  # offline, no network: the cache may still hold a snapshot
         logger.info("cannot list hub repo %s (%s); trying the cache", repo_id, type(exc).__name__)
         files = None
@@ -164,7 +197,7 @@ def from_hub(repo_id: str) -> Path:
         raise ModelSourceError(
             f"model source {repo_id!r}: could not get it from the Hugging Face hub or its cache "
             f"({type(exc).__name__}). On a machine with network access run "
-            f"`huggingface-cli download {repo_id}` (it fills the hub cache, HF_HOME), or copy the "
+            f"{hub_download_hint(repo_id)} (it fills the hub cache, HF_HOME), or copy the "
             "model directory somewhere reachable and set model.source to that path or URL."
         ) from exc
 

@@ -1,5 +1,7 @@
 """A real job on Ray's fake multi-node autoscaler: GPU worker nodes appear for the job's GPU
-actors and are removed once it ended.
+actors and are removed once it ended. This is also the test of the fake autoscaler itself
+(worker nodes of one GPU each added for GPU actors, idle ones removed, every process of the
+cluster ended with it): a bare-Ray test of the same cost proved nothing more.
 
 The head has no GPU; the worker type is {CPU: 1, GPU: 1}, min 0, max 2. The job asks for
 `compute.device: cuda` with one GPU per actor and up to two actors; the fake_gpu test hook
@@ -24,6 +26,7 @@ from pipeline.testhooks import hooks_env
 from tests.support.rayhead import (
     connected,
     fake_cluster,
+    is_alive,
     kill_session,
     pids_mentioning,
     session_pids,
@@ -47,6 +50,7 @@ def test_job_scales_gpu_nodes_up_and_back_down(tiny_vp_dir: Path, tmp_path: Path
                     compute={"device": "cuda", "gpus_per_actor": 1, "actors": {"min": 1, "max": 2},
                              "batch_size": 2})
     seen: set[str] = set()
+    worker_pids: set[int] = set()
     most_at_once = 0
     with fake_cluster(head_cpus=1, max_workers=2, idle_timeout_minutes=0.1) as info:
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"}
@@ -64,6 +68,8 @@ def test_job_scales_gpu_nodes_up_and_back_down(tiny_vp_dir: Path, tmp_path: Path
                     alive = _gpu_nodes()
                     seen |= alive.keys()
                     most_at_once = max(most_at_once, len(alive))
+                    assert all(n["Resources"]["GPU"] == 1 for n in alive.values()), alive
+                    worker_pids |= set(pids_mentioning(str(info.temp_dir)))
                     time.sleep(0.5)
                 output = driver.stdout.read() if driver.stdout else ""
             finally:
@@ -85,3 +91,4 @@ def test_job_scales_gpu_nodes_up_and_back_down(tiny_vp_dir: Path, tmp_path: Path
     assert seen <= removed, "a GPU node that served the job was not removed"
     assert session_pids(info.pid) == [], "processes of the fake cluster survived"
     assert pids_mentioning(str(info.temp_dir)) == []
+    assert worker_pids and not [p for p in worker_pids if is_alive(p)]

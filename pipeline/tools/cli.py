@@ -12,6 +12,8 @@ from typing import Any
 
 import click
 
+from pipeline.errors import count
+
 
 @click.command("demo-data")
 @click.option("--out", required=True, metavar="URL",
@@ -41,7 +43,7 @@ def demo_data_cmd(out: str, n: int, size: int, shard_size: int, seed: int,
     from pipeline.tools.demo_data import write_demo_data
 
     urls = write_demo_data(out, n, size=size, shard_size=shard_size, seed=seed, strokes=strokes)
-    click.echo(f"wrote {n} images in {len(urls)} shard(s) to {out}")
+    click.echo(f"wrote {count(n, 'image')} in {count(len(urls), 'shard')} to {out}")
 
 
 def _storage_options(text: str | None) -> dict[str, Any] | None:
@@ -106,10 +108,10 @@ def prepare_cmd(sources: tuple[str, ...], out: str, shard_size: int, size: int, 
                      strokes=strokes,  # type: ignore[arg-type]
                      storage_options=_storage_options(storage_options), progress=progress,
                      overwrite=overwrite, workers=workers)
-    click.echo(f"wrote {report.n_images} of {report.n_files} file(s) in {report.n_shards} "
-               f"shard(s) to {out}")
+    click.echo(f"wrote {report.n_images} of {count(report.n_files, 'file')} in "
+               f"{count(report.n_shards, 'shard')} to {out}")
     if report.skipped:
-        click.echo(f"skipped {len(report.skipped)} unreadable file(s):")
+        click.echo(f"skipped {count(len(report.skipped), 'unreadable file')}:")
         for name, error in report.skipped:
             click.echo(f"  {name}: {error}")
     if report.n_images == 0:
@@ -119,8 +121,8 @@ def prepare_cmd(sources: tuple[str, ...], out: str, shard_size: int, size: int, 
 
 @click.command("preview")
 @click.argument("out", metavar="OUT")
-@click.option("--n", "n", default=16, show_default=True, type=click.IntRange(min=1),
-              help="Number of samples (rows).")
+@click.option("--n", "n", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Outputs to draw (rows).")
 @click.option("-o", "--output", default="preview.png", show_default=True, metavar="PATH",
               help="Where to write the PNG contact sheet (local path or fsspec URL).")
 @click.option("--tile", default=None, type=click.IntRange(min=8), metavar="PX",
@@ -130,8 +132,9 @@ def preview_cmd(out: str, n: int, output: str, tile: int | None,
                 storage_options: str | None) -> None:
     """Write a contact sheet of a job's results: guide | output (| target) per row.
 
-    Reads the first N samples of OUT/shards/*.tar (shards in name order, keys sorted within a
-    shard) and captions each row with the sample key and t0.
+    Draws the first N outputs of OUT/shards/*.tar (shards in name order, keys sorted within a
+    shard), one row each (each output of an input with samples_per_input > 1), captioned with
+    the output's key and t0, and says whether the shards hold more.
 
     \b
     Example:
@@ -139,8 +142,10 @@ def preview_cmd(out: str, n: int, output: str, tile: int | None,
     """
     from pipeline.tools.preview import write_preview
 
-    sheet = write_preview(out, output, n, _storage_options(storage_options), tile=tile)
-    click.echo(f"wrote {output} ({sheet.width}x{sheet.height} px)")
+    preview = write_preview(out, output, n, _storage_options(storage_options), tile=tile)
+    drawn = (f"the first {count(preview.rows, 'output')}; the shards hold more (--n for more "
+             "rows)") if preview.more else f"all {count(preview.rows, 'output')} of the shards"
+    click.echo(f"wrote {output} ({preview.sheet.width}x{preview.sheet.height} px): {drawn}")
 
 
 def _channels(ctx: click.Context, param: click.Parameter, value: str) -> tuple[int, ...]:

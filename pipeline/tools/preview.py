@@ -5,7 +5,9 @@
 
 Reads the output shards `OUT/shards/*.tar`: the output `{key}.png|jpg|webp` (any
 `output.image_format`), and when present `{key}.guide.png` (absent with `include_guide: false`:
-the sheet then has no guide column), `{key}.target.png`, and `{key}.json` metadata ("key", "t0").
+the sheet then has no guide column), `{key}.target.png`, and `{key}.json` metadata
+("output_key", "t0"). Rows are outputs: with `samples_per_input > 1` each output of an input
+has its own row, captioned with its own key (`{key}_{n:02d}`).
 """
 
 from __future__ import annotations
@@ -20,15 +22,17 @@ from typing import Any
 from PIL import Image, ImageDraw, ImageFont, ImageOps
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from pipeline.errors import PipelineError, StorageError
+from pipeline.errors import PipelineError, StorageError, count
 from pipeline.images import OUTPUT_FORMATS, encode_image
 from pipeline.storage import FileSystem, put_bytes_atomic, url_fs
 
-__all__ = ["CAPTION_HEIGHT", "HEADER_HEIGHT", "PADDING", "grid_size", "make_preview",
-           "write_preview"]
+__all__ = ["CAPTION_HEIGHT", "DEFAULT_ROWS", "HEADER_HEIGHT", "PADDING", "Preview", "grid_size",
+           "make_preview", "render_preview", "write_preview"]
 
 log = logging.getLogger(__name__)
 
+DEFAULT_ROWS = 32
+"""Outputs a preview draws unless told otherwise: all of the quickstart's 32."""
 PADDING = 4
 """Pixels between tiles and around the sheet."""
 CAPTION_HEIGHT = 14
@@ -41,7 +45,7 @@ _TEXT = (0, 0, 0)
 
 @dataclass(frozen=True)
 class _Sample:
-    """The members of one output sample, still encoded."""
+    """The members of one output sample, still encoded; `key` is the output's key."""
 
     key: str
     output: bytes
@@ -86,11 +90,11 @@ def _read_samples(fs: FileSystem, path: str) -> list[_Sample]:
                 continue
             meta = json.loads(sample["json"]) if "json" in sample else {}
             samples.append(_Sample(
-                key=str(meta.get("key", sample["__key__"])), output=output,
+                key=str(meta.get("output_key", sample["__key__"])), output=output,
                 guide=sample.get("guide.png"), target=sample.get("target.png"), meta=meta))
     if incomplete:
-        log.warning("%s: %d sample(s) without an output image left out of the preview",
-                    path, incomplete)
+        log.warning("%s: %s without an output image left out of the preview",
+                    path, count(incomplete, "sample"))
     return samples
 
 
@@ -139,19 +143,41 @@ def _draw_text(draw: ImageDraw.ImageDraw, xy: tuple[int, int], text: str, width:
     draw.text(xy, text, fill=_TEXT, font=font)
 
 
+@dataclass(frozen=True)
+class Preview:
+    """A contact sheet and what it shows."""
+
+    sheet: Image.Image
+    rows: int
+    """Outputs drawn."""
+    more: bool
+    """Whether the shards hold outputs beyond those drawn."""
+
+
 def make_preview(
     out: str,
-    n: int = 16,
+    n: int = DEFAULT_ROWS,
     storage_options: dict[str, Any] | None = None,
     *,
     tile: int | None = None,
 ) -> Image.Image:
-    """A contact sheet of the first `n` samples of the job in `out`.
+    """The sheet of `render_preview` (a PIL RGB image)."""
+    return render_preview(out, n, storage_options, tile=tile).sheet
 
-    One row per sample: guide | output | target, each column only when some shown sample has
-    that member (the output always); a caption with the key and t0 under each row; column
-    titles on top.
-    Samples are taken from the shards in name order, sorted by key within each shard.
+
+def render_preview(
+    out: str,
+    n: int = DEFAULT_ROWS,
+    storage_options: dict[str, Any] | None = None,
+    *,
+    tile: int | None = None,
+) -> Preview:
+    """A contact sheet of the first `n` outputs of the job in `out`.
+
+    One row per output: guide | output | target, each column only when some shown output has
+    that member (the output always); a caption with the output key and t0 under each row;
+    column titles on top.
+    Outputs are taken from the shards in name order, sorted by key within each shard.
 
     Args:
         out: the job's output folder (local path or fsspec URL) holding `shards/*.tar`.
@@ -160,7 +186,8 @@ def make_preview(
         tile: side of each square tile in pixels; None = the larger side of the first output.
 
     Returns:
-        PIL RGB image of size `grid_size(rows, columns, tile)`.
+        the sheet, a PIL RGB image of size `grid_size(rows, columns, tile)`, with how many
+        rows it has and whether the shards hold more outputs.
 
     Raises:
         PipelineError: `out` holds no shards or no complete sample, or `n`/`tile` < 1.
@@ -171,7 +198,9 @@ def make_preview(
         raise PipelineError(f"tile must be >= 1 pixel, got {tile}")
     out = out.rstrip("/")
     fs, root = url_fs(out, storage_options)
-    samples = _first_samples(fs, _shard_paths(fs, root, out), n)
+    samples = _first_samples(fs, _shard_paths(fs, root, out), n + 1)  # one more: are there more?
+    more = len(samples) > n
+    samples = samples[:n]
     if not samples:
         raise PipelineError(f"the shards of {out} hold no sample with an output image")
     if tile is None:
@@ -195,18 +224,18 @@ def make_preview(
             if data is not None:
                 sheet.paste(_tile(data, tile), (PADDING + column * (tile + PADDING), y))
         _draw_text(draw, (PADDING, y + tile + 1), _caption(sample), width - 2 * PADDING, font)
-    log.info("preview of %d sample(s) from %s: %dx%d px", len(samples), out, width, height)
-    return sheet
+    log.info("preview of %d outputs from %s: %dx%d px", len(samples), out, width, height)
+    return Preview(sheet, len(samples), more)
 
 
-def write_preview(out: str, path: str, n: int = 16,
+def write_preview(out: str, path: str, n: int = DEFAULT_ROWS,
                   storage_options: dict[str, Any] | None = None, *,
-                  tile: int | None = None) -> Image.Image:
-    """`make_preview`, written as PNG to `path` (local or fsspec URL, with the same options);
-    returns the sheet. Raises StorageError when `path` cannot be written."""
-    sheet = make_preview(out, n, storage_options, tile=tile)
+                  tile: int | None = None) -> Preview:
+    """`render_preview`, its sheet written as PNG to `path` (local or fsspec URL, with the same
+    options). Raises StorageError when `path` cannot be written."""
+    preview = render_preview(out, n, storage_options, tile=tile)
     try:
-        put_bytes_atomic(path, encode_image(sheet, "png"), storage_options)
+        put_bytes_atomic(path, encode_image(preview.sheet, "png"), storage_options)
     except OSError as exc:
         raise StorageError(f"cannot write {path}: {exc}") from exc
-    return sheet
+    return preview

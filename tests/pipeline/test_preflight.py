@@ -44,9 +44,13 @@ def _cache_snapshot(cache: Path, repo: str, model_dir: Path, commit: str = "c0ff
     return snapshot
 
 
-def test_a_loadable_local_model_has_no_problem(tiny_vp_dir, tiny_sd_dir):
-    assert model_problems(str(tiny_vp_dir), None) == ([], [])
-    assert model_problems(str(tiny_sd_dir), None) == ([], [])
+def test_a_loadable_local_model_has_no_problem_and_is_named(tiny_vp_dir, tiny_sd_dir):
+    assert model_problems(str(tiny_vp_dir), None) == ([], [
+        f"model.source {tiny_vp_dir}: pixel model, VP noise process (samplers ddpm, ddim, "
+        "dpmpp2m), no text, trained at 16x16, image sides multiples of 2"])
+    assert model_problems(str(tiny_sd_dir), None) == ([], [
+        f"model.source {tiny_sd_dir}: sd model, VP noise process (samplers ddpm, ddim, "
+        "dpmpp2m), prompts, guidance cfg, trained at 16x16, image sides multiples of 4"])
 
 
 def test_local_model_problems_name_what_is_wrong(tiny_vp_dir, tmp_path):
@@ -91,7 +95,9 @@ def test_a_hub_id_in_the_hub_cache_is_checked_there(hub_cache, tiny_vp_dir):
     snapshot = _cache_snapshot(hub_cache, "org/tiny", tiny_vp_dir)
     for offline in (False, True):
         assert model_problems("org/tiny", None, offline=offline) == ([], [
-            f"model.source org/tiny: in the hub cache (revision {snapshot.name})"])
+            f"model.source org/tiny: in the hub cache (revision {snapshot.name})",
+            "model.source org/tiny: pixel model, VP noise process (samplers ddpm, ddim, "
+            "dpmpp2m), no text, trained at 16x16, image sides multiples of 2"])
     (snapshot / "diffusion_pytorch_model.safetensors").unlink()
     problems, notes = model_problems("org/tiny", None, offline=True)
     assert problems == [] and "incomplete in the hub cache" in notes[0]
@@ -115,9 +121,12 @@ def test_check_model_raises_listing_the_problem(tiny_vp_dir, tmp_path):
     with pytest.raises(PreflightError) as info:
         check_model(spec)
     assert info.value.exit_code == 2
-    assert str(info.value).startswith("test-job: 1 problem(s) found before any work\n  - "
+    assert str(info.value).startswith("test-job: 1 problem found before any work\n  - "
                                       "model.source: ")
-    assert check_model(make_spec(tiny_vp_dir, [str(tmp_path / "a.tar")], tmp_path / "o")) == []
+    notes = check_model(make_spec(tiny_vp_dir, [str(tmp_path / "a.tar")], tmp_path / "o"))
+    assert notes == [f"model.source {tiny_vp_dir}: pixel model, VP noise process (samplers "
+                     "ddpm, ddim, dpmpp2m), no text, trained at 16x16, image sides multiples "
+                     "of 2"]
 
 
 def test_local_inputs_must_exist(tiny_vp_dir, tmp_path):
@@ -135,7 +144,7 @@ def test_validate_refuses_a_missing_model_with_exit_2(tmp_path):
     job = write_job(tmp_path / "job.yaml", tmp_path / "no-model", shards, tmp_path / "out")
     result = CliRunner().invoke(main, ["validate", str(job)])
     assert result.exit_code == 2
-    assert f"error: {job}: 1 problem(s) found before any work" in result.stderr
+    assert f"error: {job}: 1 problem found before any work" in result.stderr
     assert f"model.source: '{tmp_path}/no-model' not found" in result.stderr
     assert "# input shards: 1 (0 done, 1 pending)" in result.stdout
     assert "Traceback" not in result.output
@@ -155,7 +164,7 @@ def test_validate_of_the_readme_example_lists_problems_and_offline_passes(tmp_pa
     online = run_cli_in_session(["validate", job], env, timeout=120)
     assert online.returncode == 2, online.stderr[-3000:]
     assert "Traceback" not in online.stderr
-    assert f"error: {job}: 3 problem(s) found before any work" in online.stderr
+    assert f"error: {job}: 3 problems found before any work" in online.stderr
     for line in ("  - model.source: 'google/ddpm-ema-bedroom-256' is no local directory",
                  "  - input.shards: cannot read s3://my-bucket/sdedit/bedroom-strokes-256/"
                  "strokes-000000.tar: NoCredentialsError: Unable to locate credentials",
@@ -213,7 +222,7 @@ def test_run_refuses_a_missing_model_before_ray_and_job_json(tmp_path):
     job = write_job(tmp_path / "job.yaml", tmp_path / "no-model", shards, tmp_path / "out")
     result = CliRunner().invoke(main, ["run", str(job), "--no-progress"])
     assert result.exit_code == 2
-    assert result.stderr.startswith("error: test-job: 1 problem(s) found before any work\n"
+    assert result.stderr.startswith("error: test-job: 1 problem found before any work\n"
                                     f"  - model.source: '{tmp_path}/no-model' not found")
     assert not ray.is_initialized()
     assert not (tmp_path / "out").exists()

@@ -14,11 +14,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline.errors import PipelineError
+from pipeline.errors import ModelSettingsError, PipelineError
 from pipeline.runner import run_job
 from pipeline.worker import ShardWorker
 from sdedit import edit
-from sdedit.models import ModelSourceError
 from tests.support.shards import make_spec, png
 
 
@@ -80,7 +79,8 @@ def test_pixel_job_reads_t0_per_row_and_carries_every_other_member(tiny_vp, tiny
 def test_prompts_for_a_pixel_model_are_refused_on_load(tiny_vp_dir, tmp_path):
     spec = make_spec(tiny_vp_dir, [str(tmp_path / "x.tar")], tmp_path / "out",
                      sdedit={"prompt": "a room"})
-    with pytest.raises(ModelSourceError, match=r"unconditional pixel model; sdedit\.prompt"):
+    with pytest.raises(ModelSettingsError, match=r"sdedit\.prompt: prompt='a room' is for "
+                                                 "text-conditioned models"):
         ShardWorker(spec)
 
 
@@ -133,6 +133,7 @@ def test_latent_job_with_per_row_prompts_and_t0_on_ray(ray_connected, tiny_sd, t
 def test_a_job_level_prompt_on_a_pixel_model_is_refused_before_ray(tiny_vp_dir, tmp_path):
     spec = make_spec(tiny_vp_dir, [str(tmp_path / "x.tar")], tmp_path / "out",
                      sdedit={"prompt": "a room"})
-    with pytest.raises(PipelineError, match=r"sdedit\.prompt: .a room. is for text-conditioned"):
+    with pytest.raises(PipelineError,
+                       match=r"sdedit\.prompt: prompt='a room' is for text-conditioned"):
         run_job(spec, progress=False)
     assert not (tmp_path / "out").exists()

@@ -1,4 +1,5 @@
-"""run_job on a real local Ray: end to end, actor loss, resume, failures, driver kill."""
+"""run_job on a real Ray (the session's head): end to end, actor loss, resume, failures,
+driver kill."""
 
 from __future__ import annotations
 
@@ -20,24 +21,25 @@ import webdataset as wds
 import yaml
 from click.testing import CliRunner
 
+from pipeline import runner
 from pipeline.cli import main
 from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.runner import actor_options, run_job
 from pipeline.testhooks import hooks_env
 from pipeline.worker import ShardWorker
 from tests.support.images import png_header_only
-from tests.support.rayhead import kill_session
+from tests.support.rayhead import connected, kill_session
 from tests.support.shards import make_spec, png, write_job, write_shards
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def local_ray():
-    """One local Ray for this module (2 CPUs), shut down at the end."""
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    ray.shutdown()
+def local_ray(ray_head):
+    """This module's tests are drivers of the session's Ray head (2 CPUs), not of a Ray of
+    their own (starting and stopping one cost about 6 s)."""
+    with connected(ray_head):
+        yield
 
 
 @pytest.fixture(scope="module")
@@ -67,8 +69,10 @@ def _check_complete(out: Path, reference: dict[str, bytes]) -> None:
     assert tars == reference
 
 
-def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, reference,
-                                           tmp_path):
+def test_end_to_end_rerun_does_nothing_resume_redoes_only_a_missing_shard(
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, caplog):
+    """A whole run; the same run again does nothing; a shard removed is redone alone, with a
+    changed batch size (warned); a changed t0 is refused."""
     out = tmp_path / "out"
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     summary = run_job(spec, progress=False)
@@ -79,34 +83,9 @@ def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, refer
     _check_complete(out, reference)
     job = json.loads((out / "job.json").read_text())
     assert job["fingerprint"] == spec.fingerprint() and job["versions"]["ray"] == ray.__version__
+    assert job["compute"] == {"device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
     again = run_job(spec, progress=False)
     assert again.shards_done == 0 and again.shards_already_done == 3
-
-
-@pytest.mark.parametrize("hook, value", [
-    ("crash", "part-000001:3:{flag}"),  # the actor process exits after 3 outputs of the shard
-    ("fail_write", "part-000002:{flag}"),  # writing its first output raises OSError, once
-], ids=["actor-killed-mid-shard", "write-error"])
-def test_a_failed_attempt_loses_nothing_and_the_shard_is_retried(
-        local_ray, tiny_vp_dir, inputs, reference, tmp_path, monkeypatch, hook, value):
-    out = tmp_path / "out"
-    flag = tmp_path / "fired"
-    for name, env in hooks_env(**{hook: value.format(flag=flag)}).items():
-        monkeypatch.setenv(name, env)
-    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
-    summary = run_job(spec, progress=False)
-    assert flag.exists(), "the test hook did not fire"
-    assert summary.shards_done == 3 and not summary.failed
-    _check_complete(out, reference)
-
-
-def test_resume_redoes_only_missing_shard_and_refuses_changed_t0(
-        local_ray, tiny_vp_dir, inputs, reference, tmp_path, caplog):
-    out = tmp_path / "out"
-    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
-    run_job(spec, progress=False)
-    assert json.loads((out / "job.json").read_text())["compute"] == {
-        "device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
     for path in ("shards/part-000001.tar", "manifests/part-000001.parquet",
                  "done/part-000001.json"):
         (out / path).unlink()
@@ -128,7 +107,28 @@ def test_resume_redoes_only_missing_shard_and_refuses_changed_t0(
         run_job(changed, progress=False)
 
 
-def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs, tmp_path):
+def test_failed_attempts_lose_nothing_and_their_shards_are_retried(
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, monkeypatch):
+    """In one run: the actor process exits after 3 outputs of part-000001, and writing the
+    first output of part-000002 raises OSError (each once)."""
+    out = tmp_path / "out"
+    crashed, failed_write = tmp_path / "crashed", tmp_path / "failed-write"
+    hooks = hooks_env(crash=f"part-000001:3:{crashed}", fail_write=f"part-000002:{failed_write}")
+    for name, env in hooks.items():
+        monkeypatch.setenv(name, env)
+    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)
+    # part-000002 may be in flight when the actor dies, then fail its write: 2 retries
+    spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2},
+                     compute={"shard_retries": 2})
+    summary = run_job(spec, progress=False)
+    assert crashed.exists() and failed_write.exists(), "a test hook did not fire"
+    assert summary.shards_done == 3 and not summary.failed
+    _check_complete(out, reference)
+
+
+def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs, tmp_path,
+                                                  monkeypatch):
+    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)
     data = Path(inputs[0]).read_bytes()
     bad = tmp_path / "bad-000009.tar"
     bad.write_bytes(data[: len(data) // 2])
@@ -177,8 +177,8 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     assert status.exit_code == 0, status.output
     assert "shards: 3 done, 0 pending, 0 failed (of 3)" in status.output
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert third.returncode == 0 and "nothing to do" in third.stdout
+    third = CliRunner().invoke(main, cmd[3:])  # done before Ray: no process of its own
+    assert third.exit_code == 0 and "nothing to do" in third.stdout
 
 
 def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_vp_dir, inputs,
@@ -237,3 +237,41 @@ def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(
     assert "error rows: 3\n  k1  a-000000  duplicate  duplicate key k1" in status.output
     assert "  k2  a-000000  decode  cannot decode k2.png" in status.output
     assert "  k3  b-000001  size  image k3.png is 5000x5000 (25,000,000 pixels)" in status.output
+
+
+def test_limit_shards_says_what_is_left_and_a_log_gets_progress_lines(local_ray, tiny_vp_dir,
+                                                                       tmp_path):
+    """--limit-shards ended without a word on the shards left; progress written to a file
+    or pipe (here the CLI runner's stderr) is plain lines, never '\\r'-redrawn bars."""
+    shards = write_shards(tmp_path / "in", n_shards=3, per_shard=1, bad=False)
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, shards, tmp_path / "out")
+    result = CliRunner().invoke(main, ["run", str(job), "--limit-shards", "1"])
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[-1] == (
+        "2 shards of 3 not processed yet (--limit-shards 1): run the same command again for "
+        "the next 1, or without --limit-shards for all of them")
+    assert "\r" not in result.stderr
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith("test-job: images 0, ") and lines[0].endswith(
+        ", starting 1 actor (loading the model)")
+    assert lines[-1].startswith("test-job: images 1/1, ") and "shards 1/1 done" in lines[-1]
+
+
+def test_rays_notice_of_token_authentication_is_dropped_and_its_warnings_kept():
+    """A local run began with Ray's "Token authentication is enabled ..." notice, which asks
+    nothing of the user (tests/test_quickstart.py checks a whole run's output)."""
+    from ray._private.authentication import authentication_token_setup as setup
+
+    runner._quiet_token_notice()
+    runner._quiet_token_notice()  # installed once
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+    setup.logger.addHandler(handler)
+    try:
+        setup._warn_token_auth_enabled()
+        setup._warn_token_auth_disabled()
+    finally:
+        setup.logger.removeHandler(handler)
+    assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled"), seen
+    assert sum(isinstance(f, runner._TokenNotice) for f in setup.logger.filters) == 1

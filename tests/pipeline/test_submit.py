@@ -1,22 +1,25 @@
 """`sdedit-batch submit` / `status SUBMISSION_ID` against a real Ray head (the `ray_head` fixture).
 
 The submitted entrypoint runs on the head, which is this machine, so the job uses local paths.
-Every CLI call runs in its own session and is ended by session id; the head's own processes
-(including the job supervisor and the submitted driver) end with the fixture.
+`submit` runs as its own process in its own session, ended by session id; `status`, which
+starts no process, runs in this one. The head's own processes (including the job supervisor
+and the submitted driver) end with the fixture.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner, Result
 
+from pipeline.cli import main
 from pipeline.submit import submission_status
 from tests.support.cli import run_cli_in_session
 from tests.support.rayhead import RayHeadInfo, ray_auth_env
@@ -25,16 +28,20 @@ from tests.support.shards import write_job, write_shards
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
 
-def _cli(args: list[str], info: RayHeadInfo, timeout: float,
-         token: str | None = None) -> subprocess.CompletedProcess[str]:
-    """`python -m pipeline.cli ARGS` with the head's token (or `token`) and no RAY_ADDRESS, in
-    its own session; whatever it started is ended, even on timeout."""
+def _cli(args: list[str], info: RayHeadInfo, timeout: float) -> subprocess.CompletedProcess[str]:
+    """`python -m pipeline.cli ARGS` with the head's token and no RAY_ADDRESS, in its own
+    session; whatever it started is ended, even on timeout."""
     drop = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS", "RAY_AUTH_TOKEN_PATH")
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(info.env)
-    if token is not None:
-        env["RAY_AUTH_TOKEN"] = token
     return run_cli_in_session(args, env, timeout)
+
+
+def _status(sid: str, info: RayHeadInfo) -> Result:
+    """`sdedit-batch status SID --address ...` in this process (it starts no process), with
+    `info`'s token."""
+    with ray_auth_env(info):
+        return CliRunner().invoke(main, ["status", sid, "--address", info.dashboard_url])
 
 
 @pytest.mark.timeout(400)
@@ -63,8 +70,8 @@ def test_submit_runs_job_on_the_cluster_and_status_reads_the_submission(
     assert "--address auto" in info.entrypoint and "seed" not in info.entrypoint
     assert (info.job_name, info.output) == ("submitted", str(out))
 
-    status = _cli(["status", sid, "--address", url], ray_head, 60)
-    assert status.returncode == 0, status.stderr
+    status = _status(sid, ray_head)
+    assert status.exit_code == 0, status.output
     assert f"submission {sid}: SUCCEEDED (exit code 0)" in status.stdout
     assert "shards: 2 done, 0 pending, 0 failed (of 2)" in status.stdout
 
@@ -81,10 +88,11 @@ def test_submit_runs_job_on_the_cluster_and_status_reads_the_submission(
             assert time.monotonic() < deadline, f"{sid2} still {final.status}"
             time.sleep(1.0)
     assert (final.status, final.exit_code) == ("FAILED", 2)
-    status2 = _cli(["status", sid2, "--address", url], ray_head, 60)
+    status2 = _status(sid2, ray_head)
     assert f"submission {sid2}: FAILED (exit code 2)" in status2.stdout
-    wrong = _cli(["status", sid2, "--address", url], ray_head, 60, token="0" * 32)
-    assert wrong.returncode == 2 and f"cannot reach the Ray Jobs API at {url}" in wrong.stderr
+    wrong = _status(sid2, dataclasses.replace(ray_head, env={**ray_head.env,
+                                                             "RAY_AUTH_TOKEN": "0" * 32}))
+    assert wrong.exit_code == 2 and f"cannot reach the Ray Jobs API at {url}" in wrong.stderr
     assert "RAY_AUTH_TOKEN" in wrong.stderr and ray_head.token not in wrong.stderr
 
 
@@ -93,14 +101,11 @@ def test_submit_reports_an_invalid_job_before_submitting(tmp_path: Path) -> None
     job.write_text("name: bad\nmodel: {source: m}\ninput: {shards: a.tar}\n"
                    "output: {path: /tmp/x}\nsdedit: {t0: 3}\n")
     # No cluster at this address: the spec error must come first (exit 2, nothing sent).
-    run = subprocess.run([sys.executable, "-m", "pipeline.cli", "submit", str(job),
-                          "--address", "http://127.0.0.1:9"], capture_output=True, text=True,
-                         timeout=60)
-    assert run.returncode == 2
+    # (In this process: a refused submission starts no process.)
+    run = CliRunner().invoke(main, ["submit", str(job), "--address", "http://127.0.0.1:9"])
+    assert run.exit_code == 2
     assert "sdedit.t0: 3 " in run.stderr and "Ray Jobs API" not in run.stderr
-    unreachable = subprocess.run(
-        [sys.executable, "-m", "pipeline.cli", "submit", str(job), "--address",
-         "http://127.0.0.1:9", "--set", "sdedit.t0=0.5"],
-        capture_output=True, text=True, timeout=60)
-    assert unreachable.returncode == 2
+    unreachable = CliRunner().invoke(main, ["submit", str(job), "--address",
+                                            "http://127.0.0.1:9", "--set", "sdedit.t0=0.5"])
+    assert unreachable.exit_code == 2
     assert "cannot reach the Ray Jobs API at http://127.0.0.1:9" in unreachable.stderr

@@ -141,9 +141,9 @@ def test_the_png_level_reaches_the_outputs_and_never_changes_their_pixels(
     shards = write_shards(tmp_path / "in", n_shards=1, per_shard=6, bad=False, seed=3)
     levels = []
 
-    def encode(image, fmt="png", png_compress_level=None):
+    def encode(image, fmt="png", png_compress_level=None, quality=None):
         levels.append(png_compress_level)
-        return encode_image(image, fmt, png_compress_level)
+        return encode_image(image, fmt, png_compress_level, quality)
 
     monkeypatch.setattr(writer, "encode_image", encode)
     members = {}
@@ -160,6 +160,30 @@ def test_the_png_level_reaches_the_outputs_and_never_changes_their_pixels(
     assert levels == [0] * 6 + [9] * 6  # every output encoded at the job's level
     # (the sizes cannot tell: the tiny model's 16 px outputs are noise, which no zlib level
     # compresses; tests/pipeline/test_images.py shows the sizes on a realistic image)
+
+
+def test_the_lossy_quality_reaches_the_outputs(tiny_vp, tiny_vp_dir, tmp_path):
+    """output.jpeg_quality / webp_quality are what each output is encoded with: a JPEG's
+    quantization tables are those Pillow writes at that quality."""
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=2, bad=False, seed=3)
+    grey = np.full((16, 16, 3), 128, np.uint8)
+    outputs = {}
+    for fmt, quality in (("jpg", 95), ("jpg", 30), ("webp", 95), ("webp", 30)):
+        out = tmp_path / f"{fmt}{quality}"
+        field = "jpeg_quality" if fmt == "jpg" else "webp_quality"
+        spec = make_spec(tiny_vp_dir, shards, out,
+                         output={"image_format": fmt, field: quality})
+        ShardWorker(spec, model=tiny_vp).process(shards[0])
+        outputs[fmt, quality] = [data for name, data in sorted(_tar_members(
+            out / "shards" / "part-000000.tar").items()) if name.endswith(f".{fmt}")]
+        assert len(outputs[fmt, quality]) == 2
+    for quality in (95, 30):
+        with Image.open(io.BytesIO(encode_image(grey, "jpg", quality=quality))) as reference:
+            tables = reference.quantization
+        for data in outputs["jpg", quality]:
+            with Image.open(io.BytesIO(data)) as image:
+                assert image.quantization == tables
+    assert all(a != b for a, b in zip(outputs["webp", 95], outputs["webp", 30], strict=True))
 
 
 def test_host_threads_from_the_job_or_the_actors_cpus(tiny_vp, tiny_vp_dir, tmp_path):

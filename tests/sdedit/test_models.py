@@ -102,7 +102,8 @@ def test_hub_id_offline_and_not_cached(tmp_path, monkeypatch):
     with pytest.raises(ModelSourceError) as info:
         load_model("google/ddpm-ema-bedroom-256")
     message = str(info.value)
-    assert "google/ddpm-ema-bedroom-256" in message and "huggingface-cli download" in message
+    assert "`hf download google/ddpm-ema-bedroom-256`" in message  # the pinned hub's command
+    assert "huggingface-cli" not in message  # which that huggingface_hub does not install
 
 
 def _corrupt(path: Path) -> None:

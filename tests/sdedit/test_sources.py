@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import threading
 from pathlib import Path
+from types import SimpleNamespace
 
 import fsspec
 import pytest
@@ -83,6 +84,46 @@ def test_hub_download_falls_back_to_bin_and_shards():
         "vae/diffusion_pytorch_model-00002-of-00002.safetensors",
         "vae/diffusion_pytorch_model.safetensors.index.json"]
     assert "text_encoder/pytorch_model.bin" in chosen
+
+
+FLUX_FILES = [  # the layout of black-forest-labs/FLUX.1-schnell
+    ".gitattributes", "README.md", "ae.safetensors", "flux1-schnell.safetensors",
+    "model_index.json", "schnell_grid.jpeg", "scheduler/scheduler_config.json",
+    "text_encoder/config.json", "text_encoder/model.safetensors",
+    "text_encoder_2/config.json", "text_encoder_2/model-00001-of-00002.safetensors",
+    "text_encoder_2/model-00002-of-00002.safetensors",
+    "text_encoder_2/model.safetensors.index.json",
+    "tokenizer/merges.txt", "tokenizer/special_tokens_map.json",
+    "tokenizer/tokenizer_config.json", "tokenizer/vocab.json",
+    "tokenizer_2/special_tokens_map.json", "tokenizer_2/spiece.model",
+    "tokenizer_2/tokenizer.json", "tokenizer_2/tokenizer_config.json",
+    "transformer/config.json", "transformer/diffusion_pytorch_model-00001-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00002-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model-00003-of-00003.safetensors",
+    "transformer/diffusion_pytorch_model.safetensors.index.json",
+    "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+]
+
+
+def test_hub_download_of_a_transformer_pipeline_takes_every_part_it_loads():
+    """Flux / SD3 layouts: transformer/, text_encoder_2/ (and _3/), tokenizer_2/ (and _3/)
+    are fetched, sharded or not; root-level single-file checkpoints are not."""
+    chosen = hub_allow_patterns(FLUX_FILES)
+    assert chosen == sorted(set(FLUX_FILES) - {".gitattributes", "README.md", "ae.safetensors",
+                                               "flux1-schnell.safetensors", "schnell_grid.jpeg"})
+    sd3 = ["model_index.json", "transformer/config.json",
+           "transformer/diffusion_pytorch_model.safetensors",
+           "transformer/diffusion_pytorch_model.fp16.safetensors", "text_encoder_3/config.json",
+           "text_encoder_3/model.safetensors.index.json",
+           "text_encoder_3/model-00001-of-00002.safetensors",
+           "text_encoder_3/model-00002-of-00002.safetensors",
+           "text_encoder_3/model.fp16-00001-of-00002.safetensors",
+           "tokenizer_3/spiece.model", "image_encoder/config.json",
+           "image_encoder/model.safetensors"]
+    assert hub_allow_patterns(sd3) == sorted(set(sd3) - {
+        "transformer/diffusion_pytorch_model.fp16.safetensors",
+        "text_encoder_3/model.fp16-00001-of-00002.safetensors", "image_encoder/config.json",
+        "image_encoder/model.safetensors"})
 
 
 def test_hub_download_of_a_root_layout_model():
@@ -174,8 +215,9 @@ def test_from_hub_asks_only_for_the_chosen_files(tmp_path, monkeypatch):
         calls[repo_id] = allow_patterns
         return str(snapshot)
 
-    monkeypatch.setattr(huggingface_hub.HfApi, "list_repo_files",
-                        lambda self, repo_id, **kwargs: SD15_FILES)
+    siblings = [SimpleNamespace(rfilename=name) for name in SD15_FILES]
+    monkeypatch.setattr(huggingface_hub.HfApi, "model_info",
+                        lambda self, repo_id, **kwargs: SimpleNamespace(siblings=siblings))
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot)
     assert from_hub("someone/sd15") == snapshot
     assert calls == {"someone/sd15": hub_allow_patterns(SD15_FILES)}

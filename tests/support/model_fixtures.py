@@ -68,3 +68,48 @@ def tiny_sdxl(tiny_sdxl_dir: Path):
     from sdedit import load_model
 
     return load_model(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SD3 pipeline directory with T5 (16x16 images, 8x8x4 latents, patch 2)."""
+    from tests.support.tiny_flow import save_sd3_model
+
+    return save_sd3_model(tmp_path_factory.mktemp("models") / "tiny-sd3")
+
+
+@pytest.fixture(scope="session")
+def tiny_sd3(tiny_sd3_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_sd3_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Flux-dev pipeline directory (guidance input, dynamic shift; 16x16 images)."""
+    from tests.support.tiny_flow import save_flux_model
+
+    return save_flux_model(tmp_path_factory.mktemp("models") / "tiny-flux-dev", dev=True)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_dev(tiny_flux_dev_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_flux_dev_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny Flux-schnell pipeline directory (no guidance input, shift 1)."""
+    from tests.support.tiny_flow import save_flux_model
+
+    return save_flux_model(tmp_path_factory.mktemp("models") / "tiny-flux-schnell", dev=False)
+
+
+@pytest.fixture(scope="session")
+def tiny_flux_schnell(tiny_flux_schnell_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_flux_schnell_dir)

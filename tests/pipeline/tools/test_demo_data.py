@@ -88,7 +88,7 @@ def test_cli_demo_data(tmp_path: Path) -> None:
     result = CliRunner().invoke(main, ["demo-data", "--out", str(out), "--n", "3", "--size", "16",
                                        "--shard-size", "2", "--seed", "1"])
     assert result.exit_code == 0, result.output
-    assert "wrote 3 images in 2 shard(s)" in result.output
+    assert "wrote 3 images in 2 shards" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["rooms-000000.tar", "rooms-000001.tar"]
     bad = CliRunner().invoke(main, ["demo-data", "--out", str(out), "--n", "0"])
     assert bad.exit_code == 2 and "--n" in bad.output

@@ -142,8 +142,8 @@ def test_cli_prepare_prints_the_report(image_folder: Path, tmp_path: Path) -> No
                                        str(tmp_path / "out"), "--size", "16", "--shard-size",
                                        "5", "--no-progress"])
     assert result.exit_code == 0, result.output
-    assert "wrote 7 of 9 file(s) in 2 shard(s)" in result.output
-    assert "skipped 2 unreadable file(s)" in result.output
+    assert "wrote 7 of 9 files in 2 shards" in result.output
+    assert "skipped 2 unreadable files" in result.output
     assert "corrupt.png" in result.output and "notes.txt" in result.output
 
 

@@ -133,3 +133,40 @@ def test_preview_reads_any_output_format_and_jobs_without_guides(tmp_path: Path,
     assert sheet.size == grid_size(2, 1, TILE)  # no guide column: output only
     pixel = np.asarray(sheet)[_rows_top(0) + TILE // 2, PADDING + TILE // 2]
     assert abs(int(pixel[1]) - 255) < 8 and int(pixel[0]) < 8  # the green output
+
+
+def test_each_output_of_an_input_has_its_own_caption(tmp_path: Path) -> None:
+    """samples_per_input 2: outputs k_00 and k_01 of input k were both captioned "k"."""
+    out = str(tmp_path / "job")
+    with fsspec.open(f"{out}/shards/in-000000.tar", "wb") as f:
+        writer = wds.TarWriter(f)
+        for index in range(2):
+            writer.write({"__key__": f"k_{index:02d}", "png": _png((0, 255, 0)),
+                          "json": json.dumps({"key": "k", "output_key": f"k_{index:02d}",
+                                              "sample_index": index, "t0": 0.5}).encode()})
+        writer.close()
+    tile = 96  # room for the whole caption
+    pixels = np.asarray(make_preview(out, tile=tile))
+    tops = [HEADER_HEIGHT + PADDING + row * (tile + CAPTION_HEIGHT + PADDING) for row in (0, 1)]
+    captions = [pixels[top + tile + 1:top + tile + CAPTION_HEIGHT] for top in tops]
+    assert not np.array_equal(captions[0], captions[1])  # "k_00  t0=0.5" / "k_01  t0=0.5"
+
+
+def test_by_default_the_preview_draws_the_quickstart_whole_and_says_what_it_drew(
+        tmp_path: Path) -> None:
+    out = str(tmp_path / "job")
+    _write_job(out, {f"in-{s:06d}": [f"k{s}{i}" for i in range(8)] for s in range(4)})
+    grid = tmp_path / "grid.png"
+    result = CliRunner().invoke(main, ["preview", out, "-o", str(grid)])  # 32 outputs
+    assert result.exit_code == 0, result.output
+    width, height = grid_size(32, 2, TILE)
+    assert result.output == f"wrote {grid} ({width}x{height} px): all 32 outputs of the shards\n"
+    _write_job(out, {"in-000004": ["k40"]})  # a 33rd output
+    result = CliRunner().invoke(main, ["preview", out, "-o", str(grid), "--n", "4"])
+    assert result.output.endswith(": the first 4 outputs; the shards hold more (--n for more "
+                                  "rows)\n")
+    # the CLI keeps its default as a literal (it does not import the preview module to start)
+    from pipeline.tools.cli import preview_cmd
+    from pipeline.tools.preview import DEFAULT_ROWS
+
+    assert next(p.default for p in preview_cmd.params if p.name == "n") == DEFAULT_ROWS == 32

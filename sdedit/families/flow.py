@@ -1,0 +1,109 @@
+"""What the flow-matching families (SD3 / SD3.5 and Flux) share: their transformer layouts'
+checks, the flow-matching scheduler, and the T5 prompt embedder.
+
+Both are diffusers pipeline directories with a `transformer/` (no `unet/`), an `AutoencoderKL`
+with 16 latent channels and a `shift_factor`, a `FlowMatchEulerDiscreteScheduler`, CLIP text
+encoders and a T5 encoder (`T5EncoderModel` + `T5TokenizerFast`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdedit.families.base import read_json, scheduler_process
+from sdedit.families.sd import ClipEmbedder
+from sdedit.processes import FlowProcess
+from sdedit.sources import ModelSourceError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["T5Embedder", "flow_scheduler", "present", "read_configs", "transformer_class"]
+
+
+def transformer_class(directory: Path) -> str | None:
+    """The `_class_name` of `directory/transformer/config.json`, or None when it is missing or
+    unreadable (a family's `claims`)."""
+    config = directory / "transformer" / "config.json"
+    if not config.exists():
+        return None
+    try:
+        return read_json(config, "").get("_class_name")
+    except ModelSourceError:
+        return None
+
+
+def present(directory: Path, index: Mapping[str, Any], name: str) -> bool:
+    """Whether the optional part `name` is there: model_index.json names a class for it
+    (`[null, null]` or no entry means none, as diffusers reads it) and its folder exists."""
+    entry = index.get(name)
+    named = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+    return named and (directory / name).is_dir()
+
+
+def read_configs(directory: Path, source: str, parts: Sequence[str],
+                 supported: str) -> dict[str, dict[str, Any]]:
+    """Each part's config.json by name; ModelSourceError naming a missing folder or a
+    quantized part (bitsandbytes, ...: this engine loads full-precision weights only)."""
+    configs = {}
+    for part in parts:
+        if not (directory / part).is_dir():
+            raise ModelSourceError(f"model source {source!r}: no {part}/ folder in "
+                                   f"{directory}; supported: {supported}")
+        config = read_json(directory / part / "config.json", source)
+        if config.get("quantization_config") is not None:
+            method = config["quantization_config"].get("quant_method", "?")
+            raise ModelSourceError(
+                f"model source {source!r}: {part}/ holds quantized weights (quant_method "
+                f"{method!r}); allowed: full-precision weights (fp32, fp16 or bf16 files, "
+                "loaded as float32)")
+        configs[part] = config
+    return configs
+
+
+def flow_scheduler(directory: Path, source: str) -> tuple[FlowProcess, dict[str, Any], Path]:
+    """(the flow process, the scheduler config, its path) of a flow-matching pipeline."""
+    path = directory / "scheduler" / "scheduler_config.json"
+    config = read_json(path, source)
+    process = scheduler_process(config, source)
+    if not isinstance(process, FlowProcess):
+        raise ModelSourceError(
+            f"model source {source!r}: scheduler {config.get('_class_name')!r} with a "
+            "transformer; allowed: FlowMatchEulerDiscreteScheduler (rectified flow)")
+    return process, config, path
+
+
+class T5Embedder:
+    """A T5 tokenizer + `T5EncoderModel` (float32, eval), as the SD3 and Flux pipelines call
+    them: each distinct text padded to `max_length` tokens ("max_length" padding, truncated,
+    with the closing `</s>`), encoded without an attention mask; the last hidden state.
+
+    Args:
+        tokenizer: a transformers T5TokenizerFast.
+        encoder: a transformers T5EncoderModel.
+        max_length: the sequence length (SD3: 256; Flux: 512, the pipelines' defaults).
+    """
+
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+        self.max_length = max_length
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> torch.Tensor:
+        """float32 (len(texts), max_length, d_model); each distinct text encoded once."""
+        distinct = list(dict.fromkeys(texts))
+        tokens = self.tokenizer(distinct, padding="max_length", max_length=self.max_length,
+                                truncation=True, add_special_tokens=True, return_tensors="pt")
+        long = [t for t, ids in zip(distinct, self.tokenizer(distinct).input_ids, strict=True)
+                if len(ids) > self.max_length]
+        if long:
+            logger.warning("%d prompt(s) truncated to %d T5 tokens, e.g. %r", len(long),
+                           self.max_length, long[0][:80])
+        device = next(self.encoder.parameters()).device
+        out = self.encoder(tokens.input_ids.to(device))[0].float()
+        return ClipEmbedder.rows(texts, distinct, out)

@@ -1,0 +1,202 @@
+"""Stable Diffusion 3 / 3.5: rectified-flow MMDiT transformers with three text encoders.
+
+    model_index.json  transformer/ (SD3Transformer2DModel)  vae/ (AutoencoderKL, 16 channels,
+    shift_factor)  text_encoder/, text_encoder_2/ (CLIPTextModelWithProjection: CLIP-L, CLIP-G)
+    text_encoder_3/ (T5EncoderModel; optional)  tokenizer/, tokenizer_2/ (CLIPTokenizer)
+    tokenizer_3/ (T5TokenizerFast)  scheduler/scheduler_config.json (FlowMatchEulerDiscrete)
+
+Prompts are embedded exactly as `StableDiffusion3Img2ImgPipeline.encode_prompt` does: both CLIP
+encoders' penultimate hidden states joined on the feature axis (768 + 1280), zero-padded (or cut)
+to the T5 width, then joined with the T5 sequence (256 tokens) on the sequence axis; the pooled
+projection is both CLIP encoders' projected pooled outputs joined (2048). Without
+text_encoder_3 the T5 part is zeros (256 x joint_attention_dim), as diffusers does. Both CLIP
+tokenizers pad to the first one's `model_max_length` (diffusers' `tokenizer_max_length`).
+Classifier-free guidance with the negative prompt, g = 7.0 by default (the pipeline's). The
+network is called `transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states,
+pooled_projections).sample` and predicts the velocity; image sides must be multiples of the VAE
+factor x the patch size (8 x 2 = 16 for SD3 / SD3.5).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.families.base import Loaded, ModelLayout, component, component_files, require_weights
+from sdedit.families.flow import (
+    T5Embedder,
+    flow_scheduler,
+    present,
+    read_configs,
+    transformer_class,
+)
+from sdedit.families.sd import ClipEmbedder, check_vae_fits, latent_sizes
+from sdedit.latent import codec_from_vae
+from sdedit.sources import ModelSourceError
+
+__all__ = ["FAMILY", "SD3Family", "SD3PromptEncoder", "sd3_call"]
+
+SUPPORTED = ("the StableDiffusion3Pipeline layout (SD3 / SD3.5): transformer "
+             "SD3Transformer2DModel, vae AutoencoderKL, text_encoder and text_encoder_2 "
+             "CLIPTextModelWithProjection, text_encoder_3 T5EncoderModel (or none), tokenizer "
+             "and tokenizer_2 CLIPTokenizer, tokenizer_3 T5TokenizerFast, scheduler "
+             "FlowMatchEulerDiscreteScheduler")
+DEFAULT_GUIDANCE = 7.0
+"""Classifier-free guidance scale when a job sets none (StableDiffusion3Img2ImgPipeline's)."""
+MAX_SEQUENCE_LENGTH = 256
+"""T5 tokens per prompt (the SD3 pipelines' `max_sequence_length` default)."""
+
+
+class _ClipAt(ClipEmbedder):
+    """A CLIP embedder padding to a given length (SD3's second tokenizer pads to the first's)."""
+
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int) -> None:
+        super().__init__(tokenizer, encoder)
+        self._max_length = max_length
+
+    @property
+    def max_length(self) -> int:
+        return self._max_length
+
+
+class SD3PromptEncoder(PromptEncoder):
+    """SD3 prompts (see the module docstring): rows "encoder_hidden_states" float32
+    (B, L_clip + 256, D_t5) and "pooled_projections" float32 (B, P1 + P2).
+
+    Args:
+        tokenizers: the two CLIP tokenizers and the T5 tokenizer (or None).
+        encoders: the two CLIPTextModelWithProjection and the T5EncoderModel (or None).
+        joint_attention_dim: the transformer's text width (the zeros' width without T5).
+    """
+
+    spec = TextSpec("cfg", DEFAULT_GUIDANCE)
+
+    def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module | None],
+                 joint_attention_dim: int) -> None:
+        length = int(tokenizers[0].model_max_length)
+        self.clips = [_ClipAt(tokenizers[i], encoders[i], length) for i in (0, 1)]
+        t5 = encoders[2]
+        self.t5 = None if t5 is None else T5Embedder(tokenizers[2], t5, MAX_SEQUENCE_LENGTH)
+        self.joint_attention_dim = joint_attention_dim
+
+    def embed(self, texts: Sequence[str]) -> Conditioning:
+        """The conditioning rows of `texts` (each distinct text encoded once per encoder)."""
+        hidden, pooled = [], []
+        for clip in self.clips:
+            distinct, out = clip.run(texts, hidden_states=True)
+            hidden.append(clip.rows(texts, distinct, out.hidden_states[-2].float()))
+            pooled.append(clip.rows(texts, distinct, out[0].float()))
+        joined = torch.cat(hidden, dim=-1)
+        if self.t5 is not None:
+            t5 = self.t5.embed(texts)
+        else:
+            t5 = joined.new_zeros(len(texts), MAX_SEQUENCE_LENGTH, self.joint_attention_dim)
+        joined = torch.nn.functional.pad(joined, (0, t5.shape[-1] - joined.shape[-1]))
+        return Conditioning({"encoder_hidden_states": torch.cat([joined, t5], dim=-2),
+                             "pooled_projections": torch.cat(pooled, dim=-1)})
+
+    def encode(self, prompts: list[str], negatives: list[str] | None,
+               size: tuple[int, int], guidance: float | None
+               ) -> tuple[Conditioning, Conditioning | None]:
+        n = len(prompts)
+        both = self.embed(prompts + negatives if negatives is not None else prompts)
+        if negatives is None:
+            return both, None
+        return both.take(slice(0, n)), both.take(slice(n, None))
+
+    def modules(self) -> list[torch.nn.Module]:
+        t5 = [] if self.t5 is None else [self.t5.encoder]
+        return [clip.encoder for clip in self.clips] + t5
+
+
+def sd3_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+             cond: Conditioning | None) -> torch.Tensor:
+    """An SD3Transformer2DModel on latents x (B, C, h, w) at timesteps t = sigma * 1000 (B,)."""
+    assert cond is not None
+    return module(hidden_states=x, timestep=t,
+                  encoder_hidden_states=cond.rows["encoder_hidden_states"],
+                  pooled_projections=cond.rows["pooled_projections"]).sample
+
+
+class SD3Family:
+    """SD3 / SD3.5 (see the module docstring)."""
+
+    name = "sd3"
+
+    def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
+        return bool(index) and transformer_class(directory) == "SD3Transformer2DModel"
+
+    def inspect(self, directory: Path, source: str,
+                index: Mapping[str, Any]) -> ModelLayout:
+        t5 = present(directory, index, "text_encoder_3")
+        weighted = ("transformer", "vae", "text_encoder", "text_encoder_2") + \
+            (("text_encoder_3",) if t5 else ())
+        configs = read_configs(directory, source, weighted, SUPPORTED)
+        for part in ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 else ()):
+            if not (directory / part).is_dir():
+                raise ModelSourceError(f"model source {source!r}: no {part}/ folder in "
+                                       f"{directory}; supported: {SUPPORTED}")
+        net, vae = configs["transformer"], configs["vae"]
+        check_vae_fits(vae, net.get("in_channels", 16), net.get("out_channels") or
+                       net.get("in_channels", 16), source, SUPPORTED, "transformer")
+        pooled = sum(int(configs[p].get("projection_dim", 512))
+                     for p in ("text_encoder", "text_encoder_2"))
+        if pooled != net.get("pooled_projection_dim", 2048):
+            raise ModelSourceError(
+                f"model source {source!r}: the CLIP encoders' projections ({pooled} together) "
+                f"do not fit transformer pooled_projection_dim "
+                f"{net.get('pooled_projection_dim', 2048)}; supported: {SUPPORTED}")
+        if t5 and configs["text_encoder_3"].get("d_model") != net.get("joint_attention_dim",
+                                                                      4096):
+            raise ModelSourceError(
+                f"model source {source!r}: text_encoder_3 d_model "
+                f"{configs['text_encoder_3'].get('d_model')} differs from transformer "
+                f"joint_attention_dim {net.get('joint_attention_dim', 4096)}; supported: "
+                f"{SUPPORTED}")
+        require_weights(directory, weighted, source, SUPPORTED)
+        process, scheduler, scheduler_path = flow_scheduler(directory, source)
+        patch = int(net.get("patch_size", 2))
+        return ModelLayout(
+            family=self.name, directory=directory, process=process,
+            text=SD3PromptEncoder.spec, patch=patch,
+            configs={"index": dict(index), **configs, "scheduler": scheduler},
+            paths={"scheduler": scheduler_path},
+            **latent_sizes(directory, source, {"sample_size": 128, **net}, vae, patch))
+
+    def load(self, layout: ModelLayout, source: str) -> Loaded:
+        from diffusers import AutoencoderKL, SD3Transformer2DModel
+        from transformers import (
+            CLIPTextModelWithProjection,
+            CLIPTokenizer,
+            T5EncoderModel,
+            T5TokenizerFast,
+        )
+
+        directory = layout.directory
+        t5 = "text_encoder_3" in layout.configs
+        net = component(SD3Transformer2DModel, directory, "transformer", source)
+        vae = component(AutoencoderKL, directory, "vae", source)
+        encoders = [component(CLIPTextModelWithProjection, directory, name, source)
+                    for name in ("text_encoder", "text_encoder_2")]
+        tokenizers = [component(CLIPTokenizer, directory, name, source)
+                      for name in ("tokenizer", "tokenizer_2")]
+        encoders.append(component(T5EncoderModel, directory, "text_encoder_3", source)
+                        if t5 else None)
+        tokenizers.append(component(T5TokenizerFast, directory, "tokenizer_3", source)
+                          if t5 else None)
+        weighted = ("transformer", "vae", "text_encoder", "text_encoder_2") + \
+            (("text_encoder_3",) if t5 else ())
+        texts = ("tokenizer", "tokenizer_2") + (("tokenizer_3",) if t5 else ())
+        files = component_files(directory, weighted, texts)
+        text = SD3PromptEncoder(tokenizers, encoders,
+                                int(layout.configs["transformer"].get("joint_attention_dim",
+                                                                      4096)))
+        return Loaded(net=net, call=sd3_call, codec=codec_from_vae(vae), text=text,
+                      files=[*files, layout.paths["scheduler"]])
+
+
+FAMILY = SD3Family()
