@@ -22,6 +22,7 @@ from pipeline.shards import expand_shards, plan_pending
 from pipeline.spec import JobSpec
 from pipeline.storage import describe_error, join, url_fs, with_retries
 from sdedit.families import ModelLayout
+from sdedit.lora import lora_fit, lora_kind
 from sdedit.models import ModelSourceError, inspect_model_dir
 from sdedit.sources import (
     cached_snapshot,
@@ -33,8 +34,8 @@ from sdedit.sources import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Preflight", "check_model", "model_layout", "model_problems", "preflight",
-           "settings_problems"]
+__all__ = ["Preflight", "check_model", "lora_problems", "model_layout", "model_problems",
+           "preflight", "settings_problems"]
 
 
 @dataclass
@@ -179,17 +180,41 @@ def settings_problems(spec: JobSpec, layout: ModelLayout | None) -> tuple[list[s
     return layout_problems(spec, layout), []
 
 
+def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = False
+                  ) -> tuple[list[str], list[str]]:
+    """(problems, notes) about `model.lora`: each LoRA is read and its keys checked against the
+    model's layers built from its config files on the meta device (`sdedit.lora.lora_fit`; no
+    base weights are read), naming the keys that do not fit. Needs the layout read here (a
+    local directory or a cached hub snapshot); otherwise each actor checks it on load."""
+    loras = spec.model.lora
+    if not loras:
+        return [], []
+    if layout is None:
+        return [], ["model.lora: checked against the model when it loads (its config files "
+                    "could not be read here)"]
+    problems, notes = [], []
+    for i, lora in enumerate(loras):
+        if offline and lora_kind(lora.source) in ("url", "hub"):
+            notes.append(f"model.lora[{i}] {lora.source}: not checked (--offline)")
+            continue
+        problems += [f"model.lora[{i}]: {problem}" for problem in
+                     lora_fit(layout, lora, storage_options=spec.model.storage_options)]
+    return problems, notes
+
+
 def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
-    """Refuse a job whose model source is missing or not loadable, or whose settings the model
-    cannot run (a sampler, t0 / steps, prompts or guidance: `pipeline.modelcheck`), before any
-    work.
+    """Refuse a job whose model source is missing or not loadable, whose settings the model
+    cannot run (a sampler, t0 / steps, prompts or guidance: `pipeline.modelcheck`), or whose
+    LoRAs do not fit the model (`lora_problems`), before any work.
 
     Returns the notes; raises `PreflightError` listing the problems.
     """
     layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
                                            offline=offline)
     more, more_notes = settings_problems(spec, layout)
-    problems, notes = problems + more, notes + (more_notes if not problems else [])
+    lora, lora_notes = lora_problems(spec, layout, offline=offline)
+    problems, notes = problems + more + lora, \
+        notes + (more_notes + lora_notes if not problems else [])
     if problems:
         raise PreflightError(problems, source=spec.name)
     return notes
@@ -261,8 +286,9 @@ def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
     report.notes += notes
     if not problems:
         more, more_notes = settings_problems(spec, layout)
-        report.problems += more
-        report.notes += more_notes
+        lora, lora_notes = lora_problems(spec, layout, offline=offline)
+        report.problems += more + lora
+        report.notes += more_notes + lora_notes
     _input_problems(spec, offline, report)
     _output_problems(spec, offline, report)
     return report

@@ -45,6 +45,7 @@ from pipeline.validation import (
 )
 from sdedit.devices import DTYPES as DEVICE_DTYPES
 from sdedit.edit import SAMPLERS as ENGINE_SAMPLERS
+from sdedit.lora import Lora
 
 logger = logging.getLogger(__name__)
 
@@ -64,6 +65,8 @@ class ModelSpec:
 
     source: str
     storage_options: Mapping[str, Any] = field(default_factory=dict)
+    lora: tuple[Lora, ...] = ()
+    """LoRAs fused into the model (`sdedit.lora`); URL sources read with storage_options."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +166,7 @@ class JobSpec:
         for section in ("model", "input", "output"):
             data[section]["storage_options"] = redact(data[section]["storage_options"])
         data["input"]["shards"] = list(self.input.shards)
+        data["model"]["lora"] = _plain(self.model.lora)
         return data
 
     def output_affecting(self) -> dict[str, Any]:
@@ -184,7 +188,7 @@ class JobSpec:
         for section, name in _LATER_SETTINGS:
             value = getattr(getattr(self, section), name)
             if value != _field_default(_SECTIONS[section], name):
-                data.setdefault(section, {})[name] = value
+                data.setdefault(section, {})[name] = _plain(value)
         return data
 
     def fingerprint(self) -> str:
@@ -239,8 +243,15 @@ _SECTIONS: dict[str, type] = {"model": ModelSpec, "input": InputSpec, "output": 
                               "sdedit": SdeditSpec, "compute": ComputeSpec}
 _LATER_SETTINGS = (("input", "max_pixels"), ("sdedit", "prompt"), ("sdedit", "negative_prompt"),
                    ("sdedit", "guidance_scale"), ("output", "jpeg_quality"),
-                   ("output", "webp_quality"))
+                   ("output", "webp_quality"), ("model", "lora"))
 """Output-affecting settings added after fingerprint version 1 (see output_affecting)."""
+
+
+def _plain(value: Any) -> Any:
+    """A setting as JSON / YAML values (a tuple of dataclasses -> a list of mappings)."""
+    if isinstance(value, tuple):
+        return [dataclasses.asdict(v) if dataclasses.is_dataclass(v) else v for v in value]
+    return value
 
 
 def _field_default(cls: type, name: str) -> Any:
@@ -250,7 +261,8 @@ def _field_default(cls: type, name: str) -> Any:
 _CHECKS: dict[str, dict[str, Check]] = {
     "model": {"source": string("a local directory, a hub id such as "
                                 "google/ddpm-ema-bedroom-256 or an fsspec URL"),
-              "storage_options": _OPTIONS},
+              "storage_options": _OPTIONS,
+              "lora": Check("a list of {source, scale} mappings", lambda v: v)},  # _JobReader.lora
     "input": {"shards": typed("a URL, brace range ({000000..000127}) or glob, or a list of "
                                "them", "is not a non-empty string or a non-empty list of them",
                                _shard_list, lambda v: (v,) if isinstance(v, str) else tuple(v)),
@@ -274,6 +286,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
                                  _INT(1).convert),  # read by _JobReader.actors
                 "shard_retries": _INT(0, 100), "host_threads": optional(_INT(1, 256))},
 }
+_LORA_CHECKS = {"source": string("a LoRA file or folder (local, hub id or fsspec URL)"),
+                "scale": number(-10, 10)}
 _SCHEMA: dict[str, Any] = {"name": None, **{
     section: {key: FREE if key == "storage_options" else
               dict.fromkeys(("max", "min")) if key == "actors" else None for key in checks}
@@ -298,6 +312,30 @@ class _JobReader(Reader):
         high = self.value(section, "compute.actors", "max", check, floor)
         return BAD if BAD in (low, high) else ActorsSpec(low, high)
 
+    def lora(self, data: Mapping[str, Any]) -> Any:
+        """model.lora: a list of {source, scale (default 1.0)} mappings (null = none)."""
+        raw = data.get("lora")
+        if raw is None:
+            return ()
+        if not isinstance(raw, list):
+            self.errors.append(f"model.lora: {fmt(raw)} is not a list; allowed: "
+                               f"{_CHECKS['model']['lora'].allowed}, e.g. [{{source: "
+                               "my-lora.safetensors, scale: 0.8}]")
+            return BAD
+        loras = []
+        for i, item in enumerate(raw):
+            where = f"model.lora[{i}]"
+            if not isinstance(item, Mapping):
+                self.errors.append(f"{where}: {fmt(item)} is not a mapping; allowed: a mapping "
+                                   "with keys scale, source")
+                loras.append(BAD)
+                continue
+            section = self.section(item, where, dict.fromkeys(_LORA_CHECKS))
+            source = self.value(section, where, "source", _LORA_CHECKS["source"])
+            scale = self.value(section, where, "scale", _LORA_CHECKS["scale"], 1.0)
+            loras.append(BAD if BAD in (source, scale) else Lora(source, scale))
+        return BAD if BAD in loras else tuple(loras)
+
     def spec_section(self, top: Mapping[str, Any], name: str) -> dict[str, Any]:
         """Checked field values of one section; defaults come from its dataclass."""
         fields = dataclasses.fields(_SECTIONS[name])
@@ -306,6 +344,7 @@ class _JobReader(Reader):
                     else REQUIRED for f in fields}
         data = self.section(top.get(name), name, _SCHEMA[name])
         return {key: self.actors(data) if key == "actors" else
+                self.lora(data) if (name, key) == ("model", "lora") else
                 self.value(data, name, key, _CHECKS[name][key], default)
                 for key, default in defaults.items()}
 

@@ -49,6 +49,7 @@ from pipeline.writer import ShardOutput, model_location, now, output_urls
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.devices import dtype_name, resolve_device, resolve_dtype
 from sdedit.edit import count_steps, guidance_scale, noise_for
+from sdedit.lora import apply_loras
 
 logger = logging.getLogger(__name__)
 
@@ -78,7 +79,8 @@ class ShardWorker:
 
     Args:
         spec: the validated job.
-        model: a loaded model (or None to load `spec.model.source` on the resolved device).
+        model: a loaded model (or None to load `spec.model.source` on the resolved device,
+            with `spec.model.lora` fused in).
         worker_id: recorded in manifests and markers (default host:pid).
         threads: torch intra-op threads (CPU actors get their CPU share).
         host_threads: threads decoding and encoding (default `compute.host_threads`, else
@@ -94,10 +96,13 @@ class ShardWorker:
         self.hooks = testhooks.from_env()
         fake_gpu = self.hooks is not None and self.hooks.fake_gpu and spec.compute.device == "cuda"
         device = resolve_device("cpu" if fake_gpu else spec.compute.device)
-        self.model = model or load_model(
-            spec.model.source, device=device,
-            dtype=resolve_dtype(spec.compute.dtype, device),
-            storage_options=dict(spec.model.storage_options) or None)
+        if model is None:
+            model = load_model(spec.model.source, device=device,
+                               dtype=resolve_dtype(spec.compute.dtype, device),
+                               storage_options=dict(spec.model.storage_options) or None)
+            apply_loras(model, spec.model.lora,
+                        storage_options=dict(spec.model.storage_options) or None)
+        self.model = model
         if self.hooks is not None:
             self.hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"

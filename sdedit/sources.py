@@ -216,7 +216,8 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
 def copy_url(url: str, cache_dir: str | os.PathLike[str] | None,
              storage_options: dict[str, Any]) -> Path:
-    """Copy the directory at `url` into the cache once; safe across processes and threads.
+    """Copy the directory at `url` (or the one file there) into the cache once; safe across
+    processes and threads.
 
     Each caller copies into its own temporary folder (tempfile.mkdtemp in the cache root), marks
     it complete, then renames it to the target atomically; a caller that loses the race to a
@@ -241,7 +242,8 @@ def copy_url(url: str, cache_dir: str | os.PathLike[str] | None,
     partial = Path(tempfile.mkdtemp(prefix=f"{name}.", suffix=".partial", dir=root))
     try:
         for remote in files:
-            local = partial / remote[len(base):].lstrip("/")
+            # a URL to one file (a LoRA) is copied into the folder under its own name
+            local = partial / (remote[len(base):].lstrip("/") or base.rsplit("/", 1)[-1])
             local.parent.mkdir(parents=True, exist_ok=True)
             fs.get_file(remote, str(local))
         (partial / ".complete").touch()

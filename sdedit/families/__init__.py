@@ -7,6 +7,7 @@ what a directory lacks.
 
     pixel  UNet2DModel + a VP or VE scheduler (DDPM, NCSN++)          pixel space, no text
     sd     SD 1.x / 2.x: UNet2DConditionModel + CLIP + AutoencoderKL   latent VP, CFG
+    sdxl   SDXL base / refiner: + CLIP-G with projection, size ids     latent VP, CFG
     sd3    SD3 / SD3.5: SD3Transformer2DModel + CLIP-L/G + T5 + VAE     latent flow, CFG
     flux   Flux.1: FluxTransformer2DModel + CLIP-L + T5 + VAE            latent flow, packed;
            guidance input (dev) or none (schnell)
@@ -17,13 +18,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdedit.families import flux, pixel, sd, sd3
+from sdedit.families import flux, pixel, sd, sd3, sdxl
 from sdedit.families.base import Family, Loaded, ModelLayout
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILIES", "Family", "Loaded", "ModelLayout", "inspect_model_dir"]
 
-FAMILIES: tuple[Family, ...] = (sd3.FAMILY, flux.FAMILY, sd.FAMILY, pixel.FAMILY)
+FAMILIES: tuple[Family, ...] = (sd3.FAMILY, flux.FAMILY, sdxl.FAMILY, sd.FAMILY, pixel.FAMILY)
 """Tried in order; the pixel family last (it claims every directory)."""
 
 

@@ -89,7 +89,11 @@ class Loaded:
 
 
 class Family(Protocol):
-    """One model family (see the module docstring)."""
+    """One model family (see the module docstring).
+
+    A family that takes LoRAs also has `lora_targets(layout, net=None, text=None)` returning
+    `sdedit.lora.LoraTargets` (its loaded modules, or meta-device ones from the layout); the
+    others have none and refuse LoRAs (`sdedit.lora`)."""
 
     name: str
 

@@ -37,7 +37,7 @@ from sdedit.sources import ModelSourceError
 logger = logging.getLogger(__name__)
 
 __all__ = ["FAMILY", "ClipEmbedder", "ClipPromptEncoder", "StableDiffusionFamily",
-           "check_vae_fits"]
+           "check_vae_fits", "is_xl_layout"]
 
 SUPPORTED = ("the StableDiffusionPipeline layout (SD 1.x / 2.x): unet UNet2DConditionModel, vae "
              "AutoencoderKL, text_encoder CLIPTextModel, tokenizer CLIPTokenizer, scheduler")
@@ -133,6 +133,13 @@ class ClipPromptEncoder(PromptEncoder):
         return [self.encoder]
 
 
+def is_xl_layout(directory: Path, index: Mapping[str, Any]) -> bool:
+    """Whether a pipeline directory is of the SDXL layout (a second text encoder, or an XL
+    pipeline class), which the sdxl family reads, not this one."""
+    return "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index \
+        or (directory / "text_encoder_2").exists()
+
+
 def check_vae_fits(vae: Mapping[str, Any], channels_in: int, channels_out: int, source: str,
                    supported: str, what: str = "unet") -> None:
     """The VAE is an AutoencoderKL whose latent channels are the network's in/out channels."""
@@ -165,8 +172,8 @@ class StableDiffusionFamily:
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         config = directory / "unet" / "config.json"
-        if not index or not config.exists():
-            return False
+        if not index or not config.exists() or is_xl_layout(directory, index):
+            return False  # SDXL layouts are the sdxl family's
         try:
             return read_json(config, "").get("_class_name") == "UNet2DConditionModel"
         except ModelSourceError:
@@ -174,12 +181,6 @@ class StableDiffusionFamily:
 
     def inspect(self, directory: Path, source: str,
                 index: Mapping[str, Any]) -> ModelLayout:
-        name = str(index.get("_class_name", ""))
-        if "XL" in name or "text_encoder_2" in index or (directory / "text_encoder_2").exists():
-            raise ModelSourceError(
-                f"model source {source!r}: the SDXL layout ({name or 'text_encoder_2'}: two text"
-                f" encoders, pooled embeddings, size/crop time ids) is not supported; "
-                f"supported: {SUPPORTED}")
         for part in ("unet", "vae", "text_encoder", "tokenizer"):
             if not (directory / part).is_dir():
                 raise ModelSourceError(f"model source {source!r}: no {part}/ folder in "
@@ -223,6 +224,25 @@ class StableDiffusionFamily:
         return Loaded(net=unet, call=unet_call, codec=codec_from_vae(vae),
                       text=ClipPromptEncoder(tokenizer, encoder),
                       files=[*files, layout.paths["scheduler"]])
+
+    def lora_targets(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> Any:
+        """What LoRA keys name: "unet" and "text_encoder"; the loaded modules when `net` and
+        `text` are given, else built from the layout's configs on the meta device (no
+        weights). See `sdedit.lora`."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel
+
+        from sdedit.lora import LoraTargets, meta_model
+
+        loader = "StableDiffusionLoraLoaderMixin"
+        if net is not None:
+            assert isinstance(text, ClipPromptEncoder)
+            return LoraTargets(loader, {"unet": net, "text_encoder": text.encoder})
+        assert layout is not None
+        return LoraTargets(loader, {
+            "unet": meta_model(UNet2DConditionModel, layout.directory / "unet"),
+            "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")})
 
 
 FAMILY = StableDiffusionFamily()

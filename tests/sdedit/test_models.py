@@ -210,13 +210,6 @@ def test_stable_diffusion_pipeline_directory(tiny_sd_dir, tmp_path):
     assert model.identity == load_model(tiny_sd_dir).identity    # extra folders do not count
 
 
-def _sdxl(path: Path) -> None:
-    index = json.loads((path / "model_index.json").read_text())
-    index["_class_name"] = "StableDiffusionXLImg2ImgPipeline"
-    index["text_encoder_2"] = ["transformers", "CLIPTextModelWithProjection"]
-    (path / "model_index.json").write_text(json.dumps(index))
-
-
 def _inpainting(path: Path) -> None:
     cfg = json.loads((path / "unet" / "config.json").read_text())
     cfg["in_channels"] = 9
@@ -232,7 +225,6 @@ def _no_tokenizer(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "fragment"),
     [
-        (_sdxl, "the SDXL layout (StableDiffusionXLImg2ImgPipeline"),
         (_inpainting, "unet in/out channels 9/4"),
         (_no_tokenizer, "no tokenizer/ folder"),
     ],

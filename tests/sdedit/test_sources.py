@@ -45,6 +45,28 @@ def test_hub_download_takes_one_weights_variant_and_the_tokenizer():
     ]
 
 
+def test_hub_download_of_sdxl_takes_both_text_encoders_and_tokenizers():
+    """stabilityai/stable-diffusion-xl-base-1.0's layout (its file list, abridged)."""
+    files = ["model_index.json", "sd_xl_base_1.0.safetensors", "scheduler/scheduler_config.json",
+             "text_encoder/config.json", "text_encoder/model.safetensors",
+             "text_encoder/model.fp16.safetensors", "text_encoder_2/config.json",
+             "text_encoder_2/model.safetensors", "text_encoder_2/model.fp16.safetensors",
+             "text_encoder_2/openvino_model.bin", "tokenizer/vocab.json", "tokenizer/merges.txt",
+             "tokenizer_2/vocab.json", "tokenizer_2/merges.txt", "unet/config.json",
+             "unet/diffusion_pytorch_model.safetensors",
+             "unet/diffusion_pytorch_model.fp16.safetensors", "vae/config.json",
+             "vae/diffusion_pytorch_model.safetensors", "vae_1_0/config.json"]
+    assert hub_allow_patterns(files) == [
+        "model_index.json", "scheduler/scheduler_config.json",
+        "text_encoder/config.json", "text_encoder/model.safetensors",
+        "text_encoder_2/config.json", "text_encoder_2/model.safetensors",
+        "tokenizer/merges.txt", "tokenizer/vocab.json",
+        "tokenizer_2/merges.txt", "tokenizer_2/vocab.json",
+        "unet/config.json", "unet/diffusion_pytorch_model.safetensors",
+        "vae/config.json", "vae/diffusion_pytorch_model.safetensors",
+    ]
+
+
 def test_hub_download_falls_back_to_bin_and_shards():
     files = ["model_index.json", "unet/config.json", "unet/diffusion_pytorch_model.bin",
              "unet/diffusion_pytorch_model.fp16.bin", "vae/config.json",

@@ -56,6 +56,21 @@ def tiny_sd(tiny_sd_dir: Path):
 
 
 @pytest.fixture(scope="session")
+def tiny_sdxl_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny SDXL pipeline directory (16x16 images, 8x8x4 latents, two text encoders)."""
+    from tests.support.tiny_sdxl import save_sdxl_model
+
+    return save_sdxl_model(tmp_path_factory.mktemp("models") / "tiny-sdxl")
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tiny_sdxl_dir: Path):
+    from sdedit import load_model
+
+    return load_model(tiny_sdxl_dir)
+
+
+@pytest.fixture(scope="session")
 def tiny_sd3_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny SD3 pipeline directory with T5 (16x16 images, 8x8x4 latents, patch 2)."""
     from tests.support.tiny_flow import save_sd3_model

@@ -1,0 +1,287 @@
+"""Stable Diffusion XL: latent VP models conditioned on two CLIP text encoders and size ids.
+
+    model_index.json  unet/ (UNet2DConditionModel, addition_embed_type "text_time")
+    vae/ (AutoencoderKL)  text_encoder/ (CLIPTextModel)  text_encoder_2/
+    (CLIPTextModelWithProjection)  tokenizer/  tokenizer_2/ (CLIPTokenizer)  scheduler/
+
+Prompts are encoded as `StableDiffusionXLImg2ImgPipeline.encode_prompt` does: each encoder's
+penultimate hidden state, joined on the feature axis (B, L, D1 + D2), as
+`encoder_hidden_states`; the pooled vector is text_encoder_2's projected `text_embeds` (B, P).
+With `force_zeros_for_empty_prompt` (model_index.json; the pipeline's default is true), an
+empty negative prompt gives zero embeddings and a zero pooled vector, as diffusers does for
+`negative_prompt=None`; a non-empty one is encoded. Size conditioning (`add_time_ids`) is the
+guide's own size: original size = target size = (H, W), crop (0, 0), for both passes. Both
+go to the UNet as `added_cond_kwargs` {text_embeds, time_ids}. Classifier-free guidance,
+g = 5.0 by default (the img2img pipeline's default).
+
+The refiner layout (stabilityai/stable-diffusion-xl-refiner-1.0) is supported: no
+text_encoder / tokenizer (prompt embeddings from text_encoder_2 alone) and
+`requires_aesthetics_score`: 5 time ids (H, W, 0, 0, score) with diffusers' default scores,
+6.0 for the prompt and 2.5 for the negative prompt. Whether the time ids fit is checked
+against the UNet's `projection_class_embeddings_input_dim` (= add_embedding.linear_1's
+in_features) from the configs, before any weights are read.
+
+The VAE always runs in float32 here, which is what `force_upcast` asks for; per-channel
+`latents_mean` / `latents_std` in its config are used as the SDXL pipelines use them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.families.base import (
+    Loaded,
+    ModelLayout,
+    component,
+    component_files,
+    read_json,
+    require_weights,
+    scheduler_process,
+)
+from sdedit.families.sd import ClipEmbedder, check_vae_fits, is_xl_layout, latent_sizes
+from sdedit.latent import codec_from_vae
+from sdedit.processes import VPProcess
+from sdedit.sources import ModelSourceError
+
+__all__ = ["FAMILY", "SdxlFamily", "SdxlPromptEncoder", "sdxl_call"]
+
+SUPPORTED = ("the StableDiffusionXL layout: unet UNet2DConditionModel (addition_embed_type "
+             "text_time), vae AutoencoderKL, text_encoder CLIPTextModel (absent in the refiner), "
+             "text_encoder_2 CLIPTextModelWithProjection, tokenizer / tokenizer_2 CLIPTokenizer, "
+             "a VP scheduler")
+DEFAULT_GUIDANCE = 5.0
+"""Classifier-free guidance scale when a job sets none (StableDiffusionXLImg2ImgPipeline's)."""
+AESTHETIC_SCORES = (6.0, 2.5)
+"""The refiner's aesthetic score of the prompt and of the negative prompt (diffusers' defaults)."""
+
+
+def sdxl_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+              cond: Conditioning | None) -> torch.Tensor:
+    """An SDXL UNet: prompt embeddings as `encoder_hidden_states`, the pooled vector and the
+    time ids as `added_cond_kwargs`."""
+    assert cond is not None, "an SDXL UNet is text-conditioned"
+    rows = cond.rows
+    return module(x, t, encoder_hidden_states=rows["encoder_hidden_states"],
+                  added_cond_kwargs={"text_embeds": rows["text_embeds"],
+                                     "time_ids": rows["time_ids"]}).sample
+
+
+class SdxlPromptEncoder(PromptEncoder):
+    """SDXL prompts (see the module docstring); every distinct text is encoded once per
+    encoder, prompts and negative prompts in one call.
+
+    Args:
+        embedders: the CLIP encoders whose penultimate hidden states are joined, in order
+            (text_encoder, text_encoder_2; only text_encoder_2 in the refiner). The last one is
+            a CLIPTextModelWithProjection: its `text_embeds` are the pooled vector.
+        zeros_for_empty: empty negative prompts give zero embeddings (force_zeros_for_empty_prompt).
+        aesthetic: the refiner's (prompt, negative prompt) aesthetic scores, or None for the
+            base layout's 6 size ids.
+    """
+
+    spec = TextSpec("cfg", DEFAULT_GUIDANCE)
+
+    def __init__(self, embedders: Sequence[ClipEmbedder], zeros_for_empty: bool,
+                 aesthetic: tuple[float, float] | None) -> None:
+        self.embedders = list(embedders)
+        self.zeros_for_empty = zeros_for_empty
+        self.aesthetic = aesthetic
+
+    @property
+    def encoders(self) -> list[torch.nn.Module]:
+        return [e.encoder for e in self.embedders]
+
+    def embed(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 (N, L, sum of widths) prompt embeddings, float32 (N, P) pooled vectors)."""
+        parts, pooled = [], None
+        for embedder in self.embedders:
+            distinct, out = embedder.run(texts, hidden_states=True)
+            parts.append(embedder.rows(texts, distinct, out.hidden_states[-2].float()))
+            pooled = getattr(out, "text_embeds", None)
+            pooled = None if pooled is None else embedder.rows(texts, distinct, pooled.float())
+        if pooled is None:
+            raise ModelSourceError("the last SDXL text encoder gives no text_embeds; allowed: "
+                                   "a CLIPTextModelWithProjection as text_encoder_2")
+        return torch.cat(parts, dim=-1), pooled
+
+    def time_ids(self, size: tuple[int, int], n: int, negative: bool,
+                 device: torch.device) -> torch.Tensor:
+        """float32 (n, 6) (H, W, 0, 0, H, W), or (n, 5) (H, W, 0, 0, aesthetic score)."""
+        height, width = size
+        tail = (height, width) if self.aesthetic is None else (self.aesthetic[int(negative)],)
+        ids = torch.tensor([height, width, 0, 0, *tail], dtype=torch.float32, device=device)
+        return ids.expand(n, -1).contiguous()
+
+    def encode(self, prompts: list[str], negatives: list[str] | None,
+               size: tuple[int, int], guidance: float | None
+               ) -> tuple[Conditioning, Conditioning | None]:
+        n = len(prompts)
+        zeroed = [self.zeros_for_empty and not text for text in negatives or []]
+        texts = prompts + [t for t, zero in zip(negatives or [], zeroed, strict=True) if not zero]
+        hidden, pooled = self.embed(texts)
+        device = hidden.device
+        cond = Conditioning({"encoder_hidden_states": hidden[:n], "text_embeds": pooled[:n],
+                             "time_ids": self.time_ids(size, n, False, device)})
+        if negatives is None:
+            return cond, None
+        uncond_hidden = hidden.new_zeros((n, *hidden.shape[1:]))
+        uncond_pooled = pooled.new_zeros((n, *pooled.shape[1:]))
+        encoded = torch.tensor([i for i, zero in enumerate(zeroed) if not zero],
+                               dtype=torch.long, device=device)
+        uncond_hidden[encoded] = hidden[n:]
+        uncond_pooled[encoded] = pooled[n:]
+        return cond, Conditioning({"encoder_hidden_states": uncond_hidden,
+                                   "text_embeds": uncond_pooled,
+                                   "time_ids": self.time_ids(size, n, True, device)})
+
+    def modules(self) -> list[torch.nn.Module]:
+        return self.encoders
+
+
+def _has(index: Mapping[str, Any], directory: Path, name: str) -> bool:
+    """Whether the pipeline has component `name` (model_index.json lists [null, null] for an
+    absent one, as the refiner's text_encoder)."""
+    entry = index.get(name)
+    listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
+    return listed and (directory / name).is_dir()
+
+
+class SdxlFamily:
+    """SDXL base and refiner (see the module docstring)."""
+
+    name = "sdxl"
+
+    def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
+        config = directory / "unet" / "config.json"
+        if not index or not config.exists() or not is_xl_layout(directory, index):
+            return False
+        try:
+            return read_json(config, "").get("_class_name") == "UNet2DConditionModel"
+        except ModelSourceError:
+            return False
+
+    def inspect(self, directory: Path, source: str,
+                index: Mapping[str, Any]) -> ModelLayout:
+        def problem(text: str) -> ModelSourceError:
+            return ModelSourceError(f"model source {source!r}: {text}; supported: {SUPPORTED}")
+
+        first = _has(index, directory, "text_encoder")
+        parts = ("unet", "vae", "text_encoder_2", "tokenizer_2") + \
+            (("text_encoder", "tokenizer") if first else ())
+        for part in parts:
+            if not (directory / part).is_dir():
+                raise problem(f"no {part}/ folder in {directory}")
+        unet = read_json(directory / "unet" / "config.json", source)
+        vae = read_json(directory / "vae" / "config.json", source)
+        encoders = {name: read_json(directory / name / "config.json", source)
+                    for name in ("text_encoder", "text_encoder_2")[0 if first else 1:]}
+        scheduler_path = directory / "scheduler" / "scheduler_config.json"
+        scheduler = read_json(scheduler_path, source)
+        process = scheduler_process(scheduler, source)
+        if not isinstance(process, VPProcess):
+            raise problem(f"scheduler {scheduler.get('_class_name')!r} is not a VP scheduler")
+        if unet.get("addition_embed_type") != "text_time":
+            raise problem(f"unet config addition_embed_type="
+                          f"{unet.get('addition_embed_type')!r}; SDXL needs 'text_time'")
+        for key in ("class_embed_type", "time_cond_proj_dim", "encoder_hid_dim_type"):
+            if unet.get(key) is not None:
+                raise problem(f"unet config {key}={unet.get(key)!r} is not supported (extra "
+                              "conditioning)")
+        second = encoders["text_encoder_2"]
+        if "CLIPTextModelWithProjection" not in second.get("architectures", [
+                "CLIPTextModelWithProjection"]) or "projection_dim" not in second:
+            raise problem("text_encoder_2 is not a CLIPTextModelWithProjection (no pooled "
+                          "projection)")
+        _check_widths(unet, encoders, bool(index.get("requires_aesthetics_score", False)),
+                      problem)
+        check_vae_fits(vae, unet.get("in_channels", 4), unet.get("out_channels", 4), source,
+                       SUPPORTED)
+        require_weights(directory, ("unet", "vae", *encoders), source, SUPPORTED)
+        net_factor = 2 ** (len(unet.get("down_block_types", ())) - 1)
+        return ModelLayout(
+            family=self.name, directory=directory, process=process, text=SdxlPromptEncoder.spec,
+            configs={"index": dict(index), "unet": unet, "vae": vae, "scheduler": scheduler,
+                     **encoders},
+            paths={"scheduler": scheduler_path, "index": directory / "model_index.json"},
+            **latent_sizes(directory, source, unet, vae, net_factor))
+
+    def load(self, layout: ModelLayout, source: str) -> Loaded:
+        from diffusers import AutoencoderKL, UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
+
+        directory, index = layout.directory, layout.configs["index"]
+        first = "text_encoder" in layout.configs
+        unet = component(UNet2DConditionModel, directory, "unet", source)
+        vae = component(AutoencoderKL, directory, "vae", source)
+        embedders = [ClipEmbedder(component(CLIPTokenizer, directory, "tokenizer", source),
+                                  component(CLIPTextModel, directory, "text_encoder", source))
+                     ] if first else []
+        embedders.append(ClipEmbedder(
+            component(CLIPTokenizer, directory, "tokenizer_2", source),
+            component(CLIPTextModelWithProjection, directory, "text_encoder_2", source)))
+        lengths = {e.max_length for e in embedders}
+        if len(lengths) > 1:
+            raise ModelSourceError(f"model source {source!r}: tokenizer and tokenizer_2 have "
+                                   f"different model_max_length {sorted(lengths)}; their "
+                                   "embeddings are joined token by token, so they must match")
+        aesthetic = AESTHETIC_SCORES if index.get("requires_aesthetics_score") else None
+        text = SdxlPromptEncoder(embedders, bool(index.get("force_zeros_for_empty_prompt", True)),
+                                 aesthetic)
+        weighted = ("unet", "vae", *(("text_encoder",) if first else ()), "text_encoder_2")
+        files = component_files(directory, weighted,
+                                (*(("tokenizer",) if first else ()), "tokenizer_2"))
+        return Loaded(net=unet, call=sdxl_call, codec=codec_from_vae(vae), text=text,
+                      files=[*files, layout.paths["scheduler"], layout.paths["index"]])
+
+    def lora_targets(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> Any:
+        """What LoRA keys name: "unet", "text_encoder" (absent in the refiner) and
+        "text_encoder_2"; the loaded modules when `net` and `text` are given, else built from
+        the layout's configs on the meta device (no weights). See `sdedit.lora`."""
+        from diffusers import UNet2DConditionModel
+        from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+        from sdedit.lora import LoraTargets, meta_model
+
+        loader = "StableDiffusionXLLoraLoaderMixin"
+        if net is not None:
+            assert isinstance(text, SdxlPromptEncoder)
+            names = ["text_encoder", "text_encoder_2"][-len(text.encoders):]
+            return LoraTargets(loader, {"unet": net, **dict(zip(names, text.encoders,
+                                                                strict=True))})
+        assert layout is not None
+        classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
+                   "text_encoder_2": CLIPTextModelWithProjection}
+        return LoraTargets(loader, {name: meta_model(cls, layout.directory / name)
+                                    for name, cls in classes.items() if name in layout.configs})
+
+
+def _check_widths(unet: Mapping[str, Any], encoders: Mapping[str, Mapping[str, Any]],
+                  aesthetic: bool, problem: Any) -> None:
+    """The text widths and time ids fit the UNet (diffusers' `_get_add_time_ids` check, done
+    on the configs)."""
+    width = sum(int(c.get("hidden_size", 0)) for c in encoders.values())
+    cross = unet.get("cross_attention_dim")
+    if isinstance(cross, int) and cross != width:
+        raise problem(f"unet cross_attention_dim {cross} is not the text encoders' joined "
+                      f"width {width}")
+    ids = 5 if aesthetic else 6
+    time_dim = int(unet.get("addition_time_embed_dim") or 0)
+    passed = time_dim * ids + int(encoders["text_encoder_2"]["projection_dim"])
+    expected = unet.get("projection_class_embeddings_input_dim")
+    if expected != passed:
+        hint = ""
+        if isinstance(expected, int) and expected - passed == time_dim * (1 if aesthetic else -1):
+            hint = (f" (the UNet takes {6 if aesthetic else 5} time ids: model_index.json "
+                    f"requires_aesthetics_score should be {str(not aesthetic).lower()})")
+        raise problem(f"unet projection_class_embeddings_input_dim is {expected}, but "
+                      f"{ids} time ids x {time_dim} + the pooled width "
+                      f"{encoders['text_encoder_2']['projection_dim']} give {passed}{hint}")
+
+
+FAMILY = SdxlFamily()
