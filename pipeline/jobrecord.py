@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from pipeline.errors import ResumeConflictError
+from pipeline.layout import RESULT_FOLDERS, folder_url, job_record_url
 from pipeline.spec import JobSpec
-from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs
+from pipeline.storage import check_writable, put_bytes_atomic, url_fs
 from sdedit.devices import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
     """
     out, options = spec.output.path, spec.output.storage_options
     check_writable(out, options)
-    fs, path = url_fs(join(out, "job.json"), options)
+    fs, path = url_fs(job_record_url(out), options)
     old: dict[str, Any] | None = None
     if fs.exists(path):
         old = json.loads(fs.cat_file(path))
@@ -51,7 +52,7 @@ def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
     record = job_record(spec)
     if old is not None and "compute" in old:
         record["compute"] = old["compute"]
-    put_bytes_atomic(join(out, "job.json"), json.dumps(record, indent=1).encode(), options)
+    put_bytes_atomic(job_record_url(out), json.dumps(record, indent=1).encode(), options)
     return old
 
 
@@ -98,7 +99,7 @@ def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, A
             "done (%s): byte-identical outputs need the same batch size, device, dtype and "
             "threads; other values give outputs that differ in rounding (a few levels; a dtype "
             "change more), see README, Reproducibility", shards_done, ", ".join(changes))
-    put_bytes_atomic(join(spec.output.path, "job.json"),
+    put_bytes_atomic(job_record_url(spec.output.path),
                      json.dumps(job_record(spec, compute), indent=1).encode(),
                      spec.output.storage_options)
     return changes
@@ -116,10 +117,11 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 
 def _discard_results(spec: JobSpec) -> None:
-    for sub in ("done", "failed", "shards", "manifests"):
-        fs, path = url_fs(join(spec.output.path, sub), spec.output.storage_options)
+    for sub in RESULT_FOLDERS:
+        url = folder_url(spec.output.path, sub)
+        fs, path = url_fs(url, spec.output.storage_options)
         if fs.exists(path):
-            logger.warning("--overwrite: removing %s", join(spec.output.path, sub))
+            logger.warning("--overwrite: removing %s", url)
             if os.path.isdir(path):
                 shutil.rmtree(path)
             else:

@@ -23,13 +23,14 @@ import ray
 
 from pipeline.errors import ModelSettingsError, PipelineError
 from pipeline.jobrecord import prepare_output, record_compute, resolved_compute
+from pipeline.layout import failed_url
 from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
 from pipeline.redaction import SecretFilter
 from pipeline.shards import expand_shards, plan_pending, shard_stem
 from pipeline.spec import JobSpec
 from pipeline.status import keys_in_several_shards
-from pipeline.storage import describe_error, join, put_bytes_atomic, url_fs, with_retries
+from pipeline.storage import describe_error, put_bytes_atomic, url_fs, with_retries
 from pipeline.worker import SLOTS, ShardWorker
 from sdedit.models import ModelSourceError
 
@@ -337,7 +338,7 @@ class _Pool:
         self.progress.shard_failed()
 
     def _failed_url(self, url: str) -> str:
-        return join(self.spec.output.path, "failed", f"{shard_stem(url)}.json")
+        return failed_url(self.spec.output.path, shard_stem(url))
 
 
 def _last_line(exc: BaseException) -> str:

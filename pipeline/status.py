@@ -14,10 +14,11 @@ import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
 from pipeline.errors import PipelineError
-from pipeline.shards import expand_shards, shard_stem
+from pipeline.layout import DONE, FAILED, MANIFESTS, folder_url, job_record_url, marker_stem
+from pipeline.manifest import MANIFEST_SCHEMA
+from pipeline.shards import expand_shards
 from pipeline.spec import JobSpec, load_spec
-from pipeline.storage import join, url_fs
-from pipeline.writer import MANIFEST_SCHEMA
+from pipeline.storage import url_fs
 
 
 @dataclass
@@ -54,13 +55,13 @@ def job_status(target: str, storage_options: dict[str, Any] | None = None) -> Jo
         output, options = spec.output.path, dict(spec.output.storage_options)
     else:
         output, options = target, dict(storage_options or {})
-    fs, path = url_fs(join(output, "job.json"), options)
+    fs, path = url_fs(job_record_url(output), options)
     if not fs.exists(path):
         raise PipelineError(f"{output}: no job.json; not the output of an sdedit-batch job (yet)")
     record = json.loads(fs.cat_file(path))
     status = JobStatus(output=output, storage_options=options,
                        name=record.get("spec", {}).get("name", ""))
-    for marker in _read_all(output, "done", options):
+    for marker in _read_all(output, DONE, options):
         status.done += 1
         status.samples += int(marker.get("samples", 0))
         status.outputs_ok += int(marker.get("outputs_ok", 0))
@@ -70,8 +71,8 @@ def job_status(target: str, storage_options: dict[str, Any] | None = None) -> Jo
             kinds = {"unknown": int(marker["outputs_error"])}
         for kind, count in (kinds or {}).items():
             status.errors_by_kind[kind] = status.errors_by_kind.get(kind, 0) + int(count)
-    done_stems = {m for m in _stems(output, "done", options)}
-    for marker in _read_all(output, "failed", options):
+    done_stems = {m for m in _stems(output, DONE, options)}
+    for marker in _read_all(output, FAILED, options):
         if marker.get("stem") not in done_stems:
             status.failed[marker.get("input_shard", marker.get("stem", "?"))] = marker.get(
                 "error", "")
@@ -93,7 +94,7 @@ def read_manifests(output: str, storage_options: Mapping[str, Any] | None,
     Read with MANIFEST_SCHEMA, so manifests written before a column existed read together
     with newer ones (that column null for their rows). No manifests: an empty table.
     """
-    fs, path = url_fs(join(output, "manifests"), storage_options)
+    fs, path = url_fs(folder_url(output, MANIFESTS), storage_options)
     schema = pa.schema([MANIFEST_SCHEMA.field(name) for name in columns])
     if not fs.exists(path):
         return schema.empty_table()
@@ -123,17 +124,16 @@ def error_rows(output: str, storage_options: Mapping[str, Any] | None = None,
 
 
 def _stems(output: str, sub: str, options: dict[str, Any]) -> list[str]:
-    fs, path = url_fs(join(output, sub), options)
+    fs, path = url_fs(folder_url(output, sub), options)
     if not fs.exists(path):
         return []
-    return sorted(shard_stem(p).removesuffix(".json") for p in fs.ls(path, detail=False)
-                  if p.endswith(".json") and not os.path.basename(p).startswith("."))
+    return sorted(stem for stem in map(marker_stem, fs.ls(path, detail=False))
+                  if stem is not None)
 
 
 def _read_all(output: str, sub: str, options: dict[str, Any]) -> list[dict[str, Any]]:
-    fs, path = url_fs(join(output, sub), options)
+    fs, path = url_fs(folder_url(output, sub), options)
     if not fs.exists(path):
         return []
-    files = [p for p in fs.ls(path, detail=False)
-             if p.endswith(".json") and not os.path.basename(p).startswith(".")]
+    files = [p for p in fs.ls(path, detail=False) if marker_stem(p) is not None]
     return [json.loads(blob) for blob in fs.cat(files).values()] if files else []

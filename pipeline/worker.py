@@ -36,6 +36,8 @@ import torch
 from pipeline import testhooks
 from pipeline.batching import Job, Prepared, by_size, output_key, output_seed, prepare
 from pipeline.errors import ModelSettingsError
+from pipeline.layout import done_url
+from pipeline.manifest import manifest_row
 from pipeline.modelcheck import loaded_model_problems
 from pipeline.oom import EditFailure, split_on_oom
 from pipeline.outputs import Done, Encoded, encode_output
@@ -45,7 +47,7 @@ from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
 from pipeline.storage import absolute_url, url_fs, with_retries
-from pipeline.writer import ShardOutput, model_location, now, output_urls
+from pipeline.writer import ShardOutput, model_location, now
 from sdedit import DiffusionModel, edit, load_model
 from sdedit.devices import dtype_name, resolve_device, resolve_dtype
 from sdedit.edit import count_steps, guidance_scale, noise_for
@@ -196,7 +198,7 @@ class ShardWorker:
             ahead = following
 
     def _committed(self, stem: str) -> bool:
-        url = output_urls(self.spec.output.path, stem)["marker"]
+        url = done_url(self.spec.output.path, stem)
         fs, path = url_fs(url, self.spec.output.storage_options)
         return bool(with_retries(lambda: fs.exists(path), what="check done marker", url=url))
 
@@ -338,11 +340,9 @@ class ShardWorker:
                 self.hooks.before_write(writer.stem)
             with timings.measure("write"):
                 writer.add_sample(item.sample)
-            h, w = item.size
-            writer.add_row({**self.columns, **item.metadata,
-                            "output_shard": absolute_url(writer.urls["tar"]), "status": "ok",
-                            "width": w, "height": h, "seconds": item.done.seconds,
-                            "batch_size": item.done.batch_size, "created_at": now()})
+            writer.add_row(self._row(stats, job.sample, job.index, job.settings,
+                                     batch_size=item.done.batch_size, encoded=item,
+                                     output_shard=absolute_url(writer.urls.tar)))
             stats.outputs_ok += 1
         self._release(job, gauge)
         if progress is not None:
@@ -370,30 +370,45 @@ class ShardWorker:
     def _error_row(self, writer: ShardOutput, stats: ShardStats, sample: Sample, index: int,
                    kind: str, error: str, batch_size: int | None = None,
                    job: Job | None = None) -> None:
-        """One error row (`kind`: one of `pipeline.writer.ERROR_KINDS`), with the row's own
+        """One error row (`kind`: one of `pipeline.manifest.ERROR_KINDS`), with the row's own
         settings when they were read (`job`), else the job's."""
         sd = self.spec.sdedit
-        okey = output_key(sample.key, index, sd.samples_per_input)
-        h, w = sample.guide.shape[:2] if sample.guide is not None else (None, None)
         settings = job.settings if job is not None else RowSettings(
             sd.t0, sd.prompt if self.conditional else None,
             sd.negative_prompt if self.conditional else None)
-        writer.add_row({**self.columns, "key": sample.key, "output_key": okey,
-                        "sample_index": index, "input_shard": stats.input_shard,
-                        "output_shard": None, "status": "error", "error": error,
-                        "error_kind": kind, "seed": output_seed(sd.seed, sample.key, index),
-                        "t0": settings.t0, "steps": self._steps(settings.t0),
-                        "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
-                        "width": w, "height": h, "batch_size": batch_size,
-                        "created_at": now()})
+        row = self._row(stats, sample, index, settings, batch_size=batch_size, error=error,
+                        error_kind=kind)
+        writer.add_row(row)
         stats.outputs_error += 1
         stats.errors_by_kind[kind] = stats.errors_by_kind.get(kind, 0) + 1
-        logger.warning("sample %s: %s", okey, error)
+        logger.warning("sample %s: %s", row["output_key"], error)
+
+    def _row(self, stats: ShardStats, sample: Sample, index: int, settings: RowSettings, *,
+             batch_size: int | None, encoded: Encoded | None = None,
+             output_shard: str | None = None, error: str | None = None,
+             error_kind: str | None = None) -> dict[str, Any]:
+        """The manifest row of output `index` of `sample` (`pipeline.manifest.manifest_row`,
+        the one place a row is assembled): ok when `encoded` is given, else an error row."""
+        sd = self.spec.sdedit
+        if encoded is not None:
+            h, w = encoded.size
+        else:
+            h, w = sample.guide.shape[:2] if sample.guide is not None else (None, None)
+        return manifest_row(
+            key=sample.key, output_key=output_key(sample.key, index, sd.samples_per_input),
+            sample_index=index, input_shard=stats.input_shard, output_shard=output_shard,
+            status="ok" if encoded is not None else "error", error=error,
+            error_kind=error_kind, seed=output_seed(sd.seed, sample.key, index),
+            t0=settings.t0, steps=self._steps(settings.t0), width=w, height=h,
+            faithfulness_l2=None if encoded is None else encoded.metadata["faithfulness_l2"],
+            seconds=None if encoded is None else encoded.done.seconds,
+            batch_size=batch_size, created_at=now(), prompt=settings.prompt,
+            negative_prompt=settings.negative_prompt, **self.columns)
 
     def _marker(self, stats: ShardStats, writer: ShardOutput) -> dict[str, Any]:
         return {"stem": stats.stem, "input_shard": stats.input_shard,
-                "output_shard": absolute_url(writer.urls["tar"]),
-                "manifest": absolute_url(writer.urls["manifest"]),
+                "output_shard": absolute_url(writer.urls.tar),
+                "manifest": absolute_url(writer.urls.manifest),
                 "samples": stats.samples, "outputs_ok": stats.outputs_ok,
                 "outputs_error": stats.outputs_error,
                 "errors_by_kind": dict(sorted(stats.errors_by_kind.items())),

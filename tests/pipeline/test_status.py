@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.runner import prepare_output
 from pipeline.status import error_rows, job_status
 from pipeline.worker import ShardWorker
-from pipeline.writer import MANIFEST_SCHEMA
 from tests.support.shards import make_spec, png, write_shards
 
 

@@ -19,8 +19,8 @@ from PIL import Image
 from pipeline import testhooks
 from pipeline.batching import output_seed
 from pipeline.errors import ShardError
+from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.worker import ShardWorker
-from pipeline.writer import MANIFEST_SCHEMA
 from tests.support.images import png16, png_header_only
 from tests.support.shards import make_spec, png, write_shards
 
