@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import tempfile
 import time
@@ -43,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.images import encode_image
 from pipeline.spec import parse_spec
 from pipeline.storage import join, url_fs
-from pipeline.testhooks import hooks_env
+from pipeline.testhooks import Hooks
 
 
 def painting(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -100,9 +99,8 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
         "output": {"path": out, "storage_options": options},
         "sdedit": {"t0": t0, "sampler": "ddim", "steps": 1, "seed": 0},
         "compute": compute})
-    os.environ.update(hooks_env(stand_in_ms=ms))
     start = time.perf_counter()
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, progress=False, hooks=Hooks(stand_in_ms=ms))
     wall = time.perf_counter() - start
     assert not summary.failed and summary.outputs_error == 0, summary
     return wall, summary.outputs_ok, markers_cpu(out, options)

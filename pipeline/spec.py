@@ -135,6 +135,9 @@ class ComputeSpec:
     host_threads: int | None = None
     """Threads decoding inputs and encoding outputs beside the device; None = the actor's
     CPUs, at least 2."""
+    shard_timeout_s: float | None = None
+    """Seconds an attempt at a shard may take before it fails (and is retried); None = 10x
+    the slowest attempt the run has committed, at least an hour (`pipeline.schedule`)."""
 
 
 @dataclass(frozen=True)
@@ -261,7 +264,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
                 "cpus_per_actor": optional(number(0, open_low=True)),
                 "actors": Check("an integer >= 1 or a mapping with keys max, min",
                                  _INT(1).convert),  # read by _JobReader.actors
-                "shard_retries": _INT(0, 100), "host_threads": optional(_INT(1, 256))},
+                "shard_retries": _INT(0, 100), "host_threads": optional(_INT(1, 256)),
+                "shard_timeout_s": optional(number(0, open_low=True))},
 }
 _SCHEMA: dict[str, Any] = {"name": None, **{
     section: {key: FREE if key == "storage_options" else

@@ -104,6 +104,7 @@ class ShardOutput:
         self.stem = stem
         self.options = dict(storage_options or {})
         self.rows: list[dict[str, Any]] = []
+        self._positions: list[int] = []
         self.fs, self.tar_path = url_fs(self.urls.tar, self.options)
         if is_local(self.fs):
             directory = os.path.dirname(self.tar_path)
@@ -126,14 +127,23 @@ class ShardOutput:
         contiguous and samples stay in the order they are added."""
         self._tar.write(dict(sample))
 
-    def add_row(self, row: Mapping[str, Any]) -> None:
-        """Append one manifest row (made by `pipeline.manifest.manifest_row`).
+    def add_row(self, row: Mapping[str, Any], position: int = 0) -> None:
+        """Add one manifest row (made by `pipeline.manifest.manifest_row`) of the sample at
+        `position` in the input shard; the manifest holds its rows in input order (by position,
+        then `sample_index`), whatever the order they were added in.
 
         Raises:
             ManifestRowError: a row with an unknown or missing column, or an error kind that
             is not one of `pipeline.manifest.ERROR_KINDS` (checked again here).
         """
         self.rows.append(check_row(row))
+        self._positions.append(position)
+
+    def ordered_rows(self) -> list[dict[str, Any]]:
+        """The rows in input order (sample position, then output index)."""
+        order = sorted(range(len(self.rows)),
+                       key=lambda i: (self._positions[i], self.rows[i]["sample_index"] or 0))
+        return [self.rows[i] for i in order]
 
     def commit(self, marker: Mapping[str, Any]) -> None:
         """Publish tar, then manifest, then the marker (the shard counts as done only then)."""
@@ -148,7 +158,8 @@ class ShardOutput:
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
-        put_bytes_atomic(self.urls.manifest, manifest_bytes(self.rows), self.options)
+        put_bytes_atomic(self.urls.manifest, manifest_bytes(self.ordered_rows()),
+                         self.options)
         put_bytes_atomic(self.urls.marker, json.dumps(dict(marker), indent=1).encode(),
                          self.options)
         logger.info("committed shard %s (%d manifest rows)", self.stem, len(self.rows))

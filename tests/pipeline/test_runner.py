@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -23,8 +24,9 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.runner import actor_options, run_job
-from pipeline.testhooks import hooks_env
+from pipeline.testhooks import Hooks
 from pipeline.worker import ShardWorker
+from tests.support import hooked_cli
 from tests.support.images import png_header_only
 from tests.support.rayhead import kill_session
 from tests.support.shards import make_spec, png, write_job, write_shards
@@ -88,13 +90,11 @@ def test_end_to_end_and_rerun_does_nothing(local_ray, tiny_vp_dir, inputs, refer
     ("fail_write", "part-000002:{flag}"),  # writing its first output raises OSError, once
 ], ids=["actor-killed-mid-shard", "write-error"])
 def test_a_failed_attempt_loses_nothing_and_the_shard_is_retried(
-        local_ray, tiny_vp_dir, inputs, reference, tmp_path, monkeypatch, hook, value):
+        local_ray, tiny_vp_dir, inputs, reference, tmp_path, hook, value):
     out = tmp_path / "out"
     flag = tmp_path / "fired"
-    for name, env in hooks_env(**{hook: value.format(flag=flag)}).items():
-        monkeypatch.setenv(name, env)
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, progress=False, hooks=Hooks(**{hook: value.format(flag=flag)}))
     assert flag.exists(), "the test hook did not fire"
     assert summary.shards_done == 3 and not summary.failed
     _check_complete(out, reference)
@@ -151,11 +151,12 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     data = spec.to_dict()
     data["compute"]["actors"] = {"min": 1, "max": 1}
     job.write_text(yaml.safe_dump(data))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress",
-           "--address", ray_head.address]
+    args = ["run", str(job), "--no-progress", "--address", ray_head.address]
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
     env = {**os.environ, **ray_head.driver_env()}
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**env, **hooks_env(batch_delay=1.0)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(hooked_cli.command(Hooks(batch_delay=1.0), *args),
+                            start_new_session=True, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while not (out / "done").exists() or not any((out / "done").iterdir()):
@@ -237,3 +238,38 @@ def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(
     assert "error rows: 3\n  k1  a-000000  duplicate  duplicate key k1" in status.output
     assert "  k2  a-000000  decode  cannot decode k2.png" in status.output
     assert "  k3  b-000001  size  image k3.png is 5000x5000 (25,000,000 pixels)" in status.output
+
+
+def test_actors_that_fail_while_starting_stop_the_job_with_the_cause(local_ray, tiny_vp_dir,
+                                                                     inputs, tmp_path):
+    """The issue's case: an actor whose constructor failed for a reason other than its model
+    was replaced once per shard attempt, with no limit, and every shard was reported failed."""
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, inputs, out, compute={"shard_retries": 5})
+    with pytest.raises(PipelineError, match=r"actors failed to start 3 times in a row; the "
+                                            r"last: RuntimeError: test hook: no usable device"):
+        run_job(spec, progress=False, hooks=Hooks(fail_start="no usable device"))
+    assert not (out / "failed").exists() and not (out / "done").exists()
+
+
+def test_an_unwritable_failure_record_stops_the_run_with_what_is_left(local_ray, tiny_vp_dir,
+                                                                      inputs, tmp_path):
+    """The issue's case (18, item 4): writing failed/ raised and the driver died with a
+    traceback, the remaining shards neither processed nor recorded."""
+    data = Path(inputs[0]).read_bytes()
+    bad = tmp_path / "bad-000009.tar"
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "failed").write_text("a file where the failed/ folder goes")
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, [str(bad), *inputs], out,
+                    compute={"shard_retries": 0, "actors": 1})
+    result = CliRunner().invoke(main, ["run", str(job), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    message = result.stderr
+    assert message.startswith("error: cannot write the failure record ")
+    assert f"{out}/failed/bad-000009.json: " in message
+    assert re.search(r"the run stopped: \d shard\(s\) done now, 1 failed, \d not done "
+                     r"\((part-00000\d(, )?)+\); run the same command again", message), message
