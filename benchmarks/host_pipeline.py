@@ -40,6 +40,7 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.images import encode_image
+from pipeline.layout import DONE, folder_url
 from pipeline.spec import parse_spec
 from pipeline.storage import join, url_fs
 from pipeline.testhooks import Hooks
@@ -109,7 +110,7 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
 def markers_cpu(out: str, options: dict[str, Any]) -> dict[str, float]:
     """Sums of the per-shard stage times of the commit markers, and `commit_rate`: images
     committed after the first shard over the time from the first commit to the last."""
-    fs, base = url_fs(join(out, "done"), options)
+    fs, base = url_fs(folder_url(out, DONE), options)
     markers = sorted((json.loads(fs.cat_file(p)) for p in fs.ls(base, detail=False)),
                      key=lambda m: m["created_at"])
     totals: dict[str, float] = {}

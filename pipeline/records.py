@@ -21,9 +21,21 @@ from pipeline.reader import Sample
 from pipeline.rows import RowSettings
 from pipeline.spec import JobSpec
 from pipeline.storage import absolute_url
-from pipeline.writer import now
+from pipeline.writer import model_location, now
+from sdedit import DiffusionModel
+from sdedit.devices import dtype_name
+from sdedit.edit import guidance_scale
 
-__all__ = ["Records", "ShardStats"]
+__all__ = ["Records", "ShardStats", "worker_columns"]
+
+
+def worker_columns(spec: JobSpec, model: DiffusionModel, worker_id: str) -> dict[str, Any]:
+    """Manifest columns that are the same for every row of a worker."""
+    sd = spec.sdedit
+    return {"sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
+            "model": model_location(spec.model.source),
+            "model_identity": model.identity or None, "dtype": dtype_name(model.dtype),
+            "worker": worker_id, "guidance_scale": guidance_scale(model, sd.guidance_scale)}
 
 
 @dataclass

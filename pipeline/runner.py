@@ -1,6 +1,6 @@
 """The Ray driver: plan pending shards, run them on a pool of actors, retry, report.
 
-driver: spec -> input shards -> drop shards with a done marker -> actor pool.
+driver: spec -> input shards -> drop shards with a done marker -> actor pool (`pipeline.actor`).
 The pool starts up to `compute.actors.max` actors while shards are pending (pending GPU actors are
 what makes a Ray autoscaler add nodes), gives an actor shards only once it has started (loaded
 its model), and ends each actor as soon as the queue has no more work for it (its worker closed
@@ -11,13 +11,12 @@ fail while starting stop the job after a few in a row, with the cause.
 
 Storage failures of the driver's own writes (`job.json`, `failed/` records) stop the run with a
 `RunStoppedError` (exit 2) that names the location, the cause, and the shards done, failed and
-not started; they never surface as a traceback. A local Ray's leftovers from an earlier driver
+not done; they never surface as a traceback. A local Ray's leftovers from an earlier driver
 that was killed are ended first (`pipeline.localray`).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -29,19 +28,20 @@ from typing import Any
 import ray
 
 from pipeline import localray
+from pipeline.actor import Counter, ShardActor
 from pipeline.errors import ModelSettingsError, PipelineError, RunStoppedError
 from pipeline.jobrecord import prepare_output, record_compute, resolved_compute
 from pipeline.layout import failed_url
 from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
-from pipeline.redaction import SecretFilter, redact_url
+from pipeline.redaction import redact_url
 from pipeline.schedule import Schedule
 from pipeline.shards import expand_shards, failed_stems, plan_pending, shard_stem
 from pipeline.spec import JobSpec
 from pipeline.status import MarkerTotals, bounded_repeated_keys
 from pipeline.storage import describe_error, put_bytes_atomic, url_fs, with_retries
 from pipeline.testhooks import Hooks
-from pipeline.worker import SLOTS, ShardWorker
+from pipeline.worker import SLOTS
 from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
@@ -70,91 +70,6 @@ class RunSummary(MarkerTotals):
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
-
-
-@ray.remote(num_cpus=0)
-class _Counter:
-    """Images finished so far per shard, reported by the actors as they write them; a failed
-    attempt's count is dropped (its images are made again). O(1) per call."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-        self.sum = 0
-
-    def add(self, shard: str, n: int) -> None:
-        self.counts[shard] = self.counts.get(shard, 0) + n
-        self.sum += n
-
-    def drop(self, shard: str) -> None:
-        self.sum -= self.counts.pop(shard, 0)
-
-    def done(self, shard: str) -> None:
-        """The shard committed: its count stays in the sum, its entry goes."""
-        self.counts.pop(shard, None)
-
-    def total(self) -> int:
-        return self.sum
-
-
-class _ShardActor:
-    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
-
-    A worker that cannot start is not an actor crash: the error is kept and raised by `ready`
-    (and every `process`), so the driver sees the cause as the task's exception
-    (`RayTaskError.cause`): a model that cannot load or run the job stops the job at once, any
-    other cause counts as a failed actor start.
-    """
-
-    def __init__(self, spec: JobSpec, threads: int, counter: Any,
-                 hooks: Hooks | None = None) -> None:
-        logging.basicConfig(level=logging.INFO)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(SecretFilter())
-        self.counter = counter
-        self.start_error: Exception | None = None
-        self.worker: ShardWorker | None = None
-        try:
-            self.worker = ShardWorker(spec, threads=threads, hooks=hooks)
-        except Exception as exc:
-            self.start_error = exc
-
-    def ready(self) -> bool:
-        """Returns once the worker has started; raises why it could not."""
-        if self.start_error is not None:
-            raise self.start_error
-        return True
-
-    def process(self, url: str) -> dict[str, Any]:
-        """Process one shard (two may run at once: the actor's two slots)."""
-        self.ready()
-        assert self.worker is not None
-        report = _Batched(lambda n: self.counter.add.remote(url, n))
-        stats = self.worker.process(url, progress=report)
-        report.flush()
-        return dataclasses.asdict(stats)
-
-    def close(self) -> bool:
-        """End the worker's threads (the driver then ends the actor)."""
-        if self.worker is not None:
-            self.worker.close()
-        return True
-
-
-class _Batched:
-    """Image counts sent to the counter at most every 0.5 s (not one remote call per image)."""
-
-    def __init__(self, send: Any) -> None:
-        self.send, self.count, self.last = send, 0, time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.count += n
-        if time.monotonic() - self.last > 0.5:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.count:
-            self.send(self.count)
-        self.count, self.last = 0, time.monotonic()
 
 
 def uses_gpu(spec: JobSpec) -> bool:
@@ -264,9 +179,9 @@ class _Pool:
         self.slots: dict[Any, int] = {}  # ready actor -> shards it holds
         self.starting: dict[Any, Any] = {}  # ready() ref -> actor not yet started
         self.ending: dict[Any, tuple[Any, float]] = {}  # close() ref -> (actor, kill after)
-        self.counter = _Counter.remote()  # type: ignore[attr-defined]
+        self.counter = ray.remote(num_cpus=0)(Counter).remote()
         options, self.threads = actor_options(spec)
-        self.actor_cls = ray.remote(_ShardActor).options(**options)
+        self.actor_cls = ray.remote(ShardActor).options(**options)
         self.progress = RunProgress(len(pending), spec.name, progress)
         self.had_failed = failed_stems(spec.output.path, spec.output.storage_options)
         """Stems with a failed/ record from an earlier run (removed when they commit)."""

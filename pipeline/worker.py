@@ -49,17 +49,17 @@ from pipeline.modelcheck import loaded_model_problems
 from pipeline.oom import EditFailure, split_on_oom
 from pipeline.outputs import Done, Encoded, encode_output
 from pipeline.reader import Sample, read_shard
-from pipeline.records import Records, ShardStats
+from pipeline.records import Records, ShardStats, worker_columns
 from pipeline.rows import RowSettings, SettingError, row_settings
 from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
 from pipeline.storage import absolute_url, url_fs, with_retries
 from pipeline.testhooks import Hooks
-from pipeline.writer import ShardOutput, model_location
+from pipeline.writer import ShardOutput
 from sdedit import DiffusionModel, EditInputError, edit, load_model
-from sdedit.devices import dtype_name, resolve_device, resolve_dtype
-from sdedit.edit import count_steps, guidance_scale, noise_for
+from sdedit.devices import resolve_device, resolve_dtype
+from sdedit.edit import count_steps, noise_for
 
 logger = logging.getLogger(__name__)
 
@@ -102,19 +102,12 @@ class ShardWorker:
             self.hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.fingerprint = spec.fingerprint()
-        sd = spec.sdedit
         self.conditional = self.model.conditional
         problems = loaded_model_problems(spec, self.model)
         if problems:  # the same check validate and run made on the config files
             raise ModelSettingsError(f"model {spec.model.source} cannot run this job: "
                                      + "; ".join(problems))
-        self.columns: dict[str, Any] = {
-            "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
-            "model": model_location(spec.model.source),
-            "model_identity": self.model.identity or None, "dtype": dtype_name(self.model.dtype),
-            "worker": self.worker_id,
-            "guidance_scale": guidance_scale(self.model, sd.guidance_scale)}
-        """Manifest columns that are the same for every row of this worker."""
+        self.columns = worker_columns(spec, self.model, self.worker_id)
         self.records = Records(spec, self.columns, self._steps, self.conditional,
                                self.fingerprint)
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
