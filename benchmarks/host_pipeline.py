@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import tempfile
 import time
@@ -41,9 +40,10 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.images import encode_image
+from pipeline.layout import DONE, folder_url
 from pipeline.spec import parse_spec
 from pipeline.storage import join, url_fs
-from pipeline.testhooks import hooks_env
+from pipeline.testhooks import Hooks
 
 
 def painting(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -100,9 +100,8 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
         "output": {"path": out, "storage_options": options},
         "sdedit": {"t0": t0, "sampler": "ddim", "steps": 1, "seed": 0},
         "compute": compute})
-    os.environ.update(hooks_env(stand_in_ms=ms))
     start = time.perf_counter()
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, progress=False, hooks=Hooks(stand_in_ms=ms))
     wall = time.perf_counter() - start
     assert not summary.failed and summary.outputs_error == 0, summary
     return wall, summary.outputs_ok, markers_cpu(out, options)
@@ -111,7 +110,7 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
 def markers_cpu(out: str, options: dict[str, Any]) -> dict[str, float]:
     """Sums of the per-shard stage times of the commit markers, and `commit_rate`: images
     committed after the first shard over the time from the first commit to the last."""
-    fs, base = url_fs(join(out, "done"), options)
+    fs, base = url_fs(folder_url(out, DONE), options)
     markers = sorted((json.loads(fs.cat_file(p)) for p in fs.ls(base, detail=False)),
                      key=lambda m: m["created_at"])
     totals: dict[str, float] = {}

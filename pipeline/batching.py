@@ -42,6 +42,7 @@ class Job:
     output_key: str
     settings: RowSettings
     steps: int | None  # network evaluations per round at the row's t0
+    position: int = 0  # the sample's place in its shard (manifest rows go in input order)
 
 
 @dataclass

@@ -129,7 +129,8 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
     Resumable: running the same command again skips every shard with a commit marker
     (OUT/done/STEM.json) and processes the rest. A changed output-affecting setting (model,
     t0, sampler, ...) is refused unless --overwrite. Exit code 0 when every shard is done,
-    1 when some shard failed after its retries (see OUT/failed/), 2 for a bad job.
+    1 when some shard failed after its retries (see OUT/failed/), 2 for a bad job or an
+    output location that fails during the run (the shards not done are listed).
 
     \b
     Examples:
@@ -154,8 +155,8 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
         f"{summary.outputs_ok} ok / {summary.outputs_error} error; "
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s")
     click.echo(f"error rows by kind: {_kinds(summary.errors_by_kind)}")
-    repeated = "?" if summary.keys_in_several_shards is None else summary.keys_in_several_shards
-    click.echo(f"keys in more than one shard: {repeated}")
+    click.echo(f"keys in more than one shard: "
+               f"{_repeated(summary.keys_in_several_shards, spec.output.path)}")
     for url, error in summary.failed.items():
         click.echo(f"  FAILED {url}: {error}", err=True)
     click.echo(f"outputs: {spec.output.path}")
@@ -166,6 +167,13 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
                    f"(--limit-shards {limit_shards}): run the same command again for the next "
                    f"{min(left, limit_shards)}, or without --limit-shards for all of them")
     raise SystemExit(summary.exit_code)
+
+
+def _repeated(count: int | None, output: str) -> str:
+    """The repeated-keys figure, or how to get it when it was not counted in passing."""
+    if count is not None:
+        return str(count)
+    return f"not counted (sdedit-batch status {output} --repeated-keys counts them)"
 
 
 def _kinds(counts: dict[str, int]) -> str:
@@ -182,7 +190,11 @@ def _kinds(counts: dict[str, int]) -> str:
               help="Also list the error rows of the manifests (key, shard, error_kind, error).")
 @click.option("--limit", type=click.IntRange(min=0), default=20, show_default=True,
               metavar="N", help="With --errors: list at most N error rows.")
-def status_cmd(target: str, address: str | None, show_errors: bool, limit: int) -> None:
+@click.option("--repeated-keys", is_flag=True,
+              help="Count keys that occur in more than one shard at any job size (reads every "
+                   "manifest's keys; without it they are counted up to 1,000,000 rows).")
+def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
+               repeated_keys: bool) -> None:
     """Show done, pending and failed shards, sample counts and error rows of a job.
 
     TARGET is the job's output path/URL or its job file: reads only the output (job.json,
@@ -197,6 +209,7 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int) 
     Examples:
       sdedit-batch status out/quickstart
       sdedit-batch status out/quickstart --errors --limit 50
+      sdedit-batch status s3://bucket/out --repeated-keys
     """
     from pipeline.status import error_rows, job_status
     from pipeline.submit import describe, is_submission_id, submission_status
@@ -207,7 +220,7 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int) 
         if sub.output is None:
             return
         target = sub.output
-    st = job_status(target)
+    st = job_status(target, repeated_keys=True if repeated_keys else None)
     total = "?" if st.shards_total is None else st.shards_total
     pending = "?" if st.pending is None else st.pending
     click.echo(f"job {st.name} at {st.output}")
@@ -215,7 +228,10 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int) 
                f"(of {total})")
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
     click.echo(f"error rows by kind: {_kinds(st.errors_by_kind)}")
-    click.echo(f"keys in more than one shard: {st.keys_in_several_shards}")
+    click.echo(f"keys in more than one shard: {_repeated(st.keys_in_several_shards, st.output)}")
+    if st.unreadable:
+        click.echo(f"done markers that are not JSON objects: {st.unreadable} (their shards "
+                   "count as done; their counts are missing above)")
     for url, error in st.failed.items():
         click.echo(f"  FAILED {url}: {error}")
     if show_errors:

@@ -60,3 +60,9 @@ class ModelSettingsError(PipelineError):
     run, t0 / steps its schedule cannot start from, prompts or guidance it does not take); found
     by `pipeline.modelcheck` before any work, or by an actor on the model it loaded. The whole
     job is refused: no shard could succeed."""
+
+
+class RunStoppedError(StorageError):
+    """The output location failed during a run (a `failed/` record or `job.json` could not be
+    written): the run stops instead of grinding through shards it cannot record. The message
+    names the location and the cause, and counts the shards done, failed and not done."""

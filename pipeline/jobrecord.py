@@ -13,18 +13,22 @@ import json
 import logging
 import os
 import shutil
+from collections.abc import Mapping
 from typing import Any
 
 import torch
 
-from pipeline.errors import ResumeConflictError
+from pipeline.errors import ResumeConflictError, StorageError
+from pipeline.layout import RESULT_FOLDERS, folder_url, job_record_url
+from pipeline.redaction import redact_url
 from pipeline.spec import JobSpec
-from pipeline.storage import check_writable, join, put_bytes_atomic, url_fs
+from pipeline.storage import check_writable, describe_error, put_bytes_atomic, url_fs, with_retries
 from sdedit.devices import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["job_record", "prepare_output", "record_compute", "resolved_compute"]
+__all__ = ["job_record", "prepare_output", "read_job_record", "record_compute",
+           "resolved_compute"]
 
 
 def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
@@ -35,24 +39,59 @@ def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
     """
     out, options = spec.output.path, spec.output.storage_options
     check_writable(out, options)
-    fs, path = url_fs(join(out, "job.json"), options)
-    old: dict[str, Any] | None = None
-    if fs.exists(path):
-        old = json.loads(fs.cat_file(path))
-        if old.get("fingerprint") != spec.fingerprint():
-            if not overwrite:
-                changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
-                raise ResumeConflictError(
-                    f"output {out} holds a job with different output-affecting settings "
-                    f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
-                    "--overwrite to discard its results")
-            _discard_results(spec)
-            old = None
+    old = read_job_record(out, options)
+    if old is not None and old.get("fingerprint") != spec.fingerprint():
+        if not overwrite:
+            changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
+            raise ResumeConflictError(
+                f"output {out} holds a job with different output-affecting settings "
+                f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
+                "--overwrite to discard its results")
+        _discard_results(spec)
+        old = None
     record = job_record(spec)
     if old is not None and "compute" in old:
         record["compute"] = old["compute"]
-    put_bytes_atomic(join(out, "job.json"), json.dumps(record, indent=1).encode(), options)
+    _write(out, record, options)
     return old
+
+
+def read_job_record(output: str, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """OUT/job.json, or None when there is none.
+
+    Raises:
+        StorageError: it cannot be read, or is not a JSON object (naming where and why).
+    """
+    url = job_record_url(output)
+    try:
+        fs, path = url_fs(url, options)
+        data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
+    except FileNotFoundError:
+        return None
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        raise StorageError(f"{redact_url(url)} is not valid JSON ({exc}); allowed: the "
+                           "job.json sdedit-batch wrote (remove it, or use --overwrite)") from exc
+    if not isinstance(record, dict):
+        raise StorageError(f"{redact_url(url)} holds {type(record).__name__}, not the object "
+                           "sdedit-batch writes (remove it, or use --overwrite)")
+    return record
+
+
+def _write(output: str, record: dict[str, Any], options: Mapping[str, Any] | None) -> None:
+    """Write OUT/job.json; StorageError naming it and the cause when that fails."""
+    url = job_record_url(output)
+    try:
+        put_bytes_atomic(url, json.dumps(record, indent=1).encode(), options)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
 
 
 def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -98,9 +137,7 @@ def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, A
             "done (%s): byte-identical outputs need the same batch size, device, dtype and "
             "threads; other values give outputs that differ in rounding (a few levels; a dtype "
             "change more), see README, Reproducibility", shards_done, ", ".join(changes))
-    put_bytes_atomic(join(spec.output.path, "job.json"),
-                     json.dumps(job_record(spec, compute), indent=1).encode(),
-                     spec.output.storage_options)
+    _write(spec.output.path, job_record(spec, compute), spec.output.storage_options)
     return changes
 
 
@@ -116,11 +153,16 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
 
 
 def _discard_results(spec: JobSpec) -> None:
-    for sub in ("done", "failed", "shards", "manifests"):
-        fs, path = url_fs(join(spec.output.path, sub), spec.output.storage_options)
-        if fs.exists(path):
-            logger.warning("--overwrite: removing %s", join(spec.output.path, sub))
-            if os.path.isdir(path):
-                shutil.rmtree(path)
-            else:
-                fs.rm(path, recursive=True)
+    for sub in RESULT_FOLDERS:
+        url = folder_url(spec.output.path, sub)
+        try:
+            fs, path = url_fs(url, spec.output.storage_options)
+            if fs.exists(path):
+                logger.warning("--overwrite: removing %s", url)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    fs.rm(path, recursive=True)
+        except Exception as exc:
+            raise StorageError(f"--overwrite: cannot remove {redact_url(url)}: "
+                               f"{describe_error(exc)}") from exc

@@ -17,7 +17,12 @@ from pipeline.batching import Job
 from pipeline.spec import OutputSpec
 from pipeline.writer import output_sample
 
-__all__ = ["Done", "Encoded", "encode_output", "faithfulness_l2"]
+__all__ = ["MAX_SIDE", "Done", "Encoded", "encode_output", "faithfulness_l2"]
+
+MAX_SIDE = {"png": 2**31 - 1, "jpg": 65500, "webp": 16383}
+"""The largest width or height each output format holds (PNG: 2^31 - 1; JPEG: libjpeg's 65500;
+WebP: 16383, its 14-bit size fields; Pillow refuses larger ones). A larger output is that output's
+"encode" row; any other failure of the encoder fails the attempt (retried, then reported)."""
 
 
 @dataclass
@@ -55,18 +60,20 @@ def encode_output(done: Done, out: OutputSpec,
     pixels = done.pixels()
     meta = metadata(done.job, faithfulness_l2(pixels, sample.guide, sample.mask))
     keep = out.include_guide
-    try:
-        encoded = output_sample(
-            done.job.output_key, pixels, meta,
-            guide=sample.guide if keep else None,
-            guide_png=sample.guide_png if keep else None,
-            mask=sample.mask if keep else None,
-            target=sample.members.get("target") if keep else None,
-            carried=sample.carried, image_format=out.image_format,
-            png_compress_level=out.png_compress_level, quality=out.quality())
-    except (OSError, ValueError) as exc:
+    h, w = pixels.shape[:2]
+    limit = MAX_SIDE[out.image_format]
+    if max(h, w) > limit:
         return Encoded(done, meta, None, f"cannot encode the output as {out.image_format}: "
-                                         f"{exc}; allowed: an output size the format can hold")
+                                         f"{w}x{h} is over {limit} px a side; allowed: an "
+                                         "output size the format can hold")
+    encoded = output_sample(
+        done.job.output_key, pixels, meta,
+        guide=sample.guide if keep else None,
+        guide_png=sample.guide_png if keep else None,
+        mask=sample.mask if keep else None,
+        target=sample.members.get("target") if keep else None,
+        carried=sample.carried, image_format=out.image_format,
+        png_compress_level=out.png_compress_level, quality=out.quality())
     return Encoded(done, meta, encoded, size=pixels.shape[:2])
 
 

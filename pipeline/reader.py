@@ -44,6 +44,8 @@ _END = object()
 DUPLICATE = "__duplicate__"
 """Set by `mark_duplicates` on a sample whose key was seen before in the shard: its message."""
 T = TypeVar("T")
+READER_JOIN_S = 2.0
+"""Seconds a stopped consumer waits for the reader thread to end (it checks every 0.2 s)."""
 
 
 @dataclass
@@ -247,6 +249,10 @@ def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
             put(_END)
         except BaseException as exc:  # handed to the consumer
             put(exc)
+        finally:  # a consumer that stopped early: close the source (its file) here
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     thread = threading.Thread(target=produce, name="shard-reader", daemon=True)
     thread.start()
@@ -260,6 +266,7 @@ def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
             yield item
     finally:
         stop.set()
+        thread.join(timeout=READER_JOIN_S)  # it ends at its next put (a read that hangs: not)
 
 
 def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,

@@ -1,16 +1,22 @@
 """The Ray driver: plan pending shards, run them on a pool of actors, retry, report.
 
-driver: spec -> input shards -> drop shards with a done marker -> actor pool.
+driver: spec -> input shards -> drop shards with a done marker -> actor pool (`pipeline.actor`).
 The pool starts up to `compute.actors.max` actors while shards are pending (pending GPU actors are
-what makes a Ray autoscaler add nodes) and kills each actor as soon as the queue has no more work
-for it, so an autoscaler can remove idle nodes. A shard whose attempt fails (unreadable tar, lost
-actor) is queued again, up to `compute.shard_retries` times, then reported in `failed/{stem}.json`.
+what makes a Ray autoscaler add nodes), gives an actor shards only once it has started (loaded
+its model), and ends each actor as soon as the queue has no more work for it (its worker closed
+first), so an autoscaler can remove idle nodes. `pipeline.schedule.Schedule` decides what runs
+next: a shard whose attempt fails (unreadable tar, lost actor, past its deadline) is queued
+again, up to `compute.shard_retries` times, then reported in `failed/{stem}.json`; actors that
+fail while starting stop the job after a few in a row, with the cause.
+
+Storage failures of the driver's own writes (`job.json`, `failed/` records) stop the run with a
+`RunStoppedError` (exit 2) that names the location, the cause, and the shards done, failed and
+not done; they never surface as a traceback. A local Ray's leftovers from an earlier driver
+that was killed are ended first (`pipeline.localray`).
 """
 
 from __future__ import annotations
 
-import collections
-import dataclasses
 import json
 import logging
 import math
@@ -21,47 +27,40 @@ from typing import Any
 
 import ray
 
-from pipeline.errors import ModelSettingsError, PipelineError
+from pipeline import localray
+from pipeline.actor import Counter, ShardActor
+from pipeline.errors import ModelSettingsError, PipelineError, RunStoppedError
 from pipeline.jobrecord import prepare_output, record_compute, resolved_compute
+from pipeline.layout import failed_url
 from pipeline.preflight import check_model
 from pipeline.progress import RunProgress
-from pipeline.redaction import SecretFilter
-from pipeline.shards import expand_shards, plan_pending, shard_stem
+from pipeline.redaction import redact_url
+from pipeline.schedule import Schedule
+from pipeline.shards import expand_shards, failed_stems, plan_pending, shard_stem
 from pipeline.spec import JobSpec
-from pipeline.status import keys_in_several_shards
-from pipeline.storage import describe_error, join, put_bytes_atomic, url_fs, with_retries
-from pipeline.worker import SLOTS, ShardWorker
+from pipeline.status import MarkerTotals, bounded_repeated_keys
+from pipeline.storage import describe_error, put_bytes_atomic, url_fs, with_retries
+from pipeline.testhooks import Hooks
+from pipeline.worker import SLOTS
 from sdedit.models import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
-RETRY_BASE_DELAY = 1.0
-"""Seconds before the first retry of a failed shard; doubles per attempt (a storage outage
-should not use up every retry at once)."""
-RETRY_MAX_DELAY = 30.0
+CLOSE_GRACE_S = 10.0
+"""Seconds an ending actor gets to close its worker before it is killed."""
 
 
-def retry_delay(attempt: int) -> float:
-    """Seconds to wait before retrying a shard whose `attempt`-th attempt (1-based) failed."""
-    return min(RETRY_MAX_DELAY, RETRY_BASE_DELAY * 2 ** max(0, attempt - 1))
-
-
-@dataclass
-class RunSummary:
-    """The outcome of one `run_job` call."""
+@dataclass(kw_only=True)
+class RunSummary(MarkerTotals):
+    """The outcome of one `run_job` call (the totals are of the shards done by this run)."""
 
     shards_total: int = 0
     shards_already_done: int = 0
     shards_done: int = 0
     failed: dict[str, str] = field(default_factory=dict)
-    samples: int = 0
-    outputs_ok: int = 0
-    outputs_error: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    """Error rows of the shards done by this run, by `error_kind`."""
     keys_in_several_shards: int | None = None
     """Keys that occur in more than one input shard, over every manifest of the job (None:
-    the manifests could not be read)."""
+    not counted: too many rows to count in passing, or the manifests could not be read)."""
     seconds: float = 0.0
 
     @property
@@ -71,70 +70,6 @@ class RunSummary:
     @property
     def exit_code(self) -> int:
         return 1 if self.failed else 0
-
-
-@ray.remote(num_cpus=0)
-class _Counter:
-    """Images finished so far per shard, reported by the actors as they write them; a failed
-    attempt's count is dropped (its images are made again)."""
-
-    def __init__(self) -> None:
-        self.counts: dict[str, int] = {}
-
-    def add(self, shard: str, n: int) -> None:
-        self.counts[shard] = self.counts.get(shard, 0) + n
-
-    def drop(self, shard: str) -> None:
-        self.counts.pop(shard, None)
-
-    def total(self) -> int:
-        return sum(self.counts.values())
-
-
-class _ShardActor:
-    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
-
-    A model that cannot be loaded is not an actor crash: the error is kept and raised by every
-    `process` call, so the driver sees it as the task's exception (`RayTaskError.cause`) and
-    stops the job instead of retrying shards.
-    """
-
-    def __init__(self, spec: JobSpec, threads: int, counter: Any) -> None:
-        logging.basicConfig(level=logging.INFO)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(SecretFilter())
-        self.counter = counter
-        self.load_error: ModelSourceError | ModelSettingsError | None = None
-        try:
-            self.worker = ShardWorker(spec, threads=threads)
-        except (ModelSourceError, ModelSettingsError) as exc:
-            self.load_error = exc
-
-    def process(self, url: str) -> dict[str, Any]:
-        """Process one shard (two may run at once: the actor's two slots)."""
-        if self.load_error is not None:
-            raise self.load_error
-        report = _Batched(lambda n: self.counter.add.remote(url, n))
-        stats = self.worker.process(url, progress=report)
-        report.flush()
-        return dataclasses.asdict(stats)
-
-
-class _Batched:
-    """Image counts sent to the counter at most every 0.5 s (not one remote call per image)."""
-
-    def __init__(self, send: Any) -> None:
-        self.send, self.count, self.last = send, 0, time.monotonic()
-
-    def __call__(self, n: int) -> None:
-        self.count += n
-        if time.monotonic() - self.last > 0.5:
-            self.flush()
-
-    def flush(self) -> None:
-        if self.count:
-            self.send(self.count)
-        self.count, self.last = 0, time.monotonic()
 
 
 def uses_gpu(spec: JobSpec) -> bool:
@@ -148,11 +83,10 @@ def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
     compute = spec.compute
     cluster = ray.cluster_resources()
     use_gpu = uses_gpu(spec)
-    env = {k: v for k, v in os.environ.items() if k.startswith("SDEDIT_BATCH_")}
     # OpenMP threads that spin while they wait collapse when another process shares the cores
     # (quickstart with one core busy: 674 s with spinning, 77 s passive, 56 s on an idle
     # machine); waiting passively costs ~15% on an idle one. An explicit setting wins.
-    env["OMP_WAIT_POLICY"] = os.environ.get("OMP_WAIT_POLICY", "PASSIVE")
+    env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": SLOTS,
                                "runtime_env": {"env_vars": env}}
     if use_gpu:
@@ -166,16 +100,19 @@ def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
 
 
 def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | None = None,
-            overwrite: bool = False, progress: bool = True) -> RunSummary:
+            overwrite: bool = False, progress: bool = True,
+            hooks: Hooks | None = None) -> RunSummary:
     """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
 
     The model source is checked (`pipeline.preflight.check_model`) before Ray starts and
     before OUT/job.json is written, except with a Ray Client address (ray://): this driver
-    then runs on another machine than the actors, which read the model.
+    then runs on another machine than the actors, which read the model. `hooks` (tests and
+    benchmarks only) go to every actor.
 
     Raises:
         PipelineError: no input shards, model missing or not loadable, unwritable output,
-        changed spec.
+        changed spec, actors that keep failing to start.
+        RunStoppedError: the output location failed during the run (exit code 2).
     """
     started = time.perf_counter()
     shards = expand_shards(list(spec.input.shards), spec.input.storage_options)
@@ -191,20 +128,31 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
         logger.info("nothing to do: all %d shards are done", len(shards))
         return summary
     own_ray = not ray.is_initialized()
+    record = None
     if own_ray:
         _quiet_token_notice()
+        if not address:
+            localray.reap()
         # "local": a new Ray on this machine, never a cluster that happens to run here
-        ray.init(address=address or "local", include_dashboard=False,
-                 log_to_driver=logger.isEnabledFor(logging.INFO), logging_level=logging.WARNING)
+        context = ray.init(address=address or "local", include_dashboard=False,
+                           log_to_driver=logger.isEnabledFor(logging.INFO),
+                           logging_level=logging.WARNING)
+        if not address:
+            record = localray.record(context.address_info["session_dir"])
     try:
-        pool = _Pool(spec, pending, summary, progress)
-        record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads), previous,
-                       len(done))
+        pool = _Pool(spec, pending, summary, progress, hooks)
+        try:
+            record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads),
+                           previous, len(done))
+        except PipelineError as exc:
+            raise RunStoppedError(_stopped(str(exc), summary, pending)) from exc
         pool.run()
     finally:
         if own_ray:
             ray.shutdown()
-    summary.keys_in_several_shards = _keys_in_several_shards(spec)
+            localray.forget(record)
+    summary.keys_in_several_shards = bounded_repeated_keys(
+        spec.output.path, spec.output.storage_options)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -226,88 +174,123 @@ def _quiet_token_notice() -> None:
         notices.addFilter(_TokenNotice())
 
 
-def _keys_in_several_shards(spec: JobSpec) -> int | None:
-    """`pipeline.status.keys_in_several_shards` of the job's output; None when unreadable."""
-    try:
-        return keys_in_several_shards(spec.output.path, spec.output.storage_options)
-    except Exception as exc:  # a summary figure: never fails a run that succeeded
-        logger.warning("cannot count keys repeated across shards: %s", describe_error(exc))
-        return None
+def _stopped(cause: str, summary: RunSummary, not_started: list[str]) -> str:
+    """The message of a run stopped by a storage failure: the cause, then the shards done,
+    failed and not done (never started, or interrupted), the first of these by name."""
+    shown = ", ".join(shard_stem(url) for url in not_started[:5])
+    more = f" and {len(not_started) - 5} more" if len(not_started) > 5 else ""
+    return (f"{cause}; the run stopped: {summary.shards_done} shard(s) done now, "
+            f"{len(summary.failed)} failed, {len(not_started)} not done"
+            + (f" ({shown}{more})" if not_started else "")
+            + "; run the same command again to resume once the output location works")
 
 
 class _Pool:
-    """The actor pool and its scheduling loop: up to `SLOTS` shards per actor."""
+    """The actor pool and its scheduling loop: up to `SLOTS` shards per ready actor."""
 
     def __init__(self, spec: JobSpec, pending: list[str], summary: RunSummary,
-                 progress: bool) -> None:
-        self.spec = spec
-        self.queue = collections.deque(pending)
-        self.summary = summary
-        self.attempts: collections.Counter[str] = collections.Counter()
-        self.inflight: dict[Any, tuple[Any, str]] = {}  # task ref -> (actor, shard url)
-        self.slots: dict[Any, int] = {}  # live actor -> shards it holds
-        self.not_before: dict[str, float] = {}  # url -> monotonic time its retry may start
-        self.counter = _Counter.remote()  # type: ignore[attr-defined]
+                 progress: bool, hooks: Hooks | None) -> None:
+        self.spec, self.summary, self.hooks = spec, summary, hooks
+        compute = spec.compute
+        self.schedule = Schedule(pending, compute.shard_retries, compute.shard_timeout_s)
+        self.inflight: dict[Any, tuple[Any, str, float]] = {}  # ref -> (actor, url, started)
+        self.slots: dict[Any, int] = {}  # ready actor -> shards it holds
+        self.starting: dict[Any, Any] = {}  # ready() ref -> actor not yet started
+        self.ending: dict[Any, tuple[Any, float]] = {}  # close() ref -> (actor, kill after)
+        self.counter = ray.remote(num_cpus=0)(Counter).remote()
         options, self.threads = actor_options(spec)
-        self.actor_cls = ray.remote(_ShardActor).options(**options)
+        self.actor_cls = ray.remote(ShardActor).options(**options)
         self.progress = RunProgress(len(pending), spec.name, progress)
-        self.loading: list[Any] = []  # readiness of actors still loading the model
+        self.had_failed = failed_stems(spec.output.path, spec.output.storage_options)
+        """Stems with a failed/ record from an earlier run (removed when they commit)."""
+        self.stop: str | None = None
 
     def _start_actor(self) -> None:
-        actor = self.actor_cls.remote(self.spec, self.threads, self.counter)
-        self.slots[actor] = 0
-        self.loading.append(actor.__ray_ready__.remote())  # done once the model is loaded
+        actor = self.actor_cls.remote(self.spec, self.threads, self.counter, self.hooks)
+        self.starting[actor.ready.remote()] = actor
         self.progress.actors_started(1)
 
-    def _ready(self) -> str | None:
-        """The first queued shard whose retry delay has passed, taken off the queue."""
-        now = time.monotonic()
-        for url in self.queue:
-            if self.not_before.get(url, 0.0) <= now:
-                self.queue.remove(url)
-                return url
-        return None
+    def _end_actor(self, actor: Any) -> None:
+        """Close its worker, then kill it (at once if closing takes too long)."""
+        self.slots.pop(actor, None)
+        self.ending[actor.close.remote()] = (actor, time.monotonic() + CLOSE_GRACE_S)
 
     def _dispatch(self) -> None:
-        """Start the actors the work needs (replacing lost ones), fill their free slots, and
-        end actors that hold nothing when nothing is left to give them (releasing their
-        resources lets an autoscaler remove the node)."""
-        needed = -(-(len(self.queue) + len(self.inflight)) // SLOTS)
-        while self.queue and len(self.slots) < min(self.spec.compute.actors.max, needed):
+        """Start the actors the work needs, fill ready actors' free slots, and end actors that
+        hold nothing when nothing is left to give them (releasing their resources lets an
+        autoscaler remove the node)."""
+        needed = -(-(len(self.schedule) + len(self.inflight)) // SLOTS)
+        while len(self.schedule) and \
+                len(self.slots) + len(self.starting) < min(self.spec.compute.actors.max, needed):
             self._start_actor()
         for actor in list(self.slots):
-            while self.slots[actor] < SLOTS and (url := self._ready()) is not None:
-                self.inflight[actor.process.remote(url)] = (actor, url)
+            while self.slots[actor] < SLOTS and (url := self.schedule.next_shard()) is not None:
+                self.inflight[actor.process.remote(url)] = (actor, url, time.monotonic())
                 self.slots[actor] += 1
-            if not self.queue and self.slots[actor] == 0:
-                del self.slots[actor]
-                ray.kill(actor)
+            if not len(self.schedule) and self.slots[actor] == 0:
+                self._end_actor(actor)
 
     def run(self) -> None:
         logger.info("starting up to %d actors for %d shards", self.spec.compute.actors.max,
-                    len(self.queue))
+                    len(self.schedule))
         try:
-            while self.inflight or self.queue:
+            while (self.inflight or len(self.schedule)) and self.stop is None:
                 self._dispatch()
-                if not self.inflight:
+                refs = [*self.inflight, *self.starting, *self.ending]
+                ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])
+                if not refs:
                     time.sleep(0.2)
-                    continue
-                ready, _ = ray.wait(list(self.inflight), num_returns=1, timeout=0.5)
                 for ref in ready:
-                    self._finish(ref)
-                if self.loading:
-                    loaded, self.loading = ray.wait(self.loading, num_returns=len(self.loading),
-                                                    timeout=0)
-                    if loaded:
-                        self.progress.actor_ready(len(loaded))
+                    self._returned(ref)
+                self._enforce_deadlines()
+                now = time.monotonic()
+                for ref, (actor, kill_after) in list(self.ending.items()):
+                    if now > kill_after:  # closing hangs: end it anyway
+                        del self.ending[ref]
+                        ray.kill(actor)
                 self.progress.images(ray.get(self.counter.total.remote()))
         finally:
-            for actor in self.slots:
-                ray.kill(actor)
-            self.progress.close()
+            self._shutdown()
+        if self.stop is not None:
+            not_started = self.schedule.not_started() + [u for _, u, _ in self.inflight.values()]
+            raise RunStoppedError(_stopped(self.stop, self.summary, not_started))
+
+    def _returned(self, ref: Any) -> None:
+        if ref in self.starting:
+            self._started(ref, self.starting.pop(ref))
+        elif ref in self.ending:
+            ray.kill(self.ending.pop(ref)[0])
+        elif ref in self.inflight:
+            self._finish(ref)
+
+    def _started(self, ref: Any, actor: Any) -> None:
+        """An actor's `ready` returned: it takes shards, or its start failed."""
+        try:
+            ray.get(ref)
+        except ray.exceptions.RayTaskError as exc:
+            ray.kill(actor)
+            if isinstance(exc.cause, ModelSettingsError):
+                raise ModelSettingsError(str(exc.cause)) from exc
+            if isinstance(exc.cause, ModelSourceError):
+                raise PipelineError(f"cannot load model {self.spec.model.source}: "
+                                    f"{exc.cause}") from exc
+            self._start_failed(f"{type(exc.cause).__name__}: {exc.cause}", exc)
+        except ray.exceptions.RayActorError as exc:
+            self._start_failed(f"the actor died while starting: {_last_line(exc)}", exc)
+        else:
+            self.schedule.actor_started()
+            self.slots[actor] = 0
+            self.progress.actor_ready(1)
+
+    def _start_failed(self, cause: str, exc: BaseException) -> None:
+        logger.warning("an actor failed to start (%d in a row): %s",
+                       self.schedule.start_failures + 1, cause)
+        if self.schedule.actor_start_failed():
+            raise PipelineError(f"actors failed to start {self.schedule.start_failures} times "
+                                f"in a row; the last: {cause}") from exc
 
     def _finish(self, ref: Any) -> None:
-        actor, url = self.inflight.pop(ref)
+        actor, url, _ = self.inflight.pop(ref)
         try:
             stats = ray.get(ref)
         except ray.exceptions.RayActorError as exc:
@@ -315,56 +298,84 @@ class _Pool:
             self._failed(url, f"actor died: {_last_line(exc)}")
             return
         except ray.exceptions.RayTaskError as exc:
-            if isinstance(exc.cause, ModelSettingsError):
-                raise ModelSettingsError(str(exc.cause)) from exc
-            if isinstance(exc.cause, ModelSourceError):
-                raise PipelineError(f"cannot load model {self.spec.model.source}: "
-                                    f"{exc.cause}") from exc
             self._failed(url, _last_line(exc))
         else:
             self._succeeded(url, stats)
         if actor in self.slots:
             self.slots[actor] -= 1
 
+    def _enforce_deadlines(self) -> None:
+        """End every actor holding an attempt past its deadline: that attempt failed, the
+        other one it held starts again without losing an attempt."""
+        overdue = {actor for actor, _, started in self.inflight.values()
+                   if self.schedule.overdue(started)}
+        for actor in overdue:
+            self.slots.pop(actor, None)
+            ray.kill(actor)
+            for ref, (owner, url, started) in list(self.inflight.items()):
+                if owner is not actor:
+                    continue
+                del self.inflight[ref]
+                if self.schedule.overdue(started):
+                    self._failed(url, f"no result within {self.schedule.deadline_s():.0f} s "
+                                      "(compute.shard_timeout_s): the attempt was ended")
+                else:
+                    self.counter.drop.remote(url)
+                    self.schedule.requeue(url)
+
     def _succeeded(self, url: str, stats: dict[str, Any]) -> None:
-        s = self.summary
-        s.shards_done += 1
-        s.samples += stats["samples"]
-        s.outputs_ok += stats["outputs_ok"]
-        s.outputs_error += stats["outputs_error"]
-        for kind, count in stats.get("errors_by_kind", {}).items():
-            s.errors_by_kind[kind] = s.errors_by_kind.get(kind, 0) + count
+        self.summary.shards_done += 1
+        self.summary.add(stats)
+        self.schedule.committed(url, float(stats.get("seconds", 0.0)))
+        self.counter.done.remote(url)
         self.progress.shard_done(stats["outputs_ok"] + stats["outputs_error"])
-        marker = self._failed_url(url)
-        fs, path = url_fs(marker, self.spec.output.storage_options)
-        try:  # best effort: `status` ignores a failed marker whose shard is done
-            if with_retries(lambda: fs.exists(path), what="check failed marker", url=marker):
-                with_retries(lambda: fs.rm_file(path), what="remove failed marker", url=marker)
-        except (PipelineError, OSError) as exc:
-            logger.warning("could not remove %s: %s", marker, exc)
+        stem = shard_stem(url)
+        if stem not in self.had_failed:
+            return
+        marker = failed_url(self.spec.output.path, stem)
+        try:  # best effort: `status` ignores a failed record whose shard is done
+            fs, path = url_fs(marker, self.spec.output.storage_options)
+            with_retries(lambda: fs.rm_file(path), what="remove failed record", url=marker)
+            self.had_failed.discard(stem)
+        except FileNotFoundError:
+            self.had_failed.discard(stem)
+        except Exception as exc:
+            logger.warning("could not remove %s: %s", redact_url(marker), describe_error(exc))
 
     def _failed(self, url: str, error: str) -> None:
         self.counter.drop.remote(url)  # its images will be made again
-        self.attempts[url] += 1
-        retries = self.spec.compute.shard_retries
-        if self.attempts[url] <= retries:
-            delay = retry_delay(self.attempts[url])
+        delay = self.schedule.failed(url)
+        attempts, retries = self.schedule.attempts[url], self.spec.compute.shard_retries
+        if delay is not None:
             logger.warning("shard %s failed (attempt %d of %d), retrying in %.0f s: %s",
-                           shard_stem(url), self.attempts[url], retries + 1, delay, error)
-            self.not_before[url] = time.monotonic() + delay
-            self.queue.append(url)
+                           shard_stem(url), attempts, retries + 1, delay, error)
             return
-        logger.error("shard %s failed after %d attempts: %s", shard_stem(url),
-                     self.attempts[url], error)
+        logger.error("shard %s failed after %d attempts: %s", shard_stem(url), attempts, error)
         self.summary.failed[url] = error
-        record = {"stem": shard_stem(url), "input_shard": url, "attempts": self.attempts[url],
-                  "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        put_bytes_atomic(self._failed_url(url), json.dumps(record, indent=1).encode(),
-                         self.spec.output.storage_options)
         self.progress.shard_failed()
+        record = {"stem": shard_stem(url), "input_shard": url, "attempts": attempts,
+                  "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        marker = failed_url(self.spec.output.path, shard_stem(url))
+        try:
+            put_bytes_atomic(marker, json.dumps(record, indent=1).encode(),
+                             self.spec.output.storage_options)
+        except Exception as exc:
+            self.stop = (f"cannot write the failure record {redact_url(marker)}: "
+                         f"{describe_error(exc)}")
 
-    def _failed_url(self, url: str) -> str:
-        return join(self.spec.output.path, "failed", f"{shard_stem(url)}.json")
+    def _shutdown(self) -> None:
+        """Close and end every actor (killing those that do not close in time)."""
+        for actor in list(self.slots):
+            if actor not in {owner for owner, _, _ in self.inflight.values()}:
+                self._end_actor(actor)
+        for actor in [*self.slots, *self.starting.values(),
+                      *(owner for owner, _, _ in self.inflight.values())]:
+            ray.kill(actor)
+        if self.ending:
+            ray.wait(list(self.ending), num_returns=len(self.ending), timeout=CLOSE_GRACE_S)
+            for actor, _ in self.ending.values():
+                ray.kill(actor)
+        self.progress.close()
 
 
 def _last_line(exc: BaseException) -> str:

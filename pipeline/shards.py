@@ -16,6 +16,7 @@ from typing import Any
 from braceexpand import UnbalancedBracesError, braceexpand
 
 from pipeline.errors import PipelineError, StorageError
+from pipeline.layout import DONE, FAILED, folder_url, marker_stem
 from pipeline.storage import canonical_path, describe_error, url_fs
 
 logger = logging.getLogger(__name__)
@@ -23,8 +24,6 @@ logger = logging.getLogger(__name__)
 _GLOB_CHARS = ("*", "?", "[")
 _NO_GLOB_PROTOCOLS = ("http", "https")  # '?' starts a query string there, and no listing
 _TAR_SUFFIXES = (".tar.gz", ".tgz", ".tar")
-DONE_DIR = "done"
-"""Commit markers live at `{output}/done/{stem}.json`."""
 
 
 def _protocol(url: str) -> str | None:
@@ -141,19 +140,30 @@ def unique_stems(shards: Sequence[str]) -> dict[str, str]:
 
 
 def done_stems(output_path: str, storage_options: Mapping[str, Any] | None = None) -> set[str]:
-    """Stems whose commit marker `{output}/done/{stem}.json` exists, from one listing."""
+    """Stems whose commit marker `{output}/done/{stem}.json` exists, from one listing
+    (`pipeline.layout.marker_stem` decides which names are markers)."""
+    return _marker_stems(output_path, DONE, storage_options)
+
+
+def failed_stems(output_path: str, storage_options: Mapping[str, Any] | None = None
+                 ) -> set[str]:
+    """Stems with a failure record `{output}/failed/{stem}.json`, from one listing."""
+    return _marker_stems(output_path, FAILED, storage_options)
+
+
+def _marker_stems(output_path: str, folder: str, storage_options: Mapping[str, Any] | None
+                  ) -> set[str]:
     try:
-        fs, root = url_fs(output_path, storage_options)
-        folder = f"{root.rstrip('/')}/{DONE_DIR}"
-        fs.invalidate_cache(folder)  # markers written since an earlier listing must show
-        names = fs.ls(folder, detail=False)
+        fs, path = url_fs(folder_url(output_path, folder), storage_options)
+        fs.invalidate_cache(path)  # markers written since an earlier listing must show
+        names = fs.ls(path, detail=False)
+        fs.invalidate_cache(path)  # a listing of 100,000 entries is not kept
     except FileNotFoundError:
         return set()
     except Exception as error:
-        raise StorageError(f"cannot list commit markers in {output_path!r}: "
+        raise StorageError(f"cannot list {folder}/ markers in {output_path!r}: "
                            f"{describe_error(error)}") from error
-    return {posixpath.basename(name)[: -len(".json")] for name in names
-            if name.endswith(".json")}
+    return {stem for stem in map(marker_stem, names) if stem is not None}
 
 
 def plan_pending(shards: Sequence[str], output_path: str,

@@ -147,6 +147,9 @@ class ComputeSpec:
     host_threads: int | None = None
     """Threads decoding inputs and encoding outputs beside the device; None = the actor's
     CPUs, at least 2."""
+    shard_timeout_s: float | None = None
+    """Seconds an attempt at a shard may take before it fails (and is retried); None = 10x
+    the slowest attempt the run has committed, at least an hour (`pipeline.schedule`)."""
 
 
 @dataclass(frozen=True)
@@ -284,7 +287,8 @@ _CHECKS: dict[str, dict[str, Check]] = {
                 "cpus_per_actor": optional(number(0, open_low=True)),
                 "actors": Check("an integer >= 1 or a mapping with keys max, min",
                                  _INT(1).convert),  # read by _JobReader.actors
-                "shard_retries": _INT(0, 100), "host_threads": optional(_INT(1, 256))},
+                "shard_retries": _INT(0, 100), "host_threads": optional(_INT(1, 256)),
+                "shard_timeout_s": optional(number(0, open_low=True))},
 }
 _LORA_CHECKS = {"source": string("a LoRA file or folder (local, hub id or fsspec URL)"),
                 "scale": number(-10, 10)}

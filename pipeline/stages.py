@@ -113,16 +113,37 @@ class Timings:
 
 class Gauge:
     """A count of things alive (decoded images not yet written) and its high-water mark; a
-    gauge with a parent (one shard's, in the worker's) adds to the parent too."""
+    gauge with a parent (one shard's, in the worker's) adds to the parent too, under its own
+    lock, so the parent's value is always the sum of its open children's.
+
+    `close()` ends a child (an aborted shard): its value is taken off the parent in the same
+    locked step that stops counting, and any later `add` (a decode job of that shard still
+    finishing in the pool) is ignored, so the parent never keeps a count of a shard that is
+    gone.
+    """
 
     def __init__(self, parent: Gauge | None = None) -> None:
         self.value = self.peak = 0
         self.parent = parent
+        self.closed = False
         self._lock = threading.Lock()
 
     def add(self, n: int) -> None:
         with self._lock:
+            if self.closed:
+                return
             self.value += n
             self.peak = max(self.peak, self.value)
-        if self.parent is not None:
-            self.parent.add(n)
+            if self.parent is not None:  # lock order: child, then parent (never the reverse)
+                self.parent.add(n)
+
+    def close(self) -> int:
+        """Stop counting and take the value off the parent at once; returns that value."""
+        with self._lock:
+            if self.closed:
+                return 0
+            self.closed = True
+            value, self.value = self.value, 0
+            if self.parent is not None and value:
+                self.parent.add(-value)
+            return value

@@ -1,7 +1,9 @@
-"""Test-only hooks, inert unless a test sets `SDEDIT_BATCH_TEST_HOOKS`.
+"""Test hooks: faults and stand-ins that a test or a benchmark hands to the run path as an object.
 
-Tests set one environment variable holding JSON (the runner forwards `SDEDIT_BATCH_*` variables
-to its actors), for example `hooks_env(crash="part-000001:3:/tmp/flag", batch_delay=0.3)`:
+Production code never builds a `Hooks` and never reads one from the environment: a test passes
+`Hooks(...)` to `ShardWorker(spec, hooks=...)` or `run_job(spec, hooks=...)`, and the runner
+hands the same object to each actor it starts (pickled with the actor's arguments). Without it
+(`hooks=None`) the worker does nothing more. Fields, all off by default:
 
     crash        "STEM:OUTPUTS:FLAGFILE": the process exits once OUTPUTS outputs of shard STEM
                  are done, once (FLAGFILE records that it happened); tests actor loss.
@@ -10,21 +12,22 @@ to its actors), for example `hooks_env(crash="part-000001:3:/tmp/flag", batch_de
                  GPUs are Ray resources only).
     fail_write   "STEM:FLAGFILE": writing the first output of shard STEM raises OSError, once
                  (FLAGFILE records that it happened); tests that a write error aborts the shard.
-    stand_in_ms  > 0: the loaded model's network is replaced by a stand-in whose every call
-                 sleeps this many milliseconds per image (releasing the GIL, as waiting on a
-                 GPU does) and predicts zeros: an emulated device whose busy time is known
-                 exactly (benchmarks/host_pipeline.py). Noise is drawn ahead in background
-                 threads, as the fast path does on a GPU host.
-
-Production code reads the variable once per worker (`from_env`) and does nothing else when it is
-unset.
+    stall_read   "STEM:FLAGFILE": reading shard STEM blocks for good (a read that never
+                 returns), once; tests the per-shard deadline.
+    fail_start   a message: the worker's constructor raises RuntimeError with it (an actor that
+                 dies while starting, for a reason other than its model).
+    stand_in_ms  not None: the loaded model's network is replaced by a stand-in whose every call
+                 sleeps this many milliseconds per image (0: returns at once; sleeping releases
+                 the GIL, as waiting on a GPU does) and predicts zeros: an emulated device whose
+                 busy time is known exactly (benchmarks/host_pipeline.py, driver_scale.py).
+                 Noise is drawn ahead in background threads, as the fast path does on a GPU host.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
+import threading
 import time
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -39,7 +42,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-ENV = "SDEDIT_BATCH_TEST_HOOKS"
+__all__ = ["Hooks"]
 
 
 @dataclass(frozen=True)
@@ -50,14 +53,29 @@ class Hooks:
     batch_delay: float = 0.0
     fake_gpu: bool = False
     fail_write: str | None = None
-    stand_in_ms: float = 0.0
+    stall_read: str | None = None
+    fail_start: str | None = None
+    stand_in_ms: float | None = None
+
+    def starting(self) -> None:
+        """Run when a worker starts, before it loads its model."""
+        if self.fail_start:
+            raise RuntimeError(f"test hook: {self.fail_start}")
 
     def install(self, model: DiffusionModel) -> None:
         """Swap the network of a loaded pixel model for the stand-in, if one is asked for."""
-        if self.stand_in_ms > 0:
+        if self.stand_in_ms is not None:
             model.net = _SleepNet(self.stand_in_ms)
             # rebuilds the runner around the new network; noise threads as on a GPU host
             model.accelerate(noise_threads=default_noise_threads())
+
+    def before_read(self, stem: str) -> None:
+        """Run before shard `stem` is read: blocks for good when `stall_read` names it."""
+        if self.stall_read:
+            target, flag = self.stall_read.split(":", 1)
+            if target == stem and _once(flag, f"stalled the read of {stem}"):
+                logger.error("test hook: the read of shard %s never returns", stem)
+                threading.Event().wait()
 
     def after_batch(self, stem: str, outputs_done: int) -> None:
         """Run after each batch of shard `stem`, with that shard's outputs so far."""
@@ -87,26 +105,16 @@ class _SleepNet(torch.nn.Module):
         self.ms = ms
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        time.sleep(self.ms * x.shape[0] / 1000.0)
+        if self.ms > 0:
+            time.sleep(self.ms * x.shape[0] / 1000.0)
         return SimpleNamespace(sample=torch.zeros_like(x))
 
 
 def _once(flag: str, note: str) -> bool:
-    """True the first time for `flag` (a file records it), False afterwards."""
-    if os.path.exists(flag):
+    """True the first time for `flag` (a file records it, across processes), False after."""
+    try:
+        with open(flag, "x") as handle:
+            handle.write(note + "\n")
+    except FileExistsError:
         return False
-    with open(flag, "w") as handle:
-        handle.write(note + "\n")
     return True
-
-
-def from_env() -> Hooks | None:
-    """The hooks set in the environment, or None (the production case)."""
-    raw = os.environ.get(ENV)
-    return Hooks(**json.loads(raw)) if raw else None
-
-
-def hooks_env(**hooks: Any) -> dict[str, str]:
-    """The environment variable that switches `hooks` on (fields of `Hooks`)."""
-    Hooks(**hooks)  # fail early on a misspelt hook
-    return {ENV: json.dumps(hooks)}

@@ -2,16 +2,24 @@
 
 One ShardWorker holds one loaded model and edits whole input shards; a Ray actor
 (pipeline/runner.py) wraps it, tests call it directly. Two shards may be processed at once
-(from two threads): the second reads and decodes while the first computes, and computes while
-the first encodes its last outputs and commits (`stages.DeviceTurns`). Within a shard, decoding
-(host pool), the device, and encoding (host pool) overlap; outputs are written in the order of
-the serial loop, so tars and pixels are what the serial loop wrote.
+(from two threads; a semaphore holds a third call back): the second reads and decodes while the
+first computes, and computes while the first encodes its last outputs and commits
+(`stages.DeviceTurns`). Within a shard, decoding (host pool), the device, and encoding (host
+pool) overlap; outputs are written to the tar in the order of the serial loop, so tars and
+pixels are what the serial loop wrote; manifest rows are written in input order (sample by
+sample, then output index), whatever the order they were made in.
 
 No sample fails its shard: one that cannot be edited (decode, size, its per-row settings:
 `rows.py`) is error rows before batching; a batch that runs out of device memory is split in
-halves (`oom.split_on_oom`), and a sample that still does alone is a "device" row; an output
-the format cannot hold is an "encode" row (`outputs.py`). Every row carries the job-constant
-`columns` and its own t0, prompts and `batch_size` (the samples of the call that made it).
+halves (`oom.split_on_oom`), and a sample that still does alone is a "device" row; the engine's
+refusal of a sample's inputs (`sdedit.EditInputError`, and only that) is an "edit" row; an
+output the format cannot hold is an "encode" row (`outputs.py`). Any other exception fails the
+attempt, which the runner retries: a bug is never committed as error rows. Every row is
+assembled by `records.Records.row`.
+
+An aborted attempt leaves nothing behind: the reader is closed (its thread ends), pending
+encodes are dropped, the partial tar is removed and the shard's images in flight are taken off
+the worker's gauge at once (`Gauge.close`). `close()` ends the worker's threads.
 
 Memory per shard is bounded, in decoded images: `depth` read ahead + `2 * batch` waiting in
 size buckets + `batch` prepared ahead + `batch` on the device + `window` being encoded
@@ -21,57 +29,46 @@ size buckets + `batch` prepared ahead + `batch` on the device + `window` being e
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
 import socket
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-from pipeline import testhooks
 from pipeline.batching import Job, Prepared, by_size, output_key, output_seed, prepare
 from pipeline.errors import ModelSettingsError
+from pipeline.layout import done_url
 from pipeline.modelcheck import loaded_model_problems
 from pipeline.oom import EditFailure, split_on_oom
 from pipeline.outputs import Done, Encoded, encode_output
 from pipeline.reader import Sample, read_shard
+from pipeline.records import Records, ShardStats, worker_columns
 from pipeline.rows import RowSettings, SettingError, row_settings
 from pipeline.shards import shard_stem
 from pipeline.spec import JobSpec
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
 from pipeline.storage import absolute_url, url_fs, with_retries
-from pipeline.writer import ShardOutput, model_location, now, output_urls
-from sdedit import DiffusionModel, edit, load_model
-from sdedit.devices import dtype_name, resolve_device, resolve_dtype
-from sdedit.edit import count_steps, guidance_scale, noise_for
+from pipeline.testhooks import Hooks
+from pipeline.writer import ShardOutput
+from sdedit import DiffusionModel, EditInputError, edit, load_model
+from sdedit.devices import resolve_device, resolve_dtype
+from sdedit.edit import count_steps, noise_for
 from sdedit.lora import apply_loras
 
 logger = logging.getLogger(__name__)
 
+__all__ = ["SLOTS", "ShardStats", "ShardWorker"]
+
 SLOTS = 2
 """Shards an actor holds at once (concurrent `ShardWorker.process` calls): one computing, the
 other reading ahead or committing. A shard counts as in flight until it is committed."""
-
-@dataclass
-class ShardStats:
-    """What a committed shard holds; written into its done marker."""
-
-    stem: str
-    input_shard: str
-    samples: int = 0
-    outputs_ok: int = 0
-    outputs_error: int = 0
-    errors_by_kind: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
-    worker: str = ""
-    skipped: bool = False
-    timings: dict[str, float] = field(default_factory=dict)
-    in_flight_max: int = 0
 
 
 class ShardWorker:
@@ -85,15 +82,18 @@ class ShardWorker:
         threads: torch intra-op threads (CPU actors get their CPU share).
         host_threads: threads decoding and encoding (default `compute.host_threads`, else
             max(2, threads)).
+        hooks: test hooks (`pipeline.testhooks.Hooks`), from a test or a benchmark only.
     """
 
     def __init__(self, spec: JobSpec, model: DiffusionModel | None = None,
                  worker_id: str | None = None, threads: int | None = None,
-                 host_threads: int | None = None) -> None:
+                 host_threads: int | None = None, hooks: Hooks | None = None) -> None:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
         self.spec = spec
-        self.hooks = testhooks.from_env()
+        self.hooks = hooks
+        if hooks is not None:
+            hooks.starting()
         fake_gpu = self.hooks is not None and self.hooks.fake_gpu and spec.compute.device == "cuda"
         device = resolve_device("cpu" if fake_gpu else spec.compute.device)
         if model is None:
@@ -107,7 +107,6 @@ class ShardWorker:
             self.hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.fingerprint = spec.fingerprint()
-        sd = spec.sdedit
         self.conditional = self.model.conditional
         problems = loaded_model_problems(spec, self.model)
         if problems:  # the same check validate and run made on the config files
@@ -115,16 +114,19 @@ class ShardWorker:
                                      + "; ".join(problems))
         self.negative_prompts = self.model.text is not None and \
             self.model.text.spec.negative_prompts
-        self.columns: dict[str, Any] = {
-            "sampler": sd.sampler, "repeats": sd.repeats, "eta": sd.eta,
-            "model": model_location(spec.model.source),
-            "model_identity": self.model.identity or None, "dtype": dtype_name(self.model.dtype),
-            "worker": self.worker_id,
-            "guidance_scale": guidance_scale(self.model, sd.guidance_scale)}
-        """Manifest columns that are the same for every row of this worker."""
+        self.columns = worker_columns(spec, self.model, self.worker_id)
+        self.records = Records(spec, self.columns, self._steps, self.conditional,
+                               self.fingerprint)
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
+        noise_threads = self.model.accel.noise_threads
+        self.noise_pool = None if noise_threads == 0 else ThreadPoolExecutor(
+            noise_threads, thread_name_prefix="sdedit-noise")
+        """One pool draws every batch's noise ahead (`sdedit.edit.noise_for`)."""
         self.turns = DeviceTurns()
+        self.slots = threading.BoundedSemaphore(SLOTS)
+        """Held by each `process` call: the two-shard bound, whoever calls."""
+        self.closed = False
         self.in_flight = Gauge()
         batch = spec.compute.batch_size
         self.depth = self.window = 2 * batch
@@ -136,12 +138,19 @@ class ShardWorker:
         """Edit every sample of the shard at `url` and commit its outputs.
 
         A shard whose marker already exists is not redone (`skipped=True`). Safe to call from
-        two threads at once (the actor's two shard slots). No sample fails the shard: each one
-        that cannot be edited is an error row (see `_batches`, `split_on_oom`).
+        several threads: at most `SLOTS` calls run at once, the others wait. No sample fails
+        the shard: each one that cannot be edited is an error row (see `_batches`,
+        `split_on_oom`).
         Raises:
             ShardError: the tar is unreadable or truncated (the runner retries the shard);
-            any error of writing: the shard is aborted, nothing of it is committed.
+            any other error (writing, a bug): the shard is aborted, nothing of it is committed.
         """
+        if self.closed:
+            raise RuntimeError("ShardWorker.process after close()")
+        with self.slots:
+            return self._process(url, progress)
+
+    def _process(self, url: str, progress: Callable[[int], None] | None) -> ShardStats:
         start = time.perf_counter()
         stem = shard_stem(url)
         if self._committed(stem):
@@ -167,43 +176,78 @@ class ShardWorker:
             stats.timings = {k: round(v, 4) for k, v in sorted(timings.seconds.items())}
             stats.in_flight_max = self.in_flight.peak
             with timings.measure("commit"):
-                writer.commit(self._marker(stats, writer))
+                writer.commit(self.records.marker(stats, writer.urls))
         except BaseException:
             sink.cancel()
             writer.abort()
-            gauge.add(-gauge.value)  # nothing of this shard stays alive
+            gauge.close()  # nothing of this shard stays counted, not even late decodes
             raise
         return stats
+
+    def close(self) -> None:
+        """End the worker's threads (host pool, noise pool); call once no shard is in process.
+        Idempotent."""
+        self.closed = True
+        self.host.shutdown(wait=True, cancel_futures=True)
+        if self.noise_pool is not None:
+            self.noise_pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> ShardWorker:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
     def _compute(self, url: str, stem: str, writer: ShardOutput, stats: ShardStats,
                  timings: Timings, sink: OrderedSink[Any], token: object,
                  gauge: Gauge) -> None:
-        """Read, batch and edit the shard; each output goes to the sink to be encoded."""
+        """Read, batch and edit the shard; each output goes to the sink to be encoded. The
+        reader is closed when this returns or raises (its thread ends)."""
         inp = self.spec.input
+        if self.hooks is not None:
+            self.hooks.before_read(stem)
         samples = read_shard(url, inp.storage_options, inp.image, inp.mask, pool=self.host,
                              depth=self.depth, gauge=gauge, max_pixels=inp.max_pixels,
                              timings=timings)
+        batches = self._batches(samples, writer, stats, timings, gauge)
+        try:
+            self._loop(batches, stem, writer, stats, timings, sink, token, gauge)
+        finally:
+            batches.close()
+            samples.close()  # type: ignore[attr-defined]
+
+    def _loop(self, batches: Iterator[list[Job]], stem: str, writer: ShardOutput,
+              stats: ShardStats, timings: Timings, sink: OrderedSink[Any], token: object,
+              gauge: Gauge) -> None:
+        """Edit batch after batch, the next one prepared in the host pool meanwhile."""
         encode = timings.timed("encode", self._encode)
         prepare = timings.timed("prepare", self._prepare)
         ahead: Future[Prepared] | None = None  # the next batch, made ready in the host pool
-        batches = self._batches(samples, writer, stats, timings, gauge)
-        for batch in itertools.chain(batches, [None]):  # lazily: one batch ahead, no more
-            following = None if batch is None else self.host.submit(prepare, batch)
-            if ahead is not None:
-                with timings.measure("wait_prepare"):
-                    prepared = ahead.result()
-                with self.turns.turn(token) as waited, timings.measure("device"):
-                    timings.add("wait_device", waited)
-                    done = self._edit(prepared, writer, stats, gauge)
-                for item in done:
-                    sink.submit(encode, item)
-                if self.hooks is not None:
-                    self.hooks.after_batch(stem, stats.outputs_ok + stats.outputs_error
-                                           + len(sink.pending))
-            ahead = following
+        try:
+            for batch in itertools.chain(batches, [None]):  # lazily: one batch ahead, no more
+                following = None if batch is None else self.host.submit(prepare, batch)
+                if ahead is not None:
+                    with timings.measure("wait_prepare"):
+                        prepared = ahead.result()
+                    with self.turns.turn(token) as waited, timings.measure("device"):
+                        timings.add("wait_device", waited)
+                        done = self._edit(prepared, writer, stats, gauge)
+                    for item in done:
+                        sink.submit(encode, item)
+                    if self.hooks is not None:
+                        self.hooks.after_batch(stem, stats.outputs_ok + stats.outputs_error
+                                               + len(sink.pending))
+                ahead = following
+        except BaseException:
+            if ahead is not None and not ahead.cancel():  # the batch made ready: its noise too
+                with contextlib.suppress(BaseException):
+                    close = getattr(ahead.result().noise, "close", None)
+                    if close is not None:
+                        close()
+            raise
 
     def _committed(self, stem: str) -> bool:
-        url = output_urls(self.spec.output.path, stem)["marker"]
+        url = done_url(self.spec.output.path, stem)
         fs, path = url_fs(url, self.spec.output.storage_options)
         return bool(with_retries(lambda: fs.exists(path), what="check done marker", url=url))
 
@@ -217,12 +261,16 @@ class ShardWorker:
 
     def _jobs(self, samples: Iterator[Sample], writer: ShardOutput, stats: ShardStats,
               timings: Timings, gauge: Gauge) -> Iterator[Job]:
+        """One job per output of each editable sample, in input order; a sample that cannot
+        be edited is its error rows here. A sample with an error but no kind is a bug of the
+        reader: the row builder refuses it and the attempt fails."""
         sd = self.spec.sdedit
         while True:
             with timings.measure("wait_input"):
                 sample = next(samples, None)
             if sample is None:
                 return
+            position = stats.samples
             stats.samples += 1
             settings: RowSettings | None = None
             if sample.error is None:
@@ -238,15 +286,16 @@ class ShardWorker:
                     sample.error, sample.error_kind = str(exc), "setting"
             if sample.error is not None or settings is None:
                 for index in range(sd.samples_per_input):
-                    self._error_row(writer, stats, sample, index,
-                                    sample.error_kind or "decode", sample.error or "")
+                    self._error_row(writer, stats, sample, position, index,
+                                    sample.error_kind, sample.error or "")
                 gauge.add(-1)
                 continue
             steps = self._steps(settings.t0)
             for index in range(sd.samples_per_input):
                 yield Job(sample, stats.input_shard, index,
                           output_seed(sd.seed, sample.key, index),
-                          output_key(sample.key, index, sd.samples_per_input), settings, steps)
+                          output_key(sample.key, index, sd.samples_per_input), settings, steps,
+                          position)
 
     def _size_problem(self, sample: Sample) -> str | None:
         assert sample.guide is not None
@@ -261,7 +310,8 @@ class ShardWorker:
         """A batch's tensors, and its noise already being drawn (runs in the host pool while
         the device works on the batch before)."""
         h, w = batch[0].sample.guide.shape[:2]  # type: ignore[union-attr]
-        return prepare(batch, noise_for(self.model, [job.seed for job in batch], h, w))
+        return prepare(batch, noise_for(self.model, [job.seed for job in batch], h, w,
+                                        pool=self.noise_pool))
 
     def _edit(self, prepared: Prepared, writer: ShardOutput, stats: ShardStats,
               gauge: Gauge) -> list[Done]:
@@ -276,8 +326,9 @@ class ShardWorker:
                 if isinstance(result, EditFailure):
                     for row in part:
                         job = prepared.jobs[row]
-                        self._error_row(writer, stats, job.sample, job.index, result.kind,
-                                        result.message, batch_size=len(part), job=job)
+                        self._error_row(writer, stats, job.sample, job.position, job.index,
+                                        result.kind, result.message, batch_size=len(part),
+                                        job=job)
                         self._release(job, gauge)
                 else:
                     seconds = (time.perf_counter() - started) / len(part)
@@ -312,44 +363,31 @@ class ShardWorker:
                        seeds=[job.seed for job in jobs], sampler=sd.sampler, steps=sd.steps,
                        masks=masks, repeats=sd.repeats, eta=sd.eta,
                        noise=prepared.noise if whole else None, **texts)
-        except ValueError as exc:
+        except EditInputError as exc:  # only the engine's refusal; anything else fails
             return EditFailure("edit", str(exc))
         return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
     def _encode(self, done: Done) -> Encoded:
         """The output encoded (`outputs.encode_output`); runs in the host pool."""
-        return encode_output(done, self.spec.output, self._metadata)
-
-    def _metadata(self, job: Job, l2: float) -> dict[str, Any]:
-        """The output's `{key}.json` (also the first fields of its manifest row): what it was
-        made with, enough to make it again with `sdedit.edit`."""
-        data = {"key": job.sample.key, "output_key": job.output_key, "sample_index": job.index,
-                "seed": job.seed, "t0": job.settings.t0, "steps": job.steps,
-                **{k: self.columns[k] for k in ("sampler", "repeats", "eta", "model",
-                                                "model_identity")},
-                "input_shard": job.input_shard, "faithfulness_l2": round(l2, 6)}
-        if self.conditional:
-            data.update(prompt=job.settings.prompt, negative_prompt=job.settings.negative_prompt,
-                        guidance_scale=self.columns["guidance_scale"])
-        return data
+        return encode_output(done, self.spec.output, self.records.metadata)
 
     def _write(self, item: Encoded, writer: ShardOutput, stats: ShardStats, timings: Timings,
                progress: Callable[[int], None] | None, gauge: Gauge) -> None:
-        """Append one encoded output to the tar and its manifest row (in processing order)."""
+        """Append one encoded output to the tar (in processing order) and its manifest row
+        (put in input order at commit)."""
         job = item.done.job
         if item.sample is None:
-            self._error_row(writer, stats, job.sample, job.index, "encode", item.error or "",
-                            batch_size=item.done.batch_size, job=job)
+            self._error_row(writer, stats, job.sample, job.position, job.index, "encode",
+                            item.error or "", batch_size=item.done.batch_size, job=job)
         else:
             if self.hooks is not None:
                 self.hooks.before_write(writer.stem)
             with timings.measure("write"):
                 writer.add_sample(item.sample)
-            h, w = item.size
-            writer.add_row({**self.columns, **item.metadata,
-                            "output_shard": absolute_url(writer.urls["tar"]), "status": "ok",
-                            "width": w, "height": h, "seconds": item.done.seconds,
-                            "batch_size": item.done.batch_size, "created_at": now()})
+            writer.add_row(self.records.row(
+                stats.input_shard, job.sample, job.index, job.settings,
+                batch_size=item.done.batch_size, encoded=item,
+                output_shard=absolute_url(writer.urls.tar)), job.position)
             stats.outputs_ok += 1
         self._release(job, gauge)
         if progress is not None:
@@ -374,38 +412,15 @@ class ShardWorker:
             return str(exc)
         return None
 
-    def _error_row(self, writer: ShardOutput, stats: ShardStats, sample: Sample, index: int,
-                   kind: str, error: str, batch_size: int | None = None,
-                   job: Job | None = None) -> None:
-        """One error row (`kind`: one of `pipeline.writer.ERROR_KINDS`), with the row's own
-        settings when they were read (`job`), else the job's."""
-        sd = self.spec.sdedit
-        okey = output_key(sample.key, index, sd.samples_per_input)
-        h, w = sample.guide.shape[:2] if sample.guide is not None else (None, None)
-        settings = job.settings if job is not None else RowSettings(
-            sd.t0, sd.prompt if self.conditional else None,
-            sd.negative_prompt if self.conditional else None)
-        writer.add_row({**self.columns, "key": sample.key, "output_key": okey,
-                        "sample_index": index, "input_shard": stats.input_shard,
-                        "output_shard": None, "status": "error", "error": error,
-                        "error_kind": kind, "seed": output_seed(sd.seed, sample.key, index),
-                        "t0": settings.t0, "steps": self._steps(settings.t0),
-                        "prompt": settings.prompt, "negative_prompt": settings.negative_prompt,
-                        "width": w, "height": h, "batch_size": batch_size,
-                        "created_at": now()})
-        stats.outputs_error += 1
-        stats.errors_by_kind[kind] = stats.errors_by_kind.get(kind, 0) + 1
-        logger.warning("sample %s: %s", okey, error)
-
-    def _marker(self, stats: ShardStats, writer: ShardOutput) -> dict[str, Any]:
-        return {"stem": stats.stem, "input_shard": stats.input_shard,
-                "output_shard": absolute_url(writer.urls["tar"]),
-                "manifest": absolute_url(writer.urls["manifest"]),
-                "samples": stats.samples, "outputs_ok": stats.outputs_ok,
-                "outputs_error": stats.outputs_error,
-                "errors_by_kind": dict(sorted(stats.errors_by_kind.items())),
-                "seconds": round(stats.seconds, 3),
-                "timings": stats.timings, "in_flight_max": stats.in_flight_max,
-                "worker": stats.worker, "fingerprint": self.fingerprint,
-                "created_at": now().isoformat()}
-
+    def _error_row(self, writer: ShardOutput, stats: ShardStats, sample: Sample,
+                   position: int, index: int, kind: str | None, error: str,
+                   batch_size: int | None = None, job: Job | None = None) -> None:
+        """One error row (`kind`: one of `pipeline.manifest.ERROR_KINDS`) of the sample at
+        `position` in the shard, with the row's own settings when they were read (`job`),
+        else the job's."""
+        settings = job.settings if job is not None else self.records.job_settings()
+        row = self.records.row(stats.input_shard, sample, index, settings,
+                               batch_size=batch_size, error=error, error_kind=kind)
+        writer.add_row(row, position)
+        stats.count_error(row["error_kind"])
+        logger.warning("sample %s: %s", row["output_key"], error)

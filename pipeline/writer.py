@@ -23,66 +23,15 @@ from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
-import pyarrow as pa
-import pyarrow.parquet as pq
 import webdataset as wds
 
 from pipeline.images import encode_image
-from pipeline.storage import absolute_url, is_local, join, put_bytes_atomic, url_fs, with_retries
+from pipeline.layout import ShardUrls, shard_urls
+from pipeline.manifest import check_row, manifest_bytes
+from pipeline.storage import absolute_url, is_local, put_bytes_atomic, url_fs, with_retries
 from sdedit.sources import local_path, source_kind
 
 logger = logging.getLogger(__name__)
-
-ERROR_KINDS: dict[str, str] = {
-    "key": "the key cannot name an output (contains '/', '\\' or '..', or starts with '.')",
-    "missing": "the guide member, or the mask member the job names, is absent",
-    "duplicate": "the key was already seen in this shard (only its first occurrence is used)",
-    "decode": "the image or mask cannot be decoded, or its mode cannot be converted faithfully",
-    "size": "over input.max_pixels (read from the header), or a size the model cannot take",
-    "mask": "the mask is not black and white within the tolerance, is transparent, or its "
-            "size differs from the guide's",
-    "setting": "a per-row setting in {key}.json / {key}.txt cannot be used (t0 out of range or "
-               "below what sdedit.steps allows, a prompt that is not a string, unreadable json)",
-    "device": "the sample ran out of device memory even alone (batches are split first)",
-    "edit": "the SDEdit engine refused the sample's inputs",
-    "encode": "the output cannot be encoded as output.image_format (e.g. a size WebP cannot "
-              "hold)",
-}
-"""The fixed list of manifest `error_kind` values (null for ok rows), with what each means."""
-
-MANIFEST_SCHEMA = pa.schema([
-    ("key", pa.string()), ("output_key", pa.string()), ("sample_index", pa.int32()),
-    ("input_shard", pa.string()), ("output_shard", pa.string()), ("status", pa.string()),
-    ("error", pa.string()), ("seed", pa.int64()), ("t0", pa.float64()),
-    ("sampler", pa.string()), ("steps", pa.int32()), ("repeats", pa.int32()),
-    ("model", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
-    ("faithfulness_l2", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
-    ("created_at", pa.timestamp("us", tz="UTC")),
-    # added with issue 11 (appended: older manifests read together with these, the new
-    # columns null for their rows)
-    ("eta", pa.float64()), ("dtype", pa.string()), ("batch_size", pa.int32()),
-    ("model_identity", pa.string()), ("error_kind", pa.string()),
-    # added with issue 10: per-row settings of text-conditioned models (null for pixel models)
-    ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
-])
-"""One row per input sample x output index. `input_shard`, `output_shard` and `model` are
-absolute (local paths made absolute, URLs without credentials, a hub id as given);
-`batch_size` is the number of samples in the network call that made the output."""
-
-
-def manifest_bytes(rows: list[dict[str, Any]]) -> bytes:
-    """Parquet bytes of manifest rows (keys of MANIFEST_SCHEMA).
-
-    No rows (an empty shard, or one whose samples all failed before decoding) gives a file with
-    the schema and no row group: pyarrow, pandas and duckdb read it as 0 rows, and HF
-    `datasets` reads a folder holding it (a row group of 0 rows makes `datasets` fail with
-    "BatchSize must be greater than 0").
-    """
-    sink = pa.BufferOutputStream()
-    with pq.ParquetWriter(sink, MANIFEST_SCHEMA) as writer:
-        if rows:
-            writer.write_table(pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA))
-    return sink.getvalue().to_pybytes()
 
 
 def model_location(source: str) -> str:
@@ -148,23 +97,17 @@ def carried_name(ext: str, image_format: str, taken: Mapping[str, Any]) -> str:
     return name
 
 
-def output_urls(output: str, stem: str) -> dict[str, str]:
-    """The three final locations of a shard's results."""
-    return {"tar": join(output, "shards", f"{stem}.tar"),
-            "manifest": join(output, "manifests", f"{stem}.parquet"),
-            "marker": join(output, "done", f"{stem}.json")}
-
-
 class ShardOutput:
     """Collects one shard's outputs and manifest rows; `commit()` publishes them in order."""
 
     def __init__(self, output: str, stem: str,
                  storage_options: Mapping[str, Any] | None) -> None:
-        self.urls = output_urls(output, stem)
+        self.urls: ShardUrls = shard_urls(output, stem)
         self.stem = stem
         self.options = dict(storage_options or {})
         self.rows: list[dict[str, Any]] = []
-        self.fs, self.tar_path = url_fs(self.urls["tar"], self.options)
+        self._positions: list[int] = []
+        self.fs, self.tar_path = url_fs(self.urls.tar, self.options)
         if is_local(self.fs):
             directory = os.path.dirname(self.tar_path)
             os.makedirs(directory, exist_ok=True)
@@ -186,16 +129,23 @@ class ShardOutput:
         contiguous and samples stay in the order they are added."""
         self._tar.write(dict(sample))
 
-    def add_row(self, row: Mapping[str, Any]) -> None:
-        """Append one manifest row (keys of MANIFEST_SCHEMA; missing ones become null).
+    def add_row(self, row: Mapping[str, Any], position: int = 0) -> None:
+        """Add one manifest row (made by `pipeline.manifest.manifest_row`) of the sample at
+        `position` in the input shard; the manifest holds its rows in input order (by position,
+        then `sample_index`), whatever the order they were added in.
 
         Raises:
-            ValueError: an `error_kind` that is not one of ERROR_KINDS.
+            ManifestRowError: a row with an unknown or missing column, or an error kind that
+            is not one of `pipeline.manifest.ERROR_KINDS` (checked again here).
         """
-        kind = row.get("error_kind")
-        if kind is not None and kind not in ERROR_KINDS:
-            raise ValueError(f"error_kind {kind!r} is not one of {', '.join(ERROR_KINDS)}")
-        self.rows.append({name: row.get(name) for name in MANIFEST_SCHEMA.names})
+        self.rows.append(check_row(row))
+        self._positions.append(position)
+
+    def ordered_rows(self) -> list[dict[str, Any]]:
+        """The rows in input order (sample position, then output index)."""
+        order = sorted(range(len(self.rows)),
+                       key=lambda i: (self._positions[i], self.rows[i]["sample_index"] or 0))
+        return [self.rows[i] for i in order]
 
     def commit(self, marker: Mapping[str, Any]) -> None:
         """Publish tar, then manifest, then the marker (the shard counts as done only then)."""
@@ -206,12 +156,13 @@ class ShardOutput:
                 os.replace(self.tmp, self.tar_path)
             else:
                 with_retries(lambda: self.fs.put_file(self.tmp, self.tar_path),
-                             what="write output shard", url=self.urls["tar"])
+                             what="write output shard", url=self.urls.tar)
         finally:
             if os.path.exists(self.tmp):
                 os.unlink(self.tmp)
-        put_bytes_atomic(self.urls["manifest"], manifest_bytes(self.rows), self.options)
-        put_bytes_atomic(self.urls["marker"], json.dumps(dict(marker), indent=1).encode(),
+        put_bytes_atomic(self.urls.manifest, manifest_bytes(self.ordered_rows()),
+                         self.options)
+        put_bytes_atomic(self.urls.marker, json.dumps(dict(marker), indent=1).encode(),
                          self.options)
         logger.info("committed shard %s (%d manifest rows)", self.stem, len(self.rows))
 

@@ -15,7 +15,7 @@ import os
 import threading
 from collections import deque
 from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Executor, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -191,10 +191,12 @@ class PrefetchNoise:
         device: where draws are delivered (from pinned memory, non-blocking, on CUDA).
         threads: background threads (>= 1).
         depth: draws kept ready per sample (>= 1).
+        pool: draw in these threads (shared with other draws, left running by `close()`)
+            instead of `threads` threads of its own.
     """
 
     def __init__(self, seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device,
-                 threads: int, depth: int = 2) -> None:
+                 threads: int, depth: int = 2, pool: Executor | None = None) -> None:
         self.generators = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
         self.shape = shape
         self.device = device
@@ -203,12 +205,17 @@ class PrefetchNoise:
         self.ready: list[deque[torch.Tensor]] = [deque() for _ in seeds]
         self.changed = threading.Condition()
         self.error: BaseException | None = None
-        self.pool = ThreadPoolExecutor(max(1, threads), thread_name_prefix="sdedit-noise")
+        self.closed = False
+        self.own_pool = pool is None
+        self.pool: Executor = pool or ThreadPoolExecutor(max(1, threads),
+                                                         thread_name_prefix="sdedit-noise")
         for i in range(len(seeds)):
             for _ in range(depth):
                 self.pool.submit(self._draw, i)
 
     def _draw(self, i: int) -> None:
+        if self.closed:  # a draw queued in a shared pool after close(): nothing to do
+            return
         try:
             with self.locks[i]:
                 buffer = torch.empty(self.shape, pin_memory=self.pin)
@@ -241,8 +248,11 @@ class PrefetchNoise:
         return out
 
     def close(self) -> None:
-        """Stop the threads and drop unused draws."""
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        """Stop drawing and drop unused draws (and stop the threads, unless the pool is
+        shared)."""
+        self.closed = True
+        if self.own_pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     def __enter__(self) -> PrefetchNoise:
         return self

@@ -26,6 +26,7 @@ the output equals the guide exactly outside the pixel mask.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from concurrent.futures import Executor
 
 import torch
 
@@ -76,17 +77,19 @@ NoiseSource = SeedNoise | PrefetchNoise
 
 
 def noise_for(model: DiffusionModel, seeds: Sequence[int], height: int,
-              width: int) -> NoiseSource:
+              width: int, pool: Executor | None = None) -> NoiseSource:
     """The noise of one `edit` call over images of (height, width): per-sample generators as
     the reproducibility contract says, drawn ahead in background threads when the model's
     `accel.noise_threads` > 0 (they start at once). Make it before the call, while the device
     is still busy with the previous batch, and pass it as `edit(..., noise=...)`; it serves one
-    call, which closes it."""
+    call, which closes it. `pool`: the threads to draw in, shared by every call of a caller
+    that makes many (else each call starts `accel.noise_threads` threads of its own)."""
     shape = model.state_shape(height, width)
     threads = model.accel.noise_threads
     if threads == 0:
         return SeedNoise(seeds, shape, model.device)
-    return PrefetchNoise(seeds, shape, model.device, threads, model.accel.noise_depth)
+    return PrefetchNoise(seeds, shape, model.device, threads, model.accel.noise_depth,
+                         pool=pool)
 
 
 def edit(

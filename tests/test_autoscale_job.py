@@ -5,8 +5,9 @@ cluster ended with it): a bare-Ray test of the same cost proved nothing more.
 
 The head has no GPU; the worker type is {CPU: 1, GPU: 1}, min 0, max 2. The job asks for
 `compute.device: cuda` with one GPU per actor and up to two actors; the fake_gpu test hook
-(forwarded to the actors) makes the model run on CPU, since the GPUs are Ray resources only. The
-driver is the CLI in its own session, joined to the cluster by address and token.
+(handed to the actors) makes the model run on CPU, since the GPUs are Ray resources only. The
+driver is the CLI (with hooks: tests/support/hooked_cli.py) in its own session, joined to the
+cluster by address and token.
 """
 
 from __future__ import annotations
@@ -14,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import ray
 
-from pipeline.testhooks import hooks_env
+from pipeline.testhooks import Hooks
+from tests.support import hooked_cli
 from tests.support.rayhead import (
     connected,
     fake_cluster,
@@ -54,12 +55,13 @@ def test_job_scales_gpu_nodes_up_and_back_down(tiny_vp_dir: Path, tmp_path: Path
     most_at_once = 0
     with fake_cluster(head_cpus=1, max_workers=2, idle_timeout_minutes=0.1) as info:
         env = {k: v for k, v in os.environ.items() if k != "RAY_AUTH_TOKEN_PATH"}
-        env.update(info.driver_env(), **hooks_env(fake_gpu=True, batch_delay=0.5))
+        env.update(info.driver_env())
         with connected(info):
             assert _gpu_nodes() == {} and ray.cluster_resources().get("GPU", 0) == 0
             driver = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.cli", "run", str(job), "--address",
-                 info.address, "--no-progress"], env=env, stdout=subprocess.PIPE,
+                hooked_cli.command(Hooks(fake_gpu=True, batch_delay=0.5), "run", str(job),
+                                   "--address", info.address, "--no-progress"),
+                env=env, stdout=subprocess.PIPE,
                 stderr=subprocess.STDOUT, text=True, start_new_session=True)
             try:
                 deadline = time.monotonic() + 300

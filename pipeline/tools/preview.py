@@ -24,6 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.errors import PipelineError, StorageError, count
 from pipeline.images import OUTPUT_FORMATS, encode_image
+from pipeline.layout import SHARDS
 from pipeline.storage import FileSystem, put_bytes_atomic, url_fs
 
 __all__ = ["CAPTION_HEIGHT", "DEFAULT_ROWS", "HEADER_HEIGHT", "PADDING", "Preview", "grid_size",
@@ -68,11 +69,11 @@ def grid_size(rows: int, columns: int, tile: int) -> tuple[int, int]:
 def _shard_paths(fs: FileSystem, root: str, out: str) -> list[str]:
     """Sorted paths of OUT/shards/*.tar; PipelineError naming `out` when there are none."""
     try:
-        paths = sorted(fs.glob(f"{root}/shards/*.tar"))
+        paths = sorted(fs.glob(f"{root}/{SHARDS}/*.tar"))
     except OSError as exc:
         raise StorageError(f"cannot list the shards of {out}: {exc}") from exc
     if not paths:
-        raise PipelineError(f"no output shards in {out} (expected {out}/shards/*.tar); "
+        raise PipelineError(f"no output shards in {out} (expected {out}/{SHARDS}/*.tar); "
                             "has the job written any shard yet?")
     return paths
 

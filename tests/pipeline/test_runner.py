@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,12 +22,13 @@ import webdataset as wds
 import yaml
 from click.testing import CliRunner
 
-from pipeline import runner
+from pipeline import runner, schedule
 from pipeline.cli import main
 from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.runner import actor_options, run_job
-from pipeline.testhooks import hooks_env
+from pipeline.testhooks import Hooks
 from pipeline.worker import ShardWorker
+from tests.support import hooked_cli
 from tests.support.images import png_header_only
 from tests.support.rayhead import connected, kill_session
 from tests.support.shards import make_spec, png, write_job, write_shards
@@ -113,14 +115,12 @@ def test_failed_attempts_lose_nothing_and_their_shards_are_retried(
     first output of part-000002 raises OSError (each once)."""
     out = tmp_path / "out"
     crashed, failed_write = tmp_path / "crashed", tmp_path / "failed-write"
-    hooks = hooks_env(crash=f"part-000001:3:{crashed}", fail_write=f"part-000002:{failed_write}")
-    for name, env in hooks.items():
-        monkeypatch.setenv(name, env)
-    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)
+    hooks = Hooks(crash=f"part-000001:3:{crashed}", fail_write=f"part-000002:{failed_write}")
+    monkeypatch.setattr(schedule, "RETRY_BASE_DELAY", 0.1)
     # part-000002 may be in flight when the actor dies, then fail its write: 2 retries
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2},
                      compute={"shard_retries": 2})
-    summary = run_job(spec, progress=False)
+    summary = run_job(spec, progress=False, hooks=hooks)
     assert crashed.exists() and failed_write.exists(), "a test hook did not fire"
     assert summary.shards_done == 3 and not summary.failed
     _check_complete(out, reference)
@@ -128,7 +128,7 @@ def test_failed_attempts_lose_nothing_and_their_shards_are_retried(
 
 def test_truncated_shard_is_retried_then_reported(local_ray, tiny_vp_dir, inputs, tmp_path,
                                                   monkeypatch):
-    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)
+    monkeypatch.setattr(schedule, "RETRY_BASE_DELAY", 0.1)
     data = Path(inputs[0]).read_bytes()
     bad = tmp_path / "bad-000009.tar"
     bad.write_bytes(data[: len(data) // 2])
@@ -151,11 +151,12 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     data = spec.to_dict()
     data["compute"]["actors"] = {"min": 1, "max": 1}
     job.write_text(yaml.safe_dump(data))
-    cmd = [sys.executable, "-m", "pipeline.cli", "run", str(job), "--no-progress",
-           "--address", ray_head.address]
+    args = ["run", str(job), "--no-progress", "--address", ray_head.address]
+    cmd = [sys.executable, "-m", "pipeline.cli", *args]
     env = {**os.environ, **ray_head.driver_env()}
-    proc = subprocess.Popen(cmd, start_new_session=True, env={**env, **hooks_env(batch_delay=1.0)},
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    proc = subprocess.Popen(hooked_cli.command(Hooks(batch_delay=1.0), *args),
+                            start_new_session=True, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT)
     try:
         deadline = time.monotonic() + 180
         while not (out / "done").exists() or not any((out / "done").iterdir()):
@@ -177,8 +178,8 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     assert status.exit_code == 0, status.output
     assert "shards: 3 done, 0 pending, 0 failed (of 3)" in status.output
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
-    third = CliRunner().invoke(main, cmd[3:])  # done before Ray: no process of its own
-    assert third.exit_code == 0 and "nothing to do" in third.stdout
+    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert third.returncode == 0 and "nothing to do" in third.stdout
 
 
 def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_vp_dir, inputs,
@@ -275,3 +276,38 @@ def test_rays_notice_of_token_authentication_is_dropped_and_its_warnings_kept():
         setup.logger.removeHandler(handler)
     assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled"), seen
     assert sum(isinstance(f, runner._TokenNotice) for f in setup.logger.filters) == 1
+
+
+def test_actors_that_fail_while_starting_stop_the_job_with_the_cause(local_ray, tiny_vp_dir,
+                                                                     inputs, tmp_path):
+    """The issue's case: an actor whose constructor failed for a reason other than its model
+    was replaced once per shard attempt, with no limit, and every shard was reported failed."""
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, inputs, out, compute={"shard_retries": 5})
+    with pytest.raises(PipelineError, match=r"actors failed to start 3 times in a row; the "
+                                            r"last: RuntimeError: test hook: no usable device"):
+        run_job(spec, progress=False, hooks=Hooks(fail_start="no usable device"))
+    assert not (out / "failed").exists() and not (out / "done").exists()
+
+
+def test_an_unwritable_failure_record_stops_the_run_with_what_is_left(local_ray, tiny_vp_dir,
+                                                                      inputs, tmp_path):
+    """The issue's case (18, item 4): writing failed/ raised and the driver died with a
+    traceback, the remaining shards neither processed nor recorded."""
+    data = Path(inputs[0]).read_bytes()
+    bad = tmp_path / "bad-000009.tar"
+    bad.write_bytes(data[: len(data) // 2])
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "failed").write_text("a file where the failed/ folder goes")
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, [str(bad), *inputs], out,
+                    compute={"shard_retries": 0, "actors": 1})
+    result = CliRunner().invoke(main, ["run", str(job), "--no-progress"])
+    assert result.exit_code == 2, result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)
+    assert "Traceback" not in result.output
+    message = result.stderr
+    assert message.startswith("error: cannot write the failure record ")
+    assert f"{out}/failed/bad-000009.json: " in message
+    assert re.search(r"the run stopped: \d shard\(s\) done now, 1 failed, \d not done "
+                     r"\((part-00000\d(, )?)+\); run the same command again", message), message

@@ -36,7 +36,7 @@ from pipeline import runner
 from pipeline.runner import RunSummary, run_job
 from pipeline.spec import JobSpec, parse_spec
 from pipeline.status import job_status
-from pipeline.testhooks import hooks_env
+from pipeline.testhooks import Hooks
 from tests.support.cli import run_cli_in_session
 from tests.support.fixtures import S3Bucket
 from tests.support.rayhead import patched_environ, pids_mentioning
@@ -216,7 +216,7 @@ def test_s3_job_end_to_end_resume_and_no_credentials(
 
 def test_s3_outage_mid_job_is_retried_without_loss_or_duplicates(
         private_ray: Path, s3_bucket: S3Bucket, tiny_vp_dir: Path, tmp_path: Path,
-        caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch) -> None:
+        caplog: pytest.LogCaptureFixture) -> None:
     """The S3 server is killed after the first commit and comes back 9-15 s later."""
     caplog.set_level(logging.INFO)
     n_shards = 4
@@ -228,13 +228,11 @@ def test_s3_outage_mid_job_is_retried_without_loss_or_duplicates(
     options["config_kwargs"].update(connect_timeout=1, read_timeout=5)
     spec = s3_spec("s3-outage", str(tiny_vp_dir), shards, f"{s3_bucket.url}/out", options,
                    batch_size=2, shard_retries=4)
-    for name, value in hooks_env(batch_delay=0.3).items():  # forwarded to the actor: ~1 s a shard
-        monkeypatch.setenv(name, value)
     result: dict[str, Any] = {}
 
     def run() -> None:
-        try:
-            result["summary"] = run_job(spec, progress=False)
+        try:  # hooks handed to the actor: ~1 s a shard
+            result["summary"] = run_job(spec, progress=False, hooks=Hooks(batch_delay=0.3))
         except BaseException as exc:
             result["error"] = exc
 
@@ -276,6 +274,43 @@ def test_s3_outage_mid_job_is_retried_without_loss_or_duplicates(
                          logs)
     assert retried, "no retry happened: the outage missed the job's I/O\n" + logs[-20000:]
     assert outage > 5.0
+
+
+def test_a_read_that_never_returns_fails_its_attempt_at_the_deadline(
+        private_ray: Path, s3_bucket: S3Bucket, tiny_vp_dir: Path, tmp_path: Path) -> None:
+    """The issue's case: `ray.wait` had no per-shard deadline, so a hung read hung the job.
+    The S3 server holding the input is paused (SIGSTOP: connections open, never answered);
+    the output is local, so only the actor's read waits on it."""
+    (shard,) = upload_inputs(s3_bucket, tmp_path / "in", "hang", n_shards=1, per_shard=2)
+    out = tmp_path / "out"
+    spec = parse_spec({
+        "name": "hang", "model": {"source": str(tiny_vp_dir)},
+        "input": {"shards": [shard], "storage_options": s3_bucket.storage_options},
+        "output": {"path": str(out)}, "sdedit": {"t0": 0.04},
+        "compute": {"device": "cpu", "actors": 1, "shard_retries": 0, "shard_timeout_s": 4},
+    }, source="test")
+    result: dict[str, Any] = {}
+
+    def run() -> None:
+        try:
+            result["summary"] = run_job(spec, progress=False)
+        except BaseException as exc:
+            result["error"] = exc
+
+    thread = threading.Thread(target=run, name="hung-read-job")
+    with s3_bucket.server.paused():
+        started = time.monotonic()
+        thread.start()
+        thread.join(timeout=90)
+        seconds = time.monotonic() - started
+    thread.join(timeout=240)  # (the old code went on once the server answered again)
+    assert seconds < 60, f"the job hung for {seconds:.0f} s on a read that never returns"
+    assert "error" not in result, repr(result.get("error"))
+    summary: RunSummary = result["summary"]
+    assert summary.exit_code == 1 and list(summary.failed) == [shard]
+    assert "no result within 4 s (compute.shard_timeout_s)" in summary.failed[shard]
+    record = json.loads((out / "failed" / "hang-000000.json").read_text())
+    assert record["attempts"] == 1
 
 
 def _cli_env(bucket: S3Bucket, ray_tmp: Path, readonly: bool = False) -> dict[str, str]:

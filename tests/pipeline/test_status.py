@@ -14,10 +14,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import PipelineError
+from pipeline.manifest import MANIFEST_SCHEMA
 from pipeline.runner import prepare_output
 from pipeline.status import error_rows, job_status
 from pipeline.worker import ShardWorker
-from pipeline.writer import MANIFEST_SCHEMA
 from tests.support.shards import make_spec, png, write_shards
 
 
@@ -115,3 +115,55 @@ def test_status_cli_exit_codes_and_error_listing(tiny_vp, tiny_vp_dir, tmp_path)
     assert result.exit_code == 0, result.output
     assert "keys in more than one shard: 1" in result.output
     assert "error rows:" not in result.output  # listed only with --errors
+
+
+def _fake_job(out, markers: dict[str, object]) -> None:
+    """job.json and done markers (stem -> content, a dict or raw bytes), no manifests."""
+    (out / "done").mkdir(parents=True)
+    (out / "job.json").write_text(json.dumps({"spec": {"name": "fake", "input": {}}}))
+    for stem, content in markers.items():
+        data = content if isinstance(content, bytes) else json.dumps(content).encode()
+        (out / "done" / f"{stem}.json").write_bytes(data)
+
+
+def test_status_adds_up_many_markers_read_a_chunk_at_a_time(tmp_path):
+    markers = {f"p-{i:06d}": {"samples": 3, "outputs_ok": 2, "outputs_error": 1,
+                              "errors_by_kind": {"decode": 1}} for i in range(700)}
+    markers["p-000007"] = b"{not json"  # a marker cut or overwritten: done, counts unknown
+    markers[".hidden"] = {"samples": 1, "outputs_ok": 1, "outputs_error": 0}
+    _fake_job(tmp_path, markers)
+    (tmp_path / "done" / ".p-000001.json.tmp-0123456789ab").write_text("{}")  # not a marker
+    status = job_status(str(tmp_path), repeated_keys=False)
+    assert (status.done, status.unreadable) == (701, 1)
+    assert (status.samples, status.outputs_ok, status.outputs_error) == (699 * 3 + 1,
+                                                                         699 * 2 + 1, 699)
+    assert status.errors_by_kind == {"decode": 699} and status.keys_in_several_shards is None
+    result = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert "shards: 701 done" in result.output
+    assert "done markers that are not JSON objects: 1" in result.output
+
+
+def test_repeated_keys_are_counted_in_passing_only_for_small_jobs(tiny_vp, tiny_vp_dir, tmp_path,
+                                                                  monkeypatch):
+    """The issue's case: status and the end of every run read the key and input_shard of
+    every row ever written (~330 bytes a row on the driver: 33 GB at 10^8 rows)."""
+    from pipeline import status as status_module
+
+    shards, out = _bad_job(tiny_vp, tiny_vp_dir, tmp_path)
+    ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp).process(shards[0])
+    monkeypatch.setattr(status_module, "AUTO_ROWS", 5)  # the job holds 6 rows
+    assert job_status(str(out)).keys_in_several_shards is None
+    assert job_status(str(out), repeated_keys=True).keys_in_several_shards == 1
+    plain = CliRunner().invoke(main, ["status", str(out)])
+    assert f"keys in more than one shard: not counted (sdedit-batch status {out} " \
+        "--repeated-keys counts them)" in plain.output
+    asked = CliRunner().invoke(main, ["status", str(out), "--repeated-keys"])
+    assert "keys in more than one shard: 1\n" in asked.output
+
+
+def test_an_unreadable_job_record_is_a_clear_error_not_a_traceback(tmp_path):
+    _fake_job(tmp_path, {})
+    (tmp_path / "job.json").write_text('{"spec": ')
+    result = CliRunner().invoke(main, ["status", str(tmp_path)])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.startswith(f"error: {tmp_path}/job.json is not valid JSON")

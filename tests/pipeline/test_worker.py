@@ -16,11 +16,13 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import testhooks
+from pipeline import outputs, reader, testhooks
+from pipeline import worker as worker_module
 from pipeline.batching import output_seed
 from pipeline.errors import ShardError
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestRowError
 from pipeline.worker import ShardWorker
-from pipeline.writer import MANIFEST_SCHEMA
+from sdedit import EditInputError
 from tests.support.images import png16, png_header_only
 from tests.support.shards import make_spec, png, write_shards
 
@@ -134,15 +136,24 @@ def test_truncated_tar_is_a_shard_error_and_commits_nothing(tiny_vp, tiny_vp_dir
     assert not any(p.name.startswith(".trunc") for p in (out / "shards").iterdir())
 
 
-def test_test_hooks_are_off_unless_a_test_sets_them(tiny_vp, tiny_vp_dir, shards, tmp_path,
-                                                    monkeypatch):
-    monkeypatch.delenv(testhooks.ENV, raising=False)
-    assert testhooks.from_env() is None
-    assert ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path), model=tiny_vp).hooks is None
-    monkeypatch.setenv(*next(iter(testhooks.hooks_env(batch_delay=0.01).items())))
-    assert testhooks.from_env() == testhooks.Hooks(batch_delay=0.01)
+def test_test_hooks_come_only_as_an_object_never_from_the_environment(
+        tiny_vp, tiny_vp_dir, shards, tmp_path, monkeypatch):
+    """The issue's case: production processes read hooks from SDEDIT_BATCH_TEST_HOOKS (and the
+    runner forwarded every SDEDIT_BATCH_* variable to actors), so the environment could make
+    a production worker fail writes or exit. Now only a Hooks object handed over does."""
+    flag = tmp_path / "fired"
+    monkeypatch.setenv("SDEDIT_BATCH_TEST_HOOKS",
+                       json.dumps({"fail_write": f"part-000000:{flag}"}))
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path / "a"), model=tiny_vp)
+    assert worker.hooks is None
+    assert worker.process(shards[0]).outputs_ok == 4 and not flag.exists()
+    hooked = ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path / "b"), model=tiny_vp,
+                         hooks=testhooks.Hooks(fail_write=f"part-000000:{flag}"))
+    with pytest.raises(OSError, match="test hook: writing shard part-000000 failed"):
+        hooked.process(shards[0])
+    assert flag.exists()
     with pytest.raises(TypeError):
-        testhooks.hooks_env(crahs="x:1:y")  # a misspelt hook fails at once
+        testhooks.Hooks(crahs="x:1:y")  # a misspelt hook fails at once
 
 
 def _tar(url, samples):
@@ -291,3 +302,79 @@ def test_a_sample_out_of_memory_alone_is_a_device_row(tiny_vp, tiny_vp_dir, tmp_
         "memory)")
     assert json.loads((out / "done" / "part-000000.json").read_text())["errors_by_kind"] == {
         "device": 3}
+
+
+@pytest.mark.parametrize("raised, outcome", [
+    (ValueError("a bug in a library: shapes do not match"), "fails"),
+    (EditInputError("masks values are not all 0 or 1; allowed: {0, 1}"), "edit rows"),
+], ids=["other-ValueError", "EditInputError"])
+def test_only_the_engines_refusals_become_edit_rows(tiny_vp, tiny_vp_dir, shards, tmp_path,
+                                                    monkeypatch, raised, outcome):
+    """The issue's case: every ValueError of `edit` became an `edit` row, so a bug was
+    committed as error rows of every sample, never retried."""
+    def edit(model, images, **kwargs):
+        raise raised
+
+    monkeypatch.setattr(worker_module, "edit", edit)
+    out = tmp_path / "out"
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp)
+    if outcome == "fails":
+        with pytest.raises(ValueError, match="a bug in a library"):
+            worker.process(shards[0])
+        assert not (out / "done").exists() and not (out / "manifests").exists()
+        return
+    stats = worker.process(shards[0])
+    assert stats.errors_by_kind == {"edit": 4}
+    assert {r["error"] for r in _rows(out)} == {"masks values are not all 0 or 1; allowed: {0, 1}"}
+
+
+def test_an_encoder_failure_other_than_the_formats_limit_fails_the_attempt(
+        tiny_vp, tiny_vp_dir, shards, tmp_path, monkeypatch):
+    """outputs.py turned every OSError / ValueError of encoding into an `encode` row."""
+    def broken(*args, **kwargs):
+        raise OSError("encoder crashed")
+
+    monkeypatch.setattr(outputs, "output_sample", broken)
+    out = tmp_path / "out"
+    with pytest.raises(OSError, match="encoder crashed"):
+        ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp).process(shards[0])
+    assert not (out / "done").exists()
+
+
+def test_a_sample_error_without_a_kind_is_a_bug_not_a_decode_row(tiny_vp, tiny_vp_dir, shards,
+                                                                  tmp_path, monkeypatch):
+    decode = reader.decode_sample
+
+    def kindless(raw, *args, **kwargs):
+        if raw["__key__"] == "s0_002":
+            return reader.Sample(key="s0_002", error="something went wrong")
+        return decode(raw, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "decode_sample", kindless)
+    out = tmp_path / "out"
+    with pytest.raises(ManifestRowError, match="error_kind None is not one of key, missing"):
+        ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp).process(shards[0])
+    assert not (out / "done").exists()
+
+
+def test_manifest_rows_are_in_input_order(tiny_vp, tiny_vp_dir, tmp_path):
+    """Error rows were written when read, ok rows when encoded: out of input order."""
+    rng = np.random.default_rng(4)
+
+    def good():
+        return png(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8))
+
+    url = _tar(tmp_path / "mixed.tar", [
+        {"__key__": "a", "png": good()}, {"__key__": "b", "png": b"not an image"},
+        {"__key__": "c", "png": good()}, {"__key__": "d", "txt": b"no guide"},
+        {"__key__": "e", "png": good()}, {"__key__": "b", "png": good()}])
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, [url], out, sdedit={"samples_per_input": 2})
+    ShardWorker(spec, model=tiny_vp).process(url)
+    rows = _rows(out)
+    assert [(r["output_key"], r["status"]) for r in rows] == [
+        ("a_00", "ok"), ("a_01", "ok"), ("b_00", "error"), ("b_01", "error"),
+        ("c_00", "ok"), ("c_01", "ok"), ("d_00", "error"), ("d_01", "error"),
+        ("e_00", "ok"), ("e_01", "ok"), ("b_00", "error"), ("b_01", "error")]
+    assert [r["error_kind"] for r in rows if r["status"] == "error"] == [
+        "decode", "decode", "missing", "missing", "duplicate", "duplicate"]

@@ -7,6 +7,7 @@ from __future__ import annotations
 import io
 import tarfile
 import threading
+import time
 
 import numpy as np
 import pyarrow.dataset as pads
@@ -15,9 +16,10 @@ import torch
 import webdataset as wds
 from PIL import Image
 
-from pipeline import testhooks, writer
+from pipeline import reader, testhooks, writer
 from pipeline.images import encode_image
 from pipeline.worker import ShardWorker
+from sdedit import accel
 from tests.support.shards import make_spec, png, write_shards
 
 
@@ -119,14 +121,12 @@ def test_an_output_the_format_cannot_hold_is_that_outputs_error_row(tiny_vp, tin
         "fine.guide.png", "fine.json", "fine.webp"]
 
 
-def test_a_write_error_aborts_the_shard_with_nothing_committed(tiny_vp, tiny_vp_dir, tmp_path,
-                                                               monkeypatch):
+def test_a_write_error_aborts_the_shard_with_nothing_committed(tiny_vp, tiny_vp_dir, tmp_path):
     shards = write_shards(tmp_path / "in", n_shards=1, per_shard=5, bad=False)
     out = tmp_path / "out"
     flag = tmp_path / "failed-once"
-    for name, value in testhooks.hooks_env(fail_write=f"part-000000:{flag}").items():
-        monkeypatch.setenv(name, value)
-    worker = ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp)
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, out), model=tiny_vp,
+                         hooks=testhooks.Hooks(fail_write=f"part-000000:{flag}"))
     with pytest.raises(OSError, match="writing shard part-000000 failed"):
         worker.process(shards[0])
     assert flag.exists()
@@ -201,3 +201,119 @@ def test_host_threads_from_the_job_or_the_actors_cpus(tiny_vp, tiny_vp_dir, tmp_
         assert pool_size(threads=4) == (4, 4)  # else the actor's CPUs
     finally:
         torch.set_num_threads(1)  # as tests/support/model_fixtures.py sets it
+
+
+def _idle(worker: ShardWorker) -> None:
+    """Wait until every host thread of `worker` is free (all earlier jobs have ended)."""
+    barrier = threading.Barrier(worker.host_threads)
+    for future in [worker.host.submit(barrier.wait, 10) for _ in range(worker.host_threads)]:
+        future.result(timeout=30)
+
+
+def test_an_aborted_shard_leaves_no_thread_and_a_zero_gauge_while_the_other_works(
+        tiny_vp, tiny_vp_dir, tmp_path, monkeypatch):
+    """Shard B computes; shard A aborts (decoding one of its samples raises: a bug) while
+    decodes of its later samples are still running in the host pool. Those finish after the
+    abort: they must not count on the worker's gauge, and A's reader thread has ended."""
+    big, small = write_shards(tmp_path / "in", n_shards=2, per_shard=30, bad=False)
+    spec = make_spec(tiny_vp_dir, [big, small], tmp_path / "out", compute={"batch_size": 2})
+    worker = ShardWorker(spec, model=tiny_vp)
+    decode = reader.decode_sample
+    aborted_at: list[float] = []
+
+    def slow_for_shard_1(raw, *args, **kwargs):
+        key = str(raw["__key__"])
+        if key == "s1_001":
+            raise RuntimeError("a bug in decoding")
+        if key.startswith("s1_"):
+            time.sleep(0.3)
+        return decode(raw, *args, **kwargs)
+
+    monkeypatch.setattr(reader, "decode_sample", slow_for_shard_1)
+    results: dict[str, object] = {}
+
+    def run(url):
+        try:
+            results[url] = worker.process(url)
+        except Exception as exc:
+            aborted_at.append(time.monotonic())
+            results[url] = exc
+
+    first = threading.Thread(target=run, args=(big,))
+    first.start()
+    time.sleep(0.1)  # B takes the device first
+    run(small)
+    first.join(timeout=120)
+    finished_b = time.monotonic()
+    assert isinstance(results[small], RuntimeError), results[small]
+    assert aborted_at[0] < finished_b  # A aborted while B was still at work
+    assert not [t for t in threading.enumerate() if t.name == "shard-reader"]
+    _idle(worker)  # A's decodes that were in flight have finished by now
+    assert worker.in_flight.value == 0
+    assert results[big].outputs_ok == 30
+    assert not (tmp_path / "out" / "done" / "part-000001.json").exists()
+    worker.close()
+
+
+def test_at_most_two_shards_at_once_and_close_ends_the_workers_threads(
+        tiny_vp, tiny_vp_dir, tmp_path):
+    shards = write_shards(tmp_path / "in", n_shards=3, per_shard=2, bad=False)
+    inside, most = [0], [0]
+    lock = threading.Lock()
+
+    class Counting(testhooks.Hooks):
+        def before_read(self, stem):
+            with lock:
+                inside[0] += 1
+                most[0] = max(most[0], inside[0])
+            time.sleep(0.3)
+            with lock:
+                inside[0] -= 1
+
+    before = {t.ident for t in threading.enumerate()}
+    worker = ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path / "out"), model=tiny_vp,
+                         hooks=Counting())
+    threads = [threading.Thread(target=worker.process, args=(url,)) for url in shards]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=60)
+    assert most[0] == 2  # the third call waited for a slot
+    assert len(list((tmp_path / "out" / "done").iterdir())) == 3
+    assert [t for t in threading.enumerate() if t.ident not in before
+            and t.name.startswith("sdedit-host")]
+    worker.close()
+    worker.close()  # idempotent
+    assert not [t for t in threading.enumerate() if t.ident not in before
+                and t.name.startswith(("sdedit-host", "sdedit-noise", "shard-reader"))]
+    with pytest.raises(RuntimeError, match="after close"):
+        worker.process(shards[0])
+
+
+def test_one_noise_pool_serves_every_batch_and_outputs_stay_the_same(
+        tiny_vp_dir, tmp_path, monkeypatch):
+    """The issue's case: PrefetchNoise started a thread pool for every batch."""
+    from sdedit import load_model
+
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=7, bad=False, seed=2)
+    tars = {}
+    for threads in (0, 2):
+        model = load_model(tiny_vp_dir).accelerate(noise_threads=threads)
+        out = tmp_path / f"out{threads}"
+        with ShardWorker(make_spec(tiny_vp_dir, shards, out, compute={"batch_size": 2}),
+                         model=model) as worker:
+            started = []
+            original = accel.ThreadPoolExecutor
+
+            class Counted(original):
+                def __init__(self, *args, started=started, **kwargs):
+                    started.append(1)
+                    super().__init__(*args, **kwargs)
+
+            monkeypatch.setattr(accel, "ThreadPoolExecutor", Counted)
+            worker.process(shards[0])
+            monkeypatch.setattr(accel, "ThreadPoolExecutor", original)
+            assert started == [], f"{len(started)} pools started for 4 batches"
+            assert (worker.noise_pool is None) == (threads == 0)
+        tars[threads] = (out / "shards" / "part-000000.tar").read_bytes()
+    assert tars[0] == tars[2]  # noise drawn ahead in the shared pool: the same values

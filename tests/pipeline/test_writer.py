@@ -13,16 +13,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import writer as writer_module
+from pipeline.manifest import MANIFEST_SCHEMA, ManifestRowError, manifest_row
 from pipeline.storage import absolute_url
-from pipeline.writer import (
-    ERROR_KINDS,
-    MANIFEST_SCHEMA,
-    ShardOutput,
-    model_location,
-    now,
-    output_sample,
-    output_urls,
-)
+from pipeline.writer import ShardOutput, model_location, now, output_sample
+
+
+def row(**values) -> dict:
+    """A manifest row: `values`, every other column null."""
+    return manifest_row(**{**dict.fromkeys(MANIFEST_SCHEMA.names), **values})
 
 
 def _arrays(seed: int = 0):
@@ -37,8 +35,8 @@ def _fill(out: ShardOutput, keys=("a", "b"), image_format="png", include_guide=T
         out.add_sample(output_sample(key, output, {"key": key}, image_format=image_format,
                                      guide=guide if include_guide else None,
                                      target=b"TARGET" if include_guide else None))
-        out.add_row({"key": key, "output_key": key, "status": "ok", "created_at": now()})
-    out.add_row({"key": "bad", "output_key": "bad", "status": "error", "error": "x"})
+        out.add_row(row(key=key, output_key=key, status="ok", created_at=now()))
+    out.add_row(row(key="bad", output_key="bad", status="error", error="x", error_kind="decode"))
 
 
 def test_commit_publishes_tar_manifest_then_marker(tmp_path, monkeypatch):
@@ -98,12 +96,6 @@ def test_a_failed_manifest_write_leaves_no_marker(tmp_path, monkeypatch):
     assert not (tmp_path / "done").exists()
 
 
-def test_output_urls_keep_the_protocol():
-    assert output_urls("s3://b/out/", "p-1") == {
-        "tar": "s3://b/out/shards/p-1.tar", "manifest": "s3://b/out/manifests/p-1.parquet",
-        "marker": "s3://b/out/done/p-1.json"}
-
-
 OLD_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(i) for i in range(19)])
 """The manifest schema before issue 11 (its columns, in order, up to created_at)."""
 
@@ -123,8 +115,7 @@ def test_old_and_new_manifests_read_together(tmp_path):
     pq.write_table(pa.Table.from_pylist([{"key": "old", "status": "ok"}], schema=OLD_SCHEMA),
                    folder / "a-old.parquet")
     new = ShardOutput(str(tmp_path), "b-new", None)
-    new.add_row({"key": "new", "status": "error", "error": "x", "error_kind": "decode",
-                 "dtype": "fp32"})
+    new.add_row(row(key="new", status="error", error="x", error_kind="decode", dtype="fp32"))
     new.commit({})
     rows = pads.dataset(str(folder), schema=MANIFEST_SCHEMA).to_table().to_pylist()
     assert [(r["key"], r["error_kind"], r["dtype"]) for r in rows] == [
@@ -133,12 +124,18 @@ def test_old_and_new_manifests_read_together(tmp_path):
     assert unified.equals(MANIFEST_SCHEMA)
 
 
-def test_error_kinds_are_a_fixed_list(tmp_path):
-    assert list(ERROR_KINDS) == ["key", "missing", "duplicate", "decode", "size", "mask",
-                                 "setting", "device", "edit", "encode"]
+def test_add_row_refuses_a_row_the_schema_does_not_hold(tmp_path):
+    """The issue's case: add_row dropped unknown keys, so a misspelt column became null."""
     out = ShardOutput(str(tmp_path), "s", None)
-    with pytest.raises(ValueError, match="error_kind 'oops' is not one of key, missing"):
-        out.add_row({"key": "k", "status": "error", "error_kind": "oops"})
+    good = row(key="k", output_key="k", status="ok")
+    with pytest.raises(ManifestRowError, match="unknown widht"):
+        out.add_row({**good, "widht": 3})
+    with pytest.raises(ManifestRowError, match="missing width"):
+        out.add_row({k: v for k, v in good.items() if k != "width"})
+    with pytest.raises(ManifestRowError, match="error_kind 'oops' is not one of key, missing"):
+        out.add_row({**good, "status": "error", "error": "x", "error_kind": "oops"})
+    out.add_row(good)
+    assert out.rows == [good]
     out.abort()
 
 

@@ -27,6 +27,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -249,6 +250,18 @@ class SeaweedS3:
                 sock = Path(f"/tmp/seaweedfs-{kind}-grpc-{port + 10000}.sock")
                 if sock.is_socket():
                     sock.unlink(missing_ok=True)
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        """SIGSTOP the server's process group for the block, SIGCONT after it: connections
+        are still accepted by the kernel, but no request is ever answered (a hung store)."""
+        proc = self._proc
+        assert proc is not None and proc.poll() is None, "the server is not running"
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            yield
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
 
     def restart(self, down_for: float = 0.0) -> None:
         """Kill the server, stay down ``down_for`` seconds, start it again (same dir and ports)."""
