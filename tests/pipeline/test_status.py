@@ -115,3 +115,22 @@ def test_status_cli_exit_codes_and_error_listing(tiny_vp, tiny_vp_dir, tmp_path)
     assert result.exit_code == 0, result.output
     assert "keys in more than one shard: 1" in result.output
     assert "error rows:" not in result.output  # listed only with --errors
+
+
+def test_status_and_run_count_a_shard_whose_name_starts_with_a_dot(tiny_vp, tiny_vp_dir,
+                                                                   tmp_path):
+    """A done marker `.hidden.json` (input shard `.hidden.tar`) was ignored by `status`
+    (pending forever) but counted by `run`'s planning."""
+    from pipeline.shards import plan_pending
+
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=1, bad=False)
+    hidden = tmp_path / "in" / ".hidden.tar"
+    (tmp_path / "in" / "part-000000.tar").rename(hidden)
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, [str(hidden)], out)
+    prepare_output(spec, overwrite=False)
+    ShardWorker(spec, model=tiny_vp).process(str(hidden))
+    assert (out / "done" / ".hidden.json").exists() and shards
+    status = job_status(str(out))
+    assert (status.done, status.pending, status.samples) == (1, 0, 1)
+    assert plan_pending([str(hidden)], str(out)) == ([], [str(hidden)])
