@@ -18,42 +18,76 @@ from typing import Any
 import torch
 
 from pipeline.errors import ResumeConflictError
-from pipeline.layout import RESULT_FOLDERS, folder_url, job_record_url
+from pipeline.layout import JOB_RECORD, RESULT_FOLDERS, folder_url, job_record_url
 from pipeline.spec import JobSpec
 from pipeline.storage import check_writable, put_bytes_atomic, url_fs
 from sdedit.devices import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["job_record", "prepare_output", "record_compute", "resolved_compute"]
+__all__ = ["job_record", "prepare_output", "previous_record", "record_compute",
+           "resolved_compute", "resume_conflict"]
 
 
 def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
     """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work).
 
+    `validate` makes the same checks (`pipeline.preflight`) with `check_writable`,
+    `previous_record` and `resume_conflict`, so that its yes means this one's.
     Returns the job.json found there before (None if none, or discarded by `overwrite`); its
     `compute` section (see `record_compute`) is kept in the new job.json until replaced.
     """
     out, options = spec.output.path, spec.output.storage_options
     check_writable(out, options)
-    fs, path = url_fs(job_record_url(out), options)
-    old: dict[str, Any] | None = None
-    if fs.exists(path):
-        old = json.loads(fs.cat_file(path))
-        if old.get("fingerprint") != spec.fingerprint():
-            if not overwrite:
-                changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
-                raise ResumeConflictError(
-                    f"output {out} holds a job with different output-affecting settings "
-                    f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
-                    "--overwrite to discard its results")
-            _discard_results(spec)
-            old = None
+    try:
+        old = previous_record(spec)
+        conflict = resume_conflict(spec, old)
+    except ResumeConflictError as exc:  # a job.json that cannot be read
+        old, conflict = None, str(exc)
+    if conflict is not None:
+        if not overwrite:
+            raise ResumeConflictError(conflict)
+        _discard_results(spec)
+        old = None
     record = job_record(spec)
     if old is not None and "compute" in old:
         record["compute"] = old["compute"]
     put_bytes_atomic(job_record_url(out), json.dumps(record, indent=1).encode(), options)
     return old
+
+
+def previous_record(spec: JobSpec) -> dict[str, Any] | None:
+    """The OUT/job.json already at the job's output, or None when there is none.
+
+    Raises:
+        ResumeConflictError: there is one, but it is not a JSON object (the settings of what
+        the output holds cannot be known).
+    """
+    url = job_record_url(spec.output.path)
+    fs, path = url_fs(url, spec.output.storage_options)
+    if not fs.exists(path):
+        return None
+    try:
+        old = json.loads(fs.cat_file(path))
+    except ValueError as exc:
+        old = exc
+    if not isinstance(old, dict):
+        raise ResumeConflictError(
+            f"output {spec.output.path}: its {JOB_RECORD} cannot be read as a job record "
+            f"({old if isinstance(old, Exception) else type(old).__name__}); use a new "
+            "output.path, or --overwrite to discard its results")
+    return old
+
+
+def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
+    """Why `spec` cannot resume the job recorded in `old` (its output-affecting settings
+    differ, naming each change), or None."""
+    if old is None or old.get("fingerprint") == spec.fingerprint():
+        return None
+    changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
+    return (f"output {spec.output.path} holds a job with different output-affecting settings "
+            f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or --overwrite "
+            "to discard its results")
 
 
 def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:
