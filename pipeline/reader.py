@@ -146,10 +146,11 @@ def _dotted_images(raw: RawSample, mask_ext: str | None) -> str:
     (`img.v2.png`: key `img`, extension `v2.png`)."""
     dotted = [printable(raw.names[ext]) for ext in sorted(raw.members)
               if "." in ext and ext.rsplit(".", 1)[-1] in IMAGE_EXTS
-              and ext not in (mask_ext, "target.png")]
+              and ext not in (mask_ext, "mask.png", "target.png")]
     if not dotted:
         return ""
-    return (f"; {', '.join(dotted)} belong to sample {printable(raw.key)} as extensions, "
+    verb = "belongs" if len(dotted) == 1 else "belong"
+    return (f"; {', '.join(dotted)} {verb} to sample {printable(raw.key)} as extensions, "
             "since a key ends at the first dot of the file name: name separate samples "
             "without dots in their keys (img_v2.png)")
 

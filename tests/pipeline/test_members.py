@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import tarfile
+import tracemalloc
 
 import numpy as np
 import pytest
@@ -72,6 +73,7 @@ CASES = {
     "dotted image names": ([Entry("img.v2.png", GUIDE), Entry("img.v3.png", GUIDE)],
                            [("img", "missing")]),
     "directory entry": ([Entry("d", kind="dir")], []),
+    "extension case": ([Entry("good.PNG", GUIDE)], [("good", "duplicate")]),
     "unicode key": ([Entry("日本.png", GUIDE)], [("日本", None)]),
 }
 
@@ -93,6 +95,18 @@ def test_rows_name_the_member_and_what_is_allowed(tmp_path):
     assert "member 'm..extra.png': its extension '.extra.png' has an empty part" in errors["m"]
     assert "img.v2.png, img.v3.png belong to sample img as extensions" in errors["img"]
     assert "member 'README' belongs to no sample" in errors["README"]
+
+
+def test_a_member_over_the_limit_is_never_read_into_memory(tmp_path):
+    url = write_tar(tmp_path / "t.tar", [Entry("big.bin", bytes(8 * 2**20)),
+                                         Entry("big.png", GUIDE)])
+    tracemalloc.start()
+    try:
+        assert _rows(url, max_member_bytes=2**20) == [("big", "size")]
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 2 * 2**20, peak  # the 8 MiB member was skipped in the stream, not held
 
 
 def test_a_member_over_the_limit_is_a_size_row_and_is_not_read(tmp_path):
@@ -143,6 +157,7 @@ def test_unreadable_tars_fail_the_shard_naming_why(tmp_path):
         "empty": (b"", "the file is empty"),
         "zstd": (b"\x28\xb5\x2f\xfd" + b"\0" * 600, "a zstd file; allowed: a tar, plain or "
                                                      "compressed with gzip, bzip2 or xz"),
+        "zip": (b"PK\x03\x04" + b"\0" * 600, "a zip file; allowed: a tar"),
         "garbage": (b"hello world" * 100, "not a tar: its first bytes"),
         "cut in a header": (whole[: whole.index(b"b.png") + 100], "ends inside the member "
                                                                   "header"),

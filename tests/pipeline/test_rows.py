@@ -77,6 +77,8 @@ def test_a_t0_the_jobs_steps_do_not_fit_is_refused():
                                "metadata, but this one looks like a misspelt setting)"),
     ({"json": b'{"t_0": 0.9}'}, "did you mean t0?"),
     ({"json": b'{"strength": 0.9}'}, "did you mean t0?"),
+    ({"json": b'{"to": 0.9}'}, "did you mean t0?"),
+    ({"json": b'{"prompts": ["a"]}'}, "did you mean prompt?"),
     ({"json": b'{"promt": "a room"}'}, "did you mean prompt?"),
     ({"json": b'{"prompt_2": "a room"}'}, "did you mean prompt?"),
     ({"json": b'{"Negative-Prompt": "x"}'}, "did you mean negative_prompt?"),
