@@ -71,15 +71,21 @@ set_option = click.option(
 @click.option("--offline", is_flag=True,
               help="Skip every remote check (object storage, the Hugging Face hub); local "
                    "paths are still checked.")
-def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool) -> None:
+@click.option("--overwrite", is_flag=True,
+              help="Check as `run --overwrite` would: changed settings at the output are a "
+                   "note (its results would be discarded), not a problem.")
+def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool, overwrite: bool) -> None:
     """Check a job file and what it names: print the resolved spec and the input shards.
 
-    Checks, without loading any weights: the model source exists and looks loadable (a local
-    directory's config files and weights, a URL's config object, a hub id in the hub cache or
-    on the hub); the input shards (brace ranges are counted, globs are listed; local shards
-    must exist, and the first remote one); the output location can be read, and how many
-    shards are done. Exit code 0 when all holds (the last line then says "ok"), 2 with every
-    problem listed (storage errors such as missing credentials or buckets included).
+    Checks what `run` checks before it starts, without loading any weights: the model source
+    exists and looks loadable (a local directory's config files and whole weights files, a
+    URL's config object, a hub id in the hub cache or on the hub); the input shards (brace
+    ranges are counted, globs are listed; local shards must exist, and the first remote one);
+    the output location can be written (a probe object, deleted again) and any job.json there
+    has the same output-affecting settings; the settings the model decides (sampler, t0 and
+    steps, prompts, guidance); how many shards are done. Exit code 0 when all holds (then
+    `run` starts, and the last line says "ok"), 2 with every problem listed (storage errors
+    such as missing credentials or buckets included).
 
     \b
     Example:
@@ -93,7 +99,7 @@ def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool) -> None:
     from pipeline.spec import load_spec
 
     spec = load_spec(job, overrides)
-    report = preflight(spec, offline=offline)
+    report = preflight(spec, offline=offline, overwrite=overwrite)
     click.echo(yaml.safe_dump(spec.to_dict(), sort_keys=False).rstrip())
     click.echo(f"# fingerprint: {spec.fingerprint()}")
     if report.shards is None:

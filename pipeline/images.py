@@ -162,6 +162,10 @@ def _decoded(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, bool
     """The member as an RGB or RGBA image (`_normalised`), and whether its bytes are an 8-bit
     RGB PNG of exactly that image (`is_rgb8_png`); every failure an ImageError."""
     with _open(data, name, max_pixels) as image:
+        if getattr(image, "is_animated", False):  # APNG, GIF, WebP animations, TIFF pages
+            raise ImageError("decode", f"image {name} ({image.format}) has more than one frame "
+                                       "(an animation or a multi-page file); allowed: a single "
+                                       "image (its first frame is never taken silently)")
         try:
             plain = is_rgb8_png(image)
             return _normalised(image), plain

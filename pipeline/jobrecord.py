@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ResumeConflictError, StorageError
-from pipeline.layout import RESULT_FOLDERS, folder_url, job_record_url
+from pipeline.layout import JOB_RECORD, RESULT_FOLDERS, folder_url, job_record_url
 from pipeline.redaction import redact_url
 from pipeline.spec import JobSpec
 from pipeline.storage import check_writable, describe_error, put_bytes_atomic, url_fs, with_retries
@@ -27,26 +27,28 @@ from sdedit.devices import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["job_record", "prepare_output", "read_job_record", "record_compute",
-           "resolved_compute"]
+__all__ = ["job_record", "prepare_output", "previous_record", "read_job_record",
+           "record_compute", "resolved_compute", "resume_conflict"]
 
 
 def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
     """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work).
 
+    `validate` makes the same checks (`pipeline.preflight`) with `check_writable`,
+    `previous_record` and `resume_conflict`, so that its yes means this one's.
     Returns the job.json found there before (None if none, or discarded by `overwrite`); its
     `compute` section (see `record_compute`) is kept in the new job.json until replaced.
     """
     out, options = spec.output.path, spec.output.storage_options
     check_writable(out, options)
-    old = read_job_record(out, options)
-    if old is not None and old.get("fingerprint") != spec.fingerprint():
+    try:
+        old = read_job_record(out, options)
+        conflict = resume_conflict(spec, old)
+    except ResumeConflictError as exc:  # a job.json that is not a job record
+        old, conflict = None, str(exc)
+    if conflict is not None:
         if not overwrite:
-            changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
-            raise ResumeConflictError(
-                f"output {out} holds a job with different output-affecting settings "
-                f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or "
-                "--overwrite to discard its results")
+            raise ResumeConflictError(conflict)
         _discard_results(spec)
         old = None
     record = job_record(spec)
@@ -60,7 +62,8 @@ def read_job_record(output: str, options: Mapping[str, Any] | None) -> dict[str,
     """OUT/job.json, or None when there is none.
 
     Raises:
-        StorageError: it cannot be read, or is not a JSON object (naming where and why).
+        StorageError: it cannot be read (naming where and why).
+        ResumeConflictError: it is not a JSON object (what the output holds is unknown).
     """
     url = job_record_url(output)
     try:
@@ -75,11 +78,12 @@ def read_job_record(output: str, options: Mapping[str, Any] | None) -> dict[str,
     try:
         record = json.loads(data)
     except ValueError as exc:
-        raise StorageError(f"{redact_url(url)} is not valid JSON ({exc}); allowed: the "
-                           "job.json sdedit-batch wrote (remove it, or use --overwrite)") from exc
+        record = exc
     if not isinstance(record, dict):
-        raise StorageError(f"{redact_url(url)} holds {type(record).__name__}, not the object "
-                           "sdedit-batch writes (remove it, or use --overwrite)")
+        what = record if isinstance(record, Exception) else type(record).__name__
+        raise ResumeConflictError(
+            f"output {output}: its {JOB_RECORD} ({redact_url(url)}) cannot be read as a job "
+            f"record ({what}); use a new output.path, or --overwrite to discard its results")
     return record
 
 
@@ -92,6 +96,22 @@ def _write(output: str, record: dict[str, Any], options: Mapping[str, Any] | Non
         raise
     except Exception as exc:
         raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
+
+
+def previous_record(spec: JobSpec) -> dict[str, Any] | None:
+    """The OUT/job.json already at the job's output (`read_job_record`), or None."""
+    return read_job_record(spec.output.path, spec.output.storage_options)
+
+
+def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
+    """Why `spec` cannot resume the job recorded in `old` (its output-affecting settings
+    differ, naming each change), or None."""
+    if old is None or old.get("fingerprint") == spec.fingerprint():
+        return None
+    changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
+    return (f"output {spec.output.path} holds a job with different output-affecting settings "
+            f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or --overwrite "
+            "to discard its results")
 
 
 def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:

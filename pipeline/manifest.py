@@ -25,15 +25,21 @@ __all__ = ["COLUMNS", "ERROR_KINDS", "MANIFEST_SCHEMA", "ManifestRowError", "man
            "manifest_row"]
 
 ERROR_KINDS: dict[str, str] = {
-    "key": "the key cannot name an output (contains '/', '\\' or '..', or starts with '.')",
+    "key": "the key cannot name an output (contains '/', '\\' or '..', starts with '.', holds "
+           "control characters or bytes that are not UTF-8)",
     "missing": "the guide member, or the mask member the job names, is absent",
     "duplicate": "the key was already seen in this shard (only its first occurrence is used)",
+    "member": "a member that cannot be part of a sample: a link, device or FIFO, an extension "
+              "that cannot be written back (empty parts, a leading '_'), or a name that gives "
+              "no key (its own row, keyed by the member's name)",
     "decode": "the image or mask cannot be decoded, or its mode cannot be converted faithfully",
-    "size": "over input.max_pixels (read from the header), or a size the model cannot take",
+    "size": "over input.max_pixels (read from the header), a size the model cannot take, or a "
+            "member over the member limit (never read)",
     "mask": "the mask is not black and white within the tolerance, is transparent, or its "
             "size differs from the guide's",
     "setting": "a per-row setting in {key}.json / {key}.txt cannot be used (t0 out of range or "
-               "below what sdedit.steps allows, a prompt that is not a string, unreadable json)",
+               "below what sdedit.steps allows, a prompt that is not a string, a json that "
+               "cannot be read or is no object, a misspelt setting)",
     "device": "the sample ran out of device memory even alone (batches are split first)",
     "edit": "the SDEdit engine refused the sample's inputs (sdedit.EditInputError)",
     "encode": "the output cannot be encoded as output.image_format (e.g. a size WebP cannot "

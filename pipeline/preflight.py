@@ -1,7 +1,9 @@
 """Checks of a validated job before any work: model source, input shards, output location.
 
-`preflight` is what `sdedit-batch validate` shows and what `run` refuses a job on before it
-starts Ray or writes OUT/job.json (`check_model`). Every problem is one line naming the field,
+`preflight` is what `sdedit-batch validate` shows: every check `run` makes before it starts
+Ray or writes OUT/job.json (`check_model`, then `jobrecord.prepare_output`: the output is
+writable and a job.json there has the same output-affecting settings), so that validate's
+exit 0 means run starts. Every problem is one line naming the field,
 what was found and what is allowed; storage errors (no credentials, no bucket, access denied)
 are problems, never tracebacks. With `offline`, every remote check (object storage, the
 Hugging Face hub) is skipped and said so in `notes`; local paths are still checked.
@@ -16,11 +18,12 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from pipeline.errors import PipelineError, PreflightError
+from pipeline.errors import PipelineError, PreflightError, ResumeConflictError
+from pipeline.jobrecord import previous_record, resume_conflict
 from pipeline.modelcheck import layout_problems
 from pipeline.shards import expand_shards, plan_pending
 from pipeline.spec import JobSpec
-from pipeline.storage import describe_error, join, url_fs, with_retries
+from pipeline.storage import check_writable, describe_error, is_local, join, url_fs, with_retries
 from sdedit.families import ModelLayout
 from sdedit.lora import lora_fit, lora_kind
 from sdedit.models import ModelSourceError, inspect_model_dir
@@ -256,29 +259,68 @@ def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
                                    f"{describe_error(exc)}")
 
 
-def _output_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
-    """Read (never write) the output location: its commit markers, and for object stores that
-    the bucket can be reached."""
-    out = spec.output.path
+def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite: bool) -> None:
+    """The output checks `run` makes before Ray (`jobrecord.prepare_output`): the location is
+    writable (a probe object written, read back and deleted; folders made for it removed
+    again) and a job.json there records the same output-affecting settings; then its commit
+    markers are counted. For object stores the bucket is listed first."""
+    out, options = spec.output.path, spec.output.storage_options
     if offline and _is_remote(out):
         report.notes.append(f"output.path {out}: not checked (--offline)")
         return
     try:
         if _is_remote(out):
-            fs, path = url_fs(out, spec.output.storage_options)
+            fs, path = url_fs(out, options)
             bucket = path.split("/", 1)[0]
             with_retries(lambda: fs.ls(bucket, detail=False), what="list output bucket",
                          url=out)
-        if report.shards is not None:
-            _, done = plan_pending(report.shards, out, spec.output.storage_options)
-            report.done = len(done)
     except Exception as exc:
         report.problems.append(f"output.path: cannot read {out}: {describe_error(exc)}")
+        return
+    try:
+        _probe_writable(out, options)
+    except PipelineError as exc:  # "output.path OUT: cannot write: ..."
+        report.problems.append(str(exc))
+    try:
+        conflict = resume_conflict(spec, previous_record(spec))
+        if report.shards is not None:
+            _, done = plan_pending(report.shards, out, options)
+            report.done = len(done)
+    except ResumeConflictError as exc:
+        conflict = str(exc)
+    except Exception as exc:
+        report.problems.append(f"output.path: cannot read {out}: {describe_error(exc)}")
+        return
+    if conflict and overwrite:
+        report.notes.append(f"output.path: {conflict} (run --overwrite discards them)")
+    elif conflict:
+        report.problems.append(f"output.path: {conflict}")
 
 
-def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
+def _probe_writable(out: str, options: Mapping[str, Any]) -> None:
+    """`storage.check_writable` as `run` calls it, leaving no local folder it made behind."""
+    fs, path = url_fs(out, options)
+    made: list[str] = []
+    if is_local(fs):
+        folder = os.path.abspath(path)
+        while not os.path.exists(folder) and folder != os.path.dirname(folder):
+            made.append(folder)
+            folder = os.path.dirname(folder)
+    try:
+        check_writable(out, options)
+    finally:
+        for folder in made:  # the deepest first
+            try:
+                os.rmdir(folder)
+            except OSError:
+                break
+
+
+def preflight(spec: JobSpec, *, offline: bool = False, overwrite: bool = False) -> Preflight:
     """Every check of a job before any work (see the module docstring); never raises for a
-    problem of the job or of storage: each one is a line of `problems`."""
+    problem of the job or of storage: each one is a line of `problems`. The checks `run`
+    makes before it starts Ray are all here, so no problem means `run` starts; `overwrite`
+    checks as `run --overwrite` does (changed settings are a note, not a problem)."""
     report = Preflight()
     layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
                                            offline=offline)
@@ -290,5 +332,5 @@ def preflight(spec: JobSpec, *, offline: bool = False) -> Preflight:
         report.problems += more + lora
         report.notes += more_notes + lora_notes
     _input_problems(spec, offline, report)
-    _output_problems(spec, offline, report)
+    _output_problems(spec, offline, report, overwrite)
     return report

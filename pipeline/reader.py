@@ -1,12 +1,14 @@
 """Stream the samples of one input WebDataset tar through fsspec and decode them.
 
-The tar is read as a stream (`tarfile` mode "r|*" over an fsspec file): never downloaded whole.
-Members are grouped into samples by webdataset's key rule (`{key}.{ext}`: the key ends at the
-first dot of the file name), here by `group_members`, which unlike webdataset's `group_by_keys`
-never fails a shard for a repeated key (`mark_duplicates` marks every repeat). Problems of one
-sample (a key seen before in the shard, an undecodable image, a missing guide, a bad mask, a
-key that would escape the output folder) become a `Sample` with `error` and `error_kind` set;
-a truncated or unreadable tar raises `ShardError`.
+The tar is read as a stream over an fsspec file: never downloaded whole. `pipeline.members`
+holds the member contract (every member belongs to one sample row or is a row itself, whatever
+its name, type, encoding or size; compression recognised by content; a tar cut short, corrupt
+or with data after its end fails the shard). Members are grouped into samples by webdataset's
+key rule (`{key}.{ext}`: the key ends at the first dot of the file name); unlike webdataset's
+`group_by_keys` a repeated key never fails a shard (`mark_duplicates` marks every repeat).
+Problems of one sample (a key seen before in the shard, an undecodable image, a missing guide,
+a bad mask, a key that would escape the output folder, an unusable member) become a `Sample`
+with `error` and `error_kind` set; a tar that cannot be read raises `ShardError`.
 
 `read_shard` reads in a background thread and decodes in a thread pool (in order), ahead of
 the consumer by at most `depth` samples: the bound on decoded images a shard holds.
@@ -16,15 +18,13 @@ from __future__ import annotations
 
 import logging
 import queue
-import tarfile
 import threading
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterator, Mapping
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import numpy as np
-from webdataset.tariterators import base_plus_ext
 
 from pipeline.errors import ShardError
 from pipeline.images import (
@@ -34,6 +34,15 @@ from pipeline.images import (
     decode_guide_member,
     decode_mask,
 )
+from pipeline.members import (
+    RawSample,
+    check_key,
+    group_members,
+    mark_duplicates,
+    member_limit,
+    printable,
+    tar_members,
+)
 from pipeline.redaction import redact_url
 from pipeline.stages import Gauge, Timings
 from pipeline.storage import describe_error, url_fs, with_retries
@@ -41,11 +50,11 @@ from pipeline.storage import describe_error, url_fs, with_retries
 logger = logging.getLogger(__name__)
 
 _END = object()
-DUPLICATE = "__duplicate__"
-"""Set by `mark_duplicates` on a sample whose key was seen before in the shard: its message."""
 T = TypeVar("T")
 READER_JOIN_S = 2.0
 """Seconds a stopped consumer waits for the reader thread to end (it checks every 0.2 s)."""
+__all__ = ["Sample", "check_key", "decode_sample", "iter_raw", "iter_samples", "prefetch",
+           "read_shard"]
 
 
 @dataclass
@@ -76,116 +85,95 @@ class Sample:
     carried: Mapping[str, bytes] = field(default_factory=dict)
 
 
-def check_key(key: str) -> str | None:
-    """None if `key` is safe as an output name, else the reason it is not."""
-    if not key or "/" in key or "\\" in key or ".." in key or key.startswith("."):
-        return (f"key {key!r} is not allowed: keys may not contain '/', '\\\\' or '..', "
-                "nor start with '.'")
-    return None
-
-
-def decode_sample(raw: Mapping[str, Any], image_ext: str | None, mask_ext: str | None,
-                  max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
-    """Decode one grouped sample (extension -> bytes) into a `Sample`; never raises.
+def decode_sample(raw: RawSample | Mapping[str, Any], image_ext: str | None,
+                  mask_ext: str | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
+    """Decode one grouped sample (`RawSample`, or a dict {"__key__": key, ext: bytes}) into a
+    `Sample`; never raises.
 
     The guide is decoded by `pipeline.images.decode_guide`, the mask by `decode_mask` (both
-    check `max_pixels` from the header before decoding). A sample marked by `mark_duplicates`
-    is not decoded: it is a "duplicate" error.
+    check `max_pixels` from the header before decoding). A keyless member, a sample marked by
+    `mark_duplicates`, a key that cannot name an output or a sample with an unusable member
+    is not decoded: it is an error row (kinds `member`, `duplicate`, `key`, `member` / `size`).
     """
-    key = str(raw["__key__"])
-    if raw.get(DUPLICATE):
-        return Sample(key=key, error=raw[DUPLICATE], error_kind="duplicate")
-    problem = check_key(key)
+    if not isinstance(raw, RawSample):
+        raw = RawSample.of(raw)
+    key = printable(raw.key)
+    if raw.keyless:
+        kind, message = raw.problems[0]
+        return Sample(key=key, error=message, error_kind=kind)
+    if raw.duplicate:
+        return Sample(key=key, error=raw.duplicate, error_kind="duplicate")
+    problem = check_key(raw.key)
     if problem:
         return Sample(key=key, error=problem, error_kind="key")
-    exts = [image_ext] if image_ext else [e for e in IMAGE_EXTS if e in raw]
-    if not exts or exts[0] not in raw:
+    if raw.problems:
+        return Sample(key=key, error_kind=raw.problems[0][0],
+                      error="; ".join(message for _, message in raw.problems))
+    found = raw.members
+    exts = [image_ext] if image_ext else [e for e in IMAGE_EXTS if e in found]
+    if not exts or exts[0] not in found:
         wanted = image_ext or " or ".join(IMAGE_EXTS)
-        present = sorted(k for k in raw if not k.startswith("__"))
-        return Sample(key=key, error=f"missing guide member {key}.{wanted} (present: {present})",
-                      error_kind="missing")
-    members: dict[str, bytes] = {"guide": raw[exts[0]]}
+        return Sample(key=key, error_kind="missing", error=(
+            f"missing guide member {key}.{wanted} (present: {sorted(found)})"
+            f"{_dotted_images(raw, mask_ext)}"))
+    members: dict[str, bytes] = {"guide": found[exts[0]]}
     try:
-        guide, guide_png = decode_guide_member(raw[exts[0]], f"{key}.{exts[0]}", max_pixels)
+        guide, guide_png = decode_guide_member(found[exts[0]], f"{key}.{exts[0]}", max_pixels)
     except ImageError as exc:
         return Sample(key=key, error=str(exc), error_kind=exc.kind)
     mask = None
     if mask_ext:
-        if mask_ext not in raw:
+        if mask_ext not in found:
             return Sample(key=key, error=f"missing mask member {key}.{mask_ext}",
                           error_kind="missing")
         try:
-            mask = decode_mask(raw[mask_ext], f"{key}.{mask_ext}", max_pixels)
+            mask = decode_mask(found[mask_ext], f"{key}.{mask_ext}", max_pixels)
         except ImageError as exc:
             return Sample(key=key, error=str(exc), error_kind=exc.kind)
         if mask.shape != guide.shape[:2]:
             return Sample(key=key, error_kind="mask", error=(
                 f"mask {key}.{mask_ext} is {mask.shape[1]}x{mask.shape[0]} but the guide is "
                 f"{guide.shape[1]}x{guide.shape[0]}; allowed: the same size"))
-        members["mask"] = raw[mask_ext]
-    if "target.png" in raw:
-        members["target"] = raw["target.png"]
+        members["mask"] = found[mask_ext]
+    if "target.png" in found:
+        members["target"] = found["target.png"]
     used = {exts[0], mask_ext, "target.png"}
-    carried = {ext: data for ext, data in raw.items()
-               if not ext.startswith("__") and ext not in used}
+    carried = {ext: data for ext, data in found.items() if ext not in used}
     return Sample(key=key, guide=guide, mask=mask, members=members, guide_png=guide_png,
                   carried=carried)
 
 
-def group_members(files: Iterable[Mapping[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Group tar members ({"fname", "data"}) into samples {"__key__", ext: bytes, ...}.
-
-    Consecutive members with the same key form a sample (webdataset's rule: `base_plus_ext`,
-    extensions lower-cased; names without an extension are skipped). A member whose extension
-    the current sample already has starts a new sample with the same key, so a repeated key
-    (in a row or apart) never raises: it shows as a second sample with that key, for the
-    caller to refuse (`mark_duplicates`).
-    """
-    current: dict[str, Any] | None = None
-    for item in files:
-        prefix, suffix = base_plus_ext(item["fname"])
-        if prefix is None:
-            continue
-        suffix = suffix.lower()
-        if current is None or prefix != current["__key__"] or suffix in current:
-            if current is not None:
-                yield current
-            current = {"__key__": prefix, "__url__": item.get("__url__")}
-        current[suffix] = item["data"]
-    if current is not None:
-        yield current
+def _dotted_images(raw: RawSample, mask_ext: str | None) -> str:
+    """A hint for a sample without a guide whose members look like images of other samples
+    (`img.v2.png`: key `img`, extension `v2.png`)."""
+    dotted = [printable(raw.names[ext]) for ext in sorted(raw.members)
+              if "." in ext and ext.rsplit(".", 1)[-1] in IMAGE_EXTS
+              and ext not in (mask_ext, "mask.png", "target.png")]
+    if not dotted:
+        return ""
+    verb = "belongs" if len(dotted) == 1 else "belong"
+    return (f"; {', '.join(dotted)} {verb} to sample {printable(raw.key)} as extensions, "
+            "since a key ends at the first dot of the file name: name separate samples "
+            "without dots in their keys (img_v2.png)")
 
 
-def mark_duplicates(samples: Iterable[dict[str, Any]]) -> Iterator[dict[str, Any]]:
-    """Grouped samples in order; a key seen before in the shard gets `DUPLICATE` set to the
-    message of its error row (only the first occurrence is used: edited, or an error row of its
-    own), so it is never decoded."""
-    seen: dict[str, int] = {}
-    for position, raw in enumerate(samples, start=1):
-        key = str(raw["__key__"])
-        if key in seen:
-            raw[DUPLICATE] = (f"duplicate key {key}: sample {position} of the shard repeats "
-                              f"sample {seen[key]} (only the first is used); allowed: each key "
-                              "once per shard")
-        else:
-            seen[key] = position
-        yield raw
-
-
-def iter_raw(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[dict[str, Any]]:
-    """Yield the samples of the tar at `url` undecoded (extension -> bytes, `__key__`), in order
-    (`group_members`), repeated keys marked (`mark_duplicates`).
+def iter_raw(url: str, storage_options: Mapping[str, Any] | None,
+             max_member_bytes: int | None = None) -> Iterator[RawSample]:
+    """Yield the samples of the tar at `url` undecoded, in order (`group_members`), repeated
+    keys marked (`mark_duplicates`); members over `max_member_bytes` (default
+    `member_limit(DEFAULT_MAX_PIXELS)`) are not read.
 
     Raises:
         ShardError: the tar cannot be opened, is truncated or malformed.
     """
+    limit = max_member_bytes or member_limit(DEFAULT_MAX_PIXELS)
     try:
         fs, path = url_fs(url, storage_options)
         # Opening is retried on transient errors (an object store restarting); a failure
         # later, mid-stream, is a ShardError and the runner retries the whole shard.
         opened = with_retries(lambda: fs.open(path, "rb"), what="open input shard", url=url)
         with opened as stream:
-            yield from mark_duplicates(group_members(_members(stream, url, fs.size(path))))
+            yield from mark_duplicates(group_members(tar_members(stream, url, limit), limit))
     except ShardError:
         raise
     except Exception as exc:
@@ -194,31 +182,15 @@ def iter_raw(url: str, storage_options: Mapping[str, Any] | None) -> Iterator[di
 
 
 def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
-                 mask_ext: str | None, max_pixels: int = DEFAULT_MAX_PIXELS
-                 ) -> Iterator[Sample]:
+                 mask_ext: str | None, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 max_member_bytes: int | None = None) -> Iterator[Sample]:
     """Yield decoded samples of the tar at `url` in tar order (in this thread).
 
     Raises:
         ShardError: the tar cannot be opened, is truncated or malformed.
     """
-    for raw in iter_raw(url, storage_options):
+    for raw in iter_raw(url, storage_options, max_member_bytes or member_limit(max_pixels)):
         yield decode_sample(raw, image_ext, mask_ext, max_pixels)
-
-
-def _members(stream: Any, url: str, size: int | None) -> Iterator[dict[str, Any]]:
-    """Regular members of a tar stream as webdataset file samples (fname, data, __url__).
-
-    `tarfile` ends a stream silently when it is cut at a header; a plain tar must end with
-    its end-of-archive block, so a shorter file is reported as truncated.
-    """
-    with tarfile.open(fileobj=stream, mode="r|*") as tar:
-        for info in tar:
-            if info.isreg():
-                data = tar.extractfile(info).read()  # type: ignore[union-attr]
-                yield {"fname": info.name, "data": data, "__url__": url}
-    if size is not None and url.endswith(".tar") and size < tar.offset + tarfile.BLOCKSIZE:
-        raise ShardError(f"input shard {redact_url(url)}: cannot read: truncated tar "
-                         f"({size} bytes, no end-of-archive block after byte {tar.offset})")
 
 
 def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
@@ -280,7 +252,7 @@ def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: s
     `gauge` counts each sample as it is decoded (the consumer counts it down when done);
     `timings` gets the decoding time as "decode".
     """
-    def decode(raw: dict[str, Any]) -> Sample:
+    def decode(raw: RawSample) -> Sample:
         if timings is None:
             sample = decode_sample(raw, image_ext, mask_ext, max_pixels)
         else:
@@ -290,11 +262,11 @@ def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: s
             gauge.add(1)
         return sample
 
+    raws = iter_raw(url, storage_options, member_limit(max_pixels))
     if pool is None:
-        yield from prefetch(map(decode, iter_raw(url, storage_options)), depth)
+        yield from prefetch(map(decode, raws), depth)
         return
-    futures = prefetch((pool.submit(decode, raw) for raw in iter_raw(url, storage_options)),
-                       depth)
+    futures = prefetch((pool.submit(decode, raw) for raw in raws), depth)
     try:
         for future in futures:
             yield future.result()

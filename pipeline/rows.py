@@ -1,22 +1,41 @@
 """Per-row settings of input samples: t0, prompt and negative prompt, checked before batching.
 
-An input sample's `{key}.json`, when it is a JSON object, may set `t0`, `prompt` and
-`negative_prompt`; a `{key}.txt` is the prompt when the json sets none. Job values
-(`sdedit.t0`, `sdedit.prompt`, `sdedit.negative_prompt`) are the defaults. Prompts are read only
-for text-conditioned models; for a pixel model json and txt members are simply carried over (a
-json `t0` still applies: it is a setting of SDEdit itself). A bad value makes that row an error
-row (error_kind "setting"), checked before batching so it never fails a batch.
+An input sample's `{key}.json` must be a JSON object; its keys `t0`, `prompt` and
+`negative_prompt` are settings, and a `{key}.txt` is the prompt when the json sets none. Job
+values (`sdedit.t0`, `sdedit.prompt`, `sdedit.negative_prompt`) are the defaults. Prompts are
+read only for text-conditioned models; for a pixel model json and txt members are simply
+carried over (a json `t0` still applies: it is a setting of SDEdit itself). Other keys of the
+json are carried metadata (captions, urls, labels: img2dataset's json passes), except a key
+that looks like a misspelt setting that applies (`T0`, `t_0`, `strength`, `promt`,
+`prompt_2`), which is refused with "did you mean", as the job file does. A bad value, a json
+that cannot be read (whatever the exception: deep nesting, huge numbers) or is no object
+makes that row an error row (error_kind "setting"), checked before batching so it never fails
+a batch.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import re
+import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-__all__ = ["RowSettings", "SettingError", "row_settings"]
+__all__ = ["SETTINGS", "RowSettings", "SettingError", "near_setting", "row_settings"]
+
+SETTINGS = ("t0", "prompt", "negative_prompt")
+"""The keys of `{key}.json` that are settings; pixel models read only t0."""
+_ALIASES = {"strength": "t0", "to": "t0", "negprompt": "negative_prompt",
+            "negative": "negative_prompt"}
+"""Other names of settings, spelt as `_normal` leaves them (diffusers calls t0 strength)."""
+_CUTOFF = 0.88
+"""difflib ratio from which a key is taken for a misspelt setting (`promt`, `prompts`,
+`prompt_2` are; `prompt_id`, 0.86, is not)."""
+_SHOW = reprlib.Repr()
+_SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 60, 24, 60
 
 
 class SettingError(ValueError):
@@ -47,9 +66,10 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
         negative_prompts: whether the model uses negative prompts (Flux does not: a row's
             non-empty negative_prompt is then refused).
     Raises:
-        SettingError: an unreadable json or txt member, or a value that is not allowed.
+        SettingError: a json that cannot be read or is no object, a misspelt setting, an
+        unreadable txt member, or a value that is not allowed.
     """
-    given = _json_settings(key, members)
+    given = _json_settings(key, members, SETTINGS if conditional else ("t0",))
     if "t0" in given:
         t0 = _check_t0(key, given["t0"], check_t0)
     if not conditional:
@@ -70,24 +90,72 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
     return RowSettings(t0, prompt or "", negative_prompt or "")
 
 
-def _json_settings(key: str, members: Mapping[str, bytes]) -> dict[str, Any]:
-    """The settings keys of `{key}.json` when it is a JSON object ({} for another JSON value)."""
+def near_setting(name: str, settings: tuple[str, ...] = SETTINGS) -> str | None:
+    """The setting among `settings` that json key `name` looks like a misspelling of, or None
+    (case, spaces, `-` and `_` ignored; `_ALIASES`; difflib ratio >= `_CUTOFF`)."""
+    if name in SETTINGS:
+        return None
+    normal = _normal(name)
+    for setting in settings:
+        if normal == _normal(setting):
+            return setting
+    if _ALIASES.get(normal) in settings:
+        return _ALIASES[normal]
+    close = difflib.get_close_matches(normal, [_normal(s) for s in settings], n=1,
+                                      cutoff=_CUTOFF)
+    return next((s for s in settings if close and _normal(s) == close[0]), None)
+
+
+def _normal(name: str) -> str:
+    return re.sub(r"[\s_\-]", "", name.lower())
+
+
+def _json_settings(key: str, members: Mapping[str, bytes], read: tuple[str, ...]
+                   ) -> dict[str, Any]:
+    """The settings keys of `{key}.json` (a JSON object; {} when there is none)."""
     if "json" not in members:
         return {}
+    allowed = (f"allowed: a JSON object; its keys {', '.join(SETTINGS)} are settings, other "
+               "keys carried metadata")
+    repeated: list[str] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        names = [name for name, _ in items]
+        repeated[:] = sorted({n for n in names if n in SETTINGS and names.count(n) > 1})
+        return dict(items)
+
     try:
-        data = json.loads(members["json"])
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SettingError(f"{key}.json is not valid JSON ({exc}); allowed: a JSON object that "
-                           "may set t0, prompt and negative_prompt") from exc
+        data = json.loads(members["json"], object_pairs_hook=pairs)
+    except Exception as exc:  # any exception: untrusted bytes (RecursionError, huge numbers)
+        detail = str(exc) if len(str(exc)) <= 120 else str(exc)[:117] + "..."
+        raise SettingError(f"{key}.json cannot be read as JSON ({type(exc).__name__}: "
+                           f"{detail}); {allowed}") from exc
     if not isinstance(data, dict):
-        return {}
-    return {name: data[name] for name in ("t0", "prompt", "negative_prompt") if name in data}
+        raise SettingError(f"{key}.json is a JSON {_json_type(data)}; {allowed}")
+    if repeated:  # the hook ran last for the outermost object
+        raise SettingError(f"{key}.json sets {', '.join(repeated)} more than once; allowed: "
+                           "each setting once")
+    for name in data:
+        near = near_setting(name, read)
+        if near is not None:
+            raise SettingError(
+                f"{_SHOW.repr(name)[1:-1]} in {key}.json is not a setting; did you mean "
+                f"{near}? (allowed settings: {', '.join(read)}; other keys are carried "
+                "metadata, but this one looks like a misspelt setting)")
+    return {name: data[name] for name in read if name in data}
+
+
+def _json_type(value: Any) -> str:
+    return {list: "list", str: "string", bool: "boolean", int: "number", float: "number",
+            type(None): "null"}.get(type(value), type(value).__name__)
 
 
 def _check_t0(key: str, value: Any, check: Callable[[float], str | None]) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or \
-            not math.isfinite(value) or not 0 < value <= 1:
-        raise SettingError(f"t0 in {key}.json is {value!r}; allowed: a number in (0, 1]")
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not number or (isinstance(value, float) and not math.isfinite(value)) or \
+            not 0 < value <= 1:  # compared as int or float: a huge int never overflows
+        raise SettingError(f"t0 in {key}.json is {_SHOW.repr(value)}; allowed: a number in "
+                           "(0, 1]")
     problem = check(float(value))
     if problem:
         raise SettingError(f"t0 in {key}.json is {value!r}: {problem}")
@@ -96,6 +164,12 @@ def _check_t0(key: str, value: Any, check: Callable[[float], str | None]) -> flo
 
 def _text(key: str, name: str, value: Any) -> str:
     if not isinstance(value, str):
-        raise SettingError(f"{name} in {key}.json is {value!r} ({type(value).__name__}); "
-                           "allowed: a string")
+        raise SettingError(f"{name} in {key}.json is {_SHOW.repr(value)} "
+                           f"({type(value).__name__}); allowed: a string")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SettingError(f"{name} in {key}.json is not valid Unicode ({exc.reason} at "
+                           f"character {exc.start}); allowed: a string of valid Unicode") \
+            from exc
     return value

@@ -117,7 +117,9 @@ class ShardOutput:
             handle, self.tmp = tempfile.mkstemp(prefix=f"sdedit-{stem}-", suffix=".tar")
             os.close(handle)
         self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit()/abort()
-        self._tar = wds.TarWriter(self._file, mtime=0.0)
+        # encoder=False: members are bytes already, stored as they are (webdataset's default
+        # encoder would gzip a carried `{key}.txt.gz` a second time)
+        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
 
     def _remove_stale_temps(self, directory: str) -> None:
         for name in os.listdir(directory):

@@ -21,6 +21,7 @@ from sdedit.latent import LatentCodec
 from sdedit.processes import NoiseProcess, VEProcess, VPProcess, flow_from_config
 from sdedit.schedules import VESchedule, VPSchedule
 from sdedit.sources import ModelSourceError
+from sdedit.weights import check_weights_file
 
 __all__ = ["Family", "Loaded", "ModelLayout", "component", "read_json", "scheduler_process",
            "unet_call", "weight_files"]
@@ -189,9 +190,13 @@ def weight_files(folder: Path) -> list[Path]:
 def require_weights(directory: Path, names: tuple[str, ...], source: str, supported: str) -> None:
     """ModelSourceError when a component folder of `names` holds no weights."""
     for name in names:
-        if not weight_files(directory / name):
+        files = weight_files(directory / name)
+        if not files:
             raise ModelSourceError(f"model source {source!r}: no weights in {name}/ "
                                    f"({directory / name}); supported: {supported}")
+        for file in files:
+            if file.suffix != ".json":  # a sharded checkpoint's index is no weights file
+                check_weights_file(file, source)
 
 
 def component_files(directory: Path, weighted: tuple[str, ...],

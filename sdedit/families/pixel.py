@@ -20,6 +20,7 @@ import torch
 from sdedit.families.base import Loaded, ModelLayout, read_json, scheduler_process, unet_call
 from sdedit.processes import FlowProcess, VEProcess
 from sdedit.sources import ModelSourceError
+from sdedit.weights import check_weights_file
 
 __all__ = ["FAMILY", "PixelFamily"]
 
@@ -54,6 +55,7 @@ def check_net(unet_dir: Path, config: Mapping[str, Any], source: str) -> Path:
     if weights is None:
         raise ModelSourceError(
             f"model source {source!r}: no weights in {unet_dir}; expected one of {WEIGHT_FILES}")
+    check_weights_file(weights, source)
     return weights
 
 

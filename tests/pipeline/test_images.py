@@ -236,3 +236,19 @@ def test_only_a_plain_rgb8_png_is_carried_unchanged():
                   encode(Image.fromarray(rgb), "JPEG")):
         pixels, carried = decode_guide_member(other, "k.png")
         assert carried is None and pixels.shape == (4, 4, 3)
+
+
+@pytest.mark.parametrize("fmt", ["PNG", "GIF", "WEBP", "TIFF"])
+def test_multi_frame_guides_and_masks_are_refused_not_cut_to_their_first_frame(fmt):
+    """An animated PNG / GIF / WebP or a multi-page TIFF guide was edited as its first frame."""
+    frames = [Image.new("RGB", (8, 8), (v, v, v)) for v in (0, 255, 128)]
+    buffer = io.BytesIO()
+    frames[0].save(buffer, format=fmt, save_all=True, append_images=frames[1:])
+    for decode in (decode_guide, decode_mask):
+        with pytest.raises(ImageError, match=rf"image k\.x \({fmt}\) has more than one "
+                                             "frame") as info:
+            decode(buffer.getvalue(), "k.x")
+        assert info.value.kind == "decode"
+    single = io.BytesIO()
+    frames[1].save(single, format=fmt, save_all=True)  # one frame: an image as any other
+    assert (decode_guide(single.getvalue(), "k.x") == 255).all()

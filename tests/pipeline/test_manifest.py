@@ -27,8 +27,8 @@ def _values(**changes):
 
 
 def test_error_kinds_are_a_fixed_list():
-    assert list(ERROR_KINDS) == ["key", "missing", "duplicate", "decode", "size", "mask",
-                                 "setting", "device", "edit", "encode"]
+    assert list(ERROR_KINDS) == ["key", "missing", "duplicate", "member", "decode", "size",
+                                 "mask", "setting", "device", "edit", "encode"]
     assert tuple(MANIFEST_SCHEMA.names) == COLUMNS
 
 

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from huggingface_hub import constants as hub_constants
 
 from pipeline.cli import main
-from pipeline.errors import PreflightError
+from pipeline.errors import PreflightError, ResumeConflictError
+from pipeline.jobrecord import prepare_output
 from pipeline.preflight import check_model, model_problems, preflight
 from pipeline.spec import load_spec
 from tests.support.cli import run_cli_in_session
@@ -235,5 +236,52 @@ def test_every_shipped_job_file_is_valid_offline(job, monkeypatch):
     paths in them are relative to the repository root, as the README runs them."""
     monkeypatch.chdir(ROOT)
     spec = load_spec(str(ROOT / "jobs" / job))
-    report = preflight(spec, offline=True)
+    report = preflight(spec, offline=True, overwrite=True)  # whatever an earlier run left
     assert report.problems == [], report.problems
+
+
+def test_validate_makes_the_checks_run_makes_before_ray(tiny_vp_dir, tmp_path):
+    """validate said yes where run said no: a resume with changed settings, a job.json that
+    cannot be read (run: a traceback), a truncated weights file (run: refused only by the
+    actors, after Ray started and job.json was written)."""
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=1, bad=False)
+    out = tmp_path / "out" / "job"
+    spec = make_spec(tiny_vp_dir, shards, out)
+    assert preflight(spec).problems == []
+    assert not (tmp_path / "out").exists()  # the write probe leaves no folder behind
+    prepare_output(spec, overwrite=False)
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, shards, out, sdedit={"t0": 0.05})
+    changed = load_spec(str(job))
+    with pytest.raises(ResumeConflictError) as refused:
+        prepare_output(changed, overwrite=False)
+    assert preflight(changed).problems == [f"output.path: {refused.value}"]
+    assert "sdedit.t0: 0.04 -> 0.05" in str(refused.value)
+    assert CliRunner().invoke(main, ["validate", str(job)]).exit_code == 2
+    result = CliRunner().invoke(main, ["validate", str(job), "--overwrite"])
+    assert result.exit_code == 0 and "(run --overwrite discards them)" in result.output
+    (out / "job.json").write_text("{not json")
+    with pytest.raises(ResumeConflictError, match=r"its job\.json cannot be read as a job "
+                                                  r"record \(Expecting property name"):
+        prepare_output(spec, overwrite=False)
+    assert "job.json cannot be read as a job record" in preflight(spec).problems[0]
+    model = tmp_path / "model"
+    shutil.copytree(tiny_vp_dir, model)
+    weights = model / "diffusion_pytorch_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    cut = make_spec(model, shards, tmp_path / "out2")
+    assert "diffusion_pytorch_model.safetensors is truncated" in preflight(cut).problems[0]
+    with pytest.raises(PreflightError, match="is truncated"):
+        check_model(cut)  # what run calls before Ray
+
+
+@pytest.mark.s3
+def test_validate_refuses_an_output_it_can_read_but_not_write(s3_bucket, tiny_vp_dir,
+                                                               tmp_path):
+    """A read-only identity passed validate (it only listed the output), and run refused it."""
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=1, bad=False)
+    spec = make_spec(tiny_vp_dir, shards, tmp_path, output={
+        "path": f"{s3_bucket.url}/out", "storage_options": s3_bucket.readonly_storage_options})
+    problems = preflight(spec).problems
+    assert len(problems) == 1
+    assert problems[0].startswith(f"output.path {s3_bucket.url}/out: cannot write: "
+                                  "AccessDenied")

@@ -11,14 +11,8 @@ import pytest
 import webdataset as wds
 
 from pipeline.errors import ShardError
-from pipeline.reader import (
-    check_key,
-    decode_sample,
-    group_members,
-    iter_samples,
-    prefetch,
-    read_shard,
-)
+from pipeline.members import Member, group_members
+from pipeline.reader import check_key, decode_sample, iter_samples, prefetch, read_shard
 from tests.support.images import png16, png_header_only
 from tests.support.shards import png, write_shards
 
@@ -79,17 +73,14 @@ def test_decode_sample_uses_the_one_conversion():
 
 
 def test_group_members_splits_repeated_keys_instead_of_failing():
-    def member(name):
-        return {"fname": name, "data": name.encode()}
-
     names = ["a.png", "a.json", "a.png", "a.json", "b.png", "a.png", "c.PNG", "README",
              "c.mask.png", "c.mask.png"]
-    groups = [sorted(k for k in g if not k.startswith("__")) for g in
-              group_members(member(n) for n in names)]
-    keys = [g["__key__"] for g in group_members(member(n) for n in names)]
-    assert keys == ["a", "a", "b", "a", "c", "c"]
-    assert groups == [["json", "png"], ["json", "png"], ["png"], ["png"], ["mask.png", "png"],
-                      ["mask.png"]]
+    raws = list(group_members(Member(n, n.encode()) for n in names))
+    assert [r.key for r in raws] == ["a", "a", "b", "a", "c", "README", "c"]
+    assert [sorted(r.members) for r in raws] == [
+        ["json", "png"], ["json", "png"], ["png"], ["png"], ["mask.png", "png"], [],
+        ["mask.png"]]
+    assert [r.keyless for r in raws] == [False] * 5 + [True, False]
 
 
 def test_duplicate_keys_are_error_samples_and_never_fail_the_shard(tmp_path):

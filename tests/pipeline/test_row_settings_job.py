@@ -64,7 +64,7 @@ def test_pixel_job_reads_t0_per_row_and_carries_every_other_member(tiny_vp, tiny
     assert rows["a"]["prompt"] is None  # pixel model: no prompts
     assert rows["c"]["error_kind"] == rows["d"]["error_kind"] == "setting"
     assert "t0 in c.json is 2; allowed: a number in (0, 1]" in rows["c"]["error"]
-    assert "d.json is not valid JSON" in rows["d"]["error"]
+    assert "d.json cannot be read as JSON" in rows["d"]["error"]
     members = _members(out / "shards" / "in.tar")
     assert sorted(members) == ["a.cls", "a.input.json", "a.json", "a.png", "a.txt",
                                "b.json", "b.png"]  # carried even without guides

@@ -186,7 +186,9 @@ def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_
                                                                  tmp_path):
     broken = tmp_path / "broken-model"
     shutil.copytree(tiny_vp_dir, broken)
-    (broken / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    config = json.loads((broken / "config.json").read_text())  # weights of another network:
+    config["block_out_channels"] = [16, 32]                    # whole, but they cannot load
+    (broken / "config.json").write_text(json.dumps(config))
     out = tmp_path / "out"
     spec = make_spec(broken, inputs, out)
     with pytest.raises(PipelineError, match=r"cannot load model .*broken-model.*cannot load "

@@ -166,4 +166,24 @@ def test_an_unreadable_job_record_is_a_clear_error_not_a_traceback(tmp_path):
     (tmp_path / "job.json").write_text('{"spec": ')
     result = CliRunner().invoke(main, ["status", str(tmp_path)])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    assert result.output.startswith(f"error: {tmp_path}/job.json is not valid JSON")
+    assert result.output.startswith(f"error: output {tmp_path}: its job.json ")
+    assert "cannot be read as a job record" in result.output
+
+
+def test_status_and_run_count_a_shard_whose_name_starts_with_a_dot(tiny_vp, tiny_vp_dir,
+                                                                   tmp_path):
+    """A done marker `.hidden.json` (input shard `.hidden.tar`) was ignored by `status`
+    (pending forever) but counted by `run`'s planning."""
+    from pipeline.shards import plan_pending
+
+    shards = write_shards(tmp_path / "in", n_shards=1, per_shard=1, bad=False)
+    hidden = tmp_path / "in" / ".hidden.tar"
+    (tmp_path / "in" / "part-000000.tar").rename(hidden)
+    out = tmp_path / "out"
+    spec = make_spec(tiny_vp_dir, [str(hidden)], out)
+    prepare_output(spec, overwrite=False)
+    ShardWorker(spec, model=tiny_vp).process(str(hidden))
+    assert (out / "done" / ".hidden.json").exists() and shards
+    status = job_status(str(out))
+    assert (status.done, status.pending, status.samples) == (1, 0, 1)
+    assert plan_pending([str(hidden)], str(out)) == ([], [str(hidden)])

@@ -143,7 +143,7 @@ def _bad_json(path: Path) -> None:
 @pytest.mark.parametrize(
     ("damage", "fragment"),
     [
-        (_corrupt, "cannot load diffusion_pytorch_model.safetensors"),
+        (_corrupt, "diffusion_pytorch_model.safetensors is not a safetensors file"),
         (_mismatched, "cannot load diffusion_pytorch_model.safetensors"),
         (_unsupported_scheduler, "scheduler 'CMStochasticIterativeScheduler' is not supported"),
         (_flow_scheduler_on_a_unet, "a flow-matching scheduler with a UNet2DModel"),
