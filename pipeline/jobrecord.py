@@ -82,8 +82,8 @@ def read_job_record(output: str, options: Mapping[str, Any] | None) -> dict[str,
     if not isinstance(record, dict):
         what = record if isinstance(record, Exception) else type(record).__name__
         raise ResumeConflictError(
-            f"output {output}: its {JOB_RECORD} ({redact_url(url)}) cannot be read as a job "
-            f"record ({what}); use a new output.path, or --overwrite to discard its results")
+            f"output {redact_url(output)}: its {JOB_RECORD} cannot be read as a job record "
+            f"({what}); use a new output.path, or --overwrite to discard its results")
     return record
 
 

@@ -32,7 +32,7 @@ import pytest
 import ray
 import yaml
 
-from pipeline import runner
+from pipeline import schedule
 from pipeline.runner import RunSummary, run_job
 from pipeline.spec import JobSpec, parse_spec
 from pipeline.status import job_status
@@ -337,7 +337,7 @@ def test_unreachable_shards_are_reported_failed_and_the_rest_completes(
         private_ray: Path, s3_bucket: S3Bucket, tiny_vp_dir: Path, tmp_path: Path,
         monkeypatch: pytest.MonkeyPatch) -> None:
     """One input deleted after the job was written, one in a bucket that does not exist."""
-    monkeypatch.setattr(runner, "RETRY_BASE_DELAY", 0.1)  # the retries, not their wait
+    monkeypatch.setattr(schedule, "RETRY_BASE_DELAY", 0.1)  # the retries, not their wait
     ok, gone = upload_inputs(s3_bucket, tmp_path / "in", "part", n_shards=2, per_shard=2)
     s3_bucket.server.filesystem().rm_file(gone)
     lost = "s3://no-such-bucket-sdedit/in/lost-000002.tar"

@@ -346,7 +346,7 @@ def test_a_sample_error_without_a_kind_is_a_bug_not_a_decode_row(tiny_vp, tiny_v
     decode = reader.decode_sample
 
     def kindless(raw, *args, **kwargs):
-        if raw["__key__"] == "s0_002":
+        if raw.key == "s0_002":
             return reader.Sample(key="s0_002", error="something went wrong")
         return decode(raw, *args, **kwargs)
 

@@ -222,7 +222,7 @@ def test_an_aborted_shard_leaves_no_thread_and_a_zero_gauge_while_the_other_work
     aborted_at: list[float] = []
 
     def slow_for_shard_1(raw, *args, **kwargs):
-        key = str(raw["__key__"])
+        key = raw.key
         if key == "s1_001":
             raise RuntimeError("a bug in decoding")
         if key.startswith("s1_"):
