@@ -122,7 +122,9 @@ class SdeditSpec:
     negative_prompt: str | None = None
     """Text-conditioned models: the negative prompt of rows that set none (None = "")."""
     guidance_scale: float | None = None
-    """Text-conditioned models: classifier-free guidance g >= 1 (None = 7.5; 1 = no guidance)."""
+    """Text-conditioned models: classifier-free guidance g >= 1 (1 = conditional pass only), or
+    the guidance input g >= 0 of a guidance-distilled model (Flux-dev); None = the family's
+    default. The model's range is checked by `pipeline.modelcheck`."""
 
 
 @dataclass(frozen=True)
@@ -281,7 +283,7 @@ _CHECKS: dict[str, dict[str, Check]] = {
                "steps": optional(_INT(1)), "repeats": _INT(1),
                "samples_per_input": _INT(1, 100), "seed": _INT(0, 2**63 - 1),
                "eta": number(0), "prompt": _TEXT, "negative_prompt": _TEXT,
-               "guidance_scale": optional(number(1, 100))},
+               "guidance_scale": optional(number(0, 100))},
     "compute": {"device": choice(DEVICES), "dtype": choice(DTYPES),
                 "batch_size": _INT(1, 4096), "gpus_per_actor": number(0, 8),
                 "cpus_per_actor": optional(number(0, open_low=True)),

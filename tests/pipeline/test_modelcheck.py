@@ -102,3 +102,18 @@ def test_an_actors_refusal_stops_the_job_without_retries(ray_connected, tiny_vp_
                                                  r"sampler='ve' cannot run on"):
         run_job(spec, progress=False)
     assert not (out / "failed").exists() and not (out / "done").exists()
+
+
+def test_a_guidance_input_below_1_is_the_models_to_judge(tiny_sd_dir, tiny_flux_dev_dir,
+                                                         tmp_path):
+    """The spec took guidance_scale >= 1 for every model, so a guidance-distilled model's
+    input (Flux-dev: any g >= 0) below 1 could not be set; now the family decides: a
+    classifier-free-guidance model refuses 0.5 by name."""
+    spec = make_spec(tiny_sd_dir, [str(tmp_path / "x.tar")], tmp_path / "out",
+                     sdedit={"guidance_scale": 0.5})
+    problems = layout_problems(spec, inspect_model_dir(tiny_sd_dir, spec.model.source))
+    assert problems == ["sdedit.guidance_scale: guidance_scale=0.5 is not allowed; allowed: "
+                        "a number >= 1 (1 = conditional pass only) or None (7.5)"]
+    flux = make_spec(tiny_flux_dev_dir, [str(tmp_path / "x.tar")], tmp_path / "out",
+                     sdedit={"guidance_scale": 0.5, "sampler": "euler"})
+    assert layout_problems(flux, inspect_model_dir(tiny_flux_dev_dir, "m")) == []
