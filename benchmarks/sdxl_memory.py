@@ -25,22 +25,14 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lora_fuse import sdxl_unet  # noqa: E402  (this folder: the same SDXL UNet config)
+
 GB = 1e9
 
 
 def unet(div: int = 1):
-    """SDXL base 1.0's UNet config (widths / div)."""
-    from diffusers import UNet2DConditionModel
-
-    return UNet2DConditionModel(
-        sample_size=128, in_channels=4, out_channels=4, layers_per_block=2,
-        block_out_channels=(320 // div, 640 // div, 1280 // div),
-        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-        attention_head_dim=(5, 10, 20), use_linear_projection=True,
-        transformer_layers_per_block=(1, 2, 10), cross_attention_dim=2048,
-        addition_embed_type="text_time", addition_time_embed_dim=256,
-        projection_class_embeddings_input_dim=2816, norm_num_groups=32 // div)
+    """SDXL base 1.0's UNet config (widths / div): the one `lora_fuse.py` benchmarks."""
+    return sdxl_unet(div)
 
 
 def vae():
