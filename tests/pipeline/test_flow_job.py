@@ -19,7 +19,7 @@ from pipeline.preflight import preflight
 from pipeline.runner import run_job
 from pipeline.worker import ShardWorker
 from sdedit import edit
-from tests.support.shards import make_spec, png
+from tests.support.shards import make_spec, png, write_row_shards
 
 
 def _members(tar_path) -> dict[str, bytes]:
@@ -34,17 +34,7 @@ def test_flux_job_with_per_row_prompts_and_t0_on_ray(ray_connected, tiny_flux_de
     guides["k5"] = rng.integers(0, 256, (16, 18, 3), np.uint8)       # not a multiple of 4
     settings = {"k0": {"prompt": "red cat", "t0": 0.2}, "k1": {"prompt": "blue dog"},
                 "k2": {"t0": 0.3}, "k3": {}, "k4": {"prompt": "sky", "t0": 0.15}, "k5": {}}
-    urls = []
-    for shard, keys in enumerate((["k0", "k1", "k2"], ["k3", "k4", "k5"])):
-        url = str(tmp_path / f"in-{shard}.tar")
-        with wds.TarWriter(url) as tar:
-            for key in keys:
-                sample = {"__key__": key, "png": png(guides[key]),
-                          "json": json.dumps(settings[key]).encode()}
-                if key == "k3":
-                    sample["txt"] = b"red room"
-                tar.write(sample)
-        urls.append(url)
+    urls = write_row_shards(tmp_path, guides, settings, txt_key="k3")
     out = tmp_path / "out"
     spec = make_spec(tiny_flux_dev_dir, urls, out,
                      sdedit={"t0": 0.25, "sampler": "euler", "prompt": "lamp",

@@ -18,7 +18,7 @@ from pipeline.errors import ModelSettingsError, PipelineError
 from pipeline.runner import run_job
 from pipeline.worker import ShardWorker
 from sdedit import edit
-from tests.support.shards import make_spec, png
+from tests.support.shards import make_spec, png, write_row_shards
 
 
 def _members(tar_path) -> dict[str, bytes]:
@@ -91,17 +91,7 @@ def test_latent_job_with_per_row_prompts_and_t0_on_ray(ray_connected, tiny_sd, t
     settings = {"k0": {"prompt": "red cat", "t0": 0.03}, "k1": {"prompt": "blue dog"},
                 "k2": {"negative_prompt": "sky", "t0": 0.05}, "k3": {}, "k4": {"prompt": 3},
                 "k5": {"t0": 0.03}}
-    urls = []
-    for shard, keys in enumerate((["k0", "k1", "k2"], ["k3", "k4", "k5"])):
-        url = str(tmp_path / f"in-{shard}.tar")
-        with wds.TarWriter(url) as tar:
-            for key in keys:
-                sample = {"__key__": key, "png": png(guides[key]),
-                          "json": json.dumps(settings[key]).encode()}
-                if key == "k5":
-                    sample["txt"] = b"red room"
-                tar.write(sample)
-        urls.append(url)
+    urls = write_row_shards(tmp_path, guides, settings, txt_key="k5")
     out = tmp_path / "out"
     spec = make_spec(tiny_sd_dir, urls, out, sdedit={"prompt": "lamp", "guidance_scale": 3.0},
                      compute={"batch_size": 4, "cpus_per_actor": 1})

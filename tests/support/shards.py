@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Mapping
 from pathlib import Path
 
 import numpy as np
@@ -77,3 +79,21 @@ def write_job(path: Path, model_dir: Path, shards: str | list[str], out: Path,
     """`job_data` written as a YAML job file at `path`."""
     path.write_text(yaml.safe_dump(job_data(model_dir, shards, out, name, **sections)))
     return path
+
+
+def write_row_shards(root: Path, guides: Mapping[str, np.ndarray],
+                     settings: Mapping[str, dict], txt_key: str) -> list[str]:
+    """Two shards root/in-{0,1}.tar of keys k0-k2 and k3-k5: each a {key}.png guide and a
+    {key}.json of its per-row settings; `txt_key` also has a {key}.txt prompt ("red room")."""
+    urls = []
+    for shard, keys in enumerate((["k0", "k1", "k2"], ["k3", "k4", "k5"])):
+        url = str(root / f"in-{shard}.tar")
+        with wds.TarWriter(url) as tar:
+            for key in keys:
+                sample = {"__key__": key, "png": png(guides[key]),
+                          "json": json.dumps(settings[key]).encode()}
+                if key == txt_key:
+                    sample["txt"] = b"red room"
+                tar.write(sample)
+        urls.append(url)
+    return urls
