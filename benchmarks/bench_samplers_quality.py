@@ -1,7 +1,8 @@
 """Fewer steps at equal quality? Few-evaluation samplers against the paper's full DDPM chain.
 
 For held-out guides (procedural rooms rendered with seed 12345, never used in training, turned
-into stroke paintings with sdedit.strokes.simulate_strokes) and several seeds per guide, every
+into stroke paintings with pipeline.tools.strokes.simulate_strokes) and several seeds per guide,
+every
 candidate (ddim and dpmpp2m at 5/10/20/50 evaluations, ddpm respaced to as many) is compared with
 the full chain (`ddpm`, every step from t0: 500 at t0 = 0.5). DDPM is stochastic, so besides
 the same-seed distance (outputs share the perturbation noise), distributions are compared:
@@ -33,11 +34,11 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from pipeline.tools.demo_data import render_room  # noqa: E402
+from pipeline.tools.strokes import simulate_strokes  # noqa: E402
 from sdedit import DiffusionModel, edit, load_model  # noqa: E402
 from sdedit.accel import Acceleration  # noqa: E402
 from sdedit.processes import VPProcess  # noqa: E402
 from sdedit.schedules import VPSchedule  # noqa: E402
-from sdedit.strokes import simulate_strokes  # noqa: E402
 
 HELD_OUT_SEED = 12345
 

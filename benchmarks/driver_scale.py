@@ -43,9 +43,9 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline.layout import DONE, JOB_RECORD, MANIFESTS  # noqa: E402
-from pipeline.manifest import COLUMNS, MANIFEST_SCHEMA, manifest_row  # noqa: E402
-from pipeline.spec import parse_spec  # noqa: E402
+from pipeline.job.spec import parse_spec  # noqa: E402
+from pipeline.output.layout import DONE, JOB_RECORD, MANIFESTS  # noqa: E402
+from pipeline.output.manifest import COLUMNS, MANIFEST_SCHEMA, manifest_row  # noqa: E402
 
 EVERY = 100
 """Every EVERY-th shard repeats the keys of the shard before it."""
@@ -58,22 +58,22 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-import pipeline.runner, pipeline.status, pipeline.shards, pipeline.spec
+import pipeline.driver.runner, pipeline.output.status, pipeline.input.shards, pipeline.job.spec
 start = time.perf_counter()
 result = None
 if what == "status":
-    st = pipeline.status.job_status(out, options)
+    st = pipeline.output.status.job_status(out, options)
     result = [st.done, st.samples, st.keys_in_several_shards]
 elif what == "status-repeated":
-    st = pipeline.status.job_status(out, options, repeated_keys=True)
+    st = pipeline.output.status.job_status(out, options, repeated_keys=True)
     result = [st.done, st.samples, st.keys_in_several_shards]
 elif what == "plan":
-    shards = pipeline.shards.expand_shards([extra[0]], {})
-    pending, done = pipeline.shards.plan_pending(shards, out, options)
+    shards = pipeline.input.shards.expand_shards([extra[0]], {})
+    pending, done = pipeline.input.shards.plan_pending(shards, out, options)
     result = [len(pending), len(done)]
 elif what == "run-done":
-    spec = pipeline.spec.load_spec(extra[0])
-    summary = pipeline.runner.run_job(spec, progress=False)
+    spec = pipeline.job.spec.load_spec(extra[0])
+    summary = pipeline.driver.runner.run_job(spec, progress=False)
     result = [summary.shards_done, summary.shards_already_done]
 print(json.dumps({"seconds": time.perf_counter() - start, "rss": hwm(), "result": result}))
 """
@@ -93,8 +93,8 @@ def measure(code: Path, what: str, out: str, options: dict[str, Any],
 
 def imports_rss(code: Path) -> int:
     """Peak RSS of a process that only imports the pipeline."""
-    script = ("import sys; sys.path.insert(0, sys.argv[1]); import pipeline.runner, "
-              "pipeline.status\nfor l in open('/proc/self/status'):\n"
+    script = ("import sys; sys.path.insert(0, sys.argv[1]); import pipeline.driver.runner, "
+              "pipeline.output.status\nfor l in open('/proc/self/status'):\n"
               "    l.startswith('VmHWM:') and print(int(l.split()[1]) * 1024)")
     proc = subprocess.run([sys.executable, "-c", script, str(code)], capture_output=True,
                           text=True, check=True, env={**os.environ, "PYTHONPATH": str(code)})
@@ -146,7 +146,7 @@ def marker(shard: int, rows: int) -> bytes:
 def make_outputs(out: str, options: dict[str, Any], spec_data: dict[str, Any], n: int,
                  rows: int) -> float:
     """Write the fake committed outputs of `n` shards; returns the seconds it took."""
-    from pipeline.jobrecord import job_record
+    from pipeline.output.jobrecord import job_record
     from pipeline.storage import url_fs
 
     start = time.perf_counter()
@@ -223,9 +223,9 @@ def sched_part(args: argparse.Namespace, tmp: Path, model: Path) -> list[dict[st
     import ray
     import webdataset as wds
 
+    from pipeline.driver.runner import run_job
     from pipeline.images import encode_image
-    from pipeline.runner import run_job
-    from pipeline.testhooks import Hooks
+    from pipeline.worker.hooks import Hooks
 
     counts = [int(x) for x in args.sched.split(",")]
     inputs = tmp / "sched-in"

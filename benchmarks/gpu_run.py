@@ -110,10 +110,10 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
     """Busy fraction of the actor path: edit-only seconds of the work / pipeline seconds."""
     import webdataset as wds
 
-    from pipeline.batching import output_seed
     from pipeline.images import encode_image
-    from pipeline.spec import parse_spec
-    from pipeline.worker import SLOTS, ShardWorker
+    from pipeline.job.spec import parse_spec
+    from pipeline.worker.batching import output_seed
+    from pipeline.worker.shard import SLOTS, ShardWorker
     from sdedit import edit
 
     sys.path.insert(0, str(Path(__file__).resolve().parent))

@@ -40,10 +40,10 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.images import encode_image
-from pipeline.layout import DONE, folder_url
-from pipeline.spec import parse_spec
+from pipeline.job.spec import parse_spec
+from pipeline.output.layout import DONE, folder_url
 from pipeline.storage import join, url_fs
-from pipeline.testhooks import Hooks
+from pipeline.worker.hooks import Hooks
 
 
 def painting(rng: np.random.Generator, size: int) -> np.ndarray:
@@ -89,7 +89,7 @@ def write_model(path: Path, size: int) -> None:
 def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], ms: float,
             host_threads: int, batch: int, t0: float) -> tuple[float, int, dict]:
     """(wall seconds, images, summary stats) of one `run_job`."""
-    from pipeline.runner import run_job  # here: gpu_run.py imports this module without Ray
+    from pipeline.driver.runner import run_job  # here: gpu_run.py imports this module without Ray
 
     compute: dict[str, Any] = {"device": "cpu", "batch_size": batch, "actors": 1}
     if host_threads:

@@ -30,8 +30,8 @@ from diffusers import DDPMScheduler, UNet2DModel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.batching import output_seed
-from pipeline.runner import run_job
+from pipeline.driver.runner import run_job
+from pipeline.worker.batching import output_seed
 from sdedit import edit, load_model
 from tests.support.shards import make_spec, write_shards
 

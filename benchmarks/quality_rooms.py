@@ -27,8 +27,8 @@ from PIL import Image
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.tools.demo_data import render_room
+from pipeline.tools.strokes import simulate_strokes
 from sdedit import edit, load_model
-from sdedit.strokes import simulate_strokes
 
 T0S = (0.3, 0.4, 0.5, 0.6)
 

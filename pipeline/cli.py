@@ -94,9 +94,9 @@ def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool, overwrite:
     """
     import yaml
 
+    from pipeline.driver.preflight import preflight
     from pipeline.errors import PreflightError
-    from pipeline.preflight import preflight
-    from pipeline.spec import load_spec
+    from pipeline.job.spec import load_spec
 
     spec = load_spec(job, overrides)
     report = preflight(spec, offline=offline, overwrite=overwrite)
@@ -143,8 +143,8 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
       sdedit-batch run jobs/quickstart.yaml
       sdedit-batch run jobs/sketch2bedroom.yaml --address auto --set compute.actors.max=8
     """
-    from pipeline.runner import run_job
-    from pipeline.spec import load_spec
+    from pipeline.driver.runner import run_job
+    from pipeline.job.spec import load_spec
 
     spec = load_spec(job, overrides)
     summary = run_job(spec, address=address, limit_shards=limit_shards, overwrite=overwrite,
@@ -217,8 +217,8 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
       sdedit-batch status out/quickstart --errors --limit 50
       sdedit-batch status s3://bucket/out --repeated-keys
     """
-    from pipeline.status import error_rows, job_status
-    from pipeline.submit import describe, is_submission_id, submission_status
+    from pipeline.driver.submit import describe, is_submission_id, submission_status
+    from pipeline.output.status import error_rows, job_status
 
     if address is not None or is_submission_id(target):
         sub = submission_status(address, target)
@@ -241,7 +241,7 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
     for url, error in st.failed.items():
         click.echo(f"  FAILED {url}: {error}")
     if show_errors:
-        from pipeline.shards import shard_stem
+        from pipeline.input.shards import shard_stem
 
         rows, total = error_rows(st.output, st.storage_options, limit=limit)
         click.echo(f"error rows: {total}" + (f" (first {len(rows)})" if total > len(rows) else ""))
@@ -277,7 +277,7 @@ def submit_cmd(job: str, address: str | None, overrides: tuple[str, ...], wait: 
       sdedit-batch submit jobs/sketch2bedroom.yaml --no-wait --set compute.actors.max=8
       sdedit-batch status raysubmit_XXXX --address http://127.0.0.1:8265
     """
-    from pipeline.submit import follow, submit
+    from pipeline.driver.submit import follow, submit
 
     sid, spec = submit(job, address, overrides)
     if not wait:

@@ -29,7 +29,7 @@ class SpecError(PipelineError):
 
 
 class PreflightError(SpecError):
-    """A job refused by the checks made before any work (`pipeline.preflight`): the model
+    """A job refused by the checks made before any work (`pipeline.driver.preflight`): the model
     source, the input shards or the output location. Lists every problem found."""
 
     def __init__(self, errors: list[str], source: str = "job") -> None:
@@ -58,7 +58,7 @@ class ResumeConflictError(PipelineError):
 class ModelSettingsError(PipelineError):
     """The job's settings ask for what its model cannot do (a sampler its noise process does not
     run, t0 / steps its schedule cannot start from, prompts or guidance it does not take); found
-    by `pipeline.modelcheck` before any work, or by an actor on the model it loaded. The whole
+    by `pipeline.job.modelcheck` before any work, or by an actor on the model it loaded. The whole
     job is refused: no shard could succeed."""
 
 

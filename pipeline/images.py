@@ -7,7 +7,7 @@ strict: the size is checked from the header before any pixel is decoded (`max_pi
 mode is converted as what it shows (16-bit data scaled, never clipped; transparency composited
 over white; EXIF orientation applied); a mode that cannot be converted faithfully is refused;
 masks must be black and white (`MASK_BLACK_MAX`, `MASK_WHITE_MIN`, `MASK_MID_FRACTION`).
-Each refusal is an `ImageError` whose `kind` is one of `pipeline.writer.ERROR_KINDS`.
+Each refusal is an `ImageError` whose `kind` is one of `pipeline.output.writer.ERROR_KINDS`.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class ImageError(ValueError):
     """An image member that cannot become a correct guide or mask.
 
     Attributes:
-        kind: "decode", "size" or "mask" (see `pipeline.writer.ERROR_KINDS`).
+        kind: "decode", "size" or "mask" (see `pipeline.output.writer.ERROR_KINDS`).
     """
 
     def __init__(self, kind: str, message: str) -> None:

@@ -1,7 +1,7 @@
 """The concurrency of one actor: shards taking turns on the device, outputs encoded in a pool
 and written in order, and per-stage timings.
 
-Threads of an actor (`pipeline/worker.py` uses these):
+Threads of an actor (`pipeline/worker/shard.py` uses these):
   - per shard, a reader thread streams the tar and hands each sample to the host pool to decode
     (`reader.read_shard`), at most `depth` samples ahead;
   - per shard, the calling thread forms batches, waits for its turn on the device

@@ -11,12 +11,46 @@ Latent, text-conditioned models (a StableDiffusionPipeline directory or hub id) 
     model = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", "cuda")
     out = edit(model, images, t0=0.5, seeds=[1, 2], prompts=["a bedroom", "a church"])
 
-This package imports neither Ray, fsspec nor click at import time.
+This module is the engine's public face: `pipeline` imports the engine through it alone (a test
+holds that). The package imports neither Ray nor click, and fsspec only to copy a URL source.
 """
 
-from sdedit.edit import edit
+from sdedit.accel import Acceleration, PrefetchNoise, default_noise_threads
+from sdedit.checks import settings_problems
+from sdedit.conditioning import TextSpec
+from sdedit.devices import DTYPES, dtype_name, resolve_device, resolve_dtype
+from sdedit.edit import (
+    SAMPLERS,
+    NoiseSource,
+    SeedNoise,
+    count_steps,
+    edit,
+    guidance_scale,
+    noise_for,
+    warm_up,
+)
 from sdedit.errors import EditInputError
+from sdedit.families import ModelLayout, inspect_model_dir
+from sdedit.lora import Lora, apply_loras, lora_fit, lora_kind
 from sdedit.models import DiffusionModel, load_model
+from sdedit.processes import NoiseProcess, VPProcess
+from sdedit.schedules import VPSchedule
+from sdedit.sources import (
+    ModelSourceError,
+    cached_snapshot,
+    hub_download_hint,
+    hub_repo_files,
+    local_path,
+    source_kind,
+)
 
-__all__ = ["DiffusionModel", "EditInputError", "edit", "load_model"]
+__all__ = [
+    "DTYPES", "SAMPLERS", "Acceleration", "DiffusionModel", "EditInputError", "Lora",
+    "ModelLayout", "ModelSourceError", "NoiseProcess", "NoiseSource", "PrefetchNoise",
+    "SeedNoise", "TextSpec", "VPProcess", "VPSchedule", "apply_loras", "cached_snapshot",
+    "count_steps", "default_noise_threads", "dtype_name", "edit", "guidance_scale",
+    "hub_download_hint", "hub_repo_files", "inspect_model_dir", "load_model", "local_path",
+    "lora_fit", "lora_kind", "noise_for", "resolve_device", "resolve_dtype", "settings_problems",
+    "source_kind", "warm_up",
+]
 __version__ = "0.1.0"

@@ -13,16 +13,13 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
 from sdedit.conditioning import TextSpec
 from sdedit.errors import EditInputError
+from sdedit.models import DiffusionModel
 from sdedit.processes import SAMPLERS, NoiseProcess
-
-if TYPE_CHECKING:
-    from sdedit.models import DiffusionModel
 
 __all__ = ["MAX_SEED", "check_common", "check_images", "check_masks", "check_prompts",
            "check_t0", "plan_problem", "sampler_problem", "settings_problems", "text_problems"]

@@ -46,7 +46,8 @@ from sdedit.latent import latent_mask
 from sdedit.models import DiffusionModel
 from sdedit.processes import SAMPLERS
 
-__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "guidance_scale", "noise_for"]
+__all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "guidance_scale", "noise_for",
+           "warm_up"]
 
 
 class SeedNoise:
@@ -169,8 +170,9 @@ def edit(
         kept = None if regen is None else latent_mask(regen, model.codec.factor)
     if texts is not None:
         prompt_list, negative_list, scale = texts
-        denoise = conditioned_denoiser(model, prompt_list, negative_list, scale,
-                                       [len(p) for p in plans], size)
+        assert model.text is not None
+        denoise = conditioned_denoiser(model.text, model.denoise, prompt_list, negative_list,
+                                       scale, [len(p) for p in plans], size)
     if noise is None:
         noise = noise_for(model, seeds, *images.shape[2:])
     elif noise.shape != shape or len(noise.generators) != n:
@@ -219,6 +221,28 @@ def guidance_scale(model: DiffusionModel, value: float | None) -> float | None:
     if model.text is None or model.text.spec.guidance == "none":
         return None
     return model.text.spec.default_guidance if value is None else float(value)
+
+
+@torch.no_grad()
+def warm_up(model: DiffusionModel, batch_size: int) -> None:
+    """One sampler step of `edit`'s shape at the model's sample size (the allocator's and the
+    kernels' first-call cost; conditional models: the guidance batch with empty prompts)."""
+    shape = model.state_shape(*model.sample_size)
+    x = torch.zeros(batch_size, *shape, device=model.device)
+    process = model.process_for(*model.sample_size)
+    sampler = process.samplers[0]
+    plans = [process.plan(0.5, sampler, 1)] * batch_size
+    denoise = model.denoise
+    if model.text is not None:
+        denoise = conditioned_denoiser(model.text, model.denoise, [""] * batch_size,
+                                       [""] * batch_size, model.text.spec.default_guidance or 1.0,
+                                       [1] * batch_size, model.sample_size)
+
+    def no_noise(rows: list[int]) -> torch.Tensor:
+        raise RuntimeError("a one-step warm-up draws no noise")
+
+    process.sample(sampler, denoise, x, plans, no_noise, after_step=None, eta=0.0,
+                   corrector_steps=0)
 
 
 def _renoise(guide: torch.Tensor, z0: torch.Tensor, regen: torch.Tensor) -> samplers.AfterStep:

@@ -11,14 +11,10 @@ with (eps, velocity): guidance combines it the same way.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 import torch
 
-from sdedit.conditioning import Conditioning
-
-if TYPE_CHECKING:
-    from sdedit.models import DiffusionModel
+from sdedit.conditioning import Conditioning, PromptEncoder
 
 __all__ = ["Guided", "conditioned_denoiser"]
 
@@ -74,14 +70,16 @@ class Guided:
         return pred_u + self.scale * (pred_c - pred_u)
 
 
-def conditioned_denoiser(model: DiffusionModel, prompts: list[str], negatives: list[str],
-                         scale: float, lengths: Sequence[int], size: tuple[int, int]) -> Guided:
-    """The guided denoiser of a text-conditioned model for one batch of images of `size` =
-    (H, W) pixels: every distinct prompt (and negative prompt, with classifier-free guidance
-    and g != 1) encoded once."""
-    assert model.text is not None
-    spec = model.text.spec
+def conditioned_denoiser(text: PromptEncoder,
+                         denoise: Callable[[torch.Tensor, torch.Tensor, Conditioning],
+                                           torch.Tensor],
+                         prompts: list[str], negatives: list[str], scale: float,
+                         lengths: Sequence[int], size: tuple[int, int]) -> Guided:
+    """The guided denoiser of one batch of images of `size` = (H, W) pixels, from the model's
+    prompt encoder and conditioned denoiser: every distinct prompt (and negative prompt, with
+    classifier-free guidance and g != 1) encoded once."""
+    spec = text.spec
     cfg = spec.guidance == "cfg" and scale != 1.0
     embedded = scale if spec.guidance == "embedded" else None
-    cond, uncond = model.text.encode(prompts, negatives if cfg else None, size, embedded)
-    return Guided(model.denoise, cond, uncond if cfg else None, scale, lengths)
+    cond, uncond = text.encode(prompts, negatives if cfg else None, size, embedded)
+    return Guided(denoise, cond, uncond if cfg else None, scale, lengths)

@@ -137,30 +137,6 @@ class DiffusionModel:
         out = self.forward(x, self.process.network_time(t), cond)
         return self.process.target(out, x, t)
 
-    @torch.no_grad()
-    def warm_up(self, batch_size: int) -> None:
-        """One sampler step of `edit`'s shape at `sample_size` (the allocator's first-call cost;
-        conditional models: the guidance batch with empty prompts)."""
-        from sdedit.guidance import conditioned_denoiser
-
-        shape = self.state_shape(*self.sample_size)
-        x = torch.zeros(batch_size, *shape, device=self.device)
-        process = self.process_for(*self.sample_size)
-        sampler = process.samplers[0]
-        plans = [process.plan(0.5, sampler, 1)] * batch_size
-        denoise = self.denoise
-        if self.text is not None:
-            spec = self.text.spec
-            denoise = conditioned_denoiser(self, [""] * batch_size, [""] * batch_size,
-                                           spec.default_guidance or 1.0, [1] * batch_size,
-                                           self.sample_size)
-
-        def no_noise(rows: list[int]) -> torch.Tensor:
-            raise RuntimeError("a one-step warm-up draws no noise")
-
-        process.sample(sampler, denoise, x, plans, no_noise, after_step=None, eta=0.0,
-                       corrector_steps=0)
-
 
 def load_model(
     source: str | os.PathLike[str],

@@ -104,7 +104,7 @@ def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
     if kind == "local":
         raise ModelSourceError(
             f"model source {source!r} is a file; expected a model directory (convert an "
-            "original DDPM/SDEdit checkpoint first: sdedit.convert.convert_checkpoint)")
+            "original DDPM/SDEdit checkpoint first: pipeline.tools.convert.convert_checkpoint)")
     if kind == "hub":
         directory = from_hub(source)
         return Resolved(directory, directory.name)

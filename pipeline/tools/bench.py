@@ -26,12 +26,18 @@ import torch
 
 from pipeline.errors import PipelineError
 from pipeline.tools import reference_loop
-from sdedit import DiffusionModel, edit, load_model
-from sdedit.accel import Acceleration
-from sdedit.devices import DTYPES, resolve_device
-from sdedit.edit import SeedNoise, count_steps
-from sdedit.processes import VPProcess
-from sdedit.schedules import VPSchedule
+from sdedit import (
+    DTYPES,
+    Acceleration,
+    DiffusionModel,
+    SeedNoise,
+    VPProcess,
+    VPSchedule,
+    count_steps,
+    edit,
+    load_model,
+    resolve_device,
+)
 
 logger = logging.getLogger(__name__)
 

@@ -310,7 +310,7 @@ def convert_cmd(ckpt: str, config: str, out: str, overwrite: bool) -> None:
       sdedit-batch convert bedroom.ckpt --config configs/bedroom.yml --out models/bedroom
     """
     from pipeline.errors import PipelineError
-    from sdedit.convert import convert_checkpoint
+    from pipeline.tools.convert import convert_checkpoint
 
     try:
         path = convert_checkpoint(ckpt, config, out, overwrite=overwrite)

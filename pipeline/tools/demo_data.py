@@ -17,7 +17,7 @@ from pipeline.errors import PipelineError, StorageError
 from pipeline.images import encode_image
 from pipeline.storage import url_fs
 from pipeline.tools.rooms import render_room
-from sdedit.strokes import simulate_strokes
+from pipeline.tools.strokes import simulate_strokes
 
 __all__ = ["render_room", "write_demo_data"]
 

@@ -27,7 +27,7 @@ from tqdm import tqdm
 from pipeline.errors import PipelineError, StorageError
 from pipeline.images import encode_image, to_rgb
 from pipeline.storage import FileSystem, url_fs
-from sdedit.strokes import simulate_strokes
+from pipeline.tools.strokes import simulate_strokes
 
 __all__ = ["PrepareReport", "prepare", "sanitize_key"]
 
@@ -220,7 +220,7 @@ def prepare(
         shard_size: images per shard (the last shard may hold fewer).
         size: side of the square output images in pixels.
         strokes: "none": `{key}.png` is the image itself; "simulate": `{key}.png` is its
-            simulated stroke painting (`sdedit.strokes.simulate_strokes`) and
+            simulated stroke painting (`pipeline.tools.strokes.simulate_strokes`) and
             `{key}.target.png` the image.
         storage_options: fsspec options for every source and for `out` (e.g. S3 endpoint).
         progress: show a tqdm progress bar on stderr.

@@ -24,7 +24,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from pipeline.errors import PipelineError, StorageError, count
 from pipeline.images import OUTPUT_FORMATS, encode_image
-from pipeline.layout import SHARDS
+from pipeline.output.layout import SHARDS
 from pipeline.storage import FileSystem, put_bytes_atomic, url_fs
 
 __all__ = ["CAPTION_HEIGHT", "DEFAULT_ROWS", "HEADER_HEIGHT", "PADDING", "Preview", "grid_size",

@@ -30,10 +30,9 @@ from diffusers import DDPMScheduler, UNet2DModel
 from tqdm.auto import tqdm
 
 from pipeline.errors import PipelineError
-from pipeline.shards import expand_shards
+from pipeline.input.shards import expand_shards
 from pipeline.tools.train_data import image_batches
-from sdedit.devices import resolve_device
-from sdedit.schedules import VPSchedule
+from sdedit import VPSchedule, resolve_device
 
 logger = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from sdedit.schedules import VESchedule, VPSchedule
 from sdedit.sources import ModelSourceError
 from sdedit.weights import check_weights_file
 
-__all__ = ["Family", "Loaded", "ModelLayout", "component", "read_json", "scheduler_process",
-           "unet_call", "weight_files"]
+__all__ = ["Family", "Loaded", "ModelLayout", "component", "meta_model", "read_json",
+           "scheduler_process", "unet_call", "weight_files"]
 
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
                  "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -90,13 +90,12 @@ class Loaded:
 
 
 class Family(Protocol):
-    """One model family (see the module docstring).
-
-    A family that takes LoRAs also has `lora_targets(layout, net=None, text=None)` returning
-    `sdedit.lora.LoraTargets` (its loaded modules, or meta-device ones from the layout); the
-    others have none and refuse LoRAs (`sdedit.lora`)."""
+    """One model family (see the module docstring)."""
 
     name: str
+    lora_loader: str | None
+    """The diffusers LoRA loader mixin whose `lora_state_dict` reads this family's LoRA files
+    (e.g. "StableDiffusionLoraLoaderMixin"), or None: the family takes no LoRA."""
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         """Whether `directory` (with its model_index.json, {} if none) is of this family."""
@@ -107,6 +106,22 @@ class Family(Protocol):
 
     def load(self, layout: ModelLayout, source: str) -> Loaded:
         """Load the parts (ModelSourceError naming the part that cannot be loaded)."""
+
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """LoRA key prefix -> the module it adapts ("unet" -> the UNet): the loaded `net` and
+        `text` when given, else built from `layout` on the meta device; {} without LoRA."""
+
+
+def meta_model(cls: type, folder: Path) -> torch.nn.Module:
+    """`cls` (a diffusers ModelMixin or a transformers PreTrainedModel class) built from the
+    config.json in `folder` on the meta device: its layers and shapes, no weights read."""
+    from diffusers import ModelMixin
+
+    with torch.device("meta"):
+        if issubclass(cls, ModelMixin):
+            return cls.from_config(cls.load_config(folder))
+        return cls(cls.config_class.from_pretrained(folder))
 
 
 def unet_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,

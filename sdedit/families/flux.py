@@ -146,6 +146,7 @@ class FluxFamily:
     """Flux.1 (see the module docstring)."""
 
     name = "flux"
+    lora_loader = None
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         return bool(index) and transformer_class(directory) == "FluxTransformer2DModel"
@@ -203,5 +204,10 @@ class FluxFamily:
         return Loaded(net=net, call=flux_call, codec=codec, text=text,
                       files=[*files, layout.paths["scheduler"]])
 
+
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """{}: this family takes no LoRA (`lora_loader` is None)."""
+        return {}
 
 FAMILY = FluxFamily()

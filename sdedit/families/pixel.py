@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 
+from sdedit.conditioning import PromptEncoder
 from sdedit.families.base import Loaded, ModelLayout, read_json, scheduler_process, unet_call
 from sdedit.processes import FlowProcess, VEProcess
 from sdedit.sources import ModelSourceError
@@ -63,6 +64,7 @@ class PixelFamily:
     """The pixel UNet2DModel family (see the module docstring)."""
 
     name = "pixel"
+    lora_loader = None
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         return True  # the fallback: its checks name what a directory lacks
@@ -111,5 +113,10 @@ class PixelFamily:
         files = [unet_dir / "config.json", weights, layout.paths["scheduler"]]
         return Loaded(net=net.eval().requires_grad_(False), call=unet_call, files=files)
 
+
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """{}: this family takes no LoRA (`lora_loader` is None)."""
+        return {}
 
 FAMILY = PixelFamily()

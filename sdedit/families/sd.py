@@ -25,6 +25,7 @@ from sdedit.families.base import (
     ModelLayout,
     component,
     component_files,
+    meta_model,
     read_json,
     require_weights,
     scheduler_process,
@@ -169,6 +170,7 @@ class StableDiffusionFamily:
     """SD 1.x / 2.x (see the module docstring)."""
 
     name = "sd"
+    lora_loader = "StableDiffusionLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         config = directory / "unet" / "config.json"
@@ -225,24 +227,17 @@ class StableDiffusionFamily:
                       text=ClipPromptEncoder(tokenizer, encoder),
                       files=[*files, layout.paths["scheduler"]])
 
-    def lora_targets(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
-                     text: PromptEncoder | None = None) -> Any:
-        """What LoRA keys name: "unet" and "text_encoder"; the loaded modules when `net` and
-        `text` are given, else built from the layout's configs on the meta device (no
-        weights). See `sdedit.lora`."""
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """LoRA parts "unet" and "text_encoder" (see `Family.lora_modules`)."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
-        from sdedit.lora import LoraTargets, meta_model
-
-        loader = "StableDiffusionLoraLoaderMixin"
         if net is not None:
             assert isinstance(text, ClipPromptEncoder)
-            return LoraTargets(loader, {"unet": net, "text_encoder": text.encoder})
+            return {"unet": net, "text_encoder": text.encoder}
         assert layout is not None
-        return LoraTargets(loader, {
-            "unet": meta_model(UNet2DConditionModel, layout.directory / "unet"),
-            "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")})
-
+        return {"unet": meta_model(UNet2DConditionModel, layout.directory / "unet"),
+                "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")}
 
 FAMILY = StableDiffusionFamily()

@@ -126,6 +126,7 @@ class SD3Family:
     """SD3 / SD3.5 (see the module docstring)."""
 
     name = "sd3"
+    lora_loader = None
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         return bool(index) and transformer_class(directory) == "SD3Transformer2DModel"
@@ -198,5 +199,10 @@ class SD3Family:
         return Loaded(net=net, call=sd3_call, codec=codec_from_vae(vae), text=text,
                       files=[*files, layout.paths["scheduler"]])
 
+
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """{}: this family takes no LoRA (`lora_loader` is None)."""
+        return {}
 
 FAMILY = SD3Family()

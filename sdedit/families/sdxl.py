@@ -39,6 +39,7 @@ from sdedit.families.base import (
     ModelLayout,
     component,
     component_files,
+    meta_model,
     read_json,
     require_weights,
     scheduler_process,
@@ -155,6 +156,7 @@ class SdxlFamily:
     """SDXL base and refiner (see the module docstring)."""
 
     name = "sdxl"
+    lora_loader = "StableDiffusionXLLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         config = directory / "unet" / "config.json"
@@ -238,28 +240,22 @@ class SdxlFamily:
         return Loaded(net=unet, call=sdxl_call, codec=codec_from_vae(vae), text=text,
                       files=[*files, layout.paths["scheduler"], layout.paths["index"]])
 
-    def lora_targets(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
-                     text: PromptEncoder | None = None) -> Any:
-        """What LoRA keys name: "unet", "text_encoder" (absent in the refiner) and
-        "text_encoder_2"; the loaded modules when `net` and `text` are given, else built from
-        the layout's configs on the meta device (no weights). See `sdedit.lora`."""
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """LoRA parts "unet", "text_encoder" (absent in the refiner) and "text_encoder_2" (see
+        `Family.lora_modules`)."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-        from sdedit.lora import LoraTargets, meta_model
-
-        loader = "StableDiffusionXLLoraLoaderMixin"
         if net is not None:
             assert isinstance(text, SdxlPromptEncoder)
             names = ["text_encoder", "text_encoder_2"][-len(text.encoders):]
-            return LoraTargets(loader, {"unet": net, **dict(zip(names, text.encoders,
-                                                                strict=True))})
+            return {"unet": net, **dict(zip(names, text.encoders, strict=True))}
         assert layout is not None
         classes = {"unet": UNet2DConditionModel, "text_encoder": CLIPTextModel,
                    "text_encoder_2": CLIPTextModelWithProjection}
-        return LoraTargets(loader, {name: meta_model(cls, layout.directory / name)
-                                    for name, cls in classes.items() if name in layout.configs})
-
+        return {name: meta_model(cls, layout.directory / name)
+                for name, cls in classes.items() if name in layout.configs}
 
 def _check_widths(unet: Mapping[str, Any], encoders: Mapping[str, Mapping[str, Any]],
                   aesthetic: bool, problem: Any) -> None:

@@ -9,6 +9,7 @@ from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
 from sdedit import edit, load_model
 from sdedit.conditioning import Conditioning
+from sdedit.edit import warm_up
 from sdedit.guidance import Guided
 from sdedit.latent import latent_mask
 from tests.support.tiny_latent import save_sd_model, tiny_scheduler, tiny_sd_pipeline
@@ -171,7 +172,7 @@ def test_guided_denoiser_finds_rows_from_the_batch_size():
 
 def test_warm_up_runs_the_guided_batch(tiny_sd):
     with _Calls(tiny_sd.net) as calls:
-        tiny_sd.warm_up(3)
+        warm_up(tiny_sd, 3)
     assert calls.sizes == [6]
 
 

@@ -1,5 +1,5 @@
 """`python -m tests.support.hooked_cli HOOKS_JSON ARGS...`: the `sdedit-batch` command line with
-test hooks (`pipeline.testhooks.Hooks`, fields as JSON) handed to `run_job` as an object.
+test hooks (`pipeline.worker.hooks.Hooks`, fields as JSON) handed to `run_job` as an object.
 
 Production code never reads hooks from the environment or anywhere else; a test that needs a
 driver process with hooks (to SIGKILL it, or to run it against a cluster) starts this instead
@@ -13,9 +13,9 @@ import functools
 import json
 import sys
 
-from pipeline import runner
 from pipeline.cli import main
-from pipeline.testhooks import Hooks
+from pipeline.driver import runner
+from pipeline.worker.hooks import Hooks
 
 
 def hooked_main(argv: list[str]) -> None:

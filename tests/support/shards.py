@@ -11,7 +11,7 @@ import webdataset as wds
 import yaml
 
 from pipeline.images import encode_image
-from pipeline.spec import JobSpec, parse_spec
+from pipeline.job.spec import JobSpec, parse_spec
 
 
 def png(array: np.ndarray) -> bytes:

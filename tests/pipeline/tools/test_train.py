@@ -13,7 +13,7 @@ from diffusers import DDPMScheduler, UNet2DModel
 from safetensors.torch import load_file
 
 from pipeline.errors import PipelineError
-from pipeline.shards import expand_shards
+from pipeline.input.shards import expand_shards
 from pipeline.tools.demo_data import write_demo_data
 from pipeline.tools.train import train
 from pipeline.tools.train_data import image_batches

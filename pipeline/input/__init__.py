@@ -1,0 +1,1 @@
+"""Reading inputs: shard patterns, tar members, decoded samples and per-row settings."""

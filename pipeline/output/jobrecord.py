@@ -1,0 +1,187 @@
+"""OUT/job.json: what a job is (resolved spec, fingerprint, versions) and what it ran with.
+
+`prepare_output` refuses a resume whose output-affecting settings changed (unless
+`--overwrite`) and writes job.json before any model work; `record_compute` adds the resolved
+compute values once the actors' settings are known, and warns when a resume changes one that
+outputs depend on through rounding (README, Reproducibility).
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import logging
+import os
+import shutil
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+
+from pipeline import __version__
+from pipeline.errors import ResumeConflictError, StorageError
+from pipeline.job.spec import JobSpec
+from pipeline.output.layout import JOB_RECORD, RESULT_FOLDERS, folder_url, job_record_url
+from pipeline.redaction import redact_url
+from pipeline.storage import check_writable, describe_error, put_bytes_atomic, url_fs, with_retries
+from sdedit import dtype_name, resolve_dtype
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["job_record", "prepare_output", "previous_record", "read_job_record",
+           "record_compute", "resolved_compute", "resume_conflict"]
+
+
+def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
+    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work).
+
+    `validate` makes the same checks (`pipeline.driver.preflight`) with `check_writable`,
+    `previous_record` and `resume_conflict`, so that its yes means this one's.
+    Returns the job.json found there before (None if none, or discarded by `overwrite`); its
+    `compute` section (see `record_compute`) is kept in the new job.json until replaced.
+    """
+    out, options = spec.output.path, spec.output.storage_options
+    check_writable(out, options)
+    try:
+        old = read_job_record(out, options)
+        conflict = resume_conflict(spec, old)
+    except ResumeConflictError as exc:  # a job.json that is not a job record
+        old, conflict = None, str(exc)
+    if conflict is not None:
+        if not overwrite:
+            raise ResumeConflictError(conflict)
+        _discard_results(spec)
+        old = None
+    record = job_record(spec)
+    if old is not None and "compute" in old:
+        record["compute"] = old["compute"]
+    _write(out, record, options)
+    return old
+
+
+def read_job_record(output: str, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
+    """OUT/job.json, or None when there is none.
+
+    Raises:
+        StorageError: it cannot be read (naming where and why).
+        ResumeConflictError: it is not a JSON object (what the output holds is unknown).
+    """
+    url = job_record_url(output)
+    try:
+        fs, path = url_fs(url, options)
+        data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
+    except FileNotFoundError:
+        return None
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        record = exc
+    if not isinstance(record, dict):
+        what = record if isinstance(record, Exception) else type(record).__name__
+        raise ResumeConflictError(
+            f"output {redact_url(output)}: its {JOB_RECORD} cannot be read as a job record "
+            f"({what}); use a new output.path, or --overwrite to discard its results")
+    return record
+
+
+def _write(output: str, record: dict[str, Any], options: Mapping[str, Any] | None) -> None:
+    """Write OUT/job.json; StorageError naming it and the cause when that fails."""
+    url = job_record_url(output)
+    try:
+        put_bytes_atomic(url, json.dumps(record, indent=1).encode(), options)
+    except StorageError:
+        raise
+    except Exception as exc:
+        raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
+
+
+def previous_record(spec: JobSpec) -> dict[str, Any] | None:
+    """The OUT/job.json already at the job's output (`read_job_record`), or None."""
+    return read_job_record(spec.output.path, spec.output.storage_options)
+
+
+def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
+    """Why `spec` cannot resume the job recorded in `old` (its output-affecting settings
+    differ, naming each change), or None."""
+    if old is None or old.get("fingerprint") == spec.fingerprint():
+        return None
+    changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
+    return (f"output {spec.output.path} holds a job with different output-affecting settings "
+            f"({', '.join(changed) or 'fingerprint'}); use a new output.path, or --overwrite "
+            "to discard its results")
+
+
+def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:
+    """OUT/job.json: the resolved spec (secrets redacted), its fingerprint, versions and, once
+    the actors' settings are known, the resolved `compute` values (see `record_compute`)."""
+    import diffusers
+
+    record = {"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
+              "output_affecting": spec.output_affecting(),
+              "versions": {"sdedit-batch": __version__, "torch": torch.__version__,
+                           "diffusers": diffusers.__version__,
+                           "ray": importlib.metadata.version("ray")},
+              "model": spec.model.source}
+    if compute is not None:
+        record["compute"] = compute
+    return record
+
+
+def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int) -> dict[str, Any]:
+    """The compute values outputs depend on through rounding (README, Reproducibility):
+    device type, compute dtype, torch threads per actor and batch size, resolved."""
+    device = "cuda" if use_gpu else "cpu"
+    dtype = resolve_dtype(spec.compute.dtype, torch.device(device))
+    return {"device": device, "dtype": dtype_name(dtype), "threads": threads,
+            "batch_size": spec.compute.batch_size}
+
+
+def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, Any] | None,
+                   shards_done: int) -> list[str]:
+    """Write the resolved compute values into OUT/job.json; warn when shards are already done
+    with other values (their outputs may differ in rounding from what these give).
+
+    Returns the changes warned about, as "name old -> new".
+    """
+    before = (previous or {}).get("compute") or {}
+    changes = [f"{name} {before[name]} -> {value}" for name, value in compute.items()
+               if name in before and before[name] != value] if shards_done else []
+    if changes:
+        logger.warning(
+            "resuming with compute settings that differ from those of the %d shard(s) already "
+            "done (%s): byte-identical outputs need the same batch size, device, dtype and "
+            "threads; other values give outputs that differ in rounding (a few levels; a dtype "
+            "change more), see README, Reproducibility", shards_done, ", ".join(changes))
+    _write(spec.output.path, job_record(spec, compute), spec.output.storage_options)
+    return changes
+
+
+def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    changed = []
+    for key in sorted(set(old) | set(new)):
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_fields(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return changed
+
+
+def _discard_results(spec: JobSpec) -> None:
+    for sub in RESULT_FOLDERS:
+        url = folder_url(spec.output.path, sub)
+        try:
+            fs, path = url_fs(url, spec.output.storage_options)
+            if fs.exists(path):
+                logger.warning("--overwrite: removing %s", url)
+                if os.path.isdir(path):
+                    shutil.rmtree(path)
+                else:
+                    fs.rm(path, recursive=True)
+        except Exception as exc:
+            raise StorageError(f"--overwrite: cannot remove {redact_url(url)}: "
+                               f"{describe_error(exc)}") from exc

@@ -1,0 +1,127 @@
+"""Keys that occur in more than one input shard of a job, counted in bounded memory.
+
+Not an error (outputs are per shard), but joins on the key alone are ambiguous for them. The
+count reads the `key` column of the manifest of every done shard, a few at a time in threads,
+and keeps one 64-bit hash per distinct key of each shard. Up to `PARTITION_ROWS` hashes are
+counted in memory; more are spread over hash partitions in temporary files (`TMPDIR`) and
+counted one partition at a time, so memory stays near `PARTITION_ROWS` x 8 bytes (32 MB) x a few
+at any scale (100,000 shards of 1,000 rows: benchmarks/driver_scale.py). The count is exact
+except for 64-bit hash collisions, each of which adds one: at 10^8 distinct keys the chance of
+any is about 3 in 10,000 (n^2 / 2^65).
+
+`run`'s summary and `status` count in passing only while the job holds at most `AUTO_ROWS`
+manifest rows (their time then does not grow with the job); `status --repeated-keys` counts at
+any size.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from collections.abc import Iterable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import StorageError
+from pipeline.output.layout import shard_urls
+from pipeline.redaction import redact_url
+from pipeline.storage import describe_error, url_fs, with_retries
+
+__all__ = ["AUTO_ROWS", "PARTITION_ROWS", "count_repeated_keys"]
+
+AUTO_ROWS = 1_000_000
+"""Manifest rows up to which `run` and `status` count repeated keys without being asked."""
+PARTITION_ROWS = 4_000_000
+"""Key hashes counted in memory at once (8 bytes each)."""
+_CHUNK = 64
+"""Manifests read per thread task."""
+
+
+def _key_hashes(data: bytes) -> np.ndarray:
+    """int64 hashes of the distinct keys of one manifest (its Parquet bytes). Python's string
+    hash: consistent within this process, which is all one count needs."""
+    keys = pq.read_table(pa.BufferReader(data), columns=["key"]).column("key").to_pylist()
+    hashes = np.fromiter((hash(k) for k in keys if k is not None), np.int64, len(keys))
+    return np.unique(hashes)
+
+
+def _manifests(output: str, options: Mapping[str, Any], stems: list[str],
+               workers: int) -> Iterator[np.ndarray]:
+    """Key hashes per manifest of `stems`, read `workers` chunks at a time."""
+    fs, _ = url_fs(output, options)
+    paths = [url_fs(shard_urls(output, stem).manifest, options)[1] for stem in stems]
+
+    def read(chunk: list[str]) -> list[np.ndarray]:
+        found = with_retries(lambda: fs.cat(chunk, on_error="return"), what="read manifests",
+                             url=output)
+        out = []
+        for path in chunk:
+            blob = found.get(path)
+            if isinstance(blob, FileNotFoundError) or blob is None:
+                continue  # a marker without its manifest: nothing to count
+            if isinstance(blob, BaseException):
+                raise StorageError(f"cannot read manifest {redact_url(path)}: "
+                                   f"{describe_error(blob)}")
+            out.append(_key_hashes(blob))
+        return out
+
+    chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
+    with ThreadPoolExecutor(workers) as pool:
+        for start in range(0, len(chunks), workers):  # at most `workers` chunks in memory
+            for result in pool.map(read, chunks[start:start + workers]):
+                yield from result
+
+
+def _repeated(hashes: np.ndarray) -> int:
+    """Distinct values that occur more than once."""
+    if hashes.size < 2:
+        return 0
+    hashes.sort()
+    same = hashes[1:] == hashes[:-1]
+    return int(same[0]) + int(np.count_nonzero(same[1:] & ~same[:-1]))
+
+
+def count_repeated_keys(output: str, options: Mapping[str, Any] | None, stems: Iterable[str],
+                        rows: int | None = None, limit: int | None = None,
+                        workers: int = 8) -> int | None:
+    """How many keys occur in the manifests of more than one of the shards `stems` (done).
+
+    Args:
+        rows: the manifests' rows, if known (from the markers): sets the partitions.
+        limit: give up (None) once more rows than this were read.
+    Raises:
+        StorageError: a manifest could not be read.
+    """
+    options = dict(options or {})
+    stems = list(stems)
+    partitions = max(1, math.ceil((rows or 0) / PARTITION_ROWS))
+    if partitions == 1:
+        parts: list[np.ndarray] = []
+        seen = 0
+        for hashes in _manifests(output, options, stems, workers):
+            parts.append(hashes)
+            seen += hashes.size
+            if limit is not None and seen > limit:
+                return None
+        return _repeated(np.concatenate(parts)) if parts else 0
+    with tempfile.TemporaryDirectory(prefix="sdedit-keys-") as folder:
+        files = [open(os.path.join(folder, f"{p}.bin"), "wb")  # noqa: SIM115 - closed below
+                 for p in range(partitions)]
+        try:
+            for hashes in _manifests(output, options, stems, workers):
+                slot = (hashes.view(np.uint64) % np.uint64(partitions)).astype(np.int64)
+                order = np.argsort(slot, kind="stable")
+                bounds = np.searchsorted(slot[order], np.arange(partitions + 1))
+                for p in range(partitions):
+                    if bounds[p + 1] > bounds[p]:
+                        files[p].write(hashes[order[bounds[p]:bounds[p + 1]]].tobytes())
+        finally:
+            for handle in files:
+                handle.close()
+        return sum(_repeated(np.fromfile(os.path.join(folder, f"{p}.bin"), np.int64))
+                   for p in range(partitions))

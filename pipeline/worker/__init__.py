@@ -1,0 +1,1 @@
+"""One shard inside an actor, without Ray: batching, editing, encoding, records, the actor class."""

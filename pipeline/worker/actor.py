@@ -1,0 +1,104 @@
+"""What runs inside the Ray actors of a run, as plain classes (`pipeline.driver.runner` wraps them
+with `ray.remote`; only the runner imports Ray).
+
+`ShardActor` holds one `ShardWorker`; `Counter` (one per run) sums the images the actors have
+written, for the progress bar; `Batched` sends an actor's counts at most every 0.5 s.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from typing import Any
+
+from pipeline.job.spec import JobSpec
+from pipeline.redaction import SecretFilter
+from pipeline.worker.hooks import Hooks
+from pipeline.worker.shard import ShardWorker
+
+__all__ = ["Batched", "Counter", "ShardActor"]
+
+
+class Counter:
+    """Images finished so far per shard, reported by the actors as they write them; a failed
+    attempt's count is dropped (its images are made again). O(1) per call."""
+
+    def __init__(self) -> None:
+        self.counts: dict[str, int] = {}
+        self.sum = 0
+
+    def add(self, shard: str, n: int) -> None:
+        self.counts[shard] = self.counts.get(shard, 0) + n
+        self.sum += n
+
+    def drop(self, shard: str) -> None:
+        self.sum -= self.counts.pop(shard, 0)
+
+    def done(self, shard: str) -> None:
+        """The shard committed: its count stays in the sum, its entry goes."""
+        self.counts.pop(shard, None)
+
+    def total(self) -> int:
+        return self.sum
+
+
+class ShardActor:
+    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
+
+    A worker that cannot start is not an actor crash: the error is kept and raised by `ready`
+    (and every `process`), so the driver sees the cause as the task's exception
+    (`RayTaskError.cause`): a model that cannot load or run the job stops the job at once, any
+    other cause counts as a failed actor start.
+    """
+
+    def __init__(self, spec: JobSpec, threads: int, counter: Any,
+                 hooks: Hooks | None = None) -> None:
+        logging.basicConfig(level=logging.INFO)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(SecretFilter())
+        self.counter = counter
+        self.start_error: Exception | None = None
+        self.worker: ShardWorker | None = None
+        try:
+            self.worker = ShardWorker(spec, threads=threads, hooks=hooks)
+        except Exception as exc:
+            self.start_error = exc
+
+    def ready(self) -> bool:
+        """Returns once the worker has started; raises why it could not."""
+        if self.start_error is not None:
+            raise self.start_error
+        return True
+
+    def process(self, url: str) -> dict[str, Any]:
+        """Process one shard (two may run at once: the actor's two slots)."""
+        self.ready()
+        assert self.worker is not None
+        report = Batched(lambda n: self.counter.add.remote(url, n))
+        stats = self.worker.process(url, progress=report)
+        report.flush()
+        return dataclasses.asdict(stats)
+
+    def close(self) -> bool:
+        """End the worker's threads (the driver then ends the actor)."""
+        if self.worker is not None:
+            self.worker.close()
+        return True
+
+
+class Batched:
+    """Image counts sent to the counter at most every 0.5 s (not one remote call per image)."""
+
+    def __init__(self, send: Any) -> None:
+        self.send, self.count, self.last = send, 0, time.monotonic()
+
+    def __call__(self, n: int) -> None:
+        self.count += n
+        if time.monotonic() - self.last > 0.5:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.count:
+            self.send(self.count)
+        self.count, self.last = 0, time.monotonic()

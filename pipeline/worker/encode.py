@@ -1,0 +1,86 @@
+"""What one edited output becomes: 8-bit pixels, its faithfulness, and its encoded tar sample.
+
+`encode_output` runs in the worker's host pool, one output at a time; an output whose size or
+content the chosen format cannot hold is that output's error row, never the shard's.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from pipeline.job.spec import OutputSpec
+from pipeline.output.writer import output_sample
+from pipeline.worker.batching import Job
+
+__all__ = ["MAX_SIDE", "Done", "Encoded", "encode_output", "faithfulness_l2"]
+
+MAX_SIDE = {"png": 2**31 - 1, "jpg": 65500, "webp": 16383}
+"""The largest width or height each output format holds (PNG: 2^31 - 1; JPEG: libjpeg's 65500;
+WebP: 16383, its 14-bit size fields; Pillow refuses larger ones). A larger output is that output's
+"encode" row; any other failure of the encoder fails the attempt (retried, then reported)."""
+
+
+@dataclass
+class Done:
+    """One output as it leaves the device: the job, its pixels and what it cost."""
+
+    job: Job
+    edited: torch.Tensor  # float32 (3, H, W) in [-1, 1], on the CPU
+    seconds: float        # device seconds per output of its batch
+    batch_size: int       # samples in the network call that made it
+
+    def pixels(self) -> np.ndarray:
+        """uint8 (H, W, 3): the edited image rounded to 8 bits."""
+        rgb = ((self.edited + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+        return rgb.permute(1, 2, 0).numpy()
+
+
+@dataclass
+class Encoded:
+    """One output as it leaves the encoder: its tar sample, or why it has none."""
+
+    done: Done
+    metadata: dict[str, Any]
+    sample: dict[str, Any] | None
+    error: str | None = None
+    size: tuple[int, int] = (0, 0)  # (H, W)
+
+
+def encode_output(done: Done, out: OutputSpec,
+                  metadata: Callable[[Job, float], dict[str, Any]]) -> Encoded:
+    """The output's metadata (`metadata(job, faithfulness_l2)`, its `{key}.json`) and encoded
+    tar sample, or why it cannot be encoded (its size or content: that output's error)."""
+    sample = done.job.sample
+    assert sample.guide is not None and sample.members is not None
+    pixels = done.pixels()
+    meta = metadata(done.job, faithfulness_l2(pixels, sample.guide, sample.mask))
+    keep = out.include_guide
+    h, w = pixels.shape[:2]
+    limit = MAX_SIDE[out.image_format]
+    if max(h, w) > limit:
+        return Encoded(done, meta, None, f"cannot encode the output as {out.image_format}: "
+                                         f"{w}x{h} is over {limit} px a side; allowed: an "
+                                         "output size the format can hold")
+    encoded = output_sample(
+        done.job.output_key, pixels, meta,
+        guide=sample.guide if keep else None,
+        guide_png=sample.guide_png if keep else None,
+        mask=sample.mask if keep else None,
+        target=sample.members.get("target") if keep else None,
+        carried=sample.carried, image_format=out.image_format,
+        png_compress_level=out.png_compress_level, quality=out.quality())
+    return Encoded(done, meta, encoded, size=pixels.shape[:2])
+
+
+def faithfulness_l2(output: np.ndarray, guide: np.ndarray, mask: np.ndarray | None) -> float:
+    """RMS difference of output and guide, uint8 (H, W, 3) each, in 0..255 units; inside the
+    mask (uint8 (H, W) in {0, 1}) when it regenerates anything."""
+    diff = output.astype(np.int32) - guide.astype(np.int32)
+    if mask is not None and mask.any():
+        diff = diff[mask.astype(bool)]
+    return float(np.sqrt(np.mean(diff * diff)))

@@ -1,0 +1,117 @@
+"""Test hooks: faults and stand-ins that a test or a benchmark hands to the run path as an object.
+
+Production code never builds a `Hooks` and never reads one from the environment: a test passes
+`Hooks(...)` to `ShardWorker(spec, hooks=...)` or `run_job(spec, hooks=...)`, and the runner
+hands the same object to each actor it starts (pickled with the actor's arguments). Without it
+(`hooks=None`) the worker does nothing more. Fields, all off by default:
+
+    crash        "STEM:OUTPUTS:FLAGFILE": the process exits once OUTPUTS outputs of shard STEM
+                 are done, once (FLAGFILE records that it happened); tests actor loss.
+    batch_delay  seconds to sleep after each batch (to stop a run mid-way).
+    fake_gpu     true: compute.device cuda runs on the CPU (a fake multi-node cluster whose
+                 GPUs are Ray resources only).
+    fail_write   "STEM:FLAGFILE": writing the first output of shard STEM raises OSError, once
+                 (FLAGFILE records that it happened); tests that a write error aborts the shard.
+    stall_read   "STEM:FLAGFILE": reading shard STEM blocks for good (a read that never
+                 returns), once; tests the per-shard deadline.
+    fail_start   a message: the worker's constructor raises RuntimeError with it (an actor that
+                 dies while starting, for a reason other than its model).
+    stand_in_ms  not None: the loaded model's network is replaced by a stand-in whose every call
+                 sleeps this many milliseconds per image (0: returns at once; sleeping releases
+                 the GIL, as waiting on a GPU does) and predicts zeros: an emulated device whose
+                 busy time is known exactly (benchmarks/host_pipeline.py, driver_scale.py).
+                 Noise is drawn ahead in background threads, as the fast path does on a GPU host.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from dataclasses import dataclass
+from types import SimpleNamespace
+from typing import Any
+
+import torch
+
+from sdedit import DiffusionModel, default_noise_threads
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["Hooks"]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """The hooks a test switched on (see the module docstring)."""
+
+    crash: str | None = None
+    batch_delay: float = 0.0
+    fake_gpu: bool = False
+    fail_write: str | None = None
+    stall_read: str | None = None
+    fail_start: str | None = None
+    stand_in_ms: float | None = None
+
+    def starting(self) -> None:
+        """Run when a worker starts, before it loads its model."""
+        if self.fail_start:
+            raise RuntimeError(f"test hook: {self.fail_start}")
+
+    def install(self, model: DiffusionModel) -> None:
+        """Swap the network of a loaded pixel model for the stand-in, if one is asked for."""
+        if self.stand_in_ms is not None:
+            model.net = _SleepNet(self.stand_in_ms)
+            # rebuilds the runner around the new network; noise threads as on a GPU host
+            model.accelerate(noise_threads=default_noise_threads())
+
+    def before_read(self, stem: str) -> None:
+        """Run before shard `stem` is read: blocks for good when `stall_read` names it."""
+        if self.stall_read:
+            target, flag = self.stall_read.split(":", 1)
+            if target == stem and _once(flag, f"stalled the read of {stem}"):
+                logger.error("test hook: the read of shard %s never returns", stem)
+                threading.Event().wait()
+
+    def after_batch(self, stem: str, outputs_done: int) -> None:
+        """Run after each batch of shard `stem`, with that shard's outputs so far."""
+        if self.batch_delay:
+            time.sleep(self.batch_delay)
+        if not self.crash:
+            return
+        target, outputs, flag = self.crash.split(":", 2)
+        if target == stem and outputs_done >= int(outputs) and \
+                _once(flag, f"crashed {stem} after {outputs_done} outputs"):
+            logger.error("test hook: exiting the process mid-shard %s", stem)
+            os._exit(1)
+
+    def before_write(self, stem: str) -> None:
+        """Run before an output of shard `stem` is appended to its tar."""
+        if self.fail_write:
+            target, flag = self.fail_write.split(":", 1)
+            if target == stem and _once(flag, f"failed a write of {stem}"):
+                raise OSError(f"test hook: writing shard {stem} failed")
+
+
+class _SleepNet(torch.nn.Module):
+    """A network call that takes `ms` milliseconds per image and predicts zeros."""
+
+    def __init__(self, ms: float) -> None:
+        super().__init__()
+        self.ms = ms
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        if self.ms > 0:
+            time.sleep(self.ms * x.shape[0] / 1000.0)
+        return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+def _once(flag: str, note: str) -> bool:
+    """True the first time for `flag` (a file records it, across processes), False after."""
+    try:
+        with open(flag, "x") as handle:
+            handle.write(note + "\n")
+    except FileExistsError:
+        return False
+    return True
