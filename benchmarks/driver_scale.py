@@ -43,7 +43,7 @@ sys.path.insert(0, str(ROOT))
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from pipeline.job.spec import parse_spec  # noqa: E402
+from pipeline.job.load import parse_spec  # noqa: E402
 from pipeline.output.layout import DONE, JOB_RECORD, MANIFESTS  # noqa: E402
 from pipeline.output.manifest import COLUMNS, MANIFEST_SCHEMA, manifest_row  # noqa: E402
 
@@ -58,7 +58,8 @@ def hwm():
     for line in open("/proc/self/status"):
         if line.startswith("VmHWM:"):
             return int(line.split()[1]) * 1024
-import pipeline.driver.runner, pipeline.output.status, pipeline.input.shards, pipeline.job.spec
+import pipeline.driver.runner, pipeline.output.status, pipeline.input.shards
+import pipeline.output.folder, pipeline.job.load
 start = time.perf_counter()
 result = None
 if what == "status":
@@ -69,10 +70,10 @@ elif what == "status-repeated":
     result = [st.done, st.samples, st.keys_in_several_shards]
 elif what == "plan":
     shards = pipeline.input.shards.expand_shards([extra[0]], {})
-    pending, done = pipeline.input.shards.plan_pending(shards, out, options)
+    pending, done = pipeline.output.folder.OutputFolder(out, options).plan(shards)
     result = [len(pending), len(done)]
 elif what == "run-done":
-    spec = pipeline.job.spec.load_spec(extra[0])
+    spec = pipeline.job.load.load_spec(extra[0])
     summary = pipeline.driver.runner.run_job(spec, progress=False)
     result = [summary.shards_done, summary.shards_already_done]
 print(json.dumps({"seconds": time.perf_counter() - start, "rss": hwm(), "result": result}))

@@ -111,7 +111,7 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
     import webdataset as wds
 
     from pipeline.images import encode_image
-    from pipeline.job.spec import parse_spec
+    from pipeline.job.load import parse_spec
     from pipeline.worker.batching import output_seed
     from pipeline.worker.shard import SLOTS, ShardWorker
     from sdedit import edit

@@ -40,8 +40,9 @@ from PIL import Image, ImageDraw
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.images import encode_image
-from pipeline.job.spec import parse_spec
-from pipeline.output.layout import DONE, folder_url
+from pipeline.job.load import parse_spec
+from pipeline.output.folder import OutputFolder
+from pipeline.output.layout import DONE
 from pipeline.storage import join, url_fs
 from pipeline.worker.hooks import Hooks
 
@@ -110,7 +111,7 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
 def markers_cpu(out: str, options: dict[str, Any]) -> dict[str, float]:
     """Sums of the per-shard stage times of the commit markers, and `commit_rate`: images
     committed after the first shard over the time from the first commit to the last."""
-    fs, base = url_fs(folder_url(out, DONE), options)
+    fs, base = url_fs(OutputFolder(out).url(DONE), options)
     markers = sorted((json.loads(fs.cat_file(p)) for p in fs.ls(base, detail=False)),
                      key=lambda m: m["created_at"])
     totals: dict[str, float] = {}

@@ -31,7 +31,7 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from pipeline.job.spec import load_spec, parse_spec  # noqa: E402
+from pipeline.job.load import load_spec, parse_spec  # noqa: E402
 from pipeline.worker.shard import ShardWorker  # noqa: E402
 from sdedit import load_model  # noqa: E402
 from tests.support.shards import job_data, write_shards  # noqa: E402

@@ -96,7 +96,7 @@ def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool, overwrite:
 
     from pipeline.driver.preflight import preflight
     from pipeline.errors import PreflightError
-    from pipeline.job.spec import load_spec
+    from pipeline.job.load import load_spec
 
     spec = load_spec(job, overrides)
     report = preflight(spec, offline=offline, overwrite=overwrite)
@@ -144,7 +144,7 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
       sdedit-batch run jobs/sketch2bedroom.yaml --address auto --set compute.actors.max=8
     """
     from pipeline.driver.runner import run_job
-    from pipeline.job.spec import load_spec
+    from pipeline.job.load import load_spec
 
     spec = load_spec(job, overrides)
     summary = run_job(spec, address=address, limit_shards=limit_shards, overwrite=overwrite,

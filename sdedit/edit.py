@@ -65,6 +65,9 @@ class SeedNoise:
         self.shape = shape
         self.device = device
 
+    def close(self) -> None:
+        """Nothing to stop (every noise source has `close`; `PrefetchNoise` stops threads)."""
+
     def __call__(self, rows: list[int]) -> torch.Tensor:
         """float32 (len(rows), C, H, W): the next draw of each listed sample's generator."""
         draws = torch.stack([torch.randn(self.shape, generator=self.generators[i])
@@ -193,8 +196,7 @@ def edit(
                 x = kept * x + (1 - kept) * guide
             guide = x
     finally:
-        if isinstance(noise, PrefetchNoise):
-            noise.close()
+        noise.close()
     if model.codec is not None:
         guide = model.codec.decode(guide)
         if regen is not None:

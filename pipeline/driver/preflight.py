@@ -22,9 +22,9 @@ from pipeline.errors import PipelineError, PreflightError, ResumeConflictError
 from pipeline.input.shards import expand_shards
 from pipeline.job.modelcheck import layout_problems
 from pipeline.job.spec import JobSpec
-from pipeline.output.folder import plan_pending
-from pipeline.output.jobrecord import previous_record, resume_conflict
-from pipeline.storage import check_writable, describe_error, is_local, join, url_fs, with_retries
+from pipeline.output.folder import OutputFolder
+from pipeline.output.jobrecord import resume_conflict
+from pipeline.storage import describe_error, is_local, join, url_fs, with_retries
 from sdedit import (
     ModelLayout,
     ModelSourceError,
@@ -41,7 +41,7 @@ from sdedit import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Preflight", "check_model", "lora_problems", "model_layout", "model_problems",
-           "preflight", "settings_problems"]
+           "preflight"]
 
 
 @dataclass
@@ -176,16 +176,6 @@ def describe_layout(source: str, layout: ModelLayout) -> str:
             f"at {w}x{h}, image sides multiples of {layout.downsample_factor}")
 
 
-def settings_problems(spec: JobSpec, layout: ModelLayout | None) -> tuple[list[str], list[str]]:
-    """(problems, notes): the job settings the model decides (`pipeline.job.modelcheck`), checked
-    on its layout when it could be read here; otherwise each actor checks them on the loaded
-    model before its first shard, and a note says so."""
-    if layout is None:
-        return [], ["sdedit settings are checked against the model when it loads (its config "
-                    "files could not be read here)"]
-    return layout_problems(spec, layout), []
-
-
 def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = False
                   ) -> tuple[list[str], list[str]]:
     """(problems, notes) about `model.lora`: each LoRA is read and its keys checked against the
@@ -215,15 +205,27 @@ def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
 
     Returns the notes; raises `PreflightError` listing the problems.
     """
-    layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
-                                           offline=offline)
-    more, more_notes = settings_problems(spec, layout)
-    lora, lora_notes = lora_problems(spec, layout, offline=offline)
-    problems, notes = problems + more + lora, \
-        notes + (more_notes + lora_notes if not problems else [])
+    problems, notes = _model_problems(spec, offline)
     if problems:
         raise PreflightError(problems, source=spec.name)
     return notes
+
+
+def _model_problems(spec: JobSpec, offline: bool) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the model source, then (when it could be read) of the settings the
+    model decides (`pipeline.job.modelcheck`) and of the LoRAs; a model whose config files
+    cannot be read here has both checked by each actor when it loads, and a note says so."""
+    layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
+                                           offline=offline)
+    if problems:
+        return problems, notes
+    if layout is None:
+        notes.append("sdedit settings are checked against the model when it loads (its config "
+                     "files could not be read here)")
+    else:
+        problems += layout_problems(spec, layout)
+    lora, lora_notes = lora_problems(spec, layout, offline=offline)
+    return problems + lora, notes + lora_notes
 
 
 def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
@@ -280,14 +282,15 @@ def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite:
     except Exception as exc:
         report.problems.append(f"output.path: cannot read {out}: {describe_error(exc)}")
         return
+    folder = OutputFolder.of(spec)
     try:
-        _probe_writable(out, options)
+        _probe_writable(folder)
     except PipelineError as exc:  # "output.path OUT: cannot write: ..."
         report.problems.append(str(exc))
     try:
-        conflict = resume_conflict(spec, previous_record(spec))
+        conflict = resume_conflict(spec, folder.read_record())
         if report.shards is not None:
-            _, done = plan_pending(report.shards, out, options)
+            _, done = folder.plan(report.shards)
             report.done = len(done)
     except ResumeConflictError as exc:
         conflict = str(exc)
@@ -300,21 +303,21 @@ def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite:
         report.problems.append(f"output.path: {conflict}")
 
 
-def _probe_writable(out: str, options: Mapping[str, Any]) -> None:
-    """`storage.check_writable` as `run` calls it, leaving no local folder it made behind."""
-    fs, path = url_fs(out, options)
+def _probe_writable(folder: OutputFolder) -> None:
+    """`OutputFolder.check_writable` as `run` calls it, leaving no local folder it made."""
+    fs, path = url_fs(folder.path, folder.options)
     made: list[str] = []
     if is_local(fs):
-        folder = os.path.abspath(path)
-        while not os.path.exists(folder) and folder != os.path.dirname(folder):
-            made.append(folder)
-            folder = os.path.dirname(folder)
+        place = os.path.abspath(path)
+        while not os.path.exists(place) and place != os.path.dirname(place):
+            made.append(place)
+            place = os.path.dirname(place)
     try:
-        check_writable(out, options)
+        folder.check_writable()
     finally:
-        for folder in made:  # the deepest first
+        for place in made:  # the deepest first
             try:
-                os.rmdir(folder)
+                os.rmdir(place)
             except OSError:
                 break
 
@@ -325,15 +328,7 @@ def preflight(spec: JobSpec, *, offline: bool = False, overwrite: bool = False) 
     makes before it starts Ray are all here, so no problem means `run` starts; `overwrite`
     checks as `run --overwrite` does (changed settings are a note, not a problem)."""
     report = Preflight()
-    layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
-                                           offline=offline)
-    report.problems += problems
-    report.notes += notes
-    if not problems:
-        more, more_notes = settings_problems(spec, layout)
-        lora, lora_notes = lora_problems(spec, layout, offline=offline)
-        report.problems += more + lora
-        report.notes += more_notes + lora_notes
+    report.problems, report.notes = _model_problems(spec, offline)
     _input_problems(spec, offline, report)
     _output_problems(spec, offline, report, overwrite)
     return report

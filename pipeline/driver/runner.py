@@ -19,7 +19,6 @@ that was killed are ended first (`pipeline.driver.localray`).
 
 from __future__ import annotations
 
-import json
 import logging
 import math
 import os
@@ -36,14 +35,11 @@ from pipeline.driver.schedule import Schedule
 from pipeline.errors import ModelSettingsError, PipelineError, RunStoppedError
 from pipeline.input.shards import expand_shards, shard_stem
 from pipeline.job.spec import JobSpec
-from pipeline.output.folder import failed_stems, plan_pending
+from pipeline.output.folder import OutputFolder
 from pipeline.output.jobrecord import prepare_output, record_compute, resolved_compute
-from pipeline.output.layout import failed_url
 from pipeline.output.status import MarkerTotals, bounded_repeated_keys
-from pipeline.redaction import redact_url
-from pipeline.storage import describe_error, put_bytes_atomic, url_fs, with_retries
 from pipeline.worker.actor import Counter, ShardActor
-from pipeline.worker.hooks import Hooks
+from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.shard import SLOTS
 from sdedit import ModelSourceError
 
@@ -104,7 +100,7 @@ def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
 
 def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | None = None,
             overwrite: bool = False, progress: bool = True,
-            hooks: Hooks | None = None) -> RunSummary:
+            hooks: Hooks = NO_HOOKS) -> RunSummary:
     """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
 
     The model source is checked (`pipeline.driver.preflight.check_model`) before Ray starts and
@@ -123,7 +119,8 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
         for note in check_model(spec):
             logger.info("%s", note)
     previous = prepare_output(spec, overwrite)
-    pending, done = plan_pending(shards, spec.output.path, spec.output.storage_options)
+    folder = OutputFolder.of(spec)
+    pending, done = folder.plan(shards)
     summary = RunSummary(shards_total=len(shards), shards_already_done=len(done))
     if limit_shards is not None:
         pending = pending[:limit_shards]
@@ -143,7 +140,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
         if not address:
             record = localray.record(context.address_info["session_dir"])
     try:
-        pool = _Pool(spec, pending, summary, progress, hooks)
+        pool = _Pool(spec, folder, pending, summary, progress, hooks)
         try:
             record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads),
                            previous, len(done))
@@ -154,8 +151,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
         if own_ray:
             ray.shutdown()
             localray.forget(record)
-    summary.keys_in_several_shards = bounded_repeated_keys(
-        spec.output.path, spec.output.storage_options)
+    summary.keys_in_several_shards = bounded_repeated_keys(folder)
     summary.seconds = time.perf_counter() - started
     return summary
 
@@ -191,9 +187,9 @@ def _stopped(cause: str, summary: RunSummary, not_started: list[str]) -> str:
 class _Pool:
     """The actor pool and its scheduling loop: up to `SLOTS` shards per ready actor."""
 
-    def __init__(self, spec: JobSpec, pending: list[str], summary: RunSummary,
-                 progress: bool, hooks: Hooks | None) -> None:
-        self.spec, self.summary, self.hooks = spec, summary, hooks
+    def __init__(self, spec: JobSpec, folder: OutputFolder, pending: list[str],
+                 summary: RunSummary, progress: bool, hooks: Hooks) -> None:
+        self.spec, self.folder, self.summary, self.hooks = spec, folder, summary, hooks
         compute = spec.compute
         self.schedule = Schedule(pending, compute.shard_retries, compute.shard_timeout_s)
         self.inflight: dict[Any, tuple[Any, str, float]] = {}  # ref -> (actor, url, started)
@@ -204,7 +200,7 @@ class _Pool:
         options, self.threads = actor_options(spec)
         self.actor_cls = ray.remote(ShardActor).options(**options)
         self.progress = RunProgress(len(pending), spec.name, progress)
-        self.had_failed = failed_stems(spec.output.path, spec.output.storage_options)
+        self.had_failed = folder.failed_stems()
         """Stems with a failed/ record from an earlier run (removed when they commit)."""
         self.stop: str | None = None
 
@@ -333,17 +329,8 @@ class _Pool:
         self.counter.done.remote(url)
         self.progress.shard_done(stats["outputs_ok"] + stats["outputs_error"])
         stem = shard_stem(url)
-        if stem not in self.had_failed:
-            return
-        marker = failed_url(self.spec.output.path, stem)
-        try:  # best effort: `status` ignores a failed record whose shard is done
-            fs, path = url_fs(marker, self.spec.output.storage_options)
-            with_retries(lambda: fs.rm_file(path), what="remove failed record", url=marker)
+        if stem in self.had_failed and self.folder.clear_failure(stem):
             self.had_failed.discard(stem)
-        except FileNotFoundError:
-            self.had_failed.discard(stem)
-        except Exception as exc:
-            logger.warning("could not remove %s: %s", redact_url(marker), describe_error(exc))
 
     def _failed(self, url: str, error: str) -> None:
         self.counter.drop.remote(url)  # its images will be made again
@@ -358,13 +345,10 @@ class _Pool:
         self.progress.shard_failed()
         record = {"stem": shard_stem(url), "input_shard": url, "attempts": attempts,
                   "error": error, "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-        marker = failed_url(self.spec.output.path, shard_stem(url))
         try:
-            put_bytes_atomic(marker, json.dumps(record, indent=1).encode(),
-                             self.spec.output.storage_options)
-        except Exception as exc:
-            self.stop = (f"cannot write the failure record {redact_url(marker)}: "
-                         f"{describe_error(exc)}")
+            self.folder.record_failure(shard_stem(url), record)
+        except PipelineError as exc:
+            self.stop = str(exc)
 
     def _shutdown(self) -> None:
         """Close and end every actor (killing those that do not close in time)."""

@@ -31,7 +31,8 @@ from typing import Any
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.job.spec import JobSpec, apply_overrides, load_spec
+from pipeline.job.load import apply_overrides, load_spec
+from pipeline.job.spec import JobSpec
 from pipeline.redaction import redact_url, scrub
 
 logger = logging.getLogger(__name__)

@@ -3,105 +3,53 @@
 `prepare_output` refuses a resume whose output-affecting settings changed (unless
 `--overwrite`) and writes job.json before any model work; `record_compute` adds the resolved
 compute values once the actors' settings are known, and warns when a resume changes one that
-outputs depend on through rounding (README, Reproducibility).
+outputs depend on through rounding (docs/outputs.md).
 """
 
 from __future__ import annotations
 
 import importlib.metadata
-import json
 import logging
-import os
-import shutil
-from collections.abc import Mapping
 from typing import Any
 
 import torch
 
 from pipeline import __version__
-from pipeline.errors import ResumeConflictError, StorageError
+from pipeline.errors import ResumeConflictError
 from pipeline.job.spec import JobSpec
-from pipeline.output.layout import JOB_RECORD, RESULT_FOLDERS, folder_url, job_record_url
-from pipeline.redaction import redact_url
-from pipeline.storage import check_writable, describe_error, put_bytes_atomic, url_fs, with_retries
+from pipeline.output.folder import OutputFolder
 from sdedit import dtype_name, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["job_record", "prepare_output", "previous_record", "read_job_record",
-           "record_compute", "resolved_compute", "resume_conflict"]
+__all__ = ["job_record", "prepare_output", "record_compute", "resolved_compute",
+           "resume_conflict"]
 
 
 def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
     """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work).
 
-    `validate` makes the same checks (`pipeline.driver.preflight`) with `check_writable`,
-    `previous_record` and `resume_conflict`, so that its yes means this one's.
-    Returns the job.json found there before (None if none, or discarded by `overwrite`); its
-    `compute` section (see `record_compute`) is kept in the new job.json until replaced.
+    `validate` makes the same checks (`pipeline.driver.preflight`), so that its yes means this
+    one's. Returns the job.json found there before (None if none, or discarded by `overwrite`);
+    its `compute` section (see `record_compute`) is kept in the new job.json until replaced.
     """
-    out, options = spec.output.path, spec.output.storage_options
-    check_writable(out, options)
+    folder = OutputFolder.of(spec)
+    folder.check_writable()
     try:
-        old = read_job_record(out, options)
+        old = folder.read_record()
         conflict = resume_conflict(spec, old)
     except ResumeConflictError as exc:  # a job.json that is not a job record
         old, conflict = None, str(exc)
     if conflict is not None:
         if not overwrite:
             raise ResumeConflictError(conflict)
-        _discard_results(spec)
+        folder.discard_results()
         old = None
     record = job_record(spec)
     if old is not None and "compute" in old:
         record["compute"] = old["compute"]
-    _write(out, record, options)
+    folder.write_record(record)
     return old
-
-
-def read_job_record(output: str, options: Mapping[str, Any] | None) -> dict[str, Any] | None:
-    """OUT/job.json, or None when there is none.
-
-    Raises:
-        StorageError: it cannot be read (naming where and why).
-        ResumeConflictError: it is not a JSON object (what the output holds is unknown).
-    """
-    url = job_record_url(output)
-    try:
-        fs, path = url_fs(url, options)
-        data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
-    except FileNotFoundError:
-        return None
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
-    try:
-        record = json.loads(data)
-    except ValueError as exc:
-        record = exc
-    if not isinstance(record, dict):
-        what = record if isinstance(record, Exception) else type(record).__name__
-        raise ResumeConflictError(
-            f"output {redact_url(output)}: its {JOB_RECORD} cannot be read as a job record "
-            f"({what}); use a new output.path, or --overwrite to discard its results")
-    return record
-
-
-def _write(output: str, record: dict[str, Any], options: Mapping[str, Any] | None) -> None:
-    """Write OUT/job.json; StorageError naming it and the cause when that fails."""
-    url = job_record_url(output)
-    try:
-        put_bytes_atomic(url, json.dumps(record, indent=1).encode(), options)
-    except StorageError:
-        raise
-    except Exception as exc:
-        raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
-
-
-def previous_record(spec: JobSpec) -> dict[str, Any] | None:
-    """The OUT/job.json already at the job's output (`read_job_record`), or None."""
-    return read_job_record(spec.output.path, spec.output.storage_options)
 
 
 def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
@@ -132,8 +80,8 @@ def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str
 
 
 def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int) -> dict[str, Any]:
-    """The compute values outputs depend on through rounding (README, Reproducibility):
-    device type, compute dtype, torch threads per actor and batch size, resolved."""
+    """The compute values outputs depend on through rounding (docs/outputs.md): device
+    type, compute dtype, torch threads per actor and batch size, resolved."""
     device = "cuda" if use_gpu else "cpu"
     dtype = resolve_dtype(spec.compute.dtype, torch.device(device))
     return {"device": device, "dtype": dtype_name(dtype), "threads": threads,
@@ -155,8 +103,8 @@ def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, A
             "resuming with compute settings that differ from those of the %d shard(s) already "
             "done (%s): byte-identical outputs need the same batch size, device, dtype and "
             "threads; other values give outputs that differ in rounding (a few levels; a dtype "
-            "change more), see README, Reproducibility", shards_done, ", ".join(changes))
-    _write(spec.output.path, job_record(spec, compute), spec.output.storage_options)
+            "change more), see docs/outputs.md", shards_done, ", ".join(changes))
+    OutputFolder.of(spec).write_record(job_record(spec, compute))
     return changes
 
 
@@ -169,19 +117,3 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
         elif a != b:
             changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
     return changed
-
-
-def _discard_results(spec: JobSpec) -> None:
-    for sub in RESULT_FOLDERS:
-        url = folder_url(spec.output.path, sub)
-        try:
-            fs, path = url_fs(url, spec.output.storage_options)
-            if fs.exists(path):
-                logger.warning("--overwrite: removing %s", url)
-                if os.path.isdir(path):
-                    shutil.rmtree(path)
-                else:
-                    fs.rm(path, recursive=True)
-        except Exception as exc:
-            raise StorageError(f"--overwrite: cannot remove {redact_url(url)}: "
-                               f"{describe_error(exc)}") from exc

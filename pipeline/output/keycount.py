@@ -19,16 +19,15 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
-from pipeline.output.layout import shard_urls
+from pipeline.output.folder import OutputFolder
 from pipeline.redaction import redact_url
 from pipeline.storage import describe_error, url_fs, with_retries
 
@@ -50,11 +49,11 @@ def _key_hashes(data: bytes) -> np.ndarray:
     return np.unique(hashes)
 
 
-def _manifests(output: str, options: Mapping[str, Any], stems: list[str],
-               workers: int) -> Iterator[np.ndarray]:
+def _manifests(folder: OutputFolder, stems: list[str], workers: int) -> Iterator[np.ndarray]:
     """Key hashes per manifest of `stems`, read `workers` chunks at a time."""
+    output, options = folder.path, folder.options
     fs, _ = url_fs(output, options)
-    paths = [url_fs(shard_urls(output, stem).manifest, options)[1] for stem in stems]
+    paths = [url_fs(folder.shard_urls(stem).manifest, options)[1] for stem in stems]
 
     def read(chunk: list[str]) -> list[np.ndarray]:
         found = with_retries(lambda: fs.cat(chunk, on_error="return"), what="read manifests",
@@ -86,9 +85,8 @@ def _repeated(hashes: np.ndarray) -> int:
     return int(same[0]) + int(np.count_nonzero(same[1:] & ~same[:-1]))
 
 
-def count_repeated_keys(output: str, options: Mapping[str, Any] | None, stems: Iterable[str],
-                        rows: int | None = None, limit: int | None = None,
-                        workers: int = 8) -> int | None:
+def count_repeated_keys(folder: OutputFolder, stems: Iterable[str], rows: int | None = None,
+                        limit: int | None = None, workers: int = 8) -> int | None:
     """How many keys occur in the manifests of more than one of the shards `stems` (done).
 
     Args:
@@ -97,23 +95,22 @@ def count_repeated_keys(output: str, options: Mapping[str, Any] | None, stems: I
     Raises:
         StorageError: a manifest could not be read.
     """
-    options = dict(options or {})
     stems = list(stems)
     partitions = max(1, math.ceil((rows or 0) / PARTITION_ROWS))
     if partitions == 1:
         parts: list[np.ndarray] = []
         seen = 0
-        for hashes in _manifests(output, options, stems, workers):
+        for hashes in _manifests(folder, stems, workers):
             parts.append(hashes)
             seen += hashes.size
             if limit is not None and seen > limit:
                 return None
         return _repeated(np.concatenate(parts)) if parts else 0
-    with tempfile.TemporaryDirectory(prefix="sdedit-keys-") as folder:
-        files = [open(os.path.join(folder, f"{p}.bin"), "wb")  # noqa: SIM115 - closed below
+    with tempfile.TemporaryDirectory(prefix="sdedit-keys-") as tmp:
+        files = [open(os.path.join(tmp, f"{p}.bin"), "wb")  # noqa: SIM115 - closed below
                  for p in range(partitions)]
         try:
-            for hashes in _manifests(output, options, stems, workers):
+            for hashes in _manifests(folder, stems, workers):
                 slot = (hashes.view(np.uint64) % np.uint64(partitions)).astype(np.int64)
                 order = np.argsort(slot, kind="stable")
                 bounds = np.searchsorted(slot[order], np.arange(partitions + 1))
@@ -123,5 +120,5 @@ def count_repeated_keys(output: str, options: Mapping[str, Any] | None, stems: I
         finally:
             for handle in files:
                 handle.close()
-        return sum(_repeated(np.fromfile(os.path.join(folder, f"{p}.bin"), np.int64))
+        return sum(_repeated(np.fromfile(os.path.join(tmp, f"{p}.bin"), np.int64))
                    for p in range(partitions))

@@ -1,4 +1,5 @@
-"""The output folder of a job: the names of what it holds and their URLs, in one place.
+"""The names of what an output folder holds (`pipeline.output.folder.OutputFolder` builds their
+URLs and does every read and write).
 
 ```
 OUT/job.json                  resolved spec, fingerprint, versions (pipeline.output.jobrecord)
@@ -9,18 +10,14 @@ OUT/failed/{stem}.json        a shard that failed after its retries (pipeline.dr
 ```
 `stem` is the input shard's name without folders and tar suffix
 (`pipeline.input.shards.shard_stem`).
-Every module that reads or writes the output folder takes its names and URLs from here.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.storage import join
-
 __all__ = ["DONE", "FAILED", "JOB_RECORD", "MANIFESTS", "MARKER_SUFFIX", "RESULT_FOLDERS",
-           "SHARDS", "ShardUrls", "done_url", "failed_url", "folder_url", "job_record_url",
-           "marker_stem", "shard_urls"]
+           "SHARDS", "ShardUrls", "marker_stem"]
 
 JOB_RECORD = "job.json"
 """What the job is (resolved spec, fingerprint, versions, resolved compute values)."""
@@ -45,35 +42,6 @@ class ShardUrls:
     tar: str
     manifest: str
     marker: str
-
-
-def job_record_url(output: str) -> str:
-    """`OUT/job.json`."""
-    return join(output, JOB_RECORD)
-
-
-def folder_url(output: str, folder: str) -> str:
-    """`OUT/{folder}` for one of `RESULT_FOLDERS`."""
-    if folder not in RESULT_FOLDERS:
-        raise ValueError(f"folder {folder!r} is not one of {', '.join(RESULT_FOLDERS)}")
-    return join(output, folder)
-
-
-def shard_urls(output: str, stem: str) -> ShardUrls:
-    """Where shard `stem`'s tar, manifest and commit marker go (keeping `output`'s protocol)."""
-    return ShardUrls(tar=join(output, SHARDS, f"{stem}.tar"),
-                     manifest=join(output, MANIFESTS, f"{stem}.parquet"),
-                     marker=done_url(output, stem))
-
-
-def done_url(output: str, stem: str) -> str:
-    """`OUT/done/{stem}.json`, shard `stem`'s commit marker."""
-    return join(output, DONE, stem + MARKER_SUFFIX)
-
-
-def failed_url(output: str, stem: str) -> str:
-    """`OUT/failed/{stem}.json`, shard `stem`'s failure record."""
-    return join(output, FAILED, stem + MARKER_SUFFIX)
 
 
 def marker_stem(name: str) -> str | None:

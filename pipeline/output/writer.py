@@ -1,6 +1,6 @@
 """Write one input shard's results: output tar, Parquet manifest, then the commit marker.
 
-Layout (DESIGN.md):
+Layout (docs/architecture.md):
     OUT/shards/{stem}.tar          {okey}.{fmt} output, {okey}.guide.png, {okey}.mask.png,
                                    {okey}.target.png (when the input had one), {okey}.json
     OUT/manifests/{stem}.parquet   one row per input sample x output index, errors included
@@ -26,7 +26,7 @@ import numpy as np
 import webdataset as wds
 
 from pipeline.images import encode_image
-from pipeline.output.layout import ShardUrls, shard_urls
+from pipeline.output.layout import ShardUrls
 from pipeline.output.manifest import check_row, manifest_bytes
 from pipeline.storage import absolute_url, is_local, put_bytes_atomic, url_fs, with_retries
 from sdedit import local_path, source_kind
@@ -98,11 +98,12 @@ def carried_name(ext: str, image_format: str, taken: Mapping[str, Any]) -> str:
 
 
 class ShardOutput:
-    """Collects one shard's outputs and manifest rows; `commit()` publishes them in order."""
+    """Collects one shard's outputs and manifest rows; `commit()` publishes them in order.
+    Made by `OutputFolder.shard_writer`, which names `urls`."""
 
-    def __init__(self, output: str, stem: str,
+    def __init__(self, urls: ShardUrls, stem: str,
                  storage_options: Mapping[str, Any] | None) -> None:
-        self.urls: ShardUrls = shard_urls(output, stem)
+        self.urls = urls
         self.stem = stem
         self.options = dict(storage_options or {})
         self.rows: list[dict[str, Any]] = []

@@ -14,7 +14,7 @@ from typing import Any
 
 from pipeline.job.spec import JobSpec
 from pipeline.redaction import SecretFilter
-from pipeline.worker.hooks import Hooks
+from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.shard import ShardWorker
 
 __all__ = ["Batched", "Counter", "ShardActor"]
@@ -53,7 +53,7 @@ class ShardActor:
     """
 
     def __init__(self, spec: JobSpec, threads: int, counter: Any,
-                 hooks: Hooks | None = None) -> None:
+                 hooks: Hooks = NO_HOOKS) -> None:
         logging.basicConfig(level=logging.INFO)
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter())

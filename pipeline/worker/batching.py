@@ -1,4 +1,4 @@
-"""From decoded samples to batches for the device: one job per output, grouped by image size.
+"""From decoded samples to batches for the device: one task per output, grouped by image size.
 
 A batch is decided by the shard's content alone, never by timing (the reproducibility
 promise: the same shard and batch size give the same batches, hence the same outputs).
@@ -17,7 +17,7 @@ from pipeline.input.reader import Sample
 from pipeline.input.rows import RowSettings
 from sdedit import NoiseSource
 
-__all__ = ["Job", "Prepared", "by_size", "output_key", "output_seed", "prepare"]
+__all__ = ["Prepared", "Task", "by_size", "output_key", "output_seed", "prepare"]
 
 
 def output_seed(job_seed: int, key: str, index: int) -> int:
@@ -32,7 +32,7 @@ def output_key(key: str, index: int, samples_per_input: int) -> str:
 
 
 @dataclass
-class Job:
+class Task:
     """One output to make: a sample of a shard, its output index, seed, key and settings."""
 
     sample: Sample
@@ -50,39 +50,39 @@ class Prepared:
     """A batch ready for the device: guides float32 (B, 3, H, W) in [-1, 1], masks float32
     (B, 1, H, W) in {0, 1} or None, and its noise already being drawn (`noise`)."""
 
-    jobs: list[Job]
+    tasks: list[Task]
     images: torch.Tensor
     masks: torch.Tensor | None
     noise: NoiseSource | None
 
     @property
     def seeds(self) -> list[int]:
-        return [job.seed for job in self.jobs]
+        return [task.seed for task in self.tasks]
 
 
-def prepare(jobs: list[Job], noise: NoiseSource | None = None) -> Prepared:
+def prepare(tasks: list[Task], noise: NoiseSource | None = None) -> Prepared:
     """The batch's tensors (run in the host pool while the device works on the batch before)."""
-    guides = np.stack([job.sample.guide for job in jobs])  # (B, H, W, 3) uint8
+    guides = np.stack([task.sample.guide for task in tasks])  # (B, H, W, 3) uint8
     images = torch.from_numpy(guides).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     masks = None
-    if jobs[0].sample.mask is not None:
-        masks = torch.from_numpy(np.stack([job.sample.mask for job in jobs]))[:, None].float()
-    return Prepared(jobs, images, masks, noise)
+    if tasks[0].sample.mask is not None:
+        masks = torch.from_numpy(np.stack([task.sample.mask for task in tasks]))[:, None].float()
+    return Prepared(tasks, images, masks, noise)
 
 
-def by_size(jobs: Iterable[Job], size: int) -> Iterator[list[Job]]:
-    """Batches of `size` jobs of one image size (and mask or not), in arrival order.
+def by_size(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
+    """Batches of `size` tasks of one image size (and mask or not), in arrival order.
 
-    At most 2 * size jobs wait in size buckets: beyond that the largest bucket goes as a
+    At most 2 * size tasks wait in size buckets: beyond that the largest bucket goes as a
     partial batch (many distinct sizes cannot hold a shard in memory); the rest go at the end.
     """
-    buckets: dict[tuple[object, ...], list[Job]] = {}
+    buckets: dict[tuple[object, ...], list[Task]] = {}
     waiting = 0
-    for job in jobs:
-        sample = job.sample
+    for task in tasks:
+        sample = task.sample
         shape = (*sample.guide.shape, sample.mask is not None)  # type: ignore[union-attr]
         bucket = buckets.setdefault(shape, [])
-        bucket.append(job)
+        bucket.append(task)
         waiting += 1
         if len(bucket) == size:
             waiting -= size

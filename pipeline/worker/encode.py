@@ -15,7 +15,7 @@ import torch
 
 from pipeline.job.spec import OutputSpec
 from pipeline.output.writer import output_sample
-from pipeline.worker.batching import Job
+from pipeline.worker.batching import Task
 
 __all__ = ["MAX_SIDE", "Done", "Encoded", "encode_output", "faithfulness_l2"]
 
@@ -27,9 +27,9 @@ WebP: 16383, its 14-bit size fields; Pillow refuses larger ones). A larger outpu
 
 @dataclass
 class Done:
-    """One output as it leaves the device: the job, its pixels and what it cost."""
+    """One output as it leaves the device: the task, its pixels and what it cost."""
 
-    job: Job
+    task: Task
     edited: torch.Tensor  # float32 (3, H, W) in [-1, 1], on the CPU
     seconds: float        # device seconds per output of its batch
     batch_size: int       # samples in the network call that made it
@@ -52,13 +52,13 @@ class Encoded:
 
 
 def encode_output(done: Done, out: OutputSpec,
-                  metadata: Callable[[Job, float], dict[str, Any]]) -> Encoded:
-    """The output's metadata (`metadata(job, faithfulness_l2)`, its `{key}.json`) and encoded
+                  metadata: Callable[[Task, float], dict[str, Any]]) -> Encoded:
+    """The output's metadata (`metadata(task, faithfulness_l2)`, its `{key}.json`) and encoded
     tar sample, or why it cannot be encoded (its size or content: that output's error)."""
-    sample = done.job.sample
+    sample = done.task.sample
     assert sample.guide is not None and sample.members is not None
     pixels = done.pixels()
-    meta = metadata(done.job, faithfulness_l2(pixels, sample.guide, sample.mask))
+    meta = metadata(done.task, faithfulness_l2(pixels, sample.guide, sample.mask))
     keep = out.include_guide
     h, w = pixels.shape[:2]
     limit = MAX_SIDE[out.image_format]
@@ -67,7 +67,7 @@ def encode_output(done: Done, out: OutputSpec,
                                          f"{w}x{h} is over {limit} px a side; allowed: an "
                                          "output size the format can hold")
     encoded = output_sample(
-        done.job.output_key, pixels, meta,
+        done.task.output_key, pixels, meta,
         guide=sample.guide if keep else None,
         guide_png=sample.guide_png if keep else None,
         mask=sample.mask if keep else None,

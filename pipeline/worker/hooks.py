@@ -3,7 +3,7 @@
 Production code never builds a `Hooks` and never reads one from the environment: a test passes
 `Hooks(...)` to `ShardWorker(spec, hooks=...)` or `run_job(spec, hooks=...)`, and the runner
 hands the same object to each actor it starts (pickled with the actor's arguments). Without it
-(`hooks=None`) the worker does nothing more. Fields, all off by default:
+(the default `NO_HOOKS`) the worker does nothing more. Fields, all off by default:
 
     crash        "STEM:OUTPUTS:FLAGFILE": the process exits once OUTPUTS outputs of shard STEM
                  are done, once (FLAGFILE records that it happened); tests actor loss.
@@ -39,7 +39,7 @@ from sdedit import DiffusionModel, default_noise_threads
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Hooks"]
+__all__ = ["NO_HOOKS", "Hooks"]
 
 
 @dataclass(frozen=True)
@@ -92,6 +92,10 @@ class Hooks:
             target, flag = self.fail_write.split(":", 1)
             if target == stem and _once(flag, f"failed a write of {stem}"):
                 raise OSError(f"test hook: writing shard {stem} failed")
+
+
+NO_HOOKS = Hooks()
+"""The default everywhere: no hook does anything."""
 
 
 class _SleepNet(torch.nn.Module):

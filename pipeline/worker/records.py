@@ -20,7 +20,7 @@ from pipeline.output.layout import ShardUrls
 from pipeline.output.manifest import manifest_row
 from pipeline.output.writer import model_location, now
 from pipeline.storage import absolute_url
-from pipeline.worker.batching import Job, output_key, output_seed
+from pipeline.worker.batching import Task, output_key, output_seed
 from pipeline.worker.encode import Encoded
 from sdedit import DiffusionModel, dtype_name, guidance_scale
 
@@ -104,16 +104,16 @@ class Records:
             batch_size=batch_size, created_at=now(), prompt=settings.prompt,
             negative_prompt=settings.negative_prompt, **self.columns)
 
-    def metadata(self, job: Job, l2: float) -> dict[str, Any]:
+    def metadata(self, task: Task, l2: float) -> dict[str, Any]:
         """The output's `{key}.json`: what it was made with, enough to make it again with
         `sdedit.edit` (no timings: tar bytes are deterministic)."""
-        data = {"key": job.sample.key, "output_key": job.output_key, "sample_index": job.index,
-                "seed": job.seed, "t0": job.settings.t0, "steps": job.steps,
+        data = {"key": task.sample.key, "output_key": task.output_key, "sample_index": task.index,
+                "seed": task.seed, "t0": task.settings.t0, "steps": task.steps,
                 **{k: self.columns[k] for k in ("sampler", "repeats", "eta", "model",
                                                 "model_identity")},
-                "input_shard": job.input_shard, "faithfulness_l2": round(l2, 6)}
+                "input_shard": task.input_shard, "faithfulness_l2": round(l2, 6)}
         if self.conditional:
-            data.update(prompt=job.settings.prompt, negative_prompt=job.settings.negative_prompt,
+            data.update(prompt=task.settings.prompt, negative_prompt=task.settings.negative_prompt,
                         guidance_scale=self.columns["guidance_scale"])
         return data
 

@@ -1,30 +1,16 @@
 """ShardWorker: read -> decode -> batch -> edit -> encode -> write -> commit, pipelined.
 
-One ShardWorker holds one loaded model and edits whole input shards; a Ray actor
-(pipeline/driver/runner.py) wraps it, tests call it directly. Two shards may be processed at once
-(from two threads; a semaphore holds a third call back): the second reads and decodes while the
-first computes, and computes while the first encodes its last outputs and commits
-(`stages.DeviceTurns`). Within a shard, decoding (host pool), the device, and encoding (host
-pool) overlap; outputs are written to the tar in the order of the serial loop, so tars and
-pixels are what the serial loop wrote; manifest rows are written in input order (sample by
-sample, then output index), whatever the order they were made in.
+One ShardWorker holds one loaded model and edits whole input shards; the Ray actor
+(`pipeline.worker.actor`) wraps it, tests call it directly. Two shards may be in process at
+once: the second reads while the first computes, and computes while the first encodes and
+commits (`stages.DeviceTurns`). Within a shard, decoding, the device and encoding overlap;
+tars hold outputs in the serial loop's order, manifests hold rows in input order.
 
-No sample fails its shard: one that cannot be edited (decode, size, its per-row settings:
-`rows.py`) is error rows before batching; a batch that runs out of device memory is split in
-halves (`oom.split_on_oom`), and a sample that still does alone is a "device" row; the engine's
-refusal of a sample's inputs (`sdedit.EditInputError`, and only that) is an "edit" row; an
-output the format cannot hold is an "encode" row (`outputs.py`). Any other exception fails the
-attempt, which the runner retries: a bug is never committed as error rows. Every row is
-assembled by `records.Records.row`.
-
-An aborted attempt leaves nothing behind: the reader is closed (its thread ends), pending
-encodes are dropped, the partial tar is removed and the shard's images in flight are taken off
-the worker's gauge at once (`Gauge.close`). `close()` ends the worker's threads.
-
-Memory per shard is bounded, in decoded images: `depth` read ahead + `2 * batch` waiting in
-size buckets + `batch` prepared ahead + `batch` on the device + `window` being encoded
-(depth = window = 2 * batch), so at most 2 * 8 * batch for an actor's two shards (see
-`ShardWorker.max_in_flight`).
+No sample fails its shard: one that cannot be edited is error rows (decode, size, setting before
+batching; "device" when it runs out of memory alone after `oom.split_on_oom`; "edit" for the
+engine's `EditInputError`; "encode" for a size the format cannot hold). Any other exception
+fails the attempt, which the runner retries, and leaves nothing behind. Memory is bounded in
+decoded images (`ShardWorker.max_in_flight`).
 """
 
 from __future__ import annotations
@@ -38,7 +24,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any
+from dataclasses import dataclass, field
 
 import torch
 
@@ -46,15 +32,15 @@ from pipeline.errors import ModelSettingsError
 from pipeline.input.reader import Sample, read_shard
 from pipeline.input.rows import RowSettings, SettingError, row_settings
 from pipeline.input.shards import shard_stem
-from pipeline.job.modelcheck import loaded_model_problems
 from pipeline.job.spec import JobSpec
-from pipeline.output.layout import done_url
+from pipeline.output.folder import OutputFolder
 from pipeline.output.writer import ShardOutput
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
-from pipeline.storage import absolute_url, url_fs, with_retries
-from pipeline.worker.batching import Job, Prepared, by_size, output_key, output_seed, prepare
+from pipeline.storage import absolute_url
+from pipeline.job.modelcheck import loaded_model_problems
+from pipeline.worker.batching import Prepared, Task, by_size, output_key, output_seed, prepare
 from pipeline.worker.encode import Done, Encoded, encode_output
-from pipeline.worker.hooks import Hooks
+from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.oom import EditFailure, split_on_oom
 from pipeline.worker.records import Records, ShardStats, worker_columns
 from sdedit import (
@@ -79,6 +65,23 @@ SLOTS = 2
 other reading ahead or committing. A shard counts as in flight until it is committed."""
 
 
+@dataclass
+class Attempt:
+    """One attempt at one shard, while it runs: where its results go, what it counted, its
+    timings, its decoded images alive (`gauge`), its turn at the device (`token`) and the
+    ordered sink of its encodes."""
+
+    url: str
+    stem: str
+    writer: ShardOutput
+    stats: ShardStats
+    gauge: Gauge
+    progress: Callable[[int], None] | None
+    timings: Timings = field(default_factory=Timings)
+    token: object = field(default_factory=object)
+    sink: OrderedSink[Encoded] = field(init=False)
+
+
 class ShardWorker:
     """Edits whole input shards with one loaded model.
 
@@ -95,14 +98,13 @@ class ShardWorker:
 
     def __init__(self, spec: JobSpec, model: DiffusionModel | None = None,
                  worker_id: str | None = None, threads: int | None = None,
-                 host_threads: int | None = None, hooks: Hooks | None = None) -> None:
+                 host_threads: int | None = None, hooks: Hooks = NO_HOOKS) -> None:
         if threads:
             torch.set_num_threads(max(1, int(threads)))
-        self.spec = spec
-        self.hooks = hooks
-        if hooks is not None:
-            hooks.starting()
-        fake_gpu = self.hooks is not None and self.hooks.fake_gpu and spec.compute.device == "cuda"
+        self.spec, self.hooks = spec, hooks
+        self.output = OutputFolder.of(spec)
+        hooks.starting()
+        fake_gpu = hooks.fake_gpu and spec.compute.device == "cuda"
         device = resolve_device("cpu" if fake_gpu else spec.compute.device)
         if model is None:
             model = load_model(spec.model.source, device=device,
@@ -111,10 +113,8 @@ class ShardWorker:
             apply_loras(model, spec.model.lora,
                         storage_options=dict(spec.model.storage_options) or None)
         self.model = model
-        if self.hooks is not None:
-            self.hooks.install(self.model)
+        hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
-        self.fingerprint = spec.fingerprint()
         self.conditional = self.model.conditional
         problems = loaded_model_problems(spec, self.model)
         if problems:  # the same check validate and run made on the config files
@@ -124,13 +124,13 @@ class ShardWorker:
             self.model.text.spec.negative_prompts
         self.columns = worker_columns(spec, self.model, self.worker_id)
         self.records = Records(spec, self.columns, self._steps, self.conditional,
-                               self.fingerprint)
+                               spec.fingerprint())
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
         noise_threads = self.model.accel.noise_threads
         self.noise_pool = None if noise_threads == 0 else ThreadPoolExecutor(
             noise_threads, thread_name_prefix="sdedit-noise")
-        """One pool draws every batch's noise ahead (`sdedit.edit.noise_for`)."""
+        """One pool draws every batch's noise ahead (`sdedit.noise_for`)."""
         self.turns = DeviceTurns()
         self.slots = threading.BoundedSemaphore(SLOTS)
         """Held by each `process` call: the two-shard bound, whoever calls."""
@@ -139,16 +139,15 @@ class ShardWorker:
         batch = spec.compute.batch_size
         self.depth = self.window = 2 * batch
         self.max_in_flight = SLOTS * (self.depth + 2 * batch + 2 * batch + self.window)
-        """The bound on decoded images alive in this worker (two shards)."""
+        """Decoded images alive at most (two shards, each: read ahead, size buckets, one batch
+        prepared, one on the device, those being encoded)."""
         warm_up(self.model, batch)  # the first shard pays no allocator / kernel-selection cost
 
     def process(self, url: str, progress: Callable[[int], None] | None = None) -> ShardStats:
         """Edit every sample of the shard at `url` and commit its outputs.
 
         A shard whose marker already exists is not redone (`skipped=True`). Safe to call from
-        several threads: at most `SLOTS` calls run at once, the others wait. No sample fails
-        the shard: each one that cannot be edited is an error row (see `_batches`,
-        `split_on_oom`).
+        several threads: at most `SLOTS` calls run at once, the others wait.
         Raises:
             ShardError: the tar is unreadable or truncated (the runner retries the shard);
             any other error (writing, a bug): the shard is aborted, nothing of it is committed.
@@ -161,40 +160,35 @@ class ShardWorker:
     def _process(self, url: str, progress: Callable[[int], None] | None) -> ShardStats:
         start = time.perf_counter()
         stem = shard_stem(url)
-        if self._committed(stem):
+        if self.output.is_done(stem):
             logger.info("shard %s already committed; skipping", stem)
             return ShardStats(stem=stem, input_shard=url, worker=self.worker_id, skipped=True)
-        writer = ShardOutput(self.spec.output.path, stem, self.spec.output.storage_options)
-        stats = ShardStats(stem=stem, input_shard=absolute_url(url), worker=self.worker_id)
-        timings = Timings()
-        gauge = Gauge(parent=self.in_flight)  # this shard's decoded images alive
-        sink: OrderedSink[Encoded] = OrderedSink(
-            self.host, lambda item: self._write(item, writer, stats, timings, progress, gauge),
-            self.window)
-        token = object()
-        self.turns.arrive(token)
+        a = Attempt(url, stem, self.output.shard_writer(stem),
+                    ShardStats(stem=stem, input_shard=absolute_url(url), worker=self.worker_id),
+                    Gauge(parent=self.in_flight), progress)
+        a.sink = OrderedSink(self.host, lambda item: self._write(item, a), self.window)
+        self.turns.arrive(a.token)
         try:
             try:
-                self._compute(url, stem, writer, stats, timings, sink, token, gauge)
+                self._compute(a)
             finally:
-                self.turns.leave(token)
-            with timings.measure("wait_encode"):
-                sink.finish()
-            stats.seconds = time.perf_counter() - start
-            stats.timings = {k: round(v, 4) for k, v in sorted(timings.seconds.items())}
-            stats.in_flight_max = self.in_flight.peak
-            with timings.measure("commit"):
-                writer.commit(self.records.marker(stats, writer.urls))
+                self.turns.leave(a.token)
+            with a.timings.measure("wait_encode"):
+                a.sink.finish()
+            a.stats.seconds = time.perf_counter() - start
+            a.stats.timings = {k: round(v, 4) for k, v in sorted(a.timings.seconds.items())}
+            a.stats.in_flight_max = self.in_flight.peak
+            with a.timings.measure("commit"):
+                a.writer.commit(self.records.marker(a.stats, a.writer.urls))
         except BaseException:
-            sink.cancel()
-            writer.abort()
-            gauge.close()  # nothing of this shard stays counted, not even late decodes
+            a.sink.cancel()
+            a.writer.abort()
+            a.gauge.close()  # nothing of this shard stays counted, not even late decodes
             raise
-        return stats
+        return a.stats
 
     def close(self) -> None:
-        """End the worker's threads (host pool, noise pool); call once no shard is in process.
-        Idempotent."""
+        """End the worker's threads; call once no shard is in process. Idempotent."""
         self.closed = True
         self.host.shutdown(wait=True, cancel_futures=True)
         if self.noise_pool is not None:
@@ -206,80 +200,60 @@ class ShardWorker:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _compute(self, url: str, stem: str, writer: ShardOutput, stats: ShardStats,
-                 timings: Timings, sink: OrderedSink[Any], token: object,
-                 gauge: Gauge) -> None:
-        """Read, batch and edit the shard; each output goes to the sink to be encoded. The
-        reader is closed when this returns or raises (its thread ends)."""
+    def _compute(self, a: Attempt) -> None:
+        """Read, batch and edit the shard, outputs to the sink; the reader is closed after."""
         inp = self.spec.input
-        if self.hooks is not None:
-            self.hooks.before_read(stem)
-        samples = read_shard(url, inp.storage_options, inp.image, inp.mask, pool=self.host,
-                             depth=self.depth, gauge=gauge, max_pixels=inp.max_pixels,
-                             timings=timings)
-        batches = self._batches(samples, writer, stats, timings, gauge)
+        self.hooks.before_read(a.stem)
+        samples = read_shard(a.url, inp.storage_options, inp.image, inp.mask, pool=self.host,
+                             depth=self.depth, gauge=a.gauge, max_pixels=inp.max_pixels,
+                             timings=a.timings)
+        batches = by_size(self._tasks(samples, a), self.spec.compute.batch_size)
         try:
-            self._loop(batches, stem, writer, stats, timings, sink, token, gauge)
+            self._loop(batches, a)
         finally:
             batches.close()
             samples.close()  # type: ignore[attr-defined]
 
-    def _loop(self, batches: Iterator[list[Job]], stem: str, writer: ShardOutput,
-              stats: ShardStats, timings: Timings, sink: OrderedSink[Any], token: object,
-              gauge: Gauge) -> None:
+    def _loop(self, batches: Iterator[list[Task]], a: Attempt) -> None:
         """Edit batch after batch, the next one prepared in the host pool meanwhile."""
-        encode = timings.timed("encode", self._encode)
-        prepare = timings.timed("prepare", self._prepare)
+        encode = a.timings.timed("encode", self._encode)
+        prepare = a.timings.timed("prepare", self._prepare)
         ahead: Future[Prepared] | None = None  # the next batch, made ready in the host pool
         try:
             for batch in itertools.chain(batches, [None]):  # lazily: one batch ahead, no more
                 following = None if batch is None else self.host.submit(prepare, batch)
                 if ahead is not None:
-                    with timings.measure("wait_prepare"):
+                    with a.timings.measure("wait_prepare"):
                         prepared = ahead.result()
-                    with self.turns.turn(token) as waited, timings.measure("device"):
-                        timings.add("wait_device", waited)
-                        done = self._edit(prepared, writer, stats, gauge)
+                    with self.turns.turn(a.token) as waited, a.timings.measure("device"):
+                        a.timings.add("wait_device", waited)
+                        done = self._edit(prepared, a)
                     for item in done:
-                        sink.submit(encode, item)
-                    if self.hooks is not None:
-                        self.hooks.after_batch(stem, stats.outputs_ok + stats.outputs_error
-                                               + len(sink.pending))
+                        a.sink.submit(encode, item)
+                    self.hooks.after_batch(a.stem, a.stats.outputs_ok + a.stats.outputs_error
+                                           + len(a.sink.pending))
                 ahead = following
         except BaseException:
             if ahead is not None and not ahead.cancel():  # the batch made ready: its noise too
                 with contextlib.suppress(BaseException):
-                    close = getattr(ahead.result().noise, "close", None)
-                    if close is not None:
-                        close()
+                    noise = ahead.result().noise
+                    if noise is not None:
+                        noise.close()
             raise
 
-    def _committed(self, stem: str) -> bool:
-        url = done_url(self.spec.output.path, stem)
-        fs, path = url_fs(url, self.spec.output.storage_options)
-        return bool(with_retries(lambda: fs.exists(path), what="check done marker", url=url))
-
-    def _batches(self, samples: Iterator[Sample], writer: ShardOutput, stats: ShardStats,
-                 timings: Timings, gauge: Gauge) -> Iterator[list[Job]]:
-        """Jobs of editable samples, batched by image size (`batching.by_size`); a sample that
-        cannot be edited (decode, size, its per-row settings) is error rows here, before
-        batching, so it never fails a batch."""
-        return by_size(self._jobs(samples, writer, stats, timings, gauge),
-                       self.spec.compute.batch_size)
-
-    def _jobs(self, samples: Iterator[Sample], writer: ShardOutput, stats: ShardStats,
-              timings: Timings, gauge: Gauge) -> Iterator[Job]:
-        """One job per output of each editable sample, in input order; a sample that cannot
-        be edited is its error rows here. A sample with an error but no kind is a bug of the
-        reader: the row builder refuses it and the attempt fails."""
+    def _tasks(self, samples: Iterator[Sample], a: Attempt) -> Iterator[Task]:
+        """One task per output of each editable sample, in input order; a sample that cannot
+        be edited (decode, size, its per-row settings) is its error rows here, so it never
+        fails a batch. A sample with an error but no kind is a bug of the reader: the row
+        builder refuses it and the attempt fails."""
         sd = self.spec.sdedit
         while True:
-            with timings.measure("wait_input"):
+            with a.timings.measure("wait_input"):
                 sample = next(samples, None)
             if sample is None:
                 return
-            position = stats.samples
-            stats.samples += 1
+            position = a.stats.samples
+            a.stats.samples += 1
             settings: RowSettings | None = None
             if sample.error is None:
                 sample.error = self._size_problem(sample)
@@ -294,16 +268,16 @@ class ShardWorker:
                     sample.error, sample.error_kind = str(exc), "setting"
             if sample.error is not None or settings is None:
                 for index in range(sd.samples_per_input):
-                    self._error_row(writer, stats, sample, position, index,
-                                    sample.error_kind, sample.error or "")
-                gauge.add(-1)
+                    self._error_row(a, sample, position, index, sample.error_kind,
+                                    sample.error or "")
+                a.gauge.add(-1)
                 continue
             steps = self._steps(settings.t0)
             for index in range(sd.samples_per_input):
-                yield Job(sample, stats.input_shard, index,
-                          output_seed(sd.seed, sample.key, index),
-                          output_key(sample.key, index, sd.samples_per_input), settings, steps,
-                          position)
+                yield Task(sample, a.stats.input_shard, index,
+                           output_seed(sd.seed, sample.key, index),
+                           output_key(sample.key, index, sd.samples_per_input), settings, steps,
+                           position)
 
     def _size_problem(self, sample: Sample) -> str | None:
         assert sample.guide is not None
@@ -314,61 +288,56 @@ class ShardWorker:
                     f"allowed: width and height multiples of {f}")
         return None
 
-    def _prepare(self, batch: list[Job]) -> Prepared:
-        """A batch's tensors, and its noise already being drawn (runs in the host pool while
-        the device works on the batch before)."""
+    def _prepare(self, batch: list[Task]) -> Prepared:
+        """A batch's tensors and its noise, drawn ahead (host pool, during the batch before)."""
         h, w = batch[0].sample.guide.shape[:2]  # type: ignore[union-attr]
-        return prepare(batch, noise_for(self.model, [job.seed for job in batch], h, w,
+        return prepare(batch, noise_for(self.model, [task.seed for task in batch], h, w,
                                         pool=self.noise_pool))
 
-    def _edit(self, prepared: Prepared, writer: ShardOutput, stats: ShardStats,
-              gauge: Gauge) -> list[Done]:
+    def _edit(self, prepared: Prepared, a: Attempt) -> list[Done]:
         """Edit one batch on the device (split in halves when it runs out of memory); float
         outputs on the CPU, or error rows for the outputs the engine refuses (a problem of
         these inputs, not of the shard) or that run out of memory alone."""
         done: list[Done] = []
-        indices = list(range(len(prepared.jobs)))
+        indices = list(range(len(prepared.tasks)))
         started = time.perf_counter()
         try:
             for part, result in split_on_oom(indices, lambda rows: self._run(prepared, rows)):
                 if isinstance(result, EditFailure):
                     for row in part:
-                        job = prepared.jobs[row]
-                        self._error_row(writer, stats, job.sample, job.position, job.index,
-                                        result.kind, result.message, batch_size=len(part),
-                                        job=job)
-                        self._release(job, gauge)
+                        task = prepared.tasks[row]
+                        self._error_row(a, task.sample, task.position, task.index, result.kind,
+                                        result.message, batch_size=len(part), task=task)
+                        self._release(task, a)
                 else:
                     seconds = (time.perf_counter() - started) / len(part)
-                    done += [Done(prepared.jobs[row], edited, seconds, len(part))
+                    done += [Done(prepared.tasks[row], edited, seconds, len(part))
                              for row, edited in zip(part, result, strict=True)]
                 started = time.perf_counter()
         finally:
-            close = getattr(prepared.noise, "close", None)  # unused when the batch was split
-            if close is not None:
-                close()
+            if prepared.noise is not None:  # unused when the batch was split
+                prepared.noise.close()
         return done
 
     def _run(self, prepared: Prepared, rows: Sequence[int]) -> torch.Tensor | EditFailure:
         """float32 (len(rows), 3, H, W) outputs on the CPU of these rows of a prepared batch
         (all of them: with its noise drawn ahead), or the engine's refusal of the inputs.
-
         Raises:
             torch.OutOfMemoryError: the device ran out of memory (see `split_on_oom`).
         """
         sd = self.spec.sdedit
-        whole = len(rows) == len(prepared.jobs)
+        whole = len(rows) == len(prepared.tasks)
         index = torch.tensor(list(rows))
         images = prepared.images if whole else prepared.images[index]
         masks = prepared.masks if whole or prepared.masks is None else prepared.masks[index]
-        jobs = [prepared.jobs[r] for r in rows]
+        tasks = [prepared.tasks[r] for r in rows]
         texts = {} if not self.conditional else {
-            "prompts": [job.settings.prompt or "" for job in jobs],
-            "negative_prompts": [job.settings.negative_prompt or "" for job in jobs],
+            "prompts": [task.settings.prompt or "" for task in tasks],
+            "negative_prompts": [task.settings.negative_prompt or "" for task in tasks],
             "guidance_scale": self.columns["guidance_scale"]}
         try:
-            out = edit(self.model, images, t0=[job.settings.t0 for job in jobs],
-                       seeds=[job.seed for job in jobs], sampler=sd.sampler, steps=sd.steps,
+            out = edit(self.model, images, t0=[task.settings.t0 for task in tasks],
+                       seeds=[task.seed for task in tasks], sampler=sd.sampler, steps=sd.steps,
                        masks=masks, repeats=sd.repeats, eta=sd.eta,
                        noise=prepared.noise if whole else None, **texts)
         except EditInputError as exc:  # only the engine's refusal; anything else fails
@@ -376,35 +345,32 @@ class ShardWorker:
         return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
     def _encode(self, done: Done) -> Encoded:
-        """The output encoded (`outputs.encode_output`); runs in the host pool."""
+        """The output encoded (`encode.encode_output`); runs in the host pool."""
         return encode_output(done, self.spec.output, self.records.metadata)
 
-    def _write(self, item: Encoded, writer: ShardOutput, stats: ShardStats, timings: Timings,
-               progress: Callable[[int], None] | None, gauge: Gauge) -> None:
-        """Append one encoded output to the tar (in processing order) and its manifest row
-        (put in input order at commit)."""
-        job = item.done.job
+    def _write(self, item: Encoded, a: Attempt) -> None:
+        """One encoded output to the tar (processing order), its row to the manifest."""
+        task = item.done.task
         if item.sample is None:
-            self._error_row(writer, stats, job.sample, job.position, job.index, "encode",
-                            item.error or "", batch_size=item.done.batch_size, job=job)
+            self._error_row(a, task.sample, task.position, task.index, "encode",
+                            item.error or "", batch_size=item.done.batch_size, task=task)
         else:
-            if self.hooks is not None:
-                self.hooks.before_write(writer.stem)
-            with timings.measure("write"):
-                writer.add_sample(item.sample)
-            writer.add_row(self.records.row(
-                stats.input_shard, job.sample, job.index, job.settings,
+            self.hooks.before_write(a.stem)
+            with a.timings.measure("write"):
+                a.writer.add_sample(item.sample)
+            a.writer.add_row(self.records.row(
+                a.stats.input_shard, task.sample, task.index, task.settings,
                 batch_size=item.done.batch_size, encoded=item,
-                output_shard=absolute_url(writer.urls.tar)), job.position)
-            stats.outputs_ok += 1
-        self._release(job, gauge)
-        if progress is not None:
-            progress(1)
+                output_shard=absolute_url(a.writer.urls.tar)), task.position)
+            a.stats.outputs_ok += 1
+        self._release(task, a)
+        if a.progress is not None:
+            a.progress(1)
 
-    def _release(self, job: Job, gauge: Gauge) -> None:
+    def _release(self, task: Task, a: Attempt) -> None:
         """The last output of a sample is done: its decoded image is no longer in flight."""
-        if job.index == self.spec.sdedit.samples_per_input - 1:
-            gauge.add(-1)
+        if task.index == self.spec.sdedit.samples_per_input - 1:
+            a.gauge.add(-1)
 
     def _steps(self, t0: float) -> int | None:
         """Network evaluations per round of an output started at t0 (None: t0 is invalid)."""
@@ -420,15 +386,15 @@ class ShardWorker:
             return str(exc)
         return None
 
-    def _error_row(self, writer: ShardOutput, stats: ShardStats, sample: Sample,
-                   position: int, index: int, kind: str | None, error: str,
-                   batch_size: int | None = None, job: Job | None = None) -> None:
-        """One error row (`kind`: one of `pipeline.output.manifest.ERROR_KINDS`) of the sample at
-        `position` in the shard, with the row's own settings when they were read (`job`),
+    def _error_row(self, a: Attempt, sample: Sample, position: int, index: int,
+                   kind: str | None, error: str, batch_size: int | None = None,
+                   task: Task | None = None) -> None:
+        """One error row (`kind`: one of `pipeline.output.manifest.ERROR_KINDS`) of the sample
+        at `position` in the shard, with the row's own settings when they were read (`task`),
         else the job's."""
-        settings = job.settings if job is not None else self.records.job_settings()
-        row = self.records.row(stats.input_shard, sample, index, settings,
+        settings = task.settings if task is not None else self.records.job_settings()
+        row = self.records.row(a.stats.input_shard, sample, index, settings,
                                batch_size=batch_size, error=error, error_kind=kind)
-        writer.add_row(row, position)
-        stats.count_error(row["error_kind"])
+        a.writer.add_row(row, position)
+        a.stats.count_error(row["error_kind"])
         logger.warning("sample %s: %s", row["output_key"], error)

@@ -7,16 +7,19 @@
 - ``ray_head`` (session): a ``ray start --head`` child process; yields
   :class:`~tests.support.rayhead.RayHeadInfo` (address, dashboard URL, token, env).
 - ``ray_connected`` (function): ``ray.init`` into ``ray_head`` for the test; yields its info.
+- ``memory_root`` (function): a fresh folder of fsspec's in-memory filesystem, removed after.
 """
 
 from __future__ import annotations
 
 import secrets
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import fsspec
 import pytest
 
 from tests.support.rayhead import RayHead, RayHeadInfo, connected
@@ -94,3 +97,13 @@ def ray_connected(ray_head: RayHeadInfo) -> Iterator[RayHeadInfo]:
     """This test's process is a driver of ``ray_head`` (``ray.shutdown()`` afterwards)."""
     with connected(ray_head):
         yield ray_head
+
+
+@pytest.fixture
+def memory_root() -> Iterator[str]:
+    """A fresh folder in fsspec's process-global memory filesystem, removed afterwards."""
+    root = f"memory://test-{uuid.uuid4().hex}"
+    yield root
+    fs = fsspec.filesystem("memory")
+    if fs.exists(root):
+        fs.rm(root, recursive=True)

@@ -11,7 +11,8 @@ import webdataset as wds
 import yaml
 
 from pipeline.images import encode_image
-from pipeline.job.spec import JobSpec, parse_spec
+from pipeline.job.load import parse_spec
+from pipeline.job.spec import JobSpec
 
 
 def png(array: np.ndarray) -> bytes:

@@ -19,7 +19,7 @@ from PIL import Image
 from pipeline.cli import main
 from pipeline.driver.runner import run_job
 from pipeline.errors import PipelineError, SpecError
-from pipeline.job.spec import parse_spec
+from pipeline.job.load import parse_spec
 from sdedit import edit, load_model
 from sdedit.lora import Lora, apply_loras
 from tests.support.shards import make_spec, png, write_job

@@ -16,7 +16,7 @@ from huggingface_hub import constants as hub_constants
 from pipeline.cli import main
 from pipeline.driver.preflight import check_model, model_problems, preflight
 from pipeline.errors import PreflightError, ResumeConflictError
-from pipeline.job.spec import load_spec
+from pipeline.job.load import load_spec
 from pipeline.output.jobrecord import prepare_output
 from tests.support.cli import run_cli_in_session
 from tests.support.shards import make_spec, write_job, write_shards

@@ -16,7 +16,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.job.spec import load_spec, parse_spec
+from pipeline.job.load import load_spec, parse_spec
 from pipeline.worker.shard import ShardWorker
 
 ROOT = Path(__file__).resolve().parents[3]

@@ -34,7 +34,8 @@ import yaml
 
 from pipeline.driver import schedule
 from pipeline.driver.runner import RunSummary, run_job
-from pipeline.job.spec import JobSpec, parse_spec
+from pipeline.job.load import parse_spec
+from pipeline.job.spec import JobSpec
 from pipeline.output.status import job_status
 from pipeline.worker.hooks import Hooks
 from tests.support.cli import run_cli_in_session

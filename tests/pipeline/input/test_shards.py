@@ -2,27 +2,13 @@
 
 from __future__ import annotations
 
-import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import fsspec
 import pytest
-from fsspec.implementations.memory import MemoryFileSystem
 
 from pipeline.errors import PipelineError
 from pipeline.input.shards import expand_shards, shard_stem, unique_stems
-from pipeline.output.folder import plan_pending
-
-
-@pytest.fixture
-def memory_root() -> Iterator[str]:
-    """A fresh folder in fsspec's process-global memory filesystem, removed afterwards."""
-    root = f"memory://test-{uuid.uuid4().hex}"
-    yield root
-    fs = fsspec.filesystem("memory")
-    if fs.exists(root):
-        fs.rm(root, recursive=True)
 
 
 def _touch(fs: fsspec.AbstractFileSystem, *paths: str) -> None:
@@ -107,43 +93,3 @@ def test_stem_collisions_listed() -> None:
     assert "q: s3://a/y/q.tar, s3://a/q.tar" in message
     assert unique_stems(["s3://a/p-0.tar", "s3://a/p-1.tar"]) == {
         "p-0": "s3://a/p-0.tar", "p-1": "s3://a/p-1.tar"}
-
-
-def test_plan_pending_local(tmp_path: Path) -> None:
-    shards = [f"s3://b/p-{i:06d}.tar" for i in range(4)]
-    out = tmp_path / "out"
-    assert plan_pending(shards, str(out)) == (shards, [])  # no output folder yet
-    (out / "done").mkdir(parents=True)
-    for name in ("p-000001.json", "p-000003.json", "p-000002.json.tmp", "unrelated.json"):
-        (out / "done" / name).write_text("{}")
-    (out / "shards").mkdir()
-    (out / "shards" / "p-000000.tar").write_bytes(b"x")  # tar without marker: not done
-    pending, done = plan_pending(shards, str(out))
-    assert pending == [shards[0], shards[2]]
-    assert done == [shards[1], shards[3]]
-
-
-def test_plan_pending_memory_lists_once(memory_root: str,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    fs = fsspec.filesystem("memory")
-    shards = expand_shards(f"{memory_root}/in/p-{{0..5}}.tar")
-    _touch(fs, *(f"{memory_root}/out/done/p-{i}.json" for i in (0, 5)))
-    calls: list[str] = []
-    original_ls = MemoryFileSystem.ls
-
-    def counting_ls(self: MemoryFileSystem, path: str, detail: bool = True, **kw: object):
-        calls.append(path)
-        return original_ls(self, path, detail=detail, **kw)
-
-    monkeypatch.setattr(MemoryFileSystem, "ls", counting_ls)
-    for name in ("exists", "info", "isfile"):
-        monkeypatch.setattr(MemoryFileSystem, name, lambda *a, **k: pytest.fail("per-shard"))
-    pending, done = plan_pending(shards, f"{memory_root}/out")
-    assert len(calls) == 1 and calls[0].endswith("/out/done")
-    assert done == [shards[0], shards[5]]
-    assert pending == shards[1:5]
-
-
-def test_plan_pending_rejects_colliding_stems(tmp_path: Path) -> None:
-    with pytest.raises(PipelineError, match="collide"):
-        plan_pending(["s3://a/p.tar", "s3://b/p.tar"], str(tmp_path))

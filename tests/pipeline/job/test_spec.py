@@ -13,13 +13,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import SpecError
-from pipeline.job.spec import (
-    ActorsSpec,
-    JobSpec,
-    apply_overrides,
-    load_spec,
-    parse_spec,
-)
+from pipeline.job.load import apply_overrides, load_spec, parse_spec
+from pipeline.job.spec import ActorsSpec, JobSpec
 
 GOOD: dict[str, Any] = {
     "name": "bedrooms-v1",

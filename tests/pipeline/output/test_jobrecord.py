@@ -11,7 +11,7 @@ import logging
 import pytest
 
 from pipeline.errors import ResumeConflictError
-from pipeline.job.spec import parse_spec
+from pipeline.job.load import parse_spec
 from pipeline.output.jobrecord import prepare_output, record_compute, resolved_compute
 from tests.pipeline.job.test_spec import OLD_FINGERPRINT, OLD_JOB
 

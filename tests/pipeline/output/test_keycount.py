@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from pipeline.output import keycount
+from pipeline.output.folder import OutputFolder
 from pipeline.output.keycount import count_repeated_keys
 from pipeline.output.manifest import COLUMNS, manifest_bytes, manifest_row
 
@@ -29,13 +30,13 @@ def job(tmp_path):
 
 def test_in_memory_and_partitioned_counts_agree(job, monkeypatch):
     output, stems = job
-    assert count_repeated_keys(output, None, stems) == 4  # k1, k2, k3, k9
-    assert count_repeated_keys(output, None, ["a", "c"]) == 1
+    assert count_repeated_keys(OutputFolder(output), stems) == 4  # k1, k2, k3, k9
+    assert count_repeated_keys(OutputFolder(output), ["a", "c"]) == 1
     monkeypatch.setattr(keycount, "PARTITION_ROWS", 3)  # 14 rows: 5 partitions on disk
-    assert count_repeated_keys(output, None, stems, rows=14, workers=2) == 4
+    assert count_repeated_keys(OutputFolder(output), stems, rows=14, workers=2) == 4
 
 
 def test_counting_in_passing_gives_up_past_its_limit(job):
     output, stems = job
-    assert count_repeated_keys(output, None, stems, limit=100) == 4
-    assert count_repeated_keys(output, None, stems, limit=5) is None
+    assert count_repeated_keys(OutputFolder(output), stems, limit=100) == 4
+    assert count_repeated_keys(OutputFolder(output), stems, limit=5) is None

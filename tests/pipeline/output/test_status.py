@@ -174,7 +174,7 @@ def test_status_and_run_count_a_shard_whose_name_starts_with_a_dot(tiny_vp, tiny
                                                                    tmp_path):
     """A done marker `.hidden.json` (input shard `.hidden.tar`) was ignored by `status`
     (pending forever) but counted by `run`'s planning."""
-    from pipeline.output.folder import plan_pending
+    from pipeline.output.folder import OutputFolder
 
     shards = write_shards(tmp_path / "in", n_shards=1, per_shard=1, bad=False)
     hidden = tmp_path / "in" / ".hidden.tar"
@@ -186,4 +186,4 @@ def test_status_and_run_count_a_shard_whose_name_starts_with_a_dot(tiny_vp, tiny
     assert (out / "done" / ".hidden.json").exists() and shards
     status = job_status(str(out))
     assert (status.done, status.pending, status.samples) == (1, 0, 1)
-    assert plan_pending([str(hidden)], str(out)) == ([], [str(hidden)])
+    assert OutputFolder(str(out)).plan([str(hidden)]) == ([], [str(hidden)])

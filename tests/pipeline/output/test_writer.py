@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.output import writer as writer_module
+from pipeline.output.folder import OutputFolder
 from pipeline.output.manifest import MANIFEST_SCHEMA, ManifestRowError, manifest_row
 from pipeline.output.writer import ShardOutput, model_location, now, output_sample
 from pipeline.storage import absolute_url
@@ -49,7 +50,7 @@ def test_commit_publishes_tar_manifest_then_marker(tmp_path, monkeypatch):
         return original(url, data, options, **kwargs)
 
     monkeypatch.setattr(writer_module, "put_bytes_atomic", recording)
-    out = ShardOutput(str(tmp_path), "part-1", None)
+    out = OutputFolder(str(tmp_path)).shard_writer("part-1")
     _fill(out)
     assert not (tmp_path / "shards" / "part-1.tar").exists()  # nothing visible before commit
     out.commit({"stem": "part-1"})
@@ -67,7 +68,7 @@ def test_commit_publishes_tar_manifest_then_marker(tmp_path, monkeypatch):
 def test_tar_bytes_are_deterministic_and_guides_optional(tmp_path):
     blobs = []
     for run in range(2):
-        out = ShardOutput(str(tmp_path / str(run)), "s", None)
+        out = OutputFolder(str(tmp_path / str(run))).shard_writer("s")
         _fill(out, image_format="webp", include_guide=False)
         out.commit({})
         blobs.append((tmp_path / str(run) / "shards" / "s.tar").read_bytes())
@@ -77,7 +78,7 @@ def test_tar_bytes_are_deterministic_and_guides_optional(tmp_path):
 
 
 def test_abort_publishes_nothing(tmp_path):
-    out = ShardOutput(str(tmp_path), "s", None)
+    out = OutputFolder(str(tmp_path)).shard_writer("s")
     _fill(out)
     out.abort()
     assert list((tmp_path / "shards").iterdir()) == []
@@ -85,7 +86,7 @@ def test_abort_publishes_nothing(tmp_path):
 
 
 def test_a_failed_manifest_write_leaves_no_marker(tmp_path, monkeypatch):
-    out = ShardOutput(str(tmp_path), "s", None)
+    out = OutputFolder(str(tmp_path)).shard_writer("s")
     _fill(out)
 
     def broken(url, data, options=None, **kwargs):
@@ -115,7 +116,7 @@ def test_old_and_new_manifests_read_together(tmp_path):
     folder.mkdir()
     pq.write_table(pa.Table.from_pylist([{"key": "old", "status": "ok"}], schema=OLD_SCHEMA),
                    folder / "a-old.parquet")
-    new = ShardOutput(str(tmp_path), "b-new", None)
+    new = OutputFolder(str(tmp_path)).shard_writer("b-new")
     new.add_row(row(key="new", status="error", error="x", error_kind="decode", dtype="fp32"))
     new.commit({})
     rows = pads.dataset(str(folder), schema=MANIFEST_SCHEMA).to_table().to_pylist()
@@ -127,7 +128,7 @@ def test_old_and_new_manifests_read_together(tmp_path):
 
 def test_add_row_refuses_a_row_the_schema_does_not_hold(tmp_path):
     """The issue's case: add_row dropped unknown keys, so a misspelt column became null."""
-    out = ShardOutput(str(tmp_path), "s", None)
+    out = OutputFolder(str(tmp_path)).shard_writer("s")
     good = row(key="k", output_key="k", status="ok")
     with pytest.raises(ManifestRowError, match="unknown widht"):
         out.add_row({**good, "widht": 3})
@@ -146,8 +147,8 @@ def test_an_empty_manifest_reads_everywhere(tmp_path):
     import duckdb
     import pandas
 
-    ShardOutput(str(tmp_path), "a-empty", None).commit({})
-    full = ShardOutput(str(tmp_path), "b-full", None)
+    OutputFolder(str(tmp_path)).shard_writer("a-empty").commit({})
+    full = OutputFolder(str(tmp_path)).shard_writer("b-full")
     _fill(full)
     full.commit({})
     empty = tmp_path / "manifests" / "a-empty.parquet"
@@ -167,8 +168,8 @@ def test_an_empty_manifest_reads_with_hf_datasets(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     import datasets
 
-    ShardOutput(str(tmp_path), "a-empty", None).commit({})
-    full = ShardOutput(str(tmp_path), "b-full", None)
+    OutputFolder(str(tmp_path)).shard_writer("a-empty").commit({})
+    full = OutputFolder(str(tmp_path)).shard_writer("b-full")
     _fill(full)
     full.commit({})
     job = datasets.load_dataset("parquet", data_files=str(tmp_path / "manifests" / "*.parquet"),

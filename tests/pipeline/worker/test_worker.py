@@ -147,7 +147,7 @@ def test_test_hooks_come_only_as_an_object_never_from_the_environment(
     monkeypatch.setenv("SDEDIT_BATCH_TEST_HOOKS",
                        json.dumps({"fail_write": f"part-000000:{flag}"}))
     worker = ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path / "a"), model=tiny_vp)
-    assert worker.hooks is None
+    assert worker.hooks == testhooks.Hooks()  # the no-op default
     assert worker.process(shards[0]).outputs_ok == 4 and not flag.exists()
     hooked = ShardWorker(make_spec(tiny_vp_dir, shards, tmp_path / "b"), model=tiny_vp,
                          hooks=testhooks.Hooks(fail_write=f"part-000000:{flag}"))
