@@ -23,8 +23,6 @@ INSTALL_AND_RUN = ("pip install torch==2.13.0 && pip install -e . -c constraints
                    "sdedit-batch run jobs/quickstart.yaml")
 INSTALL_AND_TEST = ('pip install torch==2.13.0 && pip install -e ".[test]" -c constraints.txt && '
                     "ruff check . && pytest -q")
-LAYOUT_LANDED = (ROOT / "pipeline" / "output").is_dir()
-"""The docs describe the layout of issue 22 (pipeline/job, input, output, worker, driver)."""
 
 _FENCE = re.compile(r"^\s*(```|~~~)")
 _CODE_SPAN = re.compile(r"(`+)(.+?)\1")
@@ -204,8 +202,6 @@ def test_ci_runs_the_readme_test_command() -> None:
     assert ci[-1] == INSTALL_AND_TEST
 
 
-@pytest.mark.skipif(not LAYOUT_LANDED, reason="the docs name the modules of issue 22's layout "
-                    "(pipeline/output/, ...), which is not in this tree yet")
 @pytest.mark.parametrize("path", DOCS, ids=lambda p: str(p.relative_to(ROOT)))
 def test_paths_and_modules_named_in_code_exist(path: Path) -> None:
     assert missing_code_names(path) == []
