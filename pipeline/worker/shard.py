@@ -32,12 +32,12 @@ from pipeline.errors import ModelSettingsError
 from pipeline.input.reader import Sample, read_shard
 from pipeline.input.rows import RowSettings, SettingError, row_settings
 from pipeline.input.shards import shard_stem
+from pipeline.job.modelcheck import loaded_model_problems
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
 from pipeline.output.writer import ShardOutput
 from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
 from pipeline.storage import absolute_url
-from pipeline.job.modelcheck import loaded_model_problems
 from pipeline.worker.batching import Prepared, Task, by_size, output_key, output_seed, prepare
 from pipeline.worker.encode import Done, Encoded, encode_output
 from pipeline.worker.hooks import NO_HOOKS, Hooks
