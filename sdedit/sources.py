@@ -162,8 +162,8 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
 def hub_repo_files(repo_id: str, timeout: float = HUB_TIMEOUT) -> list[str]:
     """The file paths of hub model repository `repo_id`, from one request of at most `timeout`
     seconds (`HfApi.model_info`, whose `siblings` list every file), never retried: without
-    network the answer comes at once (`HfApi.list_repo_files` retries five times, 23 s of
-    backoff with a warning each, before it gives up).
+    network the answer comes at once (`HfApi.list_repo_files` retries with backoff and a
+    warning each time before it gives up).
 
     Raises:
         what huggingface_hub raises: no network, offline mode, an unknown or gated repository.

@@ -4,7 +4,7 @@
 2.60: when that driver is SIGKILLed, the GCS, raylet, dashboard, monitor and log monitor end with
 it (Ray ties their fate to the driver), but the raylet's two per-node agents,
 `ray::DashboardAgent` and `ray::RuntimeEnvAgent`, are left as orphans: they notice the raylet
-is gone, then wait on the dead GCS to report it (60-80 s measured) before they exit. Runs
+is gone, then wait on the dead GCS to report it (docs/cluster.md) before they exit. Runs
 killed in a row pile them up.
 
 So each run that starts a local Ray records it (`record`): its driver's pid and start time and

@@ -83,8 +83,7 @@ def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
     cluster = ray.cluster_resources()
     use_gpu = uses_gpu(spec)
     # OpenMP threads that spin while they wait collapse when another process shares the cores
-    # (quickstart with one core busy: 674 s with spinning, 77 s passive, 56 s on an idle
-    # machine); waiting passively costs ~15% on an idle one. An explicit setting wins.
+    # (docs/performance.md); an explicit setting wins.
     env = {"OMP_WAIT_POLICY": os.environ.get("OMP_WAIT_POLICY", "PASSIVE")}
     options: dict[str, Any] = {"max_restarts": 0, "max_concurrency": SLOTS,
                                "runtime_env": {"env_vars": env}}
