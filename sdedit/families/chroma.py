@@ -142,7 +142,7 @@ class ChromaFamily:
         require_weights(directory, weighted, source, SUPPORTED)
         process, scheduler, scheduler_path = flow_scheduler(directory, source)
         factor = 2 ** (len(vae.get("block_out_channels", (64,) * 4)) - 1)
-        size = 128 * factor                        # the pipeline's default_sample_size
+        size = int(vae.get("sample_size", 128 * factor))   # Flux's VAE: 1024
         return ModelLayout(
             family=self.name, directory=directory,
             process=replace(process, full_steps=FULL_STEPS), sample_size=(size, size),
