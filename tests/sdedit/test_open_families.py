@@ -202,3 +202,18 @@ def test_cuda_graphs_are_not_captured_for_z_image_calls():
     net = torch.nn.Linear(1, 1)
     assert not NetRunner(net, accel, torch.device("cuda"), z_image_call).graphs
     assert NetRunner(net, accel, torch.device("cuda"), qwen_call).graphs
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_fast_path_options_run_the_new_network_calls(open_family_dirs, family):
+    """channels_last and noise threads keep the outputs; bf16 autocast runs."""
+    model, side = load_model(open_family_dirs[family]), SIDE[family]
+    x = _unit(2, side, seed=6) * 2 - 1
+    texts = {"prompts": PROMPTS, "guidance_scale": 2.0}
+    plain = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
+    model.accelerate(channels_last=True, noise_threads=1)
+    fast = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
+    assert torch.allclose(fast, plain, atol=1e-5)
+    model.accelerate(autocast=torch.bfloat16)
+    half = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
+    assert torch.isfinite(half).all() and (half - plain).abs().max() < 0.5
