@@ -103,6 +103,10 @@ class NetRunner:
         self.graphs = accel.cuda_graphs and device.type == "cuda"
         if accel.cuda_graphs and not self.graphs:
             logger.info("cuda_graphs requested on %s: ignored (CUDA only)", device)
+        if self.graphs and not getattr(call, "graph_safe", True):
+            logger.info("cuda_graphs requested: ignored (this family's network call reads "
+                        "per-row lengths on the host, which a captured graph would freeze)")
+            self.graphs = False
         layout = torch.channels_last if accel.channels_last else torch.contiguous_format
         net = net.to(memory_format=layout)
         self.module: Any = net

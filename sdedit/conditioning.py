@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["Conditioning", "NetCall", "PromptEncoder", "TextSpec"]
+__all__ = ["Conditioning", "NetCall", "PromptEncoder", "TextSpec", "cfg_combine"]
 
 
 @dataclass(frozen=True)
@@ -63,7 +63,9 @@ class Conditioning:
 NetCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "Conditioning | None"],
                    torch.Tensor]
 """(network, x float32 (B, C, h, w), network time (B,), conditioning or None) -> the raw output,
-(B, C, h, w): how a family calls its diffusers network (keyword names, packing)."""
+(B, C, h, w): how a family calls its diffusers network (keyword names, packing). A call that
+reads per-row values on the host (Z-Image's caption lengths) sets the attribute
+`graph_safe = False`: CUDA graphs are then not captured for it (`sdedit.accel`)."""
 
 
 @dataclass(frozen=True)
@@ -107,3 +109,15 @@ class PromptEncoder:
     def modules(self) -> list[torch.nn.Module]:
         """The encoder networks (moved with the model to its device)."""
         raise NotImplementedError
+
+    def combine(self, pred_u: torch.Tensor, pred_c: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """Classifier-free guidance of the unconditional and conditional predictions (B, C, h, w):
+        pred_u + g (pred_c - pred_u). A family whose pipeline reshapes the guided prediction
+        (Qwen-Image rescales its norm) overrides this; g keeps the same meaning."""
+        return cfg_combine(pred_u, pred_c, scale)
+
+
+def cfg_combine(pred_u: torch.Tensor, pred_c: torch.Tensor, scale: float) -> torch.Tensor:
+    """pred_u + g (pred_c - pred_u): classifier-free guidance (Ho & Salimans, 2022)."""
+    return pred_u + scale * (pred_c - pred_u)

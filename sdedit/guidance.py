@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder
+from sdedit.conditioning import Conditioning, PromptEncoder, cfg_combine
 
 __all__ = ["Guided", "conditioned_denoiser"]
 
@@ -34,14 +34,19 @@ class Guided:
             pass (no classifier-free guidance).
         scale: the guidance scale g (used with `uncond`).
         lengths: each sample's number of reverse steps (network evaluations) per round.
+        combine: (pred_u, pred_c, g) -> the guided prediction; default pred_u + g (pred_c -
+            pred_u) (a family's `PromptEncoder.combine`).
     """
 
     def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor, Conditioning],
                                          torch.Tensor],
                  cond: Conditioning, uncond: Conditioning | None, scale: float,
-                 lengths: Sequence[int]) -> None:
+                 lengths: Sequence[int],
+                 combine: Callable[[torch.Tensor, torch.Tensor, float],
+                                   torch.Tensor] = cfg_combine) -> None:
         self.denoise = denoise
         self.scale = scale
+        self.combine = combine
         self.guided = uncond is not None
         self.both = uncond.cat(cond) if uncond is not None else cond
         self.n = len(lengths)
@@ -67,7 +72,7 @@ class Guided:
         if not self.guided:
             return self.denoise(x, t, cond)
         pred_u, pred_c = self.denoise(torch.cat([x, x]), torch.cat([t, t]), cond).chunk(2)
-        return pred_u + self.scale * (pred_c - pred_u)
+        return self.combine(pred_u, pred_c, self.scale)
 
 
 def conditioned_denoiser(text: PromptEncoder,
@@ -82,4 +87,4 @@ def conditioned_denoiser(text: PromptEncoder,
     cfg = spec.guidance == "cfg" and scale != 1.0
     embedded = scale if spec.guidance == "embedded" else None
     cond, uncond = text.encode(prompts, negatives if cfg else None, size, embedded)
-    return Guided(denoise, cond, uncond if cfg else None, scale, lengths)
+    return Guided(denoise, cond, uncond if cfg else None, scale, lengths, text.combine)

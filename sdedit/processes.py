@@ -6,7 +6,8 @@ quantity. Three implement it:
 
     VP   (DDPM, SD 1.x/2.x, SDXL): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t = 0..T-1
     VE   (score SDE, NCSN++):       x(t) = x0 + sigma(t) z,                       t in (0, 1]
-    flow (rectified flow, SD3, Flux): x = (1 - sigma) x0 + sigma z, sigma = shift(u), u in (0, 1]
+    flow (rectified flow, SD3, Flux, Qwen-Image, Z-Image, Chroma):
+                                    x = (1 - sigma) x0 + sigma z, sigma = shift(u), u in (0, 1]
 
 t0 keeps one meaning across them: the fraction of the model's own time axis where the reverse
 process starts. VP: start index round(t0 * T) - 1 (t0 = 0.5 -> 499 of 1000, the official
@@ -224,6 +225,11 @@ class FlowProcess:
     k = 0..M-1, then steps to sigma = 0: diffusers' img2img grid for strength t0 (Flux passes
     it explicitly; SD3 does with `sigmas=np.linspace(1, 1/N, N)`, N = M / t0).
 
+    With a `shift_terminal` s_T (Qwen-Image: 0.02) diffusers stretches the whole grid of N
+    steps so that its last sigma is s_T: sigma' = 1 - (1 - sigma) (1 - s_T) / (1 - sigma_N),
+    sigma_N = shift(1/N). A plan's last point is u = t0 / M = 1/N, so its start sigma depends
+    on t0 and M together: each sample's plan (its own t0 and steps) is stretched on its own.
+
     Attributes:
         shift: the static shift s: sigma = s u / (1 + (s - 1) u) (SD3: 3.0; 1.0 = none).
         dynamic: the resolution-dependent shift (Flux-dev), or None; then `resolved(tokens)`
@@ -231,11 +237,13 @@ class FlowProcess:
         mu: the resolved dynamic shift parameter.
         full_steps: network evaluations over the whole axis when `steps` is None: a plan of t0
             takes max(1, round(t0 * full_steps)).
+        shift_terminal: the last sigma of the stretched grid, or None (no stretching).
     """
 
     shift: float = 1.0
     dynamic: DynamicShift | None = None
     mu: float | None = None
+    shift_terminal: float | None = None
     num_train_timesteps: int = 1000
     full_steps: int = 28
     name: str = "flow"
@@ -253,7 +261,11 @@ class FlowProcess:
 
     def plan(self, t0: float, sampler: str, steps: int | None) -> list[float]:
         count = steps if steps is not None else max(1, round(t0 * self.full_steps))
-        return [self.sigma(t0 * (1 - k / count)) for k in range(count)]
+        sigmas = [self.sigma(t0 * (1 - k / count)) for k in range(count)]
+        if self.shift_terminal:       # diffusers' stretch_shift_to_terminal on the N-step grid
+            factor = (1 - sigmas[-1]) / (1 - self.shift_terminal)
+            sigmas = [1 - (1 - s) / factor for s in sigmas]
+        return sigmas
 
     def start_level(self, starts: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         sigma = torch.tensor(list(starts), dtype=torch.float64)
@@ -279,7 +291,7 @@ class FlowProcess:
         return replace(self, mu=self.dynamic.mu(tokens))
 
 
-UNSUPPORTED_FLOW_OPTIONS = ("shift_terminal", "use_karras_sigmas", "use_exponential_sigmas",
+UNSUPPORTED_FLOW_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas",
                             "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
 """FlowMatchEulerDiscreteScheduler options that change the grid or the step; refused when set."""
 
@@ -305,5 +317,9 @@ def flow_from_config(config: Mapping[str, Any]) -> FlowProcess:
             float(config.get("base_shift") if config.get("base_shift") is not None else 0.5),
             float(config.get("max_shift") if config.get("max_shift") is not None else 1.15),
             kind)
+    terminal = config.get("shift_terminal")
+    if terminal is not None and not 0 <= float(terminal) < 1:
+        raise ValueError(f"scheduler shift_terminal={terminal!r}; allowed: [0, 1) or null")
     return FlowProcess(shift=float(config.get("shift", 1.0)), dynamic=dynamic,
-                       num_train_timesteps=int(config.get("num_train_timesteps", 1000)))
+                       num_train_timesteps=int(config.get("num_train_timesteps", 1000)),
+                       shift_terminal=float(terminal) if terminal else None)

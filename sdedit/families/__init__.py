@@ -11,6 +11,10 @@ what a directory lacks.
     sd3    SD3 / SD3.5: SD3Transformer2DModel + CLIP-L/G + T5 + VAE     latent flow, CFG
     flux   Flux.1: FluxTransformer2DModel + CLIP-L + T5 + VAE            latent flow, packed;
            guidance input (dev) or none (schnell)
+    chroma Chroma: ChromaTransformer2DModel + T5 (masked) + VAE         latent flow, packed, CFG
+    qwen-image  Qwen-Image: QwenImageTransformer2DModel + Qwen2.5-VL    latent flow, packed,
+           + AutoencoderKLQwenImage                                     true CFG (norm-kept)
+    z-image     Z-Image / Turbo: ZImageTransformer2DModel + Qwen3 + VAE latent flow, CFG
 """
 
 from __future__ import annotations
@@ -18,13 +22,14 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from sdedit.families import flux, pixel, sd, sd3, sdxl
+from sdedit.families import chroma, flux, pixel, qwen_image, sd, sd3, sdxl, z_image
 from sdedit.families.base import Family, Loaded, ModelLayout
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILIES", "Family", "Loaded", "ModelLayout", "inspect_model_dir"]
 
-FAMILIES: tuple[Family, ...] = (sd3.FAMILY, flux.FAMILY, sdxl.FAMILY, sd.FAMILY, pixel.FAMILY)
+FAMILIES: tuple[Family, ...] = (sd3.FAMILY, flux.FAMILY, chroma.FAMILY, qwen_image.FAMILY,
+                                z_image.FAMILY, sdxl.FAMILY, sd.FAMILY, pixel.FAMILY)
 """Tried in order; the pixel family last (it claims every directory)."""
 
 

@@ -1,9 +1,9 @@
-"""What the flow-matching families (SD3 / SD3.5 and Flux) share: their transformer layouts'
-checks, the flow-matching scheduler, and the T5 prompt embedder.
+"""What the flow-matching families (SD3 / SD3.5, Flux, Chroma, Qwen-Image, Z-Image) share:
+their transformer layouts' checks, the flow-matching scheduler, and the T5 prompt embedder.
 
-Both are diffusers pipeline directories with a `transformer/` (no `unet/`), an `AutoencoderKL`
-with 16 latent channels and a `shift_factor`, a `FlowMatchEulerDiscreteScheduler`, CLIP text
-encoders and a T5 encoder (`T5EncoderModel` + `T5TokenizerFast`).
+Each is a diffusers pipeline directory with a `transformer/` (no `unet/`), a VAE, a
+`FlowMatchEulerDiscreteScheduler` and its text encoders (SD3, Flux and Chroma: a T5 encoder,
+`T5EncoderModel` + `T5TokenizerFast`).
 """
 
 from __future__ import annotations
@@ -78,24 +78,33 @@ def flow_scheduler(directory: Path, source: str) -> tuple[FlowProcess, dict[str,
 
 
 class T5Embedder:
-    """A T5 tokenizer + `T5EncoderModel` (float32, eval), as the SD3 and Flux pipelines call
-    them: each distinct text padded to `max_length` tokens ("max_length" padding, truncated,
-    with the closing `</s>`), encoded without an attention mask; the last hidden state.
+    """A T5 tokenizer + `T5EncoderModel` (float32, eval), as the SD3, Flux and Chroma pipelines
+    call them: each distinct text padded to `max_length` tokens ("max_length" padding,
+    truncated, with the closing `</s>`), encoded without an attention mask (SD3, Flux) or with
+    it (`masked`: Chroma); the last hidden state.
 
     Args:
         tokenizer: a transformers T5TokenizerFast.
         encoder: a transformers T5EncoderModel.
-        max_length: the sequence length (SD3: 256; Flux: 512, the pipelines' defaults).
+        max_length: the sequence length (SD3: 256; Flux, Chroma: 512, the pipelines' defaults).
+        masked: encode with the tokenizer's attention mask.
     """
 
-    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int) -> None:
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int,
+                 masked: bool = False) -> None:
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.max_length = max_length
+        self.masked = masked
 
-    @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """float32 (len(texts), max_length, d_model); each distinct text encoded once."""
+        return self.run(texts)[0]
+
+    @torch.no_grad()
+    def run(self, texts: Sequence[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """(float32 (len(texts), max_length, d_model), int64 (len(texts),) token counts with
+        `</s>`); each distinct text encoded once."""
         distinct = list(dict.fromkeys(texts))
         tokens = self.tokenizer(distinct, padding="max_length", max_length=self.max_length,
                                 truncation=True, add_special_tokens=True, return_tensors="pt")
@@ -105,5 +114,8 @@ class T5Embedder:
             logger.warning("%d prompt(s) truncated to %d T5 tokens, e.g. %r", len(long),
                            self.max_length, long[0][:80])
         device = next(self.encoder.parameters()).device
-        out = self.encoder(tokens.input_ids.to(device))[0].float()
-        return ClipEmbedder.rows(texts, distinct, out)
+        mask = tokens.attention_mask.to(device)
+        out = self.encoder(tokens.input_ids.to(device),
+                           attention_mask=mask if self.masked else None)[0].float()
+        return (ClipEmbedder.rows(texts, distinct, out),
+                ClipEmbedder.rows(texts, distinct, mask.sum(dim=1)))

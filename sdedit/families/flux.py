@@ -34,7 +34,14 @@ from typing import Any
 import torch
 
 from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
-from sdedit.families.base import Loaded, ModelLayout, component, component_files, require_weights
+from sdedit.families.base import (
+    Loaded,
+    ModelLayout,
+    component,
+    component_files,
+    meta_model,
+    require_weights,
+)
 from sdedit.families.flow import T5Embedder, flow_scheduler, read_configs, transformer_class
 from sdedit.families.sd import ClipEmbedder, check_vae_fits
 from sdedit.latent import codec_from_vae
@@ -146,7 +153,7 @@ class FluxFamily:
     """Flux.1 (see the module docstring)."""
 
     name = "flux"
-    lora_loader = None
+    lora_loader = "FluxLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         return bool(index) and transformer_class(directory) == "FluxTransformer2DModel"
@@ -204,10 +211,20 @@ class FluxFamily:
         return Loaded(net=net, call=flux_call, codec=codec, text=text,
                       files=[*files, layout.paths["scheduler"]])
 
-
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """{}: this family takes no LoRA (`lora_loader` is None)."""
-        return {}
+        """LoRA parts "transformer" and "text_encoder" (CLIP), those of diffusers' Flux loader
+        (kohya / ai-toolkit files converted by it; T5 parts are not loaded by it)."""
+        from diffusers import FluxTransformer2DModel
+        from transformers import CLIPTextModel
+
+        if net is not None:
+            assert isinstance(text, FluxPromptEncoder)
+            return {"transformer": net, "text_encoder": text.clip.encoder}
+        assert layout is not None
+        return {"transformer": meta_model(FluxTransformer2DModel,
+                                          layout.directory / "transformer"),
+                "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")}
+
 
 FAMILY = FluxFamily()

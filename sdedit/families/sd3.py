@@ -26,7 +26,14 @@ from typing import Any
 import torch
 
 from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
-from sdedit.families.base import Loaded, ModelLayout, component, component_files, require_weights
+from sdedit.families.base import (
+    Loaded,
+    ModelLayout,
+    component,
+    component_files,
+    meta_model,
+    require_weights,
+)
 from sdedit.families.flow import (
     T5Embedder,
     flow_scheduler,
@@ -126,7 +133,7 @@ class SD3Family:
     """SD3 / SD3.5 (see the module docstring)."""
 
     name = "sd3"
-    lora_loader = None
+    lora_loader = "SD3LoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         return bool(index) and transformer_class(directory) == "SD3Transformer2DModel"
@@ -199,10 +206,22 @@ class SD3Family:
         return Loaded(net=net, call=sd3_call, codec=codec_from_vae(vae), text=text,
                       files=[*files, layout.paths["scheduler"]])
 
-
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """{}: this family takes no LoRA (`lora_loader` is None)."""
-        return {}
+        """LoRA parts "transformer", "text_encoder" and "text_encoder_2" (the CLIP encoders),
+        those of diffusers' SD3 loader."""
+        from diffusers import SD3Transformer2DModel
+        from transformers import CLIPTextModelWithProjection
+
+        if net is not None:
+            assert isinstance(text, SD3PromptEncoder)
+            return {"transformer": net, "text_encoder": text.clips[0].encoder,
+                    "text_encoder_2": text.clips[1].encoder}
+        assert layout is not None
+        return {"transformer": meta_model(SD3Transformer2DModel,
+                                          layout.directory / "transformer"),
+                **{name: meta_model(CLIPTextModelWithProjection, layout.directory / name)
+                   for name in ("text_encoder", "text_encoder_2")}}
+
 
 FAMILY = SD3Family()

@@ -1,6 +1,7 @@
 """Checking a LoRA against a model: which parts a family lets a LoRA adapt, reading the file
-with the family's diffusers loader, and naming every key that does not fit (layer, shapes,
-ranks), on loaded modules or on modules built from the configs on the meta device."""
+with the family's diffusers loader, and naming every key that the loader's conversion drops
+(`sdedit.lora.coverage`) or that does not fit (layer, shapes, ranks), on loaded modules or on
+modules built from the configs on the meta device."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ from typing import Any
 import torch
 
 from sdedit.families import FAMILIES, Family, ModelLayout, family_named
+from sdedit.lora.coverage import dropped_keys, raw_state
 from sdedit.lora.files import lora_file
 from sdedit.sources import ModelSourceError
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["SHOWN", "Lora", "LoraTargets", "lora_fit", "lora_mismatches", "lora_targets",
-           "part_keys", "read_lora", "refusal"]
+__all__ = ["SHOWN", "Lora", "LoraTargets", "checked_lora", "lora_fit", "lora_mismatches",
+           "lora_targets", "part_keys", "read_lora", "refusal", "unapplied"]
 _KEY = re.compile(r"^(?P<layer>.+)\.(?P<part>lora_A|lora_B|lora_embedding_A|lora_embedding_B|"
                   r"lora_magnitude_vector)(?:\.(?P<param>weight|bias))?$")
 SHOWN = 8
@@ -67,21 +69,61 @@ def lora_targets(family: Family, layout: ModelLayout | None,
     return LoraTargets(family.lora_loader, family.lora_modules(layout, net, text))
 
 
-def read_lora(path: Path, targets: LoraTargets, source: str
-              ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
-    """(state dict, network alphas, adapter metadata) of a LoRA file, read and converted to
-    diffusers' key format by the family's diffusers loader (`lora_state_dict`)."""
+def _loader(targets: LoraTargets) -> tuple[Any, dict[str, Any]]:
+    """The family's diffusers loader class and the options its `lora_state_dict` needs to
+    return (state dict, network alphas, metadata) or (state dict, metadata)."""
+    import inspect
+
     import diffusers.loaders
 
     loader = getattr(diffusers.loaders, targets.loader)
     unet = targets.modules.get("unet")
-    options = {"unet_config": unet.config} if unet is not None else {}
+    options: dict[str, Any] = {"unet_config": unet.config} if unet is not None else {}
+    if "return_alphas" in inspect.signature(loader.lora_state_dict).parameters:
+        options["return_alphas"] = True                     # Flux's loader (Chroma's too)
+    return loader, options
+
+
+def read_lora(path: Path, targets: LoraTargets, source: str
+              ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
+    """(state dict, network alphas, adapter metadata) of a LoRA file, read and converted to
+    diffusers' key format by the family's diffusers loader (`lora_state_dict`)."""
+    loader, options = _loader(targets)
     try:
-        state, alphas, metadata = loader.lora_state_dict(
-            str(path.parent), weight_name=path.name, return_lora_metadata=True, **options)
+        out = loader.lora_state_dict(str(path.parent), weight_name=path.name,
+                                     return_lora_metadata=True, **options)
     except Exception as exc:
         raise ModelSourceError(f"LoRA {source!r}: cannot read {path.name}: "
                                f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    state, alphas, metadata = out if len(out) == 3 else (out[0], None, out[1])
+    return state, alphas or None, metadata
+
+
+def unapplied(path: Path, targets: LoraTargets, source: str) -> list[str]:
+    """One line per tensor of the file that the loader's conversion drops (`coverage`)."""
+    loader, options = _loader(targets)
+
+    def convert(state: dict[str, torch.Tensor]) -> Mapping[str, Any]:
+        out = loader.lora_state_dict(state, **options)
+        return out[0] if isinstance(out, tuple) else out
+
+    try:
+        dropped = dropped_keys(raw_state(path), convert)
+    except Exception as exc:
+        raise ModelSourceError(f"LoRA {source!r}: cannot read {path.name}: "
+                               f"{type(exc).__name__}: {str(exc)[:300]}") from exc
+    return [f"{key}: diffusers' {targets.loader} drops it in conversion (not applied)"
+            for key in dropped]
+
+
+def checked_lora(path: Path, targets: LoraTargets, source: str, family: str
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
+    """`read_lora`, after every key of the file is checked: ModelSourceError naming the keys
+    that the conversion drops (`unapplied`) or that do not fit the model (`lora_mismatches`)."""
+    state, alphas, metadata = read_lora(path, targets, source)
+    problems = unapplied(path, targets, source) + lora_mismatches(state, targets, family)
+    if problems:
+        raise ModelSourceError(refusal(source, problems, family))
     return state, alphas, metadata
 
 
@@ -185,15 +227,12 @@ def refusal(source: str, problems: list[str], family: str) -> str:
 def lora_fit(layout: ModelLayout, lora: Lora, cache_dir: str | Path | None = None,
              storage_options: Mapping[str, Any] | None = None) -> list[str]:
     """Whether a LoRA fits a model, from the model's configs alone (its network built on the
-    meta device, no weights read): [] when it does, else one line naming the keys that do not
-    match (or why the LoRA cannot be read)."""
+    meta device, no weights read): [] when it does, else one line naming the keys that the
+    loader drops or that do not match (or why the LoRA cannot be read)."""
     try:
         targets = lora_targets(family_named(layout.family), layout)
         path = lora_file(lora.source, cache_dir, storage_options)
-        state, _, _ = read_lora(path, targets, lora.source)
+        checked_lora(path, targets, lora.source, layout.family)
     except ModelSourceError as exc:
         return [str(exc)]
-    problems = lora_mismatches(state, targets, layout.family)
-    return [refusal(lora.source, problems, layout.family)] if problems else []
-
-
+    return []

@@ -11,15 +11,7 @@ from typing import Any
 import torch
 
 from sdedit.families import family_named
-from sdedit.lora.check import (
-    SHOWN,
-    Lora,
-    lora_mismatches,
-    lora_targets,
-    part_keys,
-    read_lora,
-    refusal,
-)
+from sdedit.lora.check import SHOWN, Lora, checked_lora, lora_targets, part_keys
 from sdedit.lora.files import lora_file
 from sdedit.models import DiffusionModel
 from sdedit.sources import ModelSourceError, files_identity
@@ -97,10 +89,7 @@ def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
     identities = []
     for i, lora in enumerate(loras):
         path = lora_file(lora.source, cache_dir, storage_options)
-        state, alphas, metadata = read_lora(path, targets, lora.source)
-        problems = lora_mismatches(state, targets, model.family)
-        if problems:
-            raise ModelSourceError(refusal(lora.source, problems, model.family))
+        state, alphas, metadata = checked_lora(path, targets, lora.source, model.family)
         name = f"lora_{i}"
         for prefix, module in targets.modules.items():
             part = part_keys(state, prefix, module)

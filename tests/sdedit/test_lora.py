@@ -199,7 +199,8 @@ def test_a_kohya_lora_is_read_as_its_diffusers_twin(tiny_sdxl_dir, tmp_path):
 
 def test_a_pixel_model_takes_no_lora(tiny_vp_dir, sd_lora):
     problems = lora_fit(inspect_model_dir(tiny_vp_dir, "vp"), Lora(str(sd_lora)))
-    assert problems == ["a pixel model takes no LoRA; allowed: a model of the sdxl, sd families"]
+    assert problems == ["a pixel model takes no LoRA; allowed: a model of the sd3, flux, chroma, "
+                        "qwen-image, z-image, sdxl, sd families"]
 
 
 def test_lora_sources_file_folder_and_refusals(tmp_path, sd_lora):

@@ -113,3 +113,22 @@ def tiny_flux_schnell(tiny_flux_schnell_dir: Path):
     from sdedit import load_model
 
     return load_model(tiny_flux_schnell_dir)
+
+
+@pytest.fixture(scope="session")
+def open_family_dirs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny Qwen-Image (32x32 images), Z-Image and Chroma (16x16) pipeline directories by
+    family name (`tests.support.tiny_families`)."""
+    from tests.support.tiny_families import save_family_model
+
+    root = tmp_path_factory.mktemp("models")
+    return {family: save_family_model(root / f"tiny-{family}", family)
+            for family in ("qwen-image", "z-image", "chroma")}
+
+
+@pytest.fixture(scope="session")
+def open_family_models(open_family_dirs: dict[str, Path]) -> dict:
+    """The models of `open_family_dirs`, loaded once."""
+    from sdedit import load_model
+
+    return {family: load_model(directory) for family, directory in open_family_dirs.items()}

@@ -1,0 +1,182 @@
+"""Chroma: a Flux-schnell-derived rectified-flow transformer on 2 x 2-packed latents, T5 only.
+
+    model_index.json  transformer/ (ChromaTransformer2DModel)  vae/ (AutoencoderKL, 16
+    channels, shift_factor)  text_encoder/ (T5EncoderModel)  tokenizer/ (T5TokenizerFast)
+    scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
+
+As `ChromaImg2ImgPipeline`: Flux's packing, image ids and zero text ids (`sdedit.families.flux`),
+no pooled CLIP input and no guidance input; each prompt is padded to 512 T5 tokens and encoded
+with its attention mask. The pipeline then passes the transformer a float mask, 1.0 on the
+prompt's tokens, its closing `</s>` and one padding token (Chroma's training recipe keeps one
+unmasked) and on every image token, 0.0 elsewhere; the transformer forms its outer product and
+hands it to attention as a float mask, which is *added* to the scores. So padding tokens are
+not masked out, only given a score 1 lower than the prompt's: outputs depend on the padding to
+512 tokens, which we keep. The contract is agreement with the pinned diffusers pipeline; a true
+(boolean) mask would exclude the padding and give different outputs for the same weights.
+
+Guidance: classifier-free guidance with the negative prompt (a separate pass in the pipeline,
+one joined call here), g = 5.0 by default and steps round(t0 x 35) (the img2img pipeline's
+defaults). Image sides must be multiples of 16 (VAE factor 8 x the packing).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.families.base import (
+    Loaded,
+    ModelLayout,
+    component,
+    component_files,
+    meta_model,
+    require_weights,
+)
+from sdedit.families.flow import T5Embedder, flow_scheduler, read_configs, transformer_class
+from sdedit.families.flux import PACK, image_ids, pack, unpack
+from sdedit.families.sd import check_vae_fits
+from sdedit.latent import codec_from_vae
+from sdedit.sources import ModelSourceError
+
+__all__ = ["FAMILY", "ChromaFamily", "ChromaPromptEncoder", "chroma_call"]
+
+SUPPORTED = ("the ChromaPipeline layout (Chroma): transformer ChromaTransformer2DModel "
+             "(patch_size 1, in_channels = 4 x the VAE's latent channels), vae AutoencoderKL, "
+             "text_encoder T5EncoderModel, tokenizer T5TokenizerFast, scheduler "
+             "FlowMatchEulerDiscreteScheduler")
+DEFAULT_GUIDANCE = 5.0
+FULL_STEPS = 35
+MAX_SEQUENCE_LENGTH = 512
+
+
+def chroma_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                cond: Conditioning | None) -> torch.Tensor:
+    """A ChromaTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000."""
+    assert cond is not None
+    h, w = x.shape[2:]
+    out = module(hidden_states=pack(x), timestep=t / 1000,
+                 encoder_hidden_states=cond.rows["encoder_hidden_states"],
+                 attention_mask=cond.rows["attention_mask"], txt_ids=cond.shared["txt_ids"],
+                 img_ids=cond.shared["img_ids"], return_dict=False)[0]
+    return unpack(out, h, w)
+
+
+class ChromaPromptEncoder(PromptEncoder):
+    """Chroma prompts (see the module docstring): rows "encoder_hidden_states" float32
+    (B, 512, D) and "attention_mask" float32 (B, 512 + h/2 * w/2); shared "txt_ids" (512, 3)
+    and "img_ids" (h/2 * w/2, 3).
+
+    Args:
+        tokenizer: the T5TokenizerFast.
+        encoder: the T5EncoderModel.
+        factor: the VAE's pixels per latent cell.
+    """
+
+    spec = TextSpec("cfg", DEFAULT_GUIDANCE)
+
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, factor: int) -> None:
+        self.t5 = T5Embedder(tokenizer, encoder, MAX_SEQUENCE_LENGTH, masked=True)
+        self.factor = factor
+
+    def embed(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
+        """The rows of `texts` for images of `size` (each distinct text encoded once)."""
+        sequence, counts = self.t5.run(texts)
+        h, w = size[0] // self.factor, size[1] // self.factor
+        positions = torch.arange(sequence.shape[1], device=sequence.device)
+        text = (positions[None, :] <= counts[:, None]).float()   # + one padding token
+        image = text.new_ones(len(texts), (h // PACK) * (w // PACK))
+        shared = {"txt_ids": sequence.new_zeros(sequence.shape[1], 3),
+                  "img_ids": image_ids(h, w).to(sequence.device)}
+        return Conditioning({"encoder_hidden_states": sequence,
+                             "attention_mask": torch.cat([text, image], dim=1)}, shared)
+
+    def encode(self, prompts: list[str], negatives: list[str] | None,
+               size: tuple[int, int], guidance: float | None
+               ) -> tuple[Conditioning, Conditioning | None]:
+        n = len(prompts)
+        both = self.embed(prompts + negatives if negatives is not None else prompts, size)
+        if negatives is None:
+            return both, None
+        return both.take(slice(0, n)), both.take(slice(n, None))
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.t5.encoder]
+
+
+class ChromaFamily:
+    """Chroma (see the module docstring)."""
+
+    name = "chroma"
+    lora_loader = "FluxLoraLoaderMixin"
+    """ChromaImg2ImgPipeline's loader; its transformer part only (the text encoder is T5)."""
+
+    def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
+        return bool(index) and transformer_class(directory) == "ChromaTransformer2DModel"
+
+    def inspect(self, directory: Path, source: str,
+                index: Mapping[str, Any]) -> ModelLayout:
+        weighted = ("transformer", "vae", "text_encoder")
+        configs = read_configs(directory, source, weighted, SUPPORTED)
+        if not (directory / "tokenizer").is_dir():
+            raise ModelSourceError(f"model source {source!r}: no tokenizer/ folder in "
+                                   f"{directory}; supported: {SUPPORTED}")
+        net, vae, text = configs["transformer"], configs["vae"], configs["text_encoder"]
+        channels_in = int(net.get("in_channels", 64))
+        channels_out = int(net.get("out_channels") or channels_in)
+        if net.get("patch_size", 1) != 1 or channels_in % 4 or channels_out % 4:
+            raise ModelSourceError(f"model source {source!r}: transformer patch_size "
+                                   f"{net.get('patch_size')}, in/out channels {channels_in}/"
+                                   f"{channels_out}; supported: {SUPPORTED}")
+        check_vae_fits(vae, channels_in // 4, channels_out // 4, source, SUPPORTED,
+                       "transformer (unpacked)")
+        if text.get("d_model") != net.get("joint_attention_dim", 4096):
+            raise ModelSourceError(
+                f"model source {source!r}: text_encoder d_model {text.get('d_model')} differs "
+                f"from transformer joint_attention_dim {net.get('joint_attention_dim', 4096)}; "
+                f"supported: {SUPPORTED}")
+        require_weights(directory, weighted, source, SUPPORTED)
+        process, scheduler, scheduler_path = flow_scheduler(directory, source)
+        factor = 2 ** (len(vae.get("block_out_channels", (64,) * 4)) - 1)
+        size = int(vae.get("sample_size", 128 * factor))   # Flux's VAE: 1024
+        return ModelLayout(
+            family=self.name, directory=directory,
+            process=replace(process, full_steps=FULL_STEPS), sample_size=(size, size),
+            in_channels=int(vae.get("in_channels", 3)), downsample_factor=factor * PACK,
+            text=ChromaPromptEncoder.spec, patch=PACK,
+            configs={"index": dict(index), **configs, "scheduler": scheduler},
+            paths={"scheduler": scheduler_path})
+
+    def load(self, layout: ModelLayout, source: str) -> Loaded:
+        from diffusers import AutoencoderKL, ChromaTransformer2DModel
+        from transformers import T5EncoderModel, T5TokenizerFast
+
+        directory = layout.directory
+        net = component(ChromaTransformer2DModel, directory, "transformer", source)
+        vae = component(AutoencoderKL, directory, "vae", source)
+        encoder = component(T5EncoderModel, directory, "text_encoder", source)
+        tokenizer = component(T5TokenizerFast, directory, "tokenizer", source)
+        codec = codec_from_vae(vae)
+        files = component_files(directory, ("transformer", "vae", "text_encoder"),
+                                ("tokenizer",))
+        return Loaded(net=net, call=chroma_call, codec=codec,
+                      text=ChromaPromptEncoder(tokenizer, encoder, codec.factor),
+                      files=[*files, layout.paths["scheduler"]])
+
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """The LoRA part "transformer" (a Flux LoRA's CLIP part has no Chroma counterpart)."""
+        from diffusers import ChromaTransformer2DModel
+
+        if net is not None:
+            return {"transformer": net}
+        assert layout is not None
+        return {"transformer": meta_model(ChromaTransformer2DModel,
+                                          layout.directory / "transformer")}
+
+
+FAMILY = ChromaFamily()

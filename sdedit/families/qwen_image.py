@@ -1,0 +1,268 @@
+"""Qwen-Image: a rectified-flow MMDiT on 2 x 2-packed latents of a video-style VAE, prompted
+through Qwen2.5-VL.
+
+    model_index.json (QwenImagePipeline)  transformer/ (QwenImageTransformer2DModel)
+    vae/ (AutoencoderKLQwenImage: z_dim channels, per-channel latents_mean / latents_std)
+    text_encoder/ (Qwen2_5_VLForConditionalGeneration)  tokenizer/ (Qwen2Tokenizer)
+    scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler: dynamic shift and
+    shift_terminal 0.02 in Qwen/Qwen-Image)
+
+As `QwenImageImg2ImgPipeline`: the VAE encodes each guide as a one-frame video, latents are
+(mean - latents_mean) / latents_std; the transformer sees the latents packed into (H/16 x W/16)
+tokens of 4 x z_dim channels (`sdedit.families.flux.pack`) with `img_shapes` [(1, h/2, w/2)]
+and timestep sigma. A prompt is wrapped in the pipeline's system template, encoded by the
+Qwen2.5-VL language model (last hidden state, with its attention mask), the template's first
+34 tokens dropped and the rest cut to 512 tokens; prompts of a batch are zero-padded to the
+longest and the transformer masks the padding (`encoder_hidden_states_mask`), so a row's
+output does not depend on its batch.
+
+Guidance: `guidance_scale` g is the pipeline's `true_cfg_scale`; g > 1 runs the negative
+prompt's pass (an empty negative prompt included: the pipeline runs true CFG whenever a
+negative prompt is given, even "", and never without one) and combines them as the pipeline
+does: pred_u + g (pred_c - pred_u), rescaled per packed token to the norm of pred_c. g = 1 is
+the pipeline without a negative prompt. Default 4.0 (the pipeline's `true_cfg_scale`); steps
+default to round(t0 x 50) (its `num_inference_steps`). The scheduler's shift_terminal makes
+the start sigma depend on t0 and the step count together (`sdedit.processes.FlowProcess`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.families.base import (
+    Loaded,
+    ModelLayout,
+    component,
+    component_files,
+    meta_model,
+    require_weights,
+)
+from sdedit.families.flow import flow_scheduler, read_configs, transformer_class
+from sdedit.families.flux import PACK, pack, unpack
+from sdedit.latent import LatentCodec
+from sdedit.sources import ModelSourceError
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["FAMILY", "QwenImageFamily", "QwenPromptEncoder", "qwen_call"]
+
+SUPPORTED = ("the QwenImagePipeline layout (Qwen-Image): transformer "
+             "QwenImageTransformer2DModel (patch_size 2, in_channels = 4 x the VAE's z_dim), "
+             "vae AutoencoderKLQwenImage, text_encoder Qwen2_5_VLForConditionalGeneration, "
+             "tokenizer Qwen2Tokenizer, scheduler FlowMatchEulerDiscreteScheduler")
+PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
+"""model_index classes of the text-to-image Qwen-Image weights (Edit, Layered and ControlNet
+variants condition on more than a prompt: refused)."""
+DEFAULT_GUIDANCE = 4.0
+FULL_STEPS = 50
+TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, "
+            "texture, quantity, text, spatial relationships of the objects and background:"
+            "<|im_end|>\n<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n")
+DROP = 34
+"""Template tokens before the prompt that the pipeline drops from the embedding."""
+TOKENIZER_MAX = 1024
+MAX_SEQUENCE_LENGTH = 512
+"""Prompt tokens kept (the img2img pipeline's `max_sequence_length` default)."""
+REFUSED_OPTIONS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
+"""Transformer options of other Qwen-Image variants (Edit-2511, Layered)."""
+
+
+@dataclass
+class QwenCodec(LatentCodec):
+    """The video VAE on one-frame clips: (N, 3, H, W) <-> (N, z_dim, H/f, W/f), normalised
+    with the per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`)."""
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        mean = self.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]
+        shift, scale = self.shift_factor, self.scaling_factor
+        assert isinstance(shift, torch.Tensor) and isinstance(scale, torch.Tensor)
+        return ((mean - shift.to(mean.device)) * scale.to(mean.device)).float()
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.shift_factor, self.scaling_factor
+        assert isinstance(shift, torch.Tensor) and isinstance(scale, torch.Tensor)
+        z = latents / scale.to(latents.device) + shift.to(latents.device)
+        return self.vae.decode(z.unsqueeze(2)).sample[:, :, 0].float().clamp(-1.0, 1.0)
+
+
+def qwen_codec(vae: Any) -> QwenCodec:
+    config = vae.config
+    return QwenCodec(vae=vae, factor=2 ** len(config.temperal_downsample),
+                     channels=int(config.z_dim),
+                     shift_factor=torch.tensor(config.latents_mean).view(1, -1, 1, 1),
+                     scaling_factor=1.0 / torch.tensor(config.latents_std).view(1, -1, 1, 1))
+
+
+def qwen_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+              cond: Conditioning | None) -> torch.Tensor:
+    """A QwenImageTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000."""
+    assert cond is not None
+    h, w = x.shape[2:]
+    out = module(hidden_states=pack(x), timestep=t / 1000,
+                 encoder_hidden_states=cond.rows["encoder_hidden_states"],
+                 encoder_hidden_states_mask=cond.rows["encoder_hidden_states_mask"],
+                 img_shapes=[[(1, h // PACK, w // PACK)]] * x.shape[0], return_dict=False)[0]
+    return unpack(out, h, w)
+
+
+class QwenPromptEncoder(PromptEncoder):
+    """Qwen-Image prompts (see the module docstring): rows "encoder_hidden_states" float32
+    (B, L, D) zero-padded to the longest text of the call and "encoder_hidden_states_mask"
+    bool (B, L), True on each text's own tokens.
+
+    Args:
+        tokenizer: the Qwen2Tokenizer.
+        encoder: the Qwen2_5_VLForConditionalGeneration (its language model is run).
+    """
+
+    spec = TextSpec("cfg", DEFAULT_GUIDANCE)
+
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module) -> None:
+        self.tokenizer = tokenizer
+        self.encoder = encoder
+
+    @torch.no_grad()
+    def embed(self, texts: Sequence[str]) -> Conditioning:
+        """The rows of `texts`, each distinct text encoded once (one encoder call)."""
+        distinct = list(dict.fromkeys(texts))
+        tokens = self.tokenizer([TEMPLATE.format(t) for t in distinct], padding=True,
+                                truncation=True, max_length=TOKENIZER_MAX + DROP,
+                                return_tensors="pt")
+        device = next(self.encoder.parameters()).device
+        mask = tokens.attention_mask.to(device)
+        hidden = self.encoder(input_ids=tokens.input_ids.to(device), attention_mask=mask,
+                              output_hidden_states=True).hidden_states[-1].float()
+        pieces = [hidden[i][mask[i].bool()][DROP:] for i in range(len(distinct))]
+        long = [t for t, p in zip(distinct, pieces, strict=True) if len(p) > MAX_SEQUENCE_LENGTH]
+        if long:
+            logger.warning("%d prompt(s) cut to %d Qwen-Image text tokens, e.g. %r", len(long),
+                           MAX_SEQUENCE_LENGTH, long[0][:80])
+        pieces = [p[:MAX_SEQUENCE_LENGTH] for p in pieces]
+        width = max(len(p) for p in pieces)
+        embeds = hidden.new_zeros(len(pieces), width, hidden.shape[-1])
+        valid = torch.zeros(len(pieces), width, dtype=torch.bool, device=device)
+        for i, piece in enumerate(pieces):
+            embeds[i, :len(piece)] = piece
+            valid[i, :len(piece)] = True
+        where = {text: i for i, text in enumerate(distinct)}
+        rows = torch.tensor([where[t] for t in texts], device=device)
+        return Conditioning({"encoder_hidden_states": embeds[rows],
+                             "encoder_hidden_states_mask": valid[rows]})
+
+    def encode(self, prompts: list[str], negatives: list[str] | None,
+               size: tuple[int, int], guidance: float | None
+               ) -> tuple[Conditioning, Conditioning | None]:
+        n = len(prompts)
+        both = self.embed(prompts + negatives if negatives is not None else prompts)
+        if negatives is None:
+            return both, None
+        return both.take(slice(0, n)), both.take(slice(n, None))
+
+    def combine(self, pred_u: torch.Tensor, pred_c: torch.Tensor,
+                scale: float) -> torch.Tensor:
+        """pred_u + g (pred_c - pred_u), rescaled per 2 x 2 packed token to pred_c's norm
+        (QwenImageImg2ImgPipeline's true CFG)."""
+        b, c, h, w = pred_c.shape
+        shape = (b, c, h // PACK, PACK, w // PACK, PACK)
+        guided = (pred_u + scale * (pred_c - pred_u)).reshape(shape)
+        dims = (1, 3, 5)
+        ratio = torch.linalg.vector_norm(pred_c.reshape(shape), dim=dims, keepdim=True) / \
+            torch.linalg.vector_norm(guided, dim=dims, keepdim=True)
+        return (guided * ratio).reshape(b, c, h, w)
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [self.encoder]
+
+
+class QwenImageFamily:
+    """Qwen-Image (see the module docstring)."""
+
+    name = "qwen-image"
+    lora_loader = "QwenImageLoraLoaderMixin"
+
+    def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
+        return bool(index) and transformer_class(directory) == "QwenImageTransformer2DModel"
+
+    def inspect(self, directory: Path, source: str,
+                index: Mapping[str, Any]) -> ModelLayout:
+        def refuse(problem: str) -> ModelSourceError:
+            return ModelSourceError(f"model source {source!r}: {problem}; supported: {SUPPORTED}")
+
+        pipeline = index.get("_class_name")
+        if pipeline not in PIPELINES:
+            raise refuse(f"model_index.json names {pipeline!r} (allowed: "
+                         f"{', '.join(PIPELINES)}: Edit, Layered and ControlNet models take "
+                         "more than a prompt)")
+        weighted = ("transformer", "vae", "text_encoder")
+        configs = read_configs(directory, source, weighted, SUPPORTED)
+        if not (directory / "tokenizer").is_dir():
+            raise refuse(f"no tokenizer/ folder in {directory}")
+        net, vae, text = configs["transformer"], configs["vae"], configs["text_encoder"]
+        used = [f"{name}={net[name]!r}" for name in REFUSED_OPTIONS if net.get(name)]
+        if used:
+            raise refuse(f"transformer {', '.join(used)} (another Qwen-Image variant)")
+        if vae.get("_class_name") != "AutoencoderKLQwenImage":
+            raise refuse(f"vae class {vae.get('_class_name')!r}")
+        z_dim = int(vae.get("z_dim", 16))
+        if len(vae.get("latents_mean") or ()) != z_dim or \
+                len(vae.get("latents_std") or ()) != z_dim:
+            raise refuse(f"vae latents_mean / latents_std do not have z_dim={z_dim} values")
+        if net.get("patch_size", 2) != PACK or int(net.get("in_channels", 64)) != 4 * z_dim \
+                or int(net.get("out_channels") or 16) != z_dim:
+            raise refuse(f"transformer patch_size {net.get('patch_size')}, in/out channels "
+                         f"{net.get('in_channels')}/{net.get('out_channels')} do not fit the "
+                         f"VAE's z_dim {z_dim} (2 x 2 packing)")
+        width = (text.get("text_config") or {}).get("hidden_size", text.get("hidden_size"))
+        if width != net.get("joint_attention_dim", 3584):
+            raise refuse(f"text_encoder hidden_size {width} differs from transformer "
+                         f"joint_attention_dim {net.get('joint_attention_dim', 3584)}")
+        require_weights(directory, weighted, source, SUPPORTED)
+        process, scheduler, scheduler_path = flow_scheduler(directory, source)
+        factor = 2 ** len(vae.get("temperal_downsample", (False, True, True)))
+        size = 128 * factor                        # the pipeline's default_sample_size
+        return ModelLayout(
+            family=self.name, directory=directory, process=replace(process,
+                                                                   full_steps=FULL_STEPS),
+            sample_size=(size, size), in_channels=3, downsample_factor=factor * PACK,
+            text=QwenPromptEncoder.spec, patch=PACK,
+            configs={"index": dict(index), **configs, "scheduler": scheduler},
+            paths={"scheduler": scheduler_path})
+
+    def load(self, layout: ModelLayout, source: str) -> Loaded:
+        from diffusers import AutoencoderKLQwenImage, QwenImageTransformer2DModel
+        from transformers import Qwen2_5_VLForConditionalGeneration, Qwen2Tokenizer
+
+        directory = layout.directory
+        net = component(QwenImageTransformer2DModel, directory, "transformer", source)
+        vae = component(AutoencoderKLQwenImage, directory, "vae", source)
+        encoder = component(Qwen2_5_VLForConditionalGeneration, directory, "text_encoder",
+                            source)
+        tokenizer = component(Qwen2Tokenizer, directory, "tokenizer", source)
+        files = component_files(directory, ("transformer", "vae", "text_encoder"),
+                                ("tokenizer",))
+        return Loaded(net=net, call=qwen_call, codec=qwen_codec(vae),
+                      text=QwenPromptEncoder(tokenizer, encoder),
+                      files=[*files, layout.paths["scheduler"]])
+
+    def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
+                     text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
+        """The LoRA part "transformer" (diffusers' Qwen-Image loader adapts nothing else)."""
+        from diffusers import QwenImageTransformer2DModel
+
+        if net is not None:
+            return {"transformer": net}
+        assert layout is not None
+        return {"transformer": meta_model(QwenImageTransformer2DModel,
+                                          layout.directory / "transformer")}
+
+
+FAMILY = QwenImageFamily()
