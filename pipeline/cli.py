@@ -161,6 +161,7 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
         f"{summary.outputs_ok} ok / {summary.outputs_error} error; "
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s")
     click.echo(f"error rows by kind: {_kinds(summary.errors_by_kind)}")
+    click.echo(f"warnings: {summary.warnings_text()}")
     click.echo(f"keys in more than one shard: "
                f"{_repeated(summary.keys_in_several_shards, spec.output.path)}")
     for url, error in summary.failed.items():
@@ -234,6 +235,7 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
                f"(of {total})")
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
     click.echo(f"error rows by kind: {_kinds(st.errors_by_kind)}")
+    click.echo(f"warnings: {st.warnings_text()}")
     click.echo(f"keys in more than one shard: {_repeated(st.keys_in_several_shards, st.output)}")
     if st.unreadable:
         click.echo(f"done markers that are not JSON objects: {st.unreadable} (their shards "

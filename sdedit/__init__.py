@@ -16,8 +16,8 @@ holds that). The package imports neither Ray nor click, and fsspec only to copy 
 """
 
 from sdedit.accel import Acceleration, PrefetchNoise, default_noise_threads
-from sdedit.checks import settings_problems
-from sdedit.conditioning import TextSpec
+from sdedit.checks import MAX_GUIDANCE, settings_problems
+from sdedit.conditioning import PromptCut, TextSpec
 from sdedit.devices import DTYPES, dtype_name, resolve_device, resolve_dtype
 from sdedit.edit import (
     SAMPLERS,
@@ -27,9 +27,10 @@ from sdedit.edit import (
     edit,
     guidance_scale,
     noise_for,
+    prompt_cuts,
     warm_up,
 )
-from sdedit.errors import EditInputError
+from sdedit.errors import QUOTE_CHARS, EditInputError, quoted
 from sdedit.families import ModelLayout, inspect_model_dir
 from sdedit.lora import Lora, apply_loras, lora_fit, lora_kind
 from sdedit.models import DiffusionModel, load_model
@@ -45,12 +46,12 @@ from sdedit.sources import (
 )
 
 __all__ = [
-    "DTYPES", "SAMPLERS", "Acceleration", "DiffusionModel", "EditInputError", "Lora",
-    "ModelLayout", "ModelSourceError", "NoiseProcess", "NoiseSource", "PrefetchNoise",
-    "SeedNoise", "TextSpec", "VPProcess", "VPSchedule", "apply_loras", "cached_snapshot",
-    "count_steps", "default_noise_threads", "dtype_name", "edit", "guidance_scale",
-    "hub_download_hint", "hub_repo_files", "inspect_model_dir", "load_model", "local_path",
-    "lora_fit", "lora_kind", "noise_for", "resolve_device", "resolve_dtype", "settings_problems",
-    "source_kind", "warm_up",
+    "DTYPES", "MAX_GUIDANCE", "QUOTE_CHARS", "SAMPLERS", "Acceleration", "DiffusionModel",
+    "EditInputError", "Lora", "ModelLayout", "ModelSourceError", "NoiseProcess", "NoiseSource",
+    "PrefetchNoise", "PromptCut", "SeedNoise", "TextSpec", "VPProcess", "VPSchedule",
+    "apply_loras", "cached_snapshot", "count_steps", "default_noise_threads", "dtype_name",
+    "edit", "guidance_scale", "hub_download_hint", "hub_repo_files", "inspect_model_dir",
+    "load_model", "local_path", "lora_fit", "lora_kind", "noise_for", "prompt_cuts", "quoted",
+    "resolve_device", "resolve_dtype", "settings_problems", "source_kind", "warm_up",
 ]
 __version__ = "0.1.0"

@@ -17,23 +17,27 @@ from collections.abc import Sequence
 import torch
 
 from sdedit.conditioning import TextSpec
-from sdedit.errors import EditInputError
+from sdedit.errors import EditInputError, quoted
 from sdedit.models import DiffusionModel
 from sdedit.processes import SAMPLERS, NoiseProcess
 
-__all__ = ["MAX_SEED", "check_common", "check_images", "check_masks", "check_prompts",
-           "check_t0", "plan_problem", "sampler_problem", "settings_problems", "text_problems"]
+__all__ = ["MAX_GUIDANCE", "MAX_SEED", "check_common", "check_images", "check_masks",
+           "check_prompts", "check_t0", "guidance_range", "plan_problem", "sampler_problem",
+           "settings_problems", "text_problems"]
 
 MAX_SEED = 2**63 - 1
+MAX_GUIDANCE = 100.0
+"""The largest guidance scale any family takes (a job's `sdedit.guidance_scale` too); the
+lowest depends on how the family takes guidance (`guidance_range`)."""
 
 
 def sampler_problem(process: NoiseProcess, sampler: str, source: str, family: str
                     ) -> str | None:
     """Why `sampler` cannot run on a model with this noise process, or None."""
     if sampler not in SAMPLERS:
-        return f"sampler={sampler!r} is unknown; allowed: {', '.join(SAMPLERS)}"
+        return f"sampler={quoted(sampler)} is unknown; allowed: {', '.join(SAMPLERS)}"
     if sampler not in process.samplers:
-        return (f"sampler={sampler!r} cannot run on {source}, a {family} model with a "
+        return (f"sampler={quoted(sampler)} cannot run on {source}, a {family} model with a "
                 f"{process.name.upper()} noise process; allowed: {', '.join(process.samplers)}")
     return None
 
@@ -58,30 +62,41 @@ def text_problems(spec: TextSpec | None, source: str, family: str, *,
     if spec is None:
         given = [(name, value) for name, value in (("prompt", prompt), ("negative_prompt",
                  negative_prompt), ("guidance_scale", guidance_scale)) if value is not None]
-        return [(name, f"{name}={value!r} is for text-conditioned models and {source} is a "
+        return [(name, f"{name}={quoted(value)} is for text-conditioned models and {source} is a "
                        f"{family} model that takes no text; allowed: unset (null)")
                 for name, value in given]
     problems = []
     if negative_prompt and not spec.negative_prompts:
         problems.append(("negative_prompt", (
-            f"negative prompt {negative_prompt!r} given for {source}, a {family} model without "
-            f"classifier-free guidance (guidance: {spec.guidance}); allowed: empty negative "
-            "prompts")))
+            f"negative prompt {quoted(negative_prompt)} given for {source}, a {family} model "
+            f"without classifier-free guidance (guidance: {spec.guidance}); allowed: empty "
+            "negative prompts")))
     if spec.guidance == "none":
         if guidance_scale is not None:
             problems.append(("guidance_scale", (
-                f"guidance_scale={guidance_scale!r} given for {source}, a {family} model that "
-                "takes no guidance; allowed: None")))
+                f"guidance_scale={quoted(guidance_scale)} given for {source}, a {family} model "
+                "that takes no guidance; allowed: None")))
         return problems
     scale = spec.default_guidance if guidance_scale is None else guidance_scale
-    low, meaning = (1, "1 = conditional pass only") if spec.guidance == "cfg" else \
-        (0, "the guidance input of a guidance-distilled model")
+    low, meaning = guidance_range(spec)
+    allowed = f"a number >= {low} ({meaning}) or None ({spec.default_guidance:g})"
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) \
             or not math.isfinite(scale) or scale < low:
         problems.append(("guidance_scale", (
-            f"guidance_scale={guidance_scale!r} is not allowed; allowed: a number >= {low} "
-            f"({meaning}) or None ({spec.default_guidance:g})")))
+            f"guidance_scale={quoted(guidance_scale)} is not allowed; allowed: {allowed}")))
+    elif scale > MAX_GUIDANCE:
+        problems.append(("guidance_scale", (
+            f"guidance_scale={quoted(guidance_scale)} is over {MAX_GUIDANCE:g}, the most any "
+            f"model takes; allowed: {allowed}, at most {MAX_GUIDANCE:g}")))
     return problems
+
+
+def guidance_range(spec: TextSpec) -> tuple[int, str]:
+    """(the lowest guidance scale a family of this text spec takes, what the scale means);
+    the highest is `MAX_GUIDANCE` for every family."""
+    if spec.guidance == "cfg":
+        return 1, "1 = conditional pass only"
+    return 0, "the guidance input of a guidance-distilled model"
 
 
 def settings_problems(process: NoiseProcess, text: TextSpec | None, *, source: str,
@@ -135,7 +150,8 @@ def check_t0(t0: float | Sequence[float], n: int) -> list[float]:
     for value in values:
         if isinstance(value, bool) or not isinstance(value, (int, float)) \
                 or not math.isfinite(value) or not 0 < value <= 1:
-            raise EditInputError(f"t0={value!r} is out of range; allowed: a number in (0, 1]")
+            raise EditInputError(f"t0={quoted(value)} is out of range; allowed: a number in "
+                                 "(0, 1]")
     return [float(v) for v in values]
 
 
@@ -145,19 +161,20 @@ def check_common(model: DiffusionModel, seeds: Sequence[int], n: int, sampler: s
         raise EditInputError(f"seeds has {len(seeds)} values for {n} images; allowed: exactly {n}")
     for seed in seeds:
         if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed <= MAX_SEED:
-            raise EditInputError(f"seed {seed!r} is not allowed; allowed: an int in [0, 2^63)")
+            raise EditInputError(f"seed {quoted(seed)} is not allowed; allowed: an int in "
+                                 "[0, 2^63)")
     problem = sampler_problem(model.process, sampler, model.source, model.family)
     if problem:
         raise EditInputError(problem)
     if steps is not None and (isinstance(steps, bool) or not isinstance(steps, int) or steps < 1):
-        raise EditInputError(f"steps={steps!r} is not allowed; allowed: None or an int >= 1")
+        raise EditInputError(f"steps={quoted(steps)} is not allowed; allowed: None or an int >= 1")
     if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
-        raise EditInputError(f"repeats={repeats!r} is not allowed; allowed: an int >= 1")
+        raise EditInputError(f"repeats={quoted(repeats)} is not allowed; allowed: an int >= 1")
     if eta < 0 or (eta > 0 and sampler != "ddim"):
-        raise EditInputError(f"eta={eta!r} is not allowed; allowed: >= 0, and > 0 only with "
+        raise EditInputError(f"eta={quoted(eta)} is not allowed; allowed: >= 0, and > 0 only with "
                              "ddim")
     if corrector_steps < 0 or (corrector_steps > 0 and sampler != "ve"):
-        raise EditInputError(f"corrector_steps={corrector_steps!r} is not allowed; allowed: "
+        raise EditInputError(f"corrector_steps={quoted(corrector_steps)} is not allowed; allowed: "
                              ">= 0, and > 0 only with ve")
 
 
@@ -196,7 +213,8 @@ def check_prompts(model: DiffusionModel, n: int, prompts: Sequence[str] | None,
                                  f"{n} strings")
         for value in values:
             if not isinstance(value, str):
-                raise EditInputError(f"{name} entry {value!r} is not allowed; allowed: a str")
+                raise EditInputError(f"{name} entry {quoted(value)} is not allowed; allowed: a "
+                                     "str")
         lists.append(list(values))
     spec = model.text.spec
     given_negative = next((v for v in lists[1] if v), None)

@@ -5,17 +5,23 @@ tensors (prompt embeddings, pooled embeddings, SDXL's size ids, Flux's guidance 
 tensors (Flux's text and image position ids). The engine never looks inside: it selects rows
 (samplers step a subset of the batch), joins the unconditional and conditional rows of
 classifier-free guidance, and the family's network call (`NetCall`) reads the names it put there.
+
+Each text encoder takes at most its window of tokens of a prompt (CLIP 77, T5 the pipeline's
+`max_sequence_length`); a longer prompt is cut there, as in diffusers. A prompt encoder lists its
+windows (`PromptEncoder.windows`), and `PromptEncoder.prompt_cuts` says which prompts are cut,
+where: so a caller can record that a prompt was not used whole.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
-__all__ = ["Conditioning", "NetCall", "PromptEncoder", "TextSpec", "cfg_combine"]
+__all__ = ["Conditioning", "NetCall", "PromptCut", "PromptEncoder", "TextSpec", "TokenWindow",
+           "cfg_combine", "count_cuts"]
 
 
 @dataclass(frozen=True)
@@ -89,6 +95,56 @@ class TextSpec:
         return self.guidance == "cfg"
 
 
+@dataclass(frozen=True)
+class TokenWindow:
+    """One text encoder's tokenizer and the tokens of a prompt it takes.
+
+    Attributes:
+        encoder: the encoder's folder in the model directory ("text_encoder", "text_encoder_2",
+            ...), for messages and records.
+        tokenizer: a transformers tokenizer: `tokenizer(texts).input_ids` are the texts' tokens,
+            special tokens included, as the encoder's own call counts them.
+        max_length: tokens the encoder takes (it is called with `truncation=True` at this
+            length), special tokens included.
+        render: how the family wraps a prompt before tokenising it (a chat template), or None.
+        drop: tokens at the start of the rendered prompt the family drops before the window.
+    """
+
+    encoder: str
+    tokenizer: Any
+    max_length: int
+    render: Callable[[str], str] | None = None
+    drop: int = 0
+
+
+@dataclass(frozen=True)
+class PromptCut:
+    """A text that a text encoder took only the first `kept` of its `tokens` (special tokens
+    included) of; `encoder` as in `TokenWindow`."""
+
+    encoder: str
+    tokens: int
+    kept: int
+
+
+def count_cuts(windows: Sequence[TokenWindow], texts: Sequence[str]
+               ) -> list[tuple[PromptCut, ...]]:
+    """For each of `texts`, the windows that cut it, in the order of `windows` (an empty
+    tuple: every encoder takes it whole). Each distinct text is tokenised once per window,
+    without truncation. Not thread-safe with other calls of the same tokenizers (a fast
+    tokenizer's truncation setting is shared state): call it where the encoders run."""
+    distinct = [text for text in dict.fromkeys(texts) if text]  # "" is never cut
+    found: dict[str, list[PromptCut]] = {text: [] for text in distinct}
+    for window in windows if distinct else ():
+        rendered = [window.render(t) for t in distinct] if window.render else distinct
+        ids = window.tokenizer(rendered, add_special_tokens=True).input_ids
+        for text, tokens in zip(distinct, ids, strict=True):
+            count = len(tokens) - window.drop
+            if count > window.max_length:
+                found[text].append(PromptCut(window.encoder, count, window.max_length))
+    return [tuple(found.get(text, ())) for text in texts]
+
+
 class PromptEncoder:
     """The text side of a family (an interface; each text-conditioned family implements it).
 
@@ -97,6 +153,17 @@ class PromptEncoder:
     """
 
     spec: TextSpec
+
+    def windows(self) -> list[TokenWindow]:
+        """Each text encoder's tokenizer and window, in order (what `prompt_cuts` measures).
+        A family lists its embedders' `window()` here (`ClipEmbedder`, `T5Embedder`); the
+        default, [], says that prompts are never cut."""
+        return []
+
+    def prompt_cuts(self, texts: Sequence[str]) -> list[tuple[PromptCut, ...]]:
+        """For each text, the encoders that take only its first tokens (`count_cuts` over
+        `windows()`); an empty tuple: the text is taken whole."""
+        return count_cuts(self.windows(), texts)
 
     def encode(self, prompts: list[str], negatives: list[str] | None,
                size: tuple[int, int], guidance: float | None

@@ -40,6 +40,7 @@ from sdedit.checks import (
     check_t0,
     sampler_problem,
 )
+from sdedit.conditioning import PromptCut
 from sdedit.errors import EditInputError
 from sdedit.guidance import conditioned_denoiser
 from sdedit.latent import latent_mask
@@ -47,7 +48,7 @@ from sdedit.models import DiffusionModel
 from sdedit.processes import SAMPLERS
 
 __all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "guidance_scale", "noise_for",
-           "warm_up"]
+           "prompt_cuts", "warm_up"]
 
 
 class SeedNoise:
@@ -142,10 +143,12 @@ def edit(
         prompts: text-conditioned models only: N strings, one per image (None = "" for all).
         negative_prompts: text-conditioned models only: N strings for the unconditional pass
             of classifier-free guidance (None = "" for all).
-        guidance_scale: text-conditioned models only: classifier-free guidance g >= 1 in
-            eps_u + g (eps_c - eps_u) (g = 1 runs only the conditional pass), or the guidance
-            input g >= 0 of a guidance-distilled model (Flux-dev); None = the family's default
-            (`guidance_scale(model, None)`); refused by guidance-free models (Flux-schnell).
+        guidance_scale: text-conditioned models only: classifier-free guidance g in [1, 100]
+            in eps_u + g (eps_c - eps_u) (g = 1 runs only the conditional pass: SD, SDXL, SD3),
+            or the guidance input g in [0, 100] of a guidance-distilled model (Flux-dev); None
+            = the family's default (`guidance_scale(model, None)`: SD 7.5, SDXL 5.0, SD3 7.0,
+            Flux-dev 3.5); refused by guidance-free models (Flux-schnell). The range is
+            `sdedit.checks.guidance_range` up to `MAX_GUIDANCE`, the job's too.
         noise: the call's noise from `noise_for(model, seeds, H, W)` made ahead (the same
             values as without it); None = made here.
     Returns:
@@ -215,6 +218,16 @@ def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | Non
     if problem:
         raise EditInputError(problem)
     return len(model.process_for(*model.sample_size).plan(t0, sampler, steps))
+
+
+def prompt_cuts(model: DiffusionModel, texts: Sequence[str]) -> list[tuple[PromptCut, ...]]:
+    """For each of `texts`, the text encoders of `model` that take only its first tokens
+    (`PromptEncoder.prompt_cuts`: CLIP at 77, T5 at the pipeline's `max_sequence_length`):
+    `edit` embeds no more of such a prompt. Empty tuples for a model without text. Call it
+    where `edit` runs, not beside it (tokenizers are not thread-safe)."""
+    if model.text is None:
+        return [() for _ in texts]
+    return model.text.prompt_cuts(list(texts))
 
 
 def guidance_scale(model: DiffusionModel, value: float | None) -> float | None:

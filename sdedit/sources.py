@@ -3,7 +3,7 @@
 `resolve` turns a model source string into a local directory (plus the hub commit when the source
 is a hub id). URL sources are copied once into a cache; fsspec is imported only then. Hub
 downloads take only what `load_model` reads (`hub_allow_patterns`). `files_identity` is the
-content identity of the files a model was built from.
+content identity of the files a model was built from; `file_sha256` that of one file (a LoRA).
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ __all__ = [
     "ModelSourceError",
     "Resolved",
     "cached_snapshot",
+    "file_sha256",
     "files_identity",
     "hub_allow_patterns",
     "hub_download_hint",
@@ -276,9 +277,15 @@ def files_identity(directory: Path, files: Iterable[Path]) -> str:
     """
     lines = []
     for path in sorted({Path(f) for f in files}, key=lambda p: p.relative_to(directory).as_posix()):
-        digest = hashlib.sha256()
-        with path.open("rb") as stream:
-            while chunk := stream.read(CHUNK):
-                digest.update(chunk)
-        lines.append(f"{digest.hexdigest()}  {path.relative_to(directory).as_posix()}\n")
+        lines.append(f"{file_sha256(path)}  {path.relative_to(directory).as_posix()}\n")
     return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def file_sha256(path: Path) -> str:
+    """The hex sha256 of a file's bytes, streamed: what `sha256sum FILE` prints (a LoRA's
+    identity; its name does not count)."""
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as stream:
+        while chunk := stream.read(CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -35,6 +35,7 @@ from sdedit import (
     local_path,
     lora_fit,
     lora_kind,
+    quoted,
     source_kind,
 )
 
@@ -85,13 +86,13 @@ def model_layout(source: str, storage_options: Mapping[str, Any] | None, *,
     """
     kind = source_kind(source)
     if kind == "missing":
-        return None, [f"model.source: {source!r} not found (no directory "
+        return None, [f"model.source: {quoted(source)} not found (no directory "
                       f"{os.path.abspath(local_path(source))}); allowed: a local diffusers "
                       "model directory, a hub id such as google/ddpm-ema-bedroom-256, or an "
                       "fsspec URL (s3://, gs://, ...)"], []
     if kind == "local":
         if not local_path(source).is_dir():
-            return None, [f"model.source: {source!r} is a file; allowed: a model directory "
+            return None, [f"model.source: {quoted(source)} is a file; allowed: a model directory "
                           "(convert an original DDPM/SDEdit checkpoint first: "
                           "pipeline.tools.convert)"], []
         try:
@@ -153,7 +154,7 @@ def _hub_model_problems(repo_id: str, offline: bool
     try:
         files = hub_repo_files(repo_id)  # one request: no retries, no warnings
     except Exception as exc:
-        return None, [f"model.source: {repo_id!r} is no local directory "
+        return None, [f"model.source: {quoted(repo_id)} is no local directory "
                       f"({os.path.abspath(local_path(repo_id))} does not exist), and as a hub id "
                       f"it is not in the hub cache (HF_HOME) and the hub cannot tell about it "
                       f"({type(exc).__name__}: {str(exc)[:160]}); allowed: an existing model "

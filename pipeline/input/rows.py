@@ -10,7 +10,9 @@ that looks like a misspelt setting that applies (`T0`, `t_0`, `strength`, `promt
 `prompt_2`), which is refused with "did you mean", as the job file does. A bad value, a json
 that cannot be read (whatever the exception: deep nesting, huge numbers) or is no object
 makes that row an error row (error_kind "setting"), checked before batching so it never fails
-a batch.
+a batch; so does a prompt longer than `MAX_PROMPT_CHARS`. A message quotes at most a prefix of
+a value (`sdedit.quoted`). Settings a row sets but the model does not use (a prompt for a pixel
+model) are row warnings (`row_settings(notes=...)`), counted in the run's summary.
 """
 
 from __future__ import annotations
@@ -23,6 +25,9 @@ import reprlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from pipeline.job.spec import MAX_PROMPT_CHARS
+from sdedit import quoted
 
 __all__ = ["SETTINGS", "RowSettings", "SettingError", "near_setting", "row_settings"]
 
@@ -45,17 +50,23 @@ class SettingError(ValueError):
 
 @dataclass(frozen=True)
 class RowSettings:
-    """The settings one input sample's outputs are made with (prompts None for pixel models)."""
+    """The settings one input sample's outputs are made with (prompts None for pixel models).
+
+    `prompt_truncated` / `negative_prompt_truncated`: what the text encoders did not take of
+    the prompts ("text_encoder kept 77 of 95 tokens"), None when they took them whole or it is
+    not known (set by the worker where the encoders run, `pipeline.worker.tasks`)."""
 
     t0: float
     prompt: str | None = None
     negative_prompt: str | None = None
+    prompt_truncated: str | None = None
+    negative_prompt_truncated: str | None = None
 
 
 def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: str | None,
                  negative_prompt: str | None, conditional: bool,
                  check_t0: Callable[[float], str | None],
-                 negative_prompts: bool = True) -> RowSettings:
+                 negative_prompts: bool = True, notes: list[str] | None = None) -> RowSettings:
     """The settings of sample `key` from its carried members (extension -> bytes) over the job's.
 
     Args:
@@ -65,6 +76,8 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
             fewer steps than `sdedit.steps`), or None.
         negative_prompts: whether the model uses negative prompts (Flux does not: a row's
             non-empty negative_prompt is then refused).
+        notes: the row's warnings are appended here, each a kind counted across rows (a
+            prompt in the json of a model that takes none).
     Raises:
         SettingError: a json that cannot be read or is no object, a misspelt setting, an
         unreadable txt member, or a value that is not allowed.
@@ -73,20 +86,27 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
     if "t0" in given:
         t0 = _check_t0(key, given["t0"], check_t0)
     if not conditional:
+        if notes is not None:
+            notes += [f"{name} in json not used: the model takes no prompts"
+                      for name in ("prompt", "negative_prompt") if given.get(name)]
         return RowSettings(t0)
     if "prompt" in given:
         prompt = _text(key, "prompt", given["prompt"])
     elif "txt" in members:
+        if len(members["txt"]) > 4 * MAX_PROMPT_CHARS:  # UTF-8: at most 4 bytes a character
+            raise SettingError(f"{key}.txt holds {len(members['txt']):,} bytes; allowed: a "
+                               f"prompt of at most {MAX_PROMPT_CHARS:,} characters")
         try:
-            prompt = members["txt"].decode("utf-8").strip()
+            prompt = _text(key, "prompt", members["txt"].decode("utf-8").strip(), f"{key}.txt")
         except UnicodeDecodeError as exc:
             raise SettingError(f"{key}.txt is not UTF-8 text ({exc}); allowed: a UTF-8 "
                                "prompt") from exc
     if "negative_prompt" in given:
         negative_prompt = _text(key, "negative_prompt", given["negative_prompt"])
         if negative_prompt and not negative_prompts:
-            raise SettingError(f"negative_prompt in {key}.json is {negative_prompt!r}; the "
-                               "model has no classifier-free guidance; allowed: \"\" or none")
+            raise SettingError(f"negative_prompt in {key}.json is {quoted(negative_prompt)}; "
+                               "the model has no classifier-free guidance; allowed: \"\" or "
+                               "none")
     return RowSettings(t0, prompt or "", negative_prompt or "")
 
 
@@ -112,7 +132,8 @@ def _normal(name: str) -> str:
 
 def _json_settings(key: str, members: Mapping[str, bytes], read: tuple[str, ...]
                    ) -> dict[str, Any]:
-    """The settings keys of `{key}.json` (a JSON object; {} when there is none)."""
+    """The settings keys of `{key}.json` (a JSON object; {} when there is none); a key that
+    looks like a misspelling of one of `read` is refused."""
     if "json" not in members:
         return {}
     allowed = (f"allowed: a JSON object; its keys {', '.join(SETTINGS)} are settings, other "
@@ -142,7 +163,7 @@ def _json_settings(key: str, members: Mapping[str, bytes], read: tuple[str, ...]
                 f"{_SHOW.repr(name)[1:-1]} in {key}.json is not a setting; did you mean "
                 f"{near}? (allowed settings: {', '.join(read)}; other keys are carried "
                 "metadata, but this one looks like a misspelt setting)")
-    return {name: data[name] for name in read if name in data}
+    return {name: data[name] for name in SETTINGS if name in data}
 
 
 def _json_type(value: Any) -> str:
@@ -158,18 +179,23 @@ def _check_t0(key: str, value: Any, check: Callable[[float], str | None]) -> flo
                            "(0, 1]")
     problem = check(float(value))
     if problem:
-        raise SettingError(f"t0 in {key}.json is {value!r}: {problem}")
+        raise SettingError(f"t0 in {key}.json is {value!r}: {problem}")  # a number
     return float(value)
 
 
-def _text(key: str, name: str, value: Any) -> str:
+def _text(key: str, name: str, value: Any, where: str | None = None) -> str:
+    """A prompt setting `name` of sample `key` (in `where`, default "{name} in {key}.json")."""
+    where = where or f"{name} in {key}.json"
     if not isinstance(value, str):
-        raise SettingError(f"{name} in {key}.json is {_SHOW.repr(value)} "
-                           f"({type(value).__name__}); allowed: a string")
+        raise SettingError(f"{where} is {_SHOW.repr(value)} ({type(value).__name__}); "
+                           "allowed: a string")
+    if len(value) > MAX_PROMPT_CHARS:
+        raise SettingError(f"{where} is {quoted(value)}: longer than {MAX_PROMPT_CHARS:,} "
+                           f"characters; allowed: a prompt of at most {MAX_PROMPT_CHARS:,} "
+                           "characters")
     try:
         value.encode("utf-8")
     except UnicodeEncodeError as exc:
-        raise SettingError(f"{name} in {key}.json is not valid Unicode ({exc.reason} at "
-                           f"character {exc.start}); allowed: a string of valid Unicode") \
-            from exc
+        raise SettingError(f"{where} is not valid Unicode ({exc.reason} at character "
+                           f"{exc.start}); allowed: a string of valid Unicode") from exc
     return value

@@ -17,6 +17,7 @@ from braceexpand import UnbalancedBracesError, braceexpand
 
 from pipeline.errors import PipelineError, StorageError
 from pipeline.storage import canonical_path, describe_error, url_fs
+from sdedit import quoted
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +42,7 @@ def _glob(pattern: str, storage_options: Mapping[str, Any]) -> list[str]:
         fs, path = url_fs(pattern, storage_options)
         found = fs.glob(path, detail=True)
     except Exception as error:  # botocore's NoCredentialsError is no OSError
-        raise StorageError(f"cannot list input shards {pattern!r}: "
+        raise StorageError(f"cannot list input shards {quoted(pattern)}: "
                            f"{describe_error(error)}") from error
     files = sorted(name for name, info in found.items() if info.get("type") != "directory")
     if _protocol(pattern) is None:
@@ -58,7 +59,7 @@ def _folder_or_file(name: str, storage_options: Mapping[str, Any]) -> list[str]:
         fs, path = url_fs(name, storage_options)
         folder = fs.isdir(path)
     except Exception as error:
-        raise StorageError(f"cannot look at input shards {name!r}: "
+        raise StorageError(f"cannot look at input shards {quoted(name)}: "
                            f"{describe_error(error)}") from error
     return _glob(name.rstrip("/") + "/*.tar", storage_options) if folder else [name]
 
@@ -94,7 +95,7 @@ def expand_shards(spec_or_patterns: str | Sequence[str],
         try:
             names = list(braceexpand(pattern))
         except UnbalancedBracesError as error:
-            raise PipelineError(f"input.shards: {pattern!r}: {error}") from error
+            raise PipelineError(f"input.shards: {quoted(pattern)}: {error}") from error
         matched = 0
         for name in names:
             urls = _glob(name, options) if _is_glob(name) else _folder_or_file(name, options)
@@ -103,7 +104,7 @@ def expand_shards(spec_or_patterns: str | Sequence[str],
                 result.setdefault(key, key if _protocol(url) is None else url)
             matched += len(urls)
         if matched == 0:
-            raise PipelineError(f"input.shards: {pattern!r} matches no files")
+            raise PipelineError(f"input.shards: {quoted(pattern)} matches no files")
         logger.debug("input pattern %s: %d shard(s)", pattern, matched)
     shards = list(result.values())
     unique_stems(shards)

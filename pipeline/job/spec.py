@@ -27,16 +27,17 @@ from pipeline.job.validation import (
     number,
     optional,
     string,
+    text,
     typed,
 )
 from pipeline.redaction import redact
 from sdedit import DTYPES as DEVICE_DTYPES
+from sdedit import MAX_GUIDANCE, Lora
 from sdedit import SAMPLERS as ENGINE_SAMPLERS
-from sdedit import Lora
 
-__all__ = ["DEVICES", "DTYPES", "FINGERPRINT_VERSION", "IMAGE_FORMATS", "SAMPLERS", "SECTIONS",
-           "ActorsSpec", "ComputeSpec", "InputSpec", "JobSpec", "ModelSpec", "OutputSpec",
-           "SdeditSpec", "setting"]
+__all__ = ["DEVICES", "DTYPES", "FINGERPRINT_VERSION", "IMAGE_FORMATS", "MAX_PROMPT_CHARS",
+           "SAMPLERS", "SECTIONS", "ActorsSpec", "ComputeSpec", "InputSpec", "JobSpec",
+           "ModelSpec", "OutputSpec", "SdeditSpec", "setting"]
 
 SAMPLERS = tuple(ENGINE_SAMPLERS)
 IMAGE_FORMATS = tuple(OUTPUT_FORMATS)
@@ -71,7 +72,12 @@ _OPTIONS = typed("a mapping of fsspec storage options", "is not a mapping with s
 _EXT = optional(string("a member extension such as png or mask.png",
                        re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"), strip="."))
 _INT = functools.partial(number, integer=True)
-_TEXT = typed("a string or null", "is not a string", lambda v: v is None or isinstance(v, str))
+MAX_PROMPT_CHARS = 10_000
+"""The longest prompt or negative prompt, in characters, of a job or of a row ({key}.json,
+{key}.txt): far above what any text encoder takes (CLIP 77 tokens, T5 256 or 512, a few
+characters each), low enough that no record repeats a huge value (job.json, every output's
+json and manifest row hold the prompt)."""
+_TEXT = text(MAX_PROMPT_CHARS)
 _BOOL = typed("true or false", "is not a boolean", lambda v: isinstance(v, bool))
 _LORA = Check("a list of {source, scale} mappings", lambda v: v)  # read by load._JobReader.lora
 _ACTORS = Check("an integer >= 1 or a mapping with keys max, min", _INT(1).convert)  # .actors
@@ -149,10 +155,12 @@ class SdeditSpec:
     """Text-conditioned models: the prompt of rows that set none (None = "")."""
     negative_prompt: str | None = setting(None, _TEXT, affects="later")
     """Text-conditioned models: the negative prompt of rows that set none (None = "")."""
-    guidance_scale: float | None = setting(None, optional(number(0, 100)), affects="later")
-    """Classifier-free guidance g >= 1 (1 = conditional pass only), or the guidance input of
-    a guidance-distilled model (Flux-dev); None = the family's default; the model checks its
-    range (`pipeline.job.modelcheck`)."""
+    guidance_scale: float | None = setting(None, optional(number(0, MAX_GUIDANCE)),
+                                           affects="later")
+    """Classifier-free guidance g in [1, 100] (1 = conditional pass only), or the guidance
+    input in [0, 100] of a guidance-distilled model (Flux-dev); None = the family's default;
+    the model checks its lower end (`pipeline.job.modelcheck`, `sdedit.checks.guidance_range`).
+    """
 
 
 @dataclass(frozen=True)

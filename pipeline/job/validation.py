@@ -18,6 +18,8 @@ from typing import Any
 
 import yaml
 
+from sdedit import QUOTE_CHARS, quoted
+
 FREE = "*"
 """Schema marker: a free-form mapping (storage options) whose sub-keys are not checked."""
 BAD = object()
@@ -73,11 +75,11 @@ def unknown_path(parts: Sequence[str], schema: Mapping[str, Any]) -> str | None:
         if node == FREE and part:
             return None
         if not isinstance(node, dict) or part not in node:
-            where = ".".join(parts[: depth + 1]) or "''"
+            where = _prefix(".".join(parts[: depth + 1]) or "''")
             if not isinstance(node, dict):
-                return f"unknown key {where}; {'.'.join(parts[:depth])} has no sub-keys"
+                return f"unknown key {where}; {_prefix('.'.join(parts[:depth]))} has no sub-keys"
             return (f"unknown key {where}; allowed keys: {', '.join(sorted(node))}"
-                    + suggest(part, list(node)))
+                    + suggest(part[:QUOTE_CHARS], list(node)))
         node = node[part]
     return None
 
@@ -117,7 +119,7 @@ def collect_overrides(data: Mapping[str, Any], overrides: Sequence[str],
             else:
                 problem = set_path(result, parts, value)
         if problem is not None:
-            errors.append(f"--set {override}: {problem}")
+            errors.append(f"--set {_prefix(override)}: {problem}")
     return result
 
 
@@ -140,10 +142,17 @@ class Check:
 
 
 def fmt(value: Any) -> str:
-    """A value as the user wrote it: YAML-ish, with quotes around strings."""
+    """A value as the user wrote it: YAML-ish, with quotes around strings; of a long value only
+    a prefix and its length (`sdedit.quoted`)."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
-    return repr(value)
+    return quoted(value)
+
+
+def _prefix(text: str) -> str:
+    """`text` as it is, or its first `QUOTE_CHARS` characters, "..." and its length."""
+    return text if len(text) <= QUOTE_CHARS else \
+        f"{text[:QUOTE_CHARS]}... ({len(text):,} characters)"
 
 
 def number(low: float, high: float = math.inf, *, integer: bool = False,
@@ -173,6 +182,17 @@ def choice(options: Sequence[str]) -> Check:
                                 suggest(value, options) if isinstance(value, str) else "")
         return value
     return Check("one of " + ", ".join(options), convert)
+
+
+def text(limit: int) -> Check:
+    """A string of at most `limit` characters, or null (prompts)."""
+    def convert(value: Any) -> str | None:
+        if value is not None and not isinstance(value, str):
+            raise InvalidValueError("is not a string")
+        if value is not None and len(value) > limit:
+            raise InvalidValueError(f"is longer than {limit:,} characters")
+        return value
+    return Check(f"a string of at most {limit:,} characters, or null", convert)
 
 
 def string(allowed: str, pattern: re.Pattern[str] | None = None, strip: str = "") -> Check:
@@ -220,8 +240,9 @@ class Reader:
             return {}
         for key in data:
             if key not in schema:
-                self.errors.append(f"{path + '.' if path else ''}{key}: unknown key; allowed "
-                                   f"keys: {keys}" + suggest(str(key), list(schema)))
+                self.errors.append(f"{path + '.' if path else ''}{_prefix(str(key))}: unknown "
+                                   f"key; allowed keys: {keys}"
+                                   + suggest(str(key)[:QUOTE_CHARS], list(schema)))
         return data
 
     def value(self, data: Mapping[str, Any], path: str, key: str, check: Check,

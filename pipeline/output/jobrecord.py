@@ -18,7 +18,7 @@ from pipeline import __version__
 from pipeline.errors import ResumeConflictError
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
-from sdedit import dtype_name, resolve_dtype
+from sdedit import dtype_name, quoted, resolve_dtype
 
 logger = logging.getLogger(__name__)
 
@@ -115,5 +115,5 @@ def _changed_fields(old: dict[str, Any], new: dict[str, Any], prefix: str = "") 
         if isinstance(a, dict) and isinstance(b, dict):
             changed += _changed_fields(a, b, f"{prefix}{key}.")
         elif a != b:
-            changed.append(f"{prefix}{key}: {a!r} -> {b!r}")
+            changed.append(f"{prefix}{key}: {quoted(a)} -> {quoted(b)}")
     return changed

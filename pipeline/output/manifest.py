@@ -62,10 +62,15 @@ MANIFEST_SCHEMA = pa.schema([
     ("model_identity", pa.string()), ("error_kind", pa.string()),
     # added with issue 10: per-row settings of text-conditioned models (null for pixel models)
     ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
+    # added with issue 23: what the text encoders did not take of the prompts (null: whole)
+    ("prompt_truncated", pa.string()), ("negative_prompt_truncated", pa.string()),
 ])
 """One row per input sample x output index. `input_shard`, `output_shard` and `model` are
 absolute (local paths made absolute, URLs without credentials, a hub id as given);
-`batch_size` is the number of samples in the network call that made the output."""
+`batch_size` is the number of samples in the network call that made the output.
+`prompt_truncated` / `negative_prompt_truncated`: null when every text encoder took the prompt
+whole (and for pixel models, and rows whose settings were never read), else which encoders cut
+it and where ("text_encoder kept 77 of 95 tokens"; several joined by "; ")."""
 
 COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
 """The manifest's column names, in order."""

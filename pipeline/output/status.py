@@ -20,7 +20,7 @@ from typing import Any
 
 import pyarrow.compute as pc
 
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, count
 from pipeline.input.shards import expand_shards
 from pipeline.job.load import load_spec
 from pipeline.job.spec import JobSpec
@@ -30,6 +30,9 @@ from pipeline.output.layout import DONE, FAILED
 from pipeline.storage import describe_error
 
 logger = logging.getLogger(__name__)
+
+SHOWN_WARNINGS = 10
+"""Warning kinds `run`'s summary and `status` show (the markers hold every kind)."""
 
 
 @dataclass
@@ -43,11 +46,29 @@ class MarkerTotals:
     errors_by_kind: dict[str, int] = field(default_factory=dict)
     """Error rows by `error_kind` ("unknown" for markers written before error kinds
     existed)."""
+    row_warnings: dict[str, int] = field(default_factory=dict)
+    """Manifest rows by warning kind ("prompt cut at 77 tokens by text_encoder";
+    `pipeline.worker.notices`); none in markers written before warnings were counted."""
+    actor_warnings: dict[str, int] = field(default_factory=dict)
+    """Python warnings the actors showed, by kind."""
 
     @property
     def rows(self) -> int:
         """Manifest rows (outputs ok and error)."""
         return self.outputs_ok + self.outputs_error
+
+    def warnings_text(self, limit: int = SHOWN_WARNINGS) -> str:
+        """The warnings by kind, row warnings first, each sort most first: "3 rows: prompt
+        cut at 77 tokens by text_encoder; 1 time: UserWarning: ... (file.py:12)", at most
+        `limit` kinds (then how many more), or "none"."""
+        items = [f"{count(n, noun)}: {kind}" for counts, noun in (
+            (self.row_warnings, "row"), (self.actor_warnings, "time"))
+            for kind, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
+        shown = items[:limit]
+        if len(items) > limit:
+            shown.append(f"{len(items) - limit} more kinds (OUT/done/*.json: row_warnings, "
+                         "actor_warnings)")
+        return "; ".join(shown) or "none"
 
     def add(self, marker: Mapping[str, Any]) -> None:
         """Add one marker's counts."""
@@ -57,8 +78,12 @@ class MarkerTotals:
         kinds = marker.get("errors_by_kind")
         if kinds is None and marker.get("outputs_error"):
             kinds = {"unknown": int(marker["outputs_error"])}
-        for kind, count in (kinds or {}).items():
-            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + int(count)
+        for kind, n in (kinds or {}).items():
+            self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + int(n)
+        for name in ("row_warnings", "actor_warnings"):
+            counts, found = getattr(self, name), marker.get(name)
+            for kind, n in (found.items() if isinstance(found, Mapping) else ()):
+                counts[kind] = counts.get(kind, 0) + int(n)
 
 
 @dataclass(kw_only=True)

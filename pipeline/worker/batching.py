@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -43,6 +43,7 @@ class Task:
     settings: RowSettings
     steps: int | None  # network evaluations per round at the row's t0
     position: int = 0  # the sample's place in its shard (manifest rows go in input order)
+    notes: list[str] = field(default_factory=list)  # row warnings (`pipeline.worker.notices`)
 
 
 @dataclass

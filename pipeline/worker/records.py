@@ -51,11 +51,20 @@ class ShardStats:
     skipped: bool = False
     timings: dict[str, float] = field(default_factory=dict)
     in_flight_max: int = 0
+    row_warnings: dict[str, int] = field(default_factory=dict)
+    """Manifest rows by warning kind ("prompt cut at 77 tokens by text_encoder")."""
+    actor_warnings: dict[str, int] = field(default_factory=dict)
+    """Python warnings the actor showed since its last commit, by kind."""
 
     def count_error(self, kind: str) -> None:
         """One more error row of `kind`."""
         self.outputs_error += 1
         self.errors_by_kind[kind] = self.errors_by_kind.get(kind, 0) + 1
+
+    def count_notes(self, notes: list[str]) -> None:
+        """One more row with each of these warnings."""
+        for kind in notes:
+            self.row_warnings[kind] = self.row_warnings.get(kind, 0) + 1
 
 
 class Records:
@@ -102,7 +111,8 @@ class Records:
             faithfulness_l2=None if encoded is None else encoded.metadata["faithfulness_l2"],
             seconds=None if encoded is None else encoded.done.seconds,
             batch_size=batch_size, created_at=now(), prompt=settings.prompt,
-            negative_prompt=settings.negative_prompt, **self.columns)
+            negative_prompt=settings.negative_prompt, prompt_truncated=settings.prompt_truncated,
+            negative_prompt_truncated=settings.negative_prompt_truncated, **self.columns)
 
     def metadata(self, task: Task, l2: float) -> dict[str, Any]:
         """The output's `{key}.json`: what it was made with, enough to make it again with
@@ -115,6 +125,9 @@ class Records:
         if self.conditional:
             data.update(prompt=task.settings.prompt, negative_prompt=task.settings.negative_prompt,
                         guidance_scale=self.columns["guidance_scale"])
+            data.update({name: getattr(task.settings, name) for name in (
+                "prompt_truncated", "negative_prompt_truncated")
+                if getattr(task.settings, name) is not None})  # only when cut: tars unchanged
         return data
 
     def marker(self, stats: ShardStats, urls: ShardUrls) -> dict[str, Any]:
@@ -127,6 +140,8 @@ class Records:
                 "outputs_error": stats.outputs_error,
                 "errors_by_kind": dict(sorted(stats.errors_by_kind.items())),
                 "seconds": round(stats.seconds, 3),
+                "row_warnings": dict(sorted(stats.row_warnings.items())),
+                "actor_warnings": dict(sorted(stats.actor_warnings.items())),
                 "timings": stats.timings, "in_flight_max": stats.in_flight_max,
                 "worker": stats.worker, "fingerprint": self.fingerprint,
                 "created_at": now().isoformat()}

@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -80,7 +80,8 @@ class ChromaPromptEncoder(PromptEncoder):
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
     def __init__(self, tokenizer: Any, encoder: torch.nn.Module, factor: int) -> None:
-        self.t5 = T5Embedder(tokenizer, encoder, MAX_SEQUENCE_LENGTH, masked=True)
+        self.t5 = T5Embedder(tokenizer, encoder, MAX_SEQUENCE_LENGTH, masked=True,
+                             name="text_encoder")
         self.factor = factor
 
     def embed(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
@@ -103,6 +104,9 @@ class ChromaPromptEncoder(PromptEncoder):
         if negatives is None:
             return both, None
         return both.take(slice(0, n)), both.take(slice(n, None))
+
+    def windows(self) -> list[TokenWindow]:
+        return [self.t5.window()]
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.t5.encoder]

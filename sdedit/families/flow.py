@@ -8,19 +8,17 @@ Each is a diffusers pipeline directory with a `transformer/` (no `unet/`), a VAE
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from sdedit.conditioning import TokenWindow
 from sdedit.families.base import read_json, scheduler_process
-from sdedit.families.sd import ClipEmbedder
+from sdedit.families.sd import ClipEmbedder, warn_cuts
 from sdedit.processes import FlowProcess
 from sdedit.sources import ModelSourceError
-
-logger = logging.getLogger(__name__)
 
 __all__ = ["T5Embedder", "flow_scheduler", "present", "read_configs", "transformer_class"]
 
@@ -88,14 +86,20 @@ class T5Embedder:
         encoder: a transformers T5EncoderModel.
         max_length: the sequence length (SD3: 256; Flux, Chroma: 512, the pipelines' defaults).
         masked: encode with the tokenizer's attention mask.
+        name: the encoder's folder in the model directory (for `window`).
     """
 
     def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int,
-                 masked: bool = False) -> None:
+                 masked: bool = False, name: str = "text_encoder_2") -> None:
         self.tokenizer = tokenizer
         self.encoder = encoder
         self.max_length = max_length
         self.masked = masked
+        self.name = name
+
+    def window(self) -> TokenWindow:
+        """The tokens of a prompt this encoder takes (`PromptEncoder.windows`)."""
+        return TokenWindow(self.name, self.tokenizer, self.max_length)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:
         """float32 (len(texts), max_length, d_model); each distinct text encoded once."""
@@ -108,11 +112,7 @@ class T5Embedder:
         distinct = list(dict.fromkeys(texts))
         tokens = self.tokenizer(distinct, padding="max_length", max_length=self.max_length,
                                 truncation=True, add_special_tokens=True, return_tensors="pt")
-        long = [t for t, ids in zip(distinct, self.tokenizer(distinct).input_ids, strict=True)
-                if len(ids) > self.max_length]
-        if long:
-            logger.warning("%d prompt(s) truncated to %d T5 tokens, e.g. %r", len(long),
-                           self.max_length, long[0][:80])
+        warn_cuts(self.window(), distinct)
         device = next(self.encoder.parameters()).device
         mask = tokens.attention_mask.to(device)
         out = self.encoder(tokens.input_ids.to(device),

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -139,6 +139,9 @@ class FluxPromptEncoder(PromptEncoder):
         shared = {"txt_ids": sequence.new_zeros(sequence.shape[1], 3),
                   "img_ids": image_ids(h, w).to(sequence.device)}
         return Conditioning(rows, shared), None
+
+    def windows(self) -> list[TokenWindow]:
+        return [self.clip.window(), self.t5.window()]
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.clip.encoder, self.t5.encoder]

@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -157,6 +157,11 @@ class QwenPromptEncoder(PromptEncoder):
         rows = torch.tensor([where[t] for t in texts], device=device)
         return Conditioning({"encoder_hidden_states": embeds[rows],
                              "encoder_hidden_states_mask": valid[rows]})
+
+    def windows(self) -> list[TokenWindow]:
+        """The prompt in its template, less the dropped template tokens, at most 512."""
+        return [TokenWindow("text_encoder", self.tokenizer, MAX_SEQUENCE_LENGTH,
+                            TEMPLATE.format, DROP)]
 
     def encode(self, prompts: list[str], negatives: list[str] | None,
                size: tuple[int, int], guidance: float | None

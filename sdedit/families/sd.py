@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow, count_cuts
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -38,12 +38,21 @@ from sdedit.sources import ModelSourceError
 logger = logging.getLogger(__name__)
 
 __all__ = ["FAMILY", "ClipEmbedder", "ClipPromptEncoder", "StableDiffusionFamily",
-           "check_vae_fits", "is_xl_layout"]
+           "check_vae_fits", "is_xl_layout", "warn_cuts"]
 
 SUPPORTED = ("the StableDiffusionPipeline layout (SD 1.x / 2.x): unet UNet2DConditionModel, vae "
              "AutoencoderKL, text_encoder CLIPTextModel, tokenizer CLIPTokenizer, scheduler")
 DEFAULT_GUIDANCE = 7.5
 """Classifier-free guidance scale when a job sets none (diffusers' SD pipelines' default)."""
+
+
+def warn_cuts(window: TokenWindow, texts: Sequence[str]) -> None:
+    """Log once per call how many of `texts` the encoder of `window` cuts (callers of `edit`
+    see it; the batch pipeline records each row's cuts itself, `PromptEncoder.prompt_cuts`)."""
+    cut = [text for text, cuts in zip(texts, count_cuts([window], texts), strict=True) if cuts]
+    if cut:
+        logger.warning("%d prompt(s) cut at %d tokens by %s, e.g. %r", len(cut),
+                       window.max_length, window.encoder, cut[0][:80])
 
 
 class ClipEmbedder:
@@ -53,15 +62,22 @@ class ClipEmbedder:
     Attributes:
         tokenizer: a transformers CLIPTokenizer.
         encoder: a transformers CLIPTextModel or CLIPTextModelWithProjection.
+        name: the encoder's folder in the model directory (for `window`).
     """
 
-    def __init__(self, tokenizer: Any, encoder: torch.nn.Module) -> None:
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module,
+                 name: str = "text_encoder") -> None:
         self.tokenizer = tokenizer
         self.encoder = encoder
+        self.name = name
 
     @property
     def max_length(self) -> int:
         return int(self.tokenizer.model_max_length)
+
+    def window(self) -> TokenWindow:
+        """The tokens of a prompt this encoder takes (`PromptEncoder.windows`)."""
+        return TokenWindow(self.name, self.tokenizer, self.max_length)
 
     @torch.no_grad()
     def run(self, texts: Sequence[str], hidden_states: bool = False
@@ -70,11 +86,7 @@ class ClipEmbedder:
         distinct = list(dict.fromkeys(texts))
         tokens = self.tokenizer(distinct, padding="max_length", max_length=self.max_length,
                                 truncation=True, return_tensors="pt")
-        long = [t for t, ids in zip(distinct, self.tokenizer(distinct).input_ids, strict=True)
-                if len(ids) > self.max_length]
-        if long:
-            logger.warning("%d prompt(s) truncated to %d tokens, e.g. %r", len(long),
-                           self.max_length, long[0][:80])
+        warn_cuts(self.window(), distinct)
         device = next(self.encoder.parameters()).device
         mask = None
         if getattr(self.encoder.config, "use_attention_mask", False):
@@ -129,6 +141,9 @@ class ClipPromptEncoder(PromptEncoder):
         if negatives is None:
             return cond, None
         return cond, Conditioning({"encoder_hidden_states": embeddings[n:]})
+
+    def windows(self) -> list[TokenWindow]:
+        return [self.clip.window()]
 
     def modules(self) -> list[torch.nn.Module]:
         return [self.encoder]

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -61,8 +61,9 @@ MAX_SEQUENCE_LENGTH = 256
 class _ClipAt(ClipEmbedder):
     """A CLIP embedder padding to a given length (SD3's second tokenizer pads to the first's)."""
 
-    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int) -> None:
-        super().__init__(tokenizer, encoder)
+    def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int,
+                 name: str) -> None:
+        super().__init__(tokenizer, encoder, name)
         self._max_length = max_length
 
     @property
@@ -85,9 +86,11 @@ class SD3PromptEncoder(PromptEncoder):
     def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module | None],
                  joint_attention_dim: int) -> None:
         length = int(tokenizers[0].model_max_length)
-        self.clips = [_ClipAt(tokenizers[i], encoders[i], length) for i in (0, 1)]
+        self.clips = [_ClipAt(tokenizers[i], encoders[i], length, name)
+                      for i, name in enumerate(("text_encoder", "text_encoder_2"))]
         t5 = encoders[2]
-        self.t5 = None if t5 is None else T5Embedder(tokenizers[2], t5, MAX_SEQUENCE_LENGTH)
+        self.t5 = None if t5 is None else T5Embedder(tokenizers[2], t5, MAX_SEQUENCE_LENGTH,
+                                                     name="text_encoder_3")
         self.joint_attention_dim = joint_attention_dim
 
     def embed(self, texts: Sequence[str]) -> Conditioning:
@@ -114,6 +117,10 @@ class SD3PromptEncoder(PromptEncoder):
         if negatives is None:
             return both, None
         return both.take(slice(0, n)), both.take(slice(n, None))
+
+    def windows(self) -> list[TokenWindow]:
+        return [clip.window() for clip in self.clips] + \
+            ([] if self.t5 is None else [self.t5.window()])
 
     def modules(self) -> list[torch.nn.Module]:
         t5 = [] if self.t5 is None else [self.t5.encoder]

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -140,6 +140,9 @@ class SdxlPromptEncoder(PromptEncoder):
                                    "text_embeds": uncond_pooled,
                                    "time_ids": self.time_ids(size, n, True, device)})
 
+    def windows(self) -> list[TokenWindow]:
+        return [e.window() for e in self.embedders]
+
     def modules(self) -> list[torch.nn.Module]:
         return self.encoders
 
@@ -225,7 +228,8 @@ class SdxlFamily:
                      ] if first else []
         embedders.append(ClipEmbedder(
             component(CLIPTokenizer, directory, "tokenizer_2", source),
-            component(CLIPTextModelWithProjection, directory, "text_encoder_2", source)))
+            component(CLIPTextModelWithProjection, directory, "text_encoder_2", source),
+            "text_encoder_2"))
         lengths = {e.max_length for e in embedders}
         if len(lengths) > 1:
             raise ModelSourceError(f"model source {source!r}: tokenizer and tokenizer_2 have "

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec
+from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -92,9 +92,7 @@ class ZImagePromptEncoder(PromptEncoder):
     def embed(self, texts: Sequence[str]) -> Conditioning:
         """The rows of `texts`, each distinct text encoded once (one encoder call)."""
         distinct = list(dict.fromkeys(texts))
-        chats = [self.tokenizer.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
-            enable_thinking=True) for text in distinct]
+        chats = [self.chat(text) for text in distinct]
         tokens = self.tokenizer(chats, padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
                                 truncation=True, return_tensors="pt")
         device = next(self.encoder.parameters()).device
@@ -109,6 +107,16 @@ class ZImagePromptEncoder(PromptEncoder):
         where = {text: i for i, text in enumerate(distinct)}
         rows = torch.tensor([where[t] for t in texts], device=device)
         return Conditioning({"cap_feats": feats[rows], "cap_lengths": counts[rows]})
+
+    def chat(self, text: str) -> str:
+        """A prompt in the tokenizer's chat template, as the pipeline renders it."""
+        return self.tokenizer.apply_chat_template(
+            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True,
+            enable_thinking=True)
+
+    def windows(self) -> list[TokenWindow]:
+        """The prompt in its chat template, at most 512 tokens."""
+        return [TokenWindow("text_encoder", self.tokenizer, MAX_SEQUENCE_LENGTH, self.chat)]
 
     def encode(self, prompts: list[str], negatives: list[str] | None,
                size: tuple[int, int], guidance: float | None

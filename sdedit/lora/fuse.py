@@ -14,7 +14,7 @@ from sdedit.families import family_named
 from sdedit.lora.check import SHOWN, Lora, checked_lora, lora_targets, part_keys
 from sdedit.lora.files import lora_file
 from sdedit.models import DiffusionModel
-from sdedit.sources import ModelSourceError, files_identity
+from sdedit.sources import ModelSourceError, file_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +69,9 @@ def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
                 cache_dir: str | Path | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> DiffusionModel:
     """Fuse LoRAs into a loaded model, in place (see the module docstring); its `identity`
-    then names each LoRA file's content and scale: "<base> + lora sha256:<hex>*<scale>".
+    then names each LoRA file's content and scale: "<base> + lora sha256:<hex>*<scale>", the
+    hex what `sha256sum FILE` prints (before issue 23 it hashed that line, "<hex>  <name>\n",
+    so a renamed file changed it; identities are only recorded, never compared).
 
     Args:
         model: from `load_model`, of a family that takes LoRAs.
@@ -107,7 +109,7 @@ def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
                 raise ModelSourceError(f"LoRA {lora.source!r}: cannot load its {prefix} part: "
                                        f"{type(exc).__name__}: {str(exc)[:300]}") from exc
             names[prefix].append((name, float(lora.scale)))
-        identities.append(f"{files_identity(path.parent, [path])}*{lora.scale:g}")
+        identities.append(f"sha256:{file_sha256(path)}*{lora.scale:g}")
         logger.info("LoRA %s (%s) applied at scale %g", lora.source, path.name, lora.scale)
     for prefix, module in targets.modules.items():
         if names[prefix]:

@@ -16,7 +16,7 @@ from diffusers import (
 )
 from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
 
-from sdedit import EditInputError, edit, load_model
+from sdedit import EditInputError, count_steps, edit, load_model
 from sdedit.families import inspect_model_dir
 from sdedit.families.flux import image_ids, pack, unpack
 from sdedit.models import ModelSourceError
@@ -291,3 +291,11 @@ def test_fast_path_options_run_the_flow_network_calls(request, fixture):
     model.accelerate(autocast=torch.bfloat16)
     half = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
     assert torch.isfinite(half).all() and (half - plain).abs().max() < 0.5
+
+
+def test_a_rows_default_steps_are_those_of_its_own_t0(tiny_flux_dev, tiny_flux_schnell):
+    """steps unset: max(1, round(t0 x 28)) of each row's t0 (Python's round), x 4 for
+    schnell; what the manifest's steps column records per row."""
+    assert [count_steps(tiny_flux_dev, "flow_ddpm", t0, None) for t0 in (0.3, 0.6, 0.01)] == \
+        [8, 17, 1]
+    assert [count_steps(tiny_flux_schnell, "euler", t0, None) for t0 in (0.3, 0.6)] == [1, 2]

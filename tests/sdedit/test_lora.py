@@ -4,6 +4,7 @@ and LoRA sources (file, folder, S3 URL) resolve as documented."""
 
 from __future__ import annotations
 
+import hashlib
 import shutil
 
 import pytest
@@ -122,6 +123,18 @@ def sd_lora(tmp_path):
                      unet=(pipe.unet, add_lora(pipe.unet, ["to_q"], 2, 2, seed=8)),
                      text_encoder=(pipe.text_encoder, add_lora(pipe.text_encoder, ["q_proj"],
                                                                2, 2, seed=9)))
+
+
+def test_a_loras_identity_is_its_files_sha256_whatever_its_name(tiny_sd_dir, sd_lora,
+                                                                tmp_path):
+    """model_identity names each LoRA by what `sha256sum FILE` prints (before: the sha256 of
+    that line, which held the file's name: a renamed copy changed it)."""
+    digest = hashlib.sha256(sd_lora.read_bytes()).hexdigest()
+    renamed = shutil.copy(sd_lora, tmp_path / "renamed.safetensors")
+    base = load_model(tiny_sd_dir).identity
+    for path in (sd_lora, renamed):
+        model = apply_loras(load_model(tiny_sd_dir), [Lora(str(path), 0.5)])
+        assert model.identity == f"{base} + lora sha256:{digest}*0.5"
 
 
 def test_a_lora_of_another_model_is_refused_naming_its_keys(tiny_sdxl_dir, sd_lora, tmp_path):

@@ -103,3 +103,30 @@ def test_other_json_keys_are_carried_metadata():
     assert _read({"json": b'{"promt": 1}'}, conditional=False) == RowSettings(0.5)
     with pytest.raises(SettingError, match="did you mean t0"):
         _read({"json": b'{"T0": 0.3}'}, conditional=False)
+
+
+@pytest.mark.parametrize("members, where", [
+    ({"json": json.dumps({"prompt": "y" * 10_001}).encode()}, "prompt in k.json"),
+    ({"json": json.dumps({"negative_prompt": "y" * 10_001}).encode()},
+     "negative_prompt in k.json"),
+    ({"txt": b"y" * 10_001}, "k.txt"),
+])
+def test_a_prompt_over_the_limit_is_a_setting_error_quoted_short(members, where):
+    assert _read({"txt": b"y" * 10_000}).prompt == "y" * 10_000  # the limit itself is taken
+    with pytest.raises(SettingError) as info:
+        _read(members)
+    assert str(info.value) == (f"{where} is '{'y' * 80}'... (10,001 characters): longer than "
+                               "10,000 characters; allowed: a prompt of at most 10,000 "
+                               "characters")
+    with pytest.raises(SettingError, match=r"k.txt holds 10,485,760 bytes; allowed: a prompt "
+                                           r"of at most 10,000 characters"):
+        _read({"txt": b"y" * 2**23 + b"\xff" * 2**21})  # refused unread: 10 MiB, not UTF-8
+
+
+def test_a_prompt_a_pixel_model_does_not_use_is_a_row_warning():
+    notes: list[str] = []
+    row = json.dumps({"prompt": "a room", "negative_prompt": "", "t0": 0.3}).encode()
+    settings = row_settings("k", {"json": row}, conditional=False, check_t0=lambda t0: None,
+                            notes=notes, **JOB)
+    assert settings == RowSettings(0.3)
+    assert notes == ["prompt in json not used: the model takes no prompts"]

@@ -106,7 +106,9 @@ def test_new_columns_are_appended_to_the_old_schema():
     assert OLD_SCHEMA.names[-1] == "created_at"
     assert MANIFEST_SCHEMA.names[19:] == ["eta", "dtype", "batch_size", "model_identity",
                                           "error_kind",  # issue 11
-                                          "prompt", "negative_prompt", "guidance_scale"]
+                                          "prompt", "negative_prompt", "guidance_scale",
+                                          # issue 23
+                                          "prompt_truncated", "negative_prompt_truncated"]
 
 
 def test_old_and_new_manifests_read_together(tmp_path):
