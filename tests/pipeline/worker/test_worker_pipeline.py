@@ -4,7 +4,9 @@ host threads."""
 
 from __future__ import annotations
 
+import contextlib
 import io
+import itertools
 import tarfile
 import threading
 import time
@@ -37,9 +39,18 @@ def test_two_shards_at_once_write_what_one_at_a_time_writes(tiny_vp, tiny_vp_dir
     for url in shards:
         worker.process(url)
     worker = ShardWorker(make_spec(tiny_vp_dir, shards, concurrent), model=tiny_vp)
-    stats = {}
-    threads = [threading.Thread(target=lambda u=url: stats.update({u: worker.process(u)}))
-               for url in shards]
+    turns: list[tuple[object, int, str]] = []  # (shard token, event order, "in" / "out")
+    take_turn, order = worker.turns.turn, itertools.count()
+
+    @contextlib.contextmanager
+    def recorded_turn(token: object):
+        with take_turn(token) as waited:
+            turns.append((token, next(order), "in"))
+            yield waited
+            turns.append((token, next(order), "out"))
+
+    worker.turns.turn = recorded_turn  # type: ignore[method-assign]
+    threads = [threading.Thread(target=lambda u=url: worker.process(u)) for url in shards]
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -48,8 +59,14 @@ def test_two_shards_at_once_write_what_one_at_a_time_writes(tiny_vp, tiny_vp_dir
         name = url.rsplit("/", 1)[1]
         assert (concurrent / "shards" / name).read_bytes() == \
             (serial / "shards" / name).read_bytes()
-    # the shards took turns on the device: at least one waited for another to finish computing
-    assert max(s.timings.get("wait_device", 0.0) for s in stats.values()) > 0
+    # the shards took turns on the device: every turn ends before the next one starts, and
+    # each shard's turns come in one run (a shard computes only after the one before it)
+    events = [(token, kind) for token, _, kind in sorted(turns, key=lambda t: t[1])]
+    assert all(events[i][1] == "in" and events[i + 1] == (events[i][0], "out")
+               for i in range(0, len(events), 2))
+    owners = [token for token, kind in events if kind == "in"]
+    runs = [token for i, token in enumerate(owners) if i == 0 or owners[i - 1] is not token]
+    assert len(runs) == len(set(map(id, runs))) == len(shards)
 
 
 def test_images_in_flight_stay_within_the_bound(tiny_vp, tiny_vp_dir, tmp_path):
