@@ -33,7 +33,7 @@ from typing import Any
 from pipeline.errors import OutputBusyError, StorageError
 from pipeline.output.leasestore import ConflictError, store_for
 from pipeline.redaction import redact_url
-from pipeline.storage import describe_error, machine_id, process_alive, url_fs
+from pipeline.storage import describe_error, machine_id, process_alive, url_fs, with_retries
 
 logger = logging.getLogger(__name__)
 
@@ -156,6 +156,9 @@ class Lease:
                            socket.gethostname(), os.getpid(), machine_id(), self.job, now, now)
         for _ in range(3):
             content, tag = self._call("read", self.store.read)
+            if content is not None and getattr(Holder.from_json(content), "token",
+                                               None) == self.mine.token:
+                break  # a write of this run landed, though its answer was lost
             if content is not None:
                 state = self._judge(content)
                 if state.stale is None:
@@ -245,10 +248,12 @@ class Lease:
                 f"{self.timeout_s:.0f} s is taken over ({redact_url(self.url)})")
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
+        """`fn()` with transient errors retried; any other failure a StorageError naming the
+        lease (a failed condition, ConflictError, passes)."""
         try:
-            return fn()
-        except (ConflictError, OutputBusyError):
-            raise
+            return with_retries(fn, what=f"{what} the lease", url=self.url)
+        except (ConflictError, OutputBusyError, StorageError):
+            raise  # StorageError: "read the lease URL: failed after 5 attempts: ..."
         except Exception as exc:
             raise StorageError(f"cannot {what} the lease {redact_url(self.url)}: "
                                f"{describe_error(exc)}") from exc
