@@ -166,9 +166,9 @@ def _plan(folder: OutputFolder, shards: list[str]) -> Plan:
     """The folder's plan; damaged commits are said (a warning) and their markers removed, so
     that they are made again."""
     plan = folder.plan(shards)
-    if plan.unrecorded:
-        logger.info("%d commit marker(s) were written before sizes were recorded: their tars "
-                    "and manifests are checked for presence only", plan.unrecorded)
+    logger.info("planned: %d done, %d pending (%d commit marker(s) read where the listings "
+                "could not vouch for their files)", len(plan.done), len(plan.pending),
+                plan.markers_read)
     if plan.damaged:
         shown = "; ".join(f"{shard_stem(url)}: {why}" for url, why in
                           list(plan.damaged.items())[:5])
@@ -258,7 +258,9 @@ class _Pool:
                     len(self.schedule))
         try:
             while (self.inflight or len(self.schedule)) and self.stop is None:
-                self.stop = self.lease_lost()  # another run took over the output
+                if (lost := self.lease_lost()) is not None:  # another run took the output
+                    self.stop = lost
+                    break
                 self._dispatch()
                 refs = [*self.inflight, *self.starting, *self.ending]
                 ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])

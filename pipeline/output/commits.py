@@ -2,14 +2,17 @@
 (`files`: each file's size, the tar's CRC-32 and the manifest's sha256, written by
 `pipeline.output.writer.ShardOutput.commit`) against what the output holds.
 
-Two depths: `damage` compares the sizes with one listing each of `shards/` and `manifests/`
-(`Listing`, no read of any tar or manifest: what `run` and `status` do); `digest_damage` reads a
-shard's tar and manifest through (`status --verify`). A marker written before sizes were
-recorded (no `files`) is checked for the files' presence only.
+Three depths: `damage` compares the sizes with one listing each of `shards/` and `manifests/`
+(`Listing`, no read of any tar or manifest: what `status` does with every marker); `run`'s plan
+reads a marker only where the listing cannot vouch for its shard (`unsure`: a file modified
+after its marker, or a store that gives no times), so it costs no request per shard; and
+`digest_damage` reads a shard's tar and manifest through (`status --verify`). A marker written
+before sizes were recorded (no `files`) is checked for its files' presence only.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import os
 import time
@@ -24,8 +27,8 @@ import pyarrow.parquet as pq
 from pipeline.output.layout import MANIFESTS, SHARDS
 from pipeline.storage import FileSystem, describe_error, stale_temp
 
-__all__ = ["Listing", "Plan", "damage", "digest_damage", "recorded", "remove_stale_temps",
-           "sizes_by_stem"]
+__all__ = ["Listing", "Plan", "damage", "digest_damage", "modified", "recorded",
+           "remove_stale_temps", "sizes_by_stem", "unsure"]
 
 _READ = 1 << 20
 """Bytes read at a time when a tar is read through."""
@@ -41,16 +44,17 @@ class Plan:
     """Input shards committed whole (their tar and manifest listed at the recorded sizes)."""
     damaged: dict[str, str] = field(default_factory=dict)
     """Input shard -> what is wrong with its commit (also in `pending`)."""
-    unrecorded: int = 0
-    """Done markers written before sizes were recorded (their files' presence checked only)."""
+    markers_read: int = 0
+    """Done markers read to compare sizes (those the listings could not vouch for)."""
 
 
 @dataclass
 class Listing:
-    """The sizes of the tars and manifests an output holds, by stem (one listing each)."""
+    """The tars and manifests an output holds, by stem: (size, modification time or None),
+    from one listing each."""
 
-    tars: dict[str, int] = field(default_factory=dict)
-    manifests: dict[str, int] = field(default_factory=dict)
+    tars: dict[str, tuple[int, float | None]] = field(default_factory=dict)
+    manifests: dict[str, tuple[int, float | None]] = field(default_factory=dict)
 
 
 def recorded(marker: Mapping[str, Any] | None) -> dict[str, dict[str, Any]] | None:
@@ -76,9 +80,9 @@ def damage(stem: str, marker: Mapping[str, Any] | None, listing: Listing) -> str
     records no sizes)."""
     files = recorded(marker)
     problems = []
-    for name, path, sizes in (("tar", f"{SHARDS}/{stem}.tar", listing.tars),
-                              ("manifest", f"{MANIFESTS}/{stem}.parquet", listing.manifests)):
-        size = sizes.get(stem)
+    for name, path, entries in (("tar", f"{SHARDS}/{stem}.tar", listing.tars),
+                                ("manifest", f"{MANIFESTS}/{stem}.parquet", listing.manifests)):
+        size = entries[stem][0] if stem in entries else None
         expected = files[name]["bytes"] if files else None
         if size is None:
             problems.append(f"{path} is missing")
@@ -87,6 +91,37 @@ def damage(stem: str, marker: Mapping[str, Any] | None, listing: Listing) -> str
         elif expected is None and size == 0:
             problems.append(f"{path} is empty")
     return "; ".join(problems) or None
+
+
+def unsure(stem: str, marker_time: float | None, listing: Listing) -> bool:
+    """Whether the listing alone cannot vouch for committed shard `stem`, whose marker was
+    last modified at `marker_time`: its tar or manifest was modified after the marker (written
+    over, cut short, touched, or copied in another order), or a time is unknown. Its marker is
+    then read and the sizes compared. (Files missing or empty are damaged whatever a marker
+    says: `damage(stem, None, listing)`.)"""
+    for entries in (listing.tars, listing.manifests):
+        time_ = entries[stem][1] if stem in entries else None
+        if time_ is None or marker_time is None or time_ > marker_time:
+            return True
+    return False
+
+
+def modified(entry: Mapping[str, Any]) -> float | None:
+    """The modification time (UNIX seconds) of an fsspec listing entry, from whichever key
+    the store gives (local "mtime", S3 "LastModified", GCS "updated", memory "created"), or
+    None."""
+    for key in ("mtime", "LastModified", "updated", "created"):
+        value = entry.get(key)
+        if isinstance(value, dt.datetime):
+            return value.timestamp()
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str) and value:
+            try:
+                return dt.datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+            except ValueError:
+                return None
+    return None
 
 
 def digest_damage(fs: FileSystem, tar: str, manifest: str,
@@ -119,15 +154,17 @@ def digest_damage(fs: FileSystem, tar: str, manifest: str,
     return "; ".join(problems) or None
 
 
-def sizes_by_stem(entries: Iterable[Mapping[str, Any]], suffix: str) -> dict[str, int]:
-    """stem -> size of each file `{stem}{suffix}` of a detailed fsspec listing (a stem may
-    start with '.'; temporary files end otherwise, `pipeline.storage.temp_name`)."""
+def sizes_by_stem(entries: Iterable[Mapping[str, Any]], suffix: str
+                  ) -> dict[str, tuple[int, float | None]]:
+    """stem -> (size, modification time) of each file `{stem}{suffix}` of a detailed fsspec
+    listing (a stem may start with '.'; temporary files end otherwise,
+    `pipeline.storage.temp_name`)."""
     sizes = {}
     for entry in entries:
         base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
         if base.endswith(suffix) and len(base) > len(suffix) and \
                 entry.get("type", "file") == "file":
-            sizes[base[: -len(suffix)]] = int(entry.get("size") or 0)
+            sizes[base[: -len(suffix)]] = (int(entry.get("size") or 0), modified(entry))
     return sizes
 
 

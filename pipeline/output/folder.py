@@ -29,16 +29,17 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.errors import ResumeConflictError, StorageError
+from pipeline.errors import StorageError
 from pipeline.input.shards import unique_stems
 from pipeline.job.spec import JobSpec
 from pipeline.output.commits import (
     Listing,
     Plan,
     damage,
-    recorded,
+    modified,
     remove_stale_temps,
     sizes_by_stem,
+    unsure,
 )
 from pipeline.output.layout import (
     DONE,
@@ -54,7 +55,7 @@ from pipeline.output.layout import (
 )
 from pipeline.output.lease import LEASE_TIMEOUT_S, Lease, LeaseState
 from pipeline.output.manifest import MANIFEST_SCHEMA
-from pipeline.output.recordcheck import newer_version, record_problems
+from pipeline.output.recordcheck import parse_record
 from pipeline.output.writer import ShardOutput
 from pipeline.redaction import redact_url
 from pipeline.storage import (
@@ -126,26 +127,7 @@ class OutputFolder:
             raise
         except Exception as exc:
             raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
-        where = f"output {redact_url(self.path)}: its {JOB_RECORD}"
-        try:
-            record = json.loads(data)
-        except ValueError as exc:
-            raise ResumeConflictError(
-                f"{where} cannot be read as a job record ({exc}); use a new output.path, or "
-                "--overwrite to discard its results") from exc
-        newer = newer_version(record) if isinstance(record, dict) else None
-        if newer is not None:
-            raise ResumeConflictError(f"{where}: {newer}; upgrade sdedit-batch to resume it, "
-                                      "use a new output.path, or --overwrite to discard its "
-                                      "results")
-        problems = record_problems(record)
-        if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
-                                               if len(problems) > 5 else "")
-            raise ResumeConflictError(
-                f"{where} cannot be read as a job record ({shown}); use a new output.path, or "
-                "--overwrite to discard its results")
-        return record
+        return parse_record(data, f"output {redact_url(self.path)}: its {JOB_RECORD}")
 
     def write_record(self, record: Mapping[str, Any]) -> None:
         """Write OUT/job.json; StorageError naming it and the cause when that fails."""
@@ -184,18 +166,23 @@ class OutputFolder:
 
     def plan(self, shards: Sequence[str]) -> Plan:
         """Split `shards` into pending and done, in input order: done when its commit marker
-        exists and its tar and manifest are listed at the sizes the marker records (one listing
-        each of `done/`, `shards/` and `manifests/`, then the done markers read in bulk as
-        `markers` reads them; a missing output folder means nothing is done)."""
+        exists and its tar and manifest are whole. One listing each of `done/`, `shards/` and
+        `manifests/` (sizes and times; a missing output folder means nothing is done); a
+        marker is read only where the listings cannot vouch for its shard
+        (`pipeline.output.commits.unsure`), so planning costs no request per shard."""
         stems = unique_stems(shards)
-        done = {stem: name for stem, name in self._marker_files(DONE)}  # before the files
-        listing = self.listing()
-        ours = [(stem, done[stem]) for stem in stems if stem in done]
-        plan = Plan()
-        problems: dict[str, str] = {}
-        for stem, marker in self.markers(DONE, ours):
-            if recorded(marker) is None:
-                plan.unrecorded += 1
+        done = {stem: (name, time_) for stem, name, time_ in self._marker_listing(DONE)}
+        listing = self.listing()  # after done/: a listed marker's files were there before it
+        plan, problems, unsure_ = Plan(), {}, []
+        for stem in stems:
+            if stem in done:
+                problem = damage(stem, None, listing)  # missing or empty: no marker needed
+                if problem is not None:
+                    problems[stem] = problem
+                elif unsure(stem, done[stem][1], listing):
+                    unsure_.append((stem, done[stem][0]))
+        for stem, marker in self.markers(DONE, unsure_):
+            plan.markers_read += 1
             problem = damage(stem, marker, listing)
             if problem is not None:
                 problems[stem] = problem
@@ -367,18 +354,23 @@ class OutputFolder:
 
     def _marker_files(self, folder: str) -> list[tuple[str, str]]:
         """(stem, path) of each marker in `folder`, from one fresh listing ([] if none)."""
+        return [(stem, name) for stem, name, _ in self._marker_listing(folder)]
+
+    def _marker_listing(self, folder: str) -> list[tuple[str, str, float | None]]:
+        """(stem, path, modification time) of each marker in `folder`, one fresh listing."""
         url = self.url(folder)
         try:
             fs, path = url_fs(url, self.options)
             fs.invalidate_cache(path)  # markers written since an earlier listing must show
-            names = fs.ls(path, detail=False)
+            entries = fs.ls(path, detail=True)
             fs.invalidate_cache(path)  # a listing of 100,000 entries is not kept
         except FileNotFoundError:
             return []
         except Exception as exc:
             raise StorageError(f"cannot list {folder}/ markers in {redact_url(self.path)}: "
                                f"{describe_error(exc)}") from exc
-        return [(stem, name) for name in names if (stem := marker_stem(name)) is not None]
+        return [(stem, entry["name"], modified(entry)) for entry in entries
+                if (stem := marker_stem(entry["name"])) is not None]
 
     def _put(self, url: str, record: Mapping[str, Any]) -> None:
         try:

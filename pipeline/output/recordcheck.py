@@ -10,12 +10,14 @@ Messages name keys and types, never quote values (a value may be megabytes long)
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.errors import ResumeConflictError
 from pipeline.job.spec import FINGERPRINT_VERSION
 
-__all__ = ["RECORD_VERSION", "SCHEMA", "newer_version", "record_problems"]
+__all__ = ["RECORD_VERSION", "SCHEMA", "newer_version", "parse_record", "record_problems"]
 
 RECORD_VERSION = 1
 """The shape of job.json this code writes (`record_version`; a record without it is 1)."""
@@ -36,6 +38,32 @@ one-item list (a list of that), or a dict (an object with these keys, others all
 
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
           list: "a list", dict: "an object", type(None): "null"}
+
+
+def parse_record(data: bytes, where: str) -> dict[str, Any]:
+    """The job record in `data` (job.json's bytes; `where` names it in messages: "output OUT:
+    its job.json").
+
+    Raises:
+        ResumeConflictError: not JSON, not of the record's shape, or written by a newer
+        version; the message says what, and that `--overwrite` discards it.
+    """
+    try:
+        record = json.loads(data)
+    except ValueError as exc:
+        raise ResumeConflictError(f"{where} cannot be read as a job record ({exc}); use a new "
+                                  "output.path, or --overwrite to discard its results") from exc
+    newer = newer_version(record) if isinstance(record, dict) else None
+    if newer is not None:
+        raise ResumeConflictError(f"{where}: {newer}; upgrade sdedit-batch to resume it, use a "
+                                  "new output.path, or --overwrite to discard its results")
+    problems = record_problems(record)
+    if problems:
+        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more"
+                                           if len(problems) > 5 else "")
+        raise ResumeConflictError(f"{where} cannot be read as a job record ({shown}); use a new "
+                                  "output.path, or --overwrite to discard its results")
+    return record
 
 
 def record_problems(record: Any) -> list[str]:

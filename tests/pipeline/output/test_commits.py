@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 
 import pytest
 from click.testing import CliRunner
@@ -59,7 +60,8 @@ def test_damaged_and_deleted_files_are_named_by_status_and_left_pending_by_plan(
     assert "  UNREADABLE manifests/part-000000.parquet: " in errors.output
     plan = OutputFolder(str(out)).plan(shards)
     assert plan.done == [shards[2]] and plan.pending == shards[:2]
-    assert set(plan.damaged) == set(shards[:2]) and plan.unrecorded == 0
+    assert set(plan.damaged) == set(shards[:2])
+    assert plan.markers_read == 1  # the manifest written after its marker; no request per shard
 
 
 def test_verify_reads_through_what_a_listing_cannot_see(committed):
@@ -92,7 +94,7 @@ def test_markers_from_before_sizes_count_as_done_and_unreadable_manifests_are_na
         marker.write_text(json.dumps(old))
     (out / "manifests" / "part-000001.parquet").write_bytes(b"PAR1 cut")
     plan = OutputFolder(str(out)).plan(shards)
-    assert plan.done == shards and plan.unrecorded == 2  # as before: presence only
+    assert plan.done == shards and plan.markers_read == 1  # as before: presence only
     result = CliRunner().invoke(main, ["status", str(out)])
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "done markers written before file sizes were recorded: 2" in result.output
@@ -101,3 +103,30 @@ def test_markers_from_before_sizes_count_as_done_and_unreadable_manifests_are_na
     (out / "shards" / "part-000000.tar").write_bytes(b"")
     assert "DAMAGED part-000000: shards/part-000000.tar is empty" in CliRunner().invoke(
         main, ["status", str(out)]).output
+
+
+@pytest.mark.s3
+def test_on_s3_the_listings_vouch_for_untouched_shards(s3_bucket):
+    """Planning reads no marker of a shard whose files are older than it (S3 LastModified),
+    and reads the marker of one whose manifest was written over since."""
+    from pipeline.output.writer import files_record
+    from pipeline.storage import join, url_fs
+
+    out = join(s3_bucket.url, "out")
+    fs, root = url_fs(out, s3_bucket.storage_options)
+    tar, manifest = b"t" * 2048, b"PAR1" + b"m" * 100
+    for stem in ("a", "b"):
+        fs.pipe_file(f"{root}/shards/{stem}.tar", tar)
+        fs.pipe_file(f"{root}/manifests/{stem}.parquet", manifest)
+        fs.pipe_file(f"{root}/done/{stem}.json", json.dumps(
+            {"files": files_record(len(tar), 0, manifest)}).encode())
+    shards = ["/in/a.tar", "/in/b.tar"]
+    folder = OutputFolder(out, s3_bucket.storage_options)
+    plan = folder.plan(shards)
+    assert (plan.done, plan.markers_read) == (shards, 0)
+    time.sleep(1.1)  # S3 times are whole seconds: the rewrite must be later than the marker
+    fs.pipe_file(f"{root}/manifests/b.parquet", manifest[:50])
+    plan = folder.plan(shards)
+    assert plan.markers_read == 1 and plan.done == shards[:1]
+    assert plan.damaged == {shards[1]: "manifests/b.parquet has 50 bytes, its commit marker "
+                                       "records 104"}
