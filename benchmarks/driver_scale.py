@@ -2,16 +2,19 @@
 the scheduling time per shard, as the number of shards grows.
 
 Part 1 (`--shards`): fake committed outputs of N shards of `--rows` manifest rows each (job.json,
-done/ markers as the worker writes them, Parquet manifests with every column; every 100th shard
-repeats the keys of the one before it, so the repeated-key count is known), locally and, with
+done/ markers as the worker writes them, with the sizes and digests of their files, Parquet
+manifests with every column, 10 KiB stand-in tars; every 100th shard repeats the keys of the one
+before it, so the repeated-key count is known), locally and, with
 `--s3-shards`, on the tests' SeaweedFS S3 server on loopback. Each measurement runs in a fresh
 Python process, which reports its wall time and peak RSS (VmHWM); "imports" is that process
 after importing the pipeline (torch, ray, pyarrow) and nothing else:
     status             `job_status(OUT)` (repeated keys counted only up to 1,000,000 rows)
     status --repeated  `job_status(OUT, repeated_keys=True)` (every manifest's keys)
-    plan_pending       `expand_shards(brace pattern)` + `plan_pending`
+    plan_pending       `expand_shards(brace pattern)` + `OutputFolder.plan` (listings of done/,
+                       shards/ and manifests/, the done markers read to compare sizes)
     run (all done)     `run_job(spec)` of the job whose shards are all done
-With `--old DIR` (a checkout of older code) `status` also runs with DIR's code, side by side.
+With `--old DIR` (a checkout of older code) `status`, `plan` and `run` also run with DIR's code,
+side by side.
 
 Part 2 (`--sched`): `run_job` on a real local Ray with one actor and a zero-cost stand-in
 network (test hook `stand_in_ms=0`), over M one-sample shards (16 px, ddim 1 step), local disk;
@@ -33,6 +36,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -70,7 +74,8 @@ elif what == "status-repeated":
     result = [st.done, st.samples, st.keys_in_several_shards]
 elif what == "plan":
     shards = pipeline.input.shards.expand_shards([extra[0]], {})
-    pending, done = pipeline.output.folder.OutputFolder(out, options).plan(shards)
+    plan = pipeline.output.folder.OutputFolder(out, options).plan(shards)
+    pending, done = (plan.pending, plan.done) if hasattr(plan, "pending") else plan
     result = [len(pending), len(done)]
 elif what == "run-done":
     spec = pipeline.job.load.load_spec(extra[0])
@@ -130,8 +135,14 @@ def manifest(base: pa.Table, shard: int) -> bytes:
     return sink.getvalue()
 
 
-def marker(shard: int, rows: int) -> bytes:
+TAR = bytes(10240)
+"""The stand-in tar of every shard (its size and digest recorded by its marker)."""
+
+
+def marker(shard: int, rows: int, manifest_data: bytes) -> bytes:
     """A done marker as the worker writes it."""
+    from pipeline.output.writer import files_record
+
     stem = f"p-{shard:06d}"
     return json.dumps({
         "stem": stem, "input_shard": f"/data/in/{stem}.tar",
@@ -141,13 +152,15 @@ def marker(shard: int, rows: int) -> bytes:
         "seconds": 812.5, "timings": {"decode": 41.2, "device": 790.1, "encode": 60.3,
                                       "commit": 1.9}, "in_flight_max": 96,
         "worker": "node-1:1234", "fingerprint": "0" * 64,
-        "created_at": "2024-01-01T00:00:00+00:00"}, indent=1).encode()
+        "created_at": "2024-01-01T00:00:00+00:00",
+        "files": files_record(len(TAR), zlib.crc32(TAR), manifest_data)}, indent=1).encode()
 
 
 def make_outputs(out: str, options: dict[str, Any], spec_data: dict[str, Any], n: int,
                  rows: int) -> float:
     """Write the fake committed outputs of `n` shards; returns the seconds it took."""
     from pipeline.output.jobrecord import job_record
+    from pipeline.output.layout import SHARDS
     from pipeline.storage import url_fs
 
     start = time.perf_counter()
@@ -157,14 +170,16 @@ def make_outputs(out: str, options: dict[str, Any], spec_data: dict[str, Any], n
     files = {f"{base_path}/{JOB_RECORD}": json.dumps(job_record(spec), indent=1).encode()}
     local = out.startswith("/")
     if local:
-        for sub in (DONE, MANIFESTS):
+        for sub in (DONE, MANIFESTS, SHARDS):
             os.makedirs(f"{base_path}/{sub}", exist_ok=True)
 
     def batch(lo: int, hi: int) -> None:
         blobs = {}
         for i in range(lo, hi):
-            blobs[f"{base_path}/{DONE}/p-{i:06d}.json"] = marker(i, rows)
-            blobs[f"{base_path}/{MANIFESTS}/p-{i:06d}.parquet"] = manifest(base, i)
+            data = manifest(base, i)
+            blobs[f"{base_path}/{MANIFESTS}/p-{i:06d}.parquet"] = data
+            blobs[f"{base_path}/{SHARDS}/p-{i:06d}.tar"] = TAR
+            blobs[f"{base_path}/{DONE}/p-{i:06d}.json"] = marker(i, rows, data)
         if local:
             for path, data in blobs.items():
                 with open(path, "wb") as handle:
@@ -202,10 +217,12 @@ def scale_part(args: argparse.Namespace, tmp: Path, model: Path, where: str, cou
             print(f"{where} {n} shards: {what} {found['seconds']:.1f} s, "
                   f"{found['rss'] / 2**20:.0f} MiB, {found['result']}", flush=True)
         if args.old and n <= args.old_max:
-            found = measure(Path(args.old), "status", out, options)
-            row["status-old"] = found
-            print(f"{where} {n} shards: status (old code) {found['seconds']:.1f} s, "
-                  f"{found['rss'] / 2**20:.0f} MiB, {found['result']}", flush=True)
+            for what, extra in (("status", ()), ("plan", (pattern,)),
+                                ("run-done", (str(job),))):
+                found = measure(Path(args.old), what, out, options, *extra)
+                row[f"{what}-old"] = found
+                print(f"{where} {n} shards: {what} (old code) {found['seconds']:.1f} s, "
+                      f"{found['rss'] / 2**20:.0f} MiB, {found['result']}", flush=True)
         results.append(row)
         if not args.keep:
             from pipeline.storage import url_fs

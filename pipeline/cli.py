@@ -133,10 +133,12 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
     """Run a job: SDEdit every input shard, write output shards + Parquet manifests.
 
     Resumable: running the same command again skips every shard with a commit marker
-    (OUT/done/STEM.json) and processes the rest. A changed output-affecting setting (model,
-    t0, sampler, ...) is refused unless --overwrite. Exit code 0 when every shard is done,
-    1 when some shard failed after its retries (see OUT/failed/), 2 for a bad job or an
-    output location that fails during the run (the shards not done are listed).
+    (OUT/done/STEM.json) whose files are whole and processes the rest (a damaged commit is
+    said and made again). A changed output-affecting setting (model, t0, sampler, ...) is
+    refused unless --overwrite. One run per output: a run holds OUT/lease.json while it runs,
+    and a second run there is refused (exit 2), naming the first. Exit code 0 when every
+    shard is done, 1 when some shard failed after its retries (see OUT/failed/), 2 for a bad
+    job or an output location that fails during the run (the shards not done are listed).
 
     \b
     Examples:
@@ -162,6 +164,10 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
         f"{summary.seconds:.1f} s, {summary.images_per_second:.2f} images/s")
     click.echo(f"error rows by kind: {_kinds(summary.errors_by_kind)}")
     click.echo(f"warnings: {summary.warnings_text()}")
+    if summary.damaged:
+        click.echo(f"damaged shards made again: {len(summary.damaged)} "
+                   f"({', '.join(_stem(url) for url in list(summary.damaged)[:5])}"
+                   f"{' ...' if len(summary.damaged) > 5 else ''})")
     click.echo(f"keys in more than one shard: "
                f"{_repeated(summary.keys_in_several_shards, spec.output.path)}")
     for url, error in summary.failed.items():
@@ -174,6 +180,12 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
                    f"(--limit-shards {limit_shards}): run the same command again for the next "
                    f"{min(left, limit_shards)}, or without --limit-shards for all of them")
     raise SystemExit(summary.exit_code)
+
+
+def _stem(url: str) -> str:
+    from pipeline.input.shards import shard_stem
+
+    return shard_stem(url)
 
 
 def _repeated(count: int | None, output: str) -> str:
@@ -200,23 +212,27 @@ def _kinds(counts: dict[str, int]) -> str:
 @click.option("--repeated-keys", is_flag=True,
               help="Count keys that occur in more than one shard at any job size (reads every "
                    "manifest's keys; without it they are counted up to 1,000,000 rows).")
+@click.option("--verify", is_flag=True,
+              help="Read every committed tar and manifest through and check them against the "
+                   "digests their commit markers record (without it: their sizes, by listing).")
 def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
-               repeated_keys: bool) -> None:
+               repeated_keys: bool, verify: bool) -> None:
     """Show done, pending and failed shards, sample counts and error rows of a job.
 
     TARGET is the job's output path/URL or its job file: reads only the output (job.json,
-    the done/ and failed/ markers and, for error rows and repeated keys, the manifests),
-    while a job runs or after. Or a submission id printed by `sdedit-batch submit`
-    (raysubmit_...) with --address (default RAY_API_SERVER_ADDRESS): the cluster's view of
-    the submission, then the status of its output if reachable. Exit code 0 when no shard
-    has failed, 1 when some shard has failed, 2 when TARGET holds no job (no job.json) or
-    cannot be read.
+    its lease, the done/ and failed/ markers, one listing each of shards/ and manifests/ and,
+    for error rows, repeated keys and --verify, the manifests and tars), while a job runs or
+    after. Or a submission id printed by `sdedit-batch submit` (raysubmit_...) with --address
+    (default RAY_API_SERVER_ADDRESS): the cluster's view of the submission, then the status of
+    its output if reachable. Exit code 0 when no shard has failed, 1 when some shard has
+    failed, 2 when a committed shard is damaged (a file missing, cut short or unreadable: `run`
+    makes it again), or TARGET holds no job (no job.json) or cannot be read.
 
     \b
     Examples:
       sdedit-batch status out/quickstart
       sdedit-batch status out/quickstart --errors --limit 50
-      sdedit-batch status s3://bucket/out --repeated-keys
+      sdedit-batch status s3://bucket/out --repeated-keys --verify
     """
     from pipeline.driver.submit import describe, is_submission_id, submission_status
     from pipeline.output.status import error_rows, job_status
@@ -227,10 +243,13 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
         if sub.output is None:
             return
         target = sub.output
-    st = job_status(target, repeated_keys=True if repeated_keys else None)
+    st = job_status(target, repeated_keys=True if repeated_keys else None, verify=verify)
     total = "?" if st.shards_total is None else st.shards_total
     pending = "?" if st.pending is None else st.pending
     click.echo(f"job {st.name} at {st.output}")
+    if st.lease is not None:
+        click.echo(f"running: {st.lease.describe()}" if st.lease.stale is None else
+                   f"lease: {st.lease.describe()} (the next run takes it over)")
     click.echo(f"shards: {st.done} done, {pending} pending, {len(st.failed)} failed "
                f"(of {total})")
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
@@ -240,19 +259,33 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
     if st.unreadable:
         click.echo(f"done markers that are not JSON objects: {st.unreadable} (their shards "
                    "count as done; their counts are missing above)")
+    if st.unrecorded:
+        click.echo(f"done markers written before file sizes were recorded: {st.unrecorded} "
+                   "(their tars and manifests are checked for presence only)")
+    if st.damaged:
+        click.echo(f"damaged committed shards: {len(st.damaged)} (`run` makes them again)")
+        for stem, why in sorted(st.damaged.items()):
+            click.echo(f"  DAMAGED {stem}: {why}")
+    elif verify:
+        click.echo(f"verified: {st.done} committed shards read through, digests as recorded")
     for url, error in st.failed.items():
         click.echo(f"  FAILED {url}: {error}")
+    unreadable: dict[str, str] = {}
     if show_errors:
         from pipeline.input.shards import shard_stem
 
-        rows, total = error_rows(st.output, st.storage_options, limit=limit)
-        click.echo(f"error rows: {total}" + (f" (first {len(rows)})" if total > len(rows) else ""))
+        rows, total, unreadable = error_rows(st.output, st.storage_options, limit=limit)
+        click.echo(f"error rows: {total}" + (f" (first {len(rows)})" if total > len(rows) else "")
+                   + (f", from the readable manifests ({len(unreadable)} cannot be read)"
+                      if unreadable else ""))
         for row in rows:
             click.echo(f"  {row['output_key']}  {shard_stem(row['input_shard'] or '?')}  "
                        f"{row['error_kind'] or 'unknown'}  {row['error']}")
         if total > len(rows):
             click.echo(f"  ... and {total - len(rows)} more (--limit {total} shows all)")
-    raise SystemExit(1 if st.failed else 0)
+        for name, why in sorted(unreadable.items()):
+            click.echo(f"  UNREADABLE {name}: {why}")
+    raise SystemExit(2 if st.damaged or unreadable else 1 if st.failed else 0)
 
 
 @main.command("submit")

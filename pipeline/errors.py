@@ -66,3 +66,8 @@ class RunStoppedError(StorageError):
     """The output location failed during a run (a `failed/` record or `job.json` could not be
     written): the run stops instead of grinding through shards it cannot record. The message
     names the location and the cause, and counts the shards done, failed and not done."""
+
+
+class OutputBusyError(PipelineError):
+    """Another run holds the output's lease (`pipeline.output.lease`): this run is refused
+    before it writes anything, naming that run and how old its heartbeat is."""

@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import errno
 import functools
+import hashlib
 import logging
 import os
 import random
+import socket
 import time
 import uuid
 from collections.abc import Callable, Mapping
@@ -297,32 +299,101 @@ def put_bytes_atomic(
     storage_options: Mapping[str, Any] | None = None,
     *,
     attempts: int = 5,
+    what: str = "",
 ) -> None:
     """Write ``data`` to ``url`` so that readers see either nothing or the complete object.
 
-    Local files: write ``<name>.tmp-<random>`` in the same directory, fsync, ``os.replace``.
-    Object stores: ``fs.pipe_file``, one PUT (s3fs: a multipart upload above 50 MiB, completed at
-    the end), visible only when complete; transient errors are retried (a PUT is idempotent).
+    Local files: write a temporary file named by `temp_name` in the same directory, fsync,
+    ``os.replace``. Object stores: ``fs.pipe_file``, one PUT (s3fs: a multipart upload above
+    50 MiB, completed at the end), visible only when complete; transient errors are retried (a
+    PUT is idempotent).
 
     Raises:
-        StorageError: after ``attempts`` transient failures; permanent errors (e.g.
-        ``PermissionError``) propagate unchanged.
+        StorageError: "cannot write [what ]URL: <cause>" (naming the temporary file of a local
+        write, e.g. for "No space left on device"), also after ``attempts`` transient failures.
     """
+    where = f"cannot write {what + ' ' if what else ''}{redact_url(url)}"
     fs, path = url_fs(url, storage_options)
     if is_local(fs):
         path = fs._strip_protocol(path)
         directory = os.path.dirname(path) or "."
-        os.makedirs(directory, exist_ok=True)
-        tmp = os.path.join(directory, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:12]}")
+        tmp = os.path.join(directory, temp_name(os.path.basename(path)))
         try:
+            os.makedirs(directory, exist_ok=True)
             with open(tmp, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        except OSError as exc:
+            raise StorageError(f"{where}: {describe_error(exc)} (writing its temporary file "
+                               f"{tmp})") from exc
         finally:
             if os.path.exists(tmp):
                 os.unlink(tmp)
         return
-    with_retries(lambda: fs.pipe_file(path, data), what="write", url=url, attempts=attempts)
+    try:
+        with_retries(lambda: fs.pipe_file(path, data), what="write", url=url, attempts=attempts)
+    except StorageError:
+        raise  # "write URL: failed after N attempts: ..."
+    except Exception as exc:
+        raise StorageError(f"{where}: {describe_error(exc)}") from exc
 
+
+_TEMP = ".tmp-"
+"""Temporary files carry their writer, `.{name}.tmp-{machine}-{pid}-{random}`: a driver removes
+only those whose writer is gone (`stale_temp`), never another run's in the middle of a write."""
+
+
+@functools.lru_cache(maxsize=1)
+def machine_id() -> str:
+    """12 hex digits naming this machine's process space: host name, boot id and pid
+    namespace (two containers of one host with the same host name differ), so that a pid
+    recorded here can be checked with `process_alive`."""
+    parts = [socket.gethostname()]
+    for read, source in ((_read_text, "/proc/sys/kernel/random/boot_id"),
+                         (os.readlink, "/proc/self/ns/pid")):
+        try:
+            parts.append(read(source))
+        except OSError:
+            parts.append("?")
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:12]
+
+
+def _read_text(path: str) -> str:
+    with open(path) as handle:
+        return handle.read().strip()
+
+def process_alive(machine: str, pid: int) -> bool | None:
+    """Whether process `pid` of `machine` (a `machine_id`) still runs; None when it ran on
+    another machine (this one cannot tell)."""
+    if machine != machine_id():
+        return None
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, owned by another user
+        return True
+    return True
+
+
+def temp_name(name: str) -> str:
+    """The name of a temporary file for `name`, carrying this process: hidden (a leading
+    '.'), and ending otherwise than `name` (never taken for a marker, tar or manifest)."""
+    return f".{name}{_TEMP}{machine_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+
+
+def stale_temp(name: str, age_s: float, max_age_s: float) -> bool:
+    """Whether a file named `name`, last written `age_s` seconds ago, is a temporary file left
+    by a writer that is gone: made by `temp_name` on this machine by a process that has ended,
+    or any temporary file (one written before temporary files carried their writer, or on
+    another machine) untouched for more than `max_age_s` seconds."""
+    if not name.startswith(".") or _TEMP not in name:
+        return False
+    owner = name.rsplit(_TEMP, 1)[1].split("-")
+    if len(owner) == 3 and owner[1].isdigit():
+        alive = process_alive(owner[0], int(owner[1]))
+        if alive is not None:
+            return not alive
+    return age_s > max_age_s

@@ -268,8 +268,10 @@ def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
 def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite: bool) -> None:
     """The output checks `run` makes before Ray (`jobrecord.prepare_output`): the location is
     writable (a probe object written, read back and deleted; folders made for it removed
-    again) and a job.json there records the same output-affecting settings; then its commit
-    markers are counted. For object stores the bucket is listed first."""
+    again), no other run holds its lease (a stale lease is a note: `run` takes it over) and a
+    job.json there records the same output-affecting settings; then its commit markers are
+    counted, damaged commits noted (`run` makes them again). For object stores the bucket is
+    listed first."""
     out, options = spec.output.path, spec.output.storage_options
     if offline and _is_remote(out):
         report.notes.append(f"output.path {out}: not checked (--offline)")
@@ -289,10 +291,21 @@ def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite:
     except PipelineError as exc:  # "output.path OUT: cannot write: ..."
         report.problems.append(str(exc))
     try:
+        lease = folder.lease_state()
+        if lease is not None and lease.stale is None:  # `run` is refused the same way
+            report.problems.append(f"output.path: another run is writing to {out}: "
+                                   f"{lease.describe()}")
+        elif lease is not None:
+            report.notes.append(f"output.path: a stale lease ({lease.describe()}); run takes "
+                                "it over")
         conflict = resume_conflict(spec, folder.read_record())
         if report.shards is not None:
-            _, done = folder.plan(report.shards)
-            report.done = len(done)
+            plan = folder.plan(report.shards)
+            report.done = len(plan.done)
+            if plan.damaged:
+                shown = "; ".join(list(plan.damaged.values())[:3])
+                report.notes.append(f"output.path: {len(plan.damaged)} committed shard(s) are "
+                                    f"damaged ({shown}); run makes them again")
     except ResumeConflictError as exc:
         conflict = str(exc)
     except Exception as exc:

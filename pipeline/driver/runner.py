@@ -1,13 +1,12 @@
 """The Ray driver: plan pending shards, run them on a pool of actors, retry, report.
 
-driver: spec -> input shards -> drop shards with a done marker -> actor pool
-(`pipeline.worker.actor`).
+driver: spec -> the output's lease (one run per output, `pipeline.output.lease`) -> input
+shards -> drop shards committed whole -> actor pool (`pipeline.worker.actor`).
 The pool starts up to `compute.actors.max` actors while shards are pending (pending GPU actors are
 what makes a Ray autoscaler add nodes), gives an actor shards only once it has started (loaded
 its model), and ends each actor as soon as the queue has no more work for it (its worker closed
 first), so an autoscaler can remove idle nodes. `pipeline.driver.schedule.Schedule` decides what
-runs
-next: a shard whose attempt fails (unreadable tar, lost actor, past its deadline) is queued
+runs next: a shard whose attempt fails (unreadable tar, lost actor, past its deadline) is queued
 again, up to `compute.shard_retries` times, then reported in `failed/{stem}.json`; actors that
 fail while starting stop the job after a few in a row, with the cause.
 
@@ -23,6 +22,7 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -35,7 +35,7 @@ from pipeline.driver.schedule import Schedule
 from pipeline.errors import ModelSettingsError, PipelineError, RunStoppedError
 from pipeline.input.shards import expand_shards, shard_stem
 from pipeline.job.spec import JobSpec
-from pipeline.output.folder import OutputFolder
+from pipeline.output.folder import OutputFolder, Plan
 from pipeline.output.jobrecord import prepare_output, record_compute, resolved_compute
 from pipeline.output.status import MarkerTotals, bounded_repeated_keys
 from pipeline.worker.actor import Counter, ShardActor
@@ -57,6 +57,8 @@ class RunSummary(MarkerTotals):
     shards_already_done: int = 0
     shards_done: int = 0
     failed: dict[str, str] = field(default_factory=dict)
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Shards committed before whose files were damaged or missing: made again by this run."""
     keys_in_several_shards: int | None = None
     """Keys that occur in more than one input shard, over every manifest of the job (None:
     not counted: too many rows to count in passing, or the manifests could not be read)."""
@@ -117,42 +119,62 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     if not (address or "").startswith("ray://"):
         for note in check_model(spec):
             logger.info("%s", note)
-    previous = prepare_output(spec, overwrite)
     folder = OutputFolder.of(spec)
-    pending, done = folder.plan(shards)
-    summary = RunSummary(shards_total=len(shards), shards_already_done=len(done))
-    if limit_shards is not None:
-        pending = pending[:limit_shards]
-    if not pending:
-        logger.info("nothing to do: all %d shards are done", len(shards))
-        return summary
-    own_ray = not ray.is_initialized()
-    record = None
-    if own_ray:
-        _quiet_token_notice()
-        if not address:
-            localray.reap()
-        # "local": a new Ray on this machine, never a cluster that happens to run here
-        context = ray.init(address=address or "local", include_dashboard=False,
-                           log_to_driver=logger.isEnabledFor(logging.INFO),
-                           logging_level=logging.WARNING)
-        if not address:
-            record = localray.record(context.address_info["session_dir"])
-    try:
-        pool = _Pool(spec, folder, pending, summary, progress, hooks)
-        try:
-            record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads),
-                           previous, len(done))
-        except PipelineError as exc:
-            raise RunStoppedError(_stopped(str(exc), summary, pending)) from exc
-        pool.run()
-    finally:
+    folder.check_writable()
+    with folder.lease(spec.name) as lease:  # released at the end, on errors and Ctrl-C too
+        folder.remove_stale_temps()
+        previous = prepare_output(spec, overwrite)
+        plan = _plan(folder, shards)
+        summary = RunSummary(shards_total=len(shards), shards_already_done=len(plan.done),
+                             damaged=dict(plan.damaged))
+        pending = plan.pending[:limit_shards] if limit_shards is not None else plan.pending
+        if not pending:
+            logger.info("nothing to do: all %d shards are done", len(shards))
+            return summary
+        own_ray = not ray.is_initialized()
+        record = None
         if own_ray:
-            ray.shutdown()
-            localray.forget(record)
-    summary.keys_in_several_shards = bounded_repeated_keys(folder)
+            _quiet_token_notice()
+            if not address:
+                localray.reap()
+            # "local": a new Ray on this machine, never a cluster that happens to run here
+            context = ray.init(address=address or "local", include_dashboard=False,
+                               log_to_driver=logger.isEnabledFor(logging.INFO),
+                               logging_level=logging.WARNING)
+            if not address:
+                record = localray.record(context.address_info["session_dir"])
+        try:
+            pool = _Pool(spec, folder, pending, summary, progress, hooks, lambda: lease.lost)
+            try:
+                record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads),
+                               previous, len(plan.done))
+            except PipelineError as exc:
+                raise RunStoppedError(_stopped(str(exc), summary, pending)) from exc
+            pool.run()
+        finally:
+            if own_ray:
+                ray.shutdown()
+                localray.forget(record)
+            folder.remove_stale_temps()  # of this run's actors that were ended mid-shard
+        summary.keys_in_several_shards = bounded_repeated_keys(folder)
     summary.seconds = time.perf_counter() - started
     return summary
+
+
+def _plan(folder: OutputFolder, shards: list[str]) -> Plan:
+    """The folder's plan; damaged commits are said (a warning) and their markers removed, so
+    that they are made again."""
+    plan = folder.plan(shards)
+    logger.info("planned: %d done, %d pending (%d commit marker(s) read where the listings "
+                "could not vouch for their files)", len(plan.done), len(plan.pending),
+                plan.markers_read)
+    if plan.damaged:
+        shown = "; ".join(f"{shard_stem(url)}: {why}" for url, why in
+                          list(plan.damaged.items())[:5])
+        logger.warning("%d committed shard(s) are damaged and are made again: %s%s",
+                       len(plan.damaged), shown, " ..." if len(plan.damaged) > 5 else "")
+        folder.uncommit([shard_stem(url) for url in plan.damaged])
+    return plan
 
 
 class _TokenNotice(logging.Filter):
@@ -187,8 +209,10 @@ class _Pool:
     """The actor pool and its scheduling loop: up to `SLOTS` shards per ready actor."""
 
     def __init__(self, spec: JobSpec, folder: OutputFolder, pending: list[str],
-                 summary: RunSummary, progress: bool, hooks: Hooks) -> None:
+                 summary: RunSummary, progress: bool, hooks: Hooks,
+                 lease_lost: Callable[[], str | None]) -> None:
         self.spec, self.folder, self.summary, self.hooks = spec, folder, summary, hooks
+        self.lease_lost = lease_lost
         compute = spec.compute
         self.schedule = Schedule(pending, compute.shard_retries, compute.shard_timeout_s)
         self.inflight: dict[Any, tuple[Any, str, float]] = {}  # ref -> (actor, url, started)
@@ -233,6 +257,9 @@ class _Pool:
                     len(self.schedule))
         try:
             while (self.inflight or len(self.schedule)) and self.stop is None:
+                if (lost := self.lease_lost()) is not None:  # another run took the output
+                    self.stop = lost
+                    break
                 self._dispatch()
                 refs = [*self.inflight, *self.starting, *self.ending]
                 ready, _ = ray.wait(refs, num_returns=1, timeout=0.5) if refs else ([], [])

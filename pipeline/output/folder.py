@@ -6,13 +6,17 @@ OUT/shards/{stem}.tar         a shard's outputs   } written by `shard_writer(ste
 OUT/manifests/{stem}.parquet  its manifest        } published before
 OUT/done/{stem}.json          its commit marker   } the marker, last
 OUT/failed/{stem}.json        a shard that failed after its retries (`record_failure`)
+OUT/lease.json                the run writing here now (`lease`, `pipeline.output.lease`)
 ```
 Every other module asks it: which shards are done or failed (one listing each, no request per
-shard), what is left to do, the job record, the markers' contents and the manifests.
+shard), which committed shards are damaged (`plan`, `pipeline.output.commits`), what is left to
+do, the job record (its shape checked: `pipeline.output.recordcheck`), the markers' contents,
+the manifests, and who holds the output.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -25,13 +29,23 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
 
-from pipeline.errors import ResumeConflictError, StorageError
+from pipeline.errors import StorageError
 from pipeline.input.shards import unique_stems
 from pipeline.job.spec import JobSpec
+from pipeline.output.commits import (
+    Listing,
+    Plan,
+    damage,
+    modified,
+    remove_stale_temps,
+    sizes_by_stem,
+    unsure,
+)
 from pipeline.output.layout import (
     DONE,
     FAILED,
     JOB_RECORD,
+    LEASE,
     MANIFESTS,
     MARKER_SUFFIX,
     RESULT_FOLDERS,
@@ -39,12 +53,15 @@ from pipeline.output.layout import (
     ShardUrls,
     marker_stem,
 )
+from pipeline.output.lease import LEASE_TIMEOUT_S, Lease, LeaseState
 from pipeline.output.manifest import MANIFEST_SCHEMA
+from pipeline.output.recordcheck import parse_record
 from pipeline.output.writer import ShardOutput
 from pipeline.redaction import redact_url
 from pipeline.storage import (
     check_writable,
     describe_error,
+    is_local,
     join,
     put_bytes_atomic,
     url_fs,
@@ -53,7 +70,7 @@ from pipeline.storage import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["OutputFolder"]
+__all__ = ["OutputFolder", "Plan"]
 
 _CHUNK = 256
 """Markers read per thread task."""
@@ -97,7 +114,8 @@ class OutputFolder:
 
         Raises:
             StorageError: it cannot be read (naming where and why).
-            ResumeConflictError: it is not a JSON object (what the output holds is unknown).
+            ResumeConflictError: it is not a job record (`pipeline.output.recordcheck`: not
+            JSON, keys missing or of another type), or one written by a newer version.
         """
         url = self.url(JOB_RECORD)
         try:
@@ -109,16 +127,7 @@ class OutputFolder:
             raise
         except Exception as exc:
             raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
-        try:
-            record = json.loads(data)
-        except ValueError as exc:
-            record = exc
-        if not isinstance(record, dict):
-            what = record if isinstance(record, Exception) else type(record).__name__
-            raise ResumeConflictError(
-                f"output {redact_url(self.path)}: its {JOB_RECORD} cannot be read as a job "
-                f"record ({what}); use a new output.path, or --overwrite to discard its results")
-        return record
+        return parse_record(data, f"output {redact_url(self.path)}: its {JOB_RECORD}")
 
     def write_record(self, record: Mapping[str, Any]) -> None:
         """Write OUT/job.json; StorageError naming it and the cause when that fails."""
@@ -155,27 +164,73 @@ class OutputFolder:
         fs, path = url_fs(url, self.options)
         return bool(with_retries(lambda: fs.exists(path), what="check done marker", url=url))
 
-    def plan(self, shards: Sequence[str]) -> tuple[list[str], list[str]]:
-        """Split `shards` into (pending, done), in input order, by their commit markers (one
-        listing of `done/`; a missing output folder means nothing is done)."""
+    def plan(self, shards: Sequence[str]) -> Plan:
+        """Split `shards` into pending and done, in input order: done when its commit marker
+        exists and its tar and manifest are whole. One listing each of `done/`, `shards/` and
+        `manifests/` (sizes and times; a missing output folder means nothing is done); a
+        marker is read only where the listings cannot vouch for its shard
+        (`pipeline.output.commits.unsure`), so planning costs no request per shard."""
         stems = unique_stems(shards)
-        done = self.done_stems()
-        pending = [url for stem, url in stems.items() if stem not in done]
-        finished = [url for stem, url in stems.items() if stem in done]
-        extra = len(done - stems.keys())
+        done = {stem: (name, time_) for stem, name, time_ in self._marker_listing(DONE)}
+        listing = self.listing()  # after done/: a listed marker's files were there before it
+        plan, problems, unsure_ = Plan(), {}, []
+        for stem in stems:
+            if stem in done:
+                problem = damage(stem, None, listing)  # missing or empty: no marker needed
+                if problem is not None:
+                    problems[stem] = problem
+                elif unsure(stem, done[stem][1], listing):
+                    unsure_.append((stem, done[stem][0]))
+        for stem, marker in self.markers(DONE, unsure_):
+            plan.markers_read += 1
+            problem = damage(stem, marker, listing)
+            if problem is not None:
+                problems[stem] = problem
+        for stem, url in stems.items():
+            if stem in done and stem not in problems:
+                plan.done.append(url)
+            else:
+                plan.pending.append(url)
+                if stem in problems:
+                    plan.damaged[url] = problems[stem]
+        extra = len(done.keys() - stems.keys())
         if extra:
             logger.info("%d commit marker(s) in %s belong to no input shard", extra,
                         redact_url(self.path))
-        return pending, finished
+        return plan
 
-    def markers(self, folder: str) -> Iterator[tuple[str, dict[str, Any] | None]]:
-        """(stem, content) of every marker of `folder` (DONE or FAILED), read `_CHUNK` at a
-        time by `_WORKERS` threads; content None when it is not a JSON object.
+    def listing(self) -> Listing:
+        """The sizes of the tars in `shards/` and the manifests in `manifests/` (one listing
+        each; temporary files left out)."""
+        return Listing(tars=self._sizes(SHARDS, ".tar"), manifests=self._sizes(MANIFESTS,
+                                                                                ".parquet"))
+
+    def uncommit(self, stems: Sequence[str]) -> None:
+        """Remove the commit markers of `stems` (damaged commits the run makes again; only
+        under the lease). StorageError naming the marker when one cannot be removed."""
+        for stem in stems:
+            url = self.shard_urls(stem).marker
+            try:
+                fs, path = url_fs(url, self.options)
+                with_retries(functools.partial(fs.rm_file, path), what="remove commit marker",
+                             url=url)
+            except FileNotFoundError:
+                pass
+            except Exception as exc:
+                raise StorageError(f"cannot remove the commit marker {redact_url(url)} of a "
+                                   f"damaged shard: {describe_error(exc)}") from exc
+
+    def markers(self, folder: str, files: list[tuple[str, str]] | None = None
+                ) -> Iterator[tuple[str, dict[str, Any] | None]]:
+        """(stem, content) of every marker of `folder` (DONE or FAILED), or of `files` ((stem,
+        path) from its listing), read `_CHUNK` at a time by `_WORKERS` threads; content None
+        when it is not a JSON object.
 
         Raises:
             StorageError: the folder cannot be listed or a marker cannot be read.
         """
-        files = self._marker_files(folder)
+        if files is None:
+            files = self._marker_files(folder)
         url = self.url(folder)
         fs, _ = url_fs(url, self.options)
 
@@ -208,11 +263,8 @@ class OutputFolder:
         """Write `failed/{stem}.json`; StorageError "cannot write the failure record URL: ..."
         when that fails."""
         url = self.url(FAILED, stem + MARKER_SUFFIX)
-        try:
-            put_bytes_atomic(url, json.dumps(dict(record), indent=1).encode(), self.options)
-        except Exception as exc:
-            raise StorageError(f"cannot write the failure record {redact_url(url)}: "
-                               f"{describe_error(exc)}") from exc
+        put_bytes_atomic(url, json.dumps(dict(record), indent=1).encode(), self.options,
+                         what="the failure record")
 
     def clear_failure(self, stem: str) -> bool:
         """Remove `failed/{stem}.json` of a shard that has now committed; best effort (`status`
@@ -234,36 +286,91 @@ class OutputFolder:
         return ShardOutput(self.shard_urls(stem), stem, self.options)
 
     def read_manifests(self, columns: list[str], where: pc.Expression | None = None
-                       ) -> pa.Table:
-        """`columns` of every manifest (rows matching `where`), as one table; read with
-        MANIFEST_SCHEMA, so manifests written before a column existed read with it null. No
-        manifests: an empty table."""
+                       ) -> tuple[pa.Table, dict[str, str]]:
+        """(`columns` of every readable manifest (rows matching `where`) as one table, the
+        manifests that cannot be read: name -> why). Read with MANIFEST_SCHEMA, so manifests
+        written before a column existed read with it null. No manifests: an empty table."""
         url = self.url(MANIFESTS)
         fs, path = url_fs(url, self.options)
         schema = pa.schema([MANIFEST_SCHEMA.field(name) for name in columns])
         try:
             if not fs.exists(path):
-                return schema.empty_table()
+                return schema.empty_table(), {}
             dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=MANIFEST_SCHEMA)
-            return dataset.to_table(columns=columns, filter=where)
         except Exception as exc:
             raise StorageError(f"cannot read the manifests in {redact_url(url)}: "
                                f"{describe_error(exc)}") from exc
+        try:
+            return dataset.to_table(columns=columns, filter=where), {}
+        except Exception:  # one at a time, to name those that cannot be read
+            tables, unreadable = [], {}
+            for fragment in dataset.get_fragments():
+                try:
+                    tables.append(fragment.to_table(columns=columns, filter=where,
+                                                    schema=MANIFEST_SCHEMA))
+                except Exception as exc:
+                    unreadable[f"{MANIFESTS}/{fragment.path.rsplit('/', 1)[-1]}"] = \
+                        describe_error(exc)
+            return pa.concat_tables(tables) if tables else schema.empty_table(), unreadable
+
+    # who writes here
+    def lease(self, job: str = "", **options: Any) -> Lease:
+        """The lease of this output for a run of `job` (`pipeline.output.lease.Lease`; options:
+        timeout_s, heartbeat_s, clock); a `with` block holds it."""
+        return Lease(self.url(LEASE), self.path, self.options, job=job, **options)
+
+    def lease_state(self, **options: Any) -> LeaseState | None:
+        """The lease as it is now (None: no run holds it); StorageError when it cannot be
+        read."""
+        return self.lease(**options).state()
+
+    def remove_stale_temps(self, max_age_s: float = LEASE_TIMEOUT_S) -> int:
+        """Remove the temporary files left in a local output by writers that are gone
+        (`pipeline.output.commits.remove_stale_temps`); call it holding the lease. Object
+        stores hold none (their writes are single uploads). Returns how many went."""
+        fs, root = url_fs(self.path, self.options)
+        if not is_local(fs):
+            return 0
+        removed = remove_stale_temps(fs._strip_protocol(root), RESULT_FOLDERS, max_age_s)
+        if removed:
+            logger.info("removed %d temporary file(s) of earlier runs from %s", removed,
+                        redact_url(self.path))
+        return removed
+
+    def _sizes(self, folder: str, suffix: str) -> dict[str, int]:
+        """stem -> size of each `{stem}{suffix}` in `folder` (one fresh listing)."""
+        url = self.url(folder)
+        try:
+            fs, path = url_fs(url, self.options)
+            fs.invalidate_cache(path)
+            entries = fs.ls(path, detail=True)
+            fs.invalidate_cache(path)
+        except FileNotFoundError:
+            return {}
+        except Exception as exc:
+            raise StorageError(f"cannot list {folder}/ in {redact_url(self.path)}: "
+                               f"{describe_error(exc)}") from exc
+        return sizes_by_stem(entries, suffix)
 
     def _marker_files(self, folder: str) -> list[tuple[str, str]]:
         """(stem, path) of each marker in `folder`, from one fresh listing ([] if none)."""
+        return [(stem, name) for stem, name, _ in self._marker_listing(folder)]
+
+    def _marker_listing(self, folder: str) -> list[tuple[str, str, float | None]]:
+        """(stem, path, modification time) of each marker in `folder`, one fresh listing."""
         url = self.url(folder)
         try:
             fs, path = url_fs(url, self.options)
             fs.invalidate_cache(path)  # markers written since an earlier listing must show
-            names = fs.ls(path, detail=False)
+            entries = fs.ls(path, detail=True)
             fs.invalidate_cache(path)  # a listing of 100,000 entries is not kept
         except FileNotFoundError:
             return []
         except Exception as exc:
             raise StorageError(f"cannot list {folder}/ markers in {redact_url(self.path)}: "
                                f"{describe_error(exc)}") from exc
-        return [(stem, name) for name in names if (stem := marker_stem(name)) is not None]
+        return [(stem, entry["name"], modified(entry)) for entry in entries
+                if (stem := marker_stem(entry["name"])) is not None]
 
     def _put(self, url: str, record: Mapping[str, Any]) -> None:
         try:

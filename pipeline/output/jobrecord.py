@@ -18,6 +18,7 @@ from pipeline import __version__
 from pipeline.errors import ResumeConflictError
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
+from pipeline.output.recordcheck import RECORD_VERSION
 from sdedit import dtype_name, quoted, resolve_dtype
 
 logger = logging.getLogger(__name__)
@@ -64,11 +65,13 @@ def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
 
 
 def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:
-    """OUT/job.json: the resolved spec (secrets redacted), its fingerprint, versions and, once
+    """OUT/job.json (`record_version` names its shape, `pipeline.output.recordcheck`): the
+    resolved spec (secrets redacted), its fingerprint, versions and, once
     the actors' settings are known, the resolved `compute` values (see `record_compute`)."""
     import diffusers
 
-    record = {"spec": spec.to_dict(), "fingerprint": spec.fingerprint(),
+    record = {"record_version": RECORD_VERSION, "spec": spec.to_dict(),
+              "fingerprint": spec.fingerprint(),
               "output_affecting": spec.output_affecting(),
               "versions": {"sdedit-batch": __version__, "torch": torch.__version__,
                            "diffusers": diffusers.__version__,

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import StorageError
 from pipeline.output.folder import OutputFolder
+from pipeline.output.layout import MANIFESTS
 from pipeline.redaction import redact_url
 from pipeline.storage import describe_error, url_fs, with_retries
 
@@ -49,11 +50,14 @@ def _key_hashes(data: bytes) -> np.ndarray:
     return np.unique(hashes)
 
 
-def _manifests(folder: OutputFolder, stems: list[str], workers: int) -> Iterator[np.ndarray]:
-    """Key hashes per manifest of `stems`, read `workers` chunks at a time."""
+def _manifests(folder: OutputFolder, stems: list[str], workers: int,
+               on_unreadable: Callable[[str, str], None] | None) -> Iterator[np.ndarray]:
+    """Key hashes per manifest of `stems`, read `workers` chunks at a time; a manifest that
+    cannot be read goes to `on_unreadable(stem, why)`, or (None) raises StorageError."""
     output, options = folder.path, folder.options
     fs, _ = url_fs(output, options)
     paths = [url_fs(folder.shard_urls(stem).manifest, options)[1] for stem in stems]
+    stem_of = dict(zip(paths, stems, strict=True))
 
     def read(chunk: list[str]) -> list[np.ndarray]:
         found = with_retries(lambda: fs.cat(chunk, on_error="return"), what="read manifests",
@@ -66,7 +70,14 @@ def _manifests(folder: OutputFolder, stems: list[str], workers: int) -> Iterator
             if isinstance(blob, BaseException):
                 raise StorageError(f"cannot read manifest {redact_url(path)}: "
                                    f"{describe_error(blob)}")
-            out.append(_key_hashes(blob))
+            try:
+                out.append(_key_hashes(blob))
+            except Exception as exc:  # cut short, or no Parquet at all
+                if on_unreadable is None:
+                    raise StorageError(f"manifest {redact_url(path)} cannot be read: "
+                                       f"{describe_error(exc)}") from exc
+                on_unreadable(stem_of[path], f"{MANIFESTS}/{stem_of[path]}.parquet cannot be "
+                                             f"read: {describe_error(exc)}")
         return out
 
     chunks = [paths[i:i + _CHUNK] for i in range(0, len(paths), _CHUNK)]
@@ -86,12 +97,15 @@ def _repeated(hashes: np.ndarray) -> int:
 
 
 def count_repeated_keys(folder: OutputFolder, stems: Iterable[str], rows: int | None = None,
-                        limit: int | None = None, workers: int = 8) -> int | None:
+                        limit: int | None = None, workers: int = 8,
+                        on_unreadable: Callable[[str, str], None] | None = None) -> int | None:
     """How many keys occur in the manifests of more than one of the shards `stems` (done).
 
     Args:
         rows: the manifests' rows, if known (from the markers): sets the partitions.
         limit: give up (None) once more rows than this were read.
+        on_unreadable: called with (stem, why) for a manifest that is not Parquet (cut short,
+            overwritten); it is then left out of the count. None: StorageError naming it.
     Raises:
         StorageError: a manifest could not be read.
     """
@@ -100,7 +114,7 @@ def count_repeated_keys(folder: OutputFolder, stems: Iterable[str], rows: int | 
     if partitions == 1:
         parts: list[np.ndarray] = []
         seen = 0
-        for hashes in _manifests(folder, stems, workers):
+        for hashes in _manifests(folder, stems, workers, on_unreadable):
             parts.append(hashes)
             seen += hashes.size
             if limit is not None and seen > limit:
@@ -110,7 +124,7 @@ def count_repeated_keys(folder: OutputFolder, stems: Iterable[str], rows: int | 
         files = [open(os.path.join(tmp, f"{p}.bin"), "wb")  # noqa: SIM115 - closed below
                  for p in range(partitions)]
         try:
-            for hashes in _manifests(folder, stems, workers):
+            for hashes in _manifests(folder, stems, workers, on_unreadable):
                 slot = (hashes.view(np.uint64) % np.uint64(partitions)).astype(np.int64)
                 order = np.argsort(slot, kind="stable")
                 bounds = np.searchsorted(slot[order], np.arange(partitions + 1))

@@ -7,6 +7,7 @@ OUT/shards/{stem}.tar         one output tar per input shard (pipeline.output.wr
 OUT/manifests/{stem}.parquet  one manifest per input shard (pipeline.output.manifest)
 OUT/done/{stem}.json          commit marker, written last: the shard is done
 OUT/failed/{stem}.json        a shard that failed after its retries (pipeline.driver.runner)
+OUT/lease.json                the run writing here now (pipeline.output.lease)
 ```
 `stem` is the input shard's name without folders and tar suffix
 (`pipeline.input.shards.shard_stem`).
@@ -16,11 +17,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-__all__ = ["DONE", "FAILED", "JOB_RECORD", "MANIFESTS", "MARKER_SUFFIX", "RESULT_FOLDERS",
+__all__ = ["DONE", "FAILED", "JOB_RECORD", "LEASE", "MANIFESTS", "MARKER_SUFFIX", "RESULT_FOLDERS",
            "SHARDS", "ShardUrls", "marker_stem"]
 
 JOB_RECORD = "job.json"
 """What the job is (resolved spec, fingerprint, versions, resolved compute values)."""
+LEASE = "lease.json"
+"""The run writing here now: holder, host, pid, start and heartbeat (removed at its end)."""
 SHARDS = "shards"
 """Output tars, `{stem}.tar`."""
 MANIFESTS = "manifests"

@@ -1,6 +1,8 @@
 """Job status from the output folder alone: done, failed and pending shards, sample counts,
-error rows by kind (all from the markers), error rows themselves and keys repeated across shards
-(from the manifests).
+error rows by kind (all from the markers), committed shards that are damaged (their files
+against what their markers record, `pipeline.output.commits`: by one listing each of shards/ and
+manifests/, or read through with `verify`), the run writing there now (its lease), error rows
+themselves and keys repeated across shards (from the manifests).
 
 Memory does not grow with the number of rows: the totals come from the done markers
 (`MarkerTotals`, the same sum `run`'s summary makes), read a few hundred at a time by several
@@ -15,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,15 +27,19 @@ from pipeline.errors import PipelineError, count
 from pipeline.input.shards import expand_shards
 from pipeline.job.load import load_spec
 from pipeline.job.spec import JobSpec
+from pipeline.output.commits import damage, digest_damage, recorded
 from pipeline.output.folder import OutputFolder
 from pipeline.output.keycount import AUTO_ROWS, count_repeated_keys
 from pipeline.output.layout import DONE, FAILED
-from pipeline.storage import describe_error
+from pipeline.output.lease import LeaseState
+from pipeline.storage import describe_error, url_fs
 
 logger = logging.getLogger(__name__)
 
 SHOWN_WARNINGS = 10
 """Warning kinds `run`'s summary and `status` show (the markers hold every kind)."""
+_WORKERS = 8
+"""Committed shards read through at once (`status --verify`)."""
 
 
 @dataclass
@@ -98,6 +105,15 @@ class JobStatus(MarkerTotals):
     failed: dict[str, str] = field(default_factory=dict)
     unreadable: int = 0
     """Done markers whose content is not a JSON object (done, counts unknown)."""
+    damaged: dict[str, str] = field(default_factory=dict)
+    """Committed shards whose files are missing, of other sizes than their markers record,
+    or (verified, or read for the key count) unreadable: stem -> what is wrong."""
+    unrecorded: int = 0
+    """Done markers written before sizes were recorded (presence of their files checked)."""
+    verified: bool = False
+    """Whether every committed shard was read through (`job_status(verify=True)`)."""
+    lease: LeaseState | None = None
+    """The lease of the output (None: no run holds it)."""
     keys_in_several_shards: int | None = None
     """Keys that occur in more than one input shard (manifests of done shards); None: not
     counted (more than `keycount.AUTO_ROWS` rows and not asked for)."""
@@ -110,13 +126,15 @@ class JobStatus(MarkerTotals):
 
 
 def job_status(target: str, storage_options: dict[str, Any] | None = None,
-               repeated_keys: bool | None = None) -> JobStatus:
+               repeated_keys: bool | None = None, verify: bool = False) -> JobStatus:
     """Status of a job given its output path/URL or its job file (YAML).
 
     Args:
         repeated_keys: count keys repeated across shards: None = when the job holds at most
             `keycount.AUTO_ROWS` rows, True = always (reads every manifest's keys), False =
             never.
+        verify: read every committed tar and manifest through, against the digests their
+            markers record (else their sizes are checked against one listing each).
     Raises:
         PipelineError: no job.json at `target`'s output; StorageError: it cannot be read.
     """
@@ -132,16 +150,25 @@ def job_status(target: str, storage_options: dict[str, Any] | None = None,
         raise PipelineError(f"{output}: no job.json; not the output of an sdedit-batch job "
                             "(yet)")
     status = JobStatus(output=output, storage_options=options,
-                       name=record.get("spec", {}).get("name", ""))
-    stems: list[str] = []
-    for stem, marker in folder.markers(DONE):
-        status.done += 1
-        stems.append(stem)
+                       name=record.get("spec", {}).get("name", ""), verified=verify)
+    status.lease = folder.lease_state()
+    done: dict[str, dict[str, Any] | None] = {}
+    for stem, marker in folder.markers(DONE):  # before the listing: files precede markers
+        done[stem] = marker
         if marker is None:
             status.unreadable += 1
         else:
             status.add(marker)
-    done = set(stems)
+        status.unrecorded += recorded(marker) is None
+    status.done = len(done)
+    listing = folder.listing()
+    for stem, marker in done.items():
+        problem = damage(stem, marker, listing)
+        if problem is not None:
+            status.damaged[stem] = problem
+    if verify:
+        status.damaged.update(_verify(folder, {s: m for s, m in done.items()
+                                               if s not in status.damaged}))
     for stem, marker in folder.markers(FAILED):
         if stem not in done:
             marker = marker or {}
@@ -154,9 +181,25 @@ def job_status(target: str, storage_options: dict[str, Any] | None = None,
         except PipelineError:
             status.shards_total = None
     if repeated_keys or (repeated_keys is None and status.rows <= AUTO_ROWS):
-        status.keys_in_several_shards = count_repeated_keys(folder, stems,
-                                                            rows=status.rows)
+        whole = [stem for stem in done if stem not in status.damaged]
+        status.keys_in_several_shards = count_repeated_keys(
+            folder, whole, rows=status.rows, on_unreadable=status.damaged.__setitem__)
     return status
+
+
+def _verify(folder: OutputFolder, markers: dict[str, dict[str, Any] | None]
+            ) -> dict[str, str]:
+    """stem -> what is wrong, for the committed shards whose tar or manifest does not read
+    through to the digests their markers record (`_WORKERS` shards read at once)."""
+    fs, _ = url_fs(folder.path, folder.options)
+
+    def check(stem: str) -> tuple[str, str | None]:
+        urls = folder.shard_urls(stem)
+        return stem, digest_damage(fs, url_fs(urls.tar, folder.options)[1],
+                                   url_fs(urls.manifest, folder.options)[1], markers[stem])
+
+    with ThreadPoolExecutor(_WORKERS) as pool:
+        return {stem: why for stem, why in pool.map(check, sorted(markers)) if why}
 
 
 def bounded_repeated_keys(folder: OutputFolder) -> int | None:
@@ -171,11 +214,12 @@ def bounded_repeated_keys(folder: OutputFolder) -> int | None:
 
 
 def error_rows(output: str, storage_options: Mapping[str, Any] | None = None,
-               limit: int = 20) -> tuple[list[dict[str, Any]], int]:
-    """(up to `limit` error rows, how many there are) of the job's manifests, ordered by
-    input shard then key; each row has key, output_key, input_shard, error_kind and error."""
+               limit: int = 20) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
+    """(up to `limit` error rows, how many there are, the manifests that cannot be read: name
+    -> why) of the job's manifests, rows ordered by input shard then key; each row has key,
+    output_key, input_shard, error_kind and error."""
     columns = ["key", "output_key", "input_shard", "error_kind", "error"]
-    table = OutputFolder(output, storage_options).read_manifests(
+    table, unreadable = OutputFolder(output, storage_options).read_manifests(
         columns, pc.field("status") == "error")
     table = table.sort_by([("input_shard", "ascending"), ("output_key", "ascending")])
-    return table.slice(0, limit).to_pylist(), table.num_rows
+    return table.slice(0, limit).to_pylist(), table.num_rows, unreadable

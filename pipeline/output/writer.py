@@ -14,21 +14,32 @@ order, fixed mtime, metadata without timings.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import tempfile
-import uuid
+import zlib
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 import webdataset as wds
 
+from pipeline.errors import StorageError
 from pipeline.images import encode_image
 from pipeline.output.layout import ShardUrls
 from pipeline.output.manifest import check_row, manifest_bytes
-from pipeline.storage import absolute_url, is_local, put_bytes_atomic, url_fs, with_retries
+from pipeline.redaction import redact_url
+from pipeline.storage import (
+    absolute_url,
+    describe_error,
+    is_local,
+    put_bytes_atomic,
+    temp_name,
+    url_fs,
+    with_retries,
+)
 from sdedit import local_path, source_kind
 
 logger = logging.getLogger(__name__)
@@ -97,9 +108,33 @@ def carried_name(ext: str, image_format: str, taken: Mapping[str, Any]) -> str:
     return name
 
 
+class _Digest:
+    """A write-only file that counts the bytes written through it and their CRC-32 (the tar's
+    digest in the commit marker, made while the tar is written: no second read)."""
+
+    def __init__(self, handle: BinaryIO) -> None:
+        self.handle, self.size, self.crc32 = handle, 0, 0
+
+    def write(self, data: bytes) -> int:
+        self.handle.write(data)
+        self.size += len(data)
+        self.crc32 = zlib.crc32(data, self.crc32)
+        return len(data)
+
+
+def files_record(tar_size: int, tar_crc32: int, manifest: bytes) -> dict[str, Any]:
+    """What a commit marker records of the files it commits (`files`): each one's size in
+    bytes, the tar's CRC-32 (made while writing) and the manifest's sha256."""
+    return {"tar": {"bytes": tar_size, "crc32": f"{tar_crc32:08x}"},
+            "manifest": {"bytes": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}}
+
+
 class ShardOutput:
     """Collects one shard's outputs and manifest rows; `commit()` publishes them in order.
-    Made by `OutputFolder.shard_writer`, which names `urls`."""
+    Made by `OutputFolder.shard_writer`, which names `urls`. The tar is written to a temporary
+    file named after this process (`pipeline.storage.temp_name`): local outputs beside the
+    tar, object stores in the system's temporary folder; a writer never removes another's.
+    Every failure to write is a `StorageError` naming the file (and the temporary file)."""
 
     def __init__(self, urls: ShardUrls, stem: str,
                  storage_options: Mapping[str, Any] | None) -> None:
@@ -109,28 +144,33 @@ class ShardOutput:
         self.rows: list[dict[str, Any]] = []
         self._positions: list[int] = []
         self.fs, self.tar_path = url_fs(self.urls.tar, self.options)
-        if is_local(self.fs):
-            directory = os.path.dirname(self.tar_path)
-            os.makedirs(directory, exist_ok=True)
-            self._remove_stale_temps(directory)
-            self.tmp = os.path.join(directory, f".{stem}.tar.tmp-{uuid.uuid4().hex[:12]}")
-        else:
-            handle, self.tmp = tempfile.mkstemp(prefix=f"sdedit-{stem}-", suffix=".tar")
-            os.close(handle)
-        self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit()/abort()
+        name = temp_name(f"{stem}.tar")
+        local = is_local(self.fs)
+        self.tmp = os.path.join(os.path.dirname(self.tar_path) if local
+                                else tempfile.gettempdir(), name)
+        try:
+            if local:
+                os.makedirs(os.path.dirname(self.tar_path), exist_ok=True)
+            self._file = open(self.tmp, "wb")  # noqa: SIM115 - closed in commit()/abort()
+        except OSError as exc:
+            raise self._error(exc) from exc
+        self._digest = _Digest(self._file)
         # encoder=False: members are bytes already, stored as they are (webdataset's default
         # encoder would gzip a carried `{key}.txt.gz` a second time)
-        self._tar = wds.TarWriter(self._file, encoder=False, mtime=0.0)
+        self._tar = wds.TarWriter(self._digest, encoder=False, mtime=0.0)
 
-    def _remove_stale_temps(self, directory: str) -> None:
-        for name in os.listdir(directory):
-            if name.startswith(f".{self.stem}.tar.tmp-"):
-                os.unlink(os.path.join(directory, name))
+    def _error(self, exc: BaseException) -> StorageError:
+        """The error of a failed tar write: the tar, its temporary file and the cause."""
+        return StorageError(f"cannot write {redact_url(self.urls.tar)}: {describe_error(exc)} "
+                            f"(writing its temporary file {self.tmp})")
 
     def add_sample(self, sample: Mapping[str, Any]) -> None:
         """Append one encoded output sample (`output_sample`) to the tar; members of a key are
         contiguous and samples stay in the order they are added."""
-        self._tar.write(dict(sample))
+        try:
+            self._tar.write(dict(sample))
+        except OSError as exc:
+            raise self._error(exc) from exc
 
     def add_row(self, row: Mapping[str, Any], position: int = 0) -> None:
         """Add one manifest row (made by `pipeline.output.manifest.manifest_row`) of the sample at
@@ -150,33 +190,57 @@ class ShardOutput:
                        key=lambda i: (self._positions[i], self.rows[i]["sample_index"] or 0))
         return [self.rows[i] for i in order]
 
-    def commit(self, marker: Mapping[str, Any]) -> None:
-        """Publish tar, then manifest, then the marker (the shard counts as done only then)."""
-        self._tar.close()
-        self._file.close()
+    def commit(self, marker: Mapping[str, Any]) -> dict[str, Any]:
+        """Publish tar, then manifest, then the marker (the shard counts as done only then);
+        the marker gets `files` (`files_record`). Returns the marker as written.
+
+        Raises:
+            StorageError: a file could not be written, naming it and the cause.
+        """
         try:
+            self._tar.close()
+            self._file.flush()
+            if is_local(self.fs):  # a crash after the rename leaves the whole tar
+                os.fsync(self._file.fileno())
+            self._file.close()
             if is_local(self.fs):
                 os.replace(self.tmp, self.tar_path)
-            else:
+        except OSError as exc:
+            self._drop_temp()
+            raise self._error(exc) from exc
+        try:
+            if not is_local(self.fs):
                 with_retries(lambda: self.fs.put_file(self.tmp, self.tar_path),
                              what="write output shard", url=self.urls.tar)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot write {redact_url(self.urls.tar)}: "
+                               f"{describe_error(exc)}") from exc
         finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
-        put_bytes_atomic(self.urls.manifest, manifest_bytes(self.ordered_rows()),
-                         self.options)
-        put_bytes_atomic(self.urls.marker, json.dumps(dict(marker), indent=1).encode(),
-                         self.options)
+            self._drop_temp()
+        manifest = manifest_bytes(self.ordered_rows())
+        put_bytes_atomic(self.urls.manifest, manifest, self.options, what="the manifest")
+        marker = {**marker, "files": files_record(self._digest.size, self._digest.crc32,
+                                                  manifest)}
+        put_bytes_atomic(self.urls.marker, json.dumps(marker, indent=1).encode(),
+                         self.options, what="the commit marker")
         logger.info("committed shard %s (%d manifest rows)", self.stem, len(self.rows))
+        return marker
 
     def abort(self) -> None:
         """Drop the partial tar; nothing was published."""
         try:
             self._tar.close()
             self._file.close()
+        except OSError:
+            pass  # a full disk: the temporary file goes anyway
         finally:
-            if os.path.exists(self.tmp):
-                os.unlink(self.tmp)
+            self._drop_temp()
+
+    def _drop_temp(self) -> None:
+        if os.path.exists(self.tmp):
+            os.unlink(self.tmp)
 
 
 def now() -> dt.datetime:

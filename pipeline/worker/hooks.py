@@ -14,6 +14,8 @@ hands the same object to each actor it starts (pickled with the actor's argument
                  (FLAGFILE records that it happened); tests that a write error aborts the shard.
     stall_read   "STEM:FLAGFILE": reading shard STEM blocks for good (a read that never
                  returns), once; tests the per-shard deadline.
+    hold_read    "STEM:GATEFILE": reading shard STEM waits until GATEFILE exists (a run held at
+                 a known point while a test looks at it, without timing).
     fail_start   a message: the worker's constructor raises RuntimeError with it (an actor that
                  dies while starting, for a reason other than its model).
     stand_in_ms  not None: the loaded model's network is replaced by a stand-in whose every call
@@ -51,6 +53,7 @@ class Hooks:
     fake_gpu: bool = False
     fail_write: str | None = None
     stall_read: str | None = None
+    hold_read: str | None = None
     fail_start: str | None = None
     stand_in_ms: float | None = None
 
@@ -67,7 +70,12 @@ class Hooks:
             model.accelerate(noise_threads=default_noise_threads())
 
     def before_read(self, stem: str) -> None:
-        """Run before shard `stem` is read: blocks for good when `stall_read` names it."""
+        """Run before shard `stem` is read: blocks for good when `stall_read` names it, until
+        its gate file exists when `hold_read` does."""
+        if self.hold_read:
+            target, gate = self.hold_read.split(":", 1)
+            while target == stem and not os.path.exists(gate):
+                time.sleep(0.05)
         if self.stall_read:
             target, flag = self.stall_read.split(":", 1)
             if target == stem and _once(flag, f"stalled the read of {stem}"):

@@ -67,8 +67,9 @@ def test_status_help_names_its_argument_and_every_exit_code():
     assert result.exit_code == 0
     assert "Usage: main status [OPTIONS] TARGET\n" in result.output
     text = " ".join(result.output.split())
-    assert ("Exit code 0 when no shard has failed, 1 when some shard has failed, 2 when TARGET "
-            "holds no job (no job.json) or cannot be read.") in text
+    assert ("Exit code 0 when no shard has failed, 1 when some shard has failed, 2 when a "
+            "committed shard is damaged (a file missing, cut short or unreadable: `run` makes it "
+            "again), or TARGET holds no job (no job.json) or cannot be read.") in text
 
 
 def test_validate_says_so_when_the_job_is_fine(tiny_vp_dir, tmp_path):

@@ -71,10 +71,10 @@ def _check_complete(out: Path, reference: dict[str, bytes]) -> None:
     assert tars == reference
 
 
-def test_end_to_end_rerun_does_nothing_resume_redoes_only_a_missing_shard(
+def test_end_to_end_rerun_does_nothing_resume_redoes_only_a_damaged_shard(
         local_ray, tiny_vp_dir, inputs, reference, tmp_path, caplog):
-    """A whole run; the same run again does nothing; a shard removed is redone alone, with a
-    changed batch size (warned); a changed t0 is refused."""
+    """A whole run; the same run again does nothing; a shard whose manifest was cut short is
+    said and redone alone, with a changed batch size (warned); a changed t0 is refused."""
     out = tmp_path / "out"
     spec = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2})
     summary = run_job(spec, progress=False)
@@ -88,17 +88,23 @@ def test_end_to_end_rerun_does_nothing_resume_redoes_only_a_missing_shard(
     assert job["compute"] == {"device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
     again = run_job(spec, progress=False)
     assert again.shards_done == 0 and again.shards_already_done == 3
-    for path in ("shards/part-000001.tar", "manifests/part-000001.parquet",
-                 "done/part-000001.json"):
-        (out / path).unlink()
-    before = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
+    assert not (out / "lease.json").exists()  # each run released it
+    manifest = out / "manifests" / "part-000001.parquet"  # committed, then cut short
+    size = manifest.stat().st_size
+    manifest.write_bytes(manifest.read_bytes()[:100])
+    before = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()
+              if p.name != "part-000001.json"}
     # a resume may change the batch size (not output-affecting), with a warning
     resumed = make_spec(tiny_vp_dir, inputs, out, sdedit={"samples_per_input": 2},
                         compute={"batch_size": 2})
     assert resumed.fingerprint() == spec.fingerprint()
-    caplog.set_level(logging.WARNING, logger="pipeline.output.jobrecord")
+    caplog.set_level(logging.WARNING, logger="pipeline")
     summary = run_job(resumed, progress=False)
     assert "already done (batch_size 3 -> 2)" in caplog.text
+    assert summary.damaged == {inputs[1]: f"manifests/part-000001.parquet has 100 bytes, its "
+                                          f"commit marker records {size:,}"}
+    assert "1 committed shard(s) are damaged and are made again: part-000001: manifests/" \
+        in caplog.text
     assert json.loads((out / "job.json").read_text())["compute"]["batch_size"] == 2
     assert (summary.shards_done, summary.shards_already_done) == (1, 2)
     after = {p.name: p.stat().st_mtime_ns for p in (out / "done").iterdir()}
@@ -169,9 +175,12 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
         kill_session(proc.pid, grace=0.5)  # and anything it started
     committed = len(list((out / "done").iterdir()))
     assert 1 <= committed < 3, "the driver should have died mid-run"
+    assert (out / "lease.json").exists()  # a killed driver cannot release its lease
     rerun = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env,
                            start_new_session=True)
     assert rerun.returncode == 0, rerun.stdout[-3000:] + rerun.stderr[-3000:]
+    assert "took over the lease of " in rerun.stderr  # its process is gone: no waiting
+    assert f"stale: its process {proc.pid} on " in rerun.stderr
     assert f"{3 - committed} done now, {committed} done before" in rerun.stdout
     _check_complete(out, reference)
     status = CliRunner().invoke(main, ["status", str(out)])
@@ -180,6 +189,48 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
     third = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert third.returncode == 0 and "nothing to do" in third.stdout
+
+
+def test_two_runs_started_together_one_runs_the_other_is_refused(ray_head, tiny_vp_dir,
+                                                                  inputs, reference, tmp_path):
+    """The issue's case: two drivers on one output deleted each other's temporary tars and
+    computed each shard two or three times. Both CLIs start at once; the one holding the lease
+    is held at a gate (`Hooks.hold_read`) until the other has ended: refused, before Ray."""
+    out, gate = tmp_path / "out", tmp_path / "gate"
+    job = write_job(tmp_path / "job.yaml", tiny_vp_dir, inputs, out,
+                    sdedit={"samples_per_input": 2})
+    args = ["run", str(job), "--no-progress", "--address", ray_head.address]
+    env = {**os.environ, **ray_head.driver_env()}
+    hooks = Hooks(hold_read=f"part-000000:{gate}")
+    procs = [subprocess.Popen(hooked_cli.command(hooks, *args), start_new_session=True, env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for _ in range(2)]
+    try:
+        deadline = time.monotonic() + 180
+        while all(p.poll() is None for p in procs):
+            assert time.monotonic() < deadline, "neither run ended"
+            time.sleep(0.1)
+        refused = next(p for p in procs if p.poll() is not None)
+        running = next(p for p in procs if p is not refused)
+        stdout, stderr = refused.communicate()
+        assert refused.returncode == 2, stdout + stderr
+        assert f"error: output {out} is being written by another run: " in stderr, stderr
+        assert f"(pid {running.pid}, job test-job) since " in stderr
+        assert "last heartbeat " in stderr and "Traceback" not in stderr
+        assert running.poll() is None  # still held at the gate
+        gate.touch()
+        stdout, stderr = running.communicate(timeout=300)
+        assert running.returncode == 0, stdout[-3000:] + stderr[-3000:]
+        assert "shards 3 done now, 0 done before, 0 failed (of 3)" in stdout
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+            kill_session(proc.pid, grace=0.5)
+    _check_complete(out, reference)  # every output once, each shard committed once
+    rows = pads.dataset(str(out / "manifests"), format="parquet").to_table().to_pylist()
+    assert len({r["worker"] for r in rows if r["worker"]}) == 1  # one run's one actor made all
+    assert not (out / "lease.json").exists()
 
 
 def test_a_model_that_cannot_load_stops_the_job_without_retries(local_ray, tiny_vp_dir, inputs,

@@ -82,8 +82,8 @@ def test_status_counts_error_kinds_and_keys_repeated_across_shards(tiny_vp, tiny
 
 def test_error_rows_are_listed_by_shard_with_a_limit(tiny_vp, tiny_vp_dir, tmp_path):
     shards, out = _bad_job(tiny_vp, tiny_vp_dir, tmp_path)
-    rows, total = error_rows(str(out), limit=1)
-    assert total == 2 and len(rows) == 1
+    rows, total, unreadable = error_rows(str(out), limit=1)
+    assert total == 2 and len(rows) == 1 and unreadable == {}
     assert rows[0] == {"key": "s1_001", "output_key": "s1_001", "input_shard": shards[1],
                        "error_kind": "decode", "error": rows[0]["error"]}
     assert rows[0]["error"].startswith("cannot decode s1_001.png")
@@ -93,7 +93,7 @@ def test_error_rows_are_listed_by_shard_with_a_limit(tiny_vp, tiny_vp_dir, tmp_p
     pq.write_table(pa.Table.from_pylist([{"key": "z", "output_key": "z", "status": "error",
                                           "error": "old", "input_shard": "/zz.tar"}],
                                         schema=old_schema), out / "manifests" / "zz.parquet")
-    rows, total = error_rows(str(out))
+    rows, total, _ = error_rows(str(out))
     assert total == 3 and rows[-1]["error_kind"] is None and rows[-1]["error"] == "old"
 
 
@@ -120,7 +120,9 @@ def test_status_cli_exit_codes_and_error_listing(tiny_vp, tiny_vp_dir, tmp_path)
 def _fake_job(out, markers: dict[str, object]) -> None:
     """job.json and done markers (stem -> content, a dict or raw bytes), no manifests."""
     (out / "done").mkdir(parents=True)
-    (out / "job.json").write_text(json.dumps({"spec": {"name": "fake", "input": {}}}))
+    (out / "job.json").write_text(json.dumps({"spec": {"name": "fake", "input": {}},
+                                              "fingerprint": "f", "output_affecting": {
+                                                  "fingerprint_version": 1}}))
     for stem, content in markers.items():
         data = content if isinstance(content, bytes) else json.dumps(content).encode()
         (out / "done" / f"{stem}.json").write_bytes(data)
@@ -186,4 +188,4 @@ def test_status_and_run_count_a_shard_whose_name_starts_with_a_dot(tiny_vp, tiny
     assert (out / "done" / ".hidden.json").exists() and shards
     status = job_status(str(out))
     assert (status.done, status.pending, status.samples) == (1, 0, 1)
-    assert OutputFolder(str(out)).plan([str(hidden)]) == ([], [str(hidden)])
+    assert OutputFolder(str(out)).plan([str(hidden)]).done == [str(hidden)]

@@ -3,9 +3,11 @@ all."""
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import tarfile
+import zlib
 
 import numpy as np
 import pyarrow as pa
@@ -61,7 +63,12 @@ def test_commit_publishes_tar_manifest_then_marker(tmp_path, monkeypatch):
                      "b.guide.png", "b.json", "b.png", "b.target.png"]  # each key contiguous
     table = pq.read_table(tmp_path / "manifests" / "part-1.parquet")
     assert table.schema.equals(MANIFEST_SCHEMA) and table.num_rows == 3
-    assert json.loads((tmp_path / "done" / "part-1.json").read_text()) == {"stem": "part-1"}
+    marker = json.loads((tmp_path / "done" / "part-1.json").read_text())
+    tar = (tmp_path / "shards" / "part-1.tar").read_bytes()
+    manifest = (tmp_path / "manifests" / "part-1.parquet").read_bytes()
+    assert marker == {"stem": "part-1", "files": {  # what it commits, sizes and digests
+        "tar": {"bytes": len(tar), "crc32": f"{zlib.crc32(tar):08x}"},
+        "manifest": {"bytes": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}}}
     assert not [p for p in (tmp_path / "shards").iterdir() if p.name.startswith(".")]
 
 

@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from pipeline.cli import main
 from pipeline.driver.runner import RunSummary
 from pipeline.job.spec import MAX_PROMPT_CHARS
+from pipeline.output.jobrecord import prepare_output
 from pipeline.output.status import job_status
 from pipeline.worker.hooks import Hooks
 from pipeline.worker.shard import ShardWorker
@@ -52,8 +53,7 @@ def test_a_cut_prompt_is_recorded_per_row_and_counted_in_the_summary_and_status(
     out = tmp_path / "out"
     spec = make_spec(tiny_sd_dir, [url], out, sdedit={"prompt": "lamp"},
                      compute={"batch_size": 2})
-    out.mkdir()
-    (out / "job.json").write_text(json.dumps({"spec": spec.to_dict()}))
+    prepare_output(spec, overwrite=False)  # job.json, as `run` writes it
     with warnings.catch_warnings(record=True) as shown:  # counted, and still shown
         warnings.simplefilter("default")
         stats = ShardWorker(spec, model=tiny_sd, hooks=WarnOnce()).process(url)
