@@ -66,3 +66,9 @@ class RunStoppedError(StorageError):
     """The output location failed during a run (a `failed/` record or `job.json` could not be
     written): the run stops instead of grinding through shards it cannot record. The message
     names the location and the cause, and counts the shards done, failed and not done."""
+
+
+class ScorerModelError(PipelineError):
+    """A scorer model (`score.clip_model`, `score.aesthetic_model`) is missing, cannot be
+    loaded, or does not fit the other (an aesthetic predictor for another embedding width).
+    The whole job is refused: no shard could be scored."""

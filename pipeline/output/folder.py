@@ -6,6 +6,8 @@ OUT/shards/{stem}.tar         a shard's outputs   } written by `shard_writer(ste
 OUT/manifests/{stem}.parquet  its manifest        } published before
 OUT/done/{stem}.json          its commit marker   } the marker, last
 OUT/failed/{stem}.json        a shard that failed after its retries (`record_failure`)
+OUT/scores/{stem}.parquet     its scores, before the marker (or later: `write_scores`)
+OUT/scores/settings.json      the settings of those scores (`read_score_settings`)
 ```
 Every other module asks it: which shards are done or failed (one listing each, no request per
 shard), what is left to do, the job record, the markers' contents and the manifests.
@@ -24,6 +26,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.dataset as pads
+import pyarrow.parquet as pq
 
 from pipeline.errors import ResumeConflictError, StorageError
 from pipeline.input.shards import unique_stems
@@ -35,11 +38,14 @@ from pipeline.output.layout import (
     MANIFESTS,
     MARKER_SUFFIX,
     RESULT_FOLDERS,
+    SCORE_SETTINGS,
+    SCORES,
     SHARDS,
     ShardUrls,
     marker_stem,
 )
 from pipeline.output.manifest import MANIFEST_SCHEMA
+from pipeline.output.scores import SCORE_SCHEMA, read_metadata, scores_bytes
 from pipeline.output.writer import ShardOutput
 from pipeline.redaction import redact_url
 from pipeline.storage import (
@@ -229,9 +235,101 @@ class OutputFolder:
         return True
 
     # results
-    def shard_writer(self, stem: str) -> ShardOutput:
-        """A writer of shard `stem`'s tar, manifest and marker (published by its `commit`)."""
-        return ShardOutput(self.shard_urls(stem), stem, self.options)
+    def shard_writer(self, stem: str, scores: Mapping[str, Any] | None = None) -> ShardOutput:
+        """A writer of shard `stem`'s tar, manifest, score sidecar (when `scores`, its
+        metadata, is given) and marker, published in that order by its `commit`."""
+        sidecar = None if scores is None else (self.scores_url(stem), scores)
+        return ShardOutput(self.shard_urls(stem), stem, self.options, sidecar)
+
+    # scores
+    def scores_url(self, stem: str) -> str:
+        """Where shard `stem`'s score sidecar goes."""
+        return self.url(SCORES, f"{stem}.parquet")
+
+    def has_scores(self, stem: str) -> bool:
+        """Whether shard `stem` has a score sidecar (one request)."""
+        url = self.scores_url(stem)
+        fs, path = url_fs(url, self.options)
+        return bool(with_retries(lambda: fs.exists(path), what="check scores", url=url))
+
+    def scored_stems(self) -> set[str]:
+        """Stems with a score sidecar, from one listing of `scores/`."""
+        url = self.url(SCORES)
+        try:
+            fs, path = url_fs(url, self.options)
+            fs.invalidate_cache(path)
+            names = fs.ls(path, detail=False)
+        except FileNotFoundError:
+            return set()
+        except Exception as exc:
+            raise StorageError(f"cannot list {redact_url(url)}: {describe_error(exc)}") from exc
+        bases = (name.rstrip("/").rsplit("/", 1)[-1] for name in names)
+        return {base[:-8] for base in bases if base.endswith(".parquet") and
+                not base.startswith(".")}
+
+    def write_scores(self, stem: str, rows: Sequence[Mapping[str, Any]],
+                     metadata: Mapping[str, Any]) -> None:
+        """Publish shard `stem`'s sidecar (rows made by `pipeline.output.scores.score_row`)."""
+        url = self.scores_url(stem)
+        try:
+            put_bytes_atomic(url, scores_bytes(rows, metadata), self.options)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
+
+    def read_scores(self, stem: str) -> tuple[pa.Table, dict[str, Any]] | None:
+        """Shard `stem`'s sidecar and what made it, or None when it has none."""
+        return self._read_parquet(self.scores_url(stem), SCORE_SCHEMA)
+
+    def read_manifest(self, stem: str) -> pa.Table | None:
+        """Shard `stem`'s manifest (read with MANIFEST_SCHEMA), or None when it has none."""
+        found = self._read_parquet(self.shard_urls(stem).manifest, MANIFEST_SCHEMA)
+        return None if found is None else found[0]
+
+    def read_score_settings(self) -> dict[str, Any] | None:
+        """The settings recorded in `scores/settings.json`, or None when there are none."""
+        url = self.url(SCORES, SCORE_SETTINGS)
+        try:
+            fs, path = url_fs(url, self.options)
+            data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
+        return _json_object(data)
+
+    def write_score_settings(self, settings: Mapping[str, Any]) -> None:
+        """Record the settings of the output's scores (`scores/settings.json`)."""
+        self._put(self.url(SCORES, SCORE_SETTINGS), settings)
+
+    def discard_scores(self) -> None:
+        """Remove every sidecar and the settings (`score --overwrite`)."""
+        url = self.url(SCORES)
+        try:
+            fs, path = url_fs(url, self.options)
+            if fs.exists(path):
+                logger.warning("--overwrite: removing %s", redact_url(url))
+                fs.rm(path, recursive=True)
+        except Exception as exc:
+            raise StorageError(f"--overwrite: cannot remove {redact_url(url)}: "
+                               f"{describe_error(exc)}") from exc
+
+    def _read_parquet(self, url: str, schema: pa.Schema
+                      ) -> tuple[pa.Table, dict[str, Any]] | None:
+        try:
+            fs, path = url_fs(url, self.options)
+            data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
+        except FileNotFoundError:
+            return None
+        except Exception as exc:
+            raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
+        table = pq.read_table(pa.BufferReader(data))
+        metadata = read_metadata(table.schema)
+        missing = [f for f in schema if f.name not in table.column_names]
+        for f in missing:  # written before the column existed: null
+            table = table.append_column(f, pa.nulls(len(table), f.type))
+        return table.select(schema.names).cast(schema), metadata
 
     def read_manifests(self, columns: list[str], where: pc.Expression | None = None
                        ) -> pa.Table:
