@@ -1,10 +1,11 @@
-"""ShardWorker: read -> decode -> batch -> edit -> encode -> write -> commit, pipelined.
+"""ShardWorker: read -> decode -> batch -> edit -> encode (-> score) -> write -> commit, pipelined.
 
 One ShardWorker holds one loaded model and edits whole input shards; the Ray actor
 (`pipeline.worker.actor`) wraps it, tests call it directly. Two shards may be in process at
 once: the second reads while the first computes, and computes while the first encodes and
 commits (`stages.DeviceTurns`). Within a shard, decoding, the device and encoding overlap;
-tars hold outputs in the serial loop's order, manifests hold rows in input order.
+tars hold outputs in the serial loop's order, manifests hold rows in input order. The stages
+live beside it: samples -> tasks (`tasks`), scores (`scoring`, with a `score:` section).
 
 No sample fails its shard: one that cannot be edited is error rows (decode, size, setting before
 batching; "device" when it runs out of memory alone after `oom.split_on_oom`; "edit" for the
@@ -24,30 +25,29 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass, field
 
 import torch
 
 from pipeline.errors import ModelSettingsError
 from pipeline.input.reader import Sample, read_shard
-from pipeline.input.rows import RowSettings, SettingError, row_settings
 from pipeline.input.shards import shard_stem
 from pipeline.job.modelcheck import loaded_model_problems
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
-from pipeline.output.writer import ShardOutput
-from pipeline.stages import DeviceTurns, Gauge, OrderedSink, Timings
+from pipeline.stages import DeviceTurns, Gauge, OrderedSink
 from pipeline.storage import absolute_url
-from pipeline.worker.batching import Prepared, Task, by_size, output_key, output_seed, prepare
+from pipeline.worker.attempt import Attempt
+from pipeline.worker.batching import Prepared, Task, by_size, prepare
 from pipeline.worker.encode import Done, Encoded, encode_output
 from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.oom import EditFailure, split_on_oom
 from pipeline.worker.records import Records, ShardStats, worker_columns
+from pipeline.worker.scoring import ScoreStage
+from pipeline.worker.tasks import RowTasks
 from sdedit import (
     DiffusionModel,
     EditInputError,
     apply_loras,
-    count_steps,
     edit,
     load_model,
     noise_for,
@@ -63,23 +63,6 @@ __all__ = ["SLOTS", "ShardStats", "ShardWorker"]
 SLOTS = 2
 """Shards an actor holds at once (concurrent `ShardWorker.process` calls): one computing, the
 other reading ahead or committing. A shard counts as in flight until it is committed."""
-
-
-@dataclass
-class Attempt:
-    """One attempt at one shard, while it runs: where its results go, what it counted, its
-    timings, its decoded images alive (`gauge`), its turn at the device (`token`) and the
-    ordered sink of its encodes."""
-
-    url: str
-    stem: str
-    writer: ShardOutput
-    stats: ShardStats
-    gauge: Gauge
-    progress: Callable[[int], None] | None
-    timings: Timings = field(default_factory=Timings)
-    token: object = field(default_factory=object)
-    sink: OrderedSink[Encoded] = field(init=False)
 
 
 class ShardWorker:
@@ -120,11 +103,12 @@ class ShardWorker:
         if problems:  # the same check validate and run made on the config files
             raise ModelSettingsError(f"model {spec.model.source} cannot run this job: "
                                      + "; ".join(problems))
-        self.negative_prompts = self.model.text is not None and \
-            self.model.text.spec.negative_prompts
+        self.row_tasks = RowTasks(spec, self.model)
         self.columns = worker_columns(spec, self.model, self.worker_id)
-        self.records = Records(spec, self.columns, self._steps, self.conditional,
+        self.records = Records(spec, self.columns, self.row_tasks.steps, self.conditional,
                                spec.fingerprint())
+        self.scoring = ScoreStage(spec, self.model.device) if spec.score.enabled else None
+        """The score stage (`score:` section), on the edit's device."""
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
         noise_threads = self.model.accel.noise_threads
@@ -163,7 +147,8 @@ class ShardWorker:
         if self.output.is_done(stem):
             logger.info("shard %s already committed; skipping", stem)
             return ShardStats(stem=stem, input_shard=url, worker=self.worker_id, skipped=True)
-        a = Attempt(url, stem, self.output.shard_writer(stem),
+        scores = None if self.scoring is None else self.scoring.metadata
+        a = Attempt(url, stem, self.output.shard_writer(stem, scores),
                     ShardStats(stem=stem, input_shard=absolute_url(url), worker=self.worker_id),
                     Gauge(parent=self.in_flight), progress)
         a.sink = OrderedSink(self.host, lambda item: self._write(item, a), self.window)
@@ -175,6 +160,8 @@ class ShardWorker:
                 self.turns.leave(a.token)
             with a.timings.measure("wait_encode"):
                 a.sink.finish()
+            if self.scoring is not None:
+                self.scoring.flush(a)
             a.stats.seconds = time.perf_counter() - start
             a.stats.timings = {k: round(v, 4) for k, v in sorted(a.timings.seconds.items())}
             a.stats.in_flight_max = self.in_flight.peak
@@ -207,7 +194,8 @@ class ShardWorker:
         samples = read_shard(a.url, inp.storage_options, inp.image, inp.mask, pool=self.host,
                              depth=self.depth, gauge=a.gauge, max_pixels=inp.max_pixels,
                              timings=a.timings)
-        batches = by_size(self._tasks(samples, a), self.spec.compute.batch_size)
+        tasks = self.row_tasks.tasks(samples, a, self._error_row)
+        batches = by_size(tasks, self.spec.compute.batch_size)
         try:
             self._loop(batches, a)
         finally:
@@ -240,53 +228,6 @@ class ShardWorker:
                     if noise is not None:
                         noise.close()
             raise
-
-    def _tasks(self, samples: Iterator[Sample], a: Attempt) -> Iterator[Task]:
-        """One task per output of each editable sample, in input order; a sample that cannot
-        be edited (decode, size, its per-row settings) is its error rows here, so it never
-        fails a batch. A sample with an error but no kind is a bug of the reader: the row
-        builder refuses it and the attempt fails."""
-        sd = self.spec.sdedit
-        while True:
-            with a.timings.measure("wait_input"):
-                sample = next(samples, None)
-            if sample is None:
-                return
-            position = a.stats.samples
-            a.stats.samples += 1
-            settings: RowSettings | None = None
-            if sample.error is None:
-                sample.error = self._size_problem(sample)
-                sample.error_kind = "size" if sample.error else None
-            if sample.error is None:
-                try:
-                    settings = row_settings(
-                        sample.key, sample.carried, t0=sd.t0, prompt=sd.prompt,
-                        negative_prompt=sd.negative_prompt, conditional=self.conditional,
-                        check_t0=self._t0_problem, negative_prompts=self.negative_prompts)
-                except SettingError as exc:
-                    sample.error, sample.error_kind = str(exc), "setting"
-            if sample.error is not None or settings is None:
-                for index in range(sd.samples_per_input):
-                    self._error_row(a, sample, position, index, sample.error_kind,
-                                    sample.error or "")
-                a.gauge.add(-1)
-                continue
-            steps = self._steps(settings.t0)
-            for index in range(sd.samples_per_input):
-                yield Task(sample, a.stats.input_shard, index,
-                           output_seed(sd.seed, sample.key, index),
-                           output_key(sample.key, index, sd.samples_per_input), settings, steps,
-                           position)
-
-    def _size_problem(self, sample: Sample) -> str | None:
-        assert sample.guide is not None
-        h, w = sample.guide.shape[:2]
-        f = self.model.downsample_factor
-        if h % f or w % f:
-            return (f"image size {w}x{h} cannot be taken by model {self.spec.model.source}; "
-                    f"allowed: width and height multiples of {f}")
-        return None
 
     def _prepare(self, batch: list[Task]) -> Prepared:
         """A batch's tensors and its noise, drawn ahead (host pool, during the batch before)."""
@@ -345,8 +286,11 @@ class ShardWorker:
         return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
     def _encode(self, done: Done) -> Encoded:
-        """The output encoded (`encode.encode_output`); runs in the host pool."""
-        return encode_output(done, self.spec.output, self.records.metadata)
+        """The output encoded (`encode.encode_output`) and its scorer inputs; host pool."""
+        encoded = encode_output(done, self.spec.output, self.records.metadata)
+        if self.scoring is not None and encoded.sample is not None:
+            encoded.score_input = self.scoring.prepare(encoded)
+        return encoded
 
     def _write(self, item: Encoded, a: Attempt) -> None:
         """One encoded output to the tar (processing order), its row to the manifest."""
@@ -358,10 +302,14 @@ class ShardWorker:
             self.hooks.before_write(a.stem)
             with a.timings.measure("write"):
                 a.writer.add_sample(item.sample)
-            a.writer.add_row(self.records.row(
+            row = self.records.row(
                 a.stats.input_shard, task.sample, task.index, task.settings,
                 batch_size=item.done.batch_size, encoded=item,
-                output_shard=absolute_url(a.writer.urls.tar)), task.position)
+                output_shard=absolute_url(a.writer.urls.tar))
+            if self.scoring is None:
+                a.writer.add_row(row, task.position)
+            else:  # the row goes to the writer with its scores
+                self.scoring.add(a, row, task.position, item.score_input)
             a.stats.outputs_ok += 1
         self._release(task, a)
         if a.progress is not None:
@@ -371,20 +319,6 @@ class ShardWorker:
         """The last output of a sample is done: its decoded image is no longer in flight."""
         if task.index == self.spec.sdedit.samples_per_input - 1:
             a.gauge.add(-1)
-
-    def _steps(self, t0: float) -> int | None:
-        """Network evaluations per round of an output started at t0 (None: t0 is invalid)."""
-        return None if self._t0_problem(t0) else count_steps(
-            self.model, self.spec.sdedit.sampler, t0, self.spec.sdedit.steps)
-
-    def _t0_problem(self, t0: float) -> str | None:
-        """Why a row's t0 in (0, 1] cannot be used with this model, sampler and steps."""
-        sd = self.spec.sdedit
-        try:
-            count_steps(self.model, sd.sampler, t0, sd.steps)
-        except ValueError as exc:
-            return str(exc)
-        return None
 
     def _error_row(self, a: Attempt, sample: Sample, position: int, index: int,
                    kind: str | None, error: str, batch_size: int | None = None,
