@@ -202,11 +202,11 @@ def test_cpu_actors_wait_passively_unless_told_otherwise(local_ray, tiny_vp_dir,
                                                         tmp_path, monkeypatch):
     spec = make_spec(tiny_vp_dir, inputs, tmp_path, compute={"cpus_per_actor": None})
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    options, threads = actor_options(spec)
+    options, threads = actor_options(spec.compute)
     assert options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     assert (options["num_cpus"], threads) == (2, 2)  # the cluster's 2 CPUs, one actor
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert actor_options(spec)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert actor_options(spec.compute)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(
