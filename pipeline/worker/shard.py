@@ -109,6 +109,8 @@ class ShardWorker:
                                spec.fingerprint())
         self.scoring = ScoreStage(spec, self.model.device) if spec.score.enabled else None
         """The score stage (`score:` section), on the edit's device."""
+        if self.scoring is not None:
+            hooks.install_scorer(self.scoring.scorer)
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
         noise_threads = self.model.accel.noise_threads

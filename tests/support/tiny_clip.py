@@ -12,9 +12,9 @@ CLIP_WIDTH = 16
 """The tiny CLIP's projection width (the aesthetic predictor's input)."""
 
 
-def save_clip(path: Path, seed: int = 0, image_size: int = 32) -> Path:
+def save_clip(path: Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
     """CLIPModel (hidden 32, 2 layers, 32 px images, patch 8, projection 16) and a
-    CLIPProcessor (a character-level BPE tokenizer, a 32 px image processor) at `path`."""
+    CLIPProcessor (a character-level BPE tokenizer, an `image_size` px image processor)."""
     from transformers import (
         CLIPConfig,
         CLIPImageProcessor,
@@ -35,7 +35,7 @@ def save_clip(path: Path, seed: int = 0, image_size: int = 32) -> Path:
     config = CLIPConfig(
         text_config=dict(layers, vocab_size=len(vocab), max_position_embeddings=32,
                          bos_token_id=bos, eos_token_id=eos, pad_token_id=eos),
-        vision_config=dict(layers, image_size=image_size, patch_size=8),
+        vision_config=dict(layers, image_size=image_size, patch_size=patch_size),
         projection_dim=CLIP_WIDTH)
     torch.manual_seed(seed)
     CLIPModel(config).save_pretrained(path)
