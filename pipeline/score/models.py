@@ -14,6 +14,7 @@ applied to the L2-normalised CLIP image embedding (d = 768 for ViT-L/14).
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import ScorerModelError
-from pipeline.storage import describe_error
+from pipeline.storage import describe_error, url_fs, with_retries
 from sdedit import (
     ModelSourceError,
     cached_snapshot,
@@ -204,24 +205,31 @@ def load_aesthetic(source: str, device: torch.device, width: int,
 
 def _aesthetic_file(source: str, storage_options: dict[str, Any] | None,
                     where: str) -> Path:
-    """The local file of the predictor (a URL is copied into the model cache once)."""
-    kind = source_kind(source)
-    if kind == "url":
-        try:
-            directory = resolve(source, None, storage_options).directory
-        except ModelSourceError as exc:
-            raise ScorerModelError(f"{where}: {exc}") from exc
-        files = [p for p in Path(directory).iterdir() if not p.name.startswith(".")]
-        if len(files) != 1 or not files[0].is_file():
-            raise ScorerModelError(f"{where}: names {len(files)} files; allowed: the URL of "
-                                   "one state-dict file")
-        return files[0]
-    path = local_path(source)
-    if not path.is_file():
-        raise ScorerModelError(f"{where}: no such file ({os.path.abspath(path)}); allowed: a "
-                               "local .pth / .safetensors file or an fsspec URL (hf://, s3://, "
-                               "https://)")
-    return path
+    """The local file of the predictor: a local path, or a URL's one file copied once into
+    the model cache (~/.cache/sdedit-batch/models/HASH/NAME)."""
+    if source_kind(source) != "url":
+        path = local_path(source)
+        if not path.is_file():
+            raise ScorerModelError(f"{where}: no such file ({os.path.abspath(path)}); allowed: "
+                                   "a local .pth / .safetensors file or an fsspec URL (hf://, "
+                                   "s3://, https://)")
+        return path
+    name = hashlib.sha256(source.encode()).hexdigest()[:20]
+    target = Path.home() / ".cache" / "sdedit-batch" / "models" / name / \
+        source.rstrip("/").rsplit("/", 1)[-1]
+    if target.is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.{os.getpid()}.partial")
+    try:
+        fs, path = url_fs(source, storage_options)
+        with_retries(lambda: fs.get_file(path, str(partial)), what="copy", url=source)
+        os.replace(partial, target)
+    except Exception as exc:
+        raise ScorerModelError(f"{where}: cannot copy it: {describe_error(exc)}") from exc
+    finally:
+        partial.unlink(missing_ok=True)
+    return target
 
 
 def scorer_model_problems(source: str, *, aesthetic: bool = False, offline: bool = False

@@ -97,3 +97,15 @@ def test_bad_scorer_models_are_refused_by_name(tiny_clip_dir, tmp_path):
         load_aesthetic(str(tmp_path / "other.pth"), CPU, clip.width)
     ok = save_aesthetic(tmp_path / "ok.safetensors")
     assert load_aesthetic(str(ok), CPU, clip.width).width == 16
+
+
+def test_an_aesthetic_predictor_at_a_url_is_copied_once(tmp_path, monkeypatch):
+    import fsspec
+
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    local = save_aesthetic(tmp_path / "a.pth")
+    fsspec.filesystem("memory").pipe("/scorers/a.pth", local.read_bytes())
+    found = load_aesthetic("memory://scorers/a.pth", CPU, CLIP_WIDTH)
+    assert found.identity == load_aesthetic(str(local), CPU, CLIP_WIDTH).identity
+    fsspec.filesystem("memory").rm("/scorers/a.pth")
+    assert load_aesthetic("memory://scorers/a.pth", CPU, CLIP_WIDTH).width == CLIP_WIDTH
