@@ -26,11 +26,15 @@ def _figure(value: Any, digits: int = 4) -> str:
 @click.option("--reference-image", default=None, metavar="EXT",
               help="The reference shards' image member (default: the first of png, jpg, "
                    "jpeg, webp).")
-@click.option("--features", type=click.Choice(["inception", "clip", "pixels"]),
+@click.option("--features", type=click.Choice(["inception", "clip", "torchscript", "pixels"]),
               default="inception", show_default=True,
               help="KID/FID features: torchmetrics' InceptionV3 (needs torch-fidelity and its "
                    "weights), the CLIP image embeddings of score.clip_model (or --clip-model), "
-                   "or 16x16 pixels (no weights; a crude stand-in).")
+                   "a network of your own (--feature-net), or 16x16 pixels (no weights; a "
+                   "crude stand-in).")
+@click.option("--feature-net", default=None, metavar="PATH",
+              help="With --features torchscript: a torch.jit.save'd module, float32 (N, 3, H, "
+                   "W) in [0, 1] -> (N, D).")
 @click.option("--clip-model", default=None, metavar="SRC",
               help="The CLIP model of --features clip (default: the output's score.clip_model).")
 @click.option("--inception-weights", default=None, metavar="PATH",
@@ -47,9 +51,9 @@ def _figure(value: Any, digits: int = 4) -> str:
 @click.option("--device", default="auto", show_default=True,
               type=click.Choice(["auto", "cpu", "cuda"]), help="Where the features are made.")
 def eval_cmd(output: str, reference: tuple[str, ...], reference_image: str | None,
-             features: str, clip_model: str | None, inception_weights: str | None,
-             kid_subset_size: int, kid_subsets: int, json_path: str, png_path: str,
-             device: str) -> None:
+             features: str, feature_net: str | None, clip_model: str | None,
+             inception_weights: str | None, kid_subset_size: int, kid_subsets: int,
+             json_path: str, png_path: str, device: str) -> None:
     """The paper's evaluation of OUT: realism (KID, FID), faithfulness, diversity, per t0.
 
     Realism needs --reference shards of real images of the target domain. Faithfulness is
@@ -69,7 +73,8 @@ def eval_cmd(output: str, reference: tuple[str, ...], reference_image: str | Non
     result = evaluate(output, reference=reference, reference_image=reference_image,
                       features=features, clip_model=clip_model,
                       kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
-                      inception_weights=inception_weights, device=device)
+                      inception_weights=inception_weights, feature_net=feature_net,
+                      device=device)
     click.echo(f"{output}: {result['images']} outputs")
     if "reference" in result:
         click.echo(f"realism on {features} features ({result['features']['dims']}-d) vs "

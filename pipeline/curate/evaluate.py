@@ -118,7 +118,8 @@ def diversity(embeddings: np.ndarray | None, guides: Sequence[Any]) -> dict[str,
 def evaluate(output: str, *, reference: Sequence[str] = (), reference_image: str | None = None,
              features: str = "inception", clip_model: str | None = None,
              kid_subset_size: int = 1000, kid_subsets: int = 100,
-             inception_weights: str | None = None, device: str = "auto") -> dict[str, Any]:
+             inception_weights: str | None = None, feature_net: str | None = None,
+             device: str = "auto") -> dict[str, Any]:
     """The figures of the output at `output` (see the module docstring), as a JSON-able dict.
 
     Raises:
@@ -146,7 +147,7 @@ def evaluate(output: str, *, reference: Sequence[str] = (), reference_image: str
     fake = real = None
     if reference:
         extractor = Features.make(features, resolve_device(device), clip_model,
-                                  inception_weights)
+                                  inception_weights, feature_net)
         result["features"] = extractor.describe
         real = extractor.of(reference_images(reference, reference_image))
         if not len(real):

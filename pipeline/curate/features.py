@@ -7,15 +7,19 @@
 - `clip`: the L2-normalised CLIP image embeddings (`get_image_features`' pooler output) of a
   CLIP model; an output's stored `embedding` score is used when its sidecar was made with the
   same CLIP model.
+- `torchscript`: a feature network of your own (`--feature-net PATH`, `torch.jit.save`d): float32
+  (N, 3, H, W) in [0, 1] in, (N, D) features out; e.g. a classifier of your domain
+  (benchmarks/rooms_critic.py makes one for the bundled model's rooms).
 - `pixels`: the image box-downsampled to 16 x 16 in [0, 1] (768 values): no weights at all, a
-  crude stand-in for small synthetic domains and for machines without either network.
+  crude stand-in that tells little about realism.
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -33,7 +37,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = ["FEATURES", "Features", "output_images", "reference_images"]
 
-FEATURES = ("inception", "clip", "pixels")
+FEATURES = ("inception", "clip", "torchscript", "pixels")
 PIXELS_SIDE = 16
 BATCH = 32
 
@@ -46,12 +50,16 @@ class Features:
     describe: dict[str, Any]
     net: Any = None
     clip: Clip | None = None
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
     def make(cls, kind: str, device: torch.device, clip_model: str | None = None,
-             inception_weights: str | None = None) -> Features:
+             inception_weights: str | None = None, feature_net: str | None = None
+             ) -> Features:
         """Raises PipelineError naming what is missing (torch-fidelity, its weights, a
-        CLIP model)."""
+        CLIP model, the feature network)."""
+        if kind == "torchscript":
+            return cls._torchscript(device, feature_net)
         if kind == "pixels":
             return cls(kind, {"kind": kind, "size": PIXELS_SIDE, "dims": 3 * PIXELS_SIDE ** 2})
         if kind == "clip":
@@ -64,7 +72,27 @@ class Features:
         if kind != "inception":
             raise PipelineError(f"--features {kind!r}; allowed: {', '.join(FEATURES)}")
         return cls(kind, {"kind": kind, "network": "torch-fidelity inception-v3-compat",
-                          "dims": 2048}, net=_inception(device, inception_weights))
+                          "dims": 2048}, net=_inception(device, inception_weights),
+                   device=device)
+
+    @classmethod
+    def _torchscript(cls, device: torch.device, path: str | None) -> Features:
+        if not path:
+            raise PipelineError("--features torchscript: no network; allowed: --feature-net "
+                                "PATH of a torch.jit.save'd module")
+        try:
+            net = torch.jit.load(path, map_location=device).eval()
+            with torch.inference_mode():
+                dims = int(net(torch.zeros(1, 3, 64, 64, device=device)).shape[-1])
+        except Exception as exc:
+            raise PipelineError(f"--feature-net {path}: cannot be used ({type(exc).__name__}: "
+                                f"{str(exc)[:200]}); allowed: a TorchScript module from float32 "
+                                "(N, 3, H, W) in [0, 1] to (N, D) features") from exc
+        from sdedit import files_identity
+
+        identity = files_identity(Path(path).parent, [Path(path)])
+        return cls("torchscript", {"kind": "torchscript", "path": path, "identity": identity,
+                                   "dims": dims}, net=net, device=device)
 
     def __call__(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """float64 (N, D) features of uint8 (H, W, 3) images (sizes may differ)."""
@@ -76,14 +104,18 @@ class Features:
             assert self.clip is not None
             pixels = torch.stack([self.clip.pixel_values(im) for im in images])
             return self.clip.image_embeddings(pixels).double().cpu().numpy()
-        out = np.zeros((len(images), 2048))
+        out = np.zeros((len(images), self.describe["dims"]))
+        scale = 1.0 / 255 if self.kind == "torchscript" else None
         by_size: dict[tuple[int, ...], list[int]] = {}
         for i, im in enumerate(images):
             by_size.setdefault(im.shape, []).append(i)
         for rows in by_size.values():
             x = torch.from_numpy(np.stack([images[i] for i in rows])).permute(0, 3, 1, 2)
+            x = x.to(self.device)
+            if scale is not None:
+                x = x.float() * scale
             with torch.inference_mode():
-                out[rows] = self.net(x.to(next(self.net.parameters()).device)).double().cpu()
+                out[rows] = self.net(x).double().cpu()
         return out
 
     def of(self, images: Iterable[np.ndarray]) -> np.ndarray:

@@ -25,7 +25,7 @@ def tradeoff_png(result: Mapping[str, Any], path: str) -> bool:
         if any(r.get(name) is not None for r in rows)]
     if not panels:
         return False
-    fig, axes = plt.subplots(1, len(panels), figsize=(5.2 * len(panels), 4.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(6.0 * len(panels), 4.6), squeeze=False)
     for ax, (name, label) in zip(axes[0], panels, strict=True):
         points = [(r["faithfulness_l2"], r[name], r["t0"]) for r in rows
                   if r.get(name) is not None]
@@ -39,8 +39,8 @@ def tradeoff_png(result: Mapping[str, Any], path: str) -> bool:
         ax.grid(alpha=0.3)
     features = result.get("features", {}).get("kind")
     title = f"{result['output']}: {result['images']} outputs" + \
-        (f", KID on {features} features vs {result['reference']['images']} reference images"
-         if "reference" in result else "")
+        (f"\nKID on {features} features against {result['reference']['images']} reference "
+         "images" if "reference" in result else "")
     fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)

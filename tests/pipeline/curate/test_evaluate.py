@@ -105,3 +105,25 @@ def test_eval_of_a_t0_sweep(scored, tmp_path):
     again = evaluate(out, reference=[reference], features="clip", kid_subsets=1,
                      clip_model=clip_dir + "/")
     assert stored["kid"] == pytest.approx(again["kid"], rel=0.02, abs=1e-4)
+
+
+class _MeanColour(torch.nn.Module):
+    """Features of [0, 1] images: their mean colour and its square (6-d)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        mean = x.mean(dim=(2, 3))
+        return torch.cat([mean, mean * mean], dim=1)
+
+
+def test_a_torchscript_feature_network(scored, tmp_path):
+    path = tmp_path / "net.pt"
+    torch.jit.save(torch.jit.script(_MeanColour()), str(path))
+    out = scored.output.path
+    found = evaluate(out, reference=[str(Path(out).parent / "in")], features="torchscript",
+                     feature_net=str(path), kid_subsets=1)
+    assert found["features"]["dims"] == 6 and found["features"]["identity"].startswith("sha256:")
+    assert found["fid"] is not None and found["per_t0"][0]["fid"] is not None  # 8 images
+    assert found["per_t0"][1]["fid"] is None  # 4 images < 6 dimensions
+    with pytest.raises(PipelineError, match=r"--feature-net .*cannot be used"):
+        evaluate(out, reference=[str(Path(out).parent / "in")], features="torchscript",
+                 feature_net=str(tmp_path / "none.pt"))
