@@ -277,6 +277,7 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
       sdedit-batch status s3://bucket/out --repeated-keys
     """
     from pipeline.driver.submit import describe, is_submission_id, submission_status
+    from pipeline.output.folder import OutputFolder
     from pipeline.output.status import error_rows, job_status
 
     if address is not None or is_submission_id(target):
@@ -293,6 +294,10 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
                f"(of {total})")
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
     click.echo(f"error rows by kind: {_kinds(st.errors_by_kind)}")
+    scored = OutputFolder(st.output, st.storage_options).scored_stems()
+    if scored:
+        rest = "" if len(scored) >= st.done else " (sdedit-batch score OUT scores the rest)"
+        click.echo(f"scores: {len(scored)} of {st.done} done shards have a sidecar{rest}")
     click.echo(f"keys in more than one shard: {_repeated(st.keys_in_several_shards, st.output)}")
     if st.unreadable:
         click.echo(f"done markers that are not JSON objects: {st.unreadable} (their shards "

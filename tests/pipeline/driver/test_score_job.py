@@ -66,6 +66,8 @@ def test_score_after_the_fact_resumes_exactly(local_ray, tiny_vp, tiny_vp_dir, t
     assert result.exit_code == 0, result.output
     assert f"now ({12 - 6 * killed.shards_scored} of" in result.output
     _same(run_scores, _sidecars(out))
+    status = CliRunner().invoke(main, ["status", str(out)])
+    assert "scores: 2 of 2 done shards have a sidecar\n" in status.output
     again = score_spec(str(out))  # job.json's score section
     assert score_output(again, progress=False).shards_scored == 0  # nothing left, no actor
     job = tmp_path / "score.yaml"
