@@ -15,9 +15,15 @@ A second estimate from the long run alone: F * (images committed after its first
 (time from its first commit to its last), from the commit markers ("busy, commits").
 Inputs: 256 px stroke-like paintings (flat colour regions, as SDEdit guides are), shards of
 about 100 images; outputs PNG. With --s3 the inputs and outputs live on the tests' SeaweedFS
-S3 server on loopback.
+S3 server on loopback. With --scores each setting is measured twice: without scores and with
+a `score:` section of all four scorers (ssim, clip_score, aesthetic, embedding) on a random
+CLIP whose processor works at 224 px as ViT-L/14's does (the host work of the real one: resize,
+crop, normalise, in the host pool); the scorers' device work is emulated too (test hook
+`score_stand_in_ms`): --score-ms per image slept in the device thread (default 2.4: the fp32
+peak-rate time of ViT-L/14's 162 GFLOPs on an H100, benchmarks/clip_flops.py).
 
-    python benchmarks/host_pipeline.py --ms 10,25,50 --host-threads 1,2,4 [--s3] [--json out.json]
+    python benchmarks/host_pipeline.py --ms 10,25,50 --host-threads 1,2,4 [--s3]
+        [--scores [--score-ms 2.4]] [--json out.json]
 """
 
 from __future__ import annotations
@@ -87,9 +93,22 @@ def write_model(path: Path, size: int) -> None:
     DDPMScheduler(beta_start=1e-4, beta_end=0.02).save_config(path)
 
 
+def write_scorers(path: Path) -> dict[str, Any]:
+    """A random CLIP (224 px processor, tiny network) and aesthetic MLP under `path`; the
+    `score:` section that uses them."""
+    from tests.support.tiny_clip import save_aesthetic, save_clip
+
+    clip = save_clip(path / "clip", image_size=224, patch_size=32)
+    aesthetic = save_aesthetic(path / "aesthetic.pth")
+    return {"metrics": ["ssim", "clip_score", "aesthetic", "embedding"],
+            "clip_model": str(clip), "aesthetic_model": str(aesthetic),
+            "prompt": "a photo of a room"}
+
+
 def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], ms: float,
-            host_threads: int, batch: int, t0: float) -> tuple[float, int, dict]:
-    """(wall seconds, images, summary stats) of one `run_job`."""
+            host_threads: int, batch: int, t0: float,
+            score: dict[str, Any] | None = None) -> tuple[float, int, dict]:
+    """(wall seconds, images, summary stats) of one `run_job` (with `score` as its score:)."""
     from pipeline.driver.runner import run_job  # here: gpu_run.py imports this module without Ray
 
     compute: dict[str, Any] = {"device": "cpu", "batch_size": batch, "actors": 1}
@@ -100,9 +119,11 @@ def one_run(model: Path, shards: list[str], out: str, options: dict[str, Any], m
         "input": {"shards": shards, "storage_options": options},
         "output": {"path": out, "storage_options": options},
         "sdedit": {"t0": t0, "sampler": "ddim", "steps": 1, "seed": 0},
-        "compute": compute})
+        "compute": compute, **({"score": {k: v for k, v in score.items() if k != "_ms"}}
+                               if score else {})})
     start = time.perf_counter()
-    summary = run_job(spec, progress=False, hooks=Hooks(stand_in_ms=ms))
+    summary = run_job(spec, progress=False, hooks=Hooks(
+        stand_in_ms=ms, score_stand_in_ms=score.get("_ms") if score else None))
     wall = time.perf_counter() - start
     assert not summary.failed and summary.outputs_error == 0, summary
     return wall, summary.outputs_ok, markers_cpu(out, options)
@@ -126,21 +147,24 @@ def markers_cpu(out: str, options: dict[str, Any]) -> dict[str, float]:
 
 
 def measure(args: argparse.Namespace, root: str, options: dict[str, Any], model: Path,
-            ms: float, host_threads: int) -> dict[str, Any]:
+            ms: float, host_threads: int, score: dict[str, Any] | None = None
+            ) -> dict[str, Any]:
     short, long = args.shards
     inputs = write_inputs(join(root, f"in-{ms}-{host_threads}"), options, long, args.per_shard,
                           args.size)
     runs = []
+    tag = "-scores" if score else ""
     for n in (short, long):
-        out = join(root, f"out-{ms}-{host_threads}-{n}")
+        out = join(root, f"out-{ms}-{host_threads}-{n}{tag}")
         wall, images, stages = one_run(model, inputs[:n], out, options, ms, host_threads,
-                                       args.batch, args.t0)
+                                       args.batch, args.t0, score)
         runs.append((wall, images, stages))
     (w1, n1, _), (w2, n2, stages) = runs
     busy = ms / 1000 * (n2 - n1) / (w2 - w1)
     commit_rate = stages.pop("commit_rate")
     per_image = {k: 1000 * v / n2 for k, v in stages.items()}
-    return {"ms": ms, "host_threads": host_threads, "images": [n1, n2], "wall": [w1, w2],
+    return {"ms": ms, "host_threads": host_threads, "scores": bool(score),
+            "images": [n1, n2], "wall": [w1, w2],
             "busy": busy, "busy_commits": ms / 1000 * commit_rate,
             "images_per_s": (n2 - n1) / (w2 - w1), "ideal_images_per_s": 1000 / ms,
             "per_image_ms": per_image}
@@ -160,15 +184,20 @@ def main() -> None:
                              "the guide plus noise of sqrt((1 - a)/a), 2 levels at 0.002 (about "
                              "a generated photo's; it sets the PNG encoding cost), 6 at 0.02")
     parser.add_argument("--s3", action="store_true", help="inputs and outputs on SeaweedFS S3")
+    parser.add_argument("--scores", action="store_true",
+                        help="measure each setting without and with the four scorers")
+    parser.add_argument("--score-ms", type=float, default=2.4,
+                        help="emulated device ms per image of the scorers (with --scores)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     args.shards = [int(x) for x in args.shards.split(",")]
     with tempfile.TemporaryDirectory(prefix="host-pipeline-") as tmp:  # removed at the end
         results = run_matrix(args, Path(tmp))
-    print("\n| F (ms) | host threads | busy | busy, commits | images/s | ideal |")
-    print("|---:|---:|---:|---:|---:|---:|")
+    print("\n| F (ms) | host threads | scores | busy | busy, commits | images/s | ideal |")
+    print("|---:|---:|---|---:|---:|---:|---:|")
     for r in results:
-        print(f"| {r['ms']:g} | {r['host_threads']} | {r['busy']:.2f} | "
+        print(f"| {r['ms']:g} | {r['host_threads']} | {'on' if r['scores'] else 'off'} | "
+              f"{r['busy']:.2f} | "
               f"{r['busy_commits']:.2f} | {r['images_per_s']:.1f} | "
               f"{r['ideal_images_per_s']:.1f} |")
     if args.json:
@@ -193,16 +222,20 @@ def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:
             server = SeaweedS3(tmp / "seaweed", weed=weed_binary())
             server.start()
             root, options = server.create_bucket("bench"), server.storage_options()
+        scores = [None, {**write_scorers(tmp / "scorers"), "_ms": args.score_ms}] \
+            if args.scores else [None]
         ray.init(address="local", include_dashboard=False, log_to_driver=False)
         for ms in [float(x) for x in args.ms.split(",")]:
             for threads in [int(x) for x in args.host_threads.split(",")]:
-                row = measure(args, root, options, model, ms, threads)
-                results.append(row)
-                stages = ", ".join(f"{k} {v:.1f}" for k, v in row["per_image_ms"].items())
-                print(f"F={ms:g} ms host_threads={threads}: busy {row['busy']:.3f} "
-                      f"(commits {row['busy_commits']:.3f}), "
-                      f"{row['images_per_s']:.1f} img/s (ideal {row['ideal_images_per_s']:.1f}); "
-                      f"per image ms: {stages}", flush=True)
+                for score in scores:
+                    row = measure(args, root, options, model, ms, threads, score)
+                    results.append(row)
+                    stages = ", ".join(f"{k} {v:.1f}" for k, v in row["per_image_ms"].items())
+                    print(f"F={ms:g} ms host_threads={threads} scores "
+                          f"{'on' if score else 'off'}: busy {row['busy']:.3f} "
+                          f"(commits {row['busy_commits']:.3f}), {row['images_per_s']:.1f} "
+                          f"img/s (ideal {row['ideal_images_per_s']:.1f}); per image ms: "
+                          f"{stages}", flush=True)
     finally:
         ray.shutdown()
         if server is not None:

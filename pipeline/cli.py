@@ -1,20 +1,22 @@
 """The `sdedit-batch` command line: parses arguments, calls the library, prints results.
 
-The run path's commands live here (validate, run, status, submit); the side tools' commands
-(demo-data, prepare, preview, train, bench) in `pipeline/tools/cli.py`. These two modules are
-the only ones that import click. Commands are thin: they parse, call one function of
-`pipeline/` and print; every `PipelineError` becomes one "error: ..." line and its exit code in
-`_Group.invoke`, the one error handler.
+The run path's commands live here (validate, run, score, status, submit); the side tools'
+commands (demo-data, prepare, preview, train, bench) in `pipeline/tools/cli.py`, eval and filter
+in `pipeline/curate/cli.py`. These three modules are the only ones that import click. Commands
+are thin: they parse, call one function of `pipeline/` and print; every `PipelineError` becomes
+one "error: ..." line and its exit code in `_Group.invoke`, the one error handler.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 from typing import Any
 
 import click
 
 from pipeline import __version__
+from pipeline.curate.cli import CURATE_COMMANDS
 from pipeline.errors import PipelineError, count
 from pipeline.tools.cli import TOOL_COMMANDS
 
@@ -201,6 +203,63 @@ def _kinds(counts: dict[str, int]) -> str:
     return ", ".join(f"{kind} {count}" for kind, count in ordered) or "none"
 
 
+@main.command("score")
+@click.argument("output", metavar="OUT")
+@click.option("--job", "job", default=None, metavar="JOB", type=click.Path(dir_okay=False),
+              help="A job file whose score: (and compute:) sections to use.")
+@set_option
+@click.option("--metrics", default=None, metavar="LIST",
+              help="Scorers, comma-separated: ssim, clip_score, aesthetic, embedding.")
+@click.option("--clip-model", default=None, metavar="SRC", help="score.clip_model.")
+@click.option("--aesthetic-model", default=None, metavar="SRC", help="score.aesthetic_model.")
+@click.option("--prompt", default=None, metavar="TEXT",
+              help="score.prompt: the text of clip_score for rows without a prompt.")
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster to join (as run).")
+@click.option("--limit-shards", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Score at most N shards (run again for the rest).")
+@click.option("--overwrite", is_flag=True,
+              help="Discard scores made with other settings and score every shard again.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+def score_cmd(output: str, job: str | None, overrides: tuple[str, ...], metrics: str | None,
+              clip_model: str | None, aesthetic_model: str | None, prompt: str | None,
+              address: str | None, limit_shards: int | None, overwrite: bool,
+              progress: bool) -> None:
+    """Score the outputs of OUT after the fact: write OUT/scores/STEM.parquet per shard.
+
+    The same scores as a run with that score: section (from the outputs as written), on Ray
+    actors, shard by shard; resumable like run (shards with a sidecar are skipped). Settings:
+    a job file's score: section (--job), or the options, or --set score.KEY=VALUE. Other
+    settings than those OUT's scores were made with are refused unless --overwrite.
+
+    \b
+    Examples:
+      sdedit-batch score out/quickstart --metrics ssim,clip_score,embedding \\
+          --clip-model openai/clip-vit-large-patch14 --prompt "a photo of a room"
+      sdedit-batch score out/sd15 --job jobs/score.yaml --overwrite
+    """
+    from pipeline.driver.scoring import score_output, score_spec
+
+    given = list(overrides)
+    if metrics is not None:
+        given.append(f"score.metrics=[{metrics}]")
+    for key, value in (("clip_model", clip_model), ("aesthetic_model", aesthetic_model),
+                       ("prompt", prompt)):
+        if value is not None:
+            given.append(f"score.{key}={json.dumps(value)}")
+    spec = score_spec(output, job, given)
+    summary = score_output(spec, address=address, limit_shards=limit_shards,
+                           overwrite=overwrite, progress=progress)
+    left = summary.shards_committed - summary.shards_scored_before - summary.shards_scored \
+        - len(summary.failed)
+    click.echo(f"scored {summary.shards_scored} shard(s) now ({summary.scored} of "
+               f"{summary.rows} rows ok), {summary.shards_scored_before} before, "
+               f"{len(summary.failed)} failed, {left} not yet (of {summary.shards_committed} "
+               f"committed); {summary.seconds:.1f} s; sidecars in {output}/scores")
+    for stem, error in summary.failed.items():
+        click.echo(f"  FAILED {stem}: {error}", err=True)
+    raise SystemExit(summary.exit_code)
+
+
 @main.command("status")
 @click.argument("target", metavar="TARGET")
 @click.option("--address", default=None, metavar="URL",
@@ -235,6 +294,7 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
       sdedit-batch status s3://bucket/out --repeated-keys --verify
     """
     from pipeline.driver.submit import describe, is_submission_id, submission_status
+    from pipeline.output.folder import OutputFolder
     from pipeline.output.status import error_rows, job_status
 
     if address is not None or is_submission_id(target):
@@ -255,6 +315,10 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
     click.echo(f"samples: {st.samples}; outputs {st.outputs_ok} ok, {st.outputs_error} error")
     click.echo(f"error rows by kind: {_kinds(st.errors_by_kind)}")
     click.echo(f"warnings: {st.warnings_text()}")
+    scored = OutputFolder(st.output, st.storage_options).scored_stems()
+    if scored:
+        rest = "" if len(scored) >= st.done else " (sdedit-batch score OUT scores the rest)"
+        click.echo(f"scores: {len(scored)} of {st.done} done shards have a sidecar{rest}")
     click.echo(f"keys in more than one shard: {_repeated(st.keys_in_several_shards, st.output)}")
     if st.unreadable:
         click.echo(f"done markers that are not JSON objects: {st.unreadable} (their shards "
@@ -329,7 +393,7 @@ def submit_cmd(job: str, address: str | None, overrides: tuple[str, ...], wait: 
     raise SystemExit(final.exit_code)
 
 
-for _command in TOOL_COMMANDS:
+for _command in (*TOOL_COMMANDS, *CURATE_COMMANDS):
     main.add_command(_command)
 
 if __name__ == "__main__":  # pragma: no cover

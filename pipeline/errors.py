@@ -71,3 +71,9 @@ class RunStoppedError(StorageError):
 class OutputBusyError(PipelineError):
     """Another run holds the output's lease (`pipeline.output.lease`): this run is refused
     before it writes anything, naming that run and how old its heartbeat is."""
+
+
+class ScorerModelError(PipelineError):
+    """A scorer model (`score.clip_model`, `score.aesthetic_model`) is missing, cannot be
+    loaded, or does not fit the other (an aesthetic predictor for another embedding width).
+    The whole job is refused: no shard could be scored."""

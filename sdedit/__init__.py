@@ -38,20 +38,25 @@ from sdedit.processes import NoiseProcess, VPProcess
 from sdedit.schedules import VPSchedule
 from sdedit.sources import (
     ModelSourceError,
+    Resolved,
     cached_snapshot,
+    files_identity,
     hub_download_hint,
     hub_repo_files,
     local_path,
+    resolve,
     source_kind,
+    transformers_allow_patterns,
 )
 
 __all__ = [
     "DTYPES", "MAX_GUIDANCE", "QUOTE_CHARS", "SAMPLERS", "Acceleration", "DiffusionModel",
     "EditInputError", "Lora", "ModelLayout", "ModelSourceError", "NoiseProcess", "NoiseSource",
-    "PrefetchNoise", "PromptCut", "SeedNoise", "TextSpec", "VPProcess", "VPSchedule",
+    "PrefetchNoise", "PromptCut", "Resolved", "SeedNoise", "TextSpec", "VPProcess", "VPSchedule",
     "apply_loras", "cached_snapshot", "count_steps", "default_noise_threads", "dtype_name",
-    "edit", "guidance_scale", "hub_download_hint", "hub_repo_files", "inspect_model_dir",
-    "load_model", "local_path", "lora_fit", "lora_kind", "noise_for", "prompt_cuts", "quoted",
-    "resolve_device", "resolve_dtype", "settings_problems", "source_kind", "warm_up",
+    "edit", "files_identity", "guidance_scale", "hub_download_hint", "hub_repo_files",
+    "inspect_model_dir", "load_model", "local_path", "lora_fit", "lora_kind", "noise_for",
+    "prompt_cuts", "quoted", "resolve", "resolve_device", "resolve_dtype", "settings_problems",
+    "source_kind", "transformers_allow_patterns", "warm_up",
 ]
 __version__ = "0.1.0"

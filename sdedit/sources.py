@@ -22,6 +22,7 @@ from typing import Any, Literal
 logger = logging.getLogger(__name__)
 
 __all__ = [
+    "Layout",
     "ModelSourceError",
     "Resolved",
     "cached_snapshot",
@@ -33,6 +34,7 @@ __all__ = [
     "local_path",
     "resolve",
     "source_kind",
+    "transformers_allow_patterns",
 ]
 
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -59,8 +61,14 @@ FALLBACK_PATTERNS = ["model_index.json", "config.json", "scheduler_config.json",
                          "model-*-of-*.safetensors")),
                      "tokenizer_2/*", "tokenizer_3/*"]
 """What a hub fetch asks for when the repository cannot be listed (offline: the cache answers)."""
+TRANSFORMERS_FALLBACK = ["*.json", "*.txt", "model.safetensors"]
+"""What a hub fetch of a transformers model asks for when the repository cannot be listed."""
 HUB_TIMEOUT = 10.0
 """Seconds one hub listing may take (`hub_repo_files`)."""
+
+
+Layout = Literal["diffusers", "transformers"]
+"""Which files of a hub repository a model needs (`resolve`)."""
 
 
 class ModelSourceError(ValueError):
@@ -94,8 +102,10 @@ def local_path(source: str) -> Path:
 
 
 def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
-            storage_options: dict[str, Any] | None) -> Resolved:
-    """A local directory holding the model files for `source` (see `load_model`)."""
+            storage_options: dict[str, Any] | None, layout: Layout = "diffusers") -> Resolved:
+    """A local directory holding the model files for `source` (see `load_model`); a hub
+    download takes the files of `layout` ("diffusers": `hub_allow_patterns`; "transformers":
+    `transformers_allow_patterns`, a model such as CLIP with its processor)."""
     kind = source_kind(source)
     if kind == "url":
         return Resolved(copy_url(source, cache_dir, storage_options or {}))
@@ -107,7 +117,7 @@ def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
             f"model source {source!r} is a file; expected a model directory (convert an "
             "original DDPM/SDEdit checkpoint first: pipeline.tools.convert.convert_checkpoint)")
     if kind == "hub":
-        directory = from_hub(source)
+        directory = from_hub(source, layout)
         return Resolved(directory, directory.name)
     raise ModelSourceError(
         f"model source {source!r} not found; allowed: a local diffusers model directory, "
@@ -181,9 +191,18 @@ def hub_download_hint(repo_id: str) -> str:
     return f"`hf download {repo_id}`"
 
 
-def from_hub(repo_id: str) -> Path:
-    """The hub snapshot directory of `repo_id` with `hub_allow_patterns`' files (from the cache
-    when offline). Its name is the commit hash."""
+def transformers_allow_patterns(repo_files: Iterable[str]) -> list[str]:
+    """The files of a transformers model repository (a CLIP model and its processor) to fetch:
+    the top-level json and txt files (configs, tokenizer, preprocessor) and one weights variant
+    (model.safetensors, else pytorch_model.bin; sharded or not), never TF, Flax or ONNX."""
+    names = set(repo_files)
+    wanted = [n for n in names if "/" not in n and n.endswith((".json", ".txt"))]
+    return sorted(set(wanted + _best_weights(names, "", ("model", "pytorch_model"))))
+
+
+def from_hub(repo_id: str, layout: Layout = "diffusers") -> Path:
+    """The hub snapshot directory of `repo_id` with the files its `layout` needs (from the
+    cache when offline). Its name is the commit hash."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -191,7 +210,11 @@ def from_hub(repo_id: str) -> Path:
     except Exception as exc:  # offline, no network: the cache may still hold a snapshot
         logger.info("cannot list hub repo %s (%s); trying the cache", repo_id, type(exc).__name__)
         files = None
-    patterns = hub_allow_patterns(files) if files is not None else FALLBACK_PATTERNS
+    if layout == "transformers":
+        patterns = transformers_allow_patterns(files) if files is not None else \
+            TRANSFORMERS_FALLBACK
+    else:
+        patterns = hub_allow_patterns(files) if files is not None else FALLBACK_PATTERNS
     try:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as exc:

@@ -14,7 +14,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = {"__init__", "cli", "errors", "storage", "redaction", "images", "stages"}
-WINGS = {"job", "input", "output", "worker", "driver", "tools"}
+WINGS = {"job", "input", "output", "score", "worker", "driver", "tools", "curate"}
 MAX_LINES = 400
 
 

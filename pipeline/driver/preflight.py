@@ -24,6 +24,8 @@ from pipeline.job.modelcheck import layout_problems
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
 from pipeline.output.jobrecord import resume_conflict
+from pipeline.output.scorerecord import scores_conflict
+from pipeline.score.models import scorer_model_problems
 from pipeline.storage import describe_error, is_local, join, url_fs, with_retries
 from sdedit import (
     ModelLayout,
@@ -42,7 +44,7 @@ from sdedit import (
 logger = logging.getLogger(__name__)
 
 __all__ = ["Preflight", "check_model", "lora_problems", "model_layout", "model_problems",
-           "preflight"]
+           "preflight", "scorer_problems"]
 
 
 @dataclass
@@ -226,7 +228,25 @@ def _model_problems(spec: JobSpec, offline: bool) -> tuple[list[str], list[str]]
     else:
         problems += layout_problems(spec, layout)
     lora, lora_notes = lora_problems(spec, layout, offline=offline)
-    return problems + lora, notes + lora_notes
+    scorers, scorer_notes = scorer_problems(spec, offline=offline)
+    return problems + lora + scorers, notes + lora_notes + scorer_notes
+
+
+def scorer_problems(spec: JobSpec, *, offline: bool = False) -> tuple[list[str], list[str]]:
+    """(problems, notes) of the `score:` section's models, without loading weights
+    (`pipeline.score.models.scorer_model_problems`): the CLIP model when a scorer uses it, the
+    aesthetic predictor when asked for."""
+    score = spec.score
+    problems: list[str] = []
+    notes: list[str] = []
+    if score.uses_clip:
+        found, said = scorer_model_problems(score.clip_model, offline=offline)
+        problems, notes = problems + found, notes + said
+    if "aesthetic" in score.metrics and score.aesthetic_model is not None:
+        found, said = scorer_model_problems(score.aesthetic_model, aesthetic=True,
+                                            offline=offline)
+        problems, notes = problems + found, notes + said
+    return problems, notes
 
 
 def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
@@ -315,6 +335,16 @@ def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite:
         report.notes.append(f"output.path: {conflict} (run --overwrite discards them)")
     elif conflict:
         report.problems.append(f"output.path: {conflict}")
+    if spec.score.enabled and not conflict:
+        try:
+            scored = scores_conflict(folder, spec.score.settings())
+        except Exception as exc:
+            report.problems.append(f"output.path: cannot read {out}: {describe_error(exc)}")
+            return
+        if scored and overwrite:
+            report.notes.append(f"score: {scored} (run --overwrite discards the old scores)")
+        elif scored:
+            report.problems.append(f"score: {scored}")
 
 
 def _probe_writable(folder: OutputFolder) -> None:

@@ -174,6 +174,12 @@ def _cross_checks(values: Mapping[str, dict[str, Any]], errors: list[str]) -> No
     if image is not BAD and mask not in (BAD, None) and mask in guides:
         errors.append(f"input.mask: {fmt(mask)} is also the guide image (input.image: "
                       f"{fmt(image)}); allowed: a different member, e.g. mask.png")
+    score = values["score"]
+    if BAD not in (score["metrics"], score["aesthetic_model"]) and \
+            "aesthetic" in score["metrics"] and score["aesthetic_model"] is None:
+        errors.append("score.aesthetic_model: missing; the aesthetic scorer needs it; allowed: "
+                      "the LAION improved aesthetic predictor's state dict (a local file or an "
+                      "fsspec URL), or drop aesthetic from score.metrics")
     if values["compute"]["device"] == "cuda" and values["compute"]["gpus_per_actor"] == 0:
         errors.append("compute.gpus_per_actor: 0.0 with compute.device cuda; allowed: a number "
                       "in (0, 8] when device is cuda")

@@ -36,8 +36,8 @@ from sdedit import MAX_GUIDANCE, Lora
 from sdedit import SAMPLERS as ENGINE_SAMPLERS
 
 __all__ = ["DEVICES", "DTYPES", "FINGERPRINT_VERSION", "IMAGE_FORMATS", "MAX_PROMPT_CHARS",
-           "SAMPLERS", "SECTIONS", "ActorsSpec", "ComputeSpec", "InputSpec", "JobSpec",
-           "ModelSpec", "OutputSpec", "SdeditSpec", "setting"]
+           "METRICS", "SAMPLERS", "SECTIONS", "ActorsSpec", "ComputeSpec", "InputSpec", "JobSpec",
+           "ModelSpec", "OutputSpec", "ScoreSpec", "SdeditSpec", "setting"]
 
 SAMPLERS = tuple(ENGINE_SAMPLERS)
 IMAGE_FORMATS = tuple(OUTPUT_FORMATS)
@@ -193,8 +193,64 @@ class ComputeSpec:
     the slowest attempt the run has committed, at least an hour (`pipeline.driver.schedule`)."""
 
 
+METRICS = ("ssim", "clip_score", "aesthetic", "embedding")
+"""The per-row scorers a `score:` section may name (`pipeline.score`)."""
+CLIP_METRICS = ("clip_score", "aesthetic", "embedding")
+"""The scorers that need the CLIP model (one forward serves all three)."""
+
+
+def _metric_list(value: Any) -> bool:
+    return isinstance(value, list) and all(item in METRICS for item in value)
+
+
+_METRICS = typed("a list of " + ", ".join(METRICS), "is not a list of known scorers",
+                 _metric_list, lambda v: tuple(m for m in METRICS if m in v))
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    """Per-row scores of the outputs (`pipeline.score`), written beside each shard as
+    `scores/{stem}.parquet`; they never change the outputs (no field is in the fingerprint)."""
+
+    metrics: tuple[str, ...] = setting((), _METRICS)
+    """The scorers, any subset of METRICS; none = no scoring."""
+    clip_model: str = setting("openai/clip-vit-large-patch14", string(
+        "a CLIP model (CLIPModel + CLIPProcessor): a hub id, a local folder or an fsspec URL"))
+    aesthetic_model: str | None = setting(None, optional(string(
+        "the LAION improved aesthetic predictor's state dict (.pth or .safetensors): a local "
+        "file or an fsspec URL (hf://, s3://, https://)")))
+    """Needed by the aesthetic scorer; an MLP on the CLIP image embedding."""
+    prompt: str | None = setting(None, _TEXT)
+    """The text of clip_score for rows edited without a prompt (unconditional models)."""
+    batch_size: int | None = setting(None, optional(_INT(1, 4096)))
+    """Images per scorer call; None = compute.batch_size."""
+    storage_options: Mapping[str, Any] = setting({}, _OPTIONS)
+    """fsspec options of URL scorer models."""
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.metrics)
+
+    @property
+    def uses_clip(self) -> bool:
+        return any(m in CLIP_METRICS for m in self.metrics)
+
+    def settings(self) -> dict[str, Any]:
+        """What the scores depend on (the models only where a scorer uses them): two runs
+        with the same settings give the same scores (`pipeline.output.scores`)."""
+        data: dict[str, Any] = {"metrics": list(self.metrics)}
+        if self.uses_clip:
+            data["clip_model"] = self.clip_model
+        if "clip_score" in self.metrics:
+            data["prompt"] = self.prompt
+        if "aesthetic" in self.metrics:
+            data["aesthetic_model"] = self.aesthetic_model
+        return data
+
+
 SECTIONS: dict[str, type] = {"model": ModelSpec, "input": InputSpec, "output": OutputSpec,
-                             "sdedit": SdeditSpec, "compute": ComputeSpec}
+                             "sdedit": SdeditSpec, "compute": ComputeSpec,
+                             "score": ScoreSpec}
 """The job's sections, in the order a job file lists them."""
 
 
@@ -208,13 +264,15 @@ class JobSpec:
     output: OutputSpec
     sdedit: SdeditSpec = field(default_factory=SdeditSpec)
     compute: ComputeSpec = field(default_factory=ComputeSpec)
+    score: ScoreSpec = field(default_factory=ScoreSpec)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON-able resolved spec; secrets in storage options are replaced by "***"."""
         data = dataclasses.asdict(self)
-        for section in ("model", "input", "output"):
+        for section in ("model", "input", "output", "score"):
             data[section]["storage_options"] = redact(data[section]["storage_options"])
         data["input"]["shards"] = list(self.input.shards)
+        data["score"]["metrics"] = list(self.score.metrics)
         data["model"]["lora"] = _plain(self.model.lora)
         return data
 

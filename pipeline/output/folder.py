@@ -7,6 +7,8 @@ OUT/manifests/{stem}.parquet  its manifest        } published before
 OUT/done/{stem}.json          its commit marker   } the marker, last
 OUT/failed/{stem}.json        a shard that failed after its retries (`record_failure`)
 OUT/lease.json                the run writing here now (`lease`, `pipeline.output.lease`)
+OUT/scores/{stem}.parquet     its scores, before the marker (or later: `write_scores`)
+OUT/scores/settings.json      the settings of those scores (`read_score_settings`)
 ```
 Every other module asks it: which shards are done or failed (one listing each, no request per
 shard), which committed shards are damaged (`plan`, `pipeline.output.commits`), what is left to
@@ -24,10 +26,6 @@ import shutil
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
-
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.dataset as pads
 
 from pipeline.errors import StorageError
 from pipeline.input.shards import unique_stems
@@ -54,8 +52,8 @@ from pipeline.output.layout import (
     marker_stem,
 )
 from pipeline.output.lease import LEASE_TIMEOUT_S, Lease, LeaseState
-from pipeline.output.manifest import MANIFEST_SCHEMA
 from pipeline.output.recordcheck import parse_record
+from pipeline.output.tables import ResultTables, json_object
 from pipeline.output.writer import ShardOutput
 from pipeline.redaction import redact_url
 from pipeline.storage import (
@@ -78,7 +76,7 @@ _WORKERS = 16
 """Threads reading markers (local disks and object stores both gain from several reads)."""
 
 
-class OutputFolder:
+class OutputFolder(ResultTables):
     """The output location `path` (local or fsspec URL) read with `storage_options`."""
 
     def __init__(self, path: str, storage_options: Mapping[str, Any] | None = None) -> None:
@@ -250,7 +248,7 @@ class OutputFolder:
                 if isinstance(blob, BaseException) or blob is None:
                     raise StorageError(f"cannot read {redact_url(name)}: "
                                        f"{describe_error(blob or OSError('no data'))}")
-                out.append((stem, _json_object(blob)))
+                out.append((stem, json_object(blob)))
             return out
 
         chunks = [files[i:i + _CHUNK] for i in range(0, len(files), _CHUNK)]
@@ -281,37 +279,11 @@ class OutputFolder:
         return True
 
     # results
-    def shard_writer(self, stem: str) -> ShardOutput:
-        """A writer of shard `stem`'s tar, manifest and marker (published by its `commit`)."""
-        return ShardOutput(self.shard_urls(stem), stem, self.options)
-
-    def read_manifests(self, columns: list[str], where: pc.Expression | None = None
-                       ) -> tuple[pa.Table, dict[str, str]]:
-        """(`columns` of every readable manifest (rows matching `where`) as one table, the
-        manifests that cannot be read: name -> why). Read with MANIFEST_SCHEMA, so manifests
-        written before a column existed read with it null. No manifests: an empty table."""
-        url = self.url(MANIFESTS)
-        fs, path = url_fs(url, self.options)
-        schema = pa.schema([MANIFEST_SCHEMA.field(name) for name in columns])
-        try:
-            if not fs.exists(path):
-                return schema.empty_table(), {}
-            dataset = pads.dataset(path, filesystem=fs, format="parquet", schema=MANIFEST_SCHEMA)
-        except Exception as exc:
-            raise StorageError(f"cannot read the manifests in {redact_url(url)}: "
-                               f"{describe_error(exc)}") from exc
-        try:
-            return dataset.to_table(columns=columns, filter=where), {}
-        except Exception:  # one at a time, to name those that cannot be read
-            tables, unreadable = [], {}
-            for fragment in dataset.get_fragments():
-                try:
-                    tables.append(fragment.to_table(columns=columns, filter=where,
-                                                    schema=MANIFEST_SCHEMA))
-                except Exception as exc:
-                    unreadable[f"{MANIFESTS}/{fragment.path.rsplit('/', 1)[-1]}"] = \
-                        describe_error(exc)
-            return pa.concat_tables(tables) if tables else schema.empty_table(), unreadable
+    def shard_writer(self, stem: str, scores: Mapping[str, Any] | None = None) -> ShardOutput:
+        """A writer of shard `stem`'s tar, manifest, score sidecar (when `scores`, its
+        metadata, is given) and marker, published in that order by its `commit`."""
+        sidecar = None if scores is None else (self.scores_url(stem), scores)
+        return ShardOutput(self.shard_urls(stem), stem, self.options, sidecar)
 
     # who writes here
     def lease(self, job: str = "", **options: Any) -> Lease:
@@ -379,11 +351,3 @@ class OutputFolder:
             raise
         except Exception as exc:
             raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
-
-
-def _json_object(blob: bytes) -> dict[str, Any] | None:
-    try:
-        data = json.loads(blob)
-    except ValueError:
-        return None
-    return data if isinstance(data, dict) else None

@@ -8,6 +8,8 @@ OUT/manifests/{stem}.parquet  one manifest per input shard (pipeline.output.mani
 OUT/done/{stem}.json          commit marker, written last: the shard is done
 OUT/failed/{stem}.json        a shard that failed after its retries (pipeline.driver.runner)
 OUT/lease.json                the run writing here now (pipeline.output.lease)
+OUT/scores/{stem}.parquet     per-row scores of a shard, before its marker (pipeline.output.scores)
+OUT/scores/settings.json      the score settings every sidecar was made with
 ```
 `stem` is the input shard's name without folders and tar suffix
 (`pipeline.input.shards.shard_stem`).
@@ -18,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 __all__ = ["DONE", "FAILED", "JOB_RECORD", "LEASE", "MANIFESTS", "MARKER_SUFFIX", "RESULT_FOLDERS",
-           "SHARDS", "ShardUrls", "marker_stem"]
+           "SCORES", "SCORE_SETTINGS", "SHARDS", "ShardUrls", "marker_stem"]
 
 JOB_RECORD = "job.json"
 """What the job is (resolved spec, fingerprint, versions, resolved compute values)."""
@@ -34,7 +36,11 @@ FAILED = "failed"
 """Failure records, `{stem}.json`, of shards that failed after their retries."""
 MARKER_SUFFIX = ".json"
 """The suffix of commit markers and failure records."""
-RESULT_FOLDERS = (DONE, FAILED, SHARDS, MANIFESTS)
+SCORES = "scores"
+"""Per-row score sidecars, `{stem}.parquet`, one row per manifest row (`pipeline.output.scores`)."""
+SCORE_SETTINGS = "settings.json"
+"""In SCORES: the score settings of its sidecars (a rescore with others needs --overwrite)."""
+RESULT_FOLDERS = (DONE, FAILED, SHARDS, MANIFESTS, SCORES)
 """The folders holding results (what `run --overwrite` discards; job.json is rewritten)."""
 
 

@@ -4,6 +4,7 @@ Layout (docs/architecture.md):
     OUT/shards/{stem}.tar          {okey}.{fmt} output, {okey}.guide.png, {okey}.mask.png,
                                    {okey}.target.png (when the input had one), {okey}.json
     OUT/manifests/{stem}.parquet   one row per input sample x output index, errors included
+    OUT/scores/{stem}.parquet      with scoring on: one row of scores per manifest row
     OUT/done/{stem}.json           the commit marker, written last
 
 The tar is built in a local temporary file and published whole: local outputs by rename, object
@@ -30,6 +31,7 @@ from pipeline.errors import StorageError
 from pipeline.images import encode_image
 from pipeline.output.layout import ShardUrls
 from pipeline.output.manifest import check_row, manifest_bytes
+from pipeline.output.scores import score_row, scores_bytes
 from pipeline.redaction import redact_url
 from pipeline.storage import (
     absolute_url,
@@ -130,19 +132,23 @@ def files_record(tar_size: int, tar_crc32: int, manifest: bytes) -> dict[str, An
 
 
 class ShardOutput:
-    """Collects one shard's outputs and manifest rows; `commit()` publishes them in order.
-    Made by `OutputFolder.shard_writer`, which names `urls`. The tar is written to a temporary
+    """Collects one shard's outputs and manifest rows (and their scores); `commit()` publishes
+    them in order. Made by `OutputFolder.shard_writer`, which names `urls` and, with scoring
+    on, the sidecar's (`scores`: its URL and metadata). The tar is written to a temporary
     file named after this process (`pipeline.storage.temp_name`): local outputs beside the
     tar, object stores in the system's temporary folder; a writer never removes another's.
     Every failure to write is a `StorageError` naming the file (and the temporary file)."""
 
     def __init__(self, urls: ShardUrls, stem: str,
-                 storage_options: Mapping[str, Any] | None) -> None:
+                 storage_options: Mapping[str, Any] | None,
+                 scores: tuple[str, Mapping[str, Any]] | None = None) -> None:
         self.urls = urls
         self.stem = stem
         self.options = dict(storage_options or {})
+        self.scores = scores
         self.rows: list[dict[str, Any]] = []
         self._positions: list[int] = []
+        self._scores: list[Mapping[str, Any] | None] = []
         self.fs, self.tar_path = url_fs(self.urls.tar, self.options)
         name = temp_name(f"{stem}.tar")
         local = is_local(self.fs)
@@ -172,10 +178,12 @@ class ShardOutput:
         except OSError as exc:
             raise self._error(exc) from exc
 
-    def add_row(self, row: Mapping[str, Any], position: int = 0) -> None:
+    def add_row(self, row: Mapping[str, Any], position: int = 0,
+                scores: Mapping[str, Any] | None = None) -> None:
         """Add one manifest row (made by `pipeline.output.manifest.manifest_row`) of the sample at
-        `position` in the input shard; the manifest holds its rows in input order (by position,
-        then `sample_index`), whatever the order they were added in.
+        `position` in the input shard, with its `scores` (scorer -> value; None: null scores);
+        the manifest holds its rows in input order (by position, then `sample_index`),
+        whatever the order they were added in, and the sidecar in the same order.
 
         Raises:
             ManifestRowError: a row with an unknown or missing column, or an error kind that
@@ -183,12 +191,15 @@ class ShardOutput:
         """
         self.rows.append(check_row(row))
         self._positions.append(position)
+        self._scores.append(scores)
+
+    def _order(self) -> list[int]:
+        return sorted(range(len(self.rows)),
+                      key=lambda i: (self._positions[i], self.rows[i]["sample_index"] or 0))
 
     def ordered_rows(self) -> list[dict[str, Any]]:
         """The rows in input order (sample position, then output index)."""
-        order = sorted(range(len(self.rows)),
-                       key=lambda i: (self._positions[i], self.rows[i]["sample_index"] or 0))
-        return [self.rows[i] for i in order]
+        return [self.rows[i] for i in self._order()]
 
     def commit(self, marker: Mapping[str, Any]) -> dict[str, Any]:
         """Publish tar, then manifest, then the marker (the shard counts as done only then);
@@ -221,6 +232,11 @@ class ShardOutput:
             self._drop_temp()
         manifest = manifest_bytes(self.ordered_rows())
         put_bytes_atomic(self.urls.manifest, manifest, self.options, what="the manifest")
+        if self.scores is not None:  # before the marker: a committed shard has its scores
+            url, metadata = self.scores
+            rows = [score_row(self.rows[i], self._scores[i]) for i in self._order()]
+            put_bytes_atomic(url, scores_bytes(rows, metadata), self.options,
+                             what="the scores sidecar")
         marker = {**marker, "files": files_record(self._digest.size, self._digest.crc32,
                                                   manifest)}
         put_bytes_atomic(self.urls.marker, json.dumps(marker, indent=1).encode(),

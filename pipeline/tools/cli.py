@@ -1,4 +1,5 @@
-"""Click commands of the side tools: demo-data, prepare, preview, train, bench, convert.
+"""Click commands of the side tools: demo-data, prepare, preview, train, bench, convert,
+t0-sweep.
 
 They are added to the `sdedit-batch` group by `pipeline/cli.py`, whose one error handler turns a
 `PipelineError` into its message and exit code. Each command parses its options and calls one
@@ -319,5 +320,28 @@ def convert_cmd(ckpt: str, config: str, out: str, overwrite: bool) -> None:
     click.echo(f"wrote {path} (diffusers UNet2DModel + scheduler); use it as model.source")
 
 
-TOOL_COMMANDS = (demo_data_cmd, prepare_cmd, preview_cmd, train_cmd, bench_cmd, convert_cmd)
+@click.command("t0-sweep")
+@click.argument("shards", nargs=-1, required=True, metavar="SHARDS...")
+@click.option("--t0", "t0s", default="0.3,0.45,0.6", show_default=True, metavar="LIST",
+              help="The t0 values, comma-separated.")
+@click.option("--out", required=True, metavar="DIR", help="Folder (or URL) for the shards.")
+def t0_sweep_cmd(shards: tuple[str, ...], t0s: str, out: str) -> None:
+    """Inputs of a t0 sweep: each sample of SHARDS once per t0, with its t0 as a per-row
+    setting ({key}.json) and key KEY_tNNN (1000 t0). Run a job on them, then
+    `sdedit-batch eval` shows realism against faithfulness per t0.
+
+    \b
+    Example:
+      sdedit-batch t0-sweep jobs/data/quickstart --t0 0.3,0.45,0.6 --out jobs/data/t0-sweep
+    """
+    from pipeline.tools.sweep import sweep_inputs
+
+    values = [float(x) for x in t0s.split(",") if x.strip()]
+    written = sweep_inputs(list(shards), values, out)
+    click.echo(f"wrote {count(len(written), 'shard')} to {out}, each sample at t0 "
+               + ", ".join(f"{t:g}" for t in values))
+
+
+TOOL_COMMANDS = (demo_data_cmd, prepare_cmd, preview_cmd, train_cmd, bench_cmd, convert_cmd,
+                 t0_sweep_cmd)
 """Added to the `sdedit-batch` group by `pipeline/cli.py`."""

@@ -1,8 +1,9 @@
-"""What runs inside the Ray actors of a run, as plain classes (`pipeline.driver.runner` wraps them
-with `ray.remote`; only the runner imports Ray).
+"""What runs inside the Ray actors, as plain classes (`pipeline.driver.pool` wraps them with
+`ray.remote`; only the driver imports Ray).
 
-`ShardActor` holds one `ShardWorker`; `Counter` (one per run) sums the images the actors have
-written, for the progress bar; `Batched` sends an actor's counts at most every 0.5 s.
+`ShardActor` holds one `ShardWorker` (`run`); `ScoreActor` one `ShardScorer` (`score` after the
+fact); `Counter` (one per command) sums the images the actors have finished, for the progress
+bar; `Batched` sends an actor's counts at most every 0.5 s.
 """
 
 from __future__ import annotations
@@ -12,12 +13,19 @@ import logging
 import time
 from typing import Any
 
+import torch
+
+from pipeline.input.shards import shard_stem
 from pipeline.job.spec import JobSpec
+from pipeline.output.folder import OutputFolder
 from pipeline.redaction import SecretFilter
+from pipeline.score.scorer import Scorer
+from pipeline.score.shard import ShardScorer
 from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.shard import ShardWorker
+from sdedit import resolve_device
 
-__all__ = ["Batched", "Counter", "ShardActor"]
+__all__ = ["Batched", "Counter", "ScoreActor", "ShardActor"]
 
 
 class Counter:
@@ -82,6 +90,52 @@ class ShardActor:
 
     def close(self) -> bool:
         """End the worker's threads (the driver then ends the actor)."""
+        if self.worker is not None:
+            self.worker.close()
+        return True
+
+
+class ScoreActor:
+    """One `ShardScorer` in a Ray actor: loads the scorer models once, then scores committed
+    shards (`process` takes the shard's output tar URL). A start error is kept and raised by
+    `ready`, as `ShardActor` does."""
+
+    def __init__(self, spec: JobSpec, threads: int, counter: Any,
+                 hooks: Hooks = NO_HOOKS) -> None:
+        logging.basicConfig(level=logging.INFO)
+        for handler in logging.getLogger().handlers:
+            handler.addFilter(SecretFilter())
+        self.counter = counter
+        self.start_error: Exception | None = None
+        self.worker: ShardScorer | None = None
+        try:
+            torch.set_num_threads(max(1, threads))
+            hooks.starting()
+            fake_gpu = hooks.fake_gpu and spec.compute.device == "cuda"
+            device = resolve_device("cpu" if fake_gpu else spec.compute.device)
+            self.worker = ShardScorer(
+                OutputFolder.of(spec), Scorer(spec.score, device), spec.output.image_format,
+                spec.score.batch_size or spec.compute.batch_size,
+                spec.compute.host_threads or max(2, threads), after_batch=hooks.after_batch)
+        except Exception as exc:
+            self.start_error = exc
+
+    def ready(self) -> bool:
+        """Returns once the scorers are loaded; raises why they could not be."""
+        if self.start_error is not None:
+            raise self.start_error
+        return True
+
+    def process(self, url: str) -> dict[str, Any]:
+        """Score the committed shard whose output tar is at `url`."""
+        self.ready()
+        assert self.worker is not None
+        report = Batched(lambda n: self.counter.add.remote(url, n))
+        stats = self.worker.process(shard_stem(url), progress=report)
+        report.flush()
+        return dataclasses.asdict(stats)
+
+    def close(self) -> bool:
         if self.worker is not None:
             self.worker.close()
         return True

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from pipeline.input.reader import Sample
 from pipeline.output.writer import ShardOutput
@@ -29,7 +30,8 @@ __all__ = ["Attempt"]
 class Attempt:
     """One attempt at one shard, while it runs: where its results go (`writer`, with rows
     built by `records`), what it counted, its timings, its decoded images alive (`gauge`),
-    its turn at the device (`token`) and the ordered sink of its encodes."""
+    its turn at the device (`token`), the ordered sink of its encodes and the ok rows waiting
+    for their scores (`scoring`)."""
 
     url: str
     stem: str
@@ -41,19 +43,22 @@ class Attempt:
     timings: Timings = field(default_factory=Timings)
     token: object = field(default_factory=object)
     sink: OrderedSink[Encoded] = field(init=False)
+    scoring: list[tuple[dict[str, Any], int, Any]] = field(default_factory=list)
+    """(manifest row, sample position, score input) of ok rows not yet scored."""
 
-    def ok_row(self, item: Encoded) -> None:
-        """The encoded output to the tar (processing order), its row to the manifest."""
+    def ok_row(self, item: Encoded) -> dict[str, Any]:
+        """The encoded output to the tar (processing order); returns its manifest row, which
+        the caller hands to the writer (at once, or with its scores)."""
         task = item.done.task
         assert item.sample is not None
         with self.timings.measure("write"):
             self.writer.add_sample(item.sample)
-        self.writer.add_row(self.records.row(
-            self.stats.input_shard, task.sample, task.index, task.settings,
-            batch_size=item.done.batch_size, encoded=item,
-            output_shard=absolute_url(self.writer.urls.tar)), task.position)
         self.stats.outputs_ok += 1
         self.stats.count_notes(task.notes)
+        return self.records.row(
+            self.stats.input_shard, task.sample, task.index, task.settings,
+            batch_size=item.done.batch_size, encoded=item,
+            output_shard=absolute_url(self.writer.urls.tar))
 
     def error_row(self, sample: Sample, position: int, index: int, kind: str | None,
                   error: str, batch_size: int | None = None, task: Task | None = None) -> None:

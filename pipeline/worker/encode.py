@@ -49,6 +49,7 @@ class Encoded:
     sample: dict[str, Any] | None
     error: str | None = None
     size: tuple[int, int] = (0, 0)  # (H, W)
+    score_input: Any = None  # its scorer inputs (`pipeline.worker.scoring`), with scoring on
 
 
 def encode_output(done: Done, out: OutputSpec,

@@ -23,6 +23,10 @@ hands the same object to each actor it starts (pickled with the actor's argument
                  the GIL, as waiting on a GPU does) and predicts zeros: an emulated device whose
                  busy time is known exactly (benchmarks/host_pipeline.py, driver_scale.py).
                  Noise is drawn ahead in background threads, as the fast path does on a GPU host.
+    score_stand_in_ms  not None: the scorers' device work (`pipeline.score.scorer.Scorer.score`)
+                 is replaced by a sleep of this many milliseconds per image that returns zero
+                 scores; their host work (decoding, the CLIP processor) stays real: an emulated
+                 device for the scorers too (benchmarks/host_pipeline.py --scores).
 """
 
 from __future__ import annotations
@@ -56,6 +60,7 @@ class Hooks:
     hold_read: str | None = None
     fail_start: str | None = None
     stand_in_ms: float | None = None
+    score_stand_in_ms: float | None = None
 
     def starting(self) -> None:
         """Run when a worker starts, before it loads its model."""
@@ -68,6 +73,11 @@ class Hooks:
             model.net = _SleepNet(self.stand_in_ms)
             # rebuilds the runner around the new network; noise threads as on a GPU host
             model.accelerate(noise_threads=default_noise_threads())
+
+    def install_scorer(self, scorer: Any) -> None:
+        """Swap the scorers' device work for the stand-in, if one is asked for."""
+        if self.score_stand_in_ms is not None:
+            scorer.score = _SleepScores(self.score_stand_in_ms, scorer)
 
     def before_read(self, stem: str) -> None:
         """Run before shard `stem` is read: blocks for good when `stall_read` names it, until
@@ -117,6 +127,21 @@ class _SleepNet(torch.nn.Module):
         if self.ms > 0:
             time.sleep(self.ms * x.shape[0] / 1000.0)
         return SimpleNamespace(sample=torch.zeros_like(x))
+
+
+class _SleepScores:
+    """Scores that take `ms` milliseconds per image and are all zero."""
+
+    def __init__(self, ms: float, scorer: Any) -> None:
+        self.ms, self.metrics = ms, sorted(scorer.metrics)
+        self.width = scorer.clip.width if scorer.clip is not None else 0
+
+    def __call__(self, inputs: Any) -> list[dict[str, Any]]:
+        time.sleep(self.ms * len(inputs) / 1000.0)
+        zero = {name: 0.0 for name in self.metrics if name != "embedding"}
+        if "embedding" in self.metrics:
+            zero["embedding"] = [0.0] * self.width
+        return [dict(zero) for _ in inputs]
 
 
 def _once(flag: str, note: str) -> bool:

@@ -1,4 +1,4 @@
-"""ShardWorker: read -> decode -> batch -> edit -> encode -> write -> commit, pipelined.
+"""ShardWorker: read -> decode -> batch -> edit -> encode (-> score) -> write -> commit, pipelined.
 
 One ShardWorker holds one loaded model and edits whole input shards; the Ray actor
 (`pipeline.worker.actor`) wraps it, tests call it directly. Two shards may be in process at
@@ -42,6 +42,7 @@ from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.notices import ActorWarnings
 from pipeline.worker.oom import EditFailure, split_on_oom
 from pipeline.worker.records import Records, ShardStats, worker_columns
+from pipeline.worker.scoring import ScoreStage
 from pipeline.worker.tasks import TaskStage
 from sdedit import (
     DiffusionModel,
@@ -107,6 +108,10 @@ class ShardWorker:
         self.columns = worker_columns(spec, self.model, self.worker_id)
         self.records = Records(spec, self.columns, self.stage.steps, self.conditional,
                                spec.fingerprint())
+        self.scoring = ScoreStage(spec, self.model.device) if spec.score.enabled else None
+        """The score stage (`score:` section), on the edit's device."""
+        if self.scoring is not None:
+            hooks.install_scorer(self.scoring.scorer)
         self.host_threads = host_threads or spec.compute.host_threads or max(2, threads or 1)
         self.host = ThreadPoolExecutor(self.host_threads, thread_name_prefix="sdedit-host")
         noise_threads = self.model.accel.noise_threads
@@ -145,7 +150,8 @@ class ShardWorker:
         if self.output.is_done(stem):
             logger.info("shard %s already committed; skipping", stem)
             return ShardStats(stem=stem, input_shard=url, worker=self.worker_id, skipped=True)
-        a = Attempt(url, stem, self.output.shard_writer(stem),
+        scores = None if self.scoring is None else self.scoring.metadata
+        a = Attempt(url, stem, self.output.shard_writer(stem, scores),
                     ShardStats(stem=stem, input_shard=absolute_url(url), worker=self.worker_id),
                     Gauge(parent=self.in_flight), progress, self.records)
         a.sink = OrderedSink(self.host, lambda item: self._write(item, a), self.window)
@@ -157,6 +163,8 @@ class ShardWorker:
                 self.turns.leave(a.token)
             with a.timings.measure("wait_encode"):
                 a.sink.finish()
+            if self.scoring is not None:
+                self.scoring.flush(a)
             a.stats.seconds = time.perf_counter() - start
             a.stats.timings = {k: round(v, 4) for k, v in sorted(a.timings.seconds.items())}
             a.stats.in_flight_max = self.in_flight.peak
@@ -282,8 +290,11 @@ class ShardWorker:
         return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
     def _encode(self, done: Done) -> Encoded:
-        """The output encoded (`encode.encode_output`); runs in the host pool."""
-        return encode_output(done, self.spec.output, self.records.metadata)
+        """The output encoded (`encode.encode_output`) and its scorer inputs; host pool."""
+        encoded = encode_output(done, self.spec.output, self.records.metadata)
+        if self.scoring is not None and encoded.sample is not None:
+            encoded.score_input = self.scoring.prepare(encoded)
+        return encoded
 
     def _write(self, item: Encoded, a: Attempt) -> None:
         """One encoded output to the tar (processing order), its row to the manifest."""
@@ -293,7 +304,11 @@ class ShardWorker:
                         batch_size=item.done.batch_size, task=task)
         else:
             self.hooks.before_write(a.stem)
-            a.ok_row(item)
+            row = a.ok_row(item)
+            if self.scoring is None:
+                a.writer.add_row(row, task.position)
+            else:  # the row goes to the writer with its scores
+                self.scoring.add(a, row, task.position, item.score_input)
         self._release(task, a)
         if a.progress is not None:
             a.progress(1)

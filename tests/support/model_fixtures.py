@@ -132,3 +132,19 @@ def open_family_models(open_family_dirs: dict[str, Path]) -> dict:
     from sdedit import load_model
 
     return {family: load_model(directory) for family, directory in open_family_dirs.items()}
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random CLIP model + processor (hidden 32, 32 px images, projection 16)."""
+    from tests.support.tiny_clip import save_clip
+
+    return save_clip(tmp_path_factory.mktemp("models") / "tiny-clip")
+
+
+@pytest.fixture(scope="session")
+def tiny_aesthetic_path(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A random LAION aesthetic predictor state dict for the tiny CLIP's 16-d embeddings."""
+    from tests.support.tiny_clip import save_aesthetic
+
+    return save_aesthetic(tmp_path_factory.mktemp("models") / "aesthetic.pth")

@@ -23,8 +23,9 @@ import yaml
 from click.testing import CliRunner
 
 from pipeline.cli import main
-from pipeline.driver import runner, schedule
-from pipeline.driver.runner import actor_options, run_job
+from pipeline.driver import pool, schedule
+from pipeline.driver.pool import actor_options
+from pipeline.driver.runner import run_job
 from pipeline.errors import PipelineError, ResumeConflictError
 from pipeline.worker.hooks import Hooks
 from pipeline.worker.shard import ShardWorker
@@ -253,11 +254,11 @@ def test_cpu_actors_wait_passively_unless_told_otherwise(local_ray, tiny_vp_dir,
                                                         tmp_path, monkeypatch):
     spec = make_spec(tiny_vp_dir, inputs, tmp_path, compute={"cpus_per_actor": None})
     monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
-    options, threads = actor_options(spec)
+    options, threads = actor_options(spec.compute)
     assert options["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "PASSIVE"
     assert (options["num_cpus"], threads) == (2, 2)  # the cluster's 2 CPUs, one actor
     monkeypatch.setenv("OMP_WAIT_POLICY", "ACTIVE")
-    assert actor_options(spec)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
+    assert actor_options(spec.compute)[0]["runtime_env"]["env_vars"]["OMP_WAIT_POLICY"] == "ACTIVE"
 
 
 def test_run_cli_counts_error_kinds_repeated_keys_and_exits_1_on_a_failed_shard(
@@ -316,8 +317,8 @@ def test_rays_notice_of_token_authentication_is_dropped_and_its_warnings_kept():
     nothing of the user (tests/test_quickstart.py checks a whole run's output)."""
     from ray._private.authentication import authentication_token_setup as setup
 
-    runner._quiet_token_notice()
-    runner._quiet_token_notice()  # installed once
+    pool._quiet_token_notice()
+    pool._quiet_token_notice()  # installed once
     seen: list[str] = []
     handler = logging.Handler()
     handler.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
@@ -328,7 +329,7 @@ def test_rays_notice_of_token_authentication_is_dropped_and_its_warnings_kept():
     finally:
         setup.logger.removeHandler(handler)
     assert len(seen) == 1 and seen[0].startswith("Token authentication is disabled"), seen
-    assert sum(isinstance(f, runner._TokenNotice) for f in setup.logger.filters) == 1
+    assert sum(isinstance(f, pool._TokenNotice) for f in setup.logger.filters) == 1
 
 
 def test_actors_that_fail_while_starting_stop_the_job_with_the_cause(local_ray, tiny_vp_dir,

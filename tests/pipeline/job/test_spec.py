@@ -330,8 +330,10 @@ def _job_file(tmp_path: Path, body: str) -> str:
 
 
 def test_validate_cli_ok(tmp_path: Path, tiny_vp_dir: Path) -> None:
-    (tmp_path / "out" / "done").mkdir(parents=True)
-    (tmp_path / "out" / "done" / "p-000001.json").write_text("{}")
+    for folder, name in (("done", "p-000001.json"), ("shards", "p-000001.tar"),
+                         ("manifests", "p-000001.parquet")):  # a commit (its files present)
+        (tmp_path / "out" / folder).mkdir(parents=True)
+        (tmp_path / "out" / folder / name).write_text("{}")
     job = _job_file(tmp_path, f"name: cli\nmodel: {{source: '{tiny_vp_dir}', "
                               "storage_options: {token: t}}\n"
                               f"input: {{shards: '{tmp_path}/in/p-*.tar'}}\n"

@@ -28,7 +28,7 @@ def test_urls_keep_the_protocol():
     assert OutputFolder("gs://b/o").url(FAILED, "p.json") == "gs://b/o/failed/p.json"
     assert OutputFolder("file:///o/").url(JOB_RECORD) == "file:///o/job.json"
     assert [OutputFolder("/o").url(f) for f in RESULT_FOLDERS] == [
-        "/o/done", "/o/failed", "/o/shards", "/o/manifests"]
+        "/o/done", "/o/failed", "/o/shards", "/o/manifests", "/o/scores"]
 
 
 def test_one_rule_names_markers():
