@@ -5,7 +5,9 @@ them to the network call and `PrefetchNoise` draws the per-sample noise of the r
 contract ahead of time in background threads. Every option is safe on the CPU: CUDA-only options
 (CUDA graphs, pinned transfers) are no-ops there, so the same settings run everywhere.
 
-Sampler arithmetic always stays float32; only the network runs under autocast.
+Sampler arithmetic always stays float32: a network with float32 weights may run under autocast;
+one with low-precision weights (`sdedit.precision`) gets its input cast to its dtype and its
+output cast back to float32.
 """
 
 from __future__ import annotations
@@ -93,11 +95,14 @@ class NetRunner:
         accel: the options.
         device: where the network lives.
         call: how the family calls it (keyword names, Flux's packing).
+        dtype: the dtype the network's weights compute in (float32, or bf16 / fp16: x and the
+            conditioning rows are cast to it; the output comes back float32).
     """
 
     def __init__(self, net: torch.nn.Module, accel: Acceleration, device: torch.device,
-                 call: NetCall) -> None:
+                 call: NetCall, dtype: torch.dtype = torch.float32) -> None:
         self.accel = accel
+        self.dtype = dtype
         self.device = device
         self.call = call
         self.graphs = accel.cuda_graphs and device.type == "cuda"
@@ -129,6 +134,9 @@ class NetRunner:
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
                  cache: bool) -> torch.Tensor:
+        if self.dtype != torch.float32:  # low-precision weights: their dtype in, float32 out
+            x = x.to(self.dtype)
+            cond = None if cond is None else cond.to(self.dtype)
         if self.accel.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         half = self.accel.autocast

@@ -53,8 +53,8 @@ CASES = {
 }
 
 PINNED = {
-    'sd-ddim-conditional-only': 'f413ba29cae5e984d7fd98d5a0fc79edc887338a83ac9721880cf9cae000debe',
-    'sd-ddpm-guided': '71b4a947379aff99fed22c68deff7e1bedbb0a36ebe1a0079df33cb84785a4dd',
+    'sd-ddim-conditional-only': 'fb2d86ee672d03dd25c4712237b19e261ac5e7c6538bb104219c5fc3ea90beb8',
+    'sd-ddpm-guided': '7db99530c345c4c555a99f248c12ad85deb78b30635ee05013e6ba25d56554a2',
     'sd-dpmpp2m-masked-repeats': '6e975444043babd58a0906bfcda4c305f0e7f6680b79630559dac3161c6731c5',
     've-corrector-masked': '0a23c73c60a66603ca5d9f394b7900c767e1dd4774aa83dfab304c9921345df7',
     'vp-ddim-eta': '102bc0b9dfb06e3056ee0a1e0e9fc6ee223f2e3057ad87634ab617ab53d429ab',
