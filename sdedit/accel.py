@@ -27,7 +27,7 @@ from sdedit.conditioning import Conditioning, NetCall
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Acceleration", "NetRunner", "PrefetchNoise"]
+__all__ = ["Acceleration", "NetRunner", "PrefetchNoise", "compile_regions", "repeated_blocks"]
 
 MAX_GRAPHS = 8
 """CUDA graphs kept per runner (one per input shape); further shapes run eagerly."""
@@ -43,6 +43,9 @@ class Acceleration:
         channels_last: NHWC memory format for the network (faster convolutions on tensor cores).
         compile: wrap the network in `torch.compile` (compiled on the first call of each shape).
         compile_backend, compile_mode: passed to torch.compile (the mode only with inductor).
+        compile_regional: compile each of the network's repeated blocks instead (diffusers'
+            `_repeated_blocks`, else the blocks of its ModuleLists): one compilation serves
+            every block of a kind, so warm-up takes a fraction of a whole-network compile.
         cuda_graphs: capture one CUDA graph per input shape and replay it (CUDA only; a no-op
             on other devices). With `compile`, inductor's own CUDA graphs are used instead
             (mode "reduce-overhead").
@@ -56,6 +59,7 @@ class Acceleration:
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None
+    compile_regional: bool = False
     cuda_graphs: bool = False
     noise_threads: int = 0
     noise_depth: int = 2
@@ -78,6 +82,27 @@ class Acceleration:
         if device.type != "cuda":
             return cls(autocast=half)
         return cls(autocast=half, channels_last=True, noise_threads=default_noise_threads())
+
+
+def repeated_blocks(net: torch.nn.Module) -> set[str]:
+    """Class names of a network's repeated blocks: diffusers' `_repeated_blocks` when the class
+    declares them, else the class of every ModuleList of two or more blocks of one class."""
+    names = set(getattr(net, "_repeated_blocks", None) or [])
+    if not names:
+        for module in net.modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and \
+                    len({type(block) for block in module}) == 1:
+                names.add(type(module[0]).__name__)
+    return names
+
+
+def compile_regions(net: torch.nn.Module, options: dict[str, Any]) -> set[str]:
+    """torch.compile each repeated block of `net` in place (`repeated_blocks`); their names."""
+    names = repeated_blocks(net)
+    for module in net.modules():
+        if type(module).__name__ in names:
+            module.compile(**options)
+    return names
 
 
 def default_noise_threads() -> int:
@@ -111,7 +136,13 @@ class NetRunner:
         layout = torch.channels_last if accel.channels_last else torch.contiguous_format
         net = net.to(memory_format=layout)
         self.module: Any = net
-        if accel.compile:
+        if accel.compile_regional:
+            options = {"backend": accel.compile_backend}
+            if accel.compile_backend == "inductor" and accel.compile_mode is not None:
+                options["mode"] = accel.compile_mode
+            names = compile_regions(net, options)
+            logger.info("regional torch.compile of %s", ", ".join(sorted(names)) or "nothing")
+        elif accel.compile:
             mode = accel.compile_mode
             if self.graphs:
                 mode, self.graphs = "reduce-overhead", False

@@ -21,6 +21,8 @@ theirs). Sizes are in GiB (2^30 bytes, what nvidia-smi's MiB / 1024 and torch re
 from __future__ import annotations
 
 import contextlib
+import functools
+import json
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -238,16 +240,21 @@ def plan_memory(layout: ModelLayout, precision: Precision, *, batch_size: int,
             batch += 6 * batch_size * channels * (h // factor) * (w // factor) * 4
             del vae
         for name in texts:
-            encoder = _build(layout.configs[name], COMPUTE_DTYPES[precision.text])
-            text_act = max(text_act, _text_peak(encoder, layout.configs[name], rows))
-            del encoder
+            config = json.dumps(layout.configs[name], sort_keys=True)
+            text_act = max(text_act, _text_peak(config, precision.text, rows))
     return MemoryPlan(weights, net_act, vae_act, text_act, batch, size, batch_size, rows,
                       net_name, notes)
 
 
 def _weights(config: dict[str, Any], precision: str) -> int:
     """Bytes of a part's weights at `precision`, given it as `apply_precision` does, on the
-    meta device."""
+    meta device (remembered per config: T5-XXL is in several pipelines)."""
+    return _weights_of(json.dumps(config, sort_keys=True), precision)
+
+
+@functools.lru_cache(maxsize=64)
+def _weights_of(config_json: str, precision: str) -> int:
+    config = json.loads(config_json)
     with torch.device("meta"):
         module = _build(config, torch.float32)
     if precision == "fp8":
@@ -302,16 +309,28 @@ def _vae_peak(vae: torch.nn.Module, batch: int, size: tuple[int, int]) -> tuple[
     images = torch.zeros(batch, int(config.in_channels), *size)
     latents = torch.zeros(batch, channels, size[0] // factor, size[1] // factor)
     exclude = [*vae.parameters(), *vae.buffers(), images, latents]
-    k = chunk_size(*size)
+    tile = int(getattr(vae, "tile_sample_min_size", 0) or 0)
+    if tile and max(size) > tile:  # tiled: one tile's peak + the image and its tiles
+        images, latents = images[:1, :, :tile, :tile], latents[:1, :, :tile // factor,
+                                                               :tile // factor]
+        whole = 2 * int(config.in_channels) * size[0] * size[1] * 4
+        vae.disable_tiling()
+    else:
+        whole = 0
+    k = chunk_size(*images.shape[2:])
     encode = trace_peak(lambda: torch.cat([vae.encode(part.to(dtype)).latent_dist.mean.float()
                                            for part in images.split(k)]), exclude)
     decode = trace_peak(lambda: torch.cat([vae.decode(part.to(dtype)).sample.float()
                                            for part in latents.split(k)]), exclude)
-    return max(encode, decode), channels, factor
+    return max(encode, decode) + whole, channels, factor
 
 
-def _text_peak(encoder: torch.nn.Module, config: dict[str, Any], rows: int) -> int:
-    """A text encoder's activation peak on `rows` prompts of its longest token sequence."""
+@functools.lru_cache(maxsize=64)
+def _text_peak(config_json: str, precision: str, rows: int) -> int:
+    """A text encoder's activation peak on `rows` prompts of its longest token sequence
+    (inside a fake mode; remembered per config, precision and rows)."""
+    config = json.loads(config_json)
+    encoder = _build(config, COMPUTE_DTYPES[precision])
     length = min(int(config.get("max_position_embeddings") or TEXT_TOKENS), TEXT_TOKENS)
     tokens = torch.zeros(rows, length, dtype=torch.long)
     exclude = [*encoder.parameters(), *encoder.buffers(), tokens]

@@ -282,3 +282,9 @@ def files_identity(directory: Path, files: Iterable[Path]) -> str:
                 digest.update(chunk)
         lines.append(f"{digest.hexdigest()}  {path.relative_to(directory).as_posix()}\n")
     return "sha256:" + hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def model_directory(source: str, storage_options: dict[str, Any] | None = None) -> Path:
+    """The local directory of a model source (a hub snapshot downloaded, a URL copied into the
+    cache, as `load_model` would), for reading its configs before loading it."""
+    return resolve(source, None, storage_options).directory

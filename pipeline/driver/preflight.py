@@ -19,7 +19,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.errors import PipelineError, PreflightError, ResumeConflictError
+from pipeline.input.peek import guide_size
 from pipeline.input.shards import expand_shards
+from pipeline.job.memory import (
+    JobPlan,
+    compute_problems,
+    job_plan,
+    plan_problems,
+    precision_of,
+    weights_request,
+)
 from pipeline.job.modelcheck import layout_problems
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
@@ -28,6 +37,7 @@ from pipeline.storage import describe_error, is_local, join, url_fs, with_retrie
 from sdedit import (
     ModelLayout,
     ModelSourceError,
+    Precision,
     cached_snapshot,
     hub_download_hint,
     hub_repo_files,
@@ -40,8 +50,8 @@ from sdedit import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Preflight", "check_model", "lora_problems", "model_layout", "model_problems",
-           "preflight"]
+__all__ = ["ModelCheck", "Preflight", "check_model", "lora_problems", "model_layout",
+           "model_problems", "preflight"]
 
 
 @dataclass
@@ -59,6 +69,15 @@ class Preflight:
     notes: list[str] = field(default_factory=list)
     shards: list[str] | None = None
     done: int | None = None
+
+
+@dataclass
+class ModelCheck:
+    """What the model checks resolved: layout (None: unreadable here), precision, plan."""
+
+    layout: ModelLayout | None = None
+    precision: Precision | None = None
+    plan: JobPlan | None = None
 
 
 def _is_remote(url: str) -> bool:
@@ -198,34 +217,65 @@ def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = 
     return problems, notes
 
 
-def check_model(spec: JobSpec, *, offline: bool = False) -> list[str]:
+def check_model(spec: JobSpec, *, offline: bool = False,
+                record: dict[str, Any] | None = None,
+                shards: list[str] | None = None) -> tuple[list[str], ModelCheck]:
     """Refuse a job whose model source is missing or not loadable, whose settings the model
-    cannot run (a sampler, t0 / steps, prompts or guidance: `pipeline.job.modelcheck`), or whose
-    LoRAs do not fit the model (`lora_problems`), before any work.
+    cannot run (a sampler, t0 / steps, prompts or guidance: `pipeline.job.modelcheck`; a
+    compute.dtype its weights cannot take), whose LoRAs do not fit the model
+    (`lora_problems`) or whose memory plan exceeds compute.gpu_memory_gb, before any work.
+    `record`: the output's job.json (what `auto` weights mean: `pipeline.job.memory`).
 
-    Returns the notes; raises `PreflightError` listing the problems.
+    Returns (the notes, the memory plan's lines first; what was resolved); raises
+    `PreflightError` listing the problems.
     """
-    problems, notes = _model_problems(spec, offline)
+    problems, notes, check = _model_problems(spec, offline, record)
+    if not problems:
+        problems += _memory(spec, check, shards, notes)
     if problems:
         raise PreflightError(problems, source=spec.name)
-    return notes
+    return notes, check
 
 
-def _model_problems(spec: JobSpec, offline: bool) -> tuple[list[str], list[str]]:
-    """(problems, notes) of the model source, then (when it could be read) of the settings the
-    model decides (`pipeline.job.modelcheck`) and of the LoRAs; a model whose config files
-    cannot be read here has both checked by each actor when it loads, and a note says so."""
+def _model_problems(spec: JobSpec, offline: bool, record: dict[str, Any] | None = None
+                    ) -> tuple[list[str], list[str], ModelCheck]:
+    """(problems, notes, what was resolved) of the model source, then (when it could be read)
+    of the settings the model decides (`pipeline.job.modelcheck`), of the weights' precision
+    and of the LoRAs; a model whose config files cannot be read here has them checked by each
+    actor when it loads, and a note says so."""
     layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
                                            offline=offline)
+    check = ModelCheck(layout)
     if problems:
-        return problems, notes
+        return problems, notes, check
     if layout is None:
-        notes.append("sdedit settings are checked against the model when it loads (its config "
-                     "files could not be read here)")
+        notes.append("sdedit settings, the weights' precision and the memory plan are checked "
+                     "against the model when it loads (its config files could not be read "
+                     "here)")
     else:
         problems += layout_problems(spec, layout)
+        check.precision = precision_of(weights_request(spec, record), layout)
+        problems += compute_problems(spec, check.precision)
     lora, lora_notes = lora_problems(spec, layout, offline=offline)
-    return problems + lora, notes + lora_notes
+    return problems + lora, notes + lora_notes, check
+
+
+def _memory(spec: JobSpec, check: ModelCheck, shards: list[str] | None,
+            notes: list[str]) -> list[str]:
+    """The memory plan (`pipeline.job.memory`) as notes (first), and its refusal when it
+    exceeds compute.gpu_memory_gb."""
+    if check.layout is None or check.precision is None:
+        return []
+    size, source = guide_size(shards, spec.input.storage_options, spec.input.image,
+                              spec.input.max_pixels, check.layout.downsample_factor)
+    try:
+        check.plan = job_plan(spec, check.layout, check.precision, size, source)
+    except Exception as exc:  # a config the plan cannot build: say so, run anyway
+        notes.insert(0, f"memory plan: not made ({type(exc).__name__}: {str(exc)[:200]})")
+        return []
+    notes[:0] = check.plan.lines(spec)
+    gib = spec.compute.gpu_memory_gb
+    return plan_problems(spec, check.plan, gib, f"compute.gpu_memory_gb {gib}")
 
 
 def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
@@ -328,7 +378,23 @@ def preflight(spec: JobSpec, *, offline: bool = False, overwrite: bool = False) 
     makes before it starts Ray are all here, so no problem means `run` starts; `overwrite`
     checks as `run --overwrite` does (changed settings are a note, not a problem)."""
     report = Preflight()
-    report.problems, report.notes = _model_problems(spec, offline)
+    record = _record(spec, offline, overwrite)
+    report.problems, report.notes, check = _model_problems(spec, offline, record)
     _input_problems(spec, offline, report)
+    if not report.problems:
+        report.problems += _memory(spec, check, report.shards, report.notes)
     _output_problems(spec, offline, report, overwrite)
     return report
+
+
+def _record(spec: JobSpec, offline: bool, overwrite: bool) -> dict[str, Any] | None:
+    """The output's job.json `run` would resume (else None), for what `auto` weights mean."""
+    if offline and _is_remote(spec.output.path):
+        return None
+    try:
+        record = OutputFolder.of(spec).read_record()
+        if resume_conflict(spec, record) is not None:
+            return None
+    except Exception:
+        return None
+    return record

@@ -23,20 +23,27 @@ import logging
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import ray
 
 from pipeline.driver import localray
-from pipeline.driver.preflight import check_model
+from pipeline.driver.preflight import ModelCheck, check_model
 from pipeline.driver.progress import RunProgress
 from pipeline.driver.schedule import Schedule
 from pipeline.errors import ModelSettingsError, PipelineError, RunStoppedError
 from pipeline.input.shards import expand_shards, shard_stem
+from pipeline.job.memory import precision_record, weights_request
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder
-from pipeline.output.jobrecord import prepare_output, record_compute, resolved_compute
+from pipeline.output.jobrecord import (
+    prepare_output,
+    record_compute,
+    resolved_compute,
+    resumable_record,
+)
 from pipeline.output.status import MarkerTotals, bounded_repeated_keys
 from pipeline.worker.actor import Counter, ShardActor
 from pipeline.worker.hooks import NO_HOOKS, Hooks
@@ -100,13 +107,15 @@ def actor_options(spec: JobSpec) -> tuple[dict[str, Any], int]:
 
 def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | None = None,
             overwrite: bool = False, progress: bool = True,
-            hooks: Hooks = NO_HOOKS) -> RunSummary:
+            hooks: Hooks = NO_HOOKS, announce: Callable[[str], None] | None = None
+            ) -> RunSummary:
     """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
 
     The model source is checked (`pipeline.driver.preflight.check_model`) before Ray starts and
     before OUT/job.json is written, except with a Ray Client address (ray://): this driver
     then runs on another machine than the actors, which read the model. `hooks` (tests and
-    benchmarks only) go to every actor.
+    benchmarks only) go to every actor. `announce` gets the memory plan's lines (the CLI
+    prints them; default: the log).
 
     Raises:
         PipelineError: no input shards, model missing or not loadable, unwritable output,
@@ -115,10 +124,15 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     """
     started = time.perf_counter()
     shards = expand_shards(list(spec.input.shards), spec.input.storage_options)
+    check, record = ModelCheck(), resumable_record(spec, overwrite)
     if not (address or "").startswith("ray://"):
-        for note in check_model(spec):
-            logger.info("%s", note)
-    previous = prepare_output(spec, overwrite)
+        notes, check = check_model(spec, record=record, shards=shards)
+        for note in notes:
+            (announce if announce is not None and check.plan is not None and
+             note in check.plan.lines(spec) else logger.info)(note)
+    precision = precision_record(spec, weights_request(spec, record), check.precision,
+                                 check.layout, check.plan)
+    previous = prepare_output(spec, overwrite, precision)
     folder = OutputFolder.of(spec)
     pending, done = folder.plan(shards)
     summary = RunSummary(shards_total=len(shards), shards_already_done=len(done))
@@ -142,8 +156,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     try:
         pool = _Pool(spec, folder, pending, summary, progress, hooks)
         try:
-            record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads),
-                           previous, len(done))
+            record_compute(spec, resolved_compute(spec, uses_gpu(spec), pool.threads,
+                                                  precision.get("resolved")),
+                           previous, len(done), precision)
         except PipelineError as exc:
             raise RunStoppedError(_stopped(str(exc), summary, pending)) from exc
         pool.run()
