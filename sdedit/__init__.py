@@ -35,11 +35,17 @@ from sdedit.families.flux import flux_call, image_ids
 from sdedit.families.sdxl import sdxl_call
 from sdedit.latent import codec_from_vae
 from sdedit.lora import Lora, apply_loras, lora_fit, lora_kind
-from sdedit.memplan import GIB, GPU_CLASSES, MemoryPlan, plan_memory
+from sdedit.memplan import GIB, GPU_CLASSES, RUNTIME_BYTES, MemoryPlan, plan_memory
 from sdedit.models import DiffusionModel, load_model
-from sdedit.precision import WEIGHTS_DTYPES, Precision, compute_dtype_problem, resolve_precision
+from sdedit.precision import (
+    WEIGHTS_DTYPES,
+    Precision,
+    apply_precision,
+    compute_dtype_problem,
+    resolve_precision,
+)
 from sdedit.processes import DynamicShift, FlowProcess, NoiseProcess, VPProcess
-from sdedit.prompts import OFFLOADS
+from sdedit.prompts import MAX_CACHE_BYTES, OFFLOADS
 from sdedit.schedules import VPSchedule
 from sdedit.sources import (
     ModelSourceError,

@@ -54,7 +54,7 @@ from sdedit import (
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["CONFIGS", "run_latent"]
+__all__ = ["CONFIGS", "build", "compile_part", "fp8_quality", "run_latent", "ssim"]
 
 _VAE = {"_class_name": "AutoencoderKL", "block_out_channels": [128, 256, 512, 512],
         "down_block_types": ["DownEncoderBlock2D"] * 4,
@@ -227,9 +227,12 @@ def run_latent(family: str, device: torch.device, smoke: bool,
         _sync(device)
         built = time.perf_counter() - start
         cfg = family == "sdxl"
+        parts = {"network": model.net, "vae": model.codec.vae}  # type: ignore[union-attr]
+        weights_gb = {k: sum(p.numel() * p.element_size() for p in m.parameters()) / 2**30
+                      for k, m in parts.items()}
         for batch in batches:
-            out["rows"].append(_measure(model, name, batch, cfg, built, peak_tflops(
-                device, "bf16") if not smoke else None))
+            out["rows"].append({**_measure(model, name, batch, cfg, built, peak_tflops(
+                device, "bf16") if not smoke else None), "weights_gb": weights_gb})
             logger.info("latent %s %s batch %d: %s", family, name, batch, out["rows"][-1])
         if reference and name == weights[0]:
             out["reference"] = [_diffusers(model, batch) for batch in batches]
@@ -329,3 +332,59 @@ def _diffusers(model: DiffusionModel, batch: int) -> dict[str, Any]:
     step = max((four - two) / 2, 1e-9)
     return {"impl": f"diffusers {type(pipe).__name__}", "batch": batch, "s_per_step": step,
             "fixed_s": max(0.0, two - 2 * step)}
+
+
+def compile_part(device: torch.device, smoke: bool) -> dict[str, Any]:
+    """Flux bf16 with regional torch.compile: the first 2-step edit (compiling) against the
+    next, and s/step from 2- and 4-step edits afterwards."""
+    model = build("flux", "bf16", device, smoke)
+    model.accelerate(compile_regional=True, compile_backend="eager" if smoke else "inductor")
+    guides = torch.rand(1, 3, *model.sample_size, generator=torch.Generator().manual_seed(2))
+
+    def run(steps: int) -> None:
+        edit(model, guides.to(device) * 2 - 1, t0=1.0, seeds=[0], sampler="euler",
+             steps=steps, prompts=[""])
+
+    first = _best(lambda: run(2), device, 1)
+    two, four = _best(lambda: run(2), device, 1), _best(lambda: run(4), device, 1)
+    return {"compile_s": max(0.0, first - two), "s_per_step": max((four - two) / 2, 1e-9),
+            "blocks": "FluxTransformerBlock, FluxSingleTransformerBlock"}
+
+
+def fp8_quality(device: torch.device, smoke: bool, n: int = 4) -> dict[str, Any]:
+    """The same Flux edits (smooth random guides, t0 0.6, 17 steps) with bf16 and fp8 weights
+    (the same seeded random network): SSIM of fp8's outputs to bf16's, largest difference in
+    levels of 255."""
+    size = 32 if smoke else 1024
+    g = torch.Generator().manual_seed(5)
+    guides = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=size,
+                                             mode="bicubic").clamp(0, 1) * 2 - 1
+    outputs = {}
+    for weights in ("bf16", "fp8"):
+        model = build("flux", weights, device, smoke)
+        outputs[weights] = torch.cat([edit(model, guides[i:i + 1].to(device), t0=0.6,
+                                           seeds=[i], sampler="euler", steps=2 if smoke else 17,
+                                           prompts=[""]).cpu() for i in range(n)])
+        outputs[weights + "_path"] = model.net_path  # type: ignore[assignment]
+        del model
+    a, b = (outputs[w] * 0.5 + 0.5 for w in ("bf16", "fp8"))
+    scores = [ssim(a[i], b[i]) for i in range(n)]
+    return {"ssim_mean": sum(scores) / n, "ssim_min": min(scores),
+            "max_levels": float((a - b).abs().max()) * 255, "fp8_path": outputs["fp8_path"]}
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
+    """SSIM of two (3, H, W) images in [0, 1] (Wang et al. 2004: 11 x 11 Gaussian window,
+    sigma 1.5, per channel, averaged)."""
+    coords = torch.arange(11, dtype=torch.float32) - 5
+    g = torch.exp(-coords**2 / (2 * 1.5**2))
+    window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)
+
+    def blur(z: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.conv2d(z[None].float(), window, groups=3)
+
+    mx, my = blur(x), blur(y)
+    vx, vy, cov = blur(x * x) - mx**2, blur(y * y) - my**2, blur(x * y) - mx * my
+    c1, c2 = 0.01**2, 0.03**2
+    value = ((2 * mx * my + c1) * (2 * cov + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))
+    return float(value.mean())
