@@ -45,7 +45,7 @@ def _unet_config() -> dict[str, Any]:
     from pipeline.tools.bench_latent import CONFIGS
 
     return {**CONFIGS["sdxl"]["unet"], "block_out_channels": [80, 160, 320],
-            "cross_attention_dim": 512}
+            "cross_attention_dim": 512, "norm_num_groups": 16}
 
 
 def _case(part: str, size: int, dtype: torch.dtype) -> tuple[dict[str, Any], Any]:

@@ -32,4 +32,5 @@ def test_the_gpu_runs_latent_parts_run_tiny_on_the_cpu(tmp_path):
 def test_ssim_is_one_for_equal_images_and_drops_with_noise():
     x = torch.rand(3, 32, 32, generator=torch.Generator().manual_seed(0))
     assert abs(ssim(x, x) - 1) < 1e-6
-    assert ssim(x, (x + 0.2 * torch.rand(3, 32, 32)).clamp(0, 1)) < 0.95
+    noisy = (x + 0.5 * torch.randn(3, 32, 32, generator=torch.Generator().manual_seed(1)))
+    assert ssim(x, noisy.clamp(0, 1)) < 0.6
