@@ -23,7 +23,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from sdedit import edit, load_model  # noqa: E402
+from sdedit import edit, load_model
 
 
 def precision_part(root: Path) -> list[dict]:
