@@ -126,6 +126,10 @@ class DiffusionModel:
         `autocast` also sets `dtype` (None = the weights' compute dtype); low-precision weights
         take no autocast."""
         accel = dataclasses.replace(self.accel, **options)
+        if accel.cuda_graphs and "layerwise" in self.net_path:
+            raise ValueError("cuda_graphs=True with fp8 layerwise casting (its hooks recast the "
+                             "weights on every call); allowed: cuda_graphs=False, or fp8 W8A8 "
+                             "on an FP8 GPU, or bf16 weights")
         if accel.autocast is not None and self.precision.low:
             raise ValueError(f"autocast={accel.autocast} with {self.precision.net} weights; "
                              "allowed: None (the network computes in its weights' dtype)")
