@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parents[3]
 def test_the_gpu_runs_latent_parts_run_tiny_on_the_cpu(tmp_path):
     out = tmp_path / "gpu_run.json"
     subprocess.run([sys.executable, str(ROOT / "benchmarks" / "gpu_run.py"), "--smoke",
-                    "--json", str(out), "--parts", "latent_flux,fp8_quality"],
+                    "--json", str(out), "--parts", "latent_flux"],
                    check=True, capture_output=True, timeout=600)
     parts = json.loads(out.read_text())["parts"]
     for family, weights in (("latent_flux", ("bf16", "fp8")),):
@@ -26,7 +26,6 @@ def test_the_gpu_runs_latent_parts_run_tiny_on_the_cpu(tmp_path):
         assert all(r["s_per_step"] > 0 and r["edits_per_hour_t0_0.6"] > 0 for r in rows)
         assert rows[1]["network"].startswith("fp8 storage, bf16 compute")
         assert parts[family]["reference"][0]["impl"].startswith("diffusers ")
-    assert 0 < parts["fp8_quality"]["ssim_min"] <= 1
 
 
 def test_ssim_is_one_for_equal_images_and_drops_with_noise():
