@@ -7,6 +7,7 @@ import io
 import logging
 import math
 import tarfile
+import threading
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -20,15 +21,32 @@ logger = logging.getLogger(__name__)
 __all__ = ["first_guide_size", "guide_size"]
 
 
+PEEK_TIMEOUT_S = 10.0
+"""Seconds the first guide's header may take to arrive (a store that never answers must not
+hold up validate or run: the plan then takes the largest size input.max_pixels allows)."""
+
+
 def first_guide_size(urls: Sequence[str], storage_options: Mapping[str, Any] | None,
-                     image: str | None) -> tuple[int, int] | None:
+                     image: str | None, timeout: float = PEEK_TIMEOUT_S
+                     ) -> tuple[int, int] | None:
     """(H, W) of the first guide of the first shard, read from its image header (the tar is
-    streamed up to that member only), or None when it cannot be read."""
+    streamed up to that member only), or None when it cannot be read within `timeout` s."""
     if not urls:
         return None
+    found: list[tuple[int, int] | None] = []
+    reader = threading.Thread(target=lambda: found.append(_first_size(urls[0], storage_options,
+                                                                      image)),
+                              name="guide-size", daemon=True)  # a hung read is left behind
+    reader.start()
+    reader.join(timeout)
+    return found[0] if found else None
+
+
+def _first_size(url: str, storage_options: Mapping[str, Any] | None,
+                image: str | None) -> tuple[int, int] | None:
     extensions = (image,) if image else IMAGE_EXTS
     try:
-        fs, path = url_fs(urls[0], storage_options)
+        fs, path = url_fs(url, storage_options)
         with fs.open(path, "rb") as handle, tarfile.open(fileobj=handle, mode="r|*") as tar:
             for member in tar:
                 name = member.name.rsplit("/", 1)[-1]
@@ -37,7 +55,7 @@ def first_guide_size(urls: Sequence[str], storage_options: Mapping[str, Any] | N
                     width, height = Image.open(io.BytesIO(data)).size
                     return height, width
     except Exception as exc:  # the shard's own problems are the input checks' to report
-        logger.debug("guide size of %s not read: %s", urls[0], exc)
+        logger.debug("guide size of %s not read: %s", url, exc)
     return None
 
 
