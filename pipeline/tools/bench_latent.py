@@ -272,21 +272,29 @@ def _measure(model: DiffusionModel, weights: str, batch: int, cfg: bool, built: 
         row["mfu"] = row["tflops"] / peak
     if device.type == "cuda":
         row["peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
-        row["plan_gb"] = _plan(model, batch, cfg) / 2**30
+    row["plan_gb"] = _plan(model, batch, cfg) / 2**30
     return row
 
 
 def _plan(model: DiffusionModel, batch: int, cfg: bool) -> int:
-    """The plan of what this run holds: network + VAE + activations + batch (no text encoders,
-    no runtime allowance: max_memory_allocated counts neither)."""
-    net_config, vae_config = _configs(model.family, False)
+    """The plan of what this run holds: network + VAE + activations + batch (offload text: no
+    text encoders' weights, as here; no runtime allowance: max_memory_allocated counts none;
+    SDXL: a one-layer stand-in CLIP config gives the UNet's text shapes)."""
+    net_config, vae_config = _configs(model.family, model.sample_size[0] == 32)
     name = "transformer" if model.family == "flux" else "unet"
+    configs: dict[str, Any] = {name: net_config, "vae": vae_config, "index": {}}
+    if model.family == "sdxl":  # its network call's shapes come from CLIP-G's config
+        configs["text_encoder_2"] = {"architectures": ["CLIPTextModelWithProjection"],
+                                     "max_position_embeddings": 77, "hidden_size": 64,
+                                     "intermediate_size": 64, "num_attention_heads": 2,
+                                     "num_hidden_layers": 1, "projection_dim": net_config[
+                                         "projection_class_embeddings_input_dim"] - 6 *
+                                     net_config["addition_time_embed_dim"]}
     layout = ModelLayout(family=model.family, directory=None,  # type: ignore[arg-type]
                          process=model.process, sample_size=model.sample_size, in_channels=3,
-                         downsample_factor=model.downsample_factor, text=model.text.spec,
-                         configs={name: net_config, "vae": vae_config,
-                                  "index": {}, "text_encoder": {"max_position_embeddings": 77,
-                                                                "hidden_size": 768}})
+                         downsample_factor=model.downsample_factor,
+                         text=model.text.spec,  # type: ignore[union-attr]
+                         configs=configs)
     plan = plan_memory(layout, model.precision, batch_size=batch, size=model.sample_size,
                        guided=cfg)
     return plan.peak("text") - RUNTIME_BYTES - MAX_CACHE_BYTES

@@ -23,7 +23,8 @@ def test_the_gpu_runs_latent_parts_run_tiny_on_the_cpu(tmp_path):
     for family, weights in (("latent_flux", ("bf16", "fp8")),):
         rows = parts[family]["rows"]
         assert [r["weights"] for r in rows] == list(weights), parts[family]
-        assert all(r["s_per_step"] > 0 and r["edits_per_hour_t0_0.6"] > 0 for r in rows)
+        assert all(r["s_per_step"] > 0 and r["edits_per_hour_t0_0.6"] > 0 and r["plan_gb"] > 0
+                   for r in rows)
         assert rows[1]["network"].startswith("fp8 storage, bf16 compute")
         assert parts[family]["reference"][0]["impl"].startswith("diffusers ")
 
