@@ -17,15 +17,21 @@ Parts:
      Ray): device-busy fraction and images/s, from two runs of different lengths against the
      edit-only time of the same work;
   5. bf16 with torch.compile + CUDA graphs, and CUDA graphs alone, at batch 16 and 32;
-  latent_flux (third in order): a random-weights FLUX.1-dev-sized transformer (11.9 B
-     parameters) with the Flux VAE at 1024 px through `sdedit.edit`, batch 1 and 4: time per
-     step, fixed cost, a full run extrapolated (28 / 17 / 4 steps), peak memory, MFU
-     (benchmarks/gpu_latent.py).
+  latent_flux, latent_sdxl (first in order): a random-weights FLUX.1-dev-sized transformer
+     (11.9 B parameters) / SDXL base's UNet with their VAEs at 1024 px through `sdedit.edit`
+     (`sdedit-batch bench --family`, pipeline/tools/bench_latent.py), bf16 / fp16 and fp8,
+     batch 1 and 4: s/step, fixed cost, edits/hour at t0 = 0.6, TFLOP/s and MFU, peak memory
+     against the plan, weights per part, which fp8 path ran; diffusers' img2img pipeline with
+     the same network side by side;
+  latent_compile: Flux bf16 with regional torch.compile: compile seconds and s/step;
+  fp8_quality: the same Flux edits in bf16 and fp8: SSIM of the fp8 outputs to the bf16 ones
+     (random weights: a check of the fp8 path's numerics, not of image quality; LPIPS needs
+     weights this machine cannot download).
 
-    python benchmarks/gpu_run.py --json out.json [--budget 390] [--parts a,b] [--smoke]
+    python benchmarks/gpu_run.py --json out.json [--budget 540] [--parts a,b] [--smoke]
 --smoke runs every part tiny on the CPU (to check the script here, not to measure); --parts
-runs only the named parts (chain, dpmpp2m_20, latent_flux, top_kernels, actor_path,
-chain_graphs, chain_compile_graphs).
+runs only the named parts (latent_flux, latent_sdxl, latent_compile, fp8_quality, chain,
+dpmpp2m_20, top_kernels, actor_path, chain_graphs, chain_compile_graphs).
 """
 
 from __future__ import annotations
@@ -45,8 +51,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from benchmarks.gpu_latent import run as latent_run
 from pipeline.tools.bench import BenchConfig, format_table, random_model, run_bench
+from pipeline.tools.bench_latent import compile_part, fp8_quality, run_latent
 
 
 class Budget:
@@ -177,7 +183,7 @@ def actor_part(arch: str, device: torch.device, smoke: bool, result: dict[str, A
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", required=True)
-    parser.add_argument("--budget", type=float, default=390.0, help="seconds for all parts")
+    parser.add_argument("--budget", type=float, default=540.0, help="seconds for all parts")
     parser.add_argument("--parts", default=None, help="comma-separated part names (default all)")
     parser.add_argument("--smoke", action="store_true", help="tiny, on the CPU (a check)")
     args = parser.parse_args()
@@ -191,14 +197,25 @@ def main() -> None:
                               "skipped": []}
     common = dict(arch=arch, batch_sizes=batches, dtypes=("fp32", "bf16"), repeats=3,
                   device=device.type, threads=(1,) if args.smoke else ())
+    latent = (1,) if args.smoke else (1, 4)
+
+    def keep(name: str, value: Any) -> None:
+        result["parts"][name] = value
+        print(f"# {name}:", json.dumps(value), flush=True)
+
     parts: list[tuple[str, float, Any]] = [
+        ("latent_flux", 150, lambda: keep("latent_flux", run_latent(
+            "flux", device, args.smoke, ("bf16", "fp8"), latent))),
+        ("latent_sdxl", 90, lambda: keep("latent_sdxl", run_latent(
+            "sdxl", device, args.smoke, ("fp16", "fp8"), latent))),
+        ("latent_compile", 120, lambda: keep("latent_compile", compile_part(
+            device, args.smoke))),
+        ("fp8_quality", 40, lambda: keep("fp8_quality", fp8_quality(device, args.smoke))),
         ("chain", 60, lambda: bench_part("chain", BenchConfig(
             **common, sampler="ddpm", t0=0.02 if not args.smoke else 0.003), result)),
         ("dpmpp2m_20", 40, lambda: bench_part("dpmpp2m_20", BenchConfig(
             **common, sampler="dpmpp2m", steps=20 if not args.smoke else 2, t0=0.5,
             reference=False), result)),
-        ("latent_flux", 150, lambda: result["parts"].__setitem__(
-            "latent_flux", latent_run(device, args.smoke, (1, 2) if args.smoke else (1, 4)))),
         ("top_kernels", 10, lambda: top_kernels(arch, device, batches[-1], result)),
         ("actor_path", 60, lambda: actor_part(arch, device, args.smoke, result)),
         ("chain_graphs", 40, lambda: bench_part("chain_graphs", BenchConfig(

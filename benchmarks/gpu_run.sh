@@ -4,14 +4,21 @@
 # Here, once (downloads the pure-Python wheels that machine lacks into .whl/, git-ignored):
 #   benchmarks/gpu_run.sh --fetch-wheels
 # There, as one call (the device tool: carry .whl; $OUT collects the JSON):
-#   bash benchmarks/gpu_run.sh            # about 6-7 minutes; --smoke: a CPU check here
-#   bash benchmarks/gpu_run.sh --parts latent_flux   # the Flux-sized latent case alone
+#   bash benchmarks/gpu_run.sh            # about 9 minutes (--budget 540); --smoke: a CPU check here
+#   bash benchmarks/gpu_run.sh --parts latent_flux,fp8_quality   # the Flux-sized cases alone
+# The machine has torch but no diffusers, ray, webdataset or torchao, and no network: the wheels
+# above travel in .whl (9.6 MiB). torchao gives fp8 its W8A8 path (float8 dynamic activation
+# + weight); if it cannot load there, fp8 runs as layerwise casting and the JSON says which ran.
+# One prepared call (the device tool):
+#   run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-WHEELS="diffusers==0.42.1 webdataset==1.0.2 braceexpand==0.1.7 importlib_metadata==10.2.0 zipp==4.1.2"
+WHEELS="diffusers==0.42.1 torchao==0.18.0 webdataset==1.0.2 braceexpand==0.1.7 importlib_metadata==10.2.0 zipp==4.1.2"
 if [[ "${1:-}" == "--fetch-wheels" ]]; then
   mkdir -p .whl
-  grep -qx '/.whl/' .git/info/exclude 2>/dev/null || echo '/.whl/' >> .git/info/exclude
+  exclude="$(git rev-parse --git-path info/exclude)"   # a worktree's .git is a file
+  mkdir -p "$(dirname "$exclude")"
+  grep -qx '/.whl/' "$exclude" 2>/dev/null || echo '/.whl/' >> "$exclude"
   python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 \
     --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux2014_x86_64 \
     -d .whl $WHEELS

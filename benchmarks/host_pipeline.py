@@ -24,6 +24,13 @@ peak-rate time of ViT-L/14's 162 GFLOPs on an H100, benchmarks/clip_flops.py).
 
     python benchmarks/host_pipeline.py --ms 10,25,50 --host-threads 1,2,4 [--s3]
         [--scores [--score-ms 2.4]] [--json out.json]
+
+`--cpu-cost N`: no run; the CPU seconds (this thread's own, `time.thread_time`: what a core
+spends, whatever else the machine runs) of the host work of one image of --size px, over N
+images: decode the guide PNG, the float guide and output conversions, the output's 8 bits and
+faithfulness, PNG level 1 of the output, the guide copy (the input bytes when they are a plain
+RGB PNG, as the writer does), the tar member bytes. Host cores one GPU needs = that / the
+device seconds per image / the busy fraction wanted.
 """
 
 from __future__ import annotations
@@ -189,7 +196,17 @@ def main() -> None:
     parser.add_argument("--score-ms", type=float, default=2.4,
                         help="emulated device ms per image of the scorers (with --scores)")
     parser.add_argument("--json", default=None)
+    parser.add_argument("--cpu-cost", type=int, default=0, metavar="N",
+                        help="only measure the host CPU seconds per image, over N images")
     args = parser.parse_args()
+    if args.cpu_cost:
+        torch.set_num_threads(1)
+        cost = cpu_cost(args.size, args.cpu_cost)
+        print(json.dumps({"size": args.size, "cpu_s_per_image": cost}, indent=1))
+        if args.json:
+            Path(args.json).write_text(json.dumps({"size": args.size, "cpu_s_per_image": cost},
+                                                  indent=1))
+        return
     args.shards = [int(x) for x in args.shards.split(",")]
     with tempfile.TemporaryDirectory(prefix="host-pipeline-") as tmp:  # removed at the end
         results = run_matrix(args, Path(tmp))
@@ -203,6 +220,36 @@ def main() -> None:
     if args.json:
         Path(args.json).write_text(json.dumps({"args": vars(args), "results": results},
                                               indent=1))
+
+
+def cpu_cost(size: int, n: int) -> dict[str, float]:
+    """CPU seconds per image of each host stage at `size` px (see the module docstring)."""
+    from pipeline.images import decode_guide
+    from pipeline.worker.encode import faithfulness_l2
+
+    rng = np.random.default_rng(0)
+    guides = [encode_image(painting(rng, size)) for _ in range(n)]
+    grain = [torch.randn(3, size, size, generator=torch.Generator().manual_seed(i)) * 2 / 127.5
+             for i in range(n)]  # a generated photo's grain (2 levels): it sets PNG's cost
+    spent = {"decode": 0.0, "prepare": 0.0, "output": 0.0, "png": 0.0}
+    for data, noise in zip(guides, grain, strict=True):
+        start = time.thread_time()
+        guide = decode_guide(data, "g.png")
+        mark = time.thread_time()
+        tensor = torch.from_numpy(guide).permute(2, 0, 1).float() / 127.5 - 1
+        out = tensor + noise  # stands for the edit's output (made on the device)
+        spent["decode"] += mark - start
+        start = time.thread_time()
+        spent["prepare"] += start - mark
+        pixels = ((out + 1) * 127.5).round().clamp(0, 255).byte().permute(1, 2, 0).numpy()
+        faithfulness_l2(pixels, guide, None)
+        mark = time.thread_time()
+        spent["output"] += mark - start
+        encode_image(pixels, "png", png_compress_level=1)
+        spent["png"] += time.thread_time() - mark
+    result = {k: v / n for k, v in spent.items()}
+    result["total"] = sum(result.values())
+    return result
 
 
 def run_matrix(args: argparse.Namespace, tmp: Path) -> list[dict[str, Any]]:

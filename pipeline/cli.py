@@ -152,7 +152,7 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
 
     spec = load_spec(job, overrides)
     summary = run_job(spec, address=address, limit_shards=limit_shards, overwrite=overwrite,
-                      progress=progress)
+                      progress=progress, announce=lambda line: click.echo(f"# {line}"))
     if summary.shards_done == 0 and not summary.failed:
         click.echo(f"nothing to do: all {summary.shards_already_done} of "
                    f"{summary.shards_total} shards are already done (no model work); "

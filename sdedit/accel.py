@@ -5,7 +5,9 @@ them to the network call and `PrefetchNoise` draws the per-sample noise of the r
 contract ahead of time in background threads. Every option is safe on the CPU: CUDA-only options
 (CUDA graphs, pinned transfers) are no-ops there, so the same settings run everywhere.
 
-Sampler arithmetic always stays float32; only the network runs under autocast.
+Sampler arithmetic always stays float32: a network with float32 weights may run under autocast;
+one with low-precision weights (`sdedit.precision`) gets its input cast to its dtype and its
+output cast back to float32.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from sdedit.conditioning import Conditioning, NetCall
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Acceleration", "NetRunner", "PrefetchNoise"]
+__all__ = ["Acceleration", "NetRunner", "PrefetchNoise", "compile_regions", "repeated_blocks"]
 
 MAX_GRAPHS = 8
 """CUDA graphs kept per runner (one per input shape); further shapes run eagerly."""
@@ -41,6 +43,9 @@ class Acceleration:
         channels_last: NHWC memory format for the network (faster convolutions on tensor cores).
         compile: wrap the network in `torch.compile` (compiled on the first call of each shape).
         compile_backend, compile_mode: passed to torch.compile (the mode only with inductor).
+        compile_regional: compile each of the network's repeated blocks instead (diffusers'
+            `_repeated_blocks`, else the blocks of its ModuleLists): one compilation serves
+            every block of a kind, so warm-up takes a fraction of a whole-network compile.
         cuda_graphs: capture one CUDA graph per input shape and replay it (CUDA only; a no-op
             on other devices). With `compile`, inductor's own CUDA graphs are used instead
             (mode "reduce-overhead").
@@ -54,6 +59,7 @@ class Acceleration:
     compile: bool = False
     compile_backend: str = "inductor"
     compile_mode: str | None = None
+    compile_regional: bool = False
     cuda_graphs: bool = False
     noise_threads: int = 0
     noise_depth: int = 2
@@ -78,6 +84,27 @@ class Acceleration:
         return cls(autocast=half, channels_last=True, noise_threads=default_noise_threads())
 
 
+def repeated_blocks(net: torch.nn.Module) -> set[str]:
+    """Class names of a network's repeated blocks: diffusers' `_repeated_blocks` when the class
+    declares them, else the class of every ModuleList of two or more blocks of one class."""
+    names = set(getattr(net, "_repeated_blocks", None) or [])
+    if not names:
+        for module in net.modules():
+            if isinstance(module, torch.nn.ModuleList) and len(module) > 1 and \
+                    len({type(block) for block in module}) == 1:
+                names.add(type(module[0]).__name__)
+    return names
+
+
+def compile_regions(net: torch.nn.Module, options: dict[str, Any]) -> set[str]:
+    """torch.compile each repeated block of `net` in place (`repeated_blocks`); their names."""
+    names = repeated_blocks(net)
+    for module in net.modules():
+        if type(module).__name__ in names:
+            module.compile(**options)
+    return names
+
+
 def default_noise_threads() -> int:
     """Threads for noise on a GPU machine: up to 8, leaving two cores to the driver thread."""
     cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
@@ -93,11 +120,14 @@ class NetRunner:
         accel: the options.
         device: where the network lives.
         call: how the family calls it (keyword names, Flux's packing).
+        dtype: the dtype the network's weights compute in (float32, or bf16 / fp16: x and the
+            conditioning rows are cast to it; the output comes back float32).
     """
 
     def __init__(self, net: torch.nn.Module, accel: Acceleration, device: torch.device,
-                 call: NetCall) -> None:
+                 call: NetCall, dtype: torch.dtype = torch.float32) -> None:
         self.accel = accel
+        self.dtype = dtype
         self.device = device
         self.call = call
         self.graphs = accel.cuda_graphs and device.type == "cuda"
@@ -110,7 +140,13 @@ class NetRunner:
         layout = torch.channels_last if accel.channels_last else torch.contiguous_format
         net = net.to(memory_format=layout)
         self.module: Any = net
-        if accel.compile:
+        if accel.compile_regional:
+            options = {"backend": accel.compile_backend}
+            if accel.compile_backend == "inductor" and accel.compile_mode is not None:
+                options["mode"] = accel.compile_mode
+            names = compile_regions(net, options)
+            logger.info("regional torch.compile of %s", ", ".join(sorted(names)) or "nothing")
+        elif accel.compile:
             mode = accel.compile_mode
             if self.graphs:
                 mode, self.graphs = "reduce-overhead", False
@@ -133,6 +169,9 @@ class NetRunner:
 
     def _forward(self, x: torch.Tensor, t: torch.Tensor, cond: Conditioning | None,
                  cache: bool) -> torch.Tensor:
+        if self.dtype != torch.float32:  # low-precision weights: their dtype in, float32 out
+            x = x.to(self.dtype)
+            cond = None if cond is None else cond.to(self.dtype)
         if self.accel.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         half = self.accel.autocast

@@ -49,6 +49,12 @@ class Conditioning:
         return Conditioning({k: torch.cat([v, other.rows[k]]) for k, v in self.rows.items()},
                             self.shared)
 
+    def to(self, dtype: torch.dtype) -> Conditioning:
+        """The floating-point rows cast to `dtype` (a low-precision network's input); shared
+        tensors (position ids) stay as they are."""
+        return Conditioning({k: v.to(dtype) if v.is_floating_point() else v
+                             for k, v in self.rows.items()}, self.shared)
+
     def key(self) -> tuple[Any, ...]:
         """Names, shapes and dtypes of every tensor (what a captured CUDA graph depends on)."""
         return tuple((kind, name, tuple(t.shape), t.dtype)

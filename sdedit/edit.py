@@ -178,7 +178,8 @@ def edit(
         prompt_list, negative_list, scale = texts
         assert model.text is not None
         denoise = conditioned_denoiser(model.text, model.denoise, prompt_list, negative_list,
-                                       scale, [len(p) for p in plans], size)
+                                       scale, [len(p) for p in plans], size,
+                                       model.encode_prompts)
     if noise is None:
         noise = noise_for(model, seeds, *images.shape[2:])
     elif noise.shape != shape or len(noise.generators) != n:
@@ -251,7 +252,7 @@ def warm_up(model: DiffusionModel, batch_size: int) -> None:
     if model.text is not None:
         denoise = conditioned_denoiser(model.text, model.denoise, [""] * batch_size,
                                        [""] * batch_size, model.text.spec.default_guidance or 1.0,
-                                       [1] * batch_size, model.sample_size)
+                                       [1] * batch_size, model.sample_size, model.encode_prompts)
 
     def no_noise(rows: list[int]) -> torch.Tensor:
         raise RuntimeError("a one-step warm-up draws no noise")

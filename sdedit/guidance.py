@@ -75,16 +75,23 @@ class Guided:
         return self.combine(pred_u, pred_c, self.scale)
 
 
+Encode = Callable[[list[str], "list[str] | None", tuple[int, int], "float | None"],
+                  tuple[Conditioning, "Conditioning | None"]]
+"""(prompts, negative prompts or None, size, guidance input) -> (cond, uncond): a prompt
+encoder's `encode`, or a model's `encode_prompts` (cached)."""
+
+
 def conditioned_denoiser(text: PromptEncoder,
                          denoise: Callable[[torch.Tensor, torch.Tensor, Conditioning],
                                            torch.Tensor],
                          prompts: list[str], negatives: list[str], scale: float,
-                         lengths: Sequence[int], size: tuple[int, int]) -> Guided:
+                         lengths: Sequence[int], size: tuple[int, int],
+                         encode: Encode | None = None) -> Guided:
     """The guided denoiser of one batch of images of `size` = (H, W) pixels, from the model's
     prompt encoder and conditioned denoiser: every distinct prompt (and negative prompt, with
-    classifier-free guidance and g != 1) encoded once."""
+    classifier-free guidance and g != 1) encoded once, by `encode` (default `text.encode`)."""
     spec = text.spec
     cfg = spec.guidance == "cfg" and scale != 1.0
     embedded = scale if spec.guidance == "embedded" else None
-    cond, uncond = text.encode(prompts, negatives if cfg else None, size, embedded)
+    cond, uncond = (encode or text.encode)(prompts, negatives if cfg else None, size, embedded)
     return Guided(denoise, cond, uncond if cfg else None, scale, lengths, text.combine)

@@ -2,7 +2,13 @@
 
 Every latent family (SD 1.x/2.x, SDXL, SD3, Flux) encodes guides with the VAE's posterior mean
 (deterministic: it draws no noise), shifted and scaled as its pipeline does, runs the samplers on
-latents and decodes once at the end. The VAE always runs in float32.
+latents and decodes once at the end. The VAE runs in its weights' dtype (`sdedit.precision`:
+float32, or bf16 / fp16): its input is cast to it and its output back to float32. Encode and
+decode take the batch in chunks of at most `CHUNK_PIXELS` pixels (one image per call at
+1024 x 1024 and above; a batch of small images in one call, as before) and, above the VAE's own
+sample size, in overlapping tiles (diffusers' tiling), so their activations stay those of about
+one 1024 px image whatever the batch and the image size; images up to the sample size are
+never tiled.
 """
 
 from __future__ import annotations
@@ -12,7 +18,15 @@ from typing import Any
 
 import torch
 
-__all__ = ["LatentCodec", "codec_from_vae", "latent_mask"]
+__all__ = ["CHUNK_PIXELS", "LatentCodec", "chunk_size", "codec_from_vae", "latent_mask"]
+
+CHUNK_PIXELS = 1024 * 1024
+"""Pixels the VAE encodes or decodes in one call at most (a whole image when it is larger)."""
+
+
+def chunk_size(height: int, width: int) -> int:
+    """Images of H x W the VAE takes per call: CHUNK_PIXELS // (H x W), at least 1."""
+    return max(1, CHUNK_PIXELS // max(1, height * width))
 
 
 @dataclass
@@ -35,20 +49,37 @@ class LatentCodec:
     factor: int
     channels: int
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the VAE computes in (its weights')."""
+        return next(self.vae.parameters()).dtype
+
+    def bound_memory(self) -> None:
+        """Tiling on above the VAE's sample size (see the module docstring), where the VAE
+        class has it."""
+        switch = getattr(self.vae, "enable_tiling", None)
+        if callable(switch):
+            switch()
+
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """float32 (N, 3, H, W) in [-1, 1] -> float32 (N, C, H/f, W/f): the posterior mean
         (deterministic), shifted and scaled."""
-        mean = self.vae.encode(images).latent_dist.mean
+        dtype, k = self.dtype, chunk_size(*images.shape[2:])
+        mean = torch.cat([self.vae.encode(part.to(dtype)).latent_dist.mean.float()
+                          for part in images.split(k)])
         shift, scale = _on(self.shift_factor, mean), _on(self.scaling_factor, mean)
-        return ((mean - shift) * scale).float()
+        return (mean - shift) * scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """float32 (N, C, h, w) -> float32 (N, 3, h*f, w*f) clamped to [-1, 1]."""
         shift, scale = _on(self.shift_factor, latents), _on(self.scaling_factor, latents)
-        x = self.vae.decode(latents / scale + shift).sample
-        return x.float().clamp(-1.0, 1.0)
+        z = latents / scale + shift
+        k = chunk_size(z.shape[2] * self.factor, z.shape[3] * self.factor)
+        x = torch.cat([self.vae.decode(part.to(self.dtype)).sample.float()
+                       for part in z.split(k)])
+        return x.clamp(-1.0, 1.0)
 
 
 def _on(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

@@ -312,3 +312,9 @@ def file_sha256(path: Path) -> str:
         while chunk := stream.read(CHUNK):
             digest.update(chunk)
     return digest.hexdigest()
+
+
+def model_directory(source: str, storage_options: dict[str, Any] | None = None) -> Path:
+    """The local directory of a model source (a hub snapshot downloaded, a URL copied into the
+    cache, as `load_model` would), for reading its configs before loading it."""
+    return resolve(source, None, storage_options).directory

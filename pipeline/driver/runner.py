@@ -20,12 +20,18 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from pipeline.driver.pool import ActorPool, PoolStoppedError, PoolWork, ray_session, uses_gpu
-from pipeline.driver.preflight import check_model
+from pipeline.driver.preflight import ModelCheck, check_model
 from pipeline.errors import PipelineError, RunStoppedError
 from pipeline.input.shards import expand_shards, shard_stem
+from pipeline.job.memory import precision_record, weights_request
 from pipeline.job.spec import JobSpec
 from pipeline.output.folder import OutputFolder, Plan
-from pipeline.output.jobrecord import prepare_output, record_compute, resolved_compute
+from pipeline.output.jobrecord import (
+    prepare_output,
+    record_compute,
+    resolved_compute,
+    resumable_record,
+)
 from pipeline.output.scorerecord import prepare_scores
 from pipeline.output.status import MarkerTotals, bounded_repeated_keys
 from pipeline.worker.actor import ShardActor
@@ -62,13 +68,15 @@ class RunSummary(MarkerTotals):
 
 def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | None = None,
             overwrite: bool = False, progress: bool = True,
-            hooks: Hooks = NO_HOOKS) -> RunSummary:
+            hooks: Hooks = NO_HOOKS, announce: Callable[[str], None] | None = None
+            ) -> RunSummary:
     """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
 
     The model source is checked (`pipeline.driver.preflight.check_model`) before Ray starts and
     before OUT/job.json is written, except with a Ray Client address (ray://): this driver
     then runs on another machine than the actors, which read the model. `hooks` (tests and
-    benchmarks only) go to every actor.
+    benchmarks only) go to every actor. `announce` gets the memory plan's lines (the CLI
+    prints them; default: the log).
 
     Raises:
         PipelineError: no input shards, model missing or not loadable, unwritable output,
@@ -77,14 +85,19 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     """
     started = time.perf_counter()
     shards = expand_shards(list(spec.input.shards), spec.input.storage_options)
+    check, record = ModelCheck(), resumable_record(spec, overwrite)
     if not (address or "").startswith("ray://"):
-        for note in check_model(spec):
-            logger.info("%s", note)
+        notes, check = check_model(spec, record=record, shards=shards)
+        for note in notes:
+            (announce if announce is not None and check.plan is not None and
+             note in check.plan.lines(spec) else logger.info)(note)
+    precision = precision_record(spec, weights_request(spec, record), check.precision,
+                                 check.layout, check.plan)
     folder = OutputFolder.of(spec)
     folder.check_writable()
     with folder.lease(spec.name) as lease:  # released at the end, on errors and Ctrl-C too
         folder.remove_stale_temps()
-        previous = prepare_output(spec, overwrite)
+        previous = prepare_output(spec, overwrite, precision)
         if spec.score.enabled:
             prepare_scores(folder, spec.score.settings(), overwrite)
         plan = _plan(folder, shards)
@@ -100,8 +113,9 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
                 pool = ActorPool(run.work(), pending, progress)
                 try:
                     record_compute(spec, resolved_compute(spec, uses_gpu(spec.compute),
-                                                          pool.threads), previous,
-                                   len(plan.done))
+                                                          pool.threads,
+                                                          precision.get("resolved")),
+                                   previous, len(plan.done), precision)
                 except PipelineError as exc:
                     raise RunStoppedError(_stopped(str(exc), summary, pending)) from exc
                 try:

@@ -32,7 +32,8 @@ from pipeline.job.validation import (
 )
 from pipeline.redaction import redact
 from sdedit import DTYPES as DEVICE_DTYPES
-from sdedit import MAX_GUIDANCE, Lora
+from sdedit import MAX_GUIDANCE, WEIGHTS_DTYPES, Lora
+from sdedit import OFFLOAD_SETTINGS as OFFLOADS
 from sdedit import SAMPLERS as ENGINE_SAMPLERS
 
 __all__ = ["DEVICES", "DTYPES", "FINGERPRINT_VERSION", "IMAGE_FORMATS", "MAX_PROMPT_CHARS",
@@ -98,6 +99,10 @@ class ModelSpec:
     storage_options: Mapping[str, Any] = setting({}, _OPTIONS)
     lora: tuple[Lora, ...] = setting((), _LORA, affects="later")
     """LoRAs fused into the model (`sdedit.lora`); URL sources read with storage_options."""
+    weights_dtype: str = setting("auto", choice(WEIGHTS_DTYPES), affects="later")
+    """The precision of the model's weights (`sdedit.precision`): auto = the family's published
+    one for a new job; a job whose job.json predates this setting keeps fp32
+    (`pipeline.job.memory.weights_request`)."""
 
 
 @dataclass(frozen=True)
@@ -188,6 +193,15 @@ class ComputeSpec:
     host_threads: int | None = setting(None, optional(_INT(1, 256)))
     """Threads decoding inputs and encoding outputs beside the device; None = the actor's
     CPUs, at least 2."""
+    offload: str = setting("auto", choice(OFFLOADS))
+    """none | text (text encoders in host memory, swapping with the network to encode) | auto
+    (text only when the memory plan does not fit the GPU without it)."""
+    gpu_memory_gb: float | None = setting(None, optional(number(1, 4096)))
+    """The memory of each GPU in GB (2^30 bytes, as nvidia-smi's MiB / 1024: an L4 has 22.5):
+    a job whose memory plan exceeds it is refused before any work."""
+    compile: bool = setting(False, _BOOL)
+    """torch.compile the network's repeated blocks (regional compilation; minutes of warm-up
+    per actor, then faster steps on a GPU)."""
     shard_timeout_s: float | None = setting(None, optional(number(0, open_low=True)))
     """Seconds an attempt at a shard may take before it fails (and is retried); None = 10x
     the slowest attempt the run has committed, at least an hour (`pipeline.driver.schedule`)."""

@@ -24,11 +24,23 @@ from sdedit import dtype_name, quoted, resolve_dtype
 logger = logging.getLogger(__name__)
 
 __all__ = ["job_record", "prepare_output", "record_compute", "resolved_compute",
-           "resume_conflict"]
+           "resumable_record", "resume_conflict"]
 
 
-def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
-    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work).
+def resumable_record(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
+    """The output's job.json when this run resumes it (None: none, or one `prepare_output`
+    refuses or `--overwrite` discards): what `auto` weights mean (`pipeline.job.memory`)."""
+    try:
+        old = OutputFolder.of(spec).read_record()
+    except Exception:  # prepare_output reports it
+        return None
+    return old if resume_conflict(spec, old) is None else None
+
+
+def prepare_output(spec: JobSpec, overwrite: bool,
+                   precision: dict[str, Any] | None = None) -> dict[str, Any] | None:
+    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work),
+    with the weights' `precision` (`pipeline.job.memory.precision_record`) when given.
 
     `validate` makes the same checks (`pipeline.driver.preflight`), so that its yes means this
     one's. Returns the job.json found there before (None if none, or discarded by `overwrite`);
@@ -46,7 +58,7 @@ def prepare_output(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
             raise ResumeConflictError(conflict)
         folder.discard_results()
         old = None
-    record = job_record(spec)
+    record = job_record(spec, precision=precision)
     if old is not None and "compute" in old:
         record["compute"] = old["compute"]
     folder.write_record(record)
@@ -64,9 +76,11 @@ def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
             "to discard its results")
 
 
-def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str, Any]:
+def job_record(spec: JobSpec, compute: dict[str, Any] | None = None,
+               precision: dict[str, Any] | None = None) -> dict[str, Any]:
     """OUT/job.json (`record_version` names its shape, `pipeline.output.recordcheck`): the
-    resolved spec (secrets redacted), its fingerprint, versions and, once
+    resolved spec (secrets redacted), its fingerprint, versions, the weights' precision (what
+    actors load: `pipeline.job.memory.weights_request`) and, once
     the actors' settings are known, the resolved `compute` values (see `record_compute`)."""
     import diffusers
 
@@ -77,22 +91,28 @@ def job_record(spec: JobSpec, compute: dict[str, Any] | None = None) -> dict[str
                            "diffusers": diffusers.__version__,
                            "ray": importlib.metadata.version("ray")},
               "model": spec.model.source}
+    if precision is not None:
+        record["precision"] = precision
     if compute is not None:
         record["compute"] = compute
     return record
 
 
-def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int) -> dict[str, Any]:
+def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int,
+                     weights: str | None = None) -> dict[str, Any]:
     """The compute values outputs depend on through rounding (docs/outputs.md): device
-    type, compute dtype, torch threads per actor and batch size, resolved."""
+    type, compute dtype (the weights' own when they are low-precision: `weights`), torch
+    threads per actor and batch size, resolved."""
     device = "cuda" if use_gpu else "cpu"
-    dtype = resolve_dtype(spec.compute.dtype, torch.device(device))
-    return {"device": device, "dtype": dtype_name(dtype), "threads": threads,
+    name = dtype_name(resolve_dtype(spec.compute.dtype, torch.device(device)))
+    if weights in ("bf16", "fp16", "fp8"):
+        name = "fp16" if weights == "fp16" else "bf16"
+    return {"device": device, "dtype": name, "threads": threads,
             "batch_size": spec.compute.batch_size}
 
 
 def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, Any] | None,
-                   shards_done: int) -> list[str]:
+                   shards_done: int, precision: dict[str, Any] | None = None) -> list[str]:
     """Write the resolved compute values into OUT/job.json; warn when shards are already done
     with other values (their outputs may differ in rounding from what these give).
 
@@ -107,7 +127,7 @@ def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, A
             "done (%s): byte-identical outputs need the same batch size, device, dtype and "
             "threads; other values give outputs that differ in rounding (a few levels; a dtype "
             "change more), see docs/outputs.md", shards_done, ", ".join(changes))
-    OutputFolder.of(spec).write_record(job_record(spec, compute))
+    OutputFolder.of(spec).write_record(job_record(spec, compute, precision))
     return changes
 
 

@@ -32,6 +32,7 @@ SCHEMA: dict[str, Schema] = {
     "versions?": {},
     "model?": str,
     "compute?": {"device?": str, "dtype?": str, "threads?": int, "batch_size?": int},
+    "precision?": {},
 }
 """Keys of a job record (a trailing "?": may be absent) and their JSON types: a type, a
 one-item list (a list of that), or a dict (an object with these keys, others allowed)."""

@@ -257,20 +257,44 @@ def train_cmd(data: tuple[str, ...], out: str, size: int, steps: int, batch_size
 @click.option("--noise-threads", type=click.IntRange(min=0), default=None,
               help="Threads drawing noise ahead [default: up to 8 on CUDA, 0 on CPU].")
 @click.option("--json", "json_path", default=None, metavar="PATH", help="Also write JSON here.")
+@click.option("--family", type=click.Choice(["flux", "sdxl"]), default=None,
+              help="A latent family at real size (random FLUX.1-dev-sized transformer or SDXL "
+                   "UNet, 1024 px) instead of a pixel DDPM; --dtypes then names weights "
+                   "precisions (bf16, fp16, fp8), diffusers' img2img pipeline runs beside it.")
+@click.option("--smoke", is_flag=True, help="With --family: tiny configs on the CPU (a check).")
 def bench_cmd(source: str | None, arch: str, batch_sizes: tuple[int, ...], dtypes: str,
               sampler: str, steps: int | None, t0: float, threads: tuple[int, ...] | None,
               reference: bool, repeats: int, device: str, compile_: bool, cuda_graphs: bool,
               channels_last: bool | None, noise_threads: int | None,
-              json_path: str | None) -> None:
+              json_path: str | None, family: str | None, smoke: bool) -> None:
     """Measure forwards/s, edits/s, TFLOP/s and MFU of sdedit.edit vs the paper's loop.
 
     \b
     GPU (the paper's model and chain: 500 DDPM steps from t0 = 0.5):
       sdedit-batch bench --arch ddpm-256 --batch-sizes 8,16,32 --dtypes fp32,bf16 --json out.json
+    GPU, the latent families at 1024 px (s/step, edits/hour at t0 0.6, MFU, peak memory):
+      sdedit-batch bench --family flux --dtypes bf16,fp8 --batch-sizes 1,4
     CPU (small and short):
       sdedit-batch bench --arch ddpm-32 --t0 0.01 --batch-sizes 1,8 --threads 1,2
     """
     from pipeline.tools.bench import BenchConfig, format_table, run_bench
+
+    if family is not None:
+        import torch
+
+        from pipeline.tools.bench_latent import run_latent
+        from sdedit import resolve_device
+
+        result = run_latent(family, torch.device("cpu") if smoke else resolve_device(device),
+                            smoke, tuple(d.strip() for d in dtypes.split(",") if d.strip()
+                                         and d.strip() != "fp32") or ("bf16",),
+                            (1,) if smoke else batch_sizes, reference)
+        text = json.dumps(result, indent=2)
+        click.echo(text)
+        if json_path:
+            with open(json_path, "w") as f:
+                f.write(text)
+        return
 
     config = BenchConfig(
         arch=arch, source=source, batch_sizes=batch_sizes,

@@ -18,6 +18,8 @@ hands the same object to each actor it starts (pickled with the actor's argument
                  a known point while a test looks at it, without timing).
     fail_start   a message: the worker's constructor raises RuntimeError with it (an actor that
                  dies while starting, for a reason other than its model).
+    device_memory_gb  not None: the worker checks the job's memory plan against a device of this
+                 many GB (2^30 bytes), as it checks a real GPU's at start.
     stand_in_ms  not None: the loaded model's network is replaced by a stand-in whose every call
                  sleeps this many milliseconds per image (0: returns at once; sleeping releases
                  the GIL, as waiting on a GPU does) and predicts zeros: an emulated device whose
@@ -61,6 +63,7 @@ class Hooks:
     fail_start: str | None = None
     stand_in_ms: float | None = None
     score_stand_in_ms: float | None = None
+    device_memory_gb: float | None = None
 
     def starting(self) -> None:
         """Run when a worker starts, before it loads its model."""

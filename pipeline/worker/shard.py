@@ -40,6 +40,7 @@ from pipeline.worker.batching import Prepared, Task, by_size, prepare
 from pipeline.worker.encode import Done, Encoded, encode_output
 from pipeline.worker.hooks import NO_HOOKS, Hooks
 from pipeline.worker.notices import ActorWarnings
+from pipeline.worker.loading import load_job_model
 from pipeline.worker.oom import EditFailure, split_on_oom
 from pipeline.worker.records import Records, ShardStats, worker_columns
 from pipeline.worker.scoring import ScoreStage
@@ -47,12 +48,9 @@ from pipeline.worker.tasks import TaskStage
 from sdedit import (
     DiffusionModel,
     EditInputError,
-    apply_loras,
     edit,
-    load_model,
     noise_for,
     resolve_device,
-    resolve_dtype,
     warm_up,
 )
 
@@ -70,8 +68,7 @@ class ShardWorker:
 
     Args:
         spec: the validated job.
-        model: a loaded model (or None to load `spec.model.source` on the resolved device,
-            with `spec.model.lora` fused in).
+        model: a loaded model (or None to load the job's: `pipeline.worker.loading`).
         worker_id: recorded in manifests and markers (default host:pid).
         threads: torch intra-op threads (CPU actors get their CPU share).
         host_threads: threads decoding and encoding (default `compute.host_threads`, else
@@ -90,13 +87,7 @@ class ShardWorker:
         hooks.starting()
         fake_gpu = hooks.fake_gpu and spec.compute.device == "cuda"
         device = resolve_device("cpu" if fake_gpu else spec.compute.device)
-        if model is None:
-            model = load_model(spec.model.source, device=device,
-                               dtype=resolve_dtype(spec.compute.dtype, device),
-                               storage_options=dict(spec.model.storage_options) or None)
-            apply_loras(model, spec.model.lora,
-                        storage_options=dict(spec.model.storage_options) or None)
-        self.model = model
+        self.model = model or load_job_model(spec, device, hooks)
         hooks.install(self.model)
         self.worker_id = worker_id or f"{socket.gethostname()}:{os.getpid()}"
         self.conditional = self.model.conditional

@@ -18,6 +18,7 @@ import torch
 
 from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec
 from sdedit.latent import LatentCodec
+from sdedit.precision import role_dtype
 from sdedit.processes import NoiseProcess, VEProcess, VPProcess, flow_from_config
 from sdedit.schedules import VESchedule, VPSchedule
 from sdedit.sources import ModelSourceError
@@ -69,6 +70,14 @@ class ModelLayout:
         """True when the chain runs on VAE latents."""
         return "vae" in self.configs
 
+    def part_names(self) -> list[str]:
+        """The component folders with weights: those model_index.json names with a class and
+        those whose configs were read ("unet" for a pixel model's root layout)."""
+        index = self.configs.get("index") or {}
+        named = [k for k, v in index.items() if not k.startswith("_") and
+                 isinstance(v, (list, tuple)) and len(v) == 2 and v[1] is not None]
+        return list(dict.fromkeys([*named, *self.configs]))
+
 
 @dataclass
 class Loaded:
@@ -96,6 +105,11 @@ class Family(Protocol):
     lora_loader: str | None
     """The diffusers LoRA loader mixin whose `lora_state_dict` reads this family's LoRA files
     (e.g. "StableDiffusionLoraLoaderMixin"), or None: the family takes no LoRA."""
+
+    weights_precision: str | None
+    """The precision its checkpoints are published and run in ("bf16", "fp16", "fp32"): what
+    `model.weights_dtype: auto` resolves to (`sdedit.precision`); None: bf16 for a
+    flow-matching family, fp32 for others."""
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         """Whether `directory` (with its model_index.json, {} if none) is of this family."""
@@ -172,12 +186,17 @@ def scheduler_process(scheduler: Mapping[str, Any], source: str) -> NoiseProcess
 
 
 def component(cls: Any, directory: Path, name: str, source: str) -> Any:
-    """`cls.from_pretrained(directory / name)`, float32, eval, no grad; ModelSourceError naming
-    the part when it cannot be loaded."""
-    options = {}
+    """`cls.from_pretrained(directory / name)`, eval, no grad, in the dtype of its part
+    (`sdedit.precision.role_dtype`: float32 unless `load_model` asks for another precision);
+    ModelSourceError naming the part when it cannot be loaded."""
+    options: dict[str, Any] = {}
+    dtype = torch.float32
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
         # meta-device initialisation needs accelerate; without it, say so once (not per part)
         options["low_cpu_mem_usage"] = importlib.util.find_spec("accelerate") is not None
+        dtype = role_dtype(name)
+        # transformers 5 names it dtype, diffusers torch_dtype
+        options["dtype" if cls.__module__.startswith("transformers") else "torch_dtype"] = dtype
     try:
         part = cls.from_pretrained(directory / name, **options)
     except Exception as exc:
@@ -185,7 +204,9 @@ def component(cls: Any, directory: Path, name: str, source: str) -> Any:
             f"model source {source!r}: cannot load {name}/ as {cls.__name__}: "
             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     if isinstance(part, torch.nn.Module):
-        part = part.float().eval().requires_grad_(False)
+        if dtype == torch.float32:
+            part = part.float()  # as before: whatever the files hold, float32
+        part = part.eval().requires_grad_(False)
     return part
 
 

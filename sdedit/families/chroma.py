@@ -116,6 +116,7 @@ class ChromaFamily:
     """Chroma (see the module docstring)."""
 
     name = "chroma"
+    weights_precision = "bf16"
     lora_loader = "FluxLoraLoaderMixin"
     """ChromaImg2ImgPipeline's loader; its transformer part only (the text encoder is T5)."""
 

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -156,6 +156,7 @@ class FluxFamily:
     """Flux.1 (see the module docstring)."""
 
     name = "flux"
+    weights_precision = "bf16"
     lora_loader = "FluxLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
@@ -229,5 +230,21 @@ class FluxFamily:
                                           layout.directory / "transformer"),
                 "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")}
 
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """The call and zero conditioning of one network call of `rows` rows at `size` pixels
+        (the memory plan traces it; tensors on the default device)."""
+        net = layout.configs["transformer"]
+        h, w = size[0] // (layout.downsample_factor // PACK), \
+            size[1] // (layout.downsample_factor // PACK)
+        cond = {"encoder_hidden_states": torch.zeros(rows, MAX_SEQUENCE_LENGTH,
+                                                     int(net.get("joint_attention_dim", 4096))),
+                "pooled_projections": torch.zeros(rows, int(net.get("pooled_projection_dim",
+                                                                    768)))}
+        if net.get("guidance_embeds"):
+            cond["guidance"] = torch.zeros(rows)
+        shared = {"txt_ids": torch.zeros(MAX_SEQUENCE_LENGTH, 3), "img_ids": image_ids(h, w)}
+        return flux_call, Conditioning(cond, shared)
 
 FAMILY = FluxFamily()

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import PromptEncoder
+from sdedit.conditioning import NetCall, PromptEncoder
 from sdedit.families.base import Loaded, ModelLayout, read_json, scheduler_process, unet_call
 from sdedit.processes import FlowProcess, VEProcess
 from sdedit.sources import ModelSourceError
@@ -64,6 +64,7 @@ class PixelFamily:
     """The pixel UNet2DModel family (see the module docstring)."""
 
     name = "pixel"
+    weights_precision = "fp32"
     lora_loader = None
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
@@ -118,5 +119,10 @@ class PixelFamily:
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
         """{}: this family takes no LoRA (`lora_loader` is None)."""
         return {}
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, None]:
+        """The call of one network call (no conditioning; see `FluxFamily.plan_inputs`)."""
+        return unet_call, None
 
 FAMILY = PixelFamily()

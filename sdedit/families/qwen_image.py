@@ -192,6 +192,7 @@ class QwenImageFamily:
     """Qwen-Image (see the module docstring)."""
 
     name = "qwen-image"
+    weights_precision = "bf16"
     lora_loader = "QwenImageLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:

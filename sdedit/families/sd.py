@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow, count_cuts
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow, count_cuts
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -185,6 +185,7 @@ class StableDiffusionFamily:
     """SD 1.x / 2.x (see the module docstring)."""
 
     name = "sd"
+    weights_precision = "fp16"
     lora_loader = "StableDiffusionLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
@@ -224,7 +225,9 @@ class StableDiffusionFamily:
         return ModelLayout(
             family=self.name, directory=directory, process=process,
             text=ClipPromptEncoder.spec,
-            configs={"index": dict(index), "unet": unet, "vae": vae, "scheduler": scheduler},
+            configs={"index": dict(index), "unet": unet, "vae": vae, "scheduler": scheduler,
+                     "text_encoder": read_json(directory / "text_encoder" / "config.json",
+                                               source)},
             paths={"scheduler": scheduler_path},
             **latent_sizes(directory, source, unet, vae, net_factor))
 
@@ -254,5 +257,13 @@ class StableDiffusionFamily:
         assert layout is not None
         return {"unet": meta_model(UNet2DConditionModel, layout.directory / "unet"),
                 "text_encoder": meta_model(CLIPTextModel, layout.directory / "text_encoder")}
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """The call and zero conditioning of one network call (see `FluxFamily.plan_inputs`)."""
+        encoder = layout.configs["text_encoder"]
+        return unet_call, Conditioning({"encoder_hidden_states": torch.zeros(
+            rows, int(encoder.get("max_position_embeddings", 77)),
+            int(encoder.get("hidden_size", 768)))})
 
 FAMILY = StableDiffusionFamily()

@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -140,6 +140,7 @@ class SD3Family:
     """SD3 / SD3.5 (see the module docstring)."""
 
     name = "sd3"
+    weights_precision = "bf16"
     lora_loader = "SD3LoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
@@ -230,5 +231,17 @@ class SD3Family:
                 **{name: meta_model(CLIPTextModelWithProjection, layout.directory / name)
                    for name in ("text_encoder", "text_encoder_2")}}
 
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """The call and zero conditioning of one network call (see `FluxFamily.plan_inputs`):
+        CLIP tokens + 256 T5 tokens at the joint width, the pooled projections."""
+        net = layout.configs["transformer"]
+        clip = int(layout.configs["text_encoder"].get("max_position_embeddings", 77))
+        return sd3_call, Conditioning({
+            "encoder_hidden_states": torch.zeros(rows, clip + MAX_SEQUENCE_LENGTH,
+                                                 int(net.get("joint_attention_dim", 4096))),
+            "pooled_projections": torch.zeros(rows, int(net.get("pooled_projection_dim",
+                                                                2048)))})
 
 FAMILY = SD3Family()

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -159,6 +159,7 @@ class SdxlFamily:
     """SDXL base and refiner (see the module docstring)."""
 
     name = "sdxl"
+    weights_precision = "fp16"
     lora_loader = "StableDiffusionXLLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
@@ -260,6 +261,18 @@ class SdxlFamily:
                    "text_encoder_2": CLIPTextModelWithProjection}
         return {name: meta_model(cls, layout.directory / name)
                 for name, cls in classes.items() if name in layout.configs}
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """The call and zero conditioning of one network call (see `FluxFamily.plan_inputs`)."""
+        unet, second = layout.configs["unet"], layout.configs["text_encoder_2"]
+        length = int(second.get("max_position_embeddings", 77))
+        ids = 5 if layout.configs["index"].get("requires_aesthetics_score") else 6
+        return sdxl_call, Conditioning({
+            "encoder_hidden_states": torch.zeros(rows, length, int(unet["cross_attention_dim"])),
+            "text_embeds": torch.zeros(rows, int(second["projection_dim"])),
+            "time_ids": torch.zeros(rows, ids)})
+
 
 def _check_widths(unet: Mapping[str, Any], encoders: Mapping[str, Mapping[str, Any]],
                   aesthetic: bool, problem: Any) -> None:

@@ -135,6 +135,7 @@ class ZImageFamily:
     """Z-Image and Z-Image-Turbo (see the module docstring)."""
 
     name = "z-image"
+    weights_precision = "bf16"
     lora_loader = "ZImageLoraLoaderMixin"
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:

@@ -86,6 +86,10 @@ def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
 
     if not loras:
         return model
+    if model.precision.net == "fp8":
+        raise ModelSourceError("model.lora with fp8 weights: a LoRA update fused into float8 "
+                               "weights is mostly lost to rounding; allowed: weights_dtype "
+                               "fp32, bf16 or fp16 with LoRAs")
     targets = lora_targets(family_named(model.family), None, model.net, model.text)
     names: dict[str, list[tuple[str, float]]] = {prefix: [] for prefix in targets.modules}
     identities = []
@@ -116,4 +120,5 @@ def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
             _fuse(module, [n for n, _ in names[prefix]], [s for _, s in names[prefix]])
             module.requires_grad_(False).eval()
     model.identity = " + lora ".join([model.identity or "unidentified", *identities])
+    model.prompts.clear()  # the text encoders may have changed
     return model.accelerate()  # a new runner: the network's layers changed

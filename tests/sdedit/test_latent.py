@@ -128,13 +128,27 @@ def test_guidance_batches_both_passes_and_skips_the_unconditional_at_one(tiny_sd
     assert not torch.allclose(one, other, atol=1e-4)
 
 
-def test_each_distinct_prompt_is_embedded_once_per_batch(tiny_sd):
+def test_each_distinct_prompt_is_embedded_once_per_batch_and_cached_across(tiny_sd):
     x = _guides(4, seed=4)
     prompts = ["a red cat", "blue dog", "a red cat", "blue dog"]
+    tiny_sd.prompts.clear()
     with _Calls(tiny_sd.text.encoder) as calls:
-        edit(tiny_sd, x, t0=0.002, seeds=[1, 2, 3, 4], prompts=prompts,
-             negative_prompts=["", "", "", "lamp"])
-    assert calls.sizes == [4]                            # one call: 2 prompts + "" + "lamp"
+        first = edit(tiny_sd, x, t0=0.002, seeds=[1, 2, 3, 4], prompts=prompts,
+                     negative_prompts=["", "", "", "lamp"])
+    assert calls.sizes == [2, 2, 2]  # each distinct (prompt, negative) pair once, alone
+    with _Calls(tiny_sd.text.encoder) as calls:          # the next batch: from the cache
+        again = edit(tiny_sd, x, t0=0.002, seeds=[1, 2, 3, 4], prompts=prompts,
+                     negative_prompts=["", "", "", "lamp"])
+    assert calls.sizes == [] and torch.equal(first, again)
+    tiny_sd.prompts.max_bytes, kept = 0, tiny_sd.prompts.max_bytes
+    try:                                                 # a bound of 0 keeps nothing
+        tiny_sd.prompts.clear()
+        with _Calls(tiny_sd.text.encoder) as calls:
+            edit(tiny_sd, x[:1], t0=0.002, seeds=[1], prompts=prompts[:1])
+            edit(tiny_sd, x[:1], t0=0.002, seeds=[1], prompts=prompts[:1])
+        assert calls.sizes == [2, 2] and tiny_sd.prompts.nbytes == 0
+    finally:
+        tiny_sd.prompts.max_bytes = kept
     tokens = tiny_sd.text.tokenizer(["a red cat"], padding="max_length", truncation=True,
                                     max_length=tiny_sd.text.max_length).input_ids
     assert len(tokens[0]) == 12 == tiny_sd.text.tokenizer.model_max_length

@@ -36,7 +36,7 @@ def test_flux_job_with_per_row_prompts_and_t0_on_ray(ray_connected, tiny_flux_de
                 "k2": {"t0": 0.3}, "k3": {}, "k4": {"prompt": "sky", "t0": 0.15}, "k5": {}}
     urls = write_row_shards(tmp_path, guides, settings, txt_key="k3")
     out = tmp_path / "out"
-    spec = make_spec(tiny_flux_dev_dir, urls, out,
+    spec = make_spec(tiny_flux_dev_dir, urls, out, model={"weights_dtype": "fp32"},
                      sdedit={"t0": 0.25, "sampler": "euler", "prompt": "lamp",
                              "guidance_scale": 2.0},
                      compute={"batch_size": 4, "cpus_per_actor": 1})

@@ -126,7 +126,8 @@ def test_sdxl_job_with_a_lora_on_ray(ray_connected, tiny_sdxl_dir, loras, tmp_pa
                        "json": json.dumps({"prompt": f"red {key}"}).encode()})
     out = tmp_path / "out"
     spec = make_spec(tiny_sdxl_dir, [url], out, model={"lora": [{"source": str(sdxl_lora),
-                                                                 "scale": 0.8}]},
+                                                                 "scale": 0.8}],
+                                                        "weights_dtype": "fp32"},
                      sdedit={"t0": 0.01, "negative_prompt": "sky"},
                      compute={"batch_size": 2, "cpus_per_actor": 1})
     summary = run_job(spec, progress=False)

@@ -14,7 +14,8 @@ from click.testing import CliRunner
 from huggingface_hub import constants as hub_constants
 
 from pipeline.cli import main
-from pipeline.driver.preflight import check_model, model_problems, preflight
+from pipeline.driver.preflight import check_model, preflight
+from pipeline.driver.sources import model_problems
 from pipeline.errors import PreflightError, ResumeConflictError
 from pipeline.job.load import load_spec
 from pipeline.output.jobrecord import prepare_output
@@ -124,10 +125,13 @@ def test_check_model_raises_listing_the_problem(tiny_vp_dir, tmp_path):
     assert info.value.exit_code == 2
     assert str(info.value).startswith("test-job: 1 problem found before any work\n  - "
                                       "model.source: ")
-    notes = check_model(make_spec(tiny_vp_dir, [str(tmp_path / "a.tar")], tmp_path / "o"))
-    assert notes == [f"model.source {tiny_vp_dir}: pixel model, VP noise process (samplers "
-                     "ddpm, ddim, dpmpp2m), no text, trained at 16x16, image sides multiples "
-                     "of 2"]
+    notes, check = check_model(make_spec(tiny_vp_dir, [str(tmp_path / "a.tar")],
+                                         tmp_path / "o"), shards=[])
+    assert notes[-1] == (f"model.source {tiny_vp_dir}: pixel model, VP noise process (samplers "
+                         "ddpm, ddim, dpmpp2m), no text, trained at 16x16, image sides "
+                         "multiples of 2")
+    assert notes[0].startswith("memory per actor: about ") and check.precision.net == "fp32"
+    assert "the largest input.max_pixels (16777216) allows" in notes[-2]  # no guide to read
 
 
 def test_local_inputs_must_exist(tiny_vp_dir, tmp_path):

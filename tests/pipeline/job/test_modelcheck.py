@@ -94,7 +94,8 @@ def test_an_actors_refusal_stops_the_job_without_retries(ray_connected, tiny_vp_
     failed or committed."""
     import pipeline.driver.runner
 
-    monkeypatch.setattr(pipeline.driver.runner, "check_model", lambda spec, **kw: [])
+    monkeypatch.setattr(pipeline.driver.runner, "check_model",
+                        lambda spec, **kw: ([], pipeline.driver.runner.ModelCheck()))
     shards = write_shards(tmp_path / "in", n_shards=2, per_shard=1, bad=False)
     out = tmp_path / "out"
     spec = make_spec(tiny_vp_dir, shards, out, sdedit={"sampler": "ve"})

@@ -1,0 +1,57 @@
+"""The memory plan (`sdedit.memplan`) of the published pipelines' configs, no weights read."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sdedit import GIB, GPU_CLASSES, family_named, inspect_model_dir, resolve_precision
+from sdedit.memplan import plan_memory, trace_peak
+from tests.support.published import published_dir
+
+TARGETS = [  # (model, weights, batch, the smallest GPU class it must fit, at 1024 x 1024)
+    ("FLUX.1-dev", "bf16", 4, 48),
+    ("FLUX.1-dev", "fp8", 1, 24),
+    ("stable-diffusion-3.5-large", "bf16", 2, 48),
+    ("stable-diffusion-xl-base-1.0", "fp16", 4, 24),
+]
+
+
+def _plan(name, weights, batch, root):
+    layout = inspect_model_dir(published_dir(name, root), name)
+    precision = resolve_precision(weights, family=family_named(layout.family),
+                                  process=layout.process, vae_config=layout.configs.get("vae"))
+    return plan_memory(layout, precision, batch_size=batch, size=(1024, 1024),
+                       guided=layout.text.guidance == "cfg")
+
+
+@pytest.mark.parametrize("name,weights,batch,nominal", TARGETS)
+def test_the_published_models_fit_the_gpus_the_issue_targets(name, weights, batch, nominal,
+                                                             tmp_path):
+    plan = _plan(name, weights, batch, tmp_path)
+    mib = next(m for n, _, m in GPU_CLASSES if n == nominal)
+    assert plan.offload_for(mib / 1024) is not None, "\n".join(plan.lines())
+
+
+def test_weights_are_the_parameter_counts_at_their_precision(tmp_path):
+    plan = _plan("FLUX.1-dev", "bf16", 1, tmp_path)
+    params = {name: b / 2 for name, (_, b) in plan.weights.items()}   # 2 bytes each in bf16
+    assert params["transformer"] == pytest.approx(11.90e9, rel=0.01)  # FLUX.1-dev: 12 B
+    assert params["text_encoder_2"] == pytest.approx(4.76e9, rel=0.01)  # T5-XXL encoder
+    assert plan.net is not None and 0.3 * GIB < plan.net < 1.0 * GIB   # one row, 4608 tokens
+    assert plan.peak("text") < plan.peak("none")
+
+
+def test_the_tracer_counts_live_tensors_and_their_peak():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.zeros(1024, 256)                                      # 1 MiB, excluded
+
+        def run() -> torch.Tensor:
+            a = x * 2                                                   # 1 MiB
+            b = a + 1                                                   # 2 MiB alive
+            del a
+            return b @ torch.zeros(256, 512)                           # 1 + 0.5 + 2 MiB
+
+        assert trace_peak(run, [x]) == (1024 * 256 + 256 * 512 + 1024 * 512) * 4  # b, w, out
