@@ -39,8 +39,8 @@ from pipeline.worker.attempt import Attempt
 from pipeline.worker.batching import Prepared, Task, by_size, prepare
 from pipeline.worker.encode import Done, Encoded, encode_output
 from pipeline.worker.hooks import NO_HOOKS, Hooks
-from pipeline.worker.notices import ActorWarnings
 from pipeline.worker.loading import load_job_model
+from pipeline.worker.notices import ActorWarnings
 from pipeline.worker.oom import EditFailure, split_on_oom
 from pipeline.worker.records import Records, ShardStats, worker_columns
 from pipeline.worker.scoring import ScoreStage

@@ -19,7 +19,14 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow, count_cuts
+from sdedit.conditioning import (
+    Conditioning,
+    NetCall,
+    PromptEncoder,
+    TextSpec,
+    TokenWindow,
+    count_cuts,
+)
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
