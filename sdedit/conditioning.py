@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 __all__ = ["Conditioning", "NetCall", "PromptCut", "PromptEncoder", "TextSpec", "TokenWindow",
-           "cfg_combine", "count_cuts"]
+           "cfg_combine", "count_cuts", "join_rows"]
 
 
 @dataclass(frozen=True)
@@ -45,9 +45,8 @@ class Conditioning:
         return Conditioning({k: v[index] for k, v in self.rows.items()}, self.shared)
 
     def cat(self, other: Conditioning) -> Conditioning:
-        """These rows, then `other`'s (shared tensors are this one's)."""
-        return Conditioning({k: torch.cat([v, other.rows[k]]) for k, v in self.rows.items()},
-                            self.shared)
+        """These rows, then `other`'s (shared tensors are this one's; `join_rows`)."""
+        return join_rows([self, other])
 
     def to(self, dtype: torch.dtype) -> Conditioning:
         """The floating-point rows cast to `dtype` (a low-precision network's input); shared
@@ -70,6 +69,23 @@ class Conditioning:
         for mine, theirs in ((self.rows, other.rows), (self.shared, other.shared)):
             for name, tensor in mine.items():
                 tensor.copy_(theirs[name])
+
+
+def join_rows(parts: Sequence[Conditioning]) -> Conditioning:
+    """The rows of `parts`, in order, as one Conditioning (shared tensors: the first's). Rows
+    whose second axis differs in length (texts of their own lengths, beside a mask or their
+    lengths) are zero-padded (False for a mask) to the longest, as a family pads the texts of
+    one encoder call."""
+    rows = {}
+    for name in parts[0].rows:
+        tensors = [p.rows[name] for p in parts]
+        if tensors[0].dim() >= 2 and len({t.shape[1] for t in tensors}) > 1:
+            longest = max(t.shape[1] for t in tensors)
+            tensors = [torch.nn.functional.pad(t, (0, 0) * (t.dim() - 2)
+                                               + (0, longest - t.shape[1]))
+                       for t in tensors]
+        rows[name] = torch.cat(tensors)
+    return Conditioning(rows, parts[0].shared)
 
 
 NetCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "Conditioning | None"],

@@ -66,7 +66,7 @@ class LatentCodec:
         """float32 (N, 3, H, W) in [-1, 1] -> float32 (N, C, H/f, W/f): the posterior mean
         (deterministic), shifted and scaled."""
         dtype, k = self.dtype, chunk_size(*images.shape[2:])
-        mean = torch.cat([self.vae.encode(part.to(dtype)).latent_dist.mean.float()
+        mean = torch.cat([self.posterior_mean(part.to(dtype)).float()
                           for part in images.split(k)])
         shift, scale = _on(self.shift_factor, mean), _on(self.scaling_factor, mean)
         return (mean - shift) * scale
@@ -77,9 +77,17 @@ class LatentCodec:
         shift, scale = _on(self.shift_factor, latents), _on(self.scaling_factor, latents)
         z = latents / scale + shift
         k = chunk_size(z.shape[2] * self.factor, z.shape[3] * self.factor)
-        x = torch.cat([self.vae.decode(part.to(self.dtype)).sample.float()
-                       for part in z.split(k)])
+        x = torch.cat([self.pixels(part.to(self.dtype)).float() for part in z.split(k)])
         return x.clamp(-1.0, 1.0)
+
+    def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
+        """The VAE's own call: (n, 3, H, W) in its dtype -> the posterior mean (n, C, h, w)
+        (a VAE of another shape overrides this and `pixels`)."""
+        return self.vae.encode(images).latent_dist.mean
+
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """The VAE's own call: (n, C, h, w) unscaled latents in its dtype -> (n, 3, H, W)."""
+        return self.vae.decode(z).sample
 
 
 def _on(value: float | torch.Tensor, like: torch.Tensor) -> float | torch.Tensor:

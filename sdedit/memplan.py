@@ -32,8 +32,9 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from sdedit.conditioning import Conditioning, NetCall
 from sdedit.families import ModelLayout, family_named
-from sdedit.latent import chunk_size
+from sdedit.latent import LatentCodec, chunk_size
 from sdedit.precision import COMPUTE_DTYPES, Precision, cast_module, layerwise_fp8, weight_bytes
 from sdedit.prompts import MAX_CACHE_BYTES
 
@@ -228,17 +229,24 @@ def plan_memory(layout: ModelLayout, precision: Precision, *, batch_size: int,
         weights["vae"] = (precision.vae, _weights(layout.configs["vae"], precision.vae))
     for name in texts:
         weights[name] = (precision.text, _weights(layout.configs[name], precision.text))
+    family = family_named(layout.family)
     with _fake():
+        codec = None
+        if "vae" in layout.configs:
+            codec = family.codec(_build(layout.configs["vae"], COMPUTE_DTYPES[precision.vae]))
+            shape = (codec.channels, h // codec.factor, w // codec.factor)
+        else:
+            shape = (layout.in_channels, h, w)
         net = _build(layout.configs[net_name], COMPUTE_DTYPES[precision.net])
-        net_act = _net_peak(layout, net, rows, size, autocast or precision.compute, notes)
+        net_act = _net_peak(family.plan_inputs(layout, rows, size), net, (rows, *shape),
+                            autocast or precision.compute)
         del net
         vae_act, text_act = 0, 0
         batch = 2 * batch_size * 3 * h * w * 4
-        if "vae" in layout.configs:
-            vae = _build(layout.configs["vae"], COMPUTE_DTYPES[precision.vae])
-            vae_act, channels, factor = _vae_peak(vae, batch_size, size)
-            batch += 6 * batch_size * channels * (h // factor) * (w // factor) * 4
-            del vae
+        if codec is not None:
+            vae_act = _vae_peak(codec, batch_size, size)
+            batch += 6 * batch_size * shape[0] * shape[1] * shape[2] * 4
+            del codec
         for name in texts:
             config = json.dumps(layout.configs[name], sort_keys=True)
             text_act = max(text_act, _text_peak(config, precision.text, rows))
@@ -265,23 +273,12 @@ def _weights_of(config_json: str, precision: str) -> int:
     return weight_bytes(module)
 
 
-def _net_peak(layout: ModelLayout, net: torch.nn.Module, rows: int, size: tuple[int, int],
-              dtype: torch.dtype, notes: list[str]) -> int | None:
-    """The network call's activation peak (None when the family cannot say its inputs)."""
-    family = family_named(layout.family)
-    inputs = getattr(family, "plan_inputs", None)
-    if inputs is None:
-        notes.append(f"network activations: the {layout.family} family does not say its "
-                     "network's inputs (plan_inputs)")
-        return None
-    call, cond = inputs(layout, rows, size)
-    vae = layout.configs.get("vae")
-    if vae is not None:
-        factor = 2 ** (len(vae.get("block_out_channels", (64,) * 4)) - 1)
-        shape = (rows, int(vae.get("latent_channels", 4)), size[0] // factor, size[1] // factor)
-    else:
-        shape = (rows, layout.in_channels, *size)
-    x, t = torch.zeros(shape), torch.zeros(rows)
+def _net_peak(inputs: tuple[NetCall, Conditioning | None], net: torch.nn.Module,
+              shape: tuple[int, ...], dtype: torch.dtype) -> int:
+    """The activation peak of one network call on state `shape` = (rows, C, h, w), with the
+    family's call and zero conditioning (`Family.plan_inputs`)."""
+    call, cond = inputs
+    x, t = torch.zeros(shape), torch.zeros(shape[0])
     exclude = [*net.parameters(), *net.buffers(), x, t]
     if cond is not None:
         exclude += [*cond.rows.values(), *cond.shared.values()]
@@ -297,32 +294,30 @@ def _net_peak(layout: ModelLayout, net: torch.nn.Module, rows: int, size: tuple[
     return trace_peak(run, exclude)
 
 
-def _vae_peak(vae: torch.nn.Module, batch: int, size: tuple[int, int]) -> tuple[int, int, int]:
-    """(the larger activation peak of encoding and decoding a batch, latent channels, factor)
-    in chunks and tiles, as `LatentCodec` runs them."""
+def _vae_peak(codec: LatentCodec, batch: int, size: tuple[int, int]) -> int:
+    """The larger activation peak of encoding and decoding a batch, in chunks and tiles, as
+    `LatentCodec` runs them (the family's codec: its own VAE calls)."""
+    vae = codec.vae
     if callable(getattr(vae, "enable_tiling", None)):
         vae.enable_tiling()
-    config = vae.config
-    factor = 2 ** (len(config.block_out_channels) - 1)
-    channels = int(config.latent_channels)
-    dtype = next(vae.parameters()).dtype
-    images = torch.zeros(batch, int(config.in_channels), *size)
+    factor, channels, dtype = codec.factor, codec.channels, codec.dtype
+    images = torch.zeros(batch, 3, *size)
     latents = torch.zeros(batch, channels, size[0] // factor, size[1] // factor)
     exclude = [*vae.parameters(), *vae.buffers(), images, latents]
     tile = int(getattr(vae, "tile_sample_min_size", 0) or 0)
     if tile and max(size) > tile:  # tiled: one tile's peak + the image and its tiles
         images, latents = images[:1, :, :tile, :tile], latents[:1, :, :tile // factor,
                                                                :tile // factor]
-        whole = 2 * int(config.in_channels) * size[0] * size[1] * 4
+        whole = 2 * 3 * size[0] * size[1] * 4
         vae.disable_tiling()
     else:
         whole = 0
     k = chunk_size(*images.shape[2:])
-    encode = trace_peak(lambda: torch.cat([vae.encode(part.to(dtype)).latent_dist.mean.float()
+    encode = trace_peak(lambda: torch.cat([codec.posterior_mean(part.to(dtype)).float()
                                            for part in images.split(k)]), exclude)
-    decode = trace_peak(lambda: torch.cat([vae.decode(part.to(dtype)).sample.float()
+    decode = trace_peak(lambda: torch.cat([codec.pixels(part.to(dtype)).float()
                                            for part in latents.split(k)]), exclude)
-    return max(encode, decode) + whole, channels, factor
+    return max(encode, decode) + whole
 
 
 @functools.lru_cache(maxsize=64)

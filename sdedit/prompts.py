@@ -25,7 +25,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder
+from sdedit.conditioning import Conditioning, PromptEncoder, join_rows
 
 logger = logging.getLogger(__name__)
 
@@ -99,9 +99,9 @@ class PromptCache:
             entries.append(entry)
         for key, entry in fresh.items():
             self._keep(key, entry)
-        return _joined([e.cond for e in entries]), (
+        return join_rows([e.cond for e in entries]), (
             None if entries[0].uncond is None else
-            _joined([e.uncond for e in entries if e.uncond is not None]))
+            join_rows([e.uncond for e in entries if e.uncond is not None]))
 
     def _keep(self, key: Key, entry: _Entry) -> None:
         if entry.nbytes > self.max_bytes:
@@ -111,13 +111,6 @@ class PromptCache:
         while self.nbytes > self.max_bytes:
             _, old = self.entries.popitem(last=False)
             self.nbytes -= old.nbytes
-
-
-def _joined(parts: Sequence[Conditioning]) -> Conditioning:
-    """One Conditioning of these one-row parts, in order (shared tensors: the first's)."""
-    names = parts[0].rows
-    return Conditioning({name: torch.cat([p.rows[name] for p in parts]) for name in names},
-                        parts[0].shared)
 
 
 @contextlib.contextmanager

@@ -126,6 +126,16 @@ class Family(Protocol):
         """LoRA key prefix -> the module it adapts ("unet" -> the UNet): the loaded `net` and
         `text` when given, else built from `layout` on the meta device; {} without LoRA."""
 
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        """The codec of this family's VAE module (`load` uses it, and the memory plan traces
+        it); a family without a VAE raises ValueError."""
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning | None]:
+        """The network call and zero conditioning (on the default device) of one call of
+        `rows` rows at `size` = (H, W) pixels, as `edit` makes it: what the memory plan
+        traces (`sdedit.memplan`)."""
+
 
 def meta_model(cls: type, folder: Path) -> torch.nn.Module:
     """`cls` (a diffusers ModelMixin or a transformers PreTrainedModel class) built from the

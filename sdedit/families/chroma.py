@@ -28,7 +28,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -40,7 +40,7 @@ from sdedit.families.base import (
 from sdedit.families.flow import T5Embedder, flow_scheduler, read_configs, transformer_class
 from sdedit.families.flux import PACK, image_ids, pack, unpack
 from sdedit.families.sd import check_vae_fits
-from sdedit.latent import codec_from_vae
+from sdedit.latent import LatentCodec, codec_from_vae
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILY", "ChromaFamily", "ChromaPromptEncoder", "chroma_call"]
@@ -165,12 +165,15 @@ class ChromaFamily:
         vae = component(AutoencoderKL, directory, "vae", source)
         encoder = component(T5EncoderModel, directory, "text_encoder", source)
         tokenizer = component(T5TokenizerFast, directory, "tokenizer", source)
-        codec = codec_from_vae(vae)
+        codec = self.codec(vae)
         files = component_files(directory, ("transformer", "vae", "text_encoder"),
                                 ("tokenizer",))
         return Loaded(net=net, call=chroma_call, codec=codec,
                       text=ChromaPromptEncoder(tokenizer, encoder, codec.factor),
                       files=[*files, layout.paths["scheduler"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return codec_from_vae(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
@@ -183,5 +186,17 @@ class ChromaFamily:
         return {"transformer": meta_model(ChromaTransformer2DModel,
                                           layout.directory / "transformer")}
 
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """One call's zero conditioning (see `Family.plan_inputs`): 512 T5 tokens, the
+        float mask over text and image tokens, the position ids."""
+        width = int(layout.configs["transformer"].get("joint_attention_dim", 4096))
+        h, w = (side // (layout.downsample_factor // PACK) for side in size)
+        image = (h // PACK) * (w // PACK)
+        return chroma_call, Conditioning(
+            {"encoder_hidden_states": torch.zeros(rows, MAX_SEQUENCE_LENGTH, width),
+             "attention_mask": torch.ones(rows, MAX_SEQUENCE_LENGTH + image)},
+            {"txt_ids": torch.zeros(MAX_SEQUENCE_LENGTH, 3), "img_ids": image_ids(h, w)})
 
 FAMILY = ChromaFamily()

@@ -44,7 +44,7 @@ from sdedit.families.base import (
 )
 from sdedit.families.flow import T5Embedder, flow_scheduler, read_configs, transformer_class
 from sdedit.families.sd import ClipEmbedder, check_vae_fits
-from sdedit.latent import codec_from_vae
+from sdedit.latent import LatentCodec, codec_from_vae
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILY", "FluxFamily", "FluxPromptEncoder", "flux_call", "pack", "unpack"]
@@ -207,13 +207,16 @@ class FluxFamily:
                     component(T5EncoderModel, directory, "text_encoder_2", source)]
         tokenizers = [component(CLIPTokenizer, directory, "tokenizer", source),
                       component(T5TokenizerFast, directory, "tokenizer_2", source)]
-        codec = codec_from_vae(vae)
+        codec = self.codec(vae)
         files = component_files(directory, ("transformer", "vae", "text_encoder",
                                             "text_encoder_2"), ("tokenizer", "tokenizer_2"))
         text = FluxPromptEncoder(tokenizers, encoders, layout.text is not None and
                                  layout.text.guidance == "embedded", codec.factor)
         return Loaded(net=net, call=flux_call, codec=codec, text=text,
                       files=[*files, layout.paths["scheduler"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return codec_from_vae(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:

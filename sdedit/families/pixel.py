@@ -19,6 +19,7 @@ import torch
 
 from sdedit.conditioning import NetCall, PromptEncoder
 from sdedit.families.base import Loaded, ModelLayout, read_json, scheduler_process, unet_call
+from sdedit.latent import LatentCodec
 from sdedit.processes import FlowProcess, VEProcess
 from sdedit.sources import ModelSourceError
 from sdedit.weights import check_weights_file
@@ -114,6 +115,9 @@ class PixelFamily:
         files = [unet_dir / "config.json", weights, layout.paths["scheduler"]]
         return Loaded(net=net.eval().requires_grad_(False), call=unet_call, files=files)
 
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        raise ValueError("a pixel model has no VAE")
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:

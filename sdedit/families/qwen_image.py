@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -79,19 +79,11 @@ class QwenCodec(LatentCodec):
     """The video VAE on one-frame clips: (N, 3, H, W) <-> (N, z_dim, H/f, W/f), normalised
     with the per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`)."""
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        mean = self.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]
-        shift, scale = self.shift_factor, self.scaling_factor
-        assert isinstance(shift, torch.Tensor) and isinstance(scale, torch.Tensor)
-        return ((mean - shift.to(mean.device)) * scale.to(mean.device)).float()
+    def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
+        return self.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]
 
-    @torch.no_grad()
-    def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        shift, scale = self.shift_factor, self.scaling_factor
-        assert isinstance(shift, torch.Tensor) and isinstance(scale, torch.Tensor)
-        z = latents / scale.to(latents.device) + shift.to(latents.device)
-        return self.vae.decode(z.unsqueeze(2)).sample[:, :, 0].float().clamp(-1.0, 1.0)
+    def pixels(self, z: torch.Tensor) -> torch.Tensor:
+        return self.vae.decode(z.unsqueeze(2)).sample[:, :, 0]
 
 
 def qwen_codec(vae: Any) -> QwenCodec:
@@ -255,9 +247,12 @@ class QwenImageFamily:
         tokenizer = component(Qwen2Tokenizer, directory, "tokenizer", source)
         files = component_files(directory, ("transformer", "vae", "text_encoder"),
                                 ("tokenizer",))
-        return Loaded(net=net, call=qwen_call, codec=qwen_codec(vae),
+        return Loaded(net=net, call=qwen_call, codec=self.codec(vae),
                       text=QwenPromptEncoder(tokenizer, encoder),
                       files=[*files, layout.paths["scheduler"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return qwen_codec(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
@@ -270,5 +265,14 @@ class QwenImageFamily:
         return {"transformer": meta_model(QwenImageTransformer2DModel,
                                           layout.directory / "transformer")}
 
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """One call's zero conditioning (see `Family.plan_inputs`): 512 prompt tokens."""
+        width = int(layout.configs["transformer"].get("joint_attention_dim", 3584))
+        return qwen_call, Conditioning(
+            {"encoder_hidden_states": torch.zeros(rows, MAX_SEQUENCE_LENGTH, width),
+             "encoder_hidden_states_mask": torch.ones(rows, MAX_SEQUENCE_LENGTH,
+                                                      dtype=torch.bool)})
 
 FAMILY = QwenImageFamily()

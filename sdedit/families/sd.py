@@ -38,7 +38,7 @@ from sdedit.families.base import (
     scheduler_process,
     unet_call,
 )
-from sdedit.latent import codec_from_vae
+from sdedit.latent import LatentCodec, codec_from_vae
 from sdedit.processes import VPProcess
 from sdedit.sources import ModelSourceError
 
@@ -248,9 +248,12 @@ class StableDiffusionFamily:
         encoder = component(CLIPTextModel, directory, "text_encoder", source)
         tokenizer = component(CLIPTokenizer, directory, "tokenizer", source)
         files = component_files(directory, ("unet", "vae", "text_encoder"), ("tokenizer",))
-        return Loaded(net=unet, call=unet_call, codec=codec_from_vae(vae),
+        return Loaded(net=unet, call=unet_call, codec=self.codec(vae),
                       text=ClipPromptEncoder(tokenizer, encoder),
                       files=[*files, layout.paths["scheduler"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return codec_from_vae(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:

@@ -42,7 +42,7 @@ from sdedit.families.flow import (
     transformer_class,
 )
 from sdedit.families.sd import ClipEmbedder, check_vae_fits, latent_sizes
-from sdedit.latent import codec_from_vae
+from sdedit.latent import LatentCodec, codec_from_vae
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILY", "SD3Family", "SD3PromptEncoder", "sd3_call"]
@@ -211,8 +211,11 @@ class SD3Family:
         text = SD3PromptEncoder(tokenizers, encoders,
                                 int(layout.configs["transformer"].get("joint_attention_dim",
                                                                       4096)))
-        return Loaded(net=net, call=sd3_call, codec=codec_from_vae(vae), text=text,
+        return Loaded(net=net, call=sd3_call, codec=self.codec(vae), text=text,
                       files=[*files, layout.paths["scheduler"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return codec_from_vae(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:

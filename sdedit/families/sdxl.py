@@ -45,7 +45,7 @@ from sdedit.families.base import (
     scheduler_process,
 )
 from sdedit.families.sd import ClipEmbedder, check_vae_fits, is_xl_layout, latent_sizes
-from sdedit.latent import codec_from_vae
+from sdedit.latent import LatentCodec, codec_from_vae
 from sdedit.processes import VPProcess
 from sdedit.sources import ModelSourceError
 
@@ -242,8 +242,11 @@ class SdxlFamily:
         weighted = ("unet", "vae", *(("text_encoder",) if first else ()), "text_encoder_2")
         files = component_files(directory, weighted,
                                 (*(("tokenizer",) if first else ()), "tokenizer_2"))
-        return Loaded(net=unet, call=sdxl_call, codec=codec_from_vae(vae), text=text,
+        return Loaded(net=unet, call=sdxl_call, codec=self.codec(vae), text=text,
                       files=[*files, layout.paths["scheduler"], layout.paths["index"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return codec_from_vae(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:

@@ -31,7 +31,7 @@ from typing import Any
 
 import torch
 
-from sdedit.conditioning import Conditioning, PromptEncoder, TextSpec, TokenWindow
+from sdedit.conditioning import Conditioning, NetCall, PromptEncoder, TextSpec, TokenWindow
 from sdedit.families.base import (
     Loaded,
     ModelLayout,
@@ -42,7 +42,7 @@ from sdedit.families.base import (
 )
 from sdedit.families.flow import flow_scheduler, read_configs, transformer_class
 from sdedit.families.sd import check_vae_fits
-from sdedit.latent import codec_from_vae
+from sdedit.latent import LatentCodec, codec_from_vae
 from sdedit.sources import ModelSourceError
 
 __all__ = ["FAMILY", "ZImageFamily", "ZImagePromptEncoder", "z_image_call"]
@@ -63,7 +63,12 @@ def z_image_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
     """A ZImageTransformer2DModel on latents x (B, C, h, w) at t = sigma * 1000: per-row lists
     in, the velocity (minus its output) out."""
     assert cond is not None
-    feats, lengths = cond.rows["cap_feats"], cond.rows["cap_lengths"].tolist()
+    return _run(module, x, t, cond.rows["cap_feats"], cond.rows["cap_lengths"].tolist())
+
+
+def _run(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, feats: torch.Tensor,
+         lengths: list[int]) -> torch.Tensor:
+    """The transformer on per-row lists: each row's caption features cut to its length."""
     captions = [feats[i, :n] for i, n in enumerate(lengths)]
     out = module(list(x.unsqueeze(2).unbind(0)), (1000 - t) / 1000, captions,
                  return_dict=False)[0]
@@ -190,9 +195,12 @@ class ZImageFamily:
                                    f"{SUPPORTED}")
         files = component_files(directory, ("transformer", "vae", "text_encoder"),
                                 ("tokenizer",))
-        return Loaded(net=net, call=z_image_call, codec=codec_from_vae(vae),
+        return Loaded(net=net, call=z_image_call, codec=self.codec(vae),
                       text=ZImagePromptEncoder(tokenizer, encoder),
                       files=[*files, layout.paths["scheduler"]])
+
+    def codec(self, vae: torch.nn.Module) -> LatentCodec:
+        return codec_from_vae(vae)
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
@@ -205,5 +213,18 @@ class ZImageFamily:
         return {"transformer": meta_model(ZImageTransformer2DModel,
                                           layout.directory / "transformer")}
 
+
+    def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
+                    ) -> tuple[NetCall, Conditioning]:
+        """One call's zero conditioning (see `Family.plan_inputs`): 512 caption tokens per
+        row, their lengths known on the host (as a real call reads them)."""
+        width = int(layout.configs["transformer"].get("cap_feat_dim", 2560))
+
+        def call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
+                 cond: Conditioning | None) -> torch.Tensor:
+            assert cond is not None
+            return _run(module, x, t, cond.rows["cap_feats"], [MAX_SEQUENCE_LENGTH] * rows)
+
+        return call, Conditioning({"cap_feats": torch.zeros(rows, MAX_SEQUENCE_LENGTH, width)})
 
 FAMILY = ZImageFamily()

@@ -55,3 +55,14 @@ def test_the_tracer_counts_live_tensors_and_their_peak():
             return b @ torch.zeros(256, 512)                           # 1 + 0.5 + 2 MiB
 
         assert trace_peak(run, [x]) == (1024 * 256 + 256 * 512 + 1024 * 512) * 4  # b, w, out
+
+
+@pytest.mark.parametrize("family", ["qwen-image", "z-image", "chroma"])
+def test_the_open_families_are_planned_through_their_codec_and_call(open_family_dirs, family):
+    """Every family says its network's inputs and its VAE's codec (Qwen-Image's VAE takes
+    one-frame videos), so the plan traces both: no part is left unestimated."""
+    layout = inspect_model_dir(open_family_dirs[family], family)
+    precision = resolve_precision("auto", family=family_named(layout.family),
+                                  process=layout.process, vae_config=layout.configs.get("vae"))
+    plan = plan_memory(layout, precision, batch_size=2, size=(64, 64), guided=True)
+    assert plan.notes == [] and plan.net > 0 and plan.vae > 0

@@ -10,6 +10,7 @@ import torch
 
 from sdedit import edit, load_model
 from sdedit.accel import repeated_blocks
+from sdedit.families import FAMILIES
 from sdedit.precision import (
     compute_dtype_problem,
     published_precision,
@@ -49,6 +50,9 @@ def test_low_precision_outputs_stay_close_to_fp32(fixture, sampler, request):
     assert _levels(outputs["bf16"], outputs["fp32"]) > 0     # it did run in bf16
 
 
+OPEN = ("qwen-image", "z-image", "chroma")
+
+
 def test_auto_is_each_familys_published_precision(tiny_flux_dev_dir, tiny_sdxl_dir, tiny_vp_dir):
     flux = load_model(tiny_flux_dev_dir, weights_dtype="auto")
     assert (flux.precision.net, flux.precision.vae, flux.precision.text) == ("bf16",) * 3
@@ -64,8 +68,11 @@ def test_auto_is_each_familys_published_precision(tiny_flux_dev_dir, tiny_sdxl_d
     assert next(sdxl.codec.vae.parameters()).dtype == torch.float32
     pixel = load_model(tiny_vp_dir, weights_dtype="auto")
     assert pixel.precision.net == "fp32" and "@" not in pixel.identity   # pins stay
-    # a family that declares none (one added later): flow models bf16, others fp32
-    later = types.SimpleNamespace(name="new")
+    # every family declares its precision; the open flow families theirs (bf16)
+    assert {f.name: f.weights_precision for f in FAMILIES if f.name in OPEN} == \
+        dict.fromkeys(OPEN, "bf16")
+    # a family that declares None (one added later): flow models bf16, others fp32
+    later = types.SimpleNamespace(name="new", weights_precision=None)
     assert published_precision(later, FlowProcess(shift=1.0)) == "bf16"
     assert published_precision(later, VPProcess(VPSchedule.linear())) == "fp32"
     assert resolve_precision("fp16", family=later, process=FlowProcess(shift=1.0),
