@@ -11,8 +11,8 @@ Latent, text-conditioned models (a StableDiffusionPipeline directory or hub id) 
     model = load_model("stable-diffusion-v1-5/stable-diffusion-v1-5", "cuda")
     out = edit(model, images, t0=0.5, seeds=[1, 2], prompts=["a bedroom", "a church"])
 
-This module is the engine's public face: `pipeline` imports the engine through it alone (a test
-holds that). The package imports neither Ray nor click, and fsspec only to copy a URL source.
+This is the engine's public face: `pipeline` imports the engine through it alone
+(docs/architecture.md).
 """
 
 from sdedit.accel import Acceleration, PrefetchNoise, default_noise_threads

@@ -1,13 +1,8 @@
-"""The GPU fast path: how the network runs and how noise reaches the device.
+"""The GPU fast path: how the network runs (`Acceleration`, `NetRunner`) and how noise reaches
+the device (`PrefetchNoise`).
 
-`Acceleration` is a frozen set of options attached to a `DiffusionModel`; `NetRunner` applies
-them to the network call and `PrefetchNoise` draws the per-sample noise of the reproducibility
-contract ahead of time in background threads. Every option is safe on the CPU: CUDA-only options
-(CUDA graphs, pinned transfers) are no-ops there, so the same settings run everywhere.
-
-Sampler arithmetic always stays float32: a network with float32 weights may run under autocast;
-one with low-precision weights (`sdedit.precision`) gets its input cast to its dtype and its
-output cast back to float32.
+Every option runs on the CPU too (CUDA-only ones are no-ops there), and none changes the
+sampler's float32 arithmetic. The options and why each helps: docs/performance.md#the-gpu-fast-path.
 """
 
 from __future__ import annotations
@@ -35,24 +30,8 @@ MAX_GRAPHS = 8
 
 @dataclass(frozen=True)
 class Acceleration:
-    """How the network runs.
-
-    Attributes:
-        autocast: torch.bfloat16 / torch.float16 to run the network under autocast (weights stay
-            float32, sampler arithmetic stays float32), or None for float32.
-        channels_last: NHWC memory format for the network (faster convolutions on tensor cores).
-        compile: wrap the network in `torch.compile` (compiled on the first call of each shape).
-        compile_backend, compile_mode: passed to torch.compile (the mode only with inductor).
-        compile_regional: compile each of the network's repeated blocks instead (diffusers'
-            `_repeated_blocks`, else the blocks of its ModuleLists): one compilation serves
-            every block of a kind, so warm-up takes a fraction of a whole-network compile.
-        cuda_graphs: capture one CUDA graph per input shape and replay it (CUDA only; a no-op
-            on other devices). With `compile`, inductor's own CUDA graphs are used instead
-            (mode "reduce-overhead").
-        noise_threads: background threads drawing per-sample noise ahead of the step loop into
-            pinned buffers; 0 draws inline. Outputs are bit-identical either way.
-        noise_depth: draws kept ready per sample.
-    """
+    """How the network runs (each field: docs/performance.md#the-gpu-fast-path). `autocast`
+    (bf16 / fp16 or None) is for fp32 weights; `noise_threads` 0 draws inline."""
 
     autocast: torch.dtype | None = None
     channels_last: bool = False
@@ -75,8 +54,7 @@ class Acceleration:
     @classmethod
     def default(cls, device: torch.device | str, dtype: torch.dtype) -> Acceleration:
         """What helps on `device`: autocast for a half `dtype`; on CUDA also channels_last and
-        background noise threads (the CPU cannot draw 256 px noise as fast as a GPU denoises).
-        torch.compile and CUDA graphs stay opt-in (their warm-up costs seconds to minutes)."""
+        noise threads. Compile and CUDA graphs stay opt-in (their warm-up is slow)."""
         device = torch.device(device)
         half = dtype if dtype in (torch.bfloat16, torch.float16) else None
         if device.type != "cuda":
@@ -85,8 +63,8 @@ class Acceleration:
 
 
 def repeated_blocks(net: torch.nn.Module) -> set[str]:
-    """Class names of a network's repeated blocks: diffusers' `_repeated_blocks` when the class
-    declares them, else the class of every ModuleList of two or more blocks of one class."""
+    """Class names of a network's repeated blocks: diffusers' `_repeated_blocks`, else the
+    class of each ModuleList of two or more blocks of one class."""
     names = set(getattr(net, "_repeated_blocks", None) or [])
     if not names:
         for module in net.modules():
@@ -112,17 +90,8 @@ def default_noise_threads() -> int:
 
 
 class NetRunner:
-    """Calls a diffusers network through its family's `NetCall` (`sdedit.conditioning`) as
-    `accel` says.
-
-    Args:
-        net: the network in eval mode on `device`, float32 weights.
-        accel: the options.
-        device: where the network lives.
-        call: how the family calls it (keyword names, Flux's packing).
-        dtype: the dtype the network's weights compute in (float32, or bf16 / fp16: x and the
-            conditioning rows are cast to it; the output comes back float32).
-    """
+    """Calls a network through its family's `NetCall` as `accel` says; `dtype` is the weights'
+    compute dtype (inputs are cast to it, the output comes back float32)."""
 
     def __init__(self, net: torch.nn.Module, accel: Acceleration, device: torch.device,
                  call: NetCall, dtype: torch.dtype = torch.float32) -> None:
@@ -160,9 +129,8 @@ class NetRunner:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor,
                  cond: Conditioning | None = None) -> torch.Tensor:
-        """x: float32 (B, C, H, W); t: (B,) network times; cond: the family's conditioning of B
-        rows, or None for unconditional models -> float32 (B, C, H, W), contiguous, owned by
-        the caller."""
+        """x float32 (B, C, H, W), t (B,) network times, cond of B rows or None -> float32
+        (B, C, H, W), contiguous, owned by the caller."""
         if self.graphs:
             return self._replay(x, t, cond)
         return self._forward(x, t, cond, cache=True)
@@ -220,23 +188,9 @@ class NetRunner:
 
 
 class PrefetchNoise:
-    """Per-sample noise of the reproducibility contract, drawn ahead by background threads.
-
-    Each sample's generator is only ever advanced by one thread at a time, under that sample's
-    lock, and its draws are queued in generator order; a call pops the next queued draw of each
-    listed sample. So the values are exactly those of `SeedNoise` (bit-identical outputs), while
-    drawing overlaps the network's forward passes. `torch.randn` releases the GIL; samples are
-    drawn in parallel. Draws prefetched but never used are discarded by `close()`.
-
-    Args:
-        seeds: one int in [0, 2^63) per sample.
-        shape: (C, H, W) of one draw.
-        device: where draws are delivered (from pinned memory, non-blocking, on CUDA).
-        threads: background threads (>= 1).
-        depth: draws kept ready per sample (>= 1).
-        pool: draw in these threads (shared with other draws, left running by `close()`)
-            instead of `threads` threads of its own.
-    """
+    """`SeedNoise`'s draws, bit-identical, drawn ahead in threads to overlap the network (one
+    thread at a time advances a sample's generator). `pool`: shared threads `close` leaves
+    running, instead of `threads` of its own."""
 
     def __init__(self, seeds: Sequence[int], shape: tuple[int, int, int], device: torch.device,
                  threads: int, depth: int = 2, pool: Executor | None = None) -> None:
@@ -291,8 +245,7 @@ class PrefetchNoise:
         return out
 
     def close(self) -> None:
-        """Stop drawing and drop unused draws (and stop the threads, unless the pool is
-        shared)."""
+        """Stop drawing, drop unused draws, and stop the threads unless the pool is shared."""
         self.closed = True
         if self.own_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)

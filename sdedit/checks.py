@@ -1,12 +1,9 @@
-"""Every check of `sdedit.edit`'s inputs, and the same checks of job-level settings from a
-model's layout alone.
+"""Every check of `sdedit.edit`'s inputs, and the same checks of job settings from a model's
+configs alone.
 
-`edit` raises `EditInputError` for the first problem it finds (`check_*`). `settings_problems`
-runs the checks that depend on the model, not on the images (a sampler its noise process does
-not run, a t0 or step count its schedule cannot start from, prompts or guidance it does not
-take), from the noise process and text spec that `sdedit.families.inspect_model_dir` reads
-from config files: so a job is refused before any weights are loaded, and with the same
-messages as `edit` gives.
+`settings_problems` runs the checks that depend on the model, not the images, on the noise
+process and text spec read from config files: a job is refused before any weights load, with the
+messages `edit` would give.
 """
 
 from __future__ import annotations
@@ -27,8 +24,7 @@ __all__ = ["MAX_GUIDANCE", "MAX_SEED", "check_common", "check_images", "check_ma
 
 MAX_SEED = 2**63 - 1
 MAX_GUIDANCE = 100.0
-"""The largest guidance scale any family takes (a job's `sdedit.guidance_scale` too); the
-lowest depends on how the family takes guidance (`guidance_range`)."""
+"""The largest guidance scale any family takes; the lowest is `guidance_range`'s."""
 
 
 def sampler_problem(process: NoiseProcess, sampler: str, source: str, family: str
@@ -44,8 +40,7 @@ def sampler_problem(process: NoiseProcess, sampler: str, source: str, family: st
 
 def plan_problem(process: NoiseProcess, sampler: str, t0: float, steps: int | None
                  ) -> str | None:
-    """Why t0 / steps cannot start this process's plan (too many steps for t0, no signal at
-    the start), or None. `process` must be resolved (`NoiseProcess.resolved`)."""
+    """Why t0 / steps cannot start this (resolved) process's plan, or None."""
     try:
         process.plan(t0, sampler, steps)
     except EditInputError as exc:
@@ -56,9 +51,8 @@ def plan_problem(process: NoiseProcess, sampler: str, t0: float, steps: int | No
 def text_problems(spec: TextSpec | None, source: str, family: str, *,
                   prompt: str | None = None, negative_prompt: str | None = None,
                   guidance_scale: float | None = None) -> list[tuple[str, str]]:
-    """(argument, problem) pairs of text settings a model cannot take: any text setting for an
-    unconditional model, a non-empty negative prompt without classifier-free guidance, a
-    guidance scale for a guidance-free model or out of the allowed range."""
+    """(argument, problem) pairs of the text settings a model of text spec `spec` (None =
+    unconditional) cannot take."""
     if spec is None:
         given = [(name, value) for name, value in (("prompt", prompt), ("negative_prompt",
                  negative_prompt), ("guidance_scale", guidance_scale)) if value is not None]
@@ -92,8 +86,7 @@ def text_problems(spec: TextSpec | None, source: str, family: str, *,
 
 
 def guidance_range(spec: TextSpec) -> tuple[int, str]:
-    """(the lowest guidance scale a family of this text spec takes, what the scale means);
-    the highest is `MAX_GUIDANCE` for every family."""
+    """(the lowest guidance scale this text spec takes, what the scale means)."""
     if spec.guidance == "cfg":
         return 1, "1 = conditional pass only"
     return 0, "the guidance input of a guidance-distilled model"
@@ -103,10 +96,8 @@ def settings_problems(process: NoiseProcess, text: TextSpec | None, *, source: s
                       family: str, tokens: int, sampler: str, t0: float, steps: int | None,
                       prompt: str | None = None, negative_prompt: str | None = None,
                       guidance_scale: float | None = None) -> list[tuple[str, str]]:
-    """(setting, problem) pairs for job-level settings this model cannot run, from its noise
-    process and text spec alone (no weights): the sampler, t0 with steps, and the text
-    settings. `tokens` is the token count of the model's sample size (for a resolution-
-    dependent shift; it does not change which t0 and steps are allowed)."""
+    """(setting, problem) pairs of the job settings this model cannot run, from its noise
+    process and text spec alone; `tokens` = the token count at its sample size."""
     problem = sampler_problem(process, sampler, source, family)
     problems = [("sampler", problem)] if problem else []
     start = None if problem else plan_problem(process.resolved(tokens), sampler, t0, steps)

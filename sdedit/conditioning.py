@@ -1,15 +1,8 @@
 """What a network call needs besides x and t, carried through batching, guidance and CUDA graphs.
 
-A model family's prompt encoder (`sdedit.families`) turns prompts into a `Conditioning`: per-row
-tensors (prompt embeddings, pooled embeddings, SDXL's size ids, Flux's guidance value) and shared
-tensors (Flux's text and image position ids). The engine never looks inside: it selects rows
-(samplers step a subset of the batch), joins the unconditional and conditional rows of
-classifier-free guidance, and the family's network call (`NetCall`) reads the names it put there.
-
-Each text encoder takes at most its window of tokens of a prompt (CLIP 77, T5 the pipeline's
-`max_sequence_length`); a longer prompt is cut there, as in diffusers. A prompt encoder lists its
-windows (`PromptEncoder.windows`), and `PromptEncoder.prompt_cuts` says which prompts are cut,
-where: so a caller can record that a prompt was not used whole.
+A family's prompt encoder makes a `Conditioning` (per-row and shared tensors); the engine never
+looks inside: it selects and joins rows, and the family's `NetCall` reads the names it put
+there. The seam and the token windows of prompts: docs/models.md#one-seam-for-every-family.
 """
 
 from __future__ import annotations
@@ -26,13 +19,8 @@ __all__ = ["Conditioning", "NetCall", "PromptCut", "PromptEncoder", "TextSpec", 
 
 @dataclass(frozen=True)
 class Conditioning:
-    """Conditioning of B rows.
-
-    Attributes:
-        rows: name -> tensor whose first dimension is B (e.g. "encoder_hidden_states" float32
-            (B, L, D), "pooled_projections" (B, P), "time_ids" (B, 6), "guidance" (B,)).
-        shared: name -> tensor the same for every row (e.g. Flux's "txt_ids" (L, 3)).
-    """
+    """Conditioning of B rows: `rows` name -> tensor whose first dimension is B (e.g.
+    "encoder_hidden_states" float32 (B, L, D)); `shared` name -> a tensor for every row."""
 
     rows: Mapping[str, torch.Tensor]
     shared: Mapping[str, torch.Tensor] = field(default_factory=dict)
@@ -49,8 +37,7 @@ class Conditioning:
         return join_rows([self, other])
 
     def to(self, dtype: torch.dtype) -> Conditioning:
-        """The floating-point rows cast to `dtype` (a low-precision network's input); shared
-        tensors (position ids) stay as they are."""
+        """The floating-point rows cast to `dtype` (a low-precision network's input)."""
         return Conditioning({k: v.to(dtype) if v.is_floating_point() else v
                              for k, v in self.rows.items()}, self.shared)
 
@@ -72,10 +59,8 @@ class Conditioning:
 
 
 def join_rows(parts: Sequence[Conditioning]) -> Conditioning:
-    """The rows of `parts`, in order, as one Conditioning (shared tensors: the first's). Rows
-    whose second axis differs in length (texts of their own lengths, beside a mask or their
-    lengths) are zero-padded (False for a mask) to the longest, as a family pads the texts of
-    one encoder call."""
+    """The rows of `parts`, in order (shared tensors: the first's); rows whose second axis
+    differs in length are zero-padded (False for a mask) to the longest."""
     rows = {}
     for name in parts[0].rows:
         tensors = [p.rows[name] for p in parts]
@@ -90,23 +75,16 @@ def join_rows(parts: Sequence[Conditioning]) -> Conditioning:
 
 NetCall = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, "Conditioning | None"],
                    torch.Tensor]
-"""(network, x float32 (B, C, h, w), network time (B,), conditioning or None) -> the raw output,
-(B, C, h, w): how a family calls its diffusers network (keyword names, packing). A call that
-reads per-row values on the host (Z-Image's caption lengths) sets the attribute
-`graph_safe = False`: CUDA graphs are then not captured for it (`sdedit.accel`)."""
+"""(network, x float32 (B, C, h, w), network time (B,), conditioning or None) -> raw output
+(B, C, h, w). A call that reads per-row values on the host sets `graph_safe = False`, so that
+no CUDA graph freezes them."""
 
 
 @dataclass(frozen=True)
 class TextSpec:
-    """How a text-conditioned family takes prompts and guidance; known from configs alone.
-
-    Attributes:
-        guidance: "cfg" (classifier-free guidance: an unconditional pass from the negative
-            prompt, eps_u + g (eps_c - eps_u)), "embedded" (a guidance-distilled model takes g
-            as an input, one pass, no negative prompt: Flux-dev) or "none" (no guidance input
-            and no negative prompt: Flux-schnell).
-        default_guidance: g when the job sets none (None for "none").
-    """
+    """How a text-conditioned family takes guidance: "cfg" (eps_u + g (eps_c - eps_u), with
+    negative prompts), "embedded" (g a network input: Flux-dev) or "none"; `default_guidance`
+    is g when the job sets none."""
 
     guidance: str
     default_guidance: float | None
@@ -119,18 +97,9 @@ class TextSpec:
 
 @dataclass(frozen=True)
 class TokenWindow:
-    """One text encoder's tokenizer and the tokens of a prompt it takes.
-
-    Attributes:
-        encoder: the encoder's folder in the model directory ("text_encoder", "text_encoder_2",
-            ...), for messages and records.
-        tokenizer: a transformers tokenizer: `tokenizer(texts).input_ids` are the texts' tokens,
-            special tokens included, as the encoder's own call counts them.
-        max_length: tokens the encoder takes (it is called with `truncation=True` at this
-            length), special tokens included.
-        render: how the family wraps a prompt before tokenising it (a chat template), or None.
-        drop: tokens at the start of the rendered prompt the family drops before the window.
-    """
+    """One text encoder (by folder name) and the `max_length` tokens of a prompt it reads,
+    special tokens included; `render` wraps a prompt first (a chat template) and `drop` tokens
+    at its start are dropped before the window."""
 
     encoder: str
     tokenizer: Any
@@ -141,8 +110,8 @@ class TokenWindow:
 
 @dataclass(frozen=True)
 class PromptCut:
-    """A text that a text encoder took only the first `kept` of its `tokens` (special tokens
-    included) of; `encoder` as in `TokenWindow`."""
+    """A text of which `encoder` read only the first `kept` of its `tokens` (special tokens
+    included)."""
 
     encoder: str
     tokens: int
@@ -151,10 +120,8 @@ class PromptCut:
 
 def count_cuts(windows: Sequence[TokenWindow], texts: Sequence[str]
                ) -> list[tuple[PromptCut, ...]]:
-    """For each of `texts`, the windows that cut it, in the order of `windows` (an empty
-    tuple: every encoder takes it whole). Each distinct text is tokenised once per window,
-    without truncation. Not thread-safe with other calls of the same tokenizers (a fast
-    tokenizer's truncation setting is shared state): call it where the encoders run."""
+    """For each text, the windows that cut it (empty: read whole). Call it where the encoders
+    run: a fast tokenizer's truncation setting is shared state."""
     distinct = [text for text in dict.fromkeys(texts) if text]  # "" is never cut
     found: dict[str, list[PromptCut]] = {text: [] for text in distinct}
     for window in windows if distinct else ():
@@ -168,31 +135,23 @@ def count_cuts(windows: Sequence[TokenWindow], texts: Sequence[str]
 
 
 class PromptEncoder:
-    """The text side of a family (an interface; each text-conditioned family implements it).
-
-    Attributes:
-        spec: how it takes prompts and guidance.
-    """
+    """The text side of a family (an interface each text-conditioned family implements)."""
 
     spec: TextSpec
 
     def windows(self) -> list[TokenWindow]:
-        """Each text encoder's tokenizer and window, in order (what `prompt_cuts` measures).
-        A family lists its embedders' `window()` here (`ClipEmbedder`, `T5Embedder`); the
-        default, [], says that prompts are never cut."""
+        """Each text encoder's window, in order; [] = prompts are never cut."""
         return []
 
     def prompt_cuts(self, texts: Sequence[str]) -> list[tuple[PromptCut, ...]]:
-        """For each text, the encoders that take only its first tokens (`count_cuts` over
-        `windows()`); an empty tuple: the text is taken whole."""
+        """For each text, the encoders that read only its first tokens (empty: read whole)."""
         return count_cuts(self.windows(), texts)
 
     def encode(self, prompts: list[str], negatives: list[str] | None,
                size: tuple[int, int], guidance: float | None
                ) -> tuple[Conditioning, Conditioning | None]:
-        """(conditional rows, unconditional rows or None when `negatives` is None) for images
-        of `size` = (H, W) pixels; every distinct text is encoded once. `guidance` is the scale
-        for "embedded" families (None otherwise)."""
+        """(conditional rows, unconditional rows or None when `negatives` is None) for (H, W)
+        pixel images; `guidance` is the scale of "embedded" families, else None."""
         raise NotImplementedError
 
     def modules(self) -> list[torch.nn.Module]:
@@ -201,9 +160,8 @@ class PromptEncoder:
 
     def combine(self, pred_u: torch.Tensor, pred_c: torch.Tensor,
                 scale: float) -> torch.Tensor:
-        """Classifier-free guidance of the unconditional and conditional predictions (B, C, h, w):
-        pred_u + g (pred_c - pred_u). A family whose pipeline reshapes the guided prediction
-        (Qwen-Image rescales its norm) overrides this; g keeps the same meaning."""
+        """Classifier-free guidance of predictions (B, C, h, w); a family whose pipeline
+        reshapes the guided prediction (Qwen-Image) overrides it, g keeping its meaning."""
         return cfg_combine(pred_u, pred_c, scale)
 
 

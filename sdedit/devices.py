@@ -13,15 +13,11 @@ __all__ = ["DTYPES", "dtype_name", "resolve_device", "resolve_dtype"]
 
 DTYPES: dict[str, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16,
                                   "fp16": torch.float16}
-"""Precision names -> the network's compute dtype (sampling arithmetic stays float32)."""
+"""Precision names -> the network's compute dtype (sampling stays float32)."""
 
 
 def dtype_name(dtype: torch.dtype) -> str:
-    """The precision name of a compute dtype ("fp32", "bf16", "fp16"); the inverse of DTYPES.
-
-    Raises:
-        ValueError: a dtype that is not a compute dtype.
-    """
+    """The precision name of a compute dtype, the inverse of DTYPES (ValueError for others)."""
     for name, value in DTYPES.items():
         if value == dtype:
             return name
@@ -29,12 +25,8 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" = "cuda" when a CUDA device is available, else "cpu"; other names as torch reads
-    them ("cpu", "cuda", "cuda:1").
-
-    Raises:
-        ValueError: an unknown name, or a CUDA device on a machine without one.
-    """
+    """"auto" = "cuda" if available, else "cpu"; others as torch reads them. ValueError for an
+    unknown name or CUDA on a machine without it."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
@@ -47,12 +39,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
-    """"auto" = float32 (the paper's precision) on every device; fp16 on a CPU runs float32
-    (CPUs have no fp16 convolutions), with a warning.
-
-    Raises:
-        ValueError: an unknown name.
-    """
+    """"auto" = float32 (the paper's) everywhere; fp16 on a CPU runs float32 with a warning
+    (no fp16 convolutions there). ValueError for an unknown name."""
     if name == "auto":
         return torch.float32
     if name not in DTYPES:

@@ -1,26 +1,9 @@
 """The SDEdit procedure (Meng et al., 2021): perturb the guide to t0, then reverse to t = 0.
 
-Reproducibility contract (DESIGN.md): all noise of one output comes from
-`torch.Generator("cpu").manual_seed(seed)` as float32 (C, H, W) draws: each round's perturbation
-noise first, then one draw per reverse step that adds noise, in step order (with a VE corrector,
-each Langevin step's draw precedes its predictor step's draw). Draws are moved to the compute
-device afterwards, so an output's noise depends neither on batch size, nor on batch composition,
-nor on the device the noise was drawn for (the network's float rounding may depend on the batch
-size and thread count: README, Reproducibility).
-
-Latent models follow the same contract in latent space: the draws have the family's latent
-shape (C, H/f, W/f) (SD, SDXL: (4, H/8, W/8); SD3, Flux: (16, H/8, W/8); Flux's packing into
-2 x 2 patches happens inside its network call), in the same order (perturbation, then one per
-noisy reverse step, per round); the VAE encoding (posterior mean) and decoding draw nothing.
-So with the same seed, prompt and t0, an output is the same whatever batch it ran in; each
-distinct prompt of a batch is embedded once, and guidance runs the unconditional and
-conditional passes as one network call.
-
-Masks: 1 = regenerate, 0 = keep. Outside the mask the state is the guide re-noised with the
-round's perturbation noise to the level each step produced, and the output equals the guide there.
-Latent models use the mask at latent resolution (a latent cell is regenerated if any of its
-pixels is), keep all rounds in latent space, decode once, and composite in pixels at the end, so
-the output equals the guide exactly outside the pixel mask.
+Every output's noise comes from its own CPU generator in a fixed order, so an output does not
+depend on the batch it ran in (docs/architecture.md, the reproducibility contract). Latent models
+run the same loop on VAE latents, masks at latent resolution, and composite masked outputs in
+pixels at the end so that the guide is kept exactly outside the mask (docs/models.md).
 """
 
 from __future__ import annotations
@@ -52,13 +35,8 @@ __all__ = ["SAMPLERS", "SeedNoise", "count_steps", "edit", "guidance_scale", "no
 
 
 class SeedNoise:
-    """Per-sample standard normal draws, one CPU generator per sample (the contract above).
-
-    Args:
-        seeds: one int in [0, 2^63) per sample.
-        shape: (C, H, W) of one draw.
-        device: where draws are delivered (pinned + non-blocking copy on CUDA).
-    """
+    """Per-sample standard normal draws, one CPU generator per seed in [0, 2^63), each of
+    shape (C, H, W), delivered to `device`."""
 
     def __init__(self, seeds: Sequence[int], shape: tuple[int, int, int],
                  device: torch.device) -> None:
@@ -67,7 +45,7 @@ class SeedNoise:
         self.device = device
 
     def close(self) -> None:
-        """Nothing to stop (every noise source has `close`; `PrefetchNoise` stops threads)."""
+        """Nothing to stop (the noise source interface)."""
 
     def __call__(self, rows: list[int]) -> torch.Tensor:
         """float32 (len(rows), C, H, W): the next draw of each listed sample's generator."""
@@ -83,12 +61,9 @@ NoiseSource = SeedNoise | PrefetchNoise
 
 def noise_for(model: DiffusionModel, seeds: Sequence[int], height: int,
               width: int, pool: Executor | None = None) -> NoiseSource:
-    """The noise of one `edit` call over images of (height, width): per-sample generators as
-    the reproducibility contract says, drawn ahead in background threads when the model's
-    `accel.noise_threads` > 0 (they start at once). Make it before the call, while the device
-    is still busy with the previous batch, and pass it as `edit(..., noise=...)`; it serves one
-    call, which closes it. `pool`: the threads to draw in, shared by every call of a caller
-    that makes many (else each call starts `accel.noise_threads` threads of its own)."""
+    """The noise of one `edit(..., noise=...)` call over (height, width) images, made ahead so
+    that drawing overlaps the previous batch; drawn in threads when `accel.noise_threads` > 0
+    (in `pool` if given). It serves one call, which closes it."""
     shape = model.state_shape(height, width)
     threads = model.accel.noise_threads
     if threads == 0:
@@ -114,48 +89,27 @@ def edit(
     guidance_scale: float | None = None,
     noise: NoiseSource | None = None,
 ) -> torch.Tensor:
-    """SDEdit a batch of guides.
+    """SDEdit a batch of guides: perturb each to its t0 and reverse to 0, `repeats` times.
 
     Args:
-        model: from `load_model`. Its noise process (`model.process`) decides which samplers
-            run: VP "ddpm"/"ddim"/"dpmpp2m", VE "ve", flow "euler"/"flow_ddpm". Its `accel`
-            decides how the network runs and whether noise is drawn ahead in background
-            threads; outputs depend on it only through rounding (autocast, kernel choice).
-            Latent models run the same samplers on VAE latents (see the module docstring).
-        images: float32 (N, C, H, W) in [-1, 1], the guides; H, W multiples of the model's
-            `downsample_factor` (latent: VAE factor x network factor, 64 for SD); never resized.
-        t0: the starting time in (0, 1], one float or one per sample (a batch may mix levels);
-            larger = more realistic, smaller = more faithful (the paper uses 0.3-0.6); the same
-            fraction of the model's time axis for every process (`sdedit.processes`). VP: the
-            start index is round(t0 * T) - 1 whatever the scheduler's steps_offset.
-        seeds: N ints in [0, 2^63), one per output (see the reproducibility contract).
-        sampler: "ddpm" (the paper's VP loop; `steps` None = every step, start index + 1
-            evaluations), "ddim" (deterministic for eta = 0; `steps` evaluations, default 50),
-            "dpmpp2m" (DPM-Solver++(2M), deterministic, 5-50 evaluations, default 20),
-            "ve" (Alg. 1; `steps` None = round(t0 * N)), "euler" (the flow ODE of the diffusers
-            SD3 / Flux pipelines) and "flow_ddpm" (ancestral sampling of the flow path; both
-            `steps` None = round(t0 * 28), at least 1).
-        steps: network evaluations per round (per sample).
-        masks: optional float32 (N, 1, H, W) in {0, 1} in pixels: 1 = regenerate, 0 = keep.
-        repeats: K rounds; each round's output is the next round's guide inside the mask.
+        model: from `load_model`; its noise process decides the samplers it runs.
+        images: float32 (N, C, H, W) in [-1, 1]; H, W multiples of `model.downsample_factor`
+            (never resized).
+        t0: in (0, 1], one or one per sample: larger = more realistic, smaller = more faithful.
+        seeds: N ints in [0, 2^63), one per output.
+        sampler: one of `model.process.samplers` (docs/models.md#samplers).
+        steps: network evaluations per round; None = the sampler's default at each t0.
+        masks: float32 (N, 1, H, W) in {0, 1}, pixels: 1 = regenerate, 0 = keep.
+        repeats: K rounds; each round's output is the next round's guide.
         eta: DDIM noise scale (ddim only).
-        corrector_steps: Langevin corrector steps per VE step (Alg. 2; ve only).
-        prompts: text-conditioned models only: N strings, one per image (None = "" for all).
-        negative_prompts: text-conditioned models only: N strings for the unconditional pass
-            of classifier-free guidance (None = "" for all).
-        guidance_scale: text-conditioned models only: classifier-free guidance g in [1, 100]
-            in eps_u + g (eps_c - eps_u) (g = 1 runs only the conditional pass: SD, SDXL, SD3),
-            or the guidance input g in [0, 100] of a guidance-distilled model (Flux-dev); None
-            = the family's default (`guidance_scale(model, None)`: SD 7.5, SDXL 5.0, SD3 7.0,
-            Flux-dev 3.5); refused by guidance-free models (Flux-schnell). The range is
-            `sdedit.checks.guidance_range` up to `MAX_GUIDANCE`, the job's too.
-        noise: the call's noise from `noise_for(model, seeds, H, W)` made ahead (the same
-            values as without it); None = made here.
+        corrector_steps: Langevin corrector steps per VE step (ve only).
+        prompts, negative_prompts: N strings (None = "" for all); text-conditioned models only.
+        guidance_scale: None = the family's default; ranges in docs/jobs.md#guidance.
+        noise: from `noise_for(model, seeds, H, W)`; None = made here.
     Returns:
         float32 (N, C, H, W) in [-1, 1] on `images.device`.
     Raises:
-        EditInputError (a ValueError) naming the argument, its value and what is allowed
-        (prompts, negative prompts or a guidance scale for an unconditional model included).
+        EditInputError: an input the model cannot take, named with what is allowed.
     """
     n = check_images(model, images)
     t0s = check_t0(t0, n)
@@ -210,11 +164,7 @@ def edit(
 
 def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | None) -> int:
     """Network evaluations per round for one sample: what `steps` (None = default) resolves to.
-
-    Raises:
-        EditInputError: a sampler the model cannot run, or t0 / steps its process cannot
-            start from.
-    """
+    Raises EditInputError for a sampler, t0 or steps the model cannot run."""
     problem = sampler_problem(model.process, sampler, model.source, model.family)
     if problem:
         raise EditInputError(problem)
@@ -222,18 +172,16 @@ def count_steps(model: DiffusionModel, sampler: str, t0: float, steps: int | Non
 
 
 def prompt_cuts(model: DiffusionModel, texts: Sequence[str]) -> list[tuple[PromptCut, ...]]:
-    """For each of `texts`, the text encoders of `model` that take only its first tokens
-    (`PromptEncoder.prompt_cuts`: CLIP at 77, T5 at the pipeline's `max_sequence_length`):
-    `edit` embeds no more of such a prompt. Empty tuples for a model without text. Call it
-    where `edit` runs, not beside it (tokenizers are not thread-safe)."""
+    """Per text, the text encoders that read only its first tokens (empty without text).
+    Call it on `edit`'s thread: tokenizers are not thread-safe."""
     if model.text is None:
         return [() for _ in texts]
     return model.text.prompt_cuts(list(texts))
 
 
 def guidance_scale(model: DiffusionModel, value: float | None) -> float | None:
-    """The guidance scale outputs of a text-conditioned model are made with: `value`, or the
-    family's default when None; None for unconditional and guidance-free models."""
+    """The scale outputs are made with: `value`, else the family's default; None for models
+    without guidance."""
     if model.text is None or model.text.spec.guidance == "none":
         return None
     return model.text.spec.default_guidance if value is None else float(value)
@@ -241,8 +189,8 @@ def guidance_scale(model: DiffusionModel, value: float | None) -> float | None:
 
 @torch.no_grad()
 def warm_up(model: DiffusionModel, batch_size: int) -> None:
-    """One sampler step of `edit`'s shape at the model's sample size (the allocator's and the
-    kernels' first-call cost; conditional models: the guidance batch with empty prompts)."""
+    """One sampler step at `edit`'s shapes, so the first real batch does not pay for the
+    allocator's and kernels' first calls."""
     shape = model.state_shape(*model.sample_size)
     x = torch.zeros(batch_size, *shape, device=model.device)
     process = model.process_for(*model.sample_size)

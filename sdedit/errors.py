@@ -1,14 +1,8 @@
-"""The engine's own error class for inputs it refuses, and how a message quotes a value.
+"""The engine's error class for inputs it refuses, and how a message quotes a value.
 
-`EditInputError` is what `sdedit.edit` (and the plan of its noise process) raises for an input
-it cannot take: the message names the argument, its value and what is allowed. It is a
-`ValueError`, so callers that catch `ValueError` keep working; a caller that turns refused
-inputs into per-sample results (the pipeline's `edit` rows) catches exactly this class, so a
-bug elsewhere (a `ValueError` from torch, diffusers or the pipeline) is never mistaken for a
-bad input.
-
-A message quotes a value with `quoted`: its repr, of a long value only a prefix and its length,
-so that no message (nor a manifest row or log line holding it) repeats a whole prompt.
+`EditInputError` is a `ValueError`, but its own class, so that a caller turning refused inputs
+into per-sample results catches exactly it and never mistakes a bug elsewhere for bad input.
+`quoted` keeps a long value (a prompt) out of messages, manifests and logs.
 """
 
 from __future__ import annotations
@@ -27,10 +21,8 @@ class EditInputError(ValueError):
 
 
 def quoted(value: Any, limit: int = QUOTE_CHARS) -> str:
-    """`repr(value)` for a message, at most about `limit` characters of the value: a longer
-    string as the repr of its first `limit` characters, "..." and its length
-    ('a bedroom, ...'... (10,485,760 characters)); other values through `reprlib`, whose
-    repr never builds the whole of a large container."""
+    """`repr(value)` for a message, of at most about `limit` characters: a longer string as its
+    prefix's repr, "..." and its length; other values through `reprlib`."""
     if isinstance(value, str):
         if len(value) <= limit:
             return repr(value)

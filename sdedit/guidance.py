@@ -1,11 +1,8 @@
 """Text-conditioned denoisers: prompts -> conditioning -> guided predictions for one batch.
 
-Classifier-free guidance (Ho & Salimans, 2022): pred = pred_u + g (pred_c - pred_u), pred_u from
-the negative prompt, both passes as one network call on [uncond rows; cond rows] as diffusers
-does; only the conditional pass when g == 1. Guidance-distilled families (Flux-dev) take g as an
-input in their conditioning instead, and guidance-free ones (Flux-schnell) take none
-(`sdedit.conditioning.TextSpec`). The prediction is whatever the model's noise process samples
-with (eps, velocity): guidance combines it the same way.
+Classifier-free guidance (Ho & Salimans, 2022) runs the unconditional and conditional passes as
+one network call, as diffusers does, and only the conditional pass at g = 1; guidance-distilled
+families take g in their conditioning instead (docs/jobs.md#guidance).
 """
 
 from __future__ import annotations
@@ -20,23 +17,9 @@ __all__ = ["Guided", "conditioned_denoiser"]
 
 
 class Guided:
-    """The denoiser of one batch of a text-conditioned model (see the module docstring).
-
-    The samplers may call a denoiser with a subset of the batch: the samples whose (end-aligned)
-    step lists still have a step to take, i.e. at any call, the samples with the most remaining
-    steps. Such a subset is fixed by its size, so the rows' conditioning is found from the batch
-    size alone (no device sync); a size no such subset has raises RuntimeError.
-
-    Args:
-        denoise: (x (B, C, h, w), t (B,), conditioning of B rows) -> float32 (B, C, h, w).
-        cond: the conditioning of each sample's prompt (N rows).
-        uncond: the conditioning of each sample's negative prompt (N rows), or None for one
-            pass (no classifier-free guidance).
-        scale: the guidance scale g (used with `uncond`).
-        lengths: each sample's number of reverse steps (network evaluations) per round.
-        combine: (pred_u, pred_c, g) -> the guided prediction; default pred_u + g (pred_c -
-            pred_u) (a family's `PromptEncoder.combine`).
-    """
+    """The guided denoiser of one batch; `lengths` are each sample's steps per round. Samplers
+    step only the samples with the most steps left, so a call's conditioning rows follow from
+    its batch size alone (no device sync)."""
 
     def __init__(self, denoise: Callable[[torch.Tensor, torch.Tensor, Conditioning],
                                          torch.Tensor],
@@ -60,7 +43,7 @@ class Guided:
                 self.subsets[size] = torch.tensor(both, device=device)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x: float32 (B, C, h, w); t: (B,) step values -> guided prediction (B, C, h, w)."""
+        """x float32 (B, C, h, w), t (B,) step values -> guided prediction (B, C, h, w)."""
         size = x.shape[0]
         if size == self.n:
             cond = self.both
@@ -77,8 +60,7 @@ class Guided:
 
 Encode = Callable[[list[str], "list[str] | None", tuple[int, int], "float | None"],
                   tuple[Conditioning, "Conditioning | None"]]
-"""(prompts, negative prompts or None, size, guidance input) -> (cond, uncond): a prompt
-encoder's `encode`, or a model's `encode_prompts` (cached)."""
+"""A prompt encoder's `encode`, or a model's cached `encode_prompts`."""
 
 
 def conditioned_denoiser(text: PromptEncoder,
@@ -87,9 +69,8 @@ def conditioned_denoiser(text: PromptEncoder,
                          prompts: list[str], negatives: list[str], scale: float,
                          lengths: Sequence[int], size: tuple[int, int],
                          encode: Encode | None = None) -> Guided:
-    """The guided denoiser of one batch of images of `size` = (H, W) pixels, from the model's
-    prompt encoder and conditioned denoiser: every distinct prompt (and negative prompt, with
-    classifier-free guidance and g != 1) encoded once, by `encode` (default `text.encode`)."""
+    """The guided denoiser of one batch of (H, W) pixel images; negative prompts are encoded
+    only where classifier-free guidance runs (g != 1)."""
     spec = text.spec
     cfg = spec.guidance == "cfg" and scale != 1.0
     embedded = scale if spec.guidance == "embedded" else None

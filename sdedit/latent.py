@@ -1,14 +1,8 @@
 """Latent models: the VAE codec between guide pixels and the chain's latents, and latent masks.
 
-Every latent family (SD 1.x/2.x, SDXL, SD3, Flux) encodes guides with the VAE's posterior mean
-(deterministic: it draws no noise), shifted and scaled as its pipeline does, runs the samplers on
-latents and decodes once at the end. The VAE runs in its weights' dtype (`sdedit.precision`:
-float32, or bf16 / fp16): its input is cast to it and its output back to float32. Encode and
-decode take the batch in chunks of at most `CHUNK_PIXELS` pixels (one image per call at
-1024 x 1024 and above; a batch of small images in one call, as before) and, above the VAE's own
-sample size, in overlapping tiles (diffusers' tiling), so their activations stay those of about
-one 1024 px image whatever the batch and the image size; images up to the sample size are
-never tiled.
+Guides are encoded with the VAE's posterior mean, which draws no noise, so the reproducibility
+contract holds on latents. The VAE takes batches in chunks and large images in tiles so that its
+activations stay bounded (docs/performance.md#the-memory-plan).
 """
 
 from __future__ import annotations
@@ -21,7 +15,7 @@ import torch
 __all__ = ["CHUNK_PIXELS", "LatentCodec", "chunk_size", "codec_from_vae", "latent_mask"]
 
 CHUNK_PIXELS = 1024 * 1024
-"""Pixels the VAE encodes or decodes in one call at most (a whole image when it is larger)."""
+"""Pixels the VAE takes per call at most (a larger image goes whole)."""
 
 
 def chunk_size(height: int, width: int) -> int:
@@ -31,17 +25,8 @@ def chunk_size(height: int, width: int) -> int:
 
 @dataclass
 class LatentCodec:
-    """The VAE of a latent model: guides to latents and back.
-
-    Attributes:
-        vae: a diffusers AutoencoderKL in eval mode, float32 weights, on the model's device.
-        scaling_factor, shift_factor: z = (mean - shift) * scale; shift is 0 when the config
-            has none (SD 1.x / 2.x); per-channel float32 (1, C, 1, 1) tensors when the VAE
-            config has `latents_mean` / `latents_std` (shift = mean, scale = scaling_factor /
-            std, as diffusers' SDXL pipelines do).
-        factor: pixels per latent cell along each side (8 for SD).
-        channels: latent channels C (4 for SD).
-    """
+    """The VAE of a latent model: z = (mean - shift) * scale, with scalar or per-channel float32
+    (1, C, 1, 1) factors; `factor` pixels per latent cell along a side."""
 
     vae: torch.nn.Module
     scaling_factor: float | torch.Tensor
@@ -55,8 +40,7 @@ class LatentCodec:
         return next(self.vae.parameters()).dtype
 
     def bound_memory(self) -> None:
-        """Tiling on above the VAE's sample size (see the module docstring), where the VAE
-        class has it."""
+        """Tile images above the VAE's sample size, where its class can."""
         switch = getattr(self.vae, "enable_tiling", None)
         if callable(switch):
             switch()
@@ -81,8 +65,8 @@ class LatentCodec:
         return x.clamp(-1.0, 1.0)
 
     def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
-        """The VAE's own call: (n, 3, H, W) in its dtype -> the posterior mean (n, C, h, w)
-        (a VAE of another shape overrides this and `pixels`)."""
+        """The VAE's own call: (n, 3, H, W) in its dtype -> posterior mean (n, C, h, w); a VAE
+        of another shape overrides this and `pixels`."""
         return self.vae.encode(images).latent_dist.mean
 
     def pixels(self, z: torch.Tensor) -> torch.Tensor:
@@ -102,8 +86,7 @@ def latent_mask(masks: torch.Tensor, factor: int) -> torch.Tensor:
 
 
 def codec_from_vae(vae: Any) -> LatentCodec:
-    """The codec of a diffusers AutoencoderKL (eval, float32) from its config: scaling_factor
-    (default 0.18215), shift_factor (default 0), latents_mean / latents_std when present."""
+    """The codec of a diffusers AutoencoderKL from its config (diffusers' defaults when unset)."""
     config = vae.config
     scale = float(config.get("scaling_factor", 0.18215))
     shift_value = config.get("shift_factor")

@@ -1,21 +1,9 @@
 """The memory plan: what one actor's device holds at its peak, from config files alone.
 
-Weights: each part (network, VAE, text encoders) built from its config with fake tensors
-(`torch._subclasses.FakeTensorMode`: shapes and dtypes, no memory, no weights read), given its
-precision as `sdedit.precision.apply_precision` would (fp8: float8 linear layers), then its
-parameters and buffers counted. Activations: the same fake modules run once under a dispatch
-mode that keeps the bytes of every tensor alive and their peak (`trace_peak`): the network on
-the job's rows (batch x 2 with classifier-free guidance) at the guides' size, its input cast to
-its dtype as `NetRunner` does; the VAE's encode and decode of the batch with slicing and tiling
-as `LatentCodec` runs them; each text encoder on the rows' prompts. Attention takes the fused
-path PyTorch takes on a CPU (no sequence x sequence matrix), as flash / memory-efficient
-attention does on a GPU.
-
-The peak is the resident weights plus the largest of those activation peaks, plus the batch's
-own tensors, the prompt cache's bound and `RUNTIME_BYTES` (the CUDA context and the libraries'
-workspaces: an assumption, not traced). With offload "text" the text encoders are not resident
-while the network runs: peak = max(network + VAE + their activations, text encoders + VAE +
-theirs). Sizes are in GiB (2^30 bytes, what nvidia-smi's MiB / 1024 and torch report).
+Each part is built with fake tensors (shapes and dtypes, no memory, no weights read) at its
+precision, its weights counted, and run once under a dispatch mode that tracks the bytes of
+every live tensor: so a job is sized before any weights exist on the machine. What the plan
+adds and how it was checked: docs/performance.md#the-memory-plan. Sizes in GiB (2^30 bytes).
 """
 
 from __future__ import annotations
@@ -48,8 +36,7 @@ GPU_CLASSES: tuple[tuple[int, str, int], ...] = (
     (80, "H100, A100", 81559), (141, "H200", 143771))
 """(nominal GB, common cards, MiB the smallest of them reports): what "fits 24 GB" means."""
 TEXT_TOKENS = 512
-"""Tokens per prompt a text encoder is traced with: its config's max_position_embeddings, at
-most this (T5 in Flux: 512; CLIP: 77)."""
+"""Most tokens per prompt a text encoder is traced with (else its max_position_embeddings)."""
 
 
 class _Tracker(TorchDispatchMode):
@@ -85,8 +72,7 @@ class _Tracker(TorchDispatchMode):
 
 
 def trace_peak(fn: Callable[[], Any], exclude: Sequence[torch.Tensor]) -> int:
-    """Peak bytes of the tensors `fn` makes (inside an active fake mode), beyond `exclude`
-    (weights, inputs) that exist before it."""
+    """Peak bytes of the tensors `fn` makes (inside a fake mode), beyond `exclude`."""
     tracker = _Tracker(exclude)
     with tracker, torch.no_grad():
         result = fn()
@@ -96,16 +82,9 @@ def trace_peak(fn: Callable[[], Any], exclude: Sequence[torch.Tensor]) -> int:
 
 @dataclass
 class MemoryPlan:
-    """One actor's device memory at its peak (see the module docstring); bytes.
-
-    Attributes:
-        weights: part name -> (precision, bytes).
-        net, vae, text: the activation peaks of the network call, of the VAE (the larger of
-            encode and decode) and of the text encoders (None: not estimated).
-        batch: the batch's own tensors (guides, outputs, latents, noise).
-        size, batch_size, rows: what was planned: (H, W), images per batch, network rows.
-        notes: what the plan could not estimate.
-    """
+    """One actor's device memory at its peak, in bytes: `weights` part -> (precision, bytes),
+    activation peaks of `net` (None = not estimated), `vae` and `text`, the `batch`'s own
+    tensors; planned for `batch_size` images of `size` (H, W), `rows` network rows."""
 
     weights: dict[str, tuple[str, int]]
     net: int | None
@@ -215,9 +194,8 @@ def _fake() -> Iterator[Any]:
 def plan_memory(layout: ModelLayout, precision: Precision, *, batch_size: int,
                 size: tuple[int, int], guided: bool, autocast: torch.dtype | None = None
                 ) -> MemoryPlan:
-    """The memory plan of `layout` at `precision` for batches of `batch_size` images of
-    `size` = (H, W) pixels; `guided`: classifier-free guidance doubles the network's rows;
-    `autocast`: float32 weights run under it (the network only)."""
+    """The memory plan of `layout` at `precision` for batches of `batch_size` (H, W) pixel
+    images; `guided` doubles the network's rows; `autocast` applies to fp32 weights."""
     rows = batch_size * (2 if guided else 1)
     net_name = "transformer" if "transformer" in layout.configs else "unet"
     notes: list[str] = []
@@ -255,8 +233,8 @@ def plan_memory(layout: ModelLayout, precision: Precision, *, batch_size: int,
 
 
 def _weights(config: dict[str, Any], precision: str) -> int:
-    """Bytes of a part's weights at `precision`, given it as `apply_precision` does, on the
-    meta device (remembered per config: T5-XXL is in several pipelines)."""
+    """Bytes of a part's weights at `precision` as `apply_precision` gives it (cached per
+    config: T5-XXL is in several pipelines)."""
     return _weights_of(json.dumps(config, sort_keys=True), precision)
 
 
@@ -275,8 +253,7 @@ def _weights_of(config_json: str, precision: str) -> int:
 
 def _net_peak(inputs: tuple[NetCall, Conditioning | None], net: torch.nn.Module,
               shape: tuple[int, ...], dtype: torch.dtype) -> int:
-    """The activation peak of one network call on state `shape` = (rows, C, h, w), with the
-    family's call and zero conditioning (`Family.plan_inputs`)."""
+    """The activation peak of one network call on state (rows, C, h, w)."""
     call, cond = inputs
     x, t = torch.zeros(shape), torch.zeros(shape[0])
     exclude = [*net.parameters(), *net.buffers(), x, t]
@@ -295,8 +272,7 @@ def _net_peak(inputs: tuple[NetCall, Conditioning | None], net: torch.nn.Module,
 
 
 def _vae_peak(codec: LatentCodec, batch: int, size: tuple[int, int]) -> int:
-    """The larger activation peak of encoding and decoding a batch, in chunks and tiles, as
-    `LatentCodec` runs them (the family's codec: its own VAE calls)."""
+    """The larger activation peak of encoding and decoding a batch, as `LatentCodec` runs them."""
     vae = codec.vae
     if callable(getattr(vae, "enable_tiling", None)):
         vae.enable_tiling()
@@ -322,8 +298,7 @@ def _vae_peak(codec: LatentCodec, batch: int, size: tuple[int, int]) -> int:
 
 @functools.lru_cache(maxsize=64)
 def _text_peak(config_json: str, precision: str, rows: int) -> int:
-    """A text encoder's activation peak on `rows` prompts of its longest token sequence
-    (inside a fake mode; remembered per config, precision and rows)."""
+    """A text encoder's activation peak on `rows` prompts of its longest token sequence."""
     config = json.loads(config_json)
     encoder = _build(config, COMPUTE_DTYPES[precision])
     length = min(int(config.get("max_position_embeddings") or TEXT_TOKENS), TEXT_TOKENS)

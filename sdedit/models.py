@@ -1,12 +1,8 @@
-"""Load a pretrained diffusion model as a denoiser: any supported family, pixel or latent.
+"""Load a pretrained diffusion model of any supported family as one denoiser, `DiffusionModel`.
 
-Sources (see `load_model` and `sdedit.sources`): a local diffusers model directory, a Hugging
-Face hub id (through the hub cache), or an fsspec URL to such a directory (copied to a local
-cache first; fsspec is imported only then). Which layouts are read, and how each family's
-network is called, is `sdedit.families`; how its time axis works is its noise process
-(`sdedit.processes`).
-
-Weights are read with safetensors, or `torch.load(weights_only=True)`: no arbitrary unpickling.
+The engine never asks which family it runs: the family (`sdedit.families`) supplies the network
+call, the codec and the prompt encoder, and the noise process (`sdedit.processes`) the time axis.
+Sources, precision and offload: docs/models.md and docs/performance.md.
 """
 
 from __future__ import annotations
@@ -41,35 +37,13 @@ class DiffusionModel:
     """A pretrained network, how to call it, and the noise process it was trained with.
 
     Attributes:
-        net: the diffusers network (UNet2DModel, UNet2DConditionModel, a transformer) in eval
-            mode on `device`, float32 weights.
-        process: its noise process (VP, VE or flow; `sdedit.processes`): the samplers it runs,
-            how t0 maps to a start level, what the network predicts.
-        sample_size: (H, W) in pixels the model was trained at (latent: latent size x factor).
-        in_channels: C of the images `edit` takes (latent models: the VAE's, 3).
-        downsample_factor: image H and W must be multiples of this (latent: VAE factor x the
-            network's own factor or patch size).
-        source: the source string it was loaded from (no credentials).
-        device: where the network runs.
-        dtype: the network's compute precision: its weights' (`precision.compute`), or with
-            float32 weights bfloat16 / float16 under autocast (the network only).
-        call: how the network is called (`sdedit.conditioning.NetCall`).
-        family: the model family's name ("pixel", "sd", ...; `sdedit.families`).
-        accel: how the network runs (autocast, channels_last, compile, CUDA graphs, noise
-            threads); see `sdedit.accel`. Change it with `accelerate`.
-        codec: the VAE codec of a latent model (None for pixel models).
-        text: the prompt encoder of a text-conditioned model (None for unconditional ones).
-        identity: what the weights are: "sha256:<hex>" over the files the model was built from
-            (`sdedit.sources.files_identity`), or "hf:<repo id>@<commit>" for a hub snapshot;
-            "" when the model was assembled by hand.
-        patch: state cells per network token along a side (a flow shift that depends on the
-            resolution counts tokens).
-        precision: the dtype of each part's weights (`sdedit.precision`); float32 by default.
-        net_path: how the network runs ("fp32", "bf16", "fp8 W8A8 (...)", ...), for logs and
-            records.
-        offload: "none", or "text": the text encoders live in host memory and swap places with
-            the network on the device only to encode prompts (`sdedit.prompts`).
-        prompts: the cache of prompt embeddings across batches (`sdedit.prompts.PromptCache`).
+        sample_size: (H, W) pixels it was trained at; image sides are multiples of
+            `downsample_factor`.
+        dtype: the network's compute dtype: its weights', or bf16 / fp16 under autocast.
+        codec, text: the VAE codec and prompt encoder; None for pixel / unconditional models.
+        identity: "sha256:<hex>" of its files or "hf:<repo>@<commit>"; "" if built by hand.
+        net_path: how the network runs ("fp32", "fp8 W8A8 (...)", ...), for logs and records.
+        offload: "none", or "text": text encoders in host memory between encodes.
     """
 
     net: torch.nn.Module
@@ -121,10 +95,8 @@ class DiffusionModel:
         return self.process.resolved((h // self.patch) * (w // self.patch))
 
     def accelerate(self, **options: Any) -> DiffusionModel:
-        """Change `accel` in place (fields of `sdedit.accel.Acceleration`); returns self.
-
-        `autocast` also sets `dtype` (None = the weights' compute dtype); low-precision weights
-        take no autocast."""
+        """Change `accel` in place (fields of `Acceleration`) and `dtype` with its autocast;
+        returns self. Low-precision weights take no autocast."""
         accel = dataclasses.replace(self.accel, **options)
         if accel.cuda_graphs and "layerwise" in self.net_path:
             raise ValueError("cuda_graphs=True with fp8 layerwise casting (its hooks recast the "
@@ -140,10 +112,8 @@ class DiffusionModel:
 
     def forward(self, x: torch.Tensor, t: torch.Tensor,
                 cond: Conditioning | None = None) -> torch.Tensor:
-        """The raw network output, float32 (B, C, H, W), run as `accel` says.
-
-        t: (B,) network times (`process.network_time`); cond: the conditioning of B rows,
-        required by (only) conditional models."""
+        """The raw network output, float32 (B, C, H, W), at network times t (B,); `cond` (B
+        rows) is required by conditional models and refused by the others."""
         if (cond is None) == self.conditional:
             raise ValueError(f"cond is {'missing' if cond is None else 'given'}; allowed: "
                              "a Conditioning for text-conditioned models, else None")
@@ -153,9 +123,8 @@ class DiffusionModel:
         return self._runner(x, t, cond)
 
     def encoding(self) -> contextlib.AbstractContextManager[Any]:
-        """Around an encode of prompts: with offload "text", the text encoders swap places
-        with the network on the device (`sdedit.prompts.swapped`); CUDA graphs captured
-        before are dropped after it (the network's weights moved)."""
+        """Around an encode of prompts: with offload "text" the text encoders swap places with
+        the network on the device (so captured CUDA graphs are dropped)."""
         if self.offload != "text" or self.text is None or self.device.type == "cpu":
             return contextlib.nullcontext()
         if self._runner is not None and self._runner.graphs:
@@ -165,8 +134,7 @@ class DiffusionModel:
     def encode_prompts(self, prompts: list[str], negatives: list[str] | None,
                        size: tuple[int, int], guidance: float | None
                        ) -> tuple[Conditioning, Conditioning | None]:
-        """The conditioning rows of a batch's prompts, through the prompt cache (each distinct
-        pair encoded once per model) and the offload swap."""
+        """The conditioning rows of a batch's prompts, through the prompt cache and offload."""
         assert self.text is not None, "an unconditional model takes no prompts"
         return self.prompts.encode(self.text, prompts, negatives, size, guidance,
                                    self.encoding)
@@ -174,8 +142,8 @@ class DiffusionModel:
     @torch.no_grad()
     def denoise(self, x: torch.Tensor, t: torch.Tensor,
                 cond: Conditioning | None = None) -> torch.Tensor:
-        """The sampler's quantity (eps for VP, the score for VE, the velocity for flow) at
-        step values t (B,): x float32 (B, C, H, W) -> float32 (B, C, H, W)."""
+        """The sampler's quantity (eps for VP, score for VE, velocity for flow) at step values
+        t (B,): x float32 (B, C, H, W) -> float32 (B, C, H, W)."""
         out = self.forward(x, self.process.network_time(t), cond)
         return self.process.target(out, x, t)
 
@@ -191,21 +159,16 @@ def load_model(
     storage_options: dict[str, Any] | None = None,
     accel: Acceleration | None = None,
 ) -> DiffusionModel:
-    """Load a diffusers model directory of a supported family (`sdedit.families`) and its
-    scheduler config as a `DiffusionModel`.
+    """Load a diffusers model directory of a supported family as a `DiffusionModel`.
 
     Args:
-        source: a local directory, a hub id ("google/ddpm-ema-bedroom-256"), or an fsspec URL
-            ("s3://bucket/models/bedroom", "memory://m") to a directory in one of the layouts.
-        device, dtype: where the network runs, and with float32 weights its autocast dtype
-            (bfloat16 / float16; sampling stays float32). With low-precision weights `dtype`
-            is float32 (= their own) or their compute dtype.
-        weights_dtype: "fp32" (default), "bf16", "fp16", "fp8" or "auto" (the family's
-            published precision), or a resolved `Precision` (`sdedit.precision`).
-        offload: "none" or "text" (text encoders in host memory between encodes).
-        cache_dir: where URL sources are copied (default ~/.cache/sdedit-batch/models).
-        storage_options: fsspec options for URL sources (endpoint, credentials).
-        accel: the fast-path options; default `Acceleration.default(device, dtype)`.
+        source: a local directory, a hub id or an fsspec URL to a directory.
+        device, dtype: where the network runs and, with fp32 weights, its autocast dtype;
+            low-precision weights take float32 or their own dtype.
+        weights_dtype: "fp32", "bf16", "fp16", "fp8", "auto" (the family's published
+            precision) or a resolved `Precision`.
+        cache_dir: where URL sources are copied (None = ~/.cache/sdedit-batch/models).
+        accel: None = `Acceleration.default(device, dtype)`.
     Raises:
         ModelSourceError (a ValueError) naming the source and what is wrong.
     """
@@ -243,7 +206,7 @@ def load_model(
     identity = f"hf:{text}@{resolved.revision}" if resolved.revision else \
         files_identity(directory, parts.files)
     record = precision.parts(layout.part_names()) or {"net": precision.net}
-    if set(record.values()) != {"fp32"}:  # float32 models keep the identity they always had
+    if set(record.values()) != {"fp32"}:  # fp32: no suffix, the identity older records hold
         identity += " @ " + ", ".join(f"{name} {value}" for name, value in record.items())
     model = DiffusionModel(
         net=net, process=layout.process, sample_size=layout.sample_size,

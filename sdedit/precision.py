@@ -1,25 +1,8 @@
 """Weights precision: the dtype each part of a model is stored and computed in, resolved once.
 
-`model.weights_dtype` is one of auto | fp32 | bf16 | fp16 | fp8:
-
-    auto   the family's published precision (`Family.weights_precision`; a family that
-           declares none: bf16 for flow-matching models, fp32 otherwise): bf16 for Flux and
-           SD3, fp16 for SD 1.x/2.x and SDXL, fp32 for pixel models. The same on every device.
-    fp32   every part float32 (the network may still run under autocast: `compute.dtype`).
-    bf16, fp16
-           every part stored and run in that dtype (no float32 copy, no autocast); a VAE whose
-           config says `force_upcast` (diffusers' default for AutoencoderKL) stays float32 with
-           fp16 weights, as diffusers' pipelines upcast it.
-    fp8    the network's linear layers stored as float8 e4m3, the rest of it, the VAE and the
-           text encoders bf16. On a CUDA device with FP8 tensor cores (compute capability 8.9+:
-           L4, L40S, H100, H200) and torchao installed, the linear layers run W8A8 (torchao's
-           float8 dynamic activation + weight quantization, per-row scales); elsewhere each layer
-           is cast up to bf16 when it runs (diffusers' layerwise casting), so memory still halves.
-
-Sampler arithmetic stays float32 in every case: the network's input is cast to its compute
-dtype and its output back to float32 (`sdedit.accel.NetRunner`), the VAE's likewise
-(`sdedit.latent.LatentCodec`). `apply_precision` is the one place a loaded model's parts get
-their dtypes.
+`apply_precision` is the one place a loaded model's parts get their dtypes; sampler arithmetic
+stays float32 whatever they are (inputs cast in, outputs cast back). What auto, fp32, bf16, fp16
+and fp8 mean per part: docs/models.md#weights-precision.
 """
 
 from __future__ import annotations
@@ -67,14 +50,8 @@ CONVOLUTIONS = (torch.nn.Conv1d, torch.nn.Conv2d, torch.nn.Conv3d, torch.nn.Conv
 
 @dataclass(frozen=True)
 class Precision:
-    """The resolved precision of a model's parts.
-
-    Attributes:
-        net: the network's weights: "fp32", "bf16", "fp16" or "fp8".
-        vae: the VAE's ("fp32", "bf16" or "fp16"; unused by pixel models).
-        text: the text encoders' (likewise).
-        requested: what was asked ("auto", "fp32", ...), for messages.
-    """
+    """The resolved precision of a model's parts: `net` "fp32", "bf16", "fp16" or "fp8"; `vae`
+    and `text` the same but fp8; `requested` what was asked ("auto", ...), for messages."""
 
     net: str = "fp32"
     vae: str = "fp32"
@@ -92,8 +69,7 @@ class Precision:
         return self.net != "fp32"
 
     def parts(self, names: Iterable[str]) -> dict[str, str]:
-        """Component folder name -> precision, for the record (job.json, model_identity):
-        the network ("unet", "transformer"), "vae" and the text encoders ("text_encoder*")."""
+        """Component folder name -> precision, for the record (job.json, model_identity)."""
         out = {}
         for name in names:
             if name == "vae":
@@ -112,7 +88,7 @@ class Precision:
 
     @classmethod
     def from_parts(cls, parts: Mapping[str, str], requested: str) -> Precision:
-        """The inverse of `parts` (a record written by `parts`)."""
+        """The inverse of `parts`."""
         net = next((v for k, v in parts.items() if k in ("unet", "transformer", "net")), "fp32")
         text = next((v for k, v in parts.items() if k.startswith("text_encoder")), net)
         return cls(net, parts.get("vae", net), text, requested)
@@ -123,9 +99,8 @@ _LOADING: ContextVar[Precision | None] = ContextVar("sdedit_loading_precision", 
 
 @contextlib.contextmanager
 def loading(precision: Precision) -> Iterator[None]:
-    """While a family loads its parts (`sdedit.models.load_model`), `role_dtype` answers with
-    this precision, so `families.base.component` reads each part straight into its dtype (no
-    float32 copy of bf16 files on the host)."""
+    """While a family loads its parts, `role_dtype` answers with this precision, so each part
+    is read straight into its dtype (no float32 copy on the host)."""
     token = _LOADING.set(precision)
     try:
         yield
@@ -134,9 +109,8 @@ def loading(precision: Precision) -> Iterator[None]:
 
 
 def role_dtype(name: str) -> torch.dtype:
-    """The dtype a component folder `name` is loaded in: float32 outside `loading`; inside it,
-    the text encoders' ("text_encoder*"), the VAE's ("vae") or the network's (any other
-    folder; fp8 networks load as bf16 and get their float8 storage in `apply_precision`)."""
+    """The dtype component folder `name` is loaded in: float32 outside `loading`, else its
+    part's compute dtype (fp8 networks load as bf16; `apply_precision` makes them float8)."""
     precision = _LOADING.get()
     if precision is None:
         return torch.float32
@@ -146,8 +120,7 @@ def role_dtype(name: str) -> torch.dtype:
 
 
 def published_precision(family: Any, process: Any) -> str:
-    """A family's published precision: its `weights_precision` (`Family` declares it), or,
-    where that is None, bf16 for flow-matching models and fp32 for the others."""
+    """A family's `weights_precision`, or if None bf16 for flow-matching models, else fp32."""
     declared = family.weights_precision
     if declared:
         return str(declared)
@@ -156,15 +129,8 @@ def published_precision(family: Any, process: Any) -> str:
 
 def resolve_precision(name: str, *, family: Any, process: Any,
                       vae_config: Mapping[str, Any] | None) -> Precision:
-    """The precision of each part for `model.weights_dtype` `name` (see the module docstring).
-
-    Args:
-        family: the model's family object (`sdedit.families`).
-        process: its noise process.
-        vae_config: its VAE's config (`force_upcast`), or None for pixel models.
-    Raises:
-        ValueError: an unknown name.
-    """
+    """The precision of each part for `weights_dtype` `name` (ValueError for an unknown one);
+    `vae_config` None for pixel models."""
     if name not in WEIGHTS_DTYPES:
         raise ValueError(f"weights_dtype={name!r} is unknown; allowed: "
                          f"{', '.join(WEIGHTS_DTYPES)}")
@@ -177,10 +143,8 @@ def resolve_precision(name: str, *, family: Any, process: Any,
 
 
 def compute_dtype_problem(precision: Precision, dtype: str) -> str | None:
-    """Why `compute.dtype` `dtype` ("auto", "fp32", "bf16", "fp16") cannot go with these
-    weights, or None. With fp32 weights compute.dtype is the network's autocast dtype (any
-    value); with low-precision weights the network computes in their dtype (bf16 for fp8), so
-    only "auto" or that dtype make sense."""
+    """Why `compute.dtype` `dtype` cannot go with these weights, or None: low-precision weights
+    compute in their own dtype, so only "auto" or that dtype fit them."""
     if not precision.low or dtype == "auto":
         return None
     own = "bf16" if precision.net == "fp8" else precision.net
@@ -193,9 +157,8 @@ def compute_dtype_problem(precision: Precision, dtype: str) -> str | None:
 
 
 def cast_module(module: torch.nn.Module, name: str) -> torch.nn.Module:
-    """Cast `module` to precision `name` ("fp32", "bf16", "fp16") in place, keeping the
-    submodules its class lists in `_keep_in_fp32_modules` float32 for fp16 (T5's "wo", as
-    transformers' from_pretrained does)."""
+    """Cast `module` to "fp32", "bf16" or "fp16" in place; for fp16 its class's
+    `_keep_in_fp32_modules` stay float32, as transformers does."""
     dtype = STORAGE[name]
     torch.nn.Module.to(module, dtype=dtype)  # not diffusers' override: it only warns
     keep = getattr(module, "_keep_in_fp32_modules", None) or []
@@ -209,14 +172,8 @@ def cast_module(module: torch.nn.Module, name: str) -> torch.nn.Module:
 def apply_precision(net: torch.nn.Module, vae: torch.nn.Module | None,
                     encoders: Iterable[torch.nn.Module], precision: Precision,
                     device: torch.device) -> str:
-    """Give a loaded model's parts their precision, in place, before they move to `device`
-    (so no float32 copy ever reaches it). Returns how the network runs, for the log and the
-    record: "fp32", "bf16", "fp16", "fp8 W8A8 (torchao ...)" or "fp8 storage, bf16 compute
-    (layerwise casting)".
-
-    Raises:
-        ValueError: fp8 on a device that cannot store float8 tensors.
-    """
+    """Give a loaded model's parts their precision in place, before they move to `device` (so
+    no float32 copy reaches it); returns how the network runs ("fp32", ..., "fp8 W8A8 (...)")."""
     if vae is not None:
         cast_module(vae, precision.vae)
     for encoder in encoders:
@@ -272,7 +229,6 @@ def layerwise_fp8(net: torch.nn.Module) -> None:
 
 
 def weight_bytes(module: torch.nn.Module) -> int:
-    """Bytes of `module`'s parameters and buffers as stored (after `apply_precision`; a meta or
-    fake module is enough: only shapes and dtypes are read)."""
+    """Bytes of `module`'s parameters and buffers as stored (a meta or fake module will do)."""
     tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
     return sum(t.numel() * t.element_size() for t in tensors.values())

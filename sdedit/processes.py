@@ -1,21 +1,13 @@
 """Noise processes: the seam between `sdedit.edit` and a model family's time axis.
 
-A `NoiseProcess` says how t0 maps to a start level, the signal and noise scales of a level, which
-samplers run on it, what the network is called with and how its output becomes the sampler's
-quantity. Three implement it:
+    VP   (DDPM, SD, SDXL):  x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps,  t = 0..T-1
+    VE   (score SDE):       x(t) = x0 + sigma(t) z,                        t in (0, 1]
+    flow (SD3, Flux, ...):  x = (1 - sigma) x0 + sigma z,  sigma = shift(u), u in (0, 1]
 
-    VP   (DDPM, SD 1.x/2.x, SDXL): x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps, t = 0..T-1
-    VE   (score SDE, NCSN++):       x(t) = x0 + sigma(t) z,                       t in (0, 1]
-    flow (rectified flow, SD3, Flux, Qwen-Image, Z-Image, Chroma):
-                                    x = (1 - sigma) x0 + sigma z, sigma = shift(u), u in (0, 1]
-
-t0 keeps one meaning across them: the fraction of the model's own time axis where the reverse
-process starts. VP: start index round(t0 * T) - 1 (t0 = 0.5 -> 499 of 1000, the official
-SDEdit code); VE: t = t0; flow: unshifted time u = t0, so sigma(t0) = shift(t0), where the
-diffusers img2img pipelines start for `strength` = t0.
-
-Step lists ("plans") are descending floats per sample: VP timestep indices, VE times, flow
-sigmas. Every table is float64 on the CPU; samplers cast what they need.
+t0 means the same for all three: the fraction of the model's own time axis where the reverse
+process starts (VP: index round(t0 * T) - 1; VE: t = t0; flow: u = t0, where diffusers' img2img
+starts for `strength` = t0). Plans are descending per-sample step values; tables are float64 on
+the CPU. docs/models.md#one-seam-for-every-family.
 """
 
 from __future__ import annotations
@@ -39,7 +31,7 @@ SAMPLERS = ("ddpm", "ddim", "dpmpp2m", "ve", "euler", "flow_ddpm")
 
 
 class NoiseProcess(Protocol):
-    """What `sdedit.edit` needs of a model's time axis (see the module docstring)."""
+    """What `sdedit.edit` needs of a model's time axis."""
 
     name: str
     """"vp", "ve" or "flow": for messages and records only."""
@@ -47,11 +39,8 @@ class NoiseProcess(Protocol):
     """The samplers this process runs; the first is its default."""
 
     def plan(self, t0: float, sampler: str, steps: int | None) -> list[float]:
-        """One sample's descending reverse steps (the values the denoiser is called at).
-
-        Raises:
-            EditInputError: t0 or steps that this process cannot start from.
-        """
+        """One sample's descending reverse steps (the values the denoiser is called at);
+        EditInputError for t0 or steps this process cannot start from."""
 
     def start_level(self, starts: Sequence[float]) -> tuple[torch.Tensor, torch.Tensor]:
         """(signal, sigma), float32 (N, 1, 1, 1) each: x(t0) = signal * guide + sigma * z for
@@ -70,8 +59,8 @@ class NoiseProcess(Protocol):
         """The sampler's quantity (eps, score or velocity) from the raw network output."""
 
     def resolved(self, tokens: int) -> NoiseProcess:
-        """The process for images of `tokens` network tokens (flow models whose shift depends
-        on the resolution); itself for the others."""
+        """The process for images of `tokens` network tokens (a resolution-dependent shift);
+        itself for the others."""
 
 
 def _steps_problem(steps: int | None, most: int, t0: float, start: int | None = None) -> None:
@@ -83,13 +72,8 @@ def _steps_problem(steps: int | None, most: int, t0: float, start: int | None = 
 
 @dataclass(frozen=True)
 class VPProcess:
-    """A discrete variance-preserving process (DDPM; SD 1.x/2.x and SDXL in latent space).
-
-    Attributes:
-        schedule: the betas.
-        prediction_type: what the network predicts: "epsilon", "sample" or "v_prediction";
-            `target` turns it into eps.
-    """
+    """A discrete variance-preserving process (DDPM; SD and SDXL on latents); the network's
+    `prediction_type` ("epsilon", "sample" or "v_prediction") is turned into eps."""
 
     schedule: VPSchedule
     prediction_type: str = "epsilon"
@@ -97,8 +81,7 @@ class VPProcess:
     samplers: tuple[str, ...] = ("ddpm", "ddim", "dpmpp2m")
     default_steps: Mapping[str, int] = field(
         default_factory=lambda: {"ddim": 50, "dpmpp2m": 20})
-    """Network evaluations per round when `steps` is None (capped at start index + 1); ddpm
-    None = every index from the start."""
+    """Evaluations per round when `steps` is None (at most start index + 1); ddpm: every index."""
     _abar: dict[Any, torch.Tensor] = field(default_factory=dict, repr=False, compare=False)
 
     def plan(self, t0: float, sampler: str, steps: int | None) -> list[float]:
@@ -200,10 +183,8 @@ class VEProcess:
 
 @dataclass(frozen=True)
 class DynamicShift:
-    """Resolution-dependent shift of a flow schedule (diffusers' `use_dynamic_shifting`, Flux):
-    mu grows linearly with the image's token count from `base_shift` at `base_seq_len` to
-    `max_shift` at `max_seq_len`; sigma = e^mu / (e^mu + 1/u - 1) ("exponential") or
-    mu / (mu + 1/u - 1) ("linear")."""
+    """Diffusers' `use_dynamic_shifting` (Flux-dev): mu linear in the image's token count from
+    `base_shift` at `base_seq_len` to `max_shift` at `max_seq_len`."""
 
     base_seq_len: int = 256
     max_seq_len: int = 4096
@@ -218,26 +199,11 @@ class DynamicShift:
 
 @dataclass(frozen=True)
 class FlowProcess:
-    """A rectified-flow process (SD3, Flux): x = (1 - sigma) x0 + sigma z; the network predicts
-    the velocity v = z - x0 at time sigma * num_train_timesteps.
+    """A rectified-flow process: x = (1 - sigma) x0 + sigma z, the network predicting v = z - x0.
 
-    The plan of t0 with M steps calls the network at sigma = shift(u) for u = t0 (1 - k/M),
-    k = 0..M-1, then steps to sigma = 0: diffusers' img2img grid for strength t0 (Flux passes
-    it explicitly; SD3 does with `sigmas=np.linspace(1, 1/N, N)`, N = M / t0).
-
-    With a `shift_terminal` s_T (Qwen-Image: 0.02) diffusers stretches the whole grid of N
-    steps so that its last sigma is s_T: sigma' = 1 - (1 - sigma) (1 - s_T) / (1 - sigma_N),
-    sigma_N = shift(1/N). A plan's last point is u = t0 / M = 1/N, so its start sigma depends
-    on t0 and M together: each sample's plan (its own t0 and steps) is stretched on its own.
-
-    Attributes:
-        shift: the static shift s: sigma = s u / (1 + (s - 1) u) (SD3: 3.0; 1.0 = none).
-        dynamic: the resolution-dependent shift (Flux-dev), or None; then `resolved(tokens)`
-            fixes `mu` before planning.
-        mu: the resolved dynamic shift parameter.
-        full_steps: network evaluations over the whole axis when `steps` is None: a plan of t0
-            takes max(1, round(t0 * full_steps)).
-        shift_terminal: the last sigma of the stretched grid, or None (no stretching).
+    A plan of t0 with M steps calls the network at sigma = shift(t0 (1 - k/M)), k = 0..M-1, as
+    diffusers' img2img (docs/models.md); `steps` None = max(1, round(t0 * full_steps)). `dynamic`
+    shifts need `resolved(tokens)` first; `shift_terminal` stretches each plan as diffusers does.
     """
 
     shift: float = 1.0
@@ -293,16 +259,12 @@ class FlowProcess:
 
 UNSUPPORTED_FLOW_OPTIONS = ("use_karras_sigmas", "use_exponential_sigmas",
                             "use_beta_sigmas", "invert_sigmas", "stochastic_sampling")
-"""FlowMatchEulerDiscreteScheduler options that change the grid or the step; refused when set."""
+"""Scheduler options that change the grid or the step: refused when set, never ignored."""
 
 
 def flow_from_config(config: Mapping[str, Any]) -> FlowProcess:
-    """A FlowProcess from a diffusers FlowMatchEulerDiscreteScheduler config.
-
-    Raises:
-        ValueError naming an option that changes the sigma grid or the step and is not
-        supported (it is never ignored).
-    """
+    """A FlowProcess from a FlowMatchEulerDiscreteScheduler config; ValueError naming an
+    unsupported option that changes the grid or the step."""
     used = [name for name in UNSUPPORTED_FLOW_OPTIONS if config.get(name)]
     if used:
         raise ValueError(f"scheduler option(s) {', '.join(f'{n}={config[n]!r}' for n in used)} "

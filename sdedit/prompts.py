@@ -1,17 +1,8 @@
 """Prompt embeddings across batches: a bounded cache, and text encoders that leave the device.
 
-`PromptCache` keeps the conditioning rows of each distinct (prompt, negative prompt, image
-size, guidance input) a model has encoded, on the model's device, least recently used first
-out once they exceed `max_bytes`. A batch encodes only the pairs the cache lacks, each distinct
-pair once and alone (one encoder call per pair), so an embedding is a function of its pair,
-never of the batch or of what was encoded before, and a job whose rows share the default
-prompt encodes it once per actor.
-
-Offload (`DiffusionModel.offload`): "none" keeps every part on the device; "text" keeps the
-text encoders in host memory, and when a batch has prompts the cache lacks, the network moves
-to host memory while the text encoders move to the device to encode them, then back: the device
-never holds the network and the text encoders at once (`swapped`). On a CPU device both are a
-no-op. Outputs do not depend on either (the same computation on the same device).
+Each distinct prompt pair is encoded once and alone, so its embedding never depends on the
+batch it came in; offload "text" swaps the text encoders and the network on the device so the
+two are never there at once. Neither changes outputs. docs/performance.md#the-memory-plan.
 """
 
 from __future__ import annotations
@@ -32,9 +23,9 @@ logger = logging.getLogger(__name__)
 __all__ = ["MAX_CACHE_BYTES", "OFFLOADS", "PromptCache", "swapped"]
 
 OFFLOADS = ("none", "text")
-"""The values of `DiffusionModel.offload` (see the module docstring)."""
+"""The values of `DiffusionModel.offload`."""
 MAX_CACHE_BYTES = 256 * 2**20
-"""Bytes of embeddings a model's prompt cache holds at most (Flux: 32 prompts; SDXL: ~400)."""
+"""Bytes of embeddings a model's prompt cache holds at most."""
 
 Key = tuple[str, str | None, tuple[int, int], float | None]
 
@@ -54,19 +45,15 @@ def _bytes(cond: Conditioning | None) -> int:
 
 
 class PromptCache:
-    """Conditioning rows by (prompt, negative prompt or None, size, guidance input); see the
-    module docstring.
-
-    Args:
-        max_bytes: the bound of the cached tensors' bytes (0: nothing is kept).
-    """
+    """Conditioning rows by (prompt, negative prompt or None, size, guidance input), least
+    recently used out past `max_bytes` (0: nothing is kept)."""
 
     def __init__(self, max_bytes: int = MAX_CACHE_BYTES) -> None:
         self.max_bytes = max_bytes
         self.entries: OrderedDict[Key, _Entry] = OrderedDict()
         self.nbytes = 0
         self.encoded = 0
-        """Distinct pairs encoded so far (what a test or a log can count)."""
+        """Distinct pairs encoded so far."""
 
     def clear(self) -> None:
         """Forget every embedding (the text encoders changed, e.g. a LoRA was fused)."""
@@ -77,9 +64,8 @@ class PromptCache:
                size: tuple[int, int], guidance: float | None,
                around: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext
                ) -> tuple[Conditioning, Conditioning | None]:
-        """`text.encode(prompts, negatives, size, guidance)`, with the pairs the cache lacks
-        encoded (each distinct one once, alone, inside `around()`: the offload swap) and the
-        others taken from it."""
+        """`text.encode(prompts, negatives, size, guidance)`, encoding only the pairs the cache
+        lacks, each alone, inside `around()` (the offload swap)."""
         keys: list[Key] = [(p, None if negatives is None else negatives[i], size, guidance)
                            for i, p in enumerate(prompts)]
         fresh: dict[Key, _Entry] = {}
@@ -116,8 +102,8 @@ class PromptCache:
 @contextlib.contextmanager
 def swapped(net: torch.nn.Module, encoders: Sequence[torch.nn.Module],
             device: torch.device) -> Iterator[None]:
-    """The text encoders on `device` and the network in host memory while inside (then back):
-    what offload "text" does around an encode. A no-op when `device` is the CPU."""
+    """The text encoders on `device` and the network in host memory while inside, then back;
+    a no-op on the CPU."""
     if device.type == "cpu" or not encoders:
         yield
         return

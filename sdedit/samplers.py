@@ -1,26 +1,10 @@
-"""Reverse-time samplers, each a plain function over a denoiser callable.
+"""Reverse-time samplers, each a plain function over a denoiser callable (docs/models.md#samplers).
 
-Every sampler takes a batch `x` already perturbed to each sample's start level and a per-sample
-list of reverse steps (samples may start at different noise levels: the lists are aligned at their
-end, so every sample finishes at the last iteration and a sample with fewer steps joins later;
-`sdedit.steps.Steps` holds that bookkeeping).
-
-Conventions:
-    x: float32 (N, C, H, W) on the compute device; arithmetic stays float32 whatever the network's
-        dtype. Coefficient tables are computed once in float64 on the CPU, then cast.
-    noise(rows): one standard normal draw per listed sample, float32 (len(rows), C, H, W) on x's
-        device. Samplers call it exactly once per step that adds noise, in step order, for just
-        the samples that take that step (this is what makes outputs batch-independent).
-    after_step(x_rows, rows, signal, sigma): optional hook run after every step with the
-        scale of the state the step produced, x ~ signal * x0 + sigma * z (signal, sigma: (B,)
-        float32); rows selects the stepped samples of a full-batch tensor (a slice, or an int64
-        index tensor on x's device). Masked editing uses it to re-noise the kept region. The
-        last step has signal = 1, sigma = 0.
-
-Which sampler runs on which noise process (`sdedit.processes`): VP models (DDPM, SD 1.x/2.x,
-SDXL) take `ddpm`, `ddim` and `dpmpp2m` over a discrete alpha_bar table; VE score models take
-`ve`; rectified-flow models (SD3, Flux) take `euler` (the ODE the diffusers pipelines run) and
-`flow_ddpm` (ancestral sampling of the same path: the paper's reverse SDE).
+Each takes x float32 (N, C, H, W), already perturbed to each sample's start, and per-sample step
+lists aligned at their end (`sdedit.steps`). `noise(rows)` is called once per step that adds
+noise, for just the samples taking it: this is what makes outputs batch-independent.
+`after_step(x_rows, rows, signal, sigma)` runs after each step with the state's scales
+(x ~ signal x0 + sigma z); masked editing re-noises the kept region there. Outputs are not clamped.
 """
 
 from __future__ import annotations
@@ -36,8 +20,8 @@ __all__ = ["Denoiser", "NoiseFn", "ddim", "ddpm", "dpmpp2m", "euler", "flow_ddpm
            "logsnr_timesteps", "ve"]
 
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-"""(x (B, C, H, W) float32, t (B,)) -> (B, C, H, W) float32: eps for VP (t: int64 timestep
-indices), the score for VE (t: sigma), the velocity z - x0 for flow (t: sigma)."""
+"""(x float32 (B, C, H, W), t (B,)) -> float32 (B, C, H, W): eps for VP (t: int64 indices),
+the score for VE (t: sigma), the velocity z - x0 for flow (t: sigma)."""
 
 
 def _vp_tables(
@@ -71,19 +55,10 @@ def ddpm(
     *,
     after_step: AfterStep | None = None,
 ) -> torch.Tensor:
-    """Ancestral DDPM sampling (Ho et al., 2020, Alg. 2) with the small posterior variance.
-
-    As the official SDEdit code runs it: eps-prediction, no x0 clipping, no noise at the last
-    step. With consecutive timesteps this is exactly x_{t-1} = (x_t - beta_t / sqrt(1 -
-    alpha_bar_t) eps) / sqrt(alpha_t) + sqrt(beta_tilde_t) z; respaced timesteps use the
-    respaced betas 1 - alpha_bar_t / alpha_bar_s (Nichol & Dhariwal, 2021).
-
-    Args:
-        timesteps: per sample, descending indices ending at 0 (e.g. 499, 498, ..., 0).
-        alphas_cumprod: (T,) float64.
-    Returns:
-        float32 (N, C, H, W), the sample at t = 0 (not clamped).
-    """
+    """Ancestral DDPM sampling (Ho et al., 2020, Alg. 2) with the small posterior variance, as
+    the official SDEdit code runs it: no x0 clipping, no noise at the last step; respaced steps
+    use betas 1 - alpha_bar_t / alpha_bar_s (Nichol & Dhariwal, 2021). `timesteps`: per sample,
+    descending indices ending at 0; `alphas_cumprod` (T,) float64."""
     t, a_t, a_s, active = _vp_tables(timesteps, alphas_cumprod)
     beta = 1.0 - a_t / a_s
     c_x0 = a_s.sqrt() * beta / (1.0 - a_t)          # posterior mean = c_x0 * x0 + c_xt * x_t
@@ -109,18 +84,8 @@ def ddim(
     eta: float = 0.0,
     after_step: AfterStep | None = None,
 ) -> torch.Tensor:
-    """DDIM (Song, Meng & Ermon, 2021, eq. 12): deterministic for eta = 0.
-
-    x_s = sqrt(a_s) x0_hat + sqrt(1 - a_s - sigma^2) eps + sigma z,
-    sigma = eta sqrt((1 - a_s) / (1 - a_t)) sqrt(1 - a_t / a_s); the last step returns x0_hat.
-
-    Args:
-        timesteps: per sample, descending indices ending at 0, respaced over [0, start].
-        alphas_cumprod: (T,) float64.
-        eta: 0 = deterministic DDIM, 1 = DDPM-like ancestral noise.
-    Returns:
-        float32 (N, C, H, W) (not clamped).
-    """
+    """DDIM (Song, Meng & Ermon, 2021, eq. 12): eta = 0 deterministic, 1 = DDPM-like noise;
+    the last step returns x0_hat. `timesteps`, `alphas_cumprod` as `ddpm`."""
     if eta < 0:
         raise ValueError(f"eta={eta!r} is out of range; allowed: eta >= 0")
     t, a_t, a_s, active = _vp_tables(timesteps, alphas_cumprod)
@@ -137,15 +102,9 @@ def ddim(
 
 
 def logsnr_timesteps(alphas_cumprod: torch.Tensor, start: int, steps: int) -> list[int]:
-    """`steps` distinct descending indices from `start` to 0, about uniform in lambda = log-SNR/2.
-
-    The spacing of Lu et al. (2022) for few-step solvers: index-uniform steps leave one huge
-    final step in lambda, which a multistep method extrapolates badly. Each index is the one
-    whose lambda is nearest its uniform target, then pushed down so the list stays distinct.
-
-    Args:
-        alphas_cumprod: (T,) float64. start: the first index. steps: in 1..start + 1.
-    """
+    """`steps` (in 1..start + 1) distinct descending indices from `start` to 0, about uniform in
+    lambda = log-SNR / 2 (Lu et al., 2022): index-uniform steps leave one huge last step in lambda,
+    which a multistep method extrapolates badly."""
     if not 1 <= steps <= start + 1:
         raise ValueError(f"steps={steps!r} is out of range for start index {start}; "
                          f"allowed: 1..{start + 1}")
@@ -171,21 +130,8 @@ def dpmpp2m(
     after_step: AfterStep | None = None,
 ) -> torch.Tensor:
     """DPM-Solver++(2M) (Lu et al., 2022, arXiv 2211.01095, Alg. 2): multistep, second order,
-    data prediction, for the probability-flow ODE; started at each sample's own t0.
-
-    With alpha = sqrt(alpha_bar), sigma = sqrt(1 - alpha_bar), lambda = log(alpha / sigma),
-    h = lambda_s - lambda_t and x0_t = (x_t - sigma_t eps) / alpha_t, one step t -> s is
-    x_s = sigma_s / sigma_t x_t + alpha_s (1 - e^-h) D, D = (1 + 1/2r) x0_t - 1/2r x0_prev,
-    r = h_prev / h. A sample's first step and its last step (to clean data, sigma_s = 0, where
-    it returns x0_t) are first order (= DDIM). Deterministic: it draws no noise.
-
-    Args:
-        timesteps: per sample, descending indices ending at 0; best spaced uniformly in lambda
-            (`logsnr_timesteps`, what `edit` uses).
-        alphas_cumprod: (T,) float64.
-    Returns:
-        float32 (N, C, H, W) (not clamped).
-    """
+    data prediction, deterministic; each sample's first and last steps are first order (= DDIM).
+    `timesteps` are best spaced by `logsnr_timesteps`; `alphas_cumprod` as `ddpm`."""
     t, a_t, a_s, active = _vp_tables(timesteps, alphas_cumprod)
     a_t = torch.where(active, a_t, 0.5)                  # padding: any finite level
     final = active & (a_s >= 1.0)
@@ -224,20 +170,9 @@ def ve(
     snr: float | None = None,
     after_step: AfterStep | None = None,
 ) -> torch.Tensor:
-    """SDEdit with a VE-SDE (Meng et al., 2021, Alg. 1; Alg. 2 with the Langevin corrector).
-
-    For each sample, times t_N > ... > t_1 with t_n = n * t0 / N. Each step:
-    eps^2 = sigma(t_n)^2 - sigma(t_n - dt)^2; x <- x + eps^2 s(x, sigma(t_n)) + eps z, where the
-    last step adds no noise (the final denoising step of Song et al., 2021). With
-    `corrector_steps` > 0, that many Langevin steps x <- x + e s + sqrt(2e) z,
-    e = 2 (snr |z| / |s|)^2 (norms per sample), run before each predictor step, each drawing noise.
-
-    Args:
-        score_fn: (x, sigma (B,)) -> score, float32 (B, C, H, W).
-        times: per sample, descending times in (0, 1]; consecutive differences must be equal.
-    Returns:
-        float32 (N, C, H, W) (not clamped).
-    """
+    """SDEdit with a VE-SDE (Meng et al., 2021, Alg. 1; Alg. 2 with `corrector_steps` Langevin
+    steps before each predictor step). `times`: per sample, descending in (0, 1] with equal
+    differences; the last step adds no noise (Song et al., 2021)."""
     if corrector_steps < 0:
         raise ValueError(f"corrector_steps={corrector_steps!r}; allowed: an int >= 0")
     snr = schedule.snr if snr is None else snr
@@ -267,8 +202,7 @@ def ve(
 
 def _flow_tables(sigmas: Sequence[Sequence[float]]
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(sigma_t, sigma_s, active) float64 (N, K) for aligned steps sigma_t -> sigma_s of
-    rectified-flow paths; each sample's last step goes to sigma_s = 0 (clean data)."""
+    """(sigma_t, sigma_s, active) float64 (N, K) of aligned steps; each last step goes to 0."""
     pairs = [[*seq, 0.0] for seq in sigmas]
     grid, active = align(pairs, pad=0.5)
     return grid[:, :-1], torch.where(active[:, 1:], grid[:, 1:], 0.0), active[:, :-1]
@@ -283,18 +217,8 @@ def euler(
     after_step: AfterStep | None = None,
 ) -> torch.Tensor:
     """Euler's method for the rectified-flow ODE dx/dsigma = v (Liu et al., 2022; Esser et al.,
-    2024, SD3): x_s = x_t + (sigma_s - sigma_t) v(x_t, sigma_t), the step of diffusers'
-    FlowMatchEulerDiscreteScheduler that the SD3 and Flux pipelines run. Deterministic: it draws
-    no noise. Since x_t = (1 - sigma_t) x0 + sigma_t z and v = z - x0, the step equals DDIM on
-    the flow path: x_s = (1 - sigma_s) x0_hat + sigma_s z_hat.
-
-    Args:
-        velocity_fn: (x, sigma (B,)) -> v = z - x0, float32 (B, C, H, W).
-        sigmas: per sample, descending noise levels in (0, 1] at which the network is called;
-            the last step goes on to sigma = 0.
-    Returns:
-        float32 (N, C, H, W) (not clamped).
-    """
+    2024): the step of diffusers' FlowMatchEulerDiscreteScheduler, deterministic. `sigmas`: per
+    sample, descending levels in (0, 1] where the network is called; the last step goes to 0."""
     sig_t, sig_s, active = _flow_tables(sigmas)
     tables = {"sig_t": sig_t, "dt": sig_s - sig_t, "std": torch.zeros_like(sig_t),
               "signal": 1.0 - sig_s, "sigma": sig_s}
@@ -314,22 +238,9 @@ def flow_ddpm(
     *,
     after_step: AfterStep | None = None,
 ) -> torch.Tensor:
-    """Ancestral sampling of the rectified-flow path x = (1 - sigma) x0 + sigma z: each step
-    draws x_s from the posterior q(x_s | x_t, x0_hat) of the Gaussian path (Ho et al., 2020,
-    Alg. 2, with a_t = 1 - sigma_t, b_t = sigma_t in place of sqrt(alpha_bar), sqrt(1 -
-    alpha_bar); Kingma et al., 2021, eq. 27). This is the reverse-SDE sampler of SDEdit (Meng et
-    al., 2021) on a flow model, as `ddpm` is on a VP model; no noise at the last step.
-
-    With x0_hat = x_t - sigma_t v and z_hat = x_t + (1 - sigma_t) v, one step is
-    x_s = a_s x0_hat + sqrt(b_s^2 - c^2) z_hat + c z, c^2 = b_s^2 (b_t^2 - (a_t/a_s)^2 b_s^2) /
-    b_t^2 (the posterior variance).
-
-    Args:
-        velocity_fn: (x, sigma (B,)) -> v = z - x0, float32 (B, C, H, W).
-        sigmas: per sample, descending noise levels in (0, 1] (see `euler`).
-    Returns:
-        float32 (N, C, H, W) (not clamped).
-    """
+    """Ancestral sampling of the rectified-flow path: each step draws x_s from the Gaussian
+    posterior q(x_s | x_t, x0_hat) (Ho et al., 2020, Alg. 2 with a = 1 - sigma, b = sigma), the
+    paper's reverse SDE on a flow model (docs/models.md#flow_ddpm). `sigmas` as `euler`."""
     sig_t, sig_s, active = _flow_tables(sigmas)
     a_t, a_s = 1.0 - sig_t, 1.0 - sig_s
     ratio = a_t / a_s

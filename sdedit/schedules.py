@@ -1,10 +1,5 @@
-"""Noise schedules: VP (DDPM betas, alpha_bar) and VE (geometric sigmas), and t0 -> start step.
-
-VP (Ho et al., 2020): x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, t = 0..T-1.
-VE (Song et al., 2021): x(t) = x0 + sigma(t) z, t in [0, 1],
-    sigma(t) = sigma_min (sigma_max / sigma_min)^t.
-
-All tables are float64 on the CPU; samplers gather and cast what they need.
+"""Noise schedules: VP betas and alpha_bar (Ho et al., 2020), VE geometric sigmas (Song et al.,
+2021), t0 -> start index, and respacing. Tables are float64 on the CPU.
 """
 
 from __future__ import annotations
@@ -22,11 +17,7 @@ __all__ = ["VESchedule", "VPSchedule", "respace", "zero_terminal_snr"]
 
 @dataclass(frozen=True)
 class VPSchedule:
-    """A discrete variance-preserving schedule.
-
-    Attributes:
-        betas: (T,) float64, each in (0, 1).
-    """
+    """A discrete variance-preserving schedule of betas (T,) float64, each in (0, 1)."""
 
     betas: torch.Tensor
 
@@ -43,17 +34,13 @@ class VPSchedule:
     def linear(
         cls, beta_start: float = 1e-4, beta_end: float = 0.02, num_train_timesteps: int = 1000
     ) -> VPSchedule:
-        """The DDPM linear schedule (the SDEdit paper's LSUN models: 1e-4..0.02 over 1000)."""
+        """The DDPM linear schedule (the SDEdit paper's LSUN models)."""
         return cls(torch.linspace(beta_start, beta_end, num_train_timesteps, dtype=torch.float64))
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VPSchedule:
-        """Build from a diffusers DDPM/DDIM-style scheduler config.
-
-        Accepts `num_train_timesteps` (or the older key `timesteps`), `beta_start`, `beta_end`,
-        `beta_schedule` in {linear, scaled_linear, squaredcos_cap_v2} or `trained_betas`, and
-        `rescale_betas_zero_snr` (applied: `zero_terminal_snr`).
-        """
+        """From a diffusers DDPM-style scheduler config: linear, scaled_linear,
+        squaredcos_cap_v2 or trained betas, `rescale_betas_zero_snr` applied."""
         schedule = cls._betas_from_config(config)
         if config.get("rescale_betas_zero_snr"):
             return cls(zero_terminal_snr(schedule.betas))
@@ -86,7 +73,7 @@ class VPSchedule:
         )
 
     def start_index(self, t0: float) -> int:
-        """Map t0 in (0, 1] to the first reverse step: round(t0 * T) - 1 (t0=0.5 -> 499)."""
+        """The first reverse step of t0 in (0, 1]: round(t0 * T) - 1, as the official code."""
         index = round(t0 * self.num_train_timesteps) - 1
         if not 0 < t0 <= 1 or index < 0:
             raise ValueError(
@@ -97,9 +84,7 @@ class VPSchedule:
 
 
 def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
-    """Betas rescaled so that alpha_bar at the last step is 0 (Lin et al., 2024, "Common
-    diffusion noise schedules and sample steps are flawed", Alg. 1): sqrt(alpha_bar) is shifted
-    to end at 0 and scaled to keep its first value. float64 (T,) in, float64 (T,) out."""
+    """Betas (T,) float64 rescaled so that alpha_bar ends at 0 (Lin et al., 2024, Alg. 1)."""
     root = torch.cumprod(1.0 - betas.double(), dim=0).sqrt()
     first, last = root[0].clone(), root[-1].clone()
     root = (root - last) * first / (first - last)
@@ -110,14 +95,8 @@ def zero_terminal_snr(betas: torch.Tensor) -> torch.Tensor:
 
 @dataclass(frozen=True)
 class VESchedule:
-    """A variance-exploding schedule, sigma(t) = sigma_min (sigma_max / sigma_min)^t.
-
-    Attributes:
-        sigma_min, sigma_max: noise scales at t = 0 and t = 1.
-        num_train_timesteps: the number of discretisation steps over [0, 1] (N in the paper);
-            the default number of reverse steps from t0 is round(t0 * N).
-        snr: the Langevin corrector's signal-to-noise ratio (Song et al., 2021, Alg. 4).
-    """
+    """A variance-exploding schedule, sigma(t) = sigma_min (sigma_max / sigma_min)^t, of N =
+    `num_train_timesteps` steps over [0, 1]; `snr`: the Langevin corrector's (Alg. 4)."""
 
     sigma_min: float = 0.01
     sigma_max: float = 1348.0
@@ -126,8 +105,7 @@ class VESchedule:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> VESchedule:
-        """Build from a diffusers ScoreSdeVeScheduler config; a missing key takes the default
-        of this class, which is diffusers' default too."""
+        """From a diffusers ScoreSdeVeScheduler config (defaults are diffusers')."""
         fields = {f.name: f for f in dataclasses.fields(cls)}
         return cls(**{name: type(f.default)(config[name])
                       for name, f in fields.items() if name in config})
@@ -138,15 +116,7 @@ class VESchedule:
 
 
 def respace(start: int, steps: int | None) -> list[int]:
-    """The timesteps a respaced sampler visits, from `start` down to 0, descending.
-
-    Args:
-        start: the first (largest) timestep index, >= 0.
-        steps: how many network evaluations; None means every index (start + 1 of them).
-
-    Returns:
-        `steps` distinct ints, evenly spaced over [0, start], first = start, last = 0.
-    """
+    """`steps` distinct timesteps evenly spaced from `start` down to 0 (None = every index)."""
     if steps is None or steps == start + 1:
         return list(range(start, -1, -1))
     if not 1 <= steps <= start + 1:

@@ -1,9 +1,8 @@
 """Where model files come from: a local directory, the Hugging Face hub cache, or an fsspec URL.
 
-`resolve` turns a model source string into a local directory (plus the hub commit when the source
-is a hub id). URL sources are copied once into a cache; fsspec is imported only then. Hub
-downloads take only what `load_model` reads (`hub_allow_patterns`). `files_identity` is the
-content identity of the files a model was built from; `file_sha256` that of one file (a LoRA).
+`resolve` makes any source a local directory: a hub download takes only the files `load_model`
+reads, a URL is copied once into a cache (fsspec is imported only then).
+docs/models.md#model-sources.
 """
 
 from __future__ import annotations
@@ -40,8 +39,7 @@ __all__ = [
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 WEIGHT_COMPONENTS = ("unet", "transformer", "vae", "text_encoder", "text_encoder_2",
                      "text_encoder_3")
-"""Pipeline folders whose weights `load_model` reads (never safety_checker, feature_extractor,
-image_encoder)."""
+"""Pipeline folders whose weights `load_model` reads."""
 TEXT_COMPONENTS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 WEIGHT_STEMS = {name: ("model", "pytorch_model")
                 for name in ("text_encoder", "text_encoder_2", "text_encoder_3")}
@@ -84,9 +82,8 @@ class Resolved:
 
 
 def source_kind(source: str) -> Literal["url", "local", "hub", "missing"]:
-    """What a model source string names, decided as `resolve` decides it: "url" (an fsspec
-    URL), "local" (an existing local path: `local_path(source)`), "hub" (a hub id: org/name
-    that is not a local path) or "missing" (none of these)."""
+    """What a source names, as `resolve` decides: "url", "local" (an existing path), "hub" (an
+    org/name that is not a local path) or "missing"."""
     if "://" in source and not source.startswith("file://"):
         return "url"
     if local_path(source).exists():
@@ -103,9 +100,8 @@ def local_path(source: str) -> Path:
 
 def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
             storage_options: dict[str, Any] | None, layout: Layout = "diffusers") -> Resolved:
-    """A local directory holding the model files for `source` (see `load_model`); a hub
-    download takes the files of `layout` ("diffusers": `hub_allow_patterns`; "transformers":
-    `transformers_allow_patterns`, a model such as CLIP with its processor)."""
+    """A local directory holding the model files of `source`; `layout` says which files a hub
+    download takes ("transformers": a model such as CLIP with its processor)."""
     kind = source_kind(source)
     if kind == "url":
         return Resolved(copy_url(source, cache_dir, storage_options or {}))
@@ -127,7 +123,7 @@ def resolve(source: str, cache_dir: str | os.PathLike[str] | None,
 
 def _best_weights(names: set[str], folder: str, stems: Sequence[str]) -> list[str]:
     """The one weights variant of `folder` to fetch: full-precision safetensors, else .bin,
-    sharded or not; never fp16 / ema / non_ema variants (they are `stem.<variant>.<ext>`)."""
+    sharded or not; never `stem.<variant>.<ext>` (fp16, ema, non_ema)."""
     prefix = f"{folder}/" if folder else ""
     for ext in ("safetensors", "bin"):
         for stem in stems:
@@ -141,20 +137,9 @@ def _best_weights(names: set[str], folder: str, stems: Sequence[str]) -> list[st
 
 
 def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
-    """The files of a hub repository that `load_model` needs, as exact allow_patterns.
-
-    Pipeline layout (model_index.json): model_index.json, the config and one weights variant of
-    each of unet or transformer, vae, text_encoder, text_encoder_2, text_encoder_3 present (just
-    unet for a pixel pipeline), every file of tokenizer/, tokenizer_2/, tokenizer_3/, and
-    scheduler/scheduler_config.json. Root layout: config.json, scheduler_config.json and one
-    weights file. Never safety_checker/, feature_extractor/, root-level checkpoints (.ckpt,
-    v1-5-pruned.safetensors) or fp16 / ema / non_ema variants.
-
-    Args:
-        repo_files: the repository's file paths, e.g. from `hub_repo_files`.
-    Returns:
-        sorted file paths (exact names; fnmatch treats them as themselves).
-    """
+    """The files of a hub repository that `load_model` needs, as sorted exact allow_patterns:
+    configs, tokenizers and one weights variant per component it reads; never safety checkers,
+    root-level checkpoints or fp16 / ema variants."""
     names = set(repo_files)
     if "model_index.json" not in names:
         wanted = [n for n in ("config.json", "scheduler_config.json") if n in names]
@@ -171,14 +156,8 @@ def hub_allow_patterns(repo_files: Iterable[str]) -> list[str]:
 
 
 def hub_repo_files(repo_id: str, timeout: float = HUB_TIMEOUT) -> list[str]:
-    """The file paths of hub model repository `repo_id`, from one request of at most `timeout`
-    seconds (`HfApi.model_info`, whose `siblings` list every file), never retried: without
-    network the answer comes at once (`HfApi.list_repo_files` retries with backoff and a
-    warning each time before it gives up).
-
-    Raises:
-        what huggingface_hub raises: no network, offline mode, an unknown or gated repository.
-    """
+    """The file paths of hub repository `repo_id` from one request, never retried (so that
+    no network fails at once); raises what huggingface_hub raises."""
     from huggingface_hub import HfApi
 
     info = HfApi().model_info(repo_id, timeout=timeout)
@@ -186,23 +165,21 @@ def hub_repo_files(repo_id: str, timeout: float = HUB_TIMEOUT) -> list[str]:
 
 
 def hub_download_hint(repo_id: str) -> str:
-    """The command that puts hub model `repo_id` into the hub cache on a machine with network:
-    `hf`, the command line of the pinned huggingface_hub (it has no `huggingface-cli`)."""
+    """The command that fills the hub cache with `repo_id` on a machine with network."""
     return f"`hf download {repo_id}`"
 
 
 def transformers_allow_patterns(repo_files: Iterable[str]) -> list[str]:
-    """The files of a transformers model repository (a CLIP model and its processor) to fetch:
-    the top-level json and txt files (configs, tokenizer, preprocessor) and one weights variant
-    (model.safetensors, else pytorch_model.bin; sharded or not), never TF, Flax or ONNX."""
+    """The files of a transformers repository (CLIP and its processor) to fetch: top-level json
+    and txt files and one PyTorch weights variant."""
     names = set(repo_files)
     wanted = [n for n in names if "/" not in n and n.endswith((".json", ".txt"))]
     return sorted(set(wanted + _best_weights(names, "", ("model", "pytorch_model"))))
 
 
 def from_hub(repo_id: str, layout: Layout = "diffusers") -> Path:
-    """The hub snapshot directory of `repo_id` with the files its `layout` needs (from the
-    cache when offline). Its name is the commit hash."""
+    """The hub snapshot directory of `repo_id` (from the cache when offline), named by its
+    commit."""
     from huggingface_hub import snapshot_download
 
     try:
@@ -227,8 +204,7 @@ def from_hub(repo_id: str, layout: Layout = "diffusers") -> Path:
 
 
 def cached_snapshot(repo_id: str) -> Path | None:
-    """The hub-cache snapshot folder of `repo_id`'s main revision, or None when the cache holds
-    none (no network is used)."""
+    """The hub-cache snapshot of `repo_id`'s main revision, or None; uses no network."""
     from huggingface_hub import try_to_load_from_cache
 
     for name in ("model_index.json", "config.json"):
@@ -240,13 +216,8 @@ def cached_snapshot(repo_id: str) -> Path | None:
 
 def copy_url(url: str, cache_dir: str | os.PathLike[str] | None,
              storage_options: dict[str, Any]) -> Path:
-    """Copy the directory at `url` (or the one file there) into the cache once; safe across
-    processes and threads.
-
-    Each caller copies into its own temporary folder (tempfile.mkdtemp in the cache root), marks
-    it complete, then renames it to the target atomically; a caller that loses the race to a
-    concurrent winner drops its copy and uses the winner's.
-    """
+    """Copy the directory (or one file) at `url` into the cache once, safe across processes:
+    each copies into a temporary folder and renames it into place; a loser uses the winner's."""
     import fsspec  # only for URL sources: sdedit does not need fsspec otherwise
 
     root = Path(cache_dir or Path.home() / ".cache" / "sdedit-batch" / "models")
@@ -292,12 +263,8 @@ def _publish(partial: Path, target: Path) -> None:
 
 
 def files_identity(directory: Path, files: Iterable[Path]) -> str:
-    """"sha256:<hex>" of the files a model was built from, streamed.
-
-    The hex is the sha256 of the text `sha256sum` prints for the files, sorted by path relative
-    to `directory`: lines "<file sha256>  <relative path>\\n". So it can be checked with
-    `cd DIR && sha256sum FILES... | sha256sum` (files in sorted order).
-    """
+    """"sha256:<hex>" of the files a model was built from: the sha256 of what
+    `cd DIR && sha256sum FILES... | sha256sum` prints for them sorted by relative path."""
     lines = []
     for path in sorted({Path(f) for f in files}, key=lambda p: p.relative_to(directory).as_posix()):
         lines.append(f"{file_sha256(path)}  {path.relative_to(directory).as_posix()}\n")
@@ -305,8 +272,7 @@ def files_identity(directory: Path, files: Iterable[Path]) -> str:
 
 
 def file_sha256(path: Path) -> str:
-    """The hex sha256 of a file's bytes, streamed: what `sha256sum FILE` prints (a LoRA's
-    identity; its name does not count)."""
+    """What `sha256sum FILE` prints, streamed (a LoRA's identity; its name does not count)."""
     digest = hashlib.sha256()
     with Path(path).open("rb") as stream:
         while chunk := stream.read(CHUNK):
@@ -315,6 +281,6 @@ def file_sha256(path: Path) -> str:
 
 
 def model_directory(source: str, storage_options: dict[str, Any] | None = None) -> Path:
-    """The local directory of a model source (a hub snapshot downloaded, a URL copied into the
-    cache, as `load_model` would), for reading its configs before loading it."""
+    """The local directory of a model source, fetched as `load_model` would, to read its
+    configs before loading it."""
     return resolve(source, None, storage_options).directory

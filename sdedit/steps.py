@@ -1,13 +1,8 @@
-"""The bookkeeping of a batch whose samples start at different noise levels.
+"""The bookkeeping of a batch whose samples start at different noise levels (per-sample t0).
 
-Samplers (`sdedit.samplers`) take per-sample step lists that may differ in length (per-sample
-t0). The lists are aligned at their end, so every sample finishes at the last iteration and a
-sample with fewer steps joins later. `Steps` turns per-sample coefficient tables into the
-aligned steps a sampler loops over: per step the samples that take it (`Step.rows`), their
-coefficients (float64 CPU tables, cast to float32 on the device once), the noise of the samples
-that draw it (`Step.add_noise`) and the write-back of the stepped rows (`Step.update`, which
-runs the sampler's `after_step` hook). Which samples step and draw noise is decided from CPU
-tables before the loop, so the loop never synchronises with the device.
+Step lists are aligned at their end, so every sample finishes at the last iteration and one with
+fewer steps joins later. Which samples step and draw noise is decided from CPU tables before the
+loop, so the loop never synchronises with the device.
 """
 
 from __future__ import annotations
@@ -39,15 +34,9 @@ def align(sequences: Sequence[Sequence[float]], pad: float) -> tuple[torch.Tenso
 
 
 class Step:
-    """One aligned step: the samples that take it and their coefficients.
-
-    Attributes:
-        rows: selects the stepped samples of a full-batch tensor (a slice for the whole batch,
-            else an int64 index tensor on the device).
-        ids: the stepped samples' positions in the batch (a CPU list, for their noise).
-        c: the step's coefficients, each float32 (B, 1, 1, 1) on the device, by table name.
-        index: the step's integer table values (timesteps), each (B,) int64 on the device.
-    """
+    """One aligned step: `rows` selects the stepped samples of a full-batch tensor (a slice or
+    an int64 index tensor), `ids` their positions; `c` their float32 (B, 1, 1, 1) coefficients
+    and `index` their int64 (B,) timesteps on the device, by table name."""
 
     def __init__(self, rows: slice | torch.Tensor, ids: list[int], c: SimpleNamespace,
                  index: SimpleNamespace, draw: list[int], where: torch.Tensor | None) -> None:
@@ -77,17 +66,9 @@ class Step:
 
 
 class Steps:
-    """The aligned steps of a batch whose samples have step lists of different lengths.
-
-    Args:
-        device: where the batch lives.
-        active: (N, K) bool, CPU: sample n takes aligned step k.
-        noisy: (N, K) bool, CPU: ... and draws noise there.
-        tables: (N, K) float64 CPU coefficient tables; moved once to the device as float32.
-            Every sampler gives `std`, `signal` and `sigma` (the scale of the state a step
-            produces, x ~ signal * x0 + sigma * z, for after_step).
-        index: (N, K) int64 CPU tables (timesteps), moved once to the device as they are.
-    """
+    """The aligned steps of a batch: `active`, `noisy` (N, K) bool CPU (sample n takes / draws
+    noise at step k); float64 `tables` (each sampler gives `std`, `signal`, `sigma`) and int64
+    `index` tables (N, K), moved to the device once."""
 
     def __init__(self, device: torch.device, active: torch.Tensor, noisy: torch.Tensor,
                  tables: dict[str, torch.Tensor],

@@ -1,10 +1,5 @@
-"""Check that a local weights file is readable whole, without loading any tensor.
-
-`check_weights_file` reads only the parts of a file that say how long it must be: the header
-of a safetensors file (JSON: each tensor's dtype, shape and byte range), or the central
-directory of a PyTorch zip checkpoint (`torch.save` since PyTorch 1.6). A file cut short by an
-interrupted download or copy is refused here, before any weights are loaded, instead of when
-an actor loads it. Nothing is unpickled.
+"""Check that a local weights file is whole from its header alone, without loading a tensor, so
+that a file cut short by a download or copy is refused before any actor loads it.
 """
 
 from __future__ import annotations
@@ -27,30 +22,15 @@ SAFETENSORS_DTYPE_BYTES = {
     "I16": 2, "U16": 2, "F16": 2, "BF16": 2, "I32": 4, "U32": 4, "F32": 4,
     "I64": 8, "U64": 8, "F64": 8, "C64": 8,
 }
-"""Bytes per element of the safetensors dtypes; a tensor of another dtype (a sub-byte one) has
-only its byte range checked."""
+"""Bytes per element of the safetensors dtypes; other (sub-byte) dtypes get a range check only."""
 _LEGACY_TORCH = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-"""The first bytes of a checkpoint written by `torch.save` before PyTorch 1.6 (pickle protocol
-2, then torch's magic number 0x1950a86a20f9469cfc6c)."""
+"""The first bytes of a `torch.save` checkpoint of PyTorch < 1.6 (pickle 2, torch's magic)."""
 
 
 def check_weights_file(path: Path, source: str) -> None:
-    """Check that the weights file `path` is complete, reading only its header or directory.
-
-    A `.safetensors` file: its header parses (a JSON object of tensors, each with a dtype, a
-    shape and data offsets), the tensors' byte ranges follow each other from the end of the
-    header without gaps or overlaps, each range holds its shape x dtype, and the last one ends
-    at the end of the file. Another file (`.bin`, `.pt`, `.ckpt`): a PyTorch zip checkpoint
-    whose central directory (at the end of the file) reads and lists a `data.pkl`, or a
-    checkpoint of PyTorch < 1.6 (its first bytes; its length cannot be checked without
-    unpickling).
-
-    Args:
-        path: the local file.
-        source: the model source, for messages.
-    Raises:
-        ModelSourceError: naming the source, the file and what is wrong.
-    """
+    """Check that weights file `path` is complete: a safetensors header whose tensors' byte
+    ranges tile the file exactly, or a PyTorch zip whose directory lists a data.pkl (a pre-1.6
+    pickle only by its first bytes). Nothing is unpickled; ModelSourceError names what is wrong."""
     if path.suffix == ".safetensors":
         _check_safetensors(path, source)
     else:

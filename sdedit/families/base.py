@@ -1,8 +1,8 @@
-"""What every model family provides, and the loading helpers they share.
+"""What every model family provides (`Family`), and the loading helpers they share.
 
-A family (pixel UNet, SD 1.x/2.x, ...) recognises its directory layout, reads what the model is
-from its JSON files alone (`ModelLayout`: the noise process, sizes, how it takes prompts), and
-loads its parts (`Loaded`: the network and how to call it, the VAE codec, the prompt encoder).
+A family recognises its directory layout, reads what the model is from its JSON files alone
+(`ModelLayout`), so that a job is checked before any weights load, and then loads its parts
+(`Loaded`). The families: docs/models.md#the-families.
 """
 
 from __future__ import annotations
@@ -39,20 +39,9 @@ FLOW_SCHEDULERS = {"FlowMatchEulerDiscreteScheduler"}
 
 @dataclass(frozen=True)
 class ModelLayout:
-    """What a model directory holds, read from its JSON files only (no weights).
-
-    Attributes:
-        family: the family's name ("pixel", "sd", ...), for messages and records.
-        directory: the local model directory.
-        process: its noise process (from the scheduler config).
-        sample_size: (H, W) pixels it was trained at.
-        in_channels: channels of the images `edit` takes (3).
-        downsample_factor: image sides must be multiples of this.
-        text: how it takes prompts and guidance, or None for unconditional models.
-        patch: latent cells per network token along a side (resolution-dependent shifts).
-        configs: the parsed JSON files, by name ("index", "unet", "vae", "scheduler", ...).
-        paths: where the parts are, by name ("unet", "scheduler", ...), for `load`.
-    """
+    """What a model directory holds, from its JSON files only: `sample_size` (H, W) pixels,
+    image sides multiples of `downsample_factor`, `patch` latent cells per token along a side,
+    `text` None for unconditional models, `configs` by part ("index", "unet", "vae", ...)."""
 
     family: str
     directory: Path
@@ -71,8 +60,7 @@ class ModelLayout:
         return "vae" in self.configs
 
     def part_names(self) -> list[str]:
-        """The component folders with weights: those model_index.json names with a class and
-        those whose configs were read ("unet" for a pixel model's root layout)."""
+        """The component folders with weights ("unet" for a pixel model's root layout)."""
         index = self.configs.get("index") or {}
         named = [k for k, v in index.items() if not k.startswith("_") and
                  isinstance(v, (list, tuple)) and len(v) == 2 and v[1] is not None]
@@ -81,15 +69,8 @@ class ModelLayout:
 
 @dataclass
 class Loaded:
-    """A family's loaded parts, float32 on the CPU, in eval mode.
-
-    Attributes:
-        net: the denoising network.
-        call: how to call it (`sdedit.conditioning.NetCall`).
-        codec: the VAE codec of a latent model, else None.
-        text: the prompt encoder of a text-conditioned model, else None.
-        files: the files the parts were built from (their content is the model's identity).
-    """
+    """A family's loaded parts on the CPU, in eval mode; `files` are those the parts were built
+    from (their content is the model's identity)."""
 
     net: torch.nn.Module
     call: NetCall
@@ -99,17 +80,15 @@ class Loaded:
 
 
 class Family(Protocol):
-    """One model family (see the module docstring)."""
+    """One model family: its layout, its parts, its LoRA support."""
 
     name: str
     lora_loader: str | None
-    """The diffusers LoRA loader mixin whose `lora_state_dict` reads this family's LoRA files
-    (e.g. "StableDiffusionLoraLoaderMixin"), or None: the family takes no LoRA."""
+    """The diffusers LoRA loader mixin that reads this family's LoRA files; None: no LoRA."""
 
     weights_precision: str | None
-    """The precision its checkpoints are published and run in ("bf16", "fp16", "fp32"): what
-    `model.weights_dtype: auto` resolves to (`sdedit.precision`); None: bf16 for a
-    flow-matching family, fp32 for others."""
+    """What `weights_dtype: auto` resolves to: its published precision ("bf16", "fp16",
+    "fp32"); None = bf16 for a flow-matching family, else fp32."""
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         """Whether `directory` (with its model_index.json, {} if none) is of this family."""
@@ -123,23 +102,21 @@ class Family(Protocol):
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """LoRA key prefix -> the module it adapts ("unet" -> the UNet): the loaded `net` and
-        `text` when given, else built from `layout` on the meta device; {} without LoRA."""
+        """LoRA key prefix -> the module it adapts ("unet" -> the UNet), of the loaded `net`
+        and `text` or else built from `layout` on the meta device; {} without LoRA."""
 
     def codec(self, vae: torch.nn.Module) -> LatentCodec:
-        """The codec of this family's VAE module (`load` uses it, and the memory plan traces
-        it); a family without a VAE raises ValueError."""
+        """The codec of this family's VAE (ValueError for a family without one)."""
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning | None]:
-        """The network call and zero conditioning (on the default device) of one call of
-        `rows` rows at `size` = (H, W) pixels, as `edit` makes it: what the memory plan
-        traces (`sdedit.memplan`)."""
+        """The network call and zero conditioning of `rows` rows at (H, W) pixels, as `edit`
+        makes them: what the memory plan traces."""
 
 
 def meta_model(cls: type, folder: Path) -> torch.nn.Module:
-    """`cls` (a diffusers ModelMixin or a transformers PreTrainedModel class) built from the
-    config.json in `folder` on the meta device: its layers and shapes, no weights read."""
+    """`cls` (diffusers or transformers) built from `folder`'s config.json on the meta device:
+    layers and shapes, no weights read."""
     from diffusers import ModelMixin
 
     with torch.device("meta"):
@@ -172,9 +149,8 @@ def read_json(path: Path, source: str) -> dict[str, Any]:
 
 
 def scheduler_process(scheduler: Mapping[str, Any], source: str) -> NoiseProcess:
-    """The noise process a diffusers scheduler config describes: VP (betas), VE (sigmas) or
-    flow matching (shift). Options that change the schedule are applied or refused, never
-    ignored (`rescale_betas_zero_snr` is applied; flow grid options are refused)."""
+    """The noise process a scheduler config describes (VP, VE or flow); options that change the
+    schedule are applied or refused, never ignored."""
     name = scheduler.get("_class_name", "")
     try:
         if name in VE_SCHEDULERS or (not name and "sigma_max" in scheduler):
@@ -196,9 +172,8 @@ def scheduler_process(scheduler: Mapping[str, Any], source: str) -> NoiseProcess
 
 
 def component(cls: Any, directory: Path, name: str, source: str) -> Any:
-    """`cls.from_pretrained(directory / name)`, eval, no grad, in the dtype of its part
-    (`sdedit.precision.role_dtype`: float32 unless `load_model` asks for another precision);
-    ModelSourceError naming the part when it cannot be loaded."""
+    """`cls.from_pretrained(directory / name)`, eval, no grad, in its part's dtype
+    (`role_dtype`); ModelSourceError naming the part when it cannot be loaded."""
     options: dict[str, Any] = {}
     dtype = torch.float32
     if isinstance(cls, type) and issubclass(cls, torch.nn.Module):
@@ -215,7 +190,7 @@ def component(cls: Any, directory: Path, name: str, source: str) -> Any:
             f"{type(exc).__name__}: {str(exc)[:300]}") from exc
     if isinstance(part, torch.nn.Module):
         if dtype == torch.float32:
-            part = part.float()  # as before: whatever the files hold, float32
+            part = part.float()  # whatever the files hold
         part = part.eval().requires_grad_(False)
     return part
 

@@ -1,22 +1,9 @@
-"""Chroma: a Flux-schnell-derived rectified-flow transformer on 2 x 2-packed latents, T5 only.
+"""Chroma: a Flux-schnell-derived rectified-flow transformer on 2 x 2-packed latents, T5 only,
+as `ChromaImg2ImgPipeline` runs it.
 
-    model_index.json  transformer/ (ChromaTransformer2DModel)  vae/ (AutoencoderKL, 16
-    channels, shift_factor)  text_encoder/ (T5EncoderModel)  tokenizer/ (T5TokenizerFast)
-    scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
-
-As `ChromaImg2ImgPipeline`: Flux's packing, image ids and zero text ids (`sdedit.families.flux`),
-no pooled CLIP input and no guidance input; each prompt is padded to 512 T5 tokens and encoded
-with its attention mask. The pipeline then passes the transformer a float mask, 1.0 on the
-prompt's tokens, its closing `</s>` and one padding token (Chroma's training recipe keeps one
-unmasked) and on every image token, 0.0 elsewhere; the transformer forms its outer product and
-hands it to attention as a float mask, which is *added* to the scores. So padding tokens are
-not masked out, only given a score 1 lower than the prompt's: outputs depend on the padding to
-512 tokens, which we keep. The contract is agreement with the pinned diffusers pipeline; a true
-(boolean) mask would exclude the padding and give different outputs for the same weights.
-
-Guidance: classifier-free guidance with the negative prompt (a separate pass in the pipeline,
-one joined call here), g = 5.0 by default and steps round(t0 x 35) (the img2img pipeline's
-defaults). Image sides must be multiples of 16 (VAE factor 8 x the packing).
+The pipeline's float attention mask is added to the scores, so padding is not
+masked out and outputs depend on padding every prompt to 512 tokens, which we keep
+(docs/open-models.md#chromas-float-t5-mask).
 """
 
 from __future__ import annotations
@@ -56,7 +43,7 @@ MAX_SEQUENCE_LENGTH = 512
 
 def chroma_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                 cond: Conditioning | None) -> torch.Tensor:
-    """A ChromaTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000."""
+    """A ChromaTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000 (B,)."""
     assert cond is not None
     h, w = x.shape[2:]
     out = module(hidden_states=pack(x), timestep=t / 1000,
@@ -67,15 +54,9 @@ def chroma_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 class ChromaPromptEncoder(PromptEncoder):
-    """Chroma prompts (see the module docstring): rows "encoder_hidden_states" float32
-    (B, 512, D) and "attention_mask" float32 (B, 512 + h/2 * w/2); shared "txt_ids" (512, 3)
-    and "img_ids" (h/2 * w/2, 3).
-
-    Args:
-        tokenizer: the T5TokenizerFast.
-        encoder: the T5EncoderModel.
-        factor: the VAE's pixels per latent cell.
-    """
+    """Chroma prompts: rows "encoder_hidden_states" float32 (B, 512, D) and "attention_mask"
+    float32 (B, 512 + h/2 * w/2); shared "txt_ids" (512, 3) and "img_ids" (h/2 * w/2, 3).
+    `factor`: the VAE's pixels per latent cell."""
 
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
@@ -85,7 +66,7 @@ class ChromaPromptEncoder(PromptEncoder):
         self.factor = factor
 
     def embed(self, texts: Sequence[str], size: tuple[int, int]) -> Conditioning:
-        """The rows of `texts` for images of `size` (each distinct text encoded once)."""
+        """The rows of `texts` for (H, W) pixel images."""
         sequence, counts = self.t5.run(texts)
         h, w = size[0] // self.factor, size[1] // self.factor
         positions = torch.arange(sequence.shape[1], device=sequence.device)
@@ -113,12 +94,12 @@ class ChromaPromptEncoder(PromptEncoder):
 
 
 class ChromaFamily:
-    """Chroma (see the module docstring)."""
+    """Chroma."""
 
     name = "chroma"
     weights_precision = "bf16"
     lora_loader = "FluxLoraLoaderMixin"
-    """ChromaImg2ImgPipeline's loader; its transformer part only (the text encoder is T5)."""
+    """ChromaImg2ImgPipeline's loader, for the transformer only."""
 
     def claims(self, directory: Path, index: Mapping[str, Any]) -> bool:
         return bool(index) and transformer_class(directory) == "ChromaTransformer2DModel"
@@ -189,8 +170,7 @@ class ChromaFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """One call's zero conditioning (see `Family.plan_inputs`): 512 T5 tokens, the
-        float mask over text and image tokens, the position ids."""
+        """See `Family.plan_inputs`."""
         width = int(layout.configs["transformer"].get("joint_attention_dim", 4096))
         h, w = (side // (layout.downsample_factor // PACK) for side in size)
         image = (h // PACK) * (w // PACK)

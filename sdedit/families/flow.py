@@ -1,9 +1,5 @@
-"""What the flow-matching families (SD3 / SD3.5, Flux, Chroma, Qwen-Image, Z-Image) share:
-their transformer layouts' checks, the flow-matching scheduler, and the T5 prompt embedder.
-
-Each is a diffusers pipeline directory with a `transformer/` (no `unet/`), a VAE, a
-`FlowMatchEulerDiscreteScheduler` and its text encoders (SD3, Flux and Chroma: a T5 encoder,
-`T5EncoderModel` + `T5TokenizerFast`).
+"""What the flow-matching families (SD3, Flux, Chroma, Qwen-Image, Z-Image) share: the checks of
+a transformer pipeline's layout, its flow-matching scheduler, and the T5 prompt embedder.
 """
 
 from __future__ import annotations
@@ -24,8 +20,7 @@ __all__ = ["T5Embedder", "flow_scheduler", "present", "read_configs", "transform
 
 
 def transformer_class(directory: Path) -> str | None:
-    """The `_class_name` of `directory/transformer/config.json`, or None when it is missing or
-    unreadable (a family's `claims`)."""
+    """The `_class_name` of `transformer/config.json`, or None when missing or unreadable."""
     config = directory / "transformer" / "config.json"
     if not config.exists():
         return None
@@ -36,8 +31,8 @@ def transformer_class(directory: Path) -> str | None:
 
 
 def present(directory: Path, index: Mapping[str, Any], name: str) -> bool:
-    """Whether the optional part `name` is there: model_index.json names a class for it
-    (`[null, null]` or no entry means none, as diffusers reads it) and its folder exists."""
+    """Whether optional part `name` is there: model_index.json names a class for it (as
+    diffusers reads it) and its folder exists."""
     entry = index.get(name)
     named = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
     return named and (directory / name).is_dir()
@@ -45,8 +40,8 @@ def present(directory: Path, index: Mapping[str, Any], name: str) -> bool:
 
 def read_configs(directory: Path, source: str, parts: Sequence[str],
                  supported: str) -> dict[str, dict[str, Any]]:
-    """Each part's config.json by name; ModelSourceError naming a missing folder or a
-    quantized part (bitsandbytes, ...: this engine loads full-precision weights only)."""
+    """Each part's config.json by name; ModelSourceError naming a missing folder or a quantized
+    part (only full-precision weights load)."""
     configs = {}
     for part in parts:
         if not (directory / part).is_dir():
@@ -76,18 +71,9 @@ def flow_scheduler(directory: Path, source: str) -> tuple[FlowProcess, dict[str,
 
 
 class T5Embedder:
-    """A T5 tokenizer + `T5EncoderModel` (float32, eval), as the SD3, Flux and Chroma pipelines
-    call them: each distinct text padded to `max_length` tokens ("max_length" padding,
-    truncated, with the closing `</s>`), encoded without an attention mask (SD3, Flux) or with
-    it (`masked`: Chroma); the last hidden state.
-
-    Args:
-        tokenizer: a transformers T5TokenizerFast.
-        encoder: a transformers T5EncoderModel.
-        max_length: the sequence length (SD3: 256; Flux, Chroma: 512, the pipelines' defaults).
-        masked: encode with the tokenizer's attention mask.
-        name: the encoder's folder in the model directory (for `window`).
-    """
+    """A T5 tokenizer and encoder called as the SD3, Flux and Chroma pipelines call them: each
+    text padded to `max_length` tokens, encoded without the attention mask or, `masked`
+    (Chroma), with it; the last hidden state. `name`: the encoder's folder."""
 
     def __init__(self, tokenizer: Any, encoder: torch.nn.Module, max_length: int,
                  masked: bool = False, name: str = "text_encoder_2") -> None:
@@ -98,7 +84,7 @@ class T5Embedder:
         self.name = name
 
     def window(self) -> TokenWindow:
-        """The tokens of a prompt this encoder takes (`PromptEncoder.windows`)."""
+        """The tokens of a prompt this encoder reads."""
         return TokenWindow(self.name, self.tokenizer, self.max_length)
 
     def embed(self, texts: Sequence[str]) -> torch.Tensor:

@@ -1,27 +1,9 @@
-"""Flux.1 (dev, schnell): a rectified-flow transformer on 2 x 2-packed latents, CLIP + T5.
+"""Flux.1 (dev, schnell): a rectified-flow transformer on 2 x 2-packed latents, CLIP + T5, as
+`FluxImg2ImgPipeline` runs it.
 
-    model_index.json  transformer/ (FluxTransformer2DModel)  vae/ (AutoencoderKL, 16 channels,
-    shift_factor)  text_encoder/ (CLIPTextModel)  text_encoder_2/ (T5EncoderModel)
-    tokenizer/ (CLIPTokenizer)  tokenizer_2/ (T5TokenizerFast)
-    scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler)
-
-As `FluxImg2ImgPipeline`: the pooled prompt is the CLIP text encoder's pooler output, the prompt
-sequence T5's last hidden state (512 tokens); `txt_ids` are zeros (512, 3) and `img_ids` the
-(row, column) of each 2 x 2 latent patch. The engine's state and noise stay unpacked
-(16, H/8, W/8); the network call (`flux_call`) packs them into (H/16 x W/16) tokens of 64
-channels, calls `transformer(hidden_states, timestep=sigma, guidance, pooled_projections,
-encoder_hidden_states, txt_ids, img_ids)` and unpacks the velocity. So image sides must be
-multiples of 16 (VAE factor 8 x the 2 x 2 packing), and the shift of a dynamically shifted
-scheduler (Flux-dev) counts (H/16) x (W/16) tokens.
-
-Guidance: a guidance-distilled transformer (`guidance_embeds`: Flux-dev) takes the scale g as
-an input of each row, one pass, no negative prompt (TextSpec "embedded", default 3.5, the
-FluxPipeline default and Black Forest Labs' reference value; FluxImg2ImgPipeline's signature
-says 7.0). Without it (Flux-schnell) there is no guidance input and no negative prompt (TextSpec
-"none"), and `steps` defaults to round(t0 x 4): schnell is timestep-distilled to sample in 1-4
-steps (its model card; diffusers' Flux img2img example runs it with 4), where Flux-dev's
-default is the pipeline's 28. diffusers' "true CFG" (a negative prompt with `true_cfg_scale`)
-is not supported.
+The engine's state and noise stay unpacked (16, H/8, W/8); only the network call packs them, so
+noise has the same shape as for SD3 and image sides are multiples of 16. Guidance, steps and
+what is refused: docs/models.md#flow-matching-models-sd3--sd35-flux.
 """
 
 from __future__ import annotations
@@ -61,8 +43,8 @@ MAX_SEQUENCE_LENGTH = 512
 PACK = 2
 """Latent cells per packed token along a side."""
 FULL_STEPS = {True: 28, False: 4}
-"""Network evaluations over the whole time axis when `steps` is None, by `guidance_embeds`:
-FluxImg2ImgPipeline's num_inference_steps for dev; 4 for the timestep-distilled schnell."""
+"""Evaluations over the whole time axis when `steps` is None, by `guidance_embeds`: the
+pipeline's 28 for dev, 4 for the timestep-distilled schnell."""
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -90,7 +72,7 @@ def image_ids(h: int, w: int) -> torch.Tensor:
 def flux_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
               cond: Conditioning | None) -> torch.Tensor:
     """A FluxTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000 (B,):
-    packed in, unpacked out; `timestep` is t / 1000 as FluxImg2ImgPipeline passes it."""
+    packed in, unpacked out."""
     assert cond is not None
     h, w = x.shape[2:]
     out = module(hidden_states=pack(x), timestep=t / 1000, guidance=cond.rows.get("guidance"),
@@ -101,16 +83,9 @@ def flux_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 class FluxPromptEncoder(PromptEncoder):
-    """Flux prompts (see the module docstring): rows "encoder_hidden_states" float32
-    (B, 512, D_t5), "pooled_projections" float32 (B, D_clip) and, for guidance-distilled
-    models, "guidance" float32 (B,); shared "txt_ids" (512, 3) and "img_ids" (h/2 * w/2, 3).
-
-    Args:
-        tokenizers: the CLIP tokenizer and the T5 tokenizer.
-        encoders: the CLIPTextModel and the T5EncoderModel.
-        embedded: whether the transformer takes a guidance input (`guidance_embeds`).
-        factor: the VAE's pixels per latent cell.
-    """
+    """Flux prompts: rows "encoder_hidden_states" float32 (B, 512, D_t5), "pooled_projections"
+    (B, D_clip) and with `embedded` guidance "guidance" (B,); shared "txt_ids" (512, 3) and
+    "img_ids" (h/2 * w/2, 3). `factor`: the VAE's pixels per latent cell."""
 
     def __init__(self, tokenizers: Sequence[Any], encoders: Sequence[torch.nn.Module],
                  embedded: bool, factor: int) -> None:
@@ -153,7 +128,7 @@ def text_spec(embedded: bool) -> TextSpec:
 
 
 class FluxFamily:
-    """Flux.1 (see the module docstring)."""
+    """Flux.1 dev and schnell."""
 
     name = "flux"
     weights_precision = "bf16"
@@ -220,8 +195,8 @@ class FluxFamily:
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """LoRA parts "transformer" and "text_encoder" (CLIP), those of diffusers' Flux loader
-        (kohya / ai-toolkit files converted by it; T5 parts are not loaded by it)."""
+        """LoRA parts "transformer" and "text_encoder" (CLIP), as diffusers' Flux loader has
+        them."""
         from diffusers import FluxTransformer2DModel
         from transformers import CLIPTextModel
 
@@ -236,8 +211,7 @@ class FluxFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """The call and zero conditioning of one network call of `rows` rows at `size` pixels
-        (the memory plan traces it; tensors on the default device)."""
+        """See `Family.plan_inputs`."""
         net = layout.configs["transformer"]
         h, w = size[0] // (layout.downsample_factor // PACK), \
             size[1] // (layout.downsample_factor // PACK)

@@ -1,12 +1,6 @@
-"""Pixel-space unconditional models: a diffusers UNet2DModel with a VP or VE scheduler.
-
-    root layout (google/ddpm-ema-bedroom-256, google/ncsnpp-church-256):
-        config.json  diffusion_pytorch_model.{safetensors,bin}  scheduler_config.json
-    pipeline layout (DDPMPipeline.save_pretrained):
-        model_index.json  unet/{config.json, diffusion_pytorch_model.*}
-        scheduler/scheduler_config.json
-
-The network is called `net(x, t).sample` with t the timestep index (VP) or sigma (VE).
+"""Pixel-space unconditional models: a diffusers UNet2DModel with a VP or VE scheduler, in the
+root layout (config.json, weights and scheduler_config.json side by side: google/ddpm-ema-*) or
+a DDPMPipeline's (model_index.json, unet/, scheduler/). docs/models.md#the-families.
 """
 
 from __future__ import annotations
@@ -44,8 +38,7 @@ def dirs(directory: Path, source: str) -> tuple[Path, Path]:
 
 
 def check_net(unet_dir: Path, config: Mapping[str, Any], source: str) -> Path:
-    """The weights file of a UNet2DModel directory; ModelSourceError for another network class
-    or no weights."""
+    """The weights file of a UNet2DModel directory; ModelSourceError for another class or none."""
     name = config.get("_class_name", "UNet2DModel")
     if name != "UNet2DModel":
         raise ModelSourceError(
@@ -62,7 +55,7 @@ def check_net(unet_dir: Path, config: Mapping[str, Any], source: str) -> Path:
 
 
 class PixelFamily:
-    """The pixel UNet2DModel family (see the module docstring)."""
+    """The pixel UNet2DModel family; it claims every directory, as the fallback."""
 
     name = "pixel"
     weights_precision = "fp32"
@@ -126,7 +119,7 @@ class PixelFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, None]:
-        """The call of one network call (no conditioning; see `FluxFamily.plan_inputs`)."""
+        """The network call, without conditioning (`Family.plan_inputs`)."""
         return unet_call, None
 
 FAMILY = PixelFamily()

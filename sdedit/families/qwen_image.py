@@ -1,28 +1,9 @@
-"""Qwen-Image: a rectified-flow MMDiT on 2 x 2-packed latents of a video-style VAE, prompted
-through Qwen2.5-VL.
+"""Qwen-Image: a rectified-flow MMDiT on 2 x 2-packed latents of a one-frame video VAE, prompted
+through Qwen2.5-VL, as `QwenImageImg2ImgPipeline` runs it.
 
-    model_index.json (QwenImagePipeline)  transformer/ (QwenImageTransformer2DModel)
-    vae/ (AutoencoderKLQwenImage: z_dim channels, per-channel latents_mean / latents_std)
-    text_encoder/ (Qwen2_5_VLForConditionalGeneration)  tokenizer/ (Qwen2Tokenizer)
-    scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler: dynamic shift and
-    shift_terminal 0.02 in Qwen/Qwen-Image)
-
-As `QwenImageImg2ImgPipeline`: the VAE encodes each guide as a one-frame video, latents are
-(mean - latents_mean) / latents_std; the transformer sees the latents packed into (H/16 x W/16)
-tokens of 4 x z_dim channels (`sdedit.families.flux.pack`) with `img_shapes` [(1, h/2, w/2)]
-and timestep sigma. A prompt is wrapped in the pipeline's system template, encoded by the
-Qwen2.5-VL language model (last hidden state, with its attention mask), the template's first
-34 tokens dropped and the rest cut to 512 tokens; prompts of a batch are zero-padded to the
-longest and the transformer masks the padding (`encoder_hidden_states_mask`), so a row's
-output does not depend on its batch.
-
-Guidance: `guidance_scale` g is the pipeline's `true_cfg_scale`; g > 1 runs the negative
-prompt's pass (an empty negative prompt included: the pipeline runs true CFG whenever a
-negative prompt is given, even "", and never without one) and combines them as the pipeline
-does: pred_u + g (pred_c - pred_u), rescaled per packed token to the norm of pred_c. g = 1 is
-the pipeline without a negative prompt. Default 4.0 (the pipeline's `true_cfg_scale`); steps
-default to round(t0 x 50) (its `num_inference_steps`). The scheduler's shift_terminal makes
-the start sigma depend on t0 and the step count together (`sdedit.processes.FlowProcess`).
+Prompts of a batch are zero-padded to the longest and the transformer masks the padding, so a
+row's output does not depend on its batch. Template, true CFG and `shift_terminal`:
+docs/open-models.md.
 """
 
 from __future__ import annotations
@@ -58,8 +39,7 @@ SUPPORTED = ("the QwenImagePipeline layout (Qwen-Image): transformer "
              "vae AutoencoderKLQwenImage, text_encoder Qwen2_5_VLForConditionalGeneration, "
              "tokenizer Qwen2Tokenizer, scheduler FlowMatchEulerDiscreteScheduler")
 PIPELINES = ("QwenImagePipeline", "QwenImageImg2ImgPipeline", "QwenImageInpaintPipeline")
-"""model_index classes of the text-to-image Qwen-Image weights (Edit, Layered and ControlNet
-variants condition on more than a prompt: refused)."""
+"""model_index classes taken (Edit, Layered and ControlNet take more than a prompt)."""
 DEFAULT_GUIDANCE = 4.0
 FULL_STEPS = 50
 TEMPLATE = ("<|im_start|>system\nDescribe the image by detailing the color, shape, size, "
@@ -76,8 +56,8 @@ REFUSED_OPTIONS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "u
 
 @dataclass
 class QwenCodec(LatentCodec):
-    """The video VAE on one-frame clips: (N, 3, H, W) <-> (N, z_dim, H/f, W/f), normalised
-    with the per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`)."""
+    """The video VAE on one-frame clips: (N, 3, H, W) <-> (N, z_dim, H/f, W/f), normalised by
+    per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`)."""
 
     def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]
@@ -96,7 +76,7 @@ def qwen_codec(vae: Any) -> QwenCodec:
 
 def qwen_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
               cond: Conditioning | None) -> torch.Tensor:
-    """A QwenImageTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000."""
+    """A QwenImageTransformer2DModel on unpacked latents x (B, C, h, w) at t = sigma * 1000 (B,)."""
     assert cond is not None
     h, w = x.shape[2:]
     out = module(hidden_states=pack(x), timestep=t / 1000,
@@ -107,14 +87,8 @@ def qwen_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 class QwenPromptEncoder(PromptEncoder):
-    """Qwen-Image prompts (see the module docstring): rows "encoder_hidden_states" float32
-    (B, L, D) zero-padded to the longest text of the call and "encoder_hidden_states_mask"
-    bool (B, L), True on each text's own tokens.
-
-    Args:
-        tokenizer: the Qwen2Tokenizer.
-        encoder: the Qwen2_5_VLForConditionalGeneration (its language model is run).
-    """
+    """Qwen-Image prompts: rows "encoder_hidden_states" float32 (B, L, D), zero-padded to the
+    call's longest text, and "encoder_hidden_states_mask" bool (B, L), True on its own tokens."""
 
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
@@ -124,7 +98,7 @@ class QwenPromptEncoder(PromptEncoder):
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> Conditioning:
-        """The rows of `texts`, each distinct text encoded once (one encoder call)."""
+        """The rows of `texts`, each distinct text encoded once."""
         distinct = list(dict.fromkeys(texts))
         tokens = self.tokenizer([TEMPLATE.format(t) for t in distinct], padding=True,
                                 truncation=True, max_length=TOKENIZER_MAX + DROP,
@@ -181,7 +155,7 @@ class QwenPromptEncoder(PromptEncoder):
 
 
 class QwenImageFamily:
-    """Qwen-Image (see the module docstring)."""
+    """Qwen-Image (text-to-image weights)."""
 
     name = "qwen-image"
     weights_precision = "bf16"
@@ -256,7 +230,7 @@ class QwenImageFamily:
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """The LoRA part "transformer" (diffusers' Qwen-Image loader adapts nothing else)."""
+        """The LoRA part "transformer", the only one diffusers' loader adapts."""
         from diffusers import QwenImageTransformer2DModel
 
         if net is not None:
@@ -268,7 +242,7 @@ class QwenImageFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """One call's zero conditioning (see `Family.plan_inputs`): 512 prompt tokens."""
+        """See `Family.plan_inputs`."""
         width = int(layout.configs["transformer"].get("joint_attention_dim", 3584))
         return qwen_call, Conditioning(
             {"encoder_hidden_states": torch.zeros(rows, MAX_SEQUENCE_LENGTH, width),

@@ -1,13 +1,6 @@
-"""Stable Diffusion 1.x / 2.x: latent VP models conditioned on one CLIP text encoder.
-
-    model_index.json  unet/ (UNet2DConditionModel)  vae/ (AutoencoderKL)
-    text_encoder/ (CLIPTextModel)  tokenizer/ (CLIPTokenizer)  scheduler/scheduler_config.json
-
-Components are built with diffusers' / transformers' `from_pretrained` (safetensors, or
-`torch.load(weights_only=True)` for .bin), in float32, full-precision weights only. The safety
-checker and feature extractor are never loaded. The prompt embedding is the text encoder's last
-hidden state (B, L, D), passed as `encoder_hidden_states`; classifier-free guidance with the
-negative prompt, g = 7.5 by default (diffusers' StableDiffusionImg2ImgPipeline).
+"""Stable Diffusion 1.x / 2.x: latent VP models conditioned on one CLIP text encoder, as
+diffusers' StableDiffusionImg2ImgPipeline runs them (docs/models.md#stable-diffusion-1x--2x).
+Also the CLIP embedder the other families share.
 """
 
 from __future__ import annotations
@@ -50,12 +43,12 @@ __all__ = ["FAMILY", "ClipEmbedder", "ClipPromptEncoder", "StableDiffusionFamily
 SUPPORTED = ("the StableDiffusionPipeline layout (SD 1.x / 2.x): unet UNet2DConditionModel, vae "
              "AutoencoderKL, text_encoder CLIPTextModel, tokenizer CLIPTokenizer, scheduler")
 DEFAULT_GUIDANCE = 7.5
-"""Classifier-free guidance scale when a job sets none (diffusers' SD pipelines' default)."""
+"""Guidance scale when a job sets none (diffusers' default)."""
 
 
 def warn_cuts(window: TokenWindow, texts: Sequence[str]) -> None:
-    """Log once per call how many of `texts` the encoder of `window` cuts (callers of `edit`
-    see it; the batch pipeline records each row's cuts itself, `PromptEncoder.prompt_cuts`)."""
+    """Log once how many of `texts` the encoder of `window` cuts, for callers of `edit` (the
+    pipeline records each row's cuts itself)."""
     cut = [text for text, cuts in zip(texts, count_cuts([window], texts), strict=True) if cuts]
     if cut:
         logger.warning("%d prompt(s) cut at %d tokens by %s, e.g. %r", len(cut),
@@ -63,14 +56,8 @@ def warn_cuts(window: TokenWindow, texts: Sequence[str]) -> None:
 
 
 class ClipEmbedder:
-    """One CLIP tokenizer + text encoder (float32, eval): each distinct text tokenised (padded
-    to "max_length", truncated to the tokenizer's `model_max_length` L) and encoded once.
-
-    Attributes:
-        tokenizer: a transformers CLIPTokenizer.
-        encoder: a transformers CLIPTextModel or CLIPTextModelWithProjection.
-        name: the encoder's folder in the model directory (for `window`).
-    """
+    """One CLIP tokenizer and text encoder; each distinct text padded to the tokenizer's
+    `model_max_length` L and encoded once. `name`: the encoder's folder."""
 
     def __init__(self, tokenizer: Any, encoder: torch.nn.Module,
                  name: str = "text_encoder") -> None:
@@ -83,7 +70,7 @@ class ClipEmbedder:
         return int(self.tokenizer.model_max_length)
 
     def window(self) -> TokenWindow:
-        """The tokens of a prompt this encoder takes (`PromptEncoder.windows`)."""
+        """The tokens of a prompt this encoder reads."""
         return TokenWindow(self.name, self.tokenizer, self.max_length)
 
     @torch.no_grad()
@@ -115,8 +102,7 @@ class ClipEmbedder:
 
 
 class ClipPromptEncoder(PromptEncoder):
-    """SD 1.x / 2.x prompts: the CLIP text encoder's last hidden state as
-    `encoder_hidden_states`; prompts and negative prompts embedded in one encoder call."""
+    """SD 1.x / 2.x prompts: the CLIP last hidden state as `encoder_hidden_states`."""
 
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
@@ -157,8 +143,7 @@ class ClipPromptEncoder(PromptEncoder):
 
 
 def is_xl_layout(directory: Path, index: Mapping[str, Any]) -> bool:
-    """Whether a pipeline directory is of the SDXL layout (a second text encoder, or an XL
-    pipeline class), which the sdxl family reads, not this one."""
+    """Whether a pipeline directory is of the SDXL layout (the sdxl family's, not this one)."""
     return "XL" in str(index.get("_class_name", "")) or "text_encoder_2" in index \
         or (directory / "text_encoder_2").exists()
 
@@ -189,7 +174,7 @@ def latent_sizes(directory: Path, source: str, net: Mapping[str, Any],
 
 
 class StableDiffusionFamily:
-    """SD 1.x / 2.x (see the module docstring)."""
+    """SD 1.x / 2.x."""
 
     name = "sd"
     weights_precision = "fp16"
@@ -257,7 +242,7 @@ class StableDiffusionFamily:
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """LoRA parts "unet" and "text_encoder" (see `Family.lora_modules`)."""
+        """LoRA parts "unet" and "text_encoder"."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel
 
@@ -270,7 +255,7 @@ class StableDiffusionFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """The call and zero conditioning of one network call (see `FluxFamily.plan_inputs`)."""
+        """See `Family.plan_inputs`."""
         encoder = layout.configs["text_encoder"]
         return unet_call, Conditioning({"encoder_hidden_states": torch.zeros(
             rows, int(encoder.get("max_position_embeddings", 77)),

@@ -1,20 +1,6 @@
-"""Stable Diffusion 3 / 3.5: rectified-flow MMDiT transformers with three text encoders.
-
-    model_index.json  transformer/ (SD3Transformer2DModel)  vae/ (AutoencoderKL, 16 channels,
-    shift_factor)  text_encoder/, text_encoder_2/ (CLIPTextModelWithProjection: CLIP-L, CLIP-G)
-    text_encoder_3/ (T5EncoderModel; optional)  tokenizer/, tokenizer_2/ (CLIPTokenizer)
-    tokenizer_3/ (T5TokenizerFast)  scheduler/scheduler_config.json (FlowMatchEulerDiscrete)
-
-Prompts are embedded exactly as `StableDiffusion3Img2ImgPipeline.encode_prompt` does: both CLIP
-encoders' penultimate hidden states joined on the feature axis (768 + 1280), zero-padded (or cut)
-to the T5 width, then joined with the T5 sequence (256 tokens) on the sequence axis; the pooled
-projection is both CLIP encoders' projected pooled outputs joined (2048). Without
-text_encoder_3 the T5 part is zeros (256 x joint_attention_dim), as diffusers does. Both CLIP
-tokenizers pad to the first one's `model_max_length` (diffusers' `tokenizer_max_length`).
-Classifier-free guidance with the negative prompt, g = 7.0 by default (the pipeline's). The
-network is called `transformer(hidden_states=x, timestep=sigma * 1000, encoder_hidden_states,
-pooled_projections).sample` and predicts the velocity; image sides must be multiples of the VAE
-factor x the patch size (8 x 2 = 16 for SD3 / SD3.5).
+"""Stable Diffusion 3 / 3.5: rectified-flow MMDiT transformers with two CLIP encoders and an
+optional T5, prompts embedded exactly as `StableDiffusion3Img2ImgPipeline.encode_prompt` does
+(without T5, zeros as diffusers). docs/models.md#flow-matching-models-sd3--sd35-flux.
 """
 
 from __future__ import annotations
@@ -53,7 +39,7 @@ SUPPORTED = ("the StableDiffusion3Pipeline layout (SD3 / SD3.5): transformer "
              "and tokenizer_2 CLIPTokenizer, tokenizer_3 T5TokenizerFast, scheduler "
              "FlowMatchEulerDiscreteScheduler")
 DEFAULT_GUIDANCE = 7.0
-"""Classifier-free guidance scale when a job sets none (StableDiffusion3Img2ImgPipeline's)."""
+"""Guidance scale when a job sets none (the img2img pipeline's)."""
 MAX_SEQUENCE_LENGTH = 256
 """T5 tokens per prompt (the SD3 pipelines' `max_sequence_length` default)."""
 
@@ -72,14 +58,8 @@ class _ClipAt(ClipEmbedder):
 
 
 class SD3PromptEncoder(PromptEncoder):
-    """SD3 prompts (see the module docstring): rows "encoder_hidden_states" float32
-    (B, L_clip + 256, D_t5) and "pooled_projections" float32 (B, P1 + P2).
-
-    Args:
-        tokenizers: the two CLIP tokenizers and the T5 tokenizer (or None).
-        encoders: the two CLIPTextModelWithProjection and the T5EncoderModel (or None).
-        joint_attention_dim: the transformer's text width (the zeros' width without T5).
-    """
+    """SD3 prompts: rows "encoder_hidden_states" float32 (B, L_clip + 256, D_t5) and
+    "pooled_projections" float32 (B, P1 + P2). The T5 tokenizer and encoder may be None."""
 
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
@@ -94,7 +74,7 @@ class SD3PromptEncoder(PromptEncoder):
         self.joint_attention_dim = joint_attention_dim
 
     def embed(self, texts: Sequence[str]) -> Conditioning:
-        """The conditioning rows of `texts` (each distinct text encoded once per encoder)."""
+        """The conditioning rows of `texts`."""
         hidden, pooled = [], []
         for clip in self.clips:
             distinct, out = clip.run(texts, hidden_states=True)
@@ -137,7 +117,7 @@ def sd3_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 class SD3Family:
-    """SD3 / SD3.5 (see the module docstring)."""
+    """SD3 / SD3.5."""
 
     name = "sd3"
     weights_precision = "bf16"
@@ -219,8 +199,7 @@ class SD3Family:
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """LoRA parts "transformer", "text_encoder" and "text_encoder_2" (the CLIP encoders),
-        those of diffusers' SD3 loader."""
+        """LoRA parts "transformer" and the CLIP encoders, as diffusers' SD3 loader has them."""
         from diffusers import SD3Transformer2DModel
         from transformers import CLIPTextModelWithProjection
 
@@ -237,8 +216,7 @@ class SD3Family:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """The call and zero conditioning of one network call (see `FluxFamily.plan_inputs`):
-        CLIP tokens + 256 T5 tokens at the joint width, the pooled projections."""
+        """See `Family.plan_inputs`."""
         net = layout.configs["transformer"]
         clip = int(layout.configs["text_encoder"].get("max_position_embeddings", 77))
         return sd3_call, Conditioning({

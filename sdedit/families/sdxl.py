@@ -1,28 +1,8 @@
-"""Stable Diffusion XL: latent VP models conditioned on two CLIP text encoders and size ids.
+"""Stable Diffusion XL base and refiner: latent VP models conditioned on two CLIP text encoders
+and size ids, with prompts encoded as `StableDiffusionXLImg2ImgPipeline.encode_prompt` does.
 
-    model_index.json  unet/ (UNet2DConditionModel, addition_embed_type "text_time")
-    vae/ (AutoencoderKL)  text_encoder/ (CLIPTextModel)  text_encoder_2/
-    (CLIPTextModelWithProjection)  tokenizer/  tokenizer_2/ (CLIPTokenizer)  scheduler/
-
-Prompts are encoded as `StableDiffusionXLImg2ImgPipeline.encode_prompt` does: each encoder's
-penultimate hidden state, joined on the feature axis (B, L, D1 + D2), as
-`encoder_hidden_states`; the pooled vector is text_encoder_2's projected `text_embeds` (B, P).
-With `force_zeros_for_empty_prompt` (model_index.json; the pipeline's default is true), an
-empty negative prompt gives zero embeddings and a zero pooled vector, as diffusers does for
-`negative_prompt=None`; a non-empty one is encoded. Size conditioning (`add_time_ids`) is the
-guide's own size: original size = target size = (H, W), crop (0, 0), for both passes. Both
-go to the UNet as `added_cond_kwargs` {text_embeds, time_ids}. Classifier-free guidance,
-g = 5.0 by default (the img2img pipeline's default).
-
-The refiner layout (stabilityai/stable-diffusion-xl-refiner-1.0) is supported: no
-text_encoder / tokenizer (prompt embeddings from text_encoder_2 alone) and
-`requires_aesthetics_score`: 5 time ids (H, W, 0, 0, score) with diffusers' default scores,
-6.0 for the prompt and 2.5 for the negative prompt. Whether the time ids fit is checked
-against the UNet's `projection_class_embeddings_input_dim` (= add_embedding.linear_1's
-in_features) from the configs, before any weights are read.
-
-The VAE always runs in float32 here, which is what `force_upcast` asks for; per-channel
-`latents_mean` / `latents_std` in its config are used as the SDXL pipelines use them.
+The size ids are the guide's own size, so a batch holds guides of one size.
+Layout, refiner and VAE details: docs/models.md#sdxl.
 """
 
 from __future__ import annotations
@@ -56,9 +36,9 @@ SUPPORTED = ("the StableDiffusionXL layout: unet UNet2DConditionModel (addition_
              "text_encoder_2 CLIPTextModelWithProjection, tokenizer / tokenizer_2 CLIPTokenizer, "
              "a VP scheduler")
 DEFAULT_GUIDANCE = 5.0
-"""Classifier-free guidance scale when a job sets none (StableDiffusionXLImg2ImgPipeline's)."""
+"""Guidance scale when a job sets none (the img2img pipeline's)."""
 AESTHETIC_SCORES = (6.0, 2.5)
-"""The refiner's aesthetic score of the prompt and of the negative prompt (diffusers' defaults)."""
+"""The refiner's aesthetic scores of prompt and negative prompt (diffusers' defaults)."""
 
 
 def sdxl_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
@@ -73,17 +53,9 @@ def sdxl_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
 
 
 class SdxlPromptEncoder(PromptEncoder):
-    """SDXL prompts (see the module docstring); every distinct text is encoded once per
-    encoder, prompts and negative prompts in one call.
-
-    Args:
-        embedders: the CLIP encoders whose penultimate hidden states are joined, in order
-            (text_encoder, text_encoder_2; only text_encoder_2 in the refiner). The last one is
-            a CLIPTextModelWithProjection: its `text_embeds` are the pooled vector.
-        zeros_for_empty: empty negative prompts give zero embeddings (force_zeros_for_empty_prompt).
-        aesthetic: the refiner's (prompt, negative prompt) aesthetic scores, or None for the
-            base layout's 6 size ids.
-    """
+    """SDXL prompts: the `embedders`' penultimate hidden states joined (the last one's
+    `text_embeds` are the pooled vector); empty negatives give zeros when `zeros_for_empty`;
+    `aesthetic`: the refiner's (prompt, negative) scores, or None for the base's size ids."""
 
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
@@ -148,15 +120,14 @@ class SdxlPromptEncoder(PromptEncoder):
 
 
 def _has(index: Mapping[str, Any], directory: Path, name: str) -> bool:
-    """Whether the pipeline has component `name` (model_index.json lists [null, null] for an
-    absent one, as the refiner's text_encoder)."""
+    """Whether the pipeline has component `name` (the refiner's text_encoder is [null, null])."""
     entry = index.get(name)
     listed = isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1] is not None
     return listed and (directory / name).is_dir()
 
 
 class SdxlFamily:
-    """SDXL base and refiner (see the module docstring)."""
+    """SDXL base and refiner."""
 
     name = "sdxl"
     weights_precision = "fp16"
@@ -250,8 +221,7 @@ class SdxlFamily:
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """LoRA parts "unet", "text_encoder" (absent in the refiner) and "text_encoder_2" (see
-        `Family.lora_modules`)."""
+        """LoRA parts "unet", "text_encoder" (not in the refiner) and "text_encoder_2"."""
         from diffusers import UNet2DConditionModel
         from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
@@ -267,7 +237,7 @@ class SdxlFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """The call and zero conditioning of one network call (see `FluxFamily.plan_inputs`)."""
+        """See `Family.plan_inputs`."""
         unet, second = layout.configs["unet"], layout.configs["text_encoder_2"]
         length = int(second.get("max_position_embeddings", 77))
         ids = 5 if layout.configs["index"].get("requires_aesthetics_score") else 6
@@ -279,8 +249,8 @@ class SdxlFamily:
 
 def _check_widths(unet: Mapping[str, Any], encoders: Mapping[str, Mapping[str, Any]],
                   aesthetic: bool, problem: Any) -> None:
-    """The text widths and time ids fit the UNet (diffusers' `_get_add_time_ids` check, done
-    on the configs)."""
+    """The text widths and time ids fit the UNet (diffusers' `_get_add_time_ids` check, on the
+    configs)."""
     width = sum(int(c.get("hidden_size", 0)) for c in encoders.values())
     cross = unet.get("cross_attention_dim")
     if isinstance(cross, int) and cross != width:

@@ -1,25 +1,10 @@
-"""Z-Image (Turbo and base): a single-stream rectified-flow DiT prompted through Qwen3.
+"""Z-Image (Turbo and base): a single-stream rectified-flow DiT prompted through Qwen3, as
+`ZImageImg2ImgPipeline` runs it: per-row lists of latents and captions of their own lengths,
+called at time 1 - sigma, predicting minus the velocity.
 
-    model_index.json (ZImagePipeline)  transformer/ (ZImageTransformer2DModel)
-    vae/ (AutoencoderKL, 16 channels, shift_factor)  text_encoder/ (Qwen3Model)
-    tokenizer/ (Qwen2Tokenizer with a chat template)
-    scheduler/scheduler_config.json (FlowMatchEulerDiscreteScheduler; static shift 3.0)
-
-As `ZImageImg2ImgPipeline`: latents are (z - shift_factor) * scaling_factor of the VAE's
-posterior; the transformer takes a list of per-image latents (C, 1, h, w) and a list of
-per-prompt caption features of their own lengths, patchifies them itself (2 x 2), is called at
-time 1 - sigma and predicts minus the velocity. A prompt is wrapped in the tokenizer's chat
-template (one user message, generation prompt, `enable_thinking=True`), padded to 512 tokens
-and encoded by Qwen3 with its attention mask; the second-to-last hidden state of the prompt's
-own tokens is its caption.
-
-Guidance: `guidance_scale` g keeps the project's meaning pred_u + g (pred_c - pred_u); the
-pipeline's `guidance_scale` is g - 1 (it computes pos + s (pos - neg)), and its CFG pass runs
-when s > 0, i.e. g > 1. `cfg_normalization` and `cfg_truncation` stay at the pipeline's
-defaults (off). Turbo and base have the same configs (transformer, scheduler, model_index), so
-the family cannot tell them apart: the defaults are Turbo's, g = 1 (the pipeline's 0.0: no
-negative pass) and round(t0 x 8) steps (its 8-step distillation). For the base model set
-`guidance_scale` (e.g. 5.0 = the pipeline's 4.0) and `steps` (e.g. round(t0 x 50)).
+Turbo and base publish the same configs, so the defaults are Turbo's; the base model needs its
+own `guidance_scale` and `steps`; our g is the pipeline's `guidance_scale` + 1
+(docs/open-models.md).
 """
 
 from __future__ import annotations
@@ -60,8 +45,8 @@ PATCH = 2
 
 def z_image_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,
                  cond: Conditioning | None) -> torch.Tensor:
-    """A ZImageTransformer2DModel on latents x (B, C, h, w) at t = sigma * 1000: per-row lists
-    in, the velocity (minus its output) out."""
+    """A ZImageTransformer2DModel on latents x (B, C, h, w) at t = sigma * 1000 (B,) -> the
+    velocity (B, C, h, w)."""
     assert cond is not None
     return _run(module, x, t, cond.rows["cap_feats"], cond.rows["cap_lengths"].tolist())
 
@@ -79,13 +64,8 @@ z_image_call.graph_safe = False  # type: ignore[attr-defined]  # caption lengths
 
 
 class ZImagePromptEncoder(PromptEncoder):
-    """Z-Image prompts (see the module docstring): rows "cap_feats" float32 (B, L, D), each
-    caption zero-padded to the longest of the call, and "cap_lengths" int64 (B,).
-
-    Args:
-        tokenizer: the Qwen2Tokenizer (with a chat template).
-        encoder: the Qwen3Model.
-    """
+    """Z-Image prompts: rows "cap_feats" float32 (B, L, D), each caption zero-padded to the
+    call's longest, and "cap_lengths" int64 (B,)."""
 
     spec = TextSpec("cfg", DEFAULT_GUIDANCE)
 
@@ -95,7 +75,7 @@ class ZImagePromptEncoder(PromptEncoder):
 
     @torch.no_grad()
     def embed(self, texts: Sequence[str]) -> Conditioning:
-        """The rows of `texts`, each distinct text encoded once (one encoder call)."""
+        """The rows of `texts`, each distinct text encoded once."""
         distinct = list(dict.fromkeys(texts))
         chats = [self.chat(text) for text in distinct]
         tokens = self.tokenizer(chats, padding="max_length", max_length=MAX_SEQUENCE_LENGTH,
@@ -137,7 +117,7 @@ class ZImagePromptEncoder(PromptEncoder):
 
 
 class ZImageFamily:
-    """Z-Image and Z-Image-Turbo (see the module docstring)."""
+    """Z-Image and Z-Image-Turbo."""
 
     name = "z-image"
     weights_precision = "bf16"
@@ -204,7 +184,7 @@ class ZImageFamily:
 
     def lora_modules(self, layout: ModelLayout | None, net: torch.nn.Module | None = None,
                      text: PromptEncoder | None = None) -> dict[str, torch.nn.Module]:
-        """The LoRA part "transformer" (diffusers' Z-Image loader adapts nothing else)."""
+        """The LoRA part "transformer", the only one diffusers' loader adapts."""
         from diffusers import ZImageTransformer2DModel
 
         if net is not None:
@@ -216,8 +196,7 @@ class ZImageFamily:
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
-        """One call's zero conditioning (see `Family.plan_inputs`): 512 caption tokens per
-        row, their lengths known on the host (as a real call reads them)."""
+        """See `Family.plan_inputs`; caption lengths are known on the host, as in a real call."""
         width = int(layout.configs["transformer"].get("cap_feat_dim", 2560))
 
         def call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,

@@ -1,7 +1,5 @@
-"""Checking a LoRA against a model: which parts a family lets a LoRA adapt, reading the file
-with the family's diffusers loader, and naming every key that the loader's conversion drops
-(`sdedit.lora.coverage`) or that does not fit (layer, shapes, ranks), on loaded modules or on
-modules built from the configs on the meta device."""
+"""Checking a LoRA against a model, loaded or built from its configs on the meta device: every
+key the loader's conversion drops or that does not fit (layer, shapes, ranks) is named."""
 
 from __future__ import annotations
 
@@ -31,14 +29,8 @@ SHOWN = 8
 
 @dataclass(frozen=True)
 class Lora:
-    """One LoRA to apply.
-
-    Attributes:
-        source: a local .safetensors / .bin file or a folder holding one, a hub id (org/name,
-            or org/name/path/file.safetensors for one file of a repository), or an fsspec URL
-            to such a file or folder.
-        scale: the weight of its update (diffusers' `set_adapters` weight; 1.0 = as trained).
-    """
+    """One LoRA to apply: `source` a local file or folder, hub id (org/name or
+    org/name/file.safetensors) or fsspec URL; `scale` its weight (1.0 = as trained)."""
 
     source: str
     scale: float = 1.0
@@ -46,13 +38,8 @@ class Lora:
 
 @dataclass(frozen=True)
 class LoraTargets:
-    """The parts of a model a LoRA may adapt.
-
-    Attributes:
-        loader: the diffusers LoRA loader mixin of the family (its `lora_state_dict` reads
-            and converts the files), e.g. "StableDiffusionXLLoraLoaderMixin".
-        modules: key prefix -> module ("unet" -> the UNet, "text_encoder" -> a CLIP encoder).
-    """
+    """The parts of a model a LoRA may adapt: the family's diffusers loader mixin, and key
+    prefix -> module ("unet" -> the UNet)."""
 
     loader: str
     modules: Mapping[str, torch.nn.Module]
@@ -60,8 +47,8 @@ class LoraTargets:
 
 def lora_targets(family: Family, layout: ModelLayout | None,
                  net: torch.nn.Module | None = None, text: Any = None) -> LoraTargets:
-    """What a LoRA may adapt in a model of `family`: its loaded modules (`net`, `text`), or
-    modules built on the meta device from `layout`; ModelSourceError when it takes no LoRA."""
+    """What a LoRA may adapt in a model of `family` (loaded, or built from `layout` on the meta
+    device); ModelSourceError when it takes no LoRA."""
     if family.lora_loader is None:
         takes = ", ".join(f.name for f in FAMILIES if f.lora_loader is not None)
         raise ModelSourceError(f"a {family.name} model takes no LoRA; allowed: a model of the "
@@ -70,8 +57,7 @@ def lora_targets(family: Family, layout: ModelLayout | None,
 
 
 def _loader(targets: LoraTargets) -> tuple[Any, dict[str, Any]]:
-    """The family's diffusers loader class and the options its `lora_state_dict` needs to
-    return (state dict, network alphas, metadata) or (state dict, metadata)."""
+    """The family's diffusers loader class and the options its `lora_state_dict` needs."""
     import inspect
 
     import diffusers.loaders
@@ -86,8 +72,8 @@ def _loader(targets: LoraTargets) -> tuple[Any, dict[str, Any]]:
 
 def read_lora(path: Path, targets: LoraTargets, source: str
               ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
-    """(state dict, network alphas, adapter metadata) of a LoRA file, read and converted to
-    diffusers' key format by the family's diffusers loader (`lora_state_dict`)."""
+    """(state dict, network alphas, adapter metadata) of a LoRA file in diffusers' key format,
+    as the family's loader reads it."""
     loader, options = _loader(targets)
     try:
         out = loader.lora_state_dict(str(path.parent), weight_name=path.name,
@@ -118,8 +104,8 @@ def unapplied(path: Path, targets: LoraTargets, source: str) -> list[str]:
 
 def checked_lora(path: Path, targets: LoraTargets, source: str, family: str
                  ) -> tuple[dict[str, torch.Tensor], dict[str, float] | None, dict | None]:
-    """`read_lora`, after every key of the file is checked: ModelSourceError naming the keys
-    that the conversion drops (`unapplied`) or that do not fit the model (`lora_mismatches`)."""
+    """`read_lora` after every key is checked: ModelSourceError naming the keys dropped in
+    conversion or that do not fit the model."""
     state, alphas, metadata = read_lora(path, targets, source)
     problems = unapplied(path, targets, source) + lora_mismatches(state, targets, family)
     if problems:
@@ -129,9 +115,8 @@ def checked_lora(path: Path, targets: LoraTargets, source: str, family: str
 
 def part_keys(state: Mapping[str, torch.Tensor], prefix: str, module: torch.nn.Module
           ) -> dict[str, torch.Tensor]:
-    """The keys of `state` for the part `prefix`, in peft's format for that module, converted
-    as diffusers' loaders convert them (`load_lora_adapter` for a diffusers network,
-    `_load_lora_into_text_encoder` for a transformers text encoder)."""
+    """The keys of `state` for part `prefix` in peft's format, converted as diffusers' loaders
+    convert them for that module."""
     from diffusers import ModelMixin
     from diffusers.utils import (
         convert_state_dict_to_diffusers,
@@ -180,9 +165,8 @@ def _layer_problem(layer: torch.nn.Module, part: str, param: str | None,
 
 def lora_mismatches(state: Mapping[str, torch.Tensor], targets: LoraTargets,
                     family: str) -> list[str]:
-    """One line per key of a LoRA state dict (diffusers' format, from `read_lora`) that does
-    not fit the model: a part the model does not have, a layer it does not have, shapes that
-    do not fit the layer, or A / B ranks that disagree. Empty when the LoRA fits."""
+    """One line per key of a `read_lora` state dict that does not fit the model (part, layer,
+    shapes or A / B ranks); empty when the LoRA fits."""
     if not state:
         return ["the file holds no LoRA weights"]
     problems = []
@@ -226,9 +210,8 @@ def refusal(source: str, problems: list[str], family: str) -> str:
 
 def lora_fit(layout: ModelLayout, lora: Lora, cache_dir: str | Path | None = None,
              storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Whether a LoRA fits a model, from the model's configs alone (its network built on the
-    meta device, no weights read): [] when it does, else one line naming the keys that the
-    loader drops or that do not match (or why the LoRA cannot be read)."""
+    """Whether a LoRA fits a model, from its configs alone (no weights read): [] when it does,
+    else one line naming the keys that do not, or why the LoRA cannot be read."""
     try:
         targets = lora_targets(family_named(layout.family), layout)
         path = lora_file(lora.source, cache_dir, storage_options)

@@ -1,14 +1,8 @@
-"""Which tensors of a LoRA file diffusers' key conversion drops.
+"""Which tensors of a LoRA file diffusers' key conversion drops (it only logs them).
 
-diffusers' loaders convert non-diffusers files (kohya / sd-scripts, ai-toolkit, ComfyUI, the
-trainers of Qwen-Image and Z-Image) to its own keys, and some drops parts on the way with a log
-line only: DoRA scales, T5 parts of Flux files, keys a converter does not know. A check of the
-converted keys alone cannot see what is gone, so every tensor of the file is traced through
-the same conversion: each LoRA tensor is replaced by a probe of its shape filled with its own
-number (float32, exact up to 2^24 keys) and each alpha by its layer's rank (so the conversion
-scales nothing); what comes out holds the numbers of the tensors it kept, whatever it renamed,
-split, chunked or concatenated. A tensor whose number is missing was dropped, unless it is all
-zeros (dropping it changes nothing). Alphas go with their layer's weights.
+Every tensor is traced through the conversion: each is replaced by a probe filled with its own
+number, so the numbers found in the output are the tensors kept, whatever was renamed, split or
+joined (docs/open-models.md#lora-for-the-flow-families).
 """
 
 from __future__ import annotations
@@ -43,9 +37,8 @@ def _stem(key: str) -> str:
 
 def dropped_keys(raw: Mapping[str, torch.Tensor],
                  convert: Callable[[dict[str, torch.Tensor]], Mapping[str, Any]]) -> list[str]:
-    """The keys of `raw` whose tensors `convert` (a loader's `lora_state_dict` on a state
-    dict, returning the converted state dict) drops, in file order: non-zero LoRA tensors
-    absent from its output, and alphas of such layers."""
+    """The keys of `raw` that `convert` (state dict -> converted state dict) drops, in file
+    order: non-zero LoRA tensors absent from its output, and their layers' alphas."""
     probe: dict[str, torch.Tensor] = {}
     number: dict[str, int] = {}
     for i, (key, value) in enumerate(raw.items(), start=1):

@@ -16,8 +16,8 @@ PREFERRED = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.bin")
 
 
 def _pick(names: Sequence[str], where: str) -> str:
-    """The LoRA weights file among the file names of a folder (diffusers' choice, made strict:
-    pytorch_lora_weights.*, else the only .safetensors, else the only .bin)."""
+    """The LoRA weights file of a folder: pytorch_lora_weights.*, else the only .safetensors,
+    else the only .bin (diffusers' choice, made strict)."""
     usable = [n for n in names if n.endswith(WEIGHT_EXTS)
               and not any(s in n for s in ("scheduler", "optimizer", "checkpoint"))]
     for name in PREFERRED:
@@ -35,8 +35,8 @@ def _pick(names: Sequence[str], where: str) -> str:
 
 
 def lora_kind(source: str) -> str:
-    """What a LoRA source names: "local" (an existing path), "url", "hub" (org/name, or
-    org/name/path/file.safetensors: one file of a hub repository) or "missing"."""
+    """What a LoRA source names: "local", "url", "hub" (org/name or org/name/file.safetensors)
+    or "missing"."""
     kind = source_kind(source)
     parts = source.split("/")
     if kind == "missing" and len(parts) > 2 and source.endswith(WEIGHT_EXTS) \
@@ -47,12 +47,8 @@ def lora_kind(source: str) -> str:
 
 def lora_file(source: str, cache_dir: str | Path | None = None,
               storage_options: Mapping[str, Any] | None = None) -> Path:
-    """The local weights file of a LoRA source (see `Lora.source`); URLs are copied into the
-    model cache once, hub files come through the hub cache.
-
-    Raises:
-        ModelSourceError naming the source and what is wrong.
-    """
+    """The local weights file of a LoRA source (URLs copied into the model cache once, hub
+    files through the hub cache); ModelSourceError naming the source and what is wrong."""
     kind = lora_kind(source)
     if kind == "local":
         path = local_path(source)
@@ -70,8 +66,7 @@ def lora_file(source: str, cache_dir: str | Path | None = None,
 
 
 def _from_hub(repo: str, filename: str | None, source: str) -> Path:
-    """One LoRA file of a hub repository, downloaded into the hub cache (or found there when
-    the hub cannot be reached)."""
+    """One LoRA file of a hub repository, through the hub cache."""
     from huggingface_hub import HfApi, hf_hub_download, try_to_load_from_cache
 
     try:

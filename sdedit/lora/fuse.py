@@ -25,8 +25,7 @@ def _inject_text(module: torch.nn.Module, part: dict[str, torch.Tensor], prefix:
                  alphas: Mapping[str, float] | None, metadata: Mapping[str, Any] | None,
                  name: str) -> None:
     """A text encoder's LoRA layers with peft, configured as diffusers'
-    `_load_lora_into_text_encoder` configures them (adapter metadata, else ranks and alphas
-    from the keys)."""
+    `_load_lora_into_text_encoder` does."""
     from diffusers.utils import get_peft_kwargs
     from peft import LoraConfig, inject_adapter_in_model, set_peft_model_state_dict
 
@@ -47,8 +46,8 @@ def _inject_text(module: torch.nn.Module, part: dict[str, torch.Tensor], prefix:
 
 
 def _fuse(module: torch.nn.Module, names: list[str], scales: list[float]) -> None:
-    """Set each adapter's scale on every LoRA layer (diffusers' `set_adapters`), merge them
-    into the base weights (`fuse_lora`) and put the base layers back (`unload_lora`)."""
+    """Scale each adapter as `set_adapters`, merge into the base weights as `fuse_lora`, and
+    remove the peft layers as `unload_lora`."""
     from diffusers.utils import recurse_remove_peft_layers
     from diffusers.utils.peft_utils import set_weights_and_activate_adapters
     from peft.tuners.tuners_utils import BaseTunerLayer
@@ -68,20 +67,9 @@ def _fuse(module: torch.nn.Module, names: list[str], scales: list[float]) -> Non
 def apply_loras(model: DiffusionModel, loras: Sequence[Lora], *,
                 cache_dir: str | Path | None = None,
                 storage_options: Mapping[str, Any] | None = None) -> DiffusionModel:
-    """Fuse LoRAs into a loaded model, in place (see the module docstring); its `identity`
-    then names each LoRA file's content and scale: "<base> + lora sha256:<hex>*<scale>", the
-    hex what `sha256sum FILE` prints (before issue 23 it hashed that line, "<hex>  <name>\n",
-    so a renamed file changed it; identities are only recorded, never compared).
-
-    Args:
-        model: from `load_model`, of a family that takes LoRAs.
-        loras: applied together (their updates add up); an empty sequence changes nothing.
-        cache_dir, storage_options: for URL sources (as `load_model`).
-    Returns:
-        the model.
-    Raises:
-        ModelSourceError naming the LoRA and the keys that do not fit, or what is wrong.
-    """
+    """Fuse LoRAs into a loaded model in place, their updates added up; `identity` gains
+    " + lora sha256:<hex>*<scale>" each. ModelSourceError names a LoRA that does not fit; fp8
+    weights refuse LoRAs (the update would be lost to rounding)."""
     from diffusers import ModelMixin
 
     if not loras:
