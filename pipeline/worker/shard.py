@@ -1,17 +1,10 @@
-"""ShardWorker: read -> decode -> batch -> edit -> encode (-> score) -> write -> commit, pipelined.
+"""ShardWorker: read -> decode -> batch -> edit -> encode (-> score) -> write -> commit,
+pipelined.
 
-One ShardWorker holds one loaded model and edits whole input shards; the Ray actor
-(`pipeline.worker.actor`) wraps it, tests call it directly. Two shards may be in process at
-once: the second reads while the first computes, and computes while the first encodes and
-commits (`stages.DeviceTurns`). Within a shard, decoding, the device and encoding overlap;
-tars hold outputs in the serial loop's order, manifests hold rows in input order.
-
-No sample fails its shard: one that cannot be edited is error rows (decode, size, setting before
-batching; "device" when it runs out of memory alone after `oom.split_on_oom`; "edit" for the
-engine's `EditInputError`; "encode" for a size the format cannot hold). Any other exception
-fails the attempt, which the runner retries, and leaves nothing behind. Memory is bounded in
-decoded images (`ShardWorker.max_in_flight`).
-"""
+One worker holds one loaded model and edits whole shards, two at once (one reads ahead or commits
+while the other computes). No sample fails its shard: one that cannot be edited is error rows;
+any other exception fails the attempt and leaves nothing behind. Memory is bounded in decoded
+images (`max_in_flight`). See docs/performance.md, "the pipelined actor"."""
 
 from __future__ import annotations
 
@@ -59,22 +52,20 @@ logger = logging.getLogger(__name__)
 __all__ = ["SLOTS", "ShardStats", "ShardWorker"]
 
 SLOTS = 2
-"""Shards an actor holds at once (concurrent `ShardWorker.process` calls): one computing, the
-other reading ahead or committing. A shard counts as in flight until it is committed."""
+"""Shards an actor holds at once: one computing, the other reading ahead or committing (a shard
+is in flight until committed)."""
 
 
 class ShardWorker:
     """Edits whole input shards with one loaded model.
 
     Args:
-        spec: the validated job.
-        model: a loaded model (or None to load the job's: `pipeline.worker.loading`).
+        model: a loaded model, or None to load the job's.
         worker_id: recorded in manifests and markers (default host:pid).
-        threads: torch intra-op threads (CPU actors get their CPU share).
+        threads: torch intra-op threads.
         host_threads: threads decoding and encoding (default `compute.host_threads`, else
             max(2, threads)).
-        hooks: test hooks (`pipeline.worker.hooks.Hooks`), from a test or a benchmark only.
-    """
+        hooks: test hooks, from a test or a benchmark only."""
 
     def __init__(self, spec: JobSpec, model: DiffusionModel | None = None,
                  worker_id: str | None = None, threads: int | None = None,
@@ -117,19 +108,17 @@ class ShardWorker:
         batch = spec.compute.batch_size
         self.depth = self.window = 2 * batch
         self.max_in_flight = SLOTS * (self.depth + 2 * batch + 2 * batch + self.window)
-        """Decoded images alive at most (two shards, each: read ahead, size buckets, one batch
-        prepared, one on the device, those being encoded)."""
+        """Decoded images alive at most, over two shards."""
         warm_up(self.model, batch)  # the first shard pays no allocator / kernel-selection cost
 
     def process(self, url: str, progress: Callable[[int], None] | None = None) -> ShardStats:
-        """Edit every sample of the shard at `url` and commit its outputs.
+        """Edit every sample of the shard at `url` and commit its outputs; a shard already
+        committed is skipped (`skipped=True`). At most `SLOTS` calls run at once, the others
+        wait.
 
-        A shard whose marker already exists is not redone (`skipped=True`). Safe to call from
-        several threads: at most `SLOTS` calls run at once, the others wait.
         Raises:
-            ShardError: the tar is unreadable or truncated (the runner retries the shard);
-            any other error (writing, a bug): the shard is aborted, nothing of it is committed.
-        """
+            ShardError: the tar is unreadable or truncated (the runner retries the shard); any other
+                error aborts the shard, nothing of it committed."""
         if self.closed:
             raise RuntimeError("ShardWorker.process after close()")
         with self.slots:
@@ -230,9 +219,8 @@ class ShardWorker:
                                         pool=self.noise_pool))
 
     def _edit(self, prepared: Prepared, a: Attempt) -> list[Done]:
-        """Edit one batch on the device (split in halves when it runs out of memory); float
-        outputs on the CPU, or error rows for the outputs the engine refuses (a problem of
-        these inputs, not of the shard) or that run out of memory alone."""
+        """Edit one batch on the device, split in halves when out of memory: float outputs on the
+        CPU, or error rows for outputs the engine refuses or that run out of memory alone."""
         self.stage.settle(prepared.tasks)  # on the device's turn, where the encoders run
         done: list[Done] = []
         indices = list(range(len(prepared.tasks)))
@@ -256,11 +244,8 @@ class ShardWorker:
         return done
 
     def _run(self, prepared: Prepared, rows: Sequence[int]) -> torch.Tensor | EditFailure:
-        """float32 (len(rows), 3, H, W) outputs on the CPU of these rows of a prepared batch
-        (all of them: with its noise drawn ahead), or the engine's refusal of the inputs.
-        Raises:
-            torch.OutOfMemoryError: the device ran out of memory (see `split_on_oom`).
-        """
+        """float32 (len(rows), 3, H, W) CPU outputs of these rows of a prepared batch, or the
+        engine's refusal; raises torch.OutOfMemoryError for `split_on_oom`."""
         sd = self.spec.sdedit
         whole = len(rows) == len(prepared.tasks)
         index = torch.tensor(list(rows))
@@ -281,7 +266,7 @@ class ShardWorker:
         return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
     def _encode(self, done: Done) -> Encoded:
-        """The output encoded (`encode.encode_output`) and its scorer inputs; host pool."""
+        """The output encoded and its scorer inputs; host pool."""
         encoded = encode_output(done, self.spec.output, self.records.metadata)
         if self.scoring is not None and encoded.sample is not None:
             encoded.score_input = self.scoring.prepare(encoded)
