@@ -56,8 +56,7 @@ class ImageError(ValueError):
 
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "png",
                  png_compress_level: int | None = None, quality: int | None = None) -> bytes:
-    """`image` (uint8 array or PIL image) encoded as `fmt`, in deterministic bytes (no
-    timestamps).
+    """`image` (uint8 array or PIL image) encoded as `fmt`, in deterministic bytes.
 
     `png_compress_level` is zlib's 0-9 (None: Pillow's 6); `quality` is 0-100 for jpg and webp
     (None: `DEFAULT_QUALITY`), ignored by png."""
@@ -172,10 +171,8 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
     """A mask member as uint8 (H, W) in {0, 1}, 1 = white = regenerate; read like a guide, but
     opaque.
 
-    A pixel is black when every channel is <= MASK_BLACK_MAX, white when every channel is >=
-    MASK_WHITE_MIN; others (up to MASK_MID_FRACTION) go to the nearer (channel mean < 128:
-    black). ImageError kind "mask" (transparent, or too many other values, naming them), "size"
-    or "decode"."""
+    Black: every channel <= MASK_BLACK_MAX; white: every channel >= MASK_WHITE_MIN; others, up to
+    MASK_MID_FRACTION, go to the nearer. ImageError kind "mask", "size" or "decode"."""
     image, _ = _decoded(data, name, max_pixels)
     if image.mode == "RGBA":
         alpha = np.asarray(image.getchannel("A"))

@@ -1,10 +1,9 @@
 """The concurrency of one actor: shards taking turns on the device, outputs encoded in a pool and
 written in order, per-stage timings.
 
-Per shard, a reader thread streams the tar and the calling thread batches, edits and appends
-encoded samples in order; a host pool (compute.host_threads) decodes and encodes for both of an
-actor's shards, as Pillow, zlib and torch release the GIL. See docs/performance.md, "the
-pipelined actor"."""
+A host pool (compute.host_threads) decodes and encodes for both of an actor's shards while the
+device computes: Pillow, zlib and torch release the GIL. See docs/performance.md, "the pipelined
+actor"."""
 
 from __future__ import annotations
 

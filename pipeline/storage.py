@@ -1,10 +1,8 @@
 """Every fsspec access of `pipeline/`: URL handling, retries of transient errors, atomic writes.
 
-A URL may be local (`/data/x`, `file:///data/x`) or remote (`s3://`, `gs://`, `https://`);
-credentials travel as fsspec `storage_options` or come from the environment. Transient failures
-are retried, anything else is raised at once, and no message carries a credential
-(`pipeline.redaction`). See docs/cluster.md for storage and docs/architecture.md for the commit
-protocol."""
+URLs may be local or remote, credentials in `storage_options` or the environment. Transient
+failures are retried, anything else raised at once, and no message carries a credential. See
+docs/cluster.md and docs/architecture.md, "the commit protocol"."""
 
 from __future__ import annotations
 

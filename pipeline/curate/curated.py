@@ -55,10 +55,8 @@ def filter_output(source: str, out: str, *, where: str | None = None,
                   shard_size: int = 1000, overwrite: bool = False,
                   after_shard: Callable[[str], None] | None = None) -> FilterSummary:
     """Write the curated set of `source`'s rows that satisfy `where` at `out` (resumable).
-
-    Raises:
-        PipelineError: a bad predicate or --best column, --dedup without embeddings, scores missing
-            for shards the predicate needs, other settings at `out` (ResumeConflictError)."""
+    PipelineError for a bad predicate or --best column, --dedup without embeddings, unscored
+    shards the predicate needs, or other settings at `out` (ResumeConflictError)."""
     src, dst = OutputFolder(source), OutputFolder(out)
     record = src.read_record()
     if record is None:

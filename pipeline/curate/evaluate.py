@@ -1,9 +1,8 @@
 """`sdedit-batch eval`: the paper's set-level figures of an output, per t0 when rows differ.
 
-Realism is KID and FID against reference images, computed as torchmetrics does; faithfulness the
-distributions of `faithfulness_l2` and `ssim`; diversity the mean pairwise cosine distance of
-CLIP image embeddings within a guide's outputs and across the set, exact from their sum: 1 -
-(|sum e|^2 - N) / (N (N - 1)). Definitions: docs/scores.md, "evaluation"."""
+Realism is KID and FID against reference images (as torchmetrics computes them), faithfulness the
+distributions of `faithfulness_l2` and `ssim`, diversity the mean pairwise cosine distance of
+CLIP image embeddings. Definitions: docs/scores.md, "evaluation"."""
 
 from __future__ import annotations
 
@@ -110,11 +109,8 @@ def evaluate(output: str, *, reference: Sequence[str] = (), reference_image: str
              kid_subset_size: int = 1000, kid_subsets: int = 100,
              inception_weights: str | None = None, feature_net: str | None = None,
              device: str = "auto") -> dict[str, Any]:
-    """The figures of the output at `output`, as a JSON-able dict.
-
-    Raises:
-        PipelineError: no output there, no ok row, reference shards without images, a feature
-            network that cannot be had."""
+    """The figures of the output at `output`, as a JSON-able dict. PipelineError when there is no
+    output or no ok row, reference shards hold no images, or a feature network cannot be had."""
     folder = OutputFolder(output)
     record = folder.read_record()
     if record is None:

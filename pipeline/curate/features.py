@@ -1,9 +1,5 @@
-"""Image features for the set-level figures (KID, FID), and the images they are made from.
-
-`inception` is the network torchmetrics' FID and KID use (torch-fidelity's); `clip` the
-L2-normalised CLIP image embeddings (an output's stored `embedding` when made by the same model);
-`torchscript` a network of your own, float32 (N, 3, H, W) in [0, 1] in, (N, D) out; `pixels` a 16
-x 16 thumbnail, a crude stand-in. See docs/scores.md, "evaluation"."""
+"""Image features for KID and FID (`inception`, `clip`, `torchscript`, `pixels`), and the images
+they are made from. See docs/scores.md, "evaluation"."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""What a local Ray leaves behind when its driver is killed, and how the next run ends it.
+"""What a killed driver's local Ray leaves behind, and how the next run ends it.
 
-A SIGKILLed driver's local Ray leaves two per-node agents waiting on the dead GCS, and killed
-runs in a row would pile them up. So each run that starts a local Ray records it (`record`); a
-later run ends, by pid, the processes still holding files open in the session folder of a record
-whose driver is gone (`reap`); a run that ends normally drops its record (`forget`). Nothing is
-found by name. See docs/cluster.md, "a driver that was killed"."""
+A SIGKILLed driver's local Ray leaves two agents waiting on the dead GCS. Each run records the
+local Ray it starts; a later run ends, by pid, the processes holding files in the session folder
+of a record whose driver is gone. See docs/cluster.md, "a driver that was killed"."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""The actor pool every Ray command shares: a Ray session, actor options, and the loop that keeps
-actors busy with shards, retries failed attempts and ends idle actors.
+"""The actor pool `run` and `score` share: a Ray session, actor options, and the loop that keeps
+actors busy, retries failed attempts and ends idle actors (so an autoscaler can remove nodes).
 
-`run` and `score` differ only in their `PoolWork`. Actors start while shards are pending (what
-makes an autoscaler add nodes), take up to `SLOTS` shards once they have loaded their models, and
-end as soon as the queue has nothing more for them (so idle nodes can go); `Schedule` decides
-what runs next. See docs/cluster.md."""
+The two commands differ only in their `PoolWork`; `Schedule` decides what runs next. See
+docs/cluster.md."""
 
 from __future__ import annotations
 

@@ -1,11 +1,8 @@
-"""Checks of a validated job before any work: model source, settings, LoRAs, scorers, memory,
-input shards, output location.
+"""Every check `run` makes before it starts Ray or writes OUT/job.json, so that `validate`'s exit
+0 means run starts: model, settings, LoRAs, scorers, memory, inputs, output.
 
-`preflight` is what `validate` shows: every check `run` makes before it starts Ray or writes
-OUT/job.json, so that validate's exit 0 means run starts. Each problem is one line naming the
-field, what was found and what is allowed; storage errors are problems, never tracebacks. With
-`offline`, remote checks are skipped and said so in `notes`. See docs/jobs.md, "what validate
-checks"."""
+Each problem is one line naming the field, what was found and what is allowed, storage errors
+included. See docs/jobs.md, "what validate checks"."""
 
 from __future__ import annotations
 
@@ -49,13 +46,8 @@ __all__ = ["ModelCheck", "Preflight", "check_model", "lora_problems", "preflight
 
 @dataclass
 class Preflight:
-    """What the checks found.
-
-    Attributes:
-        problems: one line per problem; the job is refused when there is any.
-        notes: checks skipped (offline) and facts worth showing.
-        shards: the expanded input shards, or None when they could not be listed.
-        done: shards with a commit marker (None when not known)."""
+    """What the checks found: `problems` (any refuses the job), `notes` (checks skipped, facts
+    worth showing), the expanded `shards` and those `done` (None when not known)."""
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -96,10 +88,9 @@ def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = 
 def check_model(spec: JobSpec, *, offline: bool = False,
                 record: dict[str, Any] | None = None,
                 shards: list[str] | None = None) -> tuple[list[str], ModelCheck]:
-    """Refuse, before any work, a model source that is missing or not loadable, settings it
-    cannot run, LoRAs that do not fit, or a memory plan over compute.gpu_memory_gb. `record`: the
-    output's job.json. Returns (notes, the plan's first; what was resolved); raises
-    `PreflightError`."""
+    """Refuse a model that is missing or not loadable, settings it cannot run, LoRAs that do not
+    fit or a memory plan over compute.gpu_memory_gb, before any work (`PreflightError`).
+    `record`: the output's job.json. Returns (notes, the plan's first; what was resolved)."""
     problems, notes, check = _model_problems(spec, offline, record)
     if not problems:
         problems += _memory(spec, check, shards, notes)

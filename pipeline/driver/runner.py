@@ -66,13 +66,14 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
     """Run (or resume) a job and return its summary; a local Ray unless `address` is given.
 
     The model is checked before Ray starts and before OUT/job.json is written, except with a
-    `ray://` address (the actors read the model elsewhere). `hooks` (tests and benchmarks) go to
-    every actor; `announce` gets the memory plan's lines (default: the log).
+    `ray://` address (the actors read the model elsewhere). `announce` gets the memory plan's
+    lines.
 
     Raises:
         PipelineError: no input shards, a bad model, unwritable output, changed spec, actors that
             keep failing to start.
-        RunStoppedError: the output location failed during the run (exit code 2)."""
+        RunStoppedError: the output location failed during the run (exit code 2).
+    """
     started = time.perf_counter()
     shards = expand_shards(list(spec.input.shards), spec.input.storage_options)
     check, record = ModelCheck(), resumable_record(spec, overwrite)

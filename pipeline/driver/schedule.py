@@ -1,11 +1,9 @@
 """The driver's bookkeeping, without Ray: which shard goes next, when an attempt is overdue, what
 a failed attempt or actor start means.
 
-Each operation is O(log n) or less in the shards, so scheduling per shard does not grow with the
-job. An attempt past its deadline (`compute.shard_timeout_s`, by default `TIMEOUT_FACTOR` x the
-slowest committed attempt and at least `TIMEOUT_FLOOR_S`) fails, since a shard that much slower
-than every other is stuck; the floor gives a slow job's first shards time. `START_FAILURES` actor
-start failures in a row stop the job. See docs/cluster.md."""
+Operations are O(log n) or less, so scheduling per shard does not grow with the job. An attempt
+many times slower than the slowest committed one is stuck, not slow, and fails; a floor gives a
+slow job's first shards time. See docs/cluster.md."""
 
 from __future__ import annotations
 

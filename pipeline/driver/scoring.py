@@ -1,10 +1,9 @@
 """`sdedit-batch score`: the score sidecars of a finished or half-finished output, after the
 fact.
 
-The spec is OUT/job.json's job with the `score:` and `compute:` sections of a job file and
-`--set` overrides. Scorer models are checked before Ray starts, the settings recorded (others
-need `--overwrite`), the lease taken as `run` takes it, then every committed shard without a
-sidecar is scored on the actor pool, resumable like `run`. See docs/scores.md."""
+The job is OUT/job.json's, with the `score:` and `compute:` sections of a job file and `--set`
+overrides; every committed shard without a sidecar is scored on the actor pool under the output's
+lease, resumable like `run`. See docs/scores.md."""
 
 from __future__ import annotations
 
@@ -100,7 +99,8 @@ def score_output(spec: JobSpec, *, address: str | None = None,
     Raises:
         PreflightError: no scorer, a scorer model missing, ssim without guides.
         ResumeConflictError: other score settings than the output's (without `overwrite`).
-        StorageError: the output location failed during the run."""
+        StorageError: the output location failed during the run.
+    """
     started = time.perf_counter()
     problems, notes = scorer_problems(spec)
     if not spec.score.enabled:

@@ -41,12 +41,9 @@ def model_problems(source: str, storage_options: Mapping[str, Any] | None, *,
 
 def model_layout(source: str, storage_options: Mapping[str, Any] | None, *,
                  offline: bool = False) -> tuple[ModelLayout | None, list[str], list[str]]:
-    """(layout or None, problems, notes) of a model source, without loading any weights.
-
-    A local directory must name a supported family in its configs and hold whole weights files; a
-    URL, a config object that parses; a hub id, a complete snapshot in the cache or (unless
-    `offline`) a repository on the hub with a config. The layout is read where the files are
-    local."""
+    """(layout or None, problems, notes) of a model source, without loading any weights: a local
+    directory's configs and weights files, a URL's config object, a hub id's cached snapshot or
+    (unless `offline`) its repository on the hub. The layout is read where the files are local."""
     kind = source_kind(source)
     if kind == "missing":
         return None, [f"model.source: {quoted(source)} not found (no directory "

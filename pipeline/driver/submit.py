@@ -1,9 +1,8 @@
 """Submit a job to a Ray cluster through the Ray Jobs API; follow its logs; query its status.
 
-The job file is validated here with its `--set` overrides and its resolved YAML becomes the
-submission's whole `working_dir`; the entrypoint is `sdedit-batch run job.yaml --address auto
---no-progress`, and the submission's exit code is the driver's. With token authentication Ray's
-client sends `RAY_AUTH_TOKEN`. See docs/cluster.md."""
+The job is validated here and its resolved YAML is the submission's whole `working_dir`; the
+cluster runs `sdedit-batch run job.yaml --address auto`, whose exit code the submission reports.
+See docs/cluster.md."""
 
 from __future__ import annotations
 
@@ -40,14 +39,9 @@ _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 @dataclass(frozen=True)
 class SubmissionStatus:
-    """What the Jobs API knows about one submission, plus the job's output from its metadata.
-
-    Attributes:
-        status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED.
-        driver_exit_code: exit status of the entrypoint once it ended, else None.
-        ray_job_id: the Ray job id of the driver once it joined the cluster, else None.
-        job_name, output: the job's `name` and `output.path` (None for submissions made otherwise).
-        start_time, end_time: Unix times in seconds, or None."""
+    """What the Jobs API knows about one submission, and the job's `job_name` and `output` from
+    its metadata (None when not made by `sdedit-batch submit`); `status` is PENDING, RUNNING,
+    SUCCEEDED, FAILED or STOPPED; exit code, Ray job id and times are None until known."""
 
     submission_id: str
     status: str
@@ -138,10 +132,8 @@ def entrypoint_command() -> str:
 def submit(job: str, address: str | None, overrides: Sequence[str] = (), *,
            submission_id: str | None = None) -> tuple[str, JobSpec]:
     """Submit `job` to the Jobs API at `address`; returns (submission id, the validated spec).
-
-    Raises:
-        SpecError: the job is invalid (nothing is submitted).
-        PipelineError: the Jobs API cannot be reached or refused the submission."""
+    SpecError for an invalid job (nothing submitted), PipelineError when the Jobs API is
+    unreachable or refuses."""
     with tempfile.TemporaryDirectory(prefix="sdedit-submit-") as folder:
         spec = stage_job(job, overrides, Path(folder))
         client = job_client(address)

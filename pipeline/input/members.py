@@ -1,11 +1,9 @@
 """The member contract of an input tar: every member belongs to one sample row or is a row
 itself.
 
-A shard is a tar, plain or gzip / bzip2 / xz compressed, recognised by its first bytes. Members
-group into samples by WebDataset's rule (`{key}.{extension}`, the key ending at the first dot;
-consecutive members with one key form a sample). Whatever a member's name, type, encoding or
-size, it ends in exactly one manifest row; a tar that cannot be read to its end-of-archive block
-fails the shard instead. The rules, member by member: docs/inputs.md, "the member contract"."""
+Members group into samples by WebDataset's rule (`{key}.{extension}`, the key ending at the first
+dot); whatever a member's name, type, encoding or size, it ends in one manifest row, and a tar
+that cannot be read to its end fails the shard. See docs/inputs.md, "the member contract"."""
 
 from __future__ import annotations
 

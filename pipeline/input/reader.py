@@ -1,9 +1,7 @@
 """Stream the samples of one input WebDataset tar through fsspec and decode them.
 
-The tar is read as a stream, never downloaded whole; `pipeline.input.members` holds the member
-contract. A sample's problems (a repeated key, an undecodable image, a missing guide, a bad mask,
-an unsafe key, an unusable member) make it a `Sample` with `error` set; a tar that cannot be read
-raises `ShardError`. `read_shard` decodes in a pool at most `depth` samples ahead: the bound on
+A sample's problems make it a `Sample` with `error` set; a tar that cannot be read raises
+`ShardError`. `read_shard` decodes in a pool at most `depth` samples ahead: the bound on the
 decoded images a shard holds. See docs/inputs.md."""
 
 from __future__ import annotations

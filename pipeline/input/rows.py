@@ -1,10 +1,8 @@
 """Per-row settings of input samples: t0, prompt and negative prompt, checked before batching.
 
-A sample's `{key}.json` (an object) may set them, and `{key}.txt` is the prompt when it sets
-none; the job's values are the defaults. Other json keys are carried metadata, except one that
-looks like a misspelt setting ("did you mean"). A bad row is a "setting" error row before
-batching, so it never fails a batch; a setting the model does not use is a row warning. See
-docs/jobs.md, "per-row settings"."""
+A sample's `{key}.json` may set them (`{key}.txt` is the prompt otherwise) over the job's values.
+A bad row is a "setting" error row before batching, so it never fails a batch. See docs/jobs.md,
+"per-row settings"."""
 
 from __future__ import annotations
 
@@ -53,8 +51,7 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
                  negative_prompt: str | None, conditional: bool,
                  check_t0: Callable[[float], str | None],
                  negative_prompts: bool = True, notes: list[str] | None = None) -> RowSettings:
-    """The settings of sample `key` from its carried members over the job's values (prompts None
-    = "").
+    """The settings of sample `key` from its carried members over the job's values.
 
     `check_t0` says why a t0 in (0, 1] cannot be used with the job's sampler and steps, or None;
     `negative_prompts` False refuses a row's non-empty negative prompt; `notes` gets the row's

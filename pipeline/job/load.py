@@ -1,10 +1,8 @@
-"""Reading a job: one YAML file, plus `--set key.path=value` overrides, validated once into a
+"""Reading a job: a YAML file and `--set key.path=value` overrides, validated once into a
 `JobSpec`.
 
-Every problem is listed in one `SpecError` (unknown keys with a suggestion, bad values with what
-is allowed, cross-field conflicts); each field's check is declared beside it in
-`pipeline.job.spec`. Relative local paths are relative to the working directory, not to the job
-file. See docs/jobs.md."""
+Every problem is listed in one `SpecError`. Relative local paths are relative to the working
+directory, not to the job file. See docs/jobs.md."""
 
 from __future__ import annotations
 

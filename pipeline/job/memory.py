@@ -1,10 +1,8 @@
-"""A job's weights precision and memory plan, resolved once, the same for validate, run and
+"""A job's weights precision and memory plan, resolved once: the same for validate, run and
 actors.
 
-`weights_request` says what `model.weights_dtype` means for this output folder (for `auto`, a
-resume keeps what OUT/job.json recorded); `job_plan` makes the memory plan (`sdedit.memplan`);
-`plan_problems` refuses what cannot fit, naming what would. See docs/performance.md, "the memory
-plan", and docs/models.md, "weights precision"."""
+For `auto` weights a resume keeps the precision OUT/job.json recorded; a plan that cannot fit is
+refused, naming what would. See docs/performance.md, "the memory plan"."""
 
 from __future__ import annotations
 

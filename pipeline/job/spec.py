@@ -1,9 +1,8 @@
 """The job spec as frozen, typed dataclasses: every setting declared once, with its check.
 
-Each field is `setting(default, check, affects=...)`; `affects` says whether it changes the
-outputs: "v1" settings always join the fingerprint, "later" ones only when they differ from their
-default, so that old jobs resume unchanged. `pipeline.job.load` reads a job file into these
-objects; the settings are documented in docs/jobs.md."""
+`affects` says whether a setting changes the outputs: "later" settings join the fingerprint only
+when they differ from their default, so that old jobs resume unchanged. The settings:
+docs/jobs.md."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
-"""Whether committed shards are whole: what a marker records of its files (`files`: sizes, the
-tar's CRC-32, the manifest's sha256) against what the output holds.
+"""Whether committed shards are whole: what a marker records of its files against the output.
 
-Three depths: `damage` compares sizes with one listing per folder (what `status` does); `run`'s
-plan reads a marker only where the listing cannot vouch for its shard (`unsure`), so it makes no
-request per shard; `digest_damage` reads tar and manifest through (`status --verify`). See
-docs/outputs.md, "committed shards verified"."""
+`damage` compares sizes with one listing per folder (`status`); `run`'s plan reads a marker only
+where the listing cannot vouch for its shard, so it makes no request per shard; `digest_damage`
+reads the files through (`status --verify`). See docs/outputs.md, "committed shards verified"."""
 
 from __future__ import annotations
 

@@ -1,9 +1,7 @@
 """`OutputFolder`: one job's output location, the one owner of what it holds.
 
-Every other module asks it about an output: which shards are done or failed (one listing each, no
-request per shard), which committed shards are damaged (`plan`), the job record, the markers, the
-manifests, the scores' settings and who holds the lease; `shard_writer` writes a shard and
-`record_failure` a failure. `layout` holds the names; the folder is described in docs/outputs.md."""
+Every other module asks it about an output (done and failed shards, damaged commits, the job
+record, markers, manifests, the lease) and writes through it. See docs/outputs.md."""
 
 from __future__ import annotations
 

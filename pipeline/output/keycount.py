@@ -1,10 +1,8 @@
 """Keys that occur in more than one input shard of a job, counted in bounded memory.
 
-Not an error (outputs are per shard), but joins on the key alone are ambiguous for them. One
-64-bit hash is kept per distinct key of each shard; beyond `PARTITION_ROWS` hashes they are
-spread over hash partitions in temporary files and counted one partition at a time. The count is
-exact but for hash collisions. See docs/outputs.md, "status", and its figures in
-docs/performance.md, "the driver at scale"."""
+Not an error, but joins on the key alone are ambiguous for them. One 64-bit hash per distinct key
+and shard is counted, in hash partitions on disk beyond `PARTITION_ROWS`; exact but for hash
+collisions. See docs/outputs.md, "status"."""
 
 from __future__ import annotations
 

@@ -1,10 +1,8 @@
 """One writer per output: `OUT/lease.json` names the run writing there.
 
-A run takes the lease before it writes anything, renews it from a driver thread and removes it at
-its end (Ctrl-C included); a second run is refused with `OutputBusyError`. A lease is taken over,
-with a warning, when its run has stopped (a heartbeat older than `LEASE_TIMEOUT_S`, an ended
-process of this machine, or an unreadable file). Each change is a compare-and-swap
-(`pipeline.output.leasestore`). See docs/outputs.md, "one writer per output"."""
+A run takes the lease before it writes anything, renews it while it runs and removes it at its
+end; a second run is refused, and a stopped run's lease is taken over with a warning. See
+docs/outputs.md, "one writer per output"."""
 
 from __future__ import annotations
 

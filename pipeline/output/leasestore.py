@@ -1,10 +1,8 @@
 """Compare-and-swap of one small object (the lease file), with what each store offers.
 
-`Local`: an exclusive `flock` around read, compare and write. `S3`: conditional requests
-(`If-None-Match: *`, `If-Match: <ETag>`), falling back to `Plain` where the store does not
-implement them. `Plain`: read, compare, write, not atomic. `read()` gives (content or None, tag);
-`write(data, tag)` and `delete(tag)` raise `ConflictError` unless the object is still the one
-read with `tag` (None: absent). See docs/outputs.md, "one writer per output"."""
+`Local`: an exclusive `flock`; `S3`: conditional requests; `Plain`: read, compare, write (not
+atomic). `write(data, tag)` and `delete(tag)` raise `ConflictError` unless the object is still
+the one `read()` gave with `tag` (None: absent). See docs/outputs.md, "one writer per output"."""
 
 from __future__ import annotations
 

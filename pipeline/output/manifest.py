@@ -47,13 +47,13 @@ MANIFEST_SCHEMA = pa.schema([
     ("model", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("faithfulness_l2", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
-    # added with issue 11 (appended: older manifests read together with these, the new
-    # columns null for their rows)
+    # appended columns (never inserted: older manifests read together with newer ones, the
+    # columns they lack null for their rows)
     ("eta", pa.float64()), ("dtype", pa.string()), ("batch_size", pa.int32()),
     ("model_identity", pa.string()), ("error_kind", pa.string()),
-    # added with issue 10: per-row settings of text-conditioned models (null for pixel models)
+    # per-row settings of text-conditioned models (null for pixel models)
     ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
-    # added with issue 23: what the text encoders did not take of the prompts (null: whole)
+    # what the text encoders did not take of the prompts (null: whole)
     ("prompt_truncated", pa.string()), ("negative_prompt_truncated", pa.string()),
 ])
 """One row per input sample x output index; `input_shard`, `output_shard` and `model` are
@@ -70,12 +70,12 @@ class ManifestRowError(ValueError):
 
 
 def manifest_row(**columns: Any) -> dict[str, Any]:
-    """One manifest row as a dict in column order: every column of `MANIFEST_SCHEMA` given (None
-    for null), no other.
+    """One manifest row in column order: every column of `MANIFEST_SCHEMA` given (None for null).
 
     Raises:
-        ManifestRowError: a column missing or unknown; a status not "ok" / "error"; an ok row with
-            an error; an error row without a message or with a kind not in `ERROR_KINDS`."""
+        ManifestRowError: a column missing or unknown; a status not "ok" / "error"; an ok row
+            with an error; an error row without a message or with a kind not in `ERROR_KINDS`.
+    """
     given = columns.keys()
     if given != _COLUMN_SET:
         missing = [name for name in COLUMNS if name not in given]

@@ -1,9 +1,6 @@
-"""Job status from the output folder alone: shards done, failed and pending, counts, error rows
-by kind, damaged commits, the run writing there now, error rows and keys repeated across shards.
-
-Memory does not grow with the rows: totals come from the done markers (`MarkerTotals`, the sum
-`run`'s summary makes too); manifests are read only to list error rows or count repeated keys.
-See docs/outputs.md, "status"."""
+"""Job status from the output folder alone: shards done, failed and pending, counts, damaged
+commits, the writing run, error rows and repeated keys. Totals come from the markers, so memory
+does not grow with the rows. See docs/outputs.md, "status"."""
 
 from __future__ import annotations
 

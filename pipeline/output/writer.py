@@ -1,8 +1,7 @@
 """Write one input shard's results: output tar, Parquet manifest, score sidecar, then the marker.
 
-The tar is built in a local temporary file and published whole (a rename locally, one upload to
-an object store), so a shard is either committed or made again; tar bytes are deterministic. The
-files and the commit protocol: docs/outputs.md and docs/architecture.md."""
+Each file is published whole, so a shard is either committed or made again. See
+docs/architecture.md, "the commit protocol"."""
 
 from __future__ import annotations
 
@@ -56,7 +55,7 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
                   carried: Mapping[str, bytes] | None = None, image_format: str = "png",
                   png_compress_level: int | None = None,
                   quality: int | None = None) -> dict[str, Any]:
-    """The tar members of one output sample, encoded (in a host thread); raises what the encoder
+    """The encoded tar members of one output sample (host thread); raises what the encoder
     raises.
 
     Args:
@@ -65,7 +64,7 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
             exactly that image, stored unchanged.
         mask: uint8 (H, W) in {0, 1} (white = regenerated).
         carried: the input's other members (extension -> bytes), stored unchanged (`carried_name`).
-        quality: of a jpg / webp output."""
+    """
     sample: dict[str, Any] = {
         "__key__": output_key,
         image_format: encode_image(output, image_format, png_compress_level, quality),
@@ -117,12 +116,11 @@ def files_record(tar_size: int, tar_crc32: int, manifest: bytes) -> dict[str, An
 
 
 class ShardOutput:
-    """Collects one shard's outputs and manifest rows (and scores); `commit()` publishes them in
+    """Collects one shard's outputs, manifest rows and scores; `commit()` publishes them in
     order.
 
     The tar goes to a `temp_name` file of this process (beside the tar locally, in the system's
-    temporary folder for object stores); a writer never removes another's. Every failed write is
-    a `StorageError` naming the file."""
+    temporary folder for object stores). Every failed write is a `StorageError` naming the file."""
 
     def __init__(self, urls: ShardUrls, stem: str,
                  storage_options: Mapping[str, Any] | None,
@@ -165,12 +163,8 @@ class ShardOutput:
     def add_row(self, row: Mapping[str, Any], position: int = 0,
                 scores: Mapping[str, Any] | None = None) -> None:
         """Add one manifest row of the sample at `position` in the input shard, with its `scores`
-        (scorer -> value; None: null scores); rows are written in input order, whatever order
-        they come in.
-
-        Raises:
-            ManifestRowError: an unknown or missing column, or an error kind not in `ERROR_KINDS`.
-        """
+        (None: null); rows are written in input order, whatever order they come in.
+        ManifestRowError for an unknown or missing column, or an error kind not in `ERROR_KINDS`."""
         self.rows.append(check_row(row))
         self._positions.append(position)
         self._scores.append(scores)

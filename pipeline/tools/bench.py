@@ -1,10 +1,8 @@
 """`sdedit-batch bench`: throughput of `sdedit.edit` against the paper's loop, FLOPs and MFU.
 
-Per threads x dtype x batch size it times whole `edit` calls (warm-up, then the median of
-`repeats`) and one batched forward, against `pipeline.tools.reference_loop` (the official loop).
-FLOPs are counted on the meta device, since real CPU tensors would hide attention in an uncounted
-fused kernel. Networks get random weights unless `source` names a model. Figures and how to read
-them: docs/performance.md."""
+Whole `edit` calls are timed against `pipeline.tools.reference_loop`; FLOPs are counted on the
+meta device, where attention is not hidden in an uncounted fused kernel. Networks get random
+weights unless `source` names a model. Figures: docs/performance.md."""
 
 from __future__ import annotations
 

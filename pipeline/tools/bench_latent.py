@@ -1,12 +1,9 @@
 """`sdedit-batch bench --family flux|sdxl`: the latent families at real sizes, random weights.
 
-A FLUX.1-dev-sized transformer or SDXL base's UNet with its VAE, built from the published configs
-with seeded random weights at the job's weights precision, edited through `sdedit.edit` as a job
-does at 1024 x 1024. Text encoders are not run (random prompt rows of their output shapes), so
-their weights stay off the device. Per precision and batch size it reports seconds per step,
-fixed cost, edits per hour, MFU and peak memory against the memory plan, beside diffusers' own
-img2img pipeline. `smoke`: tiny configs on the CPU, checking the code path only. What it
-measured: docs/performance.md."""
+A FLUX.1-dev-sized transformer or SDXL base's UNet, with its VAE, edited through `sdedit.edit` at
+1024 x 1024 as a job does; text encoders are not run (random prompt rows), so their weights stay
+off the device. Diffusers' img2img pipeline is timed beside it; `smoke` checks the code path on
+the CPU. Figures: docs/performance.md."""
 
 from __future__ import annotations
 

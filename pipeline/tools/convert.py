@@ -1,10 +1,8 @@
 """Convert an original DDPM / SDEdit checkpoint into a diffusers UNet2DModel directory.
 
-The official `models/diffusion.py` `Model` (ermongroup/SDEdit, ermongroup/ddim) is diffusers'
-UNet2DModel with `flip_sin_to_cos=False, freq_shift=1, downsample_padding=0, norm_eps=1e-6` and
-one-head attention, so weights map one to one: 1x1 attention convolutions become linear layers,
-`nin_shortcut` becomes `conv_shortcut`, and `up.{i}` becomes `up_blocks.{levels - 1 - i}`
-(diffusers orders up blocks from the lowest resolution). See docs/models.md."""
+The official `Model` is a UNet2DModel with `flip_sin_to_cos=False, freq_shift=1,
+downsample_padding=0, norm_eps=1e-6` and one-head attention, so weights map one to one (up blocks
+in reverse order). See docs/models.md."""
 
 from __future__ import annotations
 
@@ -48,14 +46,12 @@ RENAMES = [  # diffusers name piece -> official name piece, applied to one key i
 
 def convert_checkpoint(ckpt_path: str | os.PathLike[str], config_path: str | os.PathLike[str],
                        out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Convert an official checkpoint and the YAML config it was trained with
-    (`configs/bedroom.yml`) into a model directory jobs read, laid out as
-    google/ddpm-ema-bedroom-256; returns `out_dir`.
+    """Convert an official checkpoint and the YAML config it was trained with into a model
+    directory jobs read; returns `out_dir`.
 
-    The checkpoint is read with `weights_only=True` (no arbitrary unpickling); keys may carry
-    DataParallel's "module." prefix. A non-empty `out_dir` is refused unless `overwrite`.
-    ValueError names the file, field or keys missing, unknown or of the wrong shape, and what is
-    allowed."""
+    Read with `weights_only=True` (no arbitrary unpickling); DataParallel's "module." prefix is
+    accepted; a non-empty `out_dir` needs `overwrite`. ValueError names the file, field or keys
+    missing, unknown or of the wrong shape, and what is allowed."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     ckpt, out = Path(ckpt_path), Path(out_dir)

@@ -23,8 +23,7 @@ logger = logging.getLogger(__name__)
 def write_demo_data(out: str, n: int, *, size: int = 64, shard_size: int = 256, seed: int = 0,
                     storage_options: Mapping[str, Any] | None = None,
                     strokes: bool = False) -> list[str]:
-    """Write `n` random rooms as WebDataset shards `{out}/rooms-000000.tar`, ...; returns their
-    URLs.
+    """Write `n` random rooms as shards `{out}/rooms-000000.tar`, ...; returns their URLs.
 
     Image i is rendered from `numpy.random.default_rng([seed, i])`, so a seed gives
     byte-identical shards whatever `shard_size`. With `strokes`, `{key}.png` is the room's stroke

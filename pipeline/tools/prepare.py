@@ -199,17 +199,15 @@ def prepare(
     Args:
         sources: image folders (recursive), globs, image files, or .txt files of one URL / path per
             line; local or fsspec URLs.
-        shard_size: images per shard (the last may hold fewer).
-        size: side of the square output images in pixels.
         strokes: "none": `{key}.png` is the image; "simulate": its stroke painting, and
             `{key}.target.png` the image.
         overwrite: replace shards already in `out` (else they are an error).
-        workers: threads reading and decoding images.
 
     Raises:
         PipelineError: bad arguments, a source that does not exist or matches nothing, or shards
             already in `out` without `overwrite`.
-        StorageError: `out` cannot be written."""
+        StorageError: `out` cannot be written.
+    """
     if shard_size < 1:
         raise PipelineError(f"shard_size must be >= 1, got {shard_size}")
     if size < 8:

@@ -160,8 +160,8 @@ def render_preview(
     *,
     tile: int | None = None,
 ) -> Preview:
-    """A contact sheet of the first `n` (>= 1) outputs in `out`, from shards in name order, keys
-    sorted.
+    """A contact sheet of the first `n` (>= 1) outputs in `out` (shards in name order, keys
+    sorted).
 
     A column (guide, output, target) only where some shown output has it; a caption of key and t0
     under each row. `tile`: side of each square tile in pixels (None: the first output's larger

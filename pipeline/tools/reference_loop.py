@@ -1,10 +1,8 @@
-"""The paper's SDEdit loop built like the official code (ermongroup/SDEdit,
-runners/image_editing.py): the baseline of `sdedit-batch bench`, never used by the product.
+"""The paper's SDEdit loop built like the official code: the baseline of `sdedit-batch bench`,
+never used by the product.
 
-It keeps what costs time in the official code: fp32, eager, DataParallel, classic attention, one
-guide repeated to 8, per-step tensors built on the host, `randn_like` on the device at every step
-and a boolean-mask update (a sync per step); it leaves out progress bars and intermediate PNGs.
-Fed the same noise it equals `sdedit.edit(..., sampler="ddpm")` (a test checks). See
+It keeps what costs time there (fp32, eager, DataParallel, per-step host tensors, device noise, a
+boolean-mask update); fed the same noise it equals `sdedit.edit(..., sampler="ddpm")`. See
 docs/performance.md, "speed"."""
 
 from __future__ import annotations

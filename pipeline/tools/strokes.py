@@ -65,11 +65,9 @@ def _like(result: Image.Image, reference: Image.Image | np.ndarray) -> Image.Ima
 def simulate_strokes(
     image: ImageLike, *, kernel: int | None = None, colors: int = 6
 ) -> ImageLike:
-    """A stroke painting of a real image, as in the paper: a median filter of size `kernel`
-    (None: `stroke_kernel_size`), then an adaptive palette of `colors` (1..256) colours, no
-    dithering.
-
-    Same size and type as `image`, holding at most `colors` distinct colours."""
+    """A stroke painting of a real image, as in the paper, of `image`'s size and type: a median
+    filter of size `kernel` (None: `stroke_kernel_size`), then an adaptive palette of `colors`
+    (1..256)."""
     pil = _to_pil_rgb(image, "image")
     if kernel is None:
         kernel = stroke_kernel_size(pil.height, pil.width)

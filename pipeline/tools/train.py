@@ -1,10 +1,8 @@
 """Train a small unconditional DDPM on WebDataset image shards: SDEdit for your own domain.
 
-SDEdit needs a diffusion model of the target domain. `train` fits a diffusers `UNet2DModel` with
-the DDPM objective (Ho et al., 2020: linear betas 1e-4..0.02 over 1000 steps, eps loss), AdamW,
-an EMA of the weights and random flips, and exports a model directory every loader of the project
-accepts. Running it again on the same `out_dir` resumes from `OUT/checkpoint/`. See
-docs/models.md."""
+A diffusers `UNet2DModel` fit with the DDPM objective (Ho et al., 2020), AdamW and an EMA of the
+weights, exported as a model directory jobs accept; the same `out_dir` again resumes from its
+checkpoint. See docs/models.md."""
 
 from __future__ import annotations
 
@@ -232,14 +230,13 @@ def train(
         data: shard URLs, brace or glob patterns, or folders of `*.tar`; png / jpg / jpeg / webp
             members are used.
         out_dir: local model directory, with `train_log.csv` and `checkpoint/` (resumed from).
-        size: training resolution; images are centre-cropped to square and resized.
         steps: total optimisation steps, those of earlier runs included.
         ema_decay: decay of the weight EMA, warmed up as min(decay, (1 + k) / (10 + k)).
-        seed: seeds weights, noise, timesteps, flips and data order.
         device: "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
         bf16: forward and backward under bfloat16 autocast (weights stay float32).
         snr_gamma: weight each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al.
-            2023), which learns the coarse structure faster."""
+            2023), which learns the coarse structure faster.
+    """
     if steps < 1 or batch_size < 1 or checkpoint_every < 1:
         raise PipelineError("steps, batch_size and checkpoint_every must be >= 1")
     if not 0.0 <= ema_decay < 1.0:

@@ -1,9 +1,6 @@
 """What runs inside the Ray actors, as plain classes that `pipeline.driver.pool` wraps with
-`ray.remote` (only the driver imports Ray).
-
-`ShardActor` holds one `ShardWorker` (`run`), `ScoreActor` one `ShardScorer` (`score`), `Counter`
-sums the images the actors have finished for the progress bar, and `Batched` sends an actor's
-counts at most every 0.5 s."""
+`ray.remote`: `ShardActor` (`run`), `ScoreActor` (`score`), and the image counters of the
+progress bar."""
 
 from __future__ import annotations
 

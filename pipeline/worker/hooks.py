@@ -1,9 +1,8 @@
-"""Test hooks: faults and stand-ins that a test or a benchmark hands to the run path as an object.
+"""Test hooks: faults and stand-ins that a test or a benchmark hands to the run path as an
+object.
 
-Production code never builds a `Hooks` nor reads one from the environment: a test passes one to
-`ShardWorker` or `run_job`, and the runner pickles it to each actor. The default, `NO_HOOKS`,
-does nothing. Flag files make a fault happen once across processes.
-"""
+Production code never builds one nor reads one from the environment; the default, `NO_HOOKS`,
+does nothing. Flag files make a fault happen once across processes."""
 
 from __future__ import annotations
 

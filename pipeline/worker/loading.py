@@ -1,9 +1,6 @@
-"""An actor's model: the precision and offload the job resolved, checked against the device's
-memory before any weights are read, then loaded (LoRAs fused, regions compiled).
-
-The precision is what OUT/job.json says the output started with; the memory plan, made for the
-guide size the driver planned, is checked against the real GPU with the words `validate` uses, so
-a job that cannot fit fails the actor's start instead of looping on out-of-memory splits."""
+"""An actor's model: the job's precision and offload, its memory plan checked against the device
+before any weights are read (a job that cannot fit fails the actor's start rather than looping on
+out-of-memory splits), then loaded."""
 
 from __future__ import annotations
 

@@ -1,10 +1,6 @@
-"""Warnings that reach the user: counted by kind in the actor, summed through the done markers in
-`run`'s summary and `status`.
-
-Row warnings are the worker's own facts about a row made anyway (a prompt cut by a text encoder,
-a row setting the model does not use), counted per manifest row. Actor warnings are Python
-`warnings` raised in the actor's process, counted by category and message. See docs/outputs.md,
-"warnings"."""
+"""Warnings that reach the user, counted by kind in the actor and summed in `run`'s summary and
+`status`: row warnings (a prompt cut, a setting the model does not use) and Python warnings the
+actor's process raised. See docs/outputs.md, "warnings"."""
 
 from __future__ import annotations
 
@@ -45,11 +41,9 @@ def cut_notes(what: str, cuts: Sequence[PromptCut]) -> list[str]:
 
 
 class ActorWarnings:
-    """Counts the Python warnings this process shows, by kind, while installed; `take` hands over
-    the counts since the last call.
-
-    It wraps `warnings.showwarning` process-wide (they still show), so one object serves every
-    worker of a process (`shared`). Thread-safe."""
+    """Counts the Python warnings this process shows, by kind; `take` hands over the counts since
+    the last call. It wraps `warnings.showwarning` process-wide (they still show), so one object
+    serves every worker of a process (`shared`). Thread-safe."""
 
     _shared: ActorWarnings | None = None
     _lock = threading.Lock()

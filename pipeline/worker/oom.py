@@ -32,10 +32,8 @@ def split_on_oom(items: Sequence[T], run: Callable[[Sequence[T]], R]
                  ) -> Iterator[tuple[Sequence[T], R | EditFailure]]:
     """(part, run(part)) covering `items` in order: all at once or, on torch.OutOfMemoryError,
     each half the same way; a single item still out of memory gives an `EditFailure` of kind
-    "device".
-
-    The exception (and the tensors its traceback holds) is dropped and cached memory released
-    before the halves run."""
+    "device". The exception and the tensors it holds are dropped, and cached memory released,
+    before the halves."""
     try:
         result = run(items)
     except torch.OutOfMemoryError as exc:

@@ -1,10 +1,8 @@
-"""ShardWorker: read -> decode -> batch -> edit -> encode (-> score) -> write -> commit,
-pipelined.
+"""ShardWorker: read -> batch -> edit -> encode (-> score) -> write -> commit, pipelined.
 
-One worker holds one loaded model and edits whole shards, two at once (one reads ahead or commits
-while the other computes). No sample fails its shard: one that cannot be edited is error rows;
-any other exception fails the attempt and leaves nothing behind. Memory is bounded in decoded
-images (`max_in_flight`). See docs/performance.md, "the pipelined actor"."""
+One worker holds one model and edits whole shards, two at once. No sample fails its shard: one
+that cannot be edited is error rows; any other exception fails the attempt, leaving nothing
+behind. See docs/performance.md, "the pipelined actor"."""
 
 from __future__ import annotations
 
@@ -57,15 +55,10 @@ is in flight until committed)."""
 
 
 class ShardWorker:
-    """Edits whole input shards with one loaded model.
+    """Edits whole input shards with one loaded model (None: the job's, loaded here).
 
-    Args:
-        model: a loaded model, or None to load the job's.
-        worker_id: recorded in manifests and markers (default host:pid).
-        threads: torch intra-op threads.
-        host_threads: threads decoding and encoding (default `compute.host_threads`, else
-            max(2, threads)).
-        hooks: test hooks, from a test or a benchmark only."""
+    `threads` are torch's intra-op threads, `host_threads` those decoding and encoding (default
+    `compute.host_threads`, else max(2, threads)); `hooks` come from tests and benchmarks only."""
 
     def __init__(self, spec: JobSpec, model: DiffusionModel | None = None,
                  worker_id: str | None = None, threads: int | None = None,
@@ -112,13 +105,13 @@ class ShardWorker:
         warm_up(self.model, batch)  # the first shard pays no allocator / kernel-selection cost
 
     def process(self, url: str, progress: Callable[[int], None] | None = None) -> ShardStats:
-        """Edit every sample of the shard at `url` and commit its outputs; a shard already
-        committed is skipped (`skipped=True`). At most `SLOTS` calls run at once, the others
-        wait.
+        """Edit every sample of the shard at `url` and commit its outputs; a committed shard is
+        skipped (`skipped=True`). At most `SLOTS` calls run at once, the others wait.
 
         Raises:
             ShardError: the tar is unreadable or truncated (the runner retries the shard); any other
-                error aborts the shard, nothing of it committed."""
+                error aborts the shard, nothing of it committed.
+        """
         if self.closed:
             raise RuntimeError("ShardWorker.process after close()")
         with self.slots:

@@ -1,9 +1,8 @@
 """The worker's sample -> tasks stage: what each decoded sample is to be made with.
 
-`tasks` makes one `Task` per output after the checks that need the loaded model (guide size, the
-row's own settings), so a sample that cannot be edited is its error rows here and never fails a
-batch. `settle` records what the text encoders take of each prompt, on the device's turn, where
-the encoders run (tokenizers are not thread-safe)."""
+The checks that need the loaded model happen here, so a sample that cannot be edited is its error
+rows and never fails a batch; prompt cuts are settled on the device's turn, where the text
+encoders run."""
 
 from __future__ import annotations
 
