@@ -1,11 +1,9 @@
-"""The `sdedit-batch` command line: parses arguments, calls the library, prints results.
+"""The `sdedit-batch` command line: the run path's commands (validate, run, score, status, submit).
 
-The run path's commands live here (validate, run, score, status, submit); the side tools'
-commands (demo-data, prepare, preview, train, bench) in `pipeline/tools/cli.py`, eval and filter
-in `pipeline/curate/cli.py`. These three modules are the only ones that import click. Commands
-are thin: they parse, call one function of `pipeline/` and print; every `PipelineError` becomes
-one "error: ..." line and its exit code in `_Group.invoke`, the one error handler.
-"""
+The side tools' commands are in `pipeline/tools/cli.py`, eval and filter in
+`pipeline/curate/cli.py`; these three modules alone import click. Each command parses, calls one
+function of `pipeline/` and prints; `_Group.invoke`, the one error handler, turns a
+`PipelineError` into one "error: ..." line and its exit code. See docs/jobs.md."""
 
 from __future__ import annotations
 
@@ -22,8 +20,8 @@ from pipeline.tools.cli import TOOL_COMMANDS
 
 
 class _Group(click.Group):
-    """The command group; turns a `PipelineError` of any command into its message and exit code
-    (2 = bad job or storage refused, 1 = some shard failed)."""
+    """The command group: a `PipelineError` of any command becomes its message and exit code (2 =
+    bad job or storage refused, 1 = some shard failed)."""
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
@@ -79,15 +77,14 @@ set_option = click.option(
 def validate_cmd(job: str, overrides: tuple[str, ...], offline: bool, overwrite: bool) -> None:
     """Check a job file and what it names: print the resolved spec and the input shards.
 
-    Checks what `run` checks before it starts, without loading any weights: the model source
-    exists and looks loadable (a local directory's config files and whole weights files, a
-    URL's config object, a hub id in the hub cache or on the hub); the input shards (brace
-    ranges are counted, globs are listed; local shards must exist, and the first remote one);
-    the output location can be written (a probe object, deleted again) and any job.json there
-    has the same output-affecting settings; the settings the model decides (sampler, t0 and
-    steps, prompts, guidance); how many shards are done. Exit code 0 when all holds (then
-    `run` starts, and the last line says "ok"), 2 with every problem listed (storage errors
-    such as missing credentials or buckets included).
+    Checks, without loading any weights, what `run` checks before it starts: the model source
+    looks loadable (a local directory's configs and whole weights files, a URL's config object, a
+    hub id in the hub cache or on the hub); the input shards (brace ranges counted, globs listed;
+    local shards must exist, and the first remote one); the output can be written (a probe
+    object, deleted again) and any job.json there has the same output-affecting settings; the
+    settings the model decides (sampler, t0 and steps, prompts, guidance); how many shards are
+    done. Exit code 0 when all holds (then `run` starts; the last line says "ok"), 2 with every
+    problem listed, storage errors such as missing credentials or buckets included.
 
     \b
     Example:
@@ -134,13 +131,13 @@ def run_cmd(job: str, address: str | None, overrides: tuple[str, ...],
             limit_shards: int | None, overwrite: bool, progress: bool) -> None:
     """Run a job: SDEdit every input shard, write output shards + Parquet manifests.
 
-    Resumable: running the same command again skips every shard with a commit marker
-    (OUT/done/STEM.json) whose files are whole and processes the rest (a damaged commit is
-    said and made again). A changed output-affecting setting (model, t0, sampler, ...) is
-    refused unless --overwrite. One run per output: a run holds OUT/lease.json while it runs,
-    and a second run there is refused (exit 2), naming the first. Exit code 0 when every
-    shard is done, 1 when some shard failed after its retries (see OUT/failed/), 2 for a bad
-    job or an output location that fails during the run (the shards not done are listed).
+    Resumable: the same command again skips every shard whose commit marker (OUT/done/STEM.json)
+    vouches for whole files and processes the rest (a damaged commit is said and made again). A
+    changed output-affecting setting (model, t0, sampler, ...) is refused unless --overwrite. One
+    run per output: a run holds OUT/lease.json, and a second run there is refused (exit 2),
+    naming the first. Exit code 0 when every shard is done, 1 when some shard failed after its
+    retries (see OUT/failed/), 2 for a bad job or an output location that fails during the run
+    (the shards not done are listed).
 
     \b
     Examples:
@@ -227,9 +224,9 @@ def score_cmd(output: str, job: str | None, overrides: tuple[str, ...], metrics:
     """Score the outputs of OUT after the fact: write OUT/scores/STEM.parquet per shard.
 
     The same scores as a run with that score: section (from the outputs as written), on Ray
-    actors, shard by shard; resumable like run (shards with a sidecar are skipped). Settings:
-    a job file's score: section (--job), or the options, or --set score.KEY=VALUE. Other
-    settings than those OUT's scores were made with are refused unless --overwrite.
+    actors, shard by shard; resumable like run (shards with a sidecar are skipped). Settings: a
+    job file's score: section (--job), the options, or --set score.KEY=VALUE. Settings other than
+    those OUT's scores were made with are refused unless --overwrite.
 
     \b
     Examples:
@@ -278,14 +275,14 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
                repeated_keys: bool, verify: bool) -> None:
     """Show done, pending and failed shards, sample counts and error rows of a job.
 
-    TARGET is the job's output path/URL or its job file: reads only the output (job.json,
-    its lease, the done/ and failed/ markers, one listing each of shards/ and manifests/ and,
-    for error rows, repeated keys and --verify, the manifests and tars), while a job runs or
-    after. Or a submission id printed by `sdedit-batch submit` (raysubmit_...) with --address
-    (default RAY_API_SERVER_ADDRESS): the cluster's view of the submission, then the status of
-    its output if reachable. Exit code 0 when no shard has failed, 1 when some shard has
-    failed, 2 when a committed shard is damaged (a file missing, cut short or unreadable: `run`
-    makes it again), or TARGET holds no job (no job.json) or cannot be read.
+    TARGET is the job's output path / URL or its job file: only the output is read (job.json, its
+    lease, the markers, one listing each of shards/ and manifests/; the manifests and tars for
+    error rows, repeated keys and --verify), while a job runs or after. Or a submission id
+    printed by `sdedit-batch submit` (raysubmit_...) with --address (default
+    RAY_API_SERVER_ADDRESS): the cluster's view of the submission, then the status of its output
+    if reachable. Exit code 0 when no shard has failed, 1 when some shard has failed, 2 when a
+    committed shard is damaged (a file missing, cut short or unreadable: `run` makes it again),
+    or TARGET holds no job (no job.json) or cannot be read.
 
     \b
     Examples:
@@ -364,11 +361,11 @@ def status_cmd(target: str, address: str | None, show_errors: bool, limit: int,
 def submit_cmd(job: str, address: str | None, overrides: tuple[str, ...], wait: bool) -> None:
     """Run a job on a Ray cluster through the Ray Jobs API (the driver runs on the head).
 
-    The job file (with --set applied) is validated here, uploaded as the submission's
-    working_dir and run as `sdedit-batch run job.yaml --address auto`. Paths in it are read
-    on the cluster: use URLs (s3://...) or absolute paths that exist there. With token
-    authentication set RAY_AUTH_TOKEN to the cluster's token. Ctrl-C stops following, not
-    the job. Exit code: the job's (0 done, 1 some shard failed, 2 bad job).
+    The job file (with --set applied) is validated here, uploaded as the submission's working_dir
+    and run as `sdedit-batch run job.yaml --address auto`. Paths in it are read on the cluster:
+    use URLs (s3://...) or absolute paths that exist there. With token authentication, set
+    RAY_AUTH_TOKEN to the cluster's token. Ctrl-C stops following, not the job. Exit code: the
+    job's (0 done, 1 some shard failed, 2 bad job).
 
     \b
     Examples:

@@ -4,22 +4,18 @@ from __future__ import annotations
 
 
 def count(n: int, noun: str) -> str:
-    """"1 problem", "3 problems": a count with its noun in the right number (regular plurals)."""
+    """"1 problem", "3 problems": `n` with its noun in the right number (regular plurals)."""
     return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
 
 
 class PipelineError(Exception):
-    """Base class of every error the pipeline reports to a user (exit code 2 unless noted)."""
+    """Base of every error the pipeline reports to a user (exit code 2 unless noted)."""
 
     exit_code: int = 2
 
 
 class SpecError(PipelineError):
-    """A job file or `--set` override is invalid. Holds every problem found, not just the first.
-
-    Each entry of `errors` is one line: "key.path: value 'x' is ...; allowed: ...". The message
-    counts them as "problems", as `PreflightError` does.
-    """
+    """A job file or `--set` override is invalid; `errors` holds every problem, one line each."""
 
     def __init__(self, errors: list[str], source: str = "job") -> None:
         self.errors = list(errors)
@@ -29,8 +25,7 @@ class SpecError(PipelineError):
 
 
 class PreflightError(SpecError):
-    """A job refused by the checks made before any work (`pipeline.driver.preflight`): the model
-    source, the input shards or the output location. Lists every problem found."""
+    """A job refused by the checks made before any work; lists every problem found."""
 
     def __init__(self, errors: list[str], source: str = "job") -> None:
         super().__init__(errors, source)
@@ -43,10 +38,7 @@ class StorageError(PipelineError):
 
 
 class ShardError(PipelineError):
-    """One attempt at one input shard failed as a whole (unreadable tar, lost actor, ...).
-
-    The runner retries the shard; after `compute.shard_retries` it is reported failed.
-    """
+    """One attempt at one input shard failed as a whole; the runner retries it."""
 
     exit_code = 1
 
@@ -56,24 +48,18 @@ class ResumeConflictError(PipelineError):
 
 
 class ModelSettingsError(PipelineError):
-    """The job's settings ask for what its model cannot do (a sampler its noise process does not
-    run, t0 / steps its schedule cannot start from, prompts or guidance it does not take); found
-    by `pipeline.job.modelcheck` before any work, or by an actor on the model it loaded. The whole
-    job is refused: no shard could succeed."""
+    """The job asks for what its model cannot do; found before any work or by an actor on the
+    model it loaded, and refuses the whole job."""
 
 
 class RunStoppedError(StorageError):
-    """The output location failed during a run (a `failed/` record or `job.json` could not be
-    written): the run stops instead of grinding through shards it cannot record. The message
-    names the location and the cause, and counts the shards done, failed and not done."""
+    """The output location failed during a run (a `failed/` record or `job.json` not written):
+    the run stops, naming the location, the cause and the shards done, failed and not done."""
 
 
 class OutputBusyError(PipelineError):
-    """Another run holds the output's lease (`pipeline.output.lease`): this run is refused
-    before it writes anything, naming that run and how old its heartbeat is."""
+    """Another run holds the output's lease: refused before anything is written."""
 
 
 class ScorerModelError(PipelineError):
-    """A scorer model (`score.clip_model`, `score.aesthetic_model`) is missing, cannot be
-    loaded, or does not fit the other (an aesthetic predictor for another embedding width).
-    The whole job is refused: no shard could be scored."""
+    """A scorer model is missing, unloadable or does not fit the other; refuses the job."""

@@ -1,14 +1,9 @@
-"""Image facts of the pipeline in one place: member extensions, formats, encoding and decoding.
+"""Image facts in one place: member extensions, output formats, encoding and strict decoding.
 
-Arrays are uint8 (H, W, 3) RGB or (H, W) greyscale in [0, 255]; PIL images are accepted too.
-
-Decoding (`decode_guide`, `decode_mask`) is where untrusted bytes become pixels, so it is
-strict: the size is checked from the header before any pixel is decoded (`max_pixels`); every
-mode is converted as what it shows (16-bit data scaled, never clipped; transparency composited
-over white; EXIF orientation applied); a mode that cannot be converted faithfully is refused;
-masks must be black and white (`MASK_BLACK_MAX`, `MASK_WHITE_MIN`, `MASK_MID_FRACTION`).
-Each refusal is an `ImageError` whose `kind` is one of `pipeline.output.writer.ERROR_KINDS`.
-"""
+Arrays are uint8 (H, W, 3) RGB or (H, W) greyscale in [0, 255]. Decoding is where untrusted bytes
+become pixels: the size is checked from the header before decoding, every mode is converted as
+what it shows or refused, masks must be black and white; each refusal is an `ImageError`. The
+rules are in docs/inputs.md."""
 
 from __future__ import annotations
 
@@ -27,8 +22,7 @@ IMAGE_EXTS = ("png", "jpg", "jpeg", "webp")
 """Member extensions read as images; the guide is the first present when input.image is null."""
 
 DEFAULT_QUALITY = 95
-"""Quality (Pillow's 0-100 scale) of jpg and webp outputs unless output.jpeg_quality /
-output.webp_quality say otherwise."""
+"""Pillow quality (0-100) of jpg and webp outputs unless output.jpeg_quality / webp_quality say."""
 OUTPUT_FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
     "png": ("PNG", {}),
     "jpg": ("JPEG", {"quality": DEFAULT_QUALITY}),
@@ -43,23 +37,17 @@ MASK_BLACK_MAX = 32
 MASK_WHITE_MIN = 223
 """A mask value >= this is white (regenerate)."""
 MASK_MID_FRACTION = 0.01
-"""At most this fraction of a mask's pixels may lie between black and white (the edge ringing
-of lossy encodings); each goes to the nearer of black and white. More is an error."""
+"""Most of a mask's pixels that may lie between black and white (the ringing of lossy encodings);
+each goes to the nearer of the two. More is an error."""
 
 EIGHT_BIT_MODES = ("1", "L", "LA", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "CMYK", "YCbCr")
-"""Modes converted by Pillow itself (8 bits per channel; 16-bit RGB(A) PNGs open as RGB(A)
-with the high byte of each value: scaled, at most one level below round(v / 257))."""
+"""Modes Pillow converts itself (8 bits per channel; 16-bit RGB(A) PNGs open with the high byte)."""
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
-"""Greyscale modes holding 16-bit values (mode I: 32-bit integers, accepted when every value is
-in 0..65535), scaled to 8 bits as round(v / 257)."""
+"""Greyscale modes of 16-bit values (mode I when within 0..65535), scaled round(v / 257)."""
 
 
 class ImageError(ValueError):
-    """An image member that cannot become a correct guide or mask.
-
-    Attributes:
-        kind: "decode", "size" or "mask" (see `pipeline.output.writer.ERROR_KINDS`).
-    """
+    """A member that cannot become a correct guide or mask; `kind`: "decode", "size" or "mask"."""
 
     def __init__(self, kind: str, message: str) -> None:
         super().__init__(message)
@@ -68,14 +56,10 @@ class ImageError(ValueError):
 
 def encode_image(image: np.ndarray | Image.Image, fmt: str = "png",
                  png_compress_level: int | None = None, quality: int | None = None) -> bytes:
-    """Encode an image as `fmt` (png | jpg | webp); deterministic bytes (no timestamps).
+    """`image` (uint8 array or PIL image) encoded as `fmt`, in deterministic bytes.
 
-    Args:
-        image: uint8 (H, W, 3) or (H, W) array, or a PIL image.
-        fmt: a key of `OUTPUT_FORMATS`.
-        png_compress_level: zlib level 0-9 for PNG (None: Pillow's default, 6).
-        quality: 0-100 for jpg and webp (None: `DEFAULT_QUALITY`); png ignores it.
-    """
+    `png_compress_level` is zlib's 0-9 (None: Pillow's 6); `quality` is 0-100 for jpg and webp
+    (None: `DEFAULT_QUALITY`), ignored by png."""
     name, options = OUTPUT_FORMATS[fmt]
     if fmt == "png" and png_compress_level is not None:
         options = {**options, "compress_level": png_compress_level}
@@ -88,8 +72,7 @@ def encode_image(image: np.ndarray | Image.Image, fmt: str = "png",
 
 
 def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
-    """A 16-bit greyscale image (a mode of SIXTEEN_BIT_MODES) as mode L (or LA when it has a
-    transparent grey value), scaled round(v / 257): 65535 is white, 32768 mid grey."""
+    """A 16-bit greyscale image as mode L (LA with transparency), scaled round(v / 257)."""
     values = np.asarray(image)
     if image.mode == "I" and values.size and (values.min() < 0 or values.max() > 65535):
         raise ValueError(f"mode I with values in {values.min()}..{values.max()} cannot be "
@@ -103,8 +86,7 @@ def _sixteen_bit_to_l(image: Image.Image) -> Image.Image:
 
 
 def _normalised(image: Image.Image) -> Image.Image:
-    """An opened image with EXIF orientation applied, 8 bits per channel, as RGB or (when it
-    has any transparency) RGBA."""
+    """An opened image, EXIF orientation applied, 8-bit, as RGB or (if transparent) RGBA."""
     image.load()
     image = ImageOps.exif_transpose(image)
     if image.mode in SIXTEEN_BIT_MODES:
@@ -118,13 +100,9 @@ def _normalised(image: Image.Image) -> Image.Image:
 
 
 def to_rgb(image: Image.Image) -> Image.Image:
-    """An opened image as the RGB image it shows: EXIF orientation applied, 16-bit greyscale
-    scaled to 8 bits (never clipped), transparency composited over white (a transparent
-    pixel's hidden colour never shows).
-
-    Raises:
-        ValueError: a mode that cannot be converted faithfully (F, LAB, HSV, ...), naming it.
-    """
+    """An opened image as the RGB image it shows: EXIF orientation applied, 16-bit scaled (never
+    clipped), transparency over white. ValueError names a mode that cannot be converted
+    faithfully."""
     return _over_white(_normalised(image))
 
 
@@ -159,8 +137,7 @@ def _open(data: bytes, name: str, max_pixels: int) -> Image.Image:
 
 
 def _decoded(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, bool]:
-    """The member as an RGB or RGBA image (`_normalised`), and whether its bytes are an 8-bit
-    RGB PNG of exactly that image (`is_rgb8_png`); every failure an ImageError."""
+    """The member as RGB or RGBA, and whether its bytes are an 8-bit RGB PNG of that image."""
     with _open(data, name, max_pixels) as image:
         if getattr(image, "is_animated", False):  # APNG, GIF, WebP animations, TIFF pages
             raise ImageError("decode", f"image {name} ({image.format}) has more than one frame "
@@ -177,41 +154,25 @@ def _decoded(data: bytes, name: str, max_pixels: int) -> tuple[Image.Image, bool
 
 
 def decode_guide(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a guide image member into uint8 (H, W, 3) RGB as `to_rgb` does.
-
-    Args:
-        data: the member's bytes.
-        name: the member's name for messages (``key.png``).
-        max_pixels: the largest width x height accepted, checked before decoding.
-    Raises:
-        ImageError: kind "size" (over `max_pixels` or Pillow's decompression-bomb limit) or
-        "decode" (not an image, truncated, or a mode that cannot be converted faithfully).
-    """
+    """A guide member as uint8 (H, W, 3) RGB (`to_rgb`); ImageError kind "size" (over
+    `max_pixels` width x height, checked before decoding) or "decode"."""
     return decode_guide_member(data, name, max_pixels)[0]
 
 
 def decode_guide_member(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS
                         ) -> tuple[np.ndarray, bytes | None]:
-    """`decode_guide`, and `data` itself when it is an 8-bit RGB PNG of exactly the decoded
-    pixels (it can then be carried to the output unchanged), else None."""
+    """`decode_guide`, and `data` itself when it is an 8-bit RGB PNG of exactly those pixels (it
+    can be carried to the output unchanged), else None."""
     image, plain = _decoded(data, name, max_pixels)
     return np.asarray(_over_white(image), dtype=np.uint8), data if plain else None
 
 
 def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
-    """Decode a mask member into uint8 (H, W) in {0, 1} (1 = regenerate, from white).
+    """A mask member as uint8 (H, W) in {0, 1}, 1 = white = regenerate; read like a guide, but
+    opaque.
 
-    Read like a guide (EXIF orientation, 16-bit scaling), but it must be opaque: what a
-    transparent pixel of a mask means is not defined. A pixel is black when every channel is
-    <= MASK_BLACK_MAX, white when every channel is >= MASK_WHITE_MIN; other pixels (grey or
-    coloured) are accepted only up to MASK_MID_FRACTION of the mask and go to the nearer of
-    black and white (mean of the channels < 128: black). Nothing is thresholded silently.
-
-    Raises:
-        ImageError: kind "mask" (transparent pixels, or too many values that are neither
-        black nor white, naming how many and the most frequent), "size" or "decode" (as
-        `decode_guide`).
-    """
+    Black: every channel <= MASK_BLACK_MAX; white: every channel >= MASK_WHITE_MIN; others, up to
+    MASK_MID_FRACTION, go to the nearer. ImageError kind "mask", "size" or "decode"."""
     image, _ = _decoded(data, name, max_pixels)
     if image.mode == "RGBA":
         alpha = np.asarray(image.getchannel("A"))
@@ -235,8 +196,7 @@ def decode_mask(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) ->
 
 
 def _value_summary(pixels: np.ndarray, most: int = 5) -> str:
-    """The most frequent values of (N, 3) pixels, as "100 x2500, 90 x3" (grey values as one
-    number, coloured ones as (r, g, b)), and how many distinct values there are."""
+    """The most frequent values of (N, 3) pixels, as "100 x2500, 90 x3", and how many there are."""
     values, counts = np.unique(pixels, axis=0, return_counts=True)
     order = np.argsort(-counts, kind="stable")[:most]
     parts = []
@@ -249,9 +209,8 @@ def _value_summary(pixels: np.ndarray, most: int = 5) -> str:
 
 
 def is_rgb8_png(image: Image.Image) -> bool:
-    """Whether an opened, not yet loaded image is an 8-bit RGB PNG shown as its pixels are
-    stored (no alpha or transparency, no EXIF rotation): its file then holds exactly the RGB
-    image `to_rgb` gives, and can be carried as it is instead of being encoded again."""
+    """Whether an opened, unloaded image is an 8-bit RGB PNG shown as stored (no alpha, no EXIF
+    rotation), so its file can be carried instead of encoded again."""
     return (image.format == "PNG" and image.mode == "RGB"
             and all(tile.args == "RGB" for tile in image.tile)
             and "transparency" not in image.info

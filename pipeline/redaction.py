@@ -1,11 +1,9 @@
 """Secrets never reach a log line, a message or a file: redaction of mappings, URLs and text.
 
-Credentials travel in fsspec `storage_options` (`key`, `secret`, `token`, ...), in URLs
-(`user:password@host`, signed query strings) and in environment variables. This module knows
-which names are secret, remembers the secret values it is shown (`remember_secrets`; every
-`storage.url_fs` call shows it the options it uses), and scrubs them: `redact` for mappings
-written to job.json, `redact_url` for URLs, `scrub` for free text, `SecretFilter` for log handlers.
-"""
+Credentials travel in fsspec `storage_options`, in URLs (`user:password@`, signed query strings)
+and in environment variables. This module knows which names are secret, remembers the secret
+values it is shown (every `storage.url_fs` call shows it its options) and scrubs them: `redact`
+for job.json, `redact_url` for URLs, `scrub` for text, `SecretFilter` for log handlers."""
 
 from __future__ import annotations
 
@@ -18,14 +16,14 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 REDACTED = "***"
 SECRET_KEY_PATTERN = re.compile(r"key|secret|token|password|credential|session", re.IGNORECASE)
-"""Mapping keys (and env var / query parameter names) whose values are treated as secrets."""
+"""Names of mapping keys, env vars and query parameters whose values are secret."""
 
 _MIN_SECRET_LENGTH = 6
 _KNOWN_SECRETS: set[str] = set()
 
 
 def redact_url(url: str) -> str:
-    """Drop ``user:password@`` and secret-looking query values (signatures, tokens) from a URL."""
+    """`url` without `user:password@` and secret-looking query values."""
     try:
         split = urlsplit(url)
     except ValueError:
@@ -51,12 +49,8 @@ def _hidden_param(name: str) -> bool:
 
 
 def redact(obj: Any) -> Any:
-    """A copy of nested dicts/lists/tuples; values under secret-looking keys become ``***``.
-
-    Keys matching ``key|secret|token|password|credential|session`` (any case, anywhere in the
-    name) are secret; ``None`` and empty values stay as they are. Strings elsewhere are scrubbed of
-    known secrets and URL credentials.
-    """
+    """A copy of nested dicts / lists / tuples with values under secret-looking keys as `***`;
+    None and empty values are kept, other strings scrubbed."""
     if isinstance(obj, Mapping):
         out: dict[Any, Any] = {}
         for key, value in obj.items():
@@ -75,7 +69,7 @@ def redact(obj: Any) -> Any:
 
 
 def secret_values(obj: Any, *, under_secret: bool = False) -> set[str]:
-    """Every string (at least 6 chars) under a secret-looking key anywhere in a nested dict/list."""
+    """Every string of at least 6 characters under a secret-looking key of a nested dict / list."""
     if isinstance(obj, str):
         return {obj} if under_secret and len(obj) >= _MIN_SECRET_LENGTH else set()
     found: set[str] = set()
@@ -103,7 +97,7 @@ def _env_secrets() -> set[str]:
 
 
 def scrub(text: str, extra: Iterable[str] = ()) -> str:
-    """Replace known secrets (remembered, ``extra``, secret env vars) and URL credentials."""
+    """`text` without known secrets (remembered, `extra`, secret env vars) and URL credentials."""
     secrets = sorted(_KNOWN_SECRETS | _env_secrets() | set(extra), key=len, reverse=True)
     for secret in secrets:
         if secret and secret in text:
@@ -112,20 +106,14 @@ def scrub(text: str, extra: Iterable[str] = ()) -> str:
 
 
 class SecretFilter(logging.Filter):
-    """A logging filter that scrubs known secret strings from each record's message.
-
-    Attach it to handlers (handler filters see records from every logger):
-    ``handler.addFilter(SecretFilter())``. Secrets come from :func:`remember_secrets` (every
-    ``storage_options`` passed to :func:`url_fs`), secret-looking environment variables, and
-    ``extra_secrets``.
-    """
+    """A logging filter that scrubs known secrets from each record; attach it to handlers."""
 
     def __init__(self, extra_secrets: Iterable[str] = ()) -> None:
         super().__init__()
         self.extra_secrets = {s for s in extra_secrets if s}
 
     def filter(self, record: logging.LogRecord) -> bool:
-        """Rewrite ``record.msg`` to its scrubbed, formatted text; never drops a record."""
+        """Rewrite `record.msg` to its scrubbed, formatted text; never drops a record."""
         try:
             message = record.getMessage()
         except Exception:

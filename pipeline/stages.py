@@ -1,15 +1,9 @@
-"""The concurrency of one actor: shards taking turns on the device, outputs encoded in a pool
-and written in order, and per-stage timings.
+"""The concurrency of one actor: shards taking turns on the device, outputs encoded in a pool and
+written in order, per-stage timings.
 
-Threads of an actor (`pipeline/worker/shard.py` uses these):
-  - per shard, a reader thread streams the tar and hands each sample to the host pool to decode
-    (`reader.read_shard`), at most `depth` samples ahead;
-  - per shard, the calling thread forms batches, waits for its turn on the device
-    (`DeviceTurns`), edits, and hands each output to the host pool to encode (`OrderedSink`);
-    it appends encoded samples to the shard's tar in submission order, at most `window` pending;
-  - the host pool (compute.host_threads) decodes and encodes for both shards; Pillow and zlib
-    release the GIL while they work, as torch does while the device computes.
-"""
+A host pool (compute.host_threads) decodes and encodes for both of an actor's shards while the
+device computes: Pillow, zlib and torch release the GIL. See docs/performance.md, "the pipelined
+actor"."""
 
 from __future__ import annotations
 
@@ -25,9 +19,8 @@ T = TypeVar("T")
 
 
 class DeviceTurns:
-    """Shards use the device in the order they arrived: a shard computes only once every shard
-    that arrived before it has finished computing (it may still be committing). So an actor
-    holds at most one computing shard and, beside it, one that reads ahead or commits."""
+    """Shards compute in the order they arrived, so an actor holds one computing shard and,
+    beside it, one that reads ahead or commits."""
 
     def __init__(self) -> None:
         self._queue: collections.deque[object] = collections.deque()
@@ -56,12 +49,10 @@ class DeviceTurns:
 
 
 class OrderedSink(Generic[T]):
-    """Runs `encode` jobs in a pool and hands their results to `write` in submission order.
+    """Runs `encode` jobs in a pool and hands their results to `write`, in submission order.
 
-    At most `window` jobs are pending (submitted, not yet written): `submit` waits for the
-    oldest beyond that. `write` runs in the submitting thread; an exception of `write` or of a
-    job propagates from `submit` / `finish`, and the caller aborts the shard.
-    """
+    At most `window` jobs are pending; `submit` waits for the oldest beyond that. `write` runs in
+    the submitting thread; an exception of either propagates from `submit` / `finish`."""
 
     def __init__(self, pool: Executor, write: Callable[[T], None], window: int) -> None:
         self.pool, self.write, self.window = pool, write, max(1, window)
@@ -112,15 +103,11 @@ class Timings:
 
 
 class Gauge:
-    """A count of things alive (decoded images not yet written) and its high-water mark; a
-    gauge with a parent (one shard's, in the worker's) adds to the parent too, under its own
-    lock, so the parent's value is always the sum of its open children's.
+    """A count of things alive (decoded images not yet written) and its high-water mark.
 
-    `close()` ends a child (an aborted shard): its value is taken off the parent in the same
-    locked step that stops counting, and any later `add` (a decode job of that shard still
-    finishing in the pool) is ignored, so the parent never keeps a count of a shard that is
-    gone.
-    """
+    A child gauge (one shard's) adds to its parent under its own lock, so the parent is always
+    the sum of its open children; `close()` takes a child's value off the parent and ignores
+    later adds."""
 
     def __init__(self, parent: Gauge | None = None) -> None:
         self.value = self.peak = 0

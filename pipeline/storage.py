@@ -1,16 +1,8 @@
-"""Storage helpers over fsspec: URL handling, retries of transient errors, atomic writes.
+"""Every fsspec access of `pipeline/`: URL handling, retries of transient errors, atomic writes.
 
-Used by the reader and writer; no click, no ray. Every URL may be local (``/data/x``,
-``file:///data/x``) or remote (``s3://bucket/x``, ``gs://...``, ``https://...``); remote credentials
-travel as fsspec ``storage_options`` (for s3fs: ``key``, ``secret``, ``client_kwargs``...) or come
-from the environment (``AWS_ACCESS_KEY_ID``...).
-
-Error policy: transient failures (connection refused/reset, timeouts, HTTP 5xx, throttling) are
-retried by :func:`with_retries`; anything else (missing object, permission denied) is raised at
-once. Messages never contain credentials: every `url_fs` call shows its storage options to
-`pipeline.redaction`, whose `scrub` removes them (and URL passwords) from messages. Every fsspec
-access of `pipeline/` goes through `url_fs`.
-"""
+URLs may be local or remote, credentials in `storage_options` or the environment. Transient
+failures are retried, anything else raised at once, and no message carries a credential. See
+docs/cluster.md and docs/architecture.md, "the commit protocol"."""
 
 from __future__ import annotations
 
@@ -53,18 +45,14 @@ _PERMANENT_TYPES: tuple[type[BaseException], ...] = (
 def url_fs(
     url: str, storage_options: Mapping[str, Any] | None = None
 ) -> tuple[fsspec.AbstractFileSystem, str]:
-    """Resolve ``url`` to ``(filesystem, path inside it)`` with ``fsspec.core.url_to_fs``.
-
-    Secret-looking values of ``storage_options`` are remembered so that logs and error messages
-    can be scrubbed of them (see :func:`scrub`).
-    """
+    """`(filesystem, path inside it)` for `url`; secret option values are remembered for `scrub`."""
     options = dict(storage_options or {})
     remember_secrets(options)
     return fsspec.core.url_to_fs(url, **options)
 
 
 FileSystem = fsspec.AbstractFileSystem
-"""The filesystem type `url_fs` returns (for type hints elsewhere)."""
+"""The filesystem type `url_fs` returns."""
 
 
 @functools.lru_cache(maxsize=32)
@@ -76,16 +64,14 @@ def _strip_protocol(protocol: str) -> Callable[[str], str]:
 
 
 def canonical_path(url: str) -> str:
-    """The path fsspec's filesystem for `url` uses for it, without opening anything: two
-    spellings of one object (``file:///a/b`` and ``/a/b``) give the same path."""
+    """The path fsspec uses for `url`: `file:///a/b` and `/a/b` give the same one."""
     head, sep, _ = url.partition("://")
     return _strip_protocol(head.split("::")[-1] if sep else "file")(url)
 
 
 def absolute_url(url: str) -> str:
-    """`url` as it reads from any folder and without credentials: a local path (plain or
-    ``file://``) made absolute, any other URL kept with ``user:password@`` and secret query
-    values removed (`redact_url`)."""
+    """`url` readable from any folder and without credentials: local paths made absolute, other
+    URLs passed through `redact_url`."""
     head, sep, _ = url.partition("://")
     if not sep:
         return os.path.abspath(os.path.expanduser(url))
@@ -100,11 +86,7 @@ def is_local(fs: fsspec.AbstractFileSystem) -> bool:
 
 
 def join(url: str, *parts: str) -> str:
-    """Join path segments onto a URL or local path, keeping its protocol.
-
-    ``join("s3://b/out/", "shards", "a.tar") == "s3://b/out/shards/a.tar"``;
-    ``join("/data", "x") == "/data/x"``; empty parts are skipped.
-    """
+    """Join path segments onto a URL or local path, keeping its protocol; skips empty parts."""
     base = url
     if not base.endswith("://"):
         base = base.rstrip("/") or "/"
@@ -117,12 +99,10 @@ def join(url: str, *parts: str) -> str:
 
 
 def is_transient(exc: BaseException) -> bool:
-    """Whether ``exc`` is worth retrying: a network failure, timeout, 5xx or throttling answer.
+    """Whether `exc` is worth retrying: a network failure, timeout, 5xx or throttling answer.
 
-    ``FileNotFoundError``, ``PermissionError`` (403 / AccessDenied) and other permanent errors are
-    never transient, even when caused by a transient-looking error. The ``__cause__`` /
-    ``__context__`` chain is inspected because s3fs wraps botocore errors in ``OSError``.
-    """
+    Missing objects and permission errors never are, whatever their cause; the `__cause__` /
+    `__context__` chain is read because s3fs wraps botocore errors in `OSError`."""
     if isinstance(exc, _PERMANENT_TYPES):
         return False
     seen: set[int] = set()
@@ -137,7 +117,7 @@ def is_transient(exc: BaseException) -> bool:
 
 
 def _classify_one(exc: BaseException) -> bool | None:
-    """True/False when ``exc`` alone decides transience, None when its cause should decide."""
+    """True/False when `exc` alone decides, None when its cause should."""
     status, code = _http_status_and_code(exc)
     if code in _TRANSIENT_CODES:
         return True
@@ -184,7 +164,7 @@ def _http_status_and_code(exc: BaseException) -> tuple[int | None, str | None]:
 
 
 def describe_error(exc: BaseException) -> str:
-    """One scrubbed line naming an error: ``"AccessDenied: Access Denied."`` for S3 errors."""
+    """One scrubbed line naming an error: `"AccessDenied: Access Denied."` for S3 errors."""
     current: BaseException | None = exc
     seen: set[int] = set()
     while current is not None and id(current) not in seen:
@@ -208,26 +188,11 @@ def with_retries(
     max_delay: float = 8.0,
     sleep: Callable[[float], None] = time.sleep,
 ) -> T:
-    """Call ``fn()``; retry transient storage errors with exponential backoff and jitter.
+    """`fn()`, retrying transient storage errors with exponential backoff and jitter.
 
-    Args:
-        fn: the operation, without arguments (use a lambda or functools.partial).
-        what: what is being done, for messages: ``"write manifest"``, ``"output.path"``.
-        url: the location involved, for messages (credentials are scrubbed).
-        attempts: total number of calls, at least 1.
-        base_delay: seconds before the 2nd call; doubles each time, capped at ``max_delay``,
-            then multiplied by a random factor in [0.5, 1).
-        max_delay: cap of one delay, in seconds.
-        sleep: the sleep function (tests pass a fake).
-
-    Returns:
-        What ``fn`` returns.
-
-    Raises:
-        The original exception at once if it is not transient (``FileNotFoundError``,
-        ``PermissionError``, ...), so that callers can act on it; ``StorageError`` naming ``what``
-        and ``url`` when every attempt failed with a transient error.
-    """
+    `attempts` counts every call; delays start at `base_delay` seconds, double up to `max_delay`
+    and are scaled by a random factor in [0.5, 1). A permanent error is raised at once,
+    unchanged; `StorageError` naming `what` and `url` when every attempt failed transiently."""
     if attempts < 1:
         raise ValueError(f"attempts: value {attempts} is below 1")
     last: BaseException | None = None
@@ -259,14 +224,9 @@ def check_writable(
     what: str = "output.path",
     attempts: int = 3,
 ) -> None:
-    """Write, read back and delete a tiny probe object under ``url``; refuse early if that fails.
+    """Write, read back and delete a probe under `url`, raising `StorageError` if that fails.
 
-    Local directories are created if missing; no bucket is ever created. Transient errors are
-    retried ``attempts`` times in all.
-
-    Raises:
-        StorageError: ``"output.path s3://b/out: cannot write: AccessDenied: Access Denied."``.
-    """
+    Local directories are created if missing; no bucket is ever created."""
     probe_url = join(url, f".sdedit-write-probe-{uuid.uuid4().hex}")
     payload = b"sdedit-batch write probe\n"
     prefix = f"{what} {redact_url(url)}: cannot write"
@@ -301,17 +261,10 @@ def put_bytes_atomic(
     attempts: int = 5,
     what: str = "",
 ) -> None:
-    """Write ``data`` to ``url`` so that readers see either nothing or the complete object.
+    """Write `data` to `url` so that readers see either nothing or the whole object.
 
-    Local files: write a temporary file named by `temp_name` in the same directory, fsync,
-    ``os.replace``. Object stores: ``fs.pipe_file``, one PUT (s3fs: a multipart upload above
-    50 MiB, completed at the end), visible only when complete; transient errors are retried (a
-    PUT is idempotent).
-
-    Raises:
-        StorageError: "cannot write [what ]URL: <cause>" (naming the temporary file of a local
-        write, e.g. for "No space left on device"), also after ``attempts`` transient failures.
-    """
+    Local: a `temp_name` file in the same folder, fsync, rename. Object stores: one PUT, visible
+    only when complete, retried on transient errors. Raises `StorageError` naming the file."""
     where = f"cannot write {what + ' ' if what else ''}{redact_url(url)}"
     fs, path = url_fs(url, storage_options)
     if is_local(fs):
@@ -341,15 +294,14 @@ def put_bytes_atomic(
 
 
 _TEMP = ".tmp-"
-"""Temporary files carry their writer, `.{name}.tmp-{machine}-{pid}-{random}`: a driver removes
-only those whose writer is gone (`stale_temp`), never another run's in the middle of a write."""
+"""Temporary files name their writer, `.{name}.tmp-{machine}-{pid}-{random}`, so that a driver
+removes only those whose writer is gone, never another run's in the middle of a write."""
 
 
 @functools.lru_cache(maxsize=1)
 def machine_id() -> str:
-    """12 hex digits naming this machine's process space: host name, boot id and pid
-    namespace (two containers of one host with the same host name differ), so that a pid
-    recorded here can be checked with `process_alive`."""
+    """12 hex digits naming this machine's process space (host name, boot id, pid namespace), so
+    that a pid recorded here can be checked with `process_alive`."""
     parts = [socket.gethostname()]
     for read, source in ((_read_text, "/proc/sys/kernel/random/boot_id"),
                          (os.readlink, "/proc/self/ns/pid")):
@@ -365,8 +317,7 @@ def _read_text(path: str) -> str:
         return handle.read().strip()
 
 def process_alive(machine: str, pid: int) -> bool | None:
-    """Whether process `pid` of `machine` (a `machine_id`) still runs; None when it ran on
-    another machine (this one cannot tell)."""
+    """Whether process `pid` of `machine` still runs; None when it ran on another machine."""
     if machine != machine_id():
         return None
     try:
@@ -379,16 +330,14 @@ def process_alive(machine: str, pid: int) -> bool | None:
 
 
 def temp_name(name: str) -> str:
-    """The name of a temporary file for `name`, carrying this process: hidden (a leading
-    '.'), and ending otherwise than `name` (never taken for a marker, tar or manifest)."""
+    """A hidden temporary name for `name` carrying this process, never taken for a result."""
     return f".{name}{_TEMP}{machine_id()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def stale_temp(name: str, age_s: float, max_age_s: float) -> bool:
-    """Whether a file named `name`, last written `age_s` seconds ago, is a temporary file left
-    by a writer that is gone: made by `temp_name` on this machine by a process that has ended,
-    or any temporary file (one written before temporary files carried their writer, or on
-    another machine) untouched for more than `max_age_s` seconds."""
+    """Whether `name`, last written `age_s` seconds ago, is a temporary file whose writer is
+    gone: one of an ended process of this machine, or any temporary file untouched for over
+    `max_age_s`."""
     if not name.startswith(".") or _TEMP not in name:
         return False
     owner = name.rsplit(_TEMP, 1)[1].split("-")

@@ -1,9 +1,5 @@
-"""Click commands of the curate wing: eval and filter.
-
-They are added to the `sdedit-batch` group by `pipeline/cli.py`, whose one error handler turns a
-`PipelineError` into its message and exit code. Each command parses its options and calls one
-function of `pipeline/curate/`.
-"""
+"""Click commands of the curate wing, eval and filter, added to the `sdedit-batch` group by
+`pipeline/cli.py`; each parses its options and calls one function of `pipeline/curate/`."""
 
 from __future__ import annotations
 

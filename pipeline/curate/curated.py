@@ -1,25 +1,9 @@
 """`sdedit-batch filter`: a curated WebDataset of exactly the rows of an output that pass.
 
-The selection is decided once and recorded before any shard is written:
-```
-CURATED/filter.json                 the source, --where, --dedup, --best, --shard-size
-CURATED/selection.parquet           every kept row in source order: curated key and shard,
-                                    lineage (source output, shard, keys) and all scores
-CURATED/shards/curated-NNNNNN.tar   the kept outputs with all their members, keys renamed
-CURATED/manifests/curated-NNNNNN.parquet   its rows of the selection
-CURATED/done/curated-NNNNNN.json    commit marker, written last
-```
-Resume = run the same command again: shards with a marker are skipped, the rest are written
-from the recorded selection, so an interrupted filter ends with the same shards as one that
-was not; other settings are refused unless `--overwrite`. Curated keys are
-`{source stem}_{output key}` (dots made '_'), unique across source shards; `source_key`
-keeps the output key of the source.
-
-`--dedup T` drops near-duplicates among the rows that pass: in order of `--best` (highest
-first), a row whose stored CLIP image embedding has cosine similarity >= T with a row kept
-before is dropped. Exact: each row that passes against the rows kept so far (O(kept x
-passing) dot products); sets too large for that need an approximate index.
-"""
+The selection (with `--dedup`, greedy in `--best` order against the rows kept so far) is decided
+once and recorded before any shard is written, so an interrupted filter resumes to the same
+shards; other settings are refused unless `--overwrite`. Curated keys are `{source stem}_{output
+key}`, unique across source shards. The folder's layout: docs/scores.md, "a curated set"."""
 
 from __future__ import annotations
 
@@ -51,8 +35,7 @@ SETTINGS = "filter.json"
 SELECTION = "selection.parquet"
 LINEAGE = ("key", "curated_shard", "source_output", "source_stem", "source_output_shard",
            "source_key")
-"""The curated manifest's first columns; the source's manifest and score columns follow
-(its `key` as `input_key`)."""
+"""The curated manifest's first columns; the source's columns follow (`key` as `input_key`)."""
 
 
 @dataclass
@@ -72,11 +55,8 @@ def filter_output(source: str, out: str, *, where: str | None = None,
                   shard_size: int = 1000, overwrite: bool = False,
                   after_shard: Callable[[str], None] | None = None) -> FilterSummary:
     """Write the curated set of `source`'s rows that satisfy `where` at `out` (resumable).
-
-    Raises:
-        PipelineError: a bad predicate or --best column, --dedup without embeddings, scores
-            missing for shards the predicate needs, other settings at `out` (ResumeConflictError).
-    """
+    PipelineError for a bad predicate or --best column, --dedup without embeddings, unscored
+    shards the predicate needs, or other settings at `out` (ResumeConflictError)."""
     src, dst = OutputFolder(source), OutputFolder(out)
     record = src.read_record()
     if record is None:
@@ -162,7 +142,8 @@ def _names_scores(where: str | None, best: str | None) -> bool:
 
 
 def _dedup(rows: pa.Table, threshold: float, best: str | None) -> np.ndarray:
-    """Indices (source order) of the rows kept: greedy, best first (see the module docstring)."""
+    """Indices (source order) of the rows kept: best first, a row dropped when its embedding's
+    cosine similarity to a kept row is >= `threshold` (exact, O(kept x passing))."""
     embeddings = rows.column("embedding").to_pylist()
     if any(e is None for e in embeddings):
         raise PipelineError("--dedup compares the CLIP image embeddings, which some rows do "

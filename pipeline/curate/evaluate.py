@@ -1,18 +1,8 @@
 """`sdedit-batch eval`: the paper's set-level figures of an output, per t0 when rows differ.
 
-- realism (with reference images): KID as torchmetrics computes it (polynomial kernel
-  (x.y / d + 1)^3, the unbiased MMD^2 estimate, mean and population std over `subsets` random
-  subsets of `subset_size` images of each set; a group smaller than the subset size clamps it,
-  as clean-fid does; one subset of every image is the plain unbiased estimate) and FID (as
-  torchmetrics: |mu1 - mu2|^2 + tr(S1 + S2 - 2 sqrt(S1 S2)), the square root's trace from the
-  eigenvalues of S1 S2; null, with the reason, when a set has fewer images than feature
-  dimensions, its covariance being singular);
-- faithfulness: the distributions of `faithfulness_l2` (the manifest) and `ssim` (the scores);
-- diversity: the mean pairwise cosine distance of the L2-normalised CLIP image embeddings,
-  among the outputs of one guide (an input key with several outputs), averaged over guides,
-  and across the whole set; exact from the embeddings' sum: mean_{i!=j} (1 - e_i.e_j) =
-  1 - (|sum e|^2 - N) / (N (N - 1)).
-"""
+Realism is KID and FID against reference images (as torchmetrics computes them), faithfulness the
+distributions of `faithfulness_l2` and `ssim`, diversity the mean pairwise cosine distance of
+CLIP image embeddings. Definitions: docs/scores.md, "evaluation"."""
 
 from __future__ import annotations
 
@@ -82,8 +72,7 @@ def fid(real: np.ndarray, fake: np.ndarray) -> tuple[float | None, str | None]:
 
 
 def distribution(values: Sequence[float | None]) -> dict[str, Any] | None:
-    """count, mean, std, min, p5, p25, p50, p75, p95, max of the non-null values (None if
-    there are none)."""
+    """count, mean, std, min, p5, p25, p50, p75, p95, max of the non-null values (None if none)."""
     x = np.asarray([v for v in values if v is not None and not math.isnan(v)], np.float64)
     if not len(x):
         return None
@@ -120,12 +109,8 @@ def evaluate(output: str, *, reference: Sequence[str] = (), reference_image: str
              kid_subset_size: int = 1000, kid_subsets: int = 100,
              inception_weights: str | None = None, feature_net: str | None = None,
              device: str = "auto") -> dict[str, Any]:
-    """The figures of the output at `output` (see the module docstring), as a JSON-able dict.
-
-    Raises:
-        PipelineError: no output there, no ok row, reference shards without images, a
-            feature network that cannot be had.
-    """
+    """The figures of the output at `output`, as a JSON-able dict. PipelineError when there is no
+    output or no ok row, reference shards hold no images, or a feature network cannot be had."""
     folder = OutputFolder(output)
     record = folder.read_record()
     if record is None:

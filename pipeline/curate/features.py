@@ -1,18 +1,5 @@
-"""Image features for the set-level figures (KID, FID) and the images they are made from.
-
-- `inception`: the 2048-d pool features of the InceptionV3 that torchmetrics' FID and KID use
-  by default (torch-fidelity's port of the TF FID network; uint8 images, resized to 299 inside).
-  It needs torch-fidelity (`pip install sdedit-batch[inception]`) and its weights, which
-  torch-fidelity downloads once into the torch hub cache (or `--inception-weights PATH`).
-- `clip`: the L2-normalised CLIP image embeddings (`get_image_features`' pooler output) of a
-  CLIP model; an output's stored `embedding` score is used when its sidecar was made with the
-  same CLIP model.
-- `torchscript`: a feature network of your own (`--feature-net PATH`, `torch.jit.save`d): float32
-  (N, 3, H, W) in [0, 1] in, (N, D) features out; e.g. a classifier of your domain
-  (benchmarks/rooms_critic.py makes one for the bundled model's rooms).
-- `pixels`: the image box-downsampled to 16 x 16 in [0, 1] (768 values): no weights at all, a
-  crude stand-in that tells little about realism.
-"""
+"""Image features for KID and FID (`inception`, `clip`, `torchscript`, `pixels`), and the images
+they are made from. See docs/scores.md, "evaluation"."""
 
 from __future__ import annotations
 
@@ -56,8 +43,8 @@ class Features:
     def make(cls, kind: str, device: torch.device, clip_model: str | None = None,
              inception_weights: str | None = None, feature_net: str | None = None
              ) -> Features:
-        """Raises PipelineError naming what is missing (torch-fidelity, its weights, a
-        CLIP model, the feature network)."""
+        """The extractor of `kind`; PipelineError names what is missing (torch-fidelity, its
+        weights, a CLIP model, the feature network)."""
         if kind == "torchscript":
             return cls._torchscript(device, feature_net)
         if kind == "pixels":
@@ -171,8 +158,7 @@ def output_images(folder: OutputFolder, image_format: str, wanted: dict[str, set
 def reference_images(patterns: Sequence[str], image: str | None = None,
                      storage_options: dict[str, Any] | None = None
                      ) -> Iterator[np.ndarray]:
-    """The decoded images of reference shards (`--reference`, patterns as input.shards); a
-    sample that cannot be decoded is skipped (logged)."""
+    """The decoded images of reference shards; an undecodable sample is skipped and logged."""
     for url in expand_shards(list(patterns), storage_options):
         for sample in iter_samples(url, storage_options, image, None):
             if sample.guide is None:

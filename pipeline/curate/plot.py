@@ -1,6 +1,5 @@
 """The trade-off plot of `sdedit-batch eval`: one point per t0, faithfulness against realism
-(KID, with reference images) and against diversity (with CLIP embeddings), as in the paper's
-figure of realism against faithfulness."""
+(KID) and against diversity, as in the paper's figure."""
 
 from __future__ import annotations
 
@@ -11,8 +10,8 @@ __all__ = ["tradeoff_png"]
 
 
 def tradeoff_png(result: Mapping[str, Any], path: str) -> bool:
-    """Write the plot of `evaluate`'s `result` to the PNG at `path`; False (nothing written)
-    when there is neither KID nor diversity to plot."""
+    """Write the plot of `evaluate`'s `result` to the PNG at `path`; False (nothing written) when
+    there is neither KID nor diversity to plot."""
     import matplotlib
 
     matplotlib.use("Agg")

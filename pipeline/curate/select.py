@@ -1,10 +1,8 @@
 """`--where`: an SQL predicate over an output's rows (manifest and score columns), run by DuckDB.
 
-The predicate is checked once against the columns before any row is read: a wrong column name
-(or any other SQL error) is a clear error listing the columns. Only ok rows can pass (error
-rows have no output). The embedding column cannot be used in the predicate (DuckDB takes no
-Arrow float16); `--dedup` uses it.
-"""
+It is checked once against the columns before any row is read, so a wrong column is a clear error
+listing them. Only ok rows pass. The embedding column cannot be named (DuckDB takes no Arrow
+float16); `--dedup` uses it."""
 
 from __future__ import annotations
 
@@ -22,11 +20,8 @@ COLUMNS = tuple(name for name in ROW_SCHEMA.names if name != "embedding")
 
 
 class Predicate:
-    """A checked `--where` predicate (None: every ok row passes).
-
-    Raises:
-        PipelineError: naming the predicate, DuckDB's complaint and the columns allowed.
-    """
+    """A checked `--where` predicate (None: every ok row passes); PipelineError names the
+    predicate, DuckDB's complaint and the columns allowed."""
 
     def __init__(self, where: str | None) -> None:
         self.where = where.strip() if where and where.strip() else None

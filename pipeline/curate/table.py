@@ -1,9 +1,8 @@
 """An output's rows with their scores: each shard's manifest joined with its score sidecar.
 
-The sidecar holds one row per manifest row in the same order (`pipeline.output.scores`): the
-join is by position, checked on the keys. A shard without a sidecar has null scores. `stem`
-(the shard) is added, so that rows are unique by (stem, output_key) among ok rows.
-"""
+The sidecar holds the manifest's rows in order, so the join is by position, checked on the keys;
+a shard without a sidecar has null scores. `stem` is added, making ok rows unique by (stem,
+output_key)."""
 
 from __future__ import annotations
 
@@ -24,11 +23,8 @@ ROW_SCHEMA = pa.schema([pa.field("stem", pa.string()), *MANIFEST_SCHEMA,
 
 
 def shard_rows(folder: OutputFolder, stem: str) -> tuple[pa.Table, bool]:
-    """(rows of shard `stem` in ROW_SCHEMA, whether it has a sidecar).
-
-    Raises:
-        PipelineError: the manifest is missing, or the sidecar does not match it.
-    """
+    """(rows of shard `stem` in ROW_SCHEMA, whether it has a sidecar); PipelineError when the
+    manifest is missing or the sidecar does not match it."""
     manifest = folder.read_manifest(stem)
     if manifest is None:
         raise PipelineError(f"shard {stem} of {folder!r} is committed but has no manifest")

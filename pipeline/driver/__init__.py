@@ -1,2 +1,1 @@
-"""The driver: checks before work, the Ray actor pool and its schedule, progress, local Ray,
-submission."""
+"""The driver: checks before work, the Ray actor pool and its schedule, progress, submission."""

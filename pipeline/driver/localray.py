@@ -1,19 +1,8 @@
-"""What a local Ray leaves behind when its driver is killed, and how the next run ends it.
+"""What a killed driver's local Ray leaves behind, and how the next run ends it.
 
-`run` without `--address` starts a local Ray (`ray.init(address="local")`). Observed with Ray
-2.60: when that driver is SIGKILLed, the GCS, raylet, dashboard, monitor and log monitor end with
-it (Ray ties their fate to the driver), but the raylet's two per-node agents,
-`ray::DashboardAgent` and `ray::RuntimeEnvAgent`, are left as orphans: they notice the raylet
-is gone, then wait on the dead GCS to report it (docs/cluster.md) before they exit. Runs
-killed in a row pile them up.
-
-So each run that starts a local Ray records it (`record`): its driver's pid and start time and
-the Ray session directory. A later run first ends what earlier, killed runs left (`reap`): for a
-record whose driver is gone, every process of this user that still holds a file open under
-that session directory (the agents keep their log files open there) is terminated by pid.
-Nothing is found by name, and nothing of a run whose driver still lives is touched. A run that
-ends normally removes its record (`forget`).
-"""
+A SIGKILLed driver's local Ray leaves two agents waiting on the dead GCS. Each run records the
+local Ray it starts; a later run ends, by pid, the processes holding files in the session folder
+of a record whose driver is gone. See docs/cluster.md, "a driver that was killed"."""
 
 from __future__ import annotations
 

@@ -1,17 +1,8 @@
-"""The actor pool every Ray command shares: a Ray session, actor options, and the loop that
-keeps actors busy with shards, retries failed attempts and ends idle actors.
+"""The actor pool `run` and `score` share: a Ray session, actor options, and the loop that keeps
+actors busy, retries failed attempts and ends idle actors (so an autoscaler can remove nodes).
 
-`run` (`pipeline.driver.runner`) and `score` (`pipeline.driver.scoring`) differ only in what an
-actor is and what a finished shard means (`PoolWork`). The pool starts up to
-`compute.actors.max` actors while shards are pending (pending GPU actors are what makes a Ray
-autoscaler add nodes), gives an actor shards only once it has started (loaded its models), up
-to `SLOTS` at once, and ends each actor as soon as the queue has no more work for it (its
-worker closed first), so an autoscaler can remove idle nodes. `pipeline.driver.schedule.Schedule`
-decides what runs next: a shard whose attempt fails (unreadable tar, lost actor, past its
-deadline) is queued again, up to `compute.shard_retries` times, then handed to
-`PoolWork.gave_up`; actors that fail while starting stop the job after a few in a row, with the
-cause, and a model that cannot load stops it at once.
-"""
+The two commands differ only in their `PoolWork`; `Schedule` decides what runs next. See
+docs/cluster.md."""
 
 from __future__ import annotations
 
@@ -71,9 +62,8 @@ def actor_options(compute: ComputeSpec) -> tuple[dict[str, Any], int]:
 
 
 class _TokenNotice(logging.Filter):
-    """Drops Ray's notice that a new local Ray uses token authentication (Ray 2.60's default,
-    nothing to act on: the token is made and used on this machine). Every other line of that
-    module passes: the warning that authentication is disabled, errors of a missing token."""
+    """Drops Ray's notice that a new local Ray uses token authentication (nothing to act on: the
+    token is made and used here); every other line of that logger passes."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return not record.getMessage().startswith(
@@ -89,9 +79,8 @@ def _quiet_token_notice() -> None:
 
 @contextlib.contextmanager
 def ray_session(address: str | None) -> Iterator[None]:
-    """Ray for one command: the one already connected, or a new local Ray (what a killed
-    earlier driver left ended first, `pipeline.driver.localray`), or the cluster at `address`;
-    a Ray started here is shut down after."""
+    """Ray for one command: the one already connected, a new local Ray (after `localray.reap`),
+    or the cluster at `address`; a Ray started here is shut down after."""
     if ray.is_initialized():
         yield
         return
@@ -115,18 +104,12 @@ class PoolWork:
     """What a pool runs: its actors and what a finished or failed shard means.
 
     Attributes:
-        name: shown by the progress bar.
-        compute: the actors' resources, bounds, retries and deadline.
         actor: the actor class (`pipeline.worker.actor`), before `ray.remote`.
         make_args: its constructor arguments, from (torch threads, the image counter).
         source: named when an actor cannot load its model.
-        committed: a shard's attempt returned (url, the actor's stats); returns the images
-            it counts for the progress bar.
-        gave_up: a shard failed its last attempt (url, error, attempts); returns why the
-            job must stop (its failure could not be recorded), or None.
-        stop_reason: asked between steps: why the job must stop now (another run took the
-            output's lease), or None.
-    """
+        committed: (url, the actor's stats) of a finished attempt -> the images it counts for.
+        gave_up: (url, error, attempts) of a last failed attempt -> why the job must stop, or None.
+        stop_reason: asked between steps: why the job must stop now, or None."""
 
     name: str
     compute: ComputeSpec
@@ -174,9 +157,7 @@ class ActorPool:
         self.ending[actor.close.remote()] = (actor, time.monotonic() + CLOSE_GRACE_S)
 
     def _dispatch(self) -> None:
-        """Start the actors the work needs, fill ready actors' free slots, and end actors that
-        hold nothing when nothing is left to give them (releasing their resources lets an
-        autoscaler remove the node)."""
+        """Start the actors the work needs, fill free slots, end actors with nothing left."""
         needed = -(-(len(self.schedule) + len(self.inflight)) // SLOTS)
         while len(self.schedule) and \
                 len(self.slots) + len(self.starting) < min(self.work.compute.actors.max, needed):
@@ -269,8 +250,8 @@ class ActorPool:
             self.slots[actor] -= 1
 
     def _enforce_deadlines(self) -> None:
-        """End every actor holding an attempt past its deadline: that attempt failed, the
-        other one it held starts again without losing an attempt."""
+        """End every actor holding an attempt past its deadline: that attempt failed; its other
+        attempt starts again without losing one."""
         overdue = {actor for actor, _, started in self.inflight.values()
                    if self.schedule.overdue(started)}
         for actor in overdue:

@@ -1,13 +1,8 @@
-"""Checks of a validated job before any work: model source, input shards, output location.
+"""Every check `run` makes before it starts Ray or writes OUT/job.json, so that `validate`'s exit
+0 means run starts: model, settings, LoRAs, scorers, memory, inputs, output.
 
-`preflight` is what `sdedit-batch validate` shows: every check `run` makes before it starts
-Ray or writes OUT/job.json (`check_model`, then `jobrecord.prepare_output`: the output is
-writable and a job.json there has the same output-affecting settings), so that validate's
-exit 0 means run starts. Every problem is one line naming the field,
-what was found and what is allowed; storage errors (no credentials, no bucket, access denied)
-are problems, never tracebacks. With `offline`, every remote check (object storage, the
-Hugging Face hub) is skipped and said so in `notes`; local paths are still checked.
-"""
+Each problem is one line naming the field, what was found and what is allowed, storage errors
+included. See docs/jobs.md, "what validate checks"."""
 
 from __future__ import annotations
 
@@ -51,14 +46,8 @@ __all__ = ["ModelCheck", "Preflight", "check_model", "lora_problems", "preflight
 
 @dataclass
 class Preflight:
-    """What the checks found.
-
-    Attributes:
-        problems: one line per problem; the job is refused when there is any.
-        notes: checks skipped (offline) and facts worth showing.
-        shards: the expanded input shards, or None when they could not be listed.
-        done: shards with a commit marker (None when not known).
-    """
+    """What the checks found: `problems` (any refuses the job), `notes` (checks skipped, facts
+    worth showing), the expanded `shards` and those `done` (None when not known)."""
 
     problems: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
@@ -77,10 +66,9 @@ class ModelCheck:
 
 def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = False
                   ) -> tuple[list[str], list[str]]:
-    """(problems, notes) about `model.lora`: each LoRA is read and its keys checked against the
-    model's layers built from its config files on the meta device (`sdedit.lora.lora_fit`; no
-    base weights are read), naming the keys that do not fit. Needs the layout read here (a
-    local directory or a cached hub snapshot); otherwise each actor checks it on load."""
+    """(problems, notes) of `model.lora`: each LoRA's keys against the model's layers built on
+    the meta device (no base weights read); without a layout read here, each actor checks them on
+    load."""
     loras = spec.model.lora
     if not loras:
         return [], []
@@ -100,15 +88,9 @@ def lora_problems(spec: JobSpec, layout: ModelLayout | None, *, offline: bool = 
 def check_model(spec: JobSpec, *, offline: bool = False,
                 record: dict[str, Any] | None = None,
                 shards: list[str] | None = None) -> tuple[list[str], ModelCheck]:
-    """Refuse a job whose model source is missing or not loadable, whose settings the model
-    cannot run (a sampler, t0 / steps, prompts or guidance: `pipeline.job.modelcheck`; a
-    compute.dtype its weights cannot take), whose LoRAs do not fit the model
-    (`lora_problems`) or whose memory plan exceeds compute.gpu_memory_gb, before any work.
-    `record`: the output's job.json (what `auto` weights mean: `pipeline.job.memory`).
-
-    Returns (the notes, the memory plan's lines first; what was resolved); raises
-    `PreflightError` listing the problems.
-    """
+    """Refuse a model that is missing or not loadable, settings it cannot run, LoRAs that do not
+    fit or a memory plan over compute.gpu_memory_gb, before any work (`PreflightError`).
+    `record`: the output's job.json. Returns (notes, the plan's first; what was resolved)."""
     problems, notes, check = _model_problems(spec, offline, record)
     if not problems:
         problems += _memory(spec, check, shards, notes)
@@ -119,10 +101,8 @@ def check_model(spec: JobSpec, *, offline: bool = False,
 
 def _model_problems(spec: JobSpec, offline: bool, record: dict[str, Any] | None = None
                     ) -> tuple[list[str], list[str], ModelCheck]:
-    """(problems, notes, what was resolved) of the model source, then (when it could be read)
-    of the settings the model decides (`pipeline.job.modelcheck`), of the weights' precision
-    and of the LoRAs; a model whose config files cannot be read here has them checked by each
-    actor when it loads, and a note says so."""
+    """(problems, notes, what was resolved) of the model source, then (when readable here) of its
+    settings, precision and LoRAs; otherwise each actor checks them on load, and a note says so."""
     layout, problems, notes = model_layout(spec.model.source, spec.model.storage_options,
                                            offline=offline)
     check = ModelCheck(layout)
@@ -142,9 +122,7 @@ def _model_problems(spec: JobSpec, offline: bool, record: dict[str, Any] | None 
 
 
 def scorer_problems(spec: JobSpec, *, offline: bool = False) -> tuple[list[str], list[str]]:
-    """(problems, notes) of the `score:` section's models, without loading weights
-    (`pipeline.score.models.scorer_model_problems`): the CLIP model when a scorer uses it, the
-    aesthetic predictor when asked for."""
+    """(problems, notes) of the `score:` section's models, without loading weights."""
     score = spec.score
     problems: list[str] = []
     notes: list[str] = []
@@ -160,8 +138,7 @@ def scorer_problems(spec: JobSpec, *, offline: bool = False) -> tuple[list[str],
 
 def _memory(spec: JobSpec, check: ModelCheck, shards: list[str] | None,
             notes: list[str]) -> list[str]:
-    """The memory plan (`pipeline.job.memory`) as notes (first), and its refusal when it
-    exceeds compute.gpu_memory_gb."""
+    """The memory plan as notes (first), and its refusal when it exceeds compute.gpu_memory_gb."""
     if check.layout is None or check.precision is None:
         return []
     size, source = guide_size(shards, spec.input.storage_options, spec.input.image,
@@ -177,8 +154,8 @@ def _memory(spec: JobSpec, check: ModelCheck, shards: list[str] | None,
 
 
 def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
-    """Expand the input patterns (globs of remote storage only when online); check that local
-    shards exist and, online, that the first remote one does."""
+    """Expand the input patterns (remote globs only online); check that local shards exist and,
+    online, that the first remote one does."""
     patterns = list(spec.input.shards)
     if offline and any(is_remote(p) for p in patterns):
         report.notes.append("input.shards: remote shards not listed or checked (--offline)")
@@ -213,12 +190,9 @@ def _input_problems(spec: JobSpec, offline: bool, report: Preflight) -> None:
 
 
 def _output_problems(spec: JobSpec, offline: bool, report: Preflight, overwrite: bool) -> None:
-    """The output checks `run` makes before Ray (`jobrecord.prepare_output`): the location is
-    writable (a probe object written, read back and deleted; folders made for it removed
-    again), no other run holds its lease (a stale lease is a note: `run` takes it over) and a
-    job.json there records the same output-affecting settings; then its commit markers are
-    counted, damaged commits noted (`run` makes them again). For object stores the bucket is
-    listed first."""
+    """The output checks `run` makes before Ray: writable (probe objects, folders made for it
+    removed), no other run holding the lease (a stale one is a note), the same output-affecting
+    settings as its job.json; then markers counted and damaged commits noted."""
     out, options = spec.output.path, spec.output.storage_options
     if offline and is_remote(out):
         report.notes.append(f"output.path {out}: not checked (--offline)")
@@ -294,10 +268,9 @@ def _probe_writable(folder: OutputFolder) -> None:
 
 
 def preflight(spec: JobSpec, *, offline: bool = False, overwrite: bool = False) -> Preflight:
-    """Every check of a job before any work (see the module docstring); never raises for a
-    problem of the job or of storage: each one is a line of `problems`. The checks `run`
-    makes before it starts Ray are all here, so no problem means `run` starts; `overwrite`
-    checks as `run --overwrite` does (changed settings are a note, not a problem)."""
+    """Every check of a job before any work; each problem of the job or of storage is a line of
+    `problems`, never raised, so none means `run` starts. `overwrite` checks as `run
+    --overwrite`."""
     report = Preflight()
     record = _record(spec, offline, overwrite)
     report.problems, report.notes, check = _model_problems(spec, offline, record)

@@ -1,19 +1,9 @@
 """The run's progress: images as they finish, images/s, an ETA, shards done and failed.
 
-How many images a job holds is not known before its shards are read (listing them would mean
-reading every tar), so the total is an estimate: the images of the shards committed so far,
-plus the pending shards times the images per committed shard. Until the first shard is
-committed the count and the rate show without a total.
-
-Images are counted as they are written to their shard's tar, so the count moves a batch at a
-time (`compute.batch_size` outputs leave the device together). Before the first batch is
-written the phase shows instead: "starting N actors (loading the model)", then "editing the
-first batches".
-
-On a terminal it is a tqdm bar, redrawn at most twice a second, its rate always in images/s.
-Written to a file or a pipe (a log) it is plain lines instead: one when the phase changes
-(actors starting, first batches), one at most every `interval` seconds, and one at the end.
-"""
+The total is an estimate (counting images would mean reading every tar): the images of the shards
+committed so far plus the pending shards times the images per committed shard. Before the first
+batch is written the phase shows instead. On a terminal it is a tqdm bar; to a file or pipe,
+plain lines (per phase, every `interval` seconds, at the end). See docs/jobs.md."""
 
 from __future__ import annotations
 
@@ -28,20 +18,12 @@ from pipeline.errors import count
 _WITH_TOTAL = ("{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
                "[{elapsed}<{remaining}, {rate_noinv_fmt}{postfix}]")
 _WITHOUT_TOTAL = "{desc}: {n_fmt} img [{elapsed}, {rate_noinv_fmt}{postfix}]"
-"""tqdm formats: the rate in images/s even below one image a second (tqdm's default turns it
-into s/img there)."""
+"""tqdm formats that keep the rate in images/s below one image a second (tqdm shows s/img there)."""
 
 
 class RunProgress:
-    """Progress of a run over `shards` pending shards, on `stream` (default: stderr).
-
-    Args:
-        shards: pending shards of this run.
-        name: the job's name, the bar's label.
-        enabled: False shows nothing.
-        stream: where to write; a terminal gets the bar, anything else lines.
-        interval: seconds between two lines when `stream` is not a terminal.
-    """
+    """Progress of a run over `shards` pending shards, labelled `name`, on `stream` (default
+    stderr); `interval` is the seconds between lines when `stream` is not a terminal."""
 
     def __init__(self, shards: int, name: str, enabled: bool, stream: TextIO | None = None,
                  interval: float = 30.0) -> None:
@@ -55,7 +37,7 @@ class RunProgress:
         terminal = enabled and _is_terminal(self.stream)
         self.lines = enabled and not terminal
         self.last_phase = "starting" if self.lines else ""
-        """The phase last shown (a change is shown at once; lines begin with the actors)."""
+        """The phase last shown (a change is shown at once)."""
         self.bar = tqdm(total=None, unit="img", desc=name, disable=not terminal,
                         file=self.stream, dynamic_ncols=True, smoothing=0.1, mininterval=0.5,
                         bar_format=_WITHOUT_TOTAL)
@@ -72,16 +54,14 @@ class RunProgress:
         self._refresh(force=True)
 
     def images(self, finished: int) -> None:
-        """All images finished so far (written to their shard's tar), from the actors; a
-        failed attempt's images are dropped there, but the count never runs backwards."""
+        """All images finished so far, from the actors; the count never runs backwards."""
         if finished > self.finished:
             self.bar.update(finished - self.finished)
             self.finished = finished
         self._refresh()
 
     def shard_done(self, images: int) -> None:
-        """A shard of `images` outputs was committed (they count as finished, even if the
-        actors' count of them has not arrived yet)."""
+        """A shard of `images` outputs was committed (they count as finished at once)."""
         self.done_shards += 1
         self.images_in_done += images
         if self.images_in_done > self.finished:

@@ -1,15 +1,9 @@
-"""The Ray driver of `run`: plan pending shards, run them on the actor pool, report.
+"""The Ray driver of `run`: plan the pending shards, run them on the actor pool, report.
 
-driver: spec -> the output's lease (one run per output, `pipeline.output.lease`) -> input
-shards -> drop shards committed whole (a damaged commit is made again) -> actor pool
-(`pipeline.driver.pool`, actors of `pipeline.worker.actor.ShardActor`). A shard that fails its
-last attempt is reported in `failed/{stem}.json`.
-
-Storage failures of the driver's own writes (`job.json`, `failed/` records) stop the run with a
-`RunStoppedError` (exit 2) that names the location, the cause, and the shards done, failed and
-not done; they never surface as a traceback. A local Ray's leftovers from an earlier driver
-that was killed are ended first (`pipeline.driver.localray`).
-"""
+spec -> the output's lease -> input shards -> drop shards committed whole -> actor pool of
+`ShardActor`s; a shard that fails its last attempt is recorded in `failed/{stem}.json`. A storage
+failure of the driver's own writes stops the run with `RunStoppedError`, never a traceback. See
+docs/architecture.md, "data flow"."""
 
 from __future__ import annotations
 
@@ -51,10 +45,9 @@ class RunSummary(MarkerTotals):
     shards_done: int = 0
     failed: dict[str, str] = field(default_factory=dict)
     damaged: dict[str, str] = field(default_factory=dict)
-    """Shards committed before whose files were damaged or missing: made again by this run."""
+    """Shards whose commit was damaged or missing files: made again by this run."""
     keys_in_several_shards: int | None = None
-    """Keys that occur in more than one input shard, over every manifest of the job (None:
-    not counted: too many rows to count in passing, or the manifests could not be read)."""
+    """Keys found in more than one input shard of the job (None: not counted or unreadable)."""
     seconds: float = 0.0
 
     @property
@@ -70,17 +63,15 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
             overwrite: bool = False, progress: bool = True,
             hooks: Hooks = NO_HOOKS, announce: Callable[[str], None] | None = None
             ) -> RunSummary:
-    """Run (or resume) a job; returns the summary. Starts a local Ray unless `address` is set.
+    """Run (or resume) a job and return its summary; a local Ray unless `address` is given.
 
-    The model source is checked (`pipeline.driver.preflight.check_model`) before Ray starts and
-    before OUT/job.json is written, except with a Ray Client address (ray://): this driver
-    then runs on another machine than the actors, which read the model. `hooks` (tests and
-    benchmarks only) go to every actor. `announce` gets the memory plan's lines (the CLI
-    prints them; default: the log).
+    The model is checked before Ray starts and before OUT/job.json is written, except with a
+    `ray://` address (the actors read the model elsewhere). `announce` gets the memory plan's
+    lines.
 
     Raises:
-        PipelineError: no input shards, model missing or not loadable, unwritable output,
-        changed spec, actors that keep failing to start.
+        PipelineError: no input shards, a bad model, unwritable output, changed spec, actors that
+            keep failing to start.
         RunStoppedError: the output location failed during the run (exit code 2).
     """
     started = time.perf_counter()
@@ -130,8 +121,7 @@ def run_job(spec: JobSpec, *, address: str | None = None, limit_shards: int | No
 
 
 def _plan(folder: OutputFolder, shards: list[str]) -> Plan:
-    """The folder's plan; damaged commits are said (a warning) and their markers removed, so
-    that they are made again."""
+    """The folder's plan; damaged commits are warned about and uncommitted, to be made again."""
     plan = folder.plan(shards)
     logger.info("planned: %d done, %d pending (%d commit marker(s) read where the listings "
                 "could not vouch for their files)", len(plan.done), len(plan.pending),
@@ -146,8 +136,8 @@ def _plan(folder: OutputFolder, shards: list[str]) -> Plan:
 
 
 def _stopped(cause: str, summary: RunSummary, not_started: list[str]) -> str:
-    """The message of a run stopped by a storage failure: the cause, then the shards done,
-    failed and not done (never started, or interrupted), the first of these by name."""
+    """The message of a run stopped by a storage failure: the cause, then the shards done, failed
+    and not done, the first of these by name."""
     shown = ", ".join(shard_stem(url) for url in not_started[:5])
     more = f" and {len(not_started) - 5} more" if len(not_started) > 5 else ""
     return (f"{cause}; the run stopped: {summary.shards_done} shard(s) done now, "
@@ -157,8 +147,7 @@ def _stopped(cause: str, summary: RunSummary, not_started: list[str]) -> str:
 
 
 class _Run:
-    """What a run's pool does with a shard: count it, clear its old failure record, or
-    record its failure."""
+    """What a run's pool does with a shard: count it, clear or record its failure."""
 
     def __init__(self, spec: JobSpec, folder: OutputFolder, summary: RunSummary,
                  hooks: Hooks, lease_lost: Callable[[], str | None]) -> None:

@@ -1,21 +1,9 @@
-"""The driver's bookkeeping, without Ray: which shard goes next, when an attempt is overdue,
-what a failed attempt or a failed actor start means.
+"""The driver's bookkeeping, without Ray: which shard goes next, when an attempt is overdue, what
+a failed attempt or actor start means.
 
-`pipeline.driver.runner` moves shards to actors and back; `Schedule` decides. Every operation costs
-O(log n) or less in the number of shards, so scheduling overhead per shard does not grow with
-the job (benchmarks/driver_scale.py measures it).
-
-Deadlines (`compute.shard_timeout_s`): an attempt that has not returned within the deadline
-fails (its actor is ended, which is the only way to stop a read that never returns) and is
-retried like any failed attempt. The default (null) is derived from the run itself: ten times
-the slowest attempt this run has committed, and never less than `TIMEOUT_FLOOR_S` (an hour),
-which also holds until the first commit. A shard ten times slower than every other is stuck,
-not slow; the floor leaves the first shards of a slow job (model warm-up, a cold cache) time.
-
-Actor starts: an actor that fails while starting (its constructor raises, or its process dies
-before it is ready) costs no shard an attempt; `START_FAILURES` such failures in a row (no actor
-having started in between) stop the job with the last cause named.
-"""
+Operations are O(log n) or less, so scheduling per shard does not grow with the job. An attempt
+many times slower than the slowest committed one is stuck, not slow, and fails; a floor gives a
+slow job's first shards time. See docs/cluster.md."""
 
 from __future__ import annotations
 
@@ -29,8 +17,8 @@ __all__ = ["RETRY_BASE_DELAY", "RETRY_MAX_DELAY", "START_FAILURES", "TIMEOUT_FAC
            "TIMEOUT_FLOOR_S", "Schedule", "retry_delay"]
 
 RETRY_BASE_DELAY = 1.0
-"""Seconds before the first retry of a failed shard; doubles per attempt (a storage outage
-should not use up every retry at once)."""
+"""Seconds before the first retry of a failed shard; doubles per attempt, so a storage outage
+does not use up every retry at once."""
 RETRY_MAX_DELAY = 30.0
 TIMEOUT_FACTOR = 10.0
 """The default deadline is this many times the slowest attempt committed in this run..."""
@@ -46,15 +34,8 @@ def retry_delay(attempt: int) -> float:
 
 
 class Schedule:
-    """Pending shards, their attempts and retry times, the deadline, actor start failures.
-
-    Args:
-        pending: shard URLs in the order they should start.
-        retries: `compute.shard_retries`: failed attempts a shard may have before it is given
-            up (it gets `retries + 1` attempts in all).
-        timeout_s: `compute.shard_timeout_s`, or None for the derived default.
-        clock: monotonic seconds (tests pass a fake).
-    """
+    """Pending shards (in start order), their attempts and retry times, the deadline, actor start
+    failures; each shard gets `retries + 1` attempts, `timeout_s` None derives the deadline."""
 
     def __init__(self, pending: Sequence[str], retries: int, timeout_s: float | None = None,
                  clock: Callable[[], float] = time.monotonic) -> None:
@@ -80,7 +61,7 @@ class Schedule:
         return self.queue.popleft() if self.queue else None
 
     def deadline_s(self) -> float:
-        """Seconds an attempt may run before it counts as failed (see the module docstring)."""
+        """Seconds an attempt may run before it counts as failed."""
         if self.timeout_s is not None:
             return self.timeout_s
         return max(TIMEOUT_FLOOR_S, TIMEOUT_FACTOR * self.slowest)
@@ -95,8 +76,8 @@ class Schedule:
         self.attempts.pop(url, None)
 
     def failed(self, url: str) -> float | None:
-        """An attempt at `url` failed: the seconds until its retry (it is queued again), or
-        None when that was its last attempt."""
+        """An attempt at `url` failed: the seconds until its retry (it is queued again), or None
+        when that was its last attempt."""
         self.attempts[url] += 1
         if self.attempts[url] > self.retries:
             return None
@@ -105,8 +86,7 @@ class Schedule:
         return delay
 
     def requeue(self, url: str) -> None:
-        """An attempt at `url` ended through no fault of its own (its actor was ended for
-        another shard): it starts again first, without using an attempt."""
+        """`url`'s attempt ended through no fault of its own: it starts again first, for free."""
         self.queue.appendleft(url)
 
     def actor_started(self) -> None:

@@ -1,14 +1,9 @@
-"""`sdedit-batch score`: the score sidecars of a finished or half-finished output, after the fact.
+"""`sdedit-batch score`: the score sidecars of a finished or half-finished output, after the
+fact.
 
-The spec is the output's own job (OUT/job.json) with the `score:` (and `compute:`) sections of a
-job file and `--set` overrides (`score_spec`). The scorer models are checked before Ray starts,
-the settings recorded (`pipeline.output.scorerecord`: other settings than the recorded ones need
-`--overwrite`, which discards the old sidecars), the output's lease taken as `run` takes it (one
-writer per output), then every committed shard without a sidecar is
-scored on the actor pool (`pipeline.driver.pool`, actors of
-`pipeline.worker.actor.ScoreActor`), shard by shard: resumable exactly like `run` (a sidecar is
-published whole, so a killed `score` leaves shards scored or not, never half).
-"""
+The job is OUT/job.json's, with the `score:` and `compute:` sections of a job file and `--set`
+overrides; every committed shard without a sidecar is scored on the actor pool under the output's
+lease, resumable like `run`. See docs/scores.md."""
 
 from __future__ import annotations
 
@@ -61,12 +56,9 @@ class ScoreSummary:
 
 def score_spec(output: str, job: str | None = None, overrides: Sequence[str] = (),
                storage_options: Mapping[str, Any] | None = None) -> JobSpec:
-    """The job `score` runs: OUT/job.json's spec, with the `score` and `compute` sections of
-    the job file `job` (when given) and `overrides` applied, its output at `output`.
-
-    Raises:
-        PipelineError: OUT holds no job; SpecError: a bad job file or setting.
-    """
+    """The job `score` runs: OUT/job.json's spec with the `score` and `compute` sections of `job`
+    (when given) and `overrides`, its output at `output`. PipelineError when OUT holds no job,
+    SpecError for a bad job file or setting."""
     folder = OutputFolder(output, storage_options)
     record = folder.read_record()
     if record is None or not isinstance(record.get("spec"), Mapping):

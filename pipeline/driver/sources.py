@@ -1,9 +1,7 @@
-"""What a model source is, before any weights are read: a local directory's configs and
-whole weights files, a URL's config object, a hub id in the hub cache or on the hub.
+"""What a model source is before any weights are read: a local directory, a URL, a hub id.
 
-`model_layout` answers for `validate` and `run` (`pipeline.driver.preflight`); every problem is
-one line naming `model.source`, what was found and what is allowed, never a traceback.
-"""
+`model_layout` answers for `validate` and `run`; each problem is one line naming `model.source`,
+what was found and what is allowed. See docs/models.md."""
 
 from __future__ import annotations
 
@@ -36,21 +34,16 @@ def is_remote(url: str) -> bool:
 
 def model_problems(source: str, storage_options: Mapping[str, Any] | None, *,
                    offline: bool = False) -> tuple[list[str], list[str]]:
-    """(problems, notes) about a model source, without loading any weights (`model_layout`)."""
+    """(problems, notes) about a model source, without loading any weights."""
     _, problems, notes = model_layout(source, storage_options, offline=offline)
     return problems, notes
 
 
 def model_layout(source: str, storage_options: Mapping[str, Any] | None, *,
                  offline: bool = False) -> tuple[ModelLayout | None, list[str], list[str]]:
-    """(layout or None, problems, notes) of a model source, without loading any weights.
-
-    A local directory: its config files parse and name a supported family, network and
-    scheduler, and its weights files are present (`sdedit.families.inspect_model_dir`; the
-    layout is returned). A URL: the config object exists and parses. A hub id: a complete
-    snapshot is in the hub cache (the layout is returned), or (unless `offline`) the hub lists
-    the repository with a config file.
-    """
+    """(layout or None, problems, notes) of a model source, without loading any weights: a local
+    directory's configs and weights files, a URL's config object, a hub id's cached snapshot or
+    (unless `offline`) its repository on the hub. The layout is read where the files are local."""
     kind = source_kind(source)
     if kind == "missing":
         return None, [f"model.source: {quoted(source)} not found (no directory "

@@ -1,18 +1,8 @@
 """Submit a job to a Ray cluster through the Ray Jobs API; follow its logs; query its status.
 
-`submit` validates the job file locally (with its `--set` overrides), writes the resolved YAML
-into a temporary folder that becomes the submission's `working_dir` (Ray uploads it to the
-cluster; nothing else is shipped), and submits the entrypoint
-``sdedit-batch run job.yaml --address auto --no-progress``. Ray runs the entrypoint on the head
-node with ``RAY_ADDRESS`` set, so ``--address auto`` joins that cluster. `follow` streams the
-driver's output until it ends and returns the final `SubmissionStatus`, whose `exit_code` is the
-driver's (0 all shards done, 1 some shard failed, 2 bad job / storage refused).
-
-Authentication: with Ray's token authentication the Jobs API needs ``Authorization: Bearer
-TOKEN``; Ray's client adds it from ``RAY_AUTH_TOKEN`` (with ``RAY_AUTH_MODE=token``) or
-``~/.ray/auth_token``. This module is the only one besides `pipeline/driver/runner.py` importing
-ray.
-"""
+The job is validated here and its resolved YAML is the submission's whole `working_dir`; the
+cluster runs `sdedit-batch run job.yaml --address auto`, whose exit code the submission reports.
+See docs/cluster.md."""
 
 from __future__ import annotations
 
@@ -49,19 +39,9 @@ _TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 
 @dataclass(frozen=True)
 class SubmissionStatus:
-    """What the Jobs API knows about one submission (plus the job's output, from metadata).
-
-    Attributes:
-        submission_id: ``raysubmit_...`` (or the id given at submission).
-        status: PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED.
-        message: Ray's explanation of the status, if any.
-        entrypoint: the shell command the cluster runs.
-        driver_exit_code: exit status of the entrypoint once it ended, else None.
-        ray_job_id: the Ray job id of the driver once it joined the cluster, else None.
-        job_name, output: `name` and `output.path` of the job file, from the submission's
-            metadata (None for submissions not made by `sdedit-batch submit`).
-        start_time, end_time: Unix times in seconds, or None.
-    """
+    """What the Jobs API knows about one submission, and the job's `job_name` and `output` from
+    its metadata (None when not made by `sdedit-batch submit`); `status` is PENDING, RUNNING,
+    SUCCEEDED, FAILED or STOPPED; exit code, Ray job id and times are None until known."""
 
     submission_id: str
     status: str
@@ -88,14 +68,14 @@ class SubmissionStatus:
 
 
 def is_submission_id(text: str) -> bool:
-    """Whether `text` looks like a Ray submission id (``raysubmit_...``)."""
+    """Whether `text` looks like a Ray submission id (`raysubmit_...`)."""
     return text.startswith(SUBMISSION_PREFIX) and "/" not in text
 
 
 @contextlib.contextmanager
 def _explicit_address(address: str | None) -> Iterator[None]:
-    """Ray's client lets RAY_API_SERVER_ADDRESS / RAY_ADDRESS override the address argument;
-    an explicit `address` wins here (the variables are hidden while the client is built)."""
+    """An explicit `address` wins over RAY_API_SERVER_ADDRESS / RAY_ADDRESS, which Ray's client
+    would let override it (they are hidden while the client is built)."""
     if address is None:
         yield
         return
@@ -107,14 +87,9 @@ def _explicit_address(address: str | None) -> Iterator[None]:
 
 
 def job_client(address: str | None) -> Any:
-    """A `ray.job_submission.JobSubmissionClient` for the dashboard at `address`.
-
-    Args:
-        address: ``http://HEAD:8265`` (or None: RAY_API_SERVER_ADDRESS / RAY_ADDRESS).
-
-    Raises:
-        PipelineError: no address, the Jobs API cannot be reached, or it refused the token.
-    """
+    """A `JobSubmissionClient` for the dashboard at `address` (`http://HEAD:8265`; None: from
+    RAY_API_SERVER_ADDRESS / RAY_ADDRESS). PipelineError when there is none, it cannot be reached
+    or it refused the token."""
     from ray.exceptions import AuthenticationError
     from ray.job_submission import JobSubmissionClient
 
@@ -133,14 +108,8 @@ def job_client(address: str | None) -> Any:
 
 
 def stage_job(job: str, overrides: Sequence[str], directory: Path) -> JobSpec:
-    """Validate `job` with `overrides` and write the resolved YAML to ``directory/job.yaml``.
-
-    The overrides are applied to the file's mapping (not passed on the command line), so
-    values given with ``--set`` never appear in the entrypoint shown by the dashboard.
-
-    Raises:
-        SpecError: the job or an override is invalid (every problem listed).
-    """
+    """Validate `job` with `overrides` and write the resolved YAML to `directory/job.yaml`, so
+    that `--set` values never show in the entrypoint; SpecError lists every problem."""
     spec = load_spec(job, overrides)
     data = yaml.safe_load(Path(job).read_text(encoding="utf-8")) or {}
     resolved = apply_overrides(data, overrides)
@@ -162,15 +131,9 @@ def entrypoint_command() -> str:
 
 def submit(job: str, address: str | None, overrides: Sequence[str] = (), *,
            submission_id: str | None = None) -> tuple[str, JobSpec]:
-    """Submit `job` to the cluster whose Jobs API is at `address`.
-
-    Returns:
-        (submission id, the validated spec).
-
-    Raises:
-        SpecError: the job is invalid (nothing is submitted).
-        PipelineError: the Jobs API cannot be reached or refused the submission.
-    """
+    """Submit `job` to the Jobs API at `address`; returns (submission id, the validated spec).
+    SpecError for an invalid job (nothing submitted), PipelineError when the Jobs API is
+    unreachable or refuses."""
     with tempfile.TemporaryDirectory(prefix="sdedit-submit-") as folder:
         spec = stage_job(job, overrides, Path(folder))
         client = job_client(address)
@@ -191,11 +154,8 @@ def submit(job: str, address: str | None, overrides: Sequence[str] = (), *,
 
 def submission_status(address: str | None, submission_id: str,
                       client: Any | None = None) -> SubmissionStatus:
-    """The current `SubmissionStatus` of `submission_id`.
-
-    Raises:
-        PipelineError: the Jobs API cannot be reached or knows no such submission.
-    """
+    """The current status of `submission_id`; PipelineError when the Jobs API cannot be reached
+    or knows no such submission."""
     client = client or job_client(address)
     try:
         info = client.get_job_info(submission_id)
@@ -213,13 +173,9 @@ def submission_status(address: str | None, submission_id: str,
 
 def follow(address: str | None, submission_id: str, write: Callable[[str], None], *,
            poll_seconds: float = 1.0, timeout: float | None = None) -> SubmissionStatus:
-    """Stream the driver's output to `write` until the submission ends; return its status.
-
-    If the log stream breaks (network, dashboard restart) the status is polled instead.
-
-    Raises:
-        PipelineError: the Jobs API cannot be reached, or `timeout` seconds passed.
-    """
+    """Stream the driver's output to `write` until the submission ends and return its status,
+    polling when the log stream breaks; PipelineError when unreachable or after `timeout`
+    seconds."""
     client = job_client(address)
     deadline = None if timeout is None else time.monotonic() + timeout
 

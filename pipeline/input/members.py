@@ -1,27 +1,9 @@
-"""The member contract of an input tar: every member belongs to one sample row or is a row.
+"""The member contract of an input tar: every member belongs to one sample row or is a row
+itself.
 
-An input shard is a tar, plain or compressed with gzip, bzip2 or xz, recognised by its first
-bytes (never by its name). Its members become samples by WebDataset's rule: a member
-`{key}.{extension}` belongs to sample `key` (the key ends at the first dot of the file name,
-extensions are lower-cased), and consecutive members with one key form one sample. Whatever a
-member's name, type, encoding or size, it ends up in exactly one manifest row:
-
-* a regular file with a usable name is part of its sample (guide, mask, target, per-row
-  settings, or carried to the output unchanged);
-* a member whose name has no key (no extension, `.png`, a trailing `/`) is a row of its own
-  (kind `member`, its key column the member's name);
-* a member that cannot be part of its sample makes that sample an error row naming it: a
-  link, device or FIFO (kind `member`; links are not followed), an extension that cannot be
-  written back (empty parts such as `m..x.png` or `td.`, a leading `_` reserved by
-  WebDataset, control characters, bytes that are not UTF-8: kind `member`), or a member over
-  `max_member_bytes` (kind `size`, never read into memory);
-* a key that cannot name an output is a `key` row (`reader.check_key`), shown with bytes that
-  are not UTF-8 as `\\xNN` and control characters escaped (`printable`).
-
-Directory entries hold no data and belong to no sample. A tar that cannot be read to its
-end-of-archive block (cut short, a corrupt header, data after the end) fails the shard: it is
-retried, then reported, never committed with members missing.
-"""
+Members group into samples by WebDataset's rule (`{key}.{extension}`, the key ending at the first
+dot); whatever a member's name, type, encoding or size, it ends in one manifest row, and a tar
+that cannot be read to its end fails the shard. See docs/inputs.md, "the member contract"."""
 
 from __future__ import annotations
 
@@ -48,8 +30,8 @@ MIN_MEMBER_BYTES = 64 * 2**20
 SAMPLE_MEMBERS_LIMIT = 4
 """A sample's members together may hold this many times the member limit."""
 _NAME = re.compile(r"^((?:.*/|)\.*[^.]+)\.([^/]*)$", re.DOTALL)
-"""`{key}.{extension}`: webdataset's `base_plus_ext`, except that a file name starting with dots
-keeps them in its key (`.hidden.png` is key `.hidden`, refused as a key, never dropped)."""
+"""`{key}.{extension}`: webdataset's `base_plus_ext`, except that leading dots stay in the key
+(`.hidden.png` is key `.hidden`, refused as a key, never dropped)."""
 _COMPRESSIONS: tuple[tuple[bytes, str], ...] = (
     (b"\x1f\x8b", "gzip"), (b"BZh", "bzip2"), (b"\xfd7zXZ\x00", "xz"),
     (b"\x5d\x00\x00", "lzma"), (b"\x28\xb5\x2f\xfd", "zstd"), (b"PK\x03\x04", "zip"),
@@ -65,15 +47,13 @@ _TYPES = {tarfile.SYMTYPE: "symbolic link", tarfile.LNKTYPE: "hard link",
 
 
 def member_limit(max_pixels: int) -> int:
-    """The largest member read into memory: 16 bytes per pixel of `max_pixels`, at least
-    64 MiB (256 MiB for the default 4096 x 4096)."""
+    """The largest member read into memory, in bytes: 16 per pixel of `max_pixels`, >= 64 MiB."""
     return max(MIN_MEMBER_BYTES, MEMBER_BYTES_PER_PIXEL * max_pixels)
 
 
 def printable(text: str) -> str:
-    """`text` as one line of valid UTF-8: bytes that were not UTF-8 (surrogate escapes) as
-    `\\xNN`, control characters and line breaks as `\\n`, `\\x07`, `\\u2028` escapes. Equal
-    to `text` when `text` has neither."""
+    """`text` as one line of valid UTF-8: surrogate-escaped bytes as `\\xNN`, control characters
+    and line breaks escaped; `text` itself when it has neither."""
     out = []
     for char in text:
         if 0xDC80 <= ord(char) <= 0xDCFF:  # a byte that was not UTF-8 (surrogateescape)
@@ -128,8 +108,8 @@ def _extension_problem(ext: str) -> str | None:
 
 @dataclass
 class Member:
-    """One tar member as read: its name (undecodable bytes as surrogate escapes), its bytes
-    (None when not read), and why it cannot be used ((kind, message), or None)."""
+    """One tar member: its name (undecodable bytes surrogate-escaped), its bytes (None when not
+    read), and (kind, message) of why it cannot be used, or None."""
 
     name: str
     data: bytes | None
@@ -142,14 +122,11 @@ class RawSample:
     """One sample's members, not decoded.
 
     Attributes:
-        key: the key as read (may hold surrogate escapes: see `printable`).
         members: extension (lower-cased) -> bytes of every usable member.
-        names: extension -> the member's name in the tar, for every member of the sample.
-        problems: (kind, message) of each member that cannot be used; the sample is then an
-            error row of the first one's kind.
-        keyless: a member whose name gives no key: a row of its own (`key` is its name).
-        duplicate: set by `mark_duplicates`: the message of its `duplicate` row.
-    """
+        names: extension -> the member's name in the tar, for every member.
+        problems: (kind, message) of each unusable member; the first makes the sample an error row.
+        keyless: a member whose name gives no key, a row of its own (`key` is its name).
+        duplicate: the message of its `duplicate` row, set by `mark_duplicates`."""
 
     key: str
     members: dict[str, bytes] = field(default_factory=dict)
@@ -190,14 +167,11 @@ class RawSample:
 
 def group_members(members: Iterable[Member], max_member_bytes: int | None = None
                   ) -> Iterator[RawSample]:
-    """Group members into samples, in tar order (see the module docstring).
+    """Group members into samples, in tar order, never raising on a repeated key.
 
-    Consecutive members with the same key form a sample. A member whose extension the current
-    sample already has starts a new sample with the same key, so a repeated key never raises:
-    it shows as a second sample with that key, for `mark_duplicates` to refuse. A member whose
-    name gives no key is a keyless sample of its own, yielded after the sample open when it
-    was read (it does not split that sample).
-    """
+    A member whose extension the open sample already has starts a new sample with the same key
+    (for `mark_duplicates`); a keyless member is a sample of its own and does not split the open
+    one."""
     limit = SAMPLE_MEMBERS_LIMIT * (max_member_bytes or member_limit(0))
     current: RawSample | None = None
     strays: list[RawSample] = []
@@ -229,9 +203,8 @@ def group_members(members: Iterable[Member], max_member_bytes: int | None = None
 
 
 def mark_duplicates(samples: Iterable[RawSample]) -> Iterator[RawSample]:
-    """Samples in order; a key seen before in the shard gets `duplicate` set to the message
-    of its error row (only the first occurrence is used: edited, or an error row of its own),
-    so it is never decoded. Keyless samples are no keys."""
+    """Samples in order, a key seen before in the shard marked `duplicate` so it is never decoded
+    (the first occurrence is used); keyless samples have no key."""
     seen: dict[str, int] = {}
     for position, raw in enumerate(samples, start=1):
         if raw.keyless:
@@ -321,15 +294,12 @@ def _tar_stream(stream: BinaryIO) -> tuple[Any, str]:
 
 
 def tar_members(stream: BinaryIO, url: str, max_member_bytes: int) -> Iterator[Member]:
-    """Every member of the tar in `stream` except directories, in order, read as a stream.
-
-    Members over `max_member_bytes`, links and other non-regular files are not read: they
-    carry their problem (see the module docstring).
+    """Every member of the tar in `stream` but directories, in order, streamed; members over
+    `max_member_bytes`, links and other non-regular files are not read and carry their problem.
 
     Raises:
-        ShardError: not a tar (or a compression other than gzip, bzip2, xz), cut short, a
-            corrupt header, or data after the end-of-archive block.
-    """
+        ShardError: not a tar (or not gzip, bzip2, xz), cut short, a corrupt header, or data after
+            the end-of-archive block."""
     def refuse(problem: str) -> ShardError:
         return ShardError(f"input shard {redact_url(url)}: cannot read: {problem}")
 
@@ -361,8 +331,8 @@ def tar_members(stream: BinaryIO, url: str, max_member_bytes: int) -> Iterator[M
 
 
 def _check_after_end(tar: tarfile.TarFile, compression: str) -> None:
-    """Read the rest of the stream after the end-of-archive block: zeros (padding) only, and
-    for a compressed shard the end of its compressed stream (a cut one raises here)."""
+    """Read the stream past the end-of-archive block: zero padding only, and for a compressed
+    shard the end of its compressed stream."""
     while chunk := tar.fileobj.read(2**20):  # type: ignore[union-attr]
         if chunk.count(0) != len(chunk):
             raise _TarError(f"data after the end-of-archive block at byte {tar.offset:,} of "

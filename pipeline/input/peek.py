@@ -22,15 +22,15 @@ __all__ = ["first_guide_size", "guide_size"]
 
 
 PEEK_TIMEOUT_S = 10.0
-"""Seconds the first guide's header may take to arrive (a store that never answers must not
-hold up validate or run: the plan then takes the largest size input.max_pixels allows)."""
+"""Seconds the first guide's header may take to arrive; past that the plan takes the largest size
+input.max_pixels allows, so a store that never answers cannot hold up validate or run."""
 
 
 def first_guide_size(urls: Sequence[str], storage_options: Mapping[str, Any] | None,
                      image: str | None, timeout: float = PEEK_TIMEOUT_S
                      ) -> tuple[int, int] | None:
-    """(H, W) of the first guide of the first shard, read from its image header (the tar is
-    streamed up to that member only), or None when it cannot be read within `timeout` s."""
+    """(H, W) of the first guide of the first shard, from its image header (the tar streamed up
+    to that member only), or None when it cannot be read within `timeout` seconds."""
     if not urls:
         return None
     found: list[tuple[int, int] | None] = []

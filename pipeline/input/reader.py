@@ -1,18 +1,8 @@
 """Stream the samples of one input WebDataset tar through fsspec and decode them.
 
-The tar is read as a stream over an fsspec file: never downloaded whole. `pipeline.input.members`
-holds the member contract (every member belongs to one sample row or is a row itself, whatever
-its name, type, encoding or size; compression recognised by content; a tar cut short, corrupt
-or with data after its end fails the shard). Members are grouped into samples by webdataset's
-key rule (`{key}.{ext}`: the key ends at the first dot of the file name); unlike webdataset's
-`group_by_keys` a repeated key never fails a shard (`mark_duplicates` marks every repeat).
-Problems of one sample (a key seen before in the shard, an undecodable image, a missing guide,
-a bad mask, a key that would escape the output folder, an unusable member) become a `Sample`
-with `error` and `error_kind` set; a tar that cannot be read raises `ShardError`.
-
-`read_shard` reads in a background thread and decodes in a thread pool (in order), ahead of
-the consumer by at most `depth` samples: the bound on decoded images a shard holds.
-"""
+A sample's problems make it a `Sample` with `error` set; a tar that cannot be read raises
+`ShardError`. `read_shard` decodes in a pool at most `depth` samples ahead: the bound on the
+decoded images a shard holds. See docs/inputs.md."""
 
 from __future__ import annotations
 
@@ -52,7 +42,7 @@ logger = logging.getLogger(__name__)
 _END = object()
 T = TypeVar("T")
 READER_JOIN_S = 2.0
-"""Seconds a stopped consumer waits for the reader thread to end (it checks every 0.2 s)."""
+"""Seconds a stopped consumer waits for the reader thread to end."""
 __all__ = ["Sample", "check_key", "decode_sample", "iter_raw", "iter_samples", "prefetch",
            "read_shard"]
 
@@ -62,18 +52,13 @@ class Sample:
     """One decoded input sample.
 
     Attributes:
-        key: the WebDataset key.
         guide: uint8 (H, W, 3) RGB, or None when `error` is set.
-        mask: uint8 (H, W) in {0, 1} (1 = regenerate, from white), or None.
-        members: the raw bytes of the guide ("guide"), mask ("mask") and target ("target")
-            members present, passed through to the output tar.
-        error: why this sample cannot be edited, or None.
-        error_kind: the kind of `error`, one of `pipeline.output.writer.ERROR_KINDS`, or None.
-        guide_png: the guide member's bytes when they are an 8-bit RGB PNG of exactly
-            `guide` (`images.is_rgb8_png`): stored as the output's guide.png unchanged.
-        carried: every other member (extension -> bytes): class labels, captions, `{key}.json`
-            with per-row settings; copied unchanged into each output sample.
-    """
+        mask: uint8 (H, W) in {0, 1} (1 = regenerate), or None.
+        members: the raw bytes of the "guide", "mask" and "target" members present, for the output.
+        error_kind: one of `pipeline.output.manifest.ERROR_KINDS`, or None.
+        guide_png: the guide's bytes when they are an 8-bit RGB PNG of exactly `guide`, stored as
+            the output's guide.png unchanged.
+        carried: every other member (extension -> bytes), copied into each output sample."""
 
     key: str
     guide: np.ndarray | None = None
@@ -87,14 +72,8 @@ class Sample:
 
 def decode_sample(raw: RawSample | Mapping[str, Any], image_ext: str | None,
                   mask_ext: str | None, max_pixels: int = DEFAULT_MAX_PIXELS) -> Sample:
-    """Decode one grouped sample (`RawSample`, or a dict {"__key__": key, ext: bytes}) into a
-    `Sample`; never raises.
-
-    The guide is decoded by `pipeline.images.decode_guide`, the mask by `decode_mask` (both
-    check `max_pixels` from the header before decoding). A keyless member, a sample marked by
-    `mark_duplicates`, a key that cannot name an output or a sample with an unusable member
-    is not decoded: it is an error row (kinds `member`, `duplicate`, `key`, `member` / `size`).
-    """
+    """One grouped sample (`RawSample`, or a dict {"__key__": key, ext: bytes}) as a `Sample`;
+    never raises: a keyless, repeated, unsafe or unusable one is an error row, not decoded."""
     if not isinstance(raw, RawSample):
         raw = RawSample.of(raw)
     key = printable(raw.key)
@@ -159,13 +138,9 @@ def _dotted_images(raw: RawSample, mask_ext: str | None) -> str:
 
 def iter_raw(url: str, storage_options: Mapping[str, Any] | None,
              max_member_bytes: int | None = None) -> Iterator[RawSample]:
-    """Yield the samples of the tar at `url` undecoded, in order (`group_members`), repeated
-    keys marked (`mark_duplicates`); members over `max_member_bytes` (default
-    `member_limit(DEFAULT_MAX_PIXELS)`) are not read.
-
-    Raises:
-        ShardError: the tar cannot be opened, is truncated or malformed.
-    """
+    """The samples of the tar at `url`, undecoded, in order, repeats marked; members over
+    `max_member_bytes` (default `member_limit(DEFAULT_MAX_PIXELS)`) are not read. ShardError when
+    the tar cannot be opened or is malformed."""
     limit = max_member_bytes or member_limit(DEFAULT_MAX_PIXELS)
     try:
         fs, path = url_fs(url, storage_options)
@@ -184,22 +159,16 @@ def iter_raw(url: str, storage_options: Mapping[str, Any] | None,
 def iter_samples(url: str, storage_options: Mapping[str, Any] | None, image_ext: str | None,
                  mask_ext: str | None, max_pixels: int = DEFAULT_MAX_PIXELS,
                  max_member_bytes: int | None = None) -> Iterator[Sample]:
-    """Yield decoded samples of the tar at `url` in tar order (in this thread).
-
-    Raises:
-        ShardError: the tar cannot be opened, is truncated or malformed.
-    """
+    """Decoded samples of the tar at `url` in tar order, in this thread; raises as `iter_raw`."""
     for raw in iter_raw(url, storage_options, max_member_bytes or member_limit(max_pixels)):
         yield decode_sample(raw, image_ext, mask_ext, max_pixels)
 
 
 def prefetch(items: Iterator[T], depth: int = 64) -> Iterator[T]:
-    """Run `items` in a background thread (read + decode) so the model never waits on I/O.
+    """`items` produced in a background thread, so the model never waits on I/O.
 
-    Exceptions of the producer are re-raised in the consumer, after the items before them.
-    When the consumer stops early (closes the generator), the producer stops at its next put
-    and its thread ends: no put ever blocks on a consumer that is gone.
-    """
+    A producer's exception is raised in the consumer after the items before it; a consumer that
+    stops early stops the producer at its next put."""
     buffer: queue.Queue[Any] = queue.Queue(maxsize=depth)
     stop = threading.Event()
 
@@ -247,11 +216,8 @@ def read_shard(url: str, storage_options: Mapping[str, Any] | None, image_ext: s
                timings: Timings | None = None) -> Iterator[Sample]:
     """Decoded samples of the tar at `url`, in tar order, read by a background thread.
 
-    With `pool`, samples are decoded there, several at once; without, by the reading thread.
-    At most `depth` samples are read ahead of the consumer (decoded or being decoded).
-    `gauge` counts each sample as it is decoded (the consumer counts it down when done);
-    `timings` gets the decoding time as "decode".
-    """
+    With `pool` they are decoded there, several at once, at most `depth` ahead of the consumer;
+    `gauge` counts each as decoded (the consumer counts it down), `timings` gets "decode"."""
     def decode(raw: RawSample) -> Sample:
         if timings is None:
             sample = decode_sample(raw, image_ext, mask_ext, max_pixels)

@@ -1,19 +1,8 @@
 """Per-row settings of input samples: t0, prompt and negative prompt, checked before batching.
 
-An input sample's `{key}.json` must be a JSON object; its keys `t0`, `prompt` and
-`negative_prompt` are settings, and a `{key}.txt` is the prompt when the json sets none. Job
-values (`sdedit.t0`, `sdedit.prompt`, `sdedit.negative_prompt`) are the defaults. Prompts are
-read only for text-conditioned models; for a pixel model json and txt members are simply
-carried over (a json `t0` still applies: it is a setting of SDEdit itself). Other keys of the
-json are carried metadata (captions, urls, labels: img2dataset's json passes), except a key
-that looks like a misspelt setting that applies (`T0`, `t_0`, `strength`, `promt`,
-`prompt_2`), which is refused with "did you mean", as the job file does. A bad value, a json
-that cannot be read (whatever the exception: deep nesting, huge numbers) or is no object
-makes that row an error row (error_kind "setting"), checked before batching so it never fails
-a batch; so does a prompt longer than `MAX_PROMPT_CHARS`. A message quotes at most a prefix of
-a value (`sdedit.quoted`). Settings a row sets but the model does not use (a prompt for a pixel
-model) are row warnings (`row_settings(notes=...)`), counted in the run's summary.
-"""
+A sample's `{key}.json` may set them (`{key}.txt` is the prompt otherwise) over the job's values.
+A bad row is a "setting" error row before batching, so it never fails a batch. See docs/jobs.md,
+"per-row settings"."""
 
 from __future__ import annotations
 
@@ -37,24 +26,19 @@ _ALIASES = {"strength": "t0", "to": "t0", "negprompt": "negative_prompt",
             "negative": "negative_prompt"}
 """Other names of settings, spelt as `_normal` leaves them (diffusers calls t0 strength)."""
 _CUTOFF = 0.88
-"""difflib ratio from which a key is taken for a misspelt setting (`promt`, `prompts`,
-`prompt_2` are; `prompt_id`, 0.86, is not)."""
+"""difflib ratio from which a key is a misspelt setting (`promt`, `prompt_2`; not `prompt_id`)."""
 _SHOW = reprlib.Repr()
 _SHOW.maxstring, _SHOW.maxlong, _SHOW.maxother = 60, 24, 60
 
 
 class SettingError(ValueError):
-    """A per-row setting that cannot be used; the message names the member, the value and
-    what is allowed."""
+    """An unusable per-row setting; the message names member, value and what is allowed."""
 
 
 @dataclass(frozen=True)
 class RowSettings:
-    """The settings one input sample's outputs are made with (prompts None for pixel models).
-
-    `prompt_truncated` / `negative_prompt_truncated`: what the text encoders did not take of
-    the prompts ("text_encoder kept 77 of 95 tokens"), None when they took them whole or it is
-    not known (set by the worker where the encoders run, `pipeline.worker.tasks`)."""
+    """The settings one input sample's outputs are made with (prompts None for pixel models);
+    `*_truncated` say what the text encoders did not take, None when whole or not yet known."""
 
     t0: float
     prompt: str | None = None
@@ -67,21 +51,11 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
                  negative_prompt: str | None, conditional: bool,
                  check_t0: Callable[[float], str | None],
                  negative_prompts: bool = True, notes: list[str] | None = None) -> RowSettings:
-    """The settings of sample `key` from its carried members (extension -> bytes) over the job's.
+    """The settings of sample `key` from its carried members over the job's values.
 
-    Args:
-        t0, prompt, negative_prompt: the job's values (prompts: None = "").
-        conditional: whether the model takes prompts.
-        check_t0: why a t0 in (0, 1] cannot be used with the job's sampler and steps (e.g.
-            fewer steps than `sdedit.steps`), or None.
-        negative_prompts: whether the model uses negative prompts (Flux does not: a row's
-            non-empty negative_prompt is then refused).
-        notes: the row's warnings are appended here, each a kind counted across rows (a
-            prompt in the json of a model that takes none).
-    Raises:
-        SettingError: a json that cannot be read or is no object, a misspelt setting, an
-        unreadable txt member, or a value that is not allowed.
-    """
+    `check_t0` says why a t0 in (0, 1] cannot be used with the job's sampler and steps, or None;
+    `negative_prompts` False refuses a row's non-empty negative prompt; `notes` gets the row's
+    warnings. SettingError for an unreadable json or txt, a misspelt setting or a bad value."""
     given = _json_settings(key, members, SETTINGS if conditional else ("t0",))
     if "t0" in given:
         t0 = _check_t0(key, given["t0"], check_t0)
@@ -112,7 +86,7 @@ def row_settings(key: str, members: Mapping[str, bytes], *, t0: float, prompt: s
 
 def near_setting(name: str, settings: tuple[str, ...] = SETTINGS) -> str | None:
     """The setting among `settings` that json key `name` looks like a misspelling of, or None
-    (case, spaces, `-` and `_` ignored; `_ALIASES`; difflib ratio >= `_CUTOFF`)."""
+    (case, spaces, `-` and `_` ignored)."""
     if name in SETTINGS:
         return None
     normal = _normal(name)
@@ -132,8 +106,7 @@ def _normal(name: str) -> str:
 
 def _json_settings(key: str, members: Mapping[str, bytes], read: tuple[str, ...]
                    ) -> dict[str, Any]:
-    """The settings keys of `{key}.json` (a JSON object; {} when there is none); a key that
-    looks like a misspelling of one of `read` is refused."""
+    """The setting keys of `{key}.json` ({} without one); near-misses of `read` are refused."""
     if "json" not in members:
         return {}
     allowed = (f"allowed: a JSON object; its keys {', '.join(SETTINGS)} are settings, other "

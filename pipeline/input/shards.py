@@ -1,10 +1,7 @@
-"""Input shard listing and resume planning.
+"""Input shard listing: the job's `input.shards` patterns as shard URLs, and each shard's stem.
 
-`expand_shards` turns the job's `input.shards` patterns into a list of shard URLs: brace ranges
-and lists (`p-{000000..000127}.tar`, `{train,val}.tar`) are expanded without touching storage,
-globs (`*`, `?`, `[...]`) are listed through fsspec, plain URLs are kept; `shard_stem` names a
-shard's outputs.
-"""
+Brace ranges and lists are expanded without touching storage, globs and folders are listed
+through fsspec, plain URLs are kept; `shard_stem` names a shard's outputs. See docs/inputs.md."""
 
 from __future__ import annotations
 
@@ -51,8 +48,8 @@ def _glob(pattern: str, storage_options: Mapping[str, Any]) -> list[str]:
 
 
 def _folder_or_file(name: str, storage_options: Mapping[str, Any]) -> list[str]:
-    """The `*.tar` of folder `name`, or [name]: only names without a tar suffix are looked at
-    (a list of 10,000 `.tar` URLs costs no request)."""
+    """The `*.tar` of folder `name`, or [name]; only names without a tar suffix are looked at, so
+    a list of `.tar` URLs costs no request."""
     if name.endswith(_TAR_SUFFIXES) or _protocol(name) in _NO_GLOB_PROTOCOLS:
         return [name]
     try:
@@ -73,19 +70,12 @@ def _canonical(url: str) -> str:
 
 def expand_shards(spec_or_patterns: str | Sequence[str],
                   storage_options: Mapping[str, Any] | None = None) -> list[str]:
-    """Expand shard patterns into URLs, in pattern order, duplicates removed (first kept).
+    """Shard patterns expanded into URLs, in pattern order, duplicates removed (first kept).
 
-    Args:
-        spec_or_patterns: one pattern or a list (`InputSpec.shards`). Each may be a brace
-            range/list (expanded without listing storage), a glob (listed via fsspec, sorted;
-            directories are skipped), a folder (its `*.tar`, sorted; a name without a tar suffix
-            is checked for being a folder) or a plain URL or path (kept, not checked).
-        storage_options: fsspec options for listing globs (`input.storage_options`).
-
-    Local paths without a protocol are returned absolute, so that actors in other working
-    directories can open them. Raises `PipelineError` when a pattern matches nothing or the
-    stems of two shards collide (see `shard_stem`), `StorageError` when a glob cannot be listed.
-    """
+    Each pattern may be a brace range / list, a glob (sorted, folders skipped), a folder (its
+    `*.tar`, sorted) or a plain URL or path (kept, not checked); local paths come back absolute,
+    for actors in other working directories. PipelineError when a pattern matches nothing or two
+    stems collide, StorageError when a glob cannot be listed."""
     patterns = [spec_or_patterns] if isinstance(spec_or_patterns, str) else spec_or_patterns
     options = dict(storage_options or {})
     result: dict[str, str] = {}  # canonical -> url, in insertion order
@@ -112,10 +102,7 @@ def expand_shards(spec_or_patterns: str | Sequence[str],
 
 
 def shard_stem(url: str) -> str:
-    """The shard's name without folders, query string and .tar / .tar.gz / .tgz suffix.
-
-    Output names derive from it: `{output}/shards/{stem}.tar`, `.../done/{stem}.json`.
-    """
+    """The name a shard's outputs get: no folders, query string or .tar / .tar.gz / .tgz suffix."""
     if _protocol(url) in _NO_GLOB_PROTOCOLS:
         url = url.split("?", 1)[0].split("#", 1)[0]
     name = posixpath.basename(url.rstrip("/"))
@@ -126,8 +113,8 @@ def shard_stem(url: str) -> str:
 
 
 def unique_stems(shards: Sequence[str]) -> dict[str, str]:
-    """Map stem -> shard URL; raises `PipelineError` listing every group of shards whose stems
-    collide (their outputs would overwrite each other)."""
+    """stem -> shard URL; PipelineError lists every group of shards whose stems collide (their
+    outputs would overwrite each other)."""
     by_stem: dict[str, list[str]] = {}
     for url in shards:
         by_stem.setdefault(shard_stem(url), []).append(url)

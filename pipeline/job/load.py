@@ -1,11 +1,8 @@
-"""Reading a job: one YAML file validated once into a `JobSpec`, every problem listed.
+"""Reading a job: a YAML file and `--set key.path=value` overrides, validated once into a
+`JobSpec`.
 
-`load_spec` reads a job file, applies `--set key.path=value` overrides and returns a `JobSpec`,
-or raises one `SpecError` listing every problem (unknown keys with a suggestion, bad values
-with what is allowed, cross-field conflicts). Each field's check is declared beside it in
-`pipeline.job.spec`. Relative local paths are kept as written: they are relative to the
-command's working directory, not to the job file.
-"""
+Every problem is listed in one `SpecError`. Relative local paths are relative to the working
+directory, not to the job file. See docs/jobs.md."""
 
 from __future__ import annotations
 
@@ -45,10 +42,7 @@ SCHEMA: dict[str, Any] = {"name": None, **{
 
 
 def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
-    """Read a local YAML job file, apply `key.path=value` overrides and validate it.
-
-    Raises `SpecError(errors, source=path)` listing every problem found.
-    """
+    """Read a local YAML job file, apply `key.path=value` overrides and validate it."""
     try:
         with open(path, encoding="utf-8") as handle:
             text = handle.read()
@@ -63,8 +57,8 @@ def load_spec(path: str, overrides: Sequence[str] = ()) -> JobSpec:
 
 
 def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[str, Any]:
-    """Return a deep copy of `data` with each `key.path=value` override set (value parsed as
-    YAML). Raises `SpecError(source="--set")` naming every bad override."""
+    """A deep copy of `data` with each `key.path=value` override set (the value read as YAML);
+    `SpecError(source="--set")` names every bad override."""
     errors: list[str] = []
     result = collect_overrides(data, overrides, SCHEMA, errors)
     if errors:
@@ -74,10 +68,7 @@ def apply_overrides(data: Mapping[str, Any], overrides: Sequence[str]) -> dict[s
 
 def parse_spec(data: Mapping[str, Any], source: str = "job",
                overrides: Sequence[str] = ()) -> JobSpec:
-    """Validate a job mapping (after applying `overrides`) into a `JobSpec`.
-
-    Raises `SpecError(errors, source)` listing every problem, override problems included.
-    """
+    """Validate a job mapping (after `overrides`) into a `JobSpec`."""
     reader = _JobReader()
     if not isinstance(data, Mapping):
         raise SpecError([f"job: {fmt(data)} is not a mapping; allowed: a mapping with keys "
@@ -153,10 +144,8 @@ class _JobReader(Reader):
 
 
 def _cross_checks(values: Mapping[str, dict[str, Any]], errors: list[str]) -> None:
-    """Checks that involve several fields; skipped where one of them is already invalid.
-
-    Settings the model decides (samplers, t0 and steps, prompts, guidance) are checked against
-    the model's config files by `pipeline.job.modelcheck` (validate, run and each actor)."""
+    """Checks that involve several fields, skipped where one of them is already invalid; what the
+    model decides is `pipeline.job.modelcheck`'s."""
     sampler, eta = values["sdedit"]["sampler"], values["sdedit"]["eta"]
     if BAD not in (sampler, eta) and eta != 0 and sampler != "ddim":
         errors.append(f"sdedit.eta: {fmt(eta)} is only used by sampler ddim (sampler is "

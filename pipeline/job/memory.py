@@ -1,12 +1,8 @@
-"""A job's weights precision and memory plan: resolved once, the same for validate, run and actors.
+"""A job's weights precision and memory plan, resolved once: the same for validate, run and
+actors.
 
-`weights_request` says what `model.weights_dtype` means for this output folder: the value the
-job names, or for `auto` the precision recorded in OUT/job.json (a resume keeps what the job
-started with), fp32 for a job.json written before the setting existed (its outputs stay what
-they were), the family's published precision for a new job. `job_plan` turns it, the model's
-configs and the guides' size into the memory plan (`sdedit.memplan`); `plan_problems` refuses
-what cannot fit `compute.gpu_memory_gb` (or, on an actor, its device), naming what would fit.
-"""
+For `auto` weights a resume keeps the precision OUT/job.json recorded; a plan that cannot fit is
+refused, naming what would. See docs/performance.md, "the memory plan"."""
 
 from __future__ import annotations
 
@@ -34,13 +30,13 @@ __all__ = ["JobPlan", "compute_problems", "device_gib", "job_plan", "plan_proble
            "precision_of", "precision_record", "weights_request"]
 
 LEGACY = "fp32"
-"""What `auto` means for a job whose job.json predates `model.weights_dtype`."""
+"""What `auto` means for a job.json that records no precision."""
 
 
 def weights_request(spec: JobSpec, record: Mapping[str, Any] | None) -> str | Precision:
     """What to load: `model.weights_dtype` when it names a precision; for `auto`, the parts
-    recorded in `record` (OUT/job.json), fp32 for a record from before the setting, or "auto"
-    (the family's) for a new job (`record` None)."""
+    `record` (OUT/job.json) holds, fp32 for a record without them, or "auto" (the family's) when
+    `record` is None."""
     name = spec.model.weights_dtype
     if name != "auto" or record is None:
         return name
@@ -63,11 +59,9 @@ def precision_of(request: str | Precision, layout: ModelLayout) -> Precision:
 
 def precision_record(spec: JobSpec, request: str | Precision, precision: Precision | None,
                      layout: ModelLayout | None, plan: JobPlan | None = None) -> dict[str, Any]:
-    """job.json's "precision": the job's `model.weights_dtype`, what it means for this output
-    (`request`: a name, "auto" = the family's, "fp32" for a job from before the setting), what
-    it resolved to and each part's precision (None when the model's configs are not readable
-    on the driver: the actors resolve the request), and the memory plan it was checked with
-    ("plan": the guide size actors plan for, GB per actor, offload)."""
+    """job.json's "precision": the job's setting, the request it means here, what it resolved to
+    and each part's precision (None when the driver cannot read the configs), and the memory
+    plan."""
     name = request.requested if isinstance(request, Precision) else request
     if precision is None or layout is None:
         return {"weights_dtype": spec.model.weights_dtype, "request": name, "resolved": None,
@@ -101,8 +95,8 @@ class JobPlan:
         return job_plan(spec, self.layout, precision, self.plan.size, self.size_source)
 
     def offload(self, spec: JobSpec, gib: float | None) -> str:
-        """compute.offload resolved: the job's, or for auto the one that fits `gib` (none
-        when nothing fits or no size is known)."""
+        """compute.offload resolved: the job's, or for auto the one that fits `gib` (none when
+        nothing fits or no size is known)."""
         if spec.compute.offload != "auto":
             return spec.compute.offload
         if gib is None:
@@ -128,9 +122,8 @@ def job_plan(spec: JobSpec, layout: ModelLayout, precision: Precision,
 
 
 def plan_problems(spec: JobSpec, job: JobPlan, gib: float | None, what: str) -> list[str]:
-    """The plan against `gib` GB (`what` names it: "compute.gpu_memory_gb 24", "this device's
-    22.5 GB"): one line naming the estimate and what would make it fit (each alternative
-    planned again: offload, fp8 weights, the largest batch size), or none."""
+    """The plan against `gib` GB (`what` names it): one line naming the estimate and each
+    alternative that would fit (offload, fp8 weights, the largest batch size), or none."""
     if gib is None:
         return []
     chosen = job.offload(spec, gib)

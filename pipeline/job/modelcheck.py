@@ -1,13 +1,8 @@
 """The job settings a model decides, checked by one function wherever a job can be refused.
 
-A sampler the model's noise process does not run, a t0 or step count its schedule cannot start
-from, prompts, negative prompts or a guidance scale it does not take: `job_model_problems`
-names each one. It runs on the model's layout read from its config files (no weights) by
-`sdedit-batch validate` and by `run` before Ray starts (`pipeline.driver.preflight`), and on the
-loaded
-model by every actor before its first shard (`pipeline.worker.shard`), so all three give the same
-verdict with the same words (`sdedit.checks.settings_problems`).
-"""
+`job_model_problems` names each sampler, t0, step count, prompt or guidance scale the model
+cannot take. `validate` and `run` (before Ray) call it on the layout read from config files, each
+actor on its loaded model, so all three give the same verdict in the same words."""
 
 from __future__ import annotations
 
@@ -19,13 +14,8 @@ __all__ = ["job_model_problems", "layout_problems", "loaded_model_problems"]
 
 def job_model_problems(spec: JobSpec, process: NoiseProcess, text: TextSpec | None, *,
                        family: str, tokens: int) -> list[str]:
-    """One line per job setting (`sdedit.*`) the model cannot run: "sdedit.sampler: ...".
-
-    Args:
-        process, text: the model's noise process and text spec.
-        family: the model family's name, for messages.
-        tokens: the network tokens of the model's sample size (resolution-dependent shifts).
-    """
+    """One line per `sdedit.*` setting the model cannot run; `tokens` is the network tokens of
+    the model's sample size (for resolution-dependent shifts), `family` names it in messages."""
     sd = spec.sdedit
     problems = settings_problems(
         process, text, source=spec.model.source, family=family, tokens=tokens,

@@ -1,11 +1,8 @@
 """The job spec as frozen, typed dataclasses: every setting declared once, with its check.
 
-Each field is made by `setting(default, check, affects=...)`: its default, the check that
-converts a YAML value (`pipeline.job.validation`), and whether it changes the outputs
-(`affects`: "v1" for the settings of fingerprint version 1, "later" for those added since, which
-count only when they differ from their default, so that old jobs resume unchanged).
-`pipeline.job.load` reads a job file into these objects.
-"""
+`affects` says whether a setting changes the outputs: "later" settings join the fingerprint only
+when they differ from their default, so that old jobs resume unchanged. The settings:
+docs/jobs.md."""
 
 from __future__ import annotations
 
@@ -50,7 +47,7 @@ Affects = Literal["v1", "later"] | None
 
 
 def setting(default: Any, check: Check, *, affects: Affects = None) -> Any:
-    """A spec field: `default` (REQUIRED: must be given; a list or dict is copied per spec),
+    """A spec field: its `default` (REQUIRED: must be given; lists and dicts copied per spec),
     the `check` of its YAML value, and whether (and since when) it changes the outputs."""
     meta = {"check": check, "affects": affects}
     if default is REQUIRED:
@@ -74,10 +71,8 @@ _EXT = optional(string("a member extension such as png or mask.png",
                        re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$"), strip="."))
 _INT = functools.partial(number, integer=True)
 MAX_PROMPT_CHARS = 10_000
-"""The longest prompt or negative prompt, in characters, of a job or of a row ({key}.json,
-{key}.txt): far above what any text encoder takes (CLIP 77 tokens, T5 256 or 512, a few
-characters each), low enough that no record repeats a huge value (job.json, every output's
-json and manifest row hold the prompt)."""
+"""The longest prompt in characters, job or row: far above what any text encoder reads, low
+enough that records repeating it stay small."""
 _TEXT = text(MAX_PROMPT_CHARS)
 _BOOL = typed("true or false", "is not a boolean", lambda v: isinstance(v, bool))
 _LORA = Check("a list of {source, scale} mappings", lambda v: v)  # read by load._JobReader.lora
@@ -100,9 +95,8 @@ class ModelSpec:
     lora: tuple[Lora, ...] = setting((), _LORA, affects="later")
     """LoRAs fused into the model (`sdedit.lora`); URL sources read with storage_options."""
     weights_dtype: str = setting("auto", choice(WEIGHTS_DTYPES), affects="later")
-    """The precision of the model's weights (`sdedit.precision`): auto = the family's published
-    one for a new job; a job whose job.json predates this setting keeps fp32
-    (`pipeline.job.memory.weights_request`)."""
+    """The precision of the model's weights (`sdedit.precision`); auto = the family's published
+    one (`pipeline.job.memory.weights_request`)."""
 
 
 @dataclass(frozen=True)
@@ -119,8 +113,7 @@ class InputSpec:
     """Member extension of the optional mask (white = regenerate), e.g. "mask.png"."""
     storage_options: Mapping[str, Any] = setting({}, _OPTIONS)
     max_pixels: int = setting(DEFAULT_MAX_PIXELS, _INT(1, 2**40), affects="later")
-    """Largest width x height of a guide or mask, read from its header before decoding; a
-    larger image is an error row (kind "size")."""
+    """Largest width x height of a guide or mask, read from its header; larger: a "size" row."""
 
 
 @dataclass(frozen=True)
@@ -162,10 +155,9 @@ class SdeditSpec:
     """Text-conditioned models: the negative prompt of rows that set none (None = "")."""
     guidance_scale: float | None = setting(None, optional(number(0, MAX_GUIDANCE)),
                                            affects="later")
-    """Classifier-free guidance g in [1, 100] (1 = conditional pass only), or the guidance
-    input in [0, 100] of a guidance-distilled model (Flux-dev); None = the family's default;
-    the model checks its lower end (`pipeline.job.modelcheck`, `sdedit.checks.guidance_range`).
-    """
+    """Classifier-free guidance g in [1, 100] (1 = conditional pass only), or the guidance input
+    in [0, 100] of a guidance-distilled model; None = the family's default; the model checks its
+    low end."""
 
 
 @dataclass(frozen=True)
@@ -191,20 +183,17 @@ class ComputeSpec:
                                metadata={"check": _ACTORS, "affects": None})
     shard_retries: int = setting(2, _INT(0, 100))
     host_threads: int | None = setting(None, optional(_INT(1, 256)))
-    """Threads decoding inputs and encoding outputs beside the device; None = the actor's
-    CPUs, at least 2."""
+    """Threads decoding and encoding beside the device; None = the actor's CPUs, >= 2."""
     offload: str = setting("auto", choice(OFFLOADS))
-    """none | text (text encoders in host memory, swapping with the network to encode) | auto
-    (text only when the memory plan does not fit the GPU without it)."""
+    """none | text (text encoders in host memory, swapped in to encode) | auto (text only when
+    the memory plan does not fit the GPU without it)."""
     gpu_memory_gb: float | None = setting(None, optional(number(1, 4096)))
-    """The memory of each GPU in GB (2^30 bytes, as nvidia-smi's MiB / 1024: an L4 has 22.5):
-    a job whose memory plan exceeds it is refused before any work."""
+    """The memory of each GPU in GB (2^30 bytes); a job whose memory plan exceeds it is refused."""
     compile: bool = setting(False, _BOOL)
-    """torch.compile the network's repeated blocks (regional compilation; minutes of warm-up
-    per actor, then faster steps on a GPU)."""
+    """torch.compile the network's repeated blocks (a warm-up per actor, then faster GPU steps)."""
     shard_timeout_s: float | None = setting(None, optional(number(0, open_low=True)))
-    """Seconds an attempt at a shard may take before it fails (and is retried); None = 10x
-    the slowest attempt the run has committed, at least an hour (`pipeline.driver.schedule`)."""
+    """Seconds an attempt at a shard may take before it fails and is retried; None = derived
+    (`pipeline.driver.schedule`)."""
 
 
 METRICS = ("ssim", "clip_score", "aesthetic", "embedding")
@@ -223,8 +212,7 @@ _METRICS = typed("a list of " + ", ".join(METRICS), "is not a list of known scor
 
 @dataclass(frozen=True)
 class ScoreSpec:
-    """Per-row scores of the outputs (`pipeline.score`), written beside each shard as
-    `scores/{stem}.parquet`; they never change the outputs (no field is in the fingerprint)."""
+    """Per-row scores of the outputs (`scores/{stem}.parquet`); never in the fingerprint."""
 
     metrics: tuple[str, ...] = setting((), _METRICS)
     """The scorers, any subset of METRICS; none = no scoring."""
@@ -250,8 +238,8 @@ class ScoreSpec:
         return any(m in CLIP_METRICS for m in self.metrics)
 
     def settings(self) -> dict[str, Any]:
-        """What the scores depend on (the models only where a scorer uses them): two runs
-        with the same settings give the same scores (`pipeline.output.scores`)."""
+        """What the scores depend on (the models only where a scorer uses them): the same
+        settings give the same scores."""
         data: dict[str, Any] = {"metrics": list(self.metrics)}
         if self.uses_clip:
             data["clip_model"] = self.clip_model
@@ -270,7 +258,7 @@ SECTIONS: dict[str, type] = {"model": ModelSpec, "input": InputSpec, "output": O
 
 @dataclass(frozen=True)
 class JobSpec:
-    """A validated job. Build it with `pipeline.job.load.load_spec` or `parse_spec`."""
+    """A validated job; build it with `pipeline.job.load.load_spec` or `parse_spec`."""
 
     name: str
     model: ModelSpec
@@ -281,7 +269,7 @@ class JobSpec:
     score: ScoreSpec = field(default_factory=ScoreSpec)
 
     def to_dict(self) -> dict[str, Any]:
-        """Plain JSON-able resolved spec; secrets in storage options are replaced by "***"."""
+        """The resolved spec as plain JSON values; secrets in storage options become "***"."""
         data = dataclasses.asdict(self)
         for section in ("model", "input", "output", "score"):
             data[section]["storage_options"] = redact(data[section]["storage_options"])
@@ -293,10 +281,8 @@ class JobSpec:
     def output_affecting(self) -> dict[str, Any]:
         """The settings that change the outputs; resuming requires them to be unchanged.
 
-        A setting added later (affects="later") is included only when it differs from its
-        default, whose outputs are those of before it existed: the fingerprint of a job that
-        keeps the default is the one it had then, so such a job resumes unchanged.
-        """
+        A "later" setting counts only when it differs from its default, so a job that keeps the
+        default keeps its fingerprint and resumes."""
         data: dict[str, Any] = {"fingerprint_version": FINGERPRINT_VERSION}
         for section, cls in SECTIONS.items():
             values = getattr(self, section)

@@ -1,10 +1,8 @@
-"""Validation machinery of the job spec: YAML reading, `--set` overrides, value checks.
+"""The machinery of the job's checks: YAML reading, `--set` overrides, value checks.
 
-Generic pieces only; the job's own schema, defaults and cross-field rules are in `spec.py`.
-A `Check` converts one value or raises `InvalidValueError`; a `Reader` walks a mapping section by
-section and collects every problem as one line "key.path: value ... ; allowed: ...", so that a
-job file is refused once, with all of its problems listed.
-"""
+A `Check` converts one value or raises `InvalidValueError`; a `Reader` walks a mapping and
+collects every problem as one line "key.path: value ...; allowed: ...", so that a job file is
+refused once with all of its problems. The job's own schema is in `spec.py`."""
 
 from __future__ import annotations
 
@@ -68,8 +66,7 @@ def suggest(word: str, options: Sequence[str]) -> str:
 
 
 def unknown_path(parts: Sequence[str], schema: Mapping[str, Any]) -> str | None:
-    """Why a dotted override path is not in `schema` (nested dicts; FREE = any sub-key;
-    None = a leaf), or None when it is."""
+    """Why a dotted override path is not in `schema`, or None when it is."""
     node: Any = schema
     for depth, part in enumerate(parts):
         if node == FREE and part:
@@ -85,7 +82,7 @@ def unknown_path(parts: Sequence[str], schema: Mapping[str, Any]) -> str | None:
 
 
 def set_path(data: dict[str, Any], parts: Sequence[str], value: Any) -> str | None:
-    """Set data[p0][p1]...= value, creating mappings; returns a problem or None."""
+    """Set data[p0][p1]... = value, creating mappings; returns a problem or None."""
     current = data
     for depth, part in enumerate(parts[:-1]):
         child = current.get(part)
@@ -104,7 +101,7 @@ def set_path(data: dict[str, Any], parts: Sequence[str], value: Any) -> str | No
 
 def collect_overrides(data: Mapping[str, Any], overrides: Sequence[str],
                       schema: Mapping[str, Any], errors: list[str]) -> dict[str, Any]:
-    """Deep copy of `data` with the valid overrides applied; problems are appended to errors."""
+    """A deep copy of `data` with the valid overrides applied; problems are appended to `errors`."""
     result: dict[str, Any] = copy.deepcopy(dict(data))
     for override in overrides:
         key, sep, raw = override.partition("=")
@@ -142,8 +139,7 @@ class Check:
 
 
 def fmt(value: Any) -> str:
-    """A value as the user wrote it: YAML-ish, with quotes around strings; of a long value only
-    a prefix and its length (`sdedit.quoted`)."""
+    """A value as the user wrote it, YAML-ish; of a long value only a prefix and its length."""
     if value is None or isinstance(value, bool):
         return {None: "null", True: "true", False: "false"}[value]
     return quoted(value)
@@ -227,10 +223,8 @@ class Reader:
         self.errors: list[str] = []
 
     def section(self, data: Any, path: str, schema: Mapping[str, Any]) -> Mapping[str, Any]:
-        """The mapping at `path` (empty if absent or bad); unknown keys are reported.
-
-        A missing section is not reported itself: its required keys are.
-        """
+        """The mapping at `path` (empty if absent or bad), unknown keys reported; a missing
+        section is reported through its required keys."""
         keys = ", ".join(sorted(schema))
         if data is None:
             return {}

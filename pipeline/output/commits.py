@@ -1,14 +1,8 @@
-"""Whether committed shards are whole: what a commit marker records of the files it commits
-(`files`: each file's size, the tar's CRC-32 and the manifest's sha256, written by
-`pipeline.output.writer.ShardOutput.commit`) against what the output holds.
+"""Whether committed shards are whole: what a marker records of its files against the output.
 
-Three depths: `damage` compares the sizes with one listing each of `shards/` and `manifests/`
-(`Listing`, no read of any tar or manifest: what `status` does with every marker); `run`'s plan
-reads a marker only where the listing cannot vouch for its shard (`unsure`: a file modified
-after its marker, or a store that gives no times), so it costs no request per shard; and
-`digest_damage` reads a shard's tar and manifest through (`status --verify`). A marker written
-before sizes were recorded (no `files`) is checked for its files' presence only.
-"""
+`damage` compares sizes with one listing per folder (`status`); `run`'s plan reads a marker only
+where the listing cannot vouch for its shard, so it makes no request per shard; `digest_damage`
+reads the files through (`status --verify`). See docs/outputs.md, "committed shards verified"."""
 
 from __future__ import annotations
 
@@ -39,7 +33,7 @@ class Plan:
     """What is left to do of a job's input shards, in input order."""
 
     pending: list[str] = field(default_factory=list)
-    """Input shards to process: no commit marker, or a damaged commit (below)."""
+    """Input shards to process: no commit marker, or a damaged commit."""
     done: list[str] = field(default_factory=list)
     """Input shards committed whole (their tar and manifest listed at the recorded sizes)."""
     damaged: dict[str, str] = field(default_factory=dict)
@@ -50,17 +44,14 @@ class Plan:
 
 @dataclass
 class Listing:
-    """The tars and manifests an output holds, by stem: (size, modification time or None),
-    from one listing each."""
+    """The tars and manifests an output holds, by stem: (size, modification time or None)."""
 
     tars: dict[str, tuple[int, float | None]] = field(default_factory=dict)
     manifests: dict[str, tuple[int, float | None]] = field(default_factory=dict)
 
 
 def recorded(marker: Mapping[str, Any] | None) -> dict[str, dict[str, Any]] | None:
-    """A marker's `files` record ({"tar": {"bytes", "crc32"}, "manifest": {"bytes",
-    "sha256"}}), or None when it has none of that shape (written before sizes were recorded,
-    or not a JSON object)."""
+    """A marker's `files` record, or None when it has none of that shape."""
     files = (marker or {}).get("files")
     if not isinstance(files, Mapping):
         return None
@@ -76,8 +67,7 @@ def recorded(marker: Mapping[str, Any] | None) -> dict[str, dict[str, Any]] | No
 
 def damage(stem: str, marker: Mapping[str, Any] | None, listing: Listing) -> str | None:
     """What is wrong with committed shard `stem` by the listing (None: nothing): a tar or
-    manifest missing, or of another size than its marker records (empty, with a marker that
-    records no sizes)."""
+    manifest missing, or of another size than recorded (empty, when the marker records none)."""
     files = recorded(marker)
     problems = []
     for name, path, entries in (("tar", f"{SHARDS}/{stem}.tar", listing.tars),
@@ -94,11 +84,8 @@ def damage(stem: str, marker: Mapping[str, Any] | None, listing: Listing) -> str
 
 
 def unsure(stem: str, marker_time: float | None, listing: Listing) -> bool:
-    """Whether the listing alone cannot vouch for committed shard `stem`, whose marker was
-    last modified at `marker_time`: its tar or manifest was modified after the marker (written
-    over, cut short, touched, or copied in another order), or a time is unknown. Its marker is
-    then read and the sizes compared. (Files missing or empty are damaged whatever a marker
-    says: `damage(stem, None, listing)`.)"""
+    """Whether the listing alone cannot vouch for shard `stem`: its tar or manifest was modified
+    after its marker (at `marker_time`), or a time is unknown; its marker is then read."""
     for entries in (listing.tars, listing.manifests):
         time_ = entries[stem][1] if stem in entries else None
         if time_ is None or marker_time is None or time_ > marker_time:
@@ -107,9 +94,7 @@ def unsure(stem: str, marker_time: float | None, listing: Listing) -> bool:
 
 
 def modified(entry: Mapping[str, Any]) -> float | None:
-    """The modification time (UNIX seconds) of an fsspec listing entry, from whichever key
-    the store gives (local "mtime", S3 "LastModified", GCS "updated", memory "created"), or
-    None."""
+    """The modification time (UNIX seconds) of an fsspec listing entry, or None."""
     for key in ("mtime", "LastModified", "updated", "created"):
         value = entry.get(key)
         if isinstance(value, dt.datetime):
@@ -126,9 +111,8 @@ def modified(entry: Mapping[str, Any]) -> float | None:
 
 def digest_damage(fs: FileSystem, tar: str, manifest: str,
                   marker: Mapping[str, Any] | None) -> str | None:
-    """What is wrong with a committed shard when its tar (`tar`, a path of `fs`) and manifest
-    are read through: a digest other than its marker records, or a manifest that does not read
-    as Parquet (also for markers without `files`). None: nothing."""
+    """What is wrong with a committed shard read through: a digest other than recorded, or a
+    manifest that is not Parquet. None: nothing."""
     files = recorded(marker)
     problems = []
     try:
@@ -156,9 +140,7 @@ def digest_damage(fs: FileSystem, tar: str, manifest: str,
 
 def sizes_by_stem(entries: Iterable[Mapping[str, Any]], suffix: str
                   ) -> dict[str, tuple[int, float | None]]:
-    """stem -> (size, modification time) of each file `{stem}{suffix}` of a detailed fsspec
-    listing (a stem may start with '.'; temporary files end otherwise,
-    `pipeline.storage.temp_name`)."""
+    """stem -> (size, modification time) of each `{stem}{suffix}` listed, temporaries left out."""
     sizes = {}
     for entry in entries:
         base = entry["name"].rstrip("/").rsplit("/", 1)[-1]
@@ -170,8 +152,7 @@ def sizes_by_stem(entries: Iterable[Mapping[str, Any]], suffix: str
 
 def remove_stale_temps(root: str, folders: Iterable[str], max_age_s: float) -> int:
     """Remove the temporary files in local folder `root` and its `folders` whose writer is gone
-    (`pipeline.storage.stale_temp`: its process on this machine has ended, or the file is
-    untouched for over `max_age_s`); never a live writer's. Returns how many were removed."""
+    (`pipeline.storage.stale_temp`), never a live writer's; returns how many."""
     now, removed = time.time(), 0
     for sub in ("", *folders):
         try:

@@ -1,20 +1,7 @@
 """`OutputFolder`: one job's output location, the one owner of what it holds.
 
-```
-OUT/job.json                  what the job is (`read_record` / `write_record`)
-OUT/shards/{stem}.tar         a shard's outputs   } written by `shard_writer(stem)`,
-OUT/manifests/{stem}.parquet  its manifest        } published before
-OUT/done/{stem}.json          its commit marker   } the marker, last
-OUT/failed/{stem}.json        a shard that failed after its retries (`record_failure`)
-OUT/lease.json                the run writing here now (`lease`, `pipeline.output.lease`)
-OUT/scores/{stem}.parquet     its scores, before the marker (or later: `write_scores`)
-OUT/scores/settings.json      the settings of those scores (`read_score_settings`)
-```
-Every other module asks it: which shards are done or failed (one listing each, no request per
-shard), which committed shards are damaged (`plan`, `pipeline.output.commits`), what is left to
-do, the job record (its shape checked: `pipeline.output.recordcheck`), the markers' contents,
-the manifests, and who holds the output.
-"""
+Every other module asks it about an output (done and failed shards, damaged commits, the job
+record, markers, manifests, the lease) and writes through it. See docs/outputs.md."""
 
 from __future__ import annotations
 
@@ -111,10 +98,9 @@ class OutputFolder(ResultTables):
         """OUT/job.json, or None when there is none.
 
         Raises:
-            StorageError: it cannot be read (naming where and why).
-            ResumeConflictError: it is not a job record (`pipeline.output.recordcheck`: not
-            JSON, keys missing or of another type), or one written by a newer version.
-        """
+            StorageError: it cannot be read.
+            ResumeConflictError: it is not a job record (`pipeline.output.recordcheck`) or was
+                written by a newer version."""
         url = self.url(JOB_RECORD)
         try:
             fs, path = url_fs(url, self.options)
@@ -163,11 +149,9 @@ class OutputFolder(ResultTables):
         return bool(with_retries(lambda: fs.exists(path), what="check done marker", url=url))
 
     def plan(self, shards: Sequence[str]) -> Plan:
-        """Split `shards` into pending and done, in input order: done when its commit marker
-        exists and its tar and manifest are whole. One listing each of `done/`, `shards/` and
-        `manifests/` (sizes and times; a missing output folder means nothing is done); a
-        marker is read only where the listings cannot vouch for its shard
-        (`pipeline.output.commits.unsure`), so planning costs no request per shard."""
+        """`shards` split into pending and done, in input order; done = a marker and a whole tar
+        and manifest. One listing per folder; a marker is read only where the listings cannot
+        vouch for it."""
         stems = unique_stems(shards)
         done = {stem: (name, time_) for stem, name, time_ in self._marker_listing(DONE)}
         listing = self.listing()  # after done/: a listed marker's files were there before it
@@ -198,14 +182,13 @@ class OutputFolder(ResultTables):
         return plan
 
     def listing(self) -> Listing:
-        """The sizes of the tars in `shards/` and the manifests in `manifests/` (one listing
-        each; temporary files left out)."""
+        """The sizes of the tars and the manifests, temporary files left out."""
         return Listing(tars=self._sizes(SHARDS, ".tar"), manifests=self._sizes(MANIFESTS,
                                                                                 ".parquet"))
 
     def uncommit(self, stems: Sequence[str]) -> None:
-        """Remove the commit markers of `stems` (damaged commits the run makes again; only
-        under the lease). StorageError naming the marker when one cannot be removed."""
+        """Remove the commit markers of `stems` (damaged commits the run makes again; only under
+        the lease); StorageError naming a marker that cannot be removed."""
         for stem in stems:
             url = self.shard_urls(stem).marker
             try:
@@ -221,12 +204,8 @@ class OutputFolder(ResultTables):
     def markers(self, folder: str, files: list[tuple[str, str]] | None = None
                 ) -> Iterator[tuple[str, dict[str, Any] | None]]:
         """(stem, content) of every marker of `folder` (DONE or FAILED), or of `files` ((stem,
-        path) from its listing), read `_CHUNK` at a time by `_WORKERS` threads; content None
-        when it is not a JSON object.
-
-        Raises:
-            StorageError: the folder cannot be listed or a marker cannot be read.
-        """
+        path)), read by a thread pool; content None when not a JSON object. StorageError when
+        unreadable."""
         if files is None:
             files = self._marker_files(folder)
         url = self.url(folder)
@@ -258,15 +237,14 @@ class OutputFolder(ResultTables):
                     yield from result
 
     def record_failure(self, stem: str, record: Mapping[str, Any]) -> None:
-        """Write `failed/{stem}.json`; StorageError "cannot write the failure record URL: ..."
-        when that fails."""
+        """Write `failed/{stem}.json`; StorageError naming it when that fails."""
         url = self.url(FAILED, stem + MARKER_SUFFIX)
         put_bytes_atomic(url, json.dumps(dict(record), indent=1).encode(), self.options,
                          what="the failure record")
 
     def clear_failure(self, stem: str) -> bool:
-        """Remove `failed/{stem}.json` of a shard that has now committed; best effort (`status`
-        ignores a failure record whose shard is done). True when it is gone."""
+        """Remove the failure record of a shard that has now committed; best effort (`status`
+        ignores a record whose shard is done). True when it is gone."""
         url = self.url(FAILED, stem + MARKER_SUFFIX)
         try:
             fs, path = url_fs(url, self.options)
@@ -280,26 +258,23 @@ class OutputFolder(ResultTables):
 
     # results
     def shard_writer(self, stem: str, scores: Mapping[str, Any] | None = None) -> ShardOutput:
-        """A writer of shard `stem`'s tar, manifest, score sidecar (when `scores`, its
-        metadata, is given) and marker, published in that order by its `commit`."""
+        """A writer of shard `stem`'s tar, manifest, score sidecar (when `scores`, its metadata,
+        is given) and marker, published in that order by its `commit`."""
         sidecar = None if scores is None else (self.scores_url(stem), scores)
         return ShardOutput(self.shard_urls(stem), stem, self.options, sidecar)
 
     # who writes here
     def lease(self, job: str = "", **options: Any) -> Lease:
-        """The lease of this output for a run of `job` (`pipeline.output.lease.Lease`; options:
-        timeout_s, heartbeat_s, clock); a `with` block holds it."""
+        """The lease of this output for a run of `job`; a `with` block holds it."""
         return Lease(self.url(LEASE), self.path, self.options, job=job, **options)
 
     def lease_state(self, **options: Any) -> LeaseState | None:
-        """The lease as it is now (None: no run holds it); StorageError when it cannot be
-        read."""
+        """The lease as it is now (None: no run holds it); StorageError when it cannot be read."""
         return self.lease(**options).state()
 
     def remove_stale_temps(self, max_age_s: float = LEASE_TIMEOUT_S) -> int:
-        """Remove the temporary files left in a local output by writers that are gone
-        (`pipeline.output.commits.remove_stale_temps`); call it holding the lease. Object
-        stores hold none (their writes are single uploads). Returns how many went."""
+        """Remove the temporary files writers that are gone left in a local output (object stores
+        hold none); call it holding the lease. Returns how many went."""
         fs, root = url_fs(self.path, self.options)
         if not is_local(fs):
             return 0

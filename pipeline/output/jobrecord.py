@@ -1,10 +1,8 @@
 """OUT/job.json: what a job is (resolved spec, fingerprint, versions) and what it ran with.
 
-`prepare_output` refuses a resume whose output-affecting settings changed (unless
-`--overwrite`) and writes job.json before any model work; `record_compute` adds the resolved
-compute values once the actors' settings are known, and warns when a resume changes one that
-outputs depend on through rounding (docs/outputs.md).
-"""
+`prepare_output` refuses a resume whose output-affecting settings changed (unless `--overwrite`)
+and writes job.json before any model work; `record_compute` adds the resolved compute values once
+the actors' settings are known, warning when a resume changes one. See docs/outputs.md, "resume"."""
 
 from __future__ import annotations
 
@@ -28,8 +26,8 @@ __all__ = ["job_record", "prepare_output", "record_compute", "resolved_compute",
 
 
 def resumable_record(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
-    """The output's job.json when this run resumes it (None: none, or one `prepare_output`
-    refuses or `--overwrite` discards): what `auto` weights mean (`pipeline.job.memory`)."""
+    """The output's job.json when this run resumes it (None: none, refused, or discarded by
+    `--overwrite`), which decides what `auto` weights mean."""
     try:
         old = OutputFolder.of(spec).read_record()
     except Exception:  # prepare_output reports it
@@ -39,13 +37,11 @@ def resumable_record(spec: JobSpec, overwrite: bool) -> dict[str, Any] | None:
 
 def prepare_output(spec: JobSpec, overwrite: bool,
                    precision: dict[str, Any] | None = None) -> dict[str, Any] | None:
-    """Refuse an unwritable output or a changed spec; write OUT/job.json (before model work),
-    with the weights' `precision` (`pipeline.job.memory.precision_record`) when given.
+    """Refuse an unwritable output or a changed spec, then write OUT/job.json (with `precision`
+    when given) before any model work; `validate` makes the same checks.
 
-    `validate` makes the same checks (`pipeline.driver.preflight`), so that its yes means this
-    one's. Returns the job.json found there before (None if none, or discarded by `overwrite`);
-    its `compute` section (see `record_compute`) is kept in the new job.json until replaced.
-    """
+    Returns the job.json found there before (None if none or discarded); its `compute` section is
+    kept until `record_compute` replaces it."""
     folder = OutputFolder.of(spec)
     folder.check_writable()
     try:
@@ -66,8 +62,7 @@ def prepare_output(spec: JobSpec, overwrite: bool,
 
 
 def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
-    """Why `spec` cannot resume the job recorded in `old` (its output-affecting settings
-    differ, naming each change), or None."""
+    """Why `spec` cannot resume the job recorded in `old` (naming each changed setting), or None."""
     if old is None or old.get("fingerprint") == spec.fingerprint():
         return None
     changed = _changed_fields(old.get("output_affecting", {}), spec.output_affecting())
@@ -78,10 +73,8 @@ def resume_conflict(spec: JobSpec, old: dict[str, Any] | None) -> str | None:
 
 def job_record(spec: JobSpec, compute: dict[str, Any] | None = None,
                precision: dict[str, Any] | None = None) -> dict[str, Any]:
-    """OUT/job.json (`record_version` names its shape, `pipeline.output.recordcheck`): the
-    resolved spec (secrets redacted), its fingerprint, versions, the weights' precision (what
-    actors load: `pipeline.job.memory.weights_request`) and, once
-    the actors' settings are known, the resolved `compute` values (see `record_compute`)."""
+    """OUT/job.json: the resolved spec (secrets redacted), its fingerprint, versions, the
+    weights' precision and, once known, the resolved `compute` values."""
     import diffusers
 
     record = {"record_version": RECORD_VERSION, "spec": spec.to_dict(),
@@ -100,9 +93,8 @@ def job_record(spec: JobSpec, compute: dict[str, Any] | None = None,
 
 def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int,
                      weights: str | None = None) -> dict[str, Any]:
-    """The compute values outputs depend on through rounding (docs/outputs.md): device
-    type, compute dtype (the weights' own when they are low-precision: `weights`), torch
-    threads per actor and batch size, resolved."""
+    """The compute values outputs depend on through rounding: device type, compute dtype (the
+    weights' own when low-precision), torch threads per actor and batch size."""
     device = "cuda" if use_gpu else "cpu"
     name = dtype_name(resolve_dtype(spec.compute.dtype, torch.device(device)))
     if weights in ("bf16", "fp16", "fp8"):
@@ -113,11 +105,8 @@ def resolved_compute(spec: JobSpec, use_gpu: bool, threads: int,
 
 def record_compute(spec: JobSpec, compute: dict[str, Any], previous: dict[str, Any] | None,
                    shards_done: int, precision: dict[str, Any] | None = None) -> list[str]:
-    """Write the resolved compute values into OUT/job.json; warn when shards are already done
-    with other values (their outputs may differ in rounding from what these give).
-
-    Returns the changes warned about, as "name old -> new".
-    """
+    """Write the resolved compute values into OUT/job.json and warn when shards are already done
+    with other values; returns the changes as "name old -> new"."""
     before = (previous or {}).get("compute") or {}
     changes = [f"{name} {before[name]} -> {value}" for name, value in compute.items()
                if name in before and before[name] != value] if shards_done else []

@@ -1,18 +1,8 @@
 """Keys that occur in more than one input shard of a job, counted in bounded memory.
 
-Not an error (outputs are per shard), but joins on the key alone are ambiguous for them. The
-count reads the `key` column of the manifest of every done shard, a few at a time in threads,
-and keeps one 64-bit hash per distinct key of each shard. Up to `PARTITION_ROWS` hashes are
-counted in memory; more are spread over hash partitions in temporary files (`TMPDIR`) and
-counted one partition at a time, so memory stays near `PARTITION_ROWS` x 8 bytes (32 MB) x a few
-at any scale (100,000 shards of 1,000 rows: benchmarks/driver_scale.py). The count is exact
-except for 64-bit hash collisions, each of which adds one: at 10^8 distinct keys the chance of
-any is about 3 in 10,000 (n^2 / 2^65).
-
-`run`'s summary and `status` count in passing only while the job holds at most `AUTO_ROWS`
-manifest rows (their time then does not grow with the job); `status --repeated-keys` counts at
-any size.
-"""
+Not an error, but joins on the key alone are ambiguous for them. One 64-bit hash per distinct key
+and shard is counted, in hash partitions on disk beyond `PARTITION_ROWS`; exact but for hash
+collisions. See docs/outputs.md, "status"."""
 
 from __future__ import annotations
 
@@ -43,8 +33,8 @@ _CHUNK = 64
 
 
 def _key_hashes(data: bytes) -> np.ndarray:
-    """int64 hashes of the distinct keys of one manifest (its Parquet bytes). Python's string
-    hash: consistent within this process, which is all one count needs."""
+    """int64 hashes of the distinct keys of one manifest's Parquet bytes (Python's string hash:
+    stable within this process, which is all one count needs)."""
     keys = pq.read_table(pa.BufferReader(data), columns=["key"]).column("key").to_pylist()
     hashes = np.fromiter((hash(k) for k in keys if k is not None), np.int64, len(keys))
     return np.unique(hashes)
@@ -52,8 +42,8 @@ def _key_hashes(data: bytes) -> np.ndarray:
 
 def _manifests(folder: OutputFolder, stems: list[str], workers: int,
                on_unreadable: Callable[[str, str], None] | None) -> Iterator[np.ndarray]:
-    """Key hashes per manifest of `stems`, read `workers` chunks at a time; a manifest that
-    cannot be read goes to `on_unreadable(stem, why)`, or (None) raises StorageError."""
+    """Key hashes per manifest of `stems`; an unreadable manifest goes to `on_unreadable(stem,
+    why)`, or (None) raises StorageError."""
     output, options = folder.path, folder.options
     fs, _ = url_fs(output, options)
     paths = [url_fs(folder.shard_urls(stem).manifest, options)[1] for stem in stems]
@@ -99,16 +89,11 @@ def _repeated(hashes: np.ndarray) -> int:
 def count_repeated_keys(folder: OutputFolder, stems: Iterable[str], rows: int | None = None,
                         limit: int | None = None, workers: int = 8,
                         on_unreadable: Callable[[str, str], None] | None = None) -> int | None:
-    """How many keys occur in the manifests of more than one of the shards `stems` (done).
+    """How many keys occur in the manifests of more than one of the done shards `stems`.
 
-    Args:
-        rows: the manifests' rows, if known (from the markers): sets the partitions.
-        limit: give up (None) once more rows than this were read.
-        on_unreadable: called with (stem, why) for a manifest that is not Parquet (cut short,
-            overwritten); it is then left out of the count. None: StorageError naming it.
-    Raises:
-        StorageError: a manifest could not be read.
-    """
+    `rows` (from the markers, if known) sets the partitions; past `limit` rows read it gives up
+    (None). An unreadable manifest goes to `on_unreadable(stem, why)` and is left out, or without
+    it raises StorageError."""
     stems = list(stems)
     partitions = max(1, math.ceil((rows or 0) / PARTITION_ROWS))
     if partitions == 1:

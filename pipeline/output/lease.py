@@ -1,17 +1,8 @@
 """One writer per output: `OUT/lease.json` names the run writing there.
 
-A run takes the lease before it writes anything of the job (`Lease.acquire`), renews it every
-`HEARTBEAT_S` seconds from a thread of the driver while it runs (`Lease.__enter__`), and
-removes it at the end, on failure and on Ctrl-C too (`Lease.__exit__`). A second run finds the
-lease held and is refused (`OutputBusyError`, naming the holder and how old its heartbeat is).
-A lease is taken over, with a warning, when its run has stopped: its last heartbeat is older
-than `LEASE_TIMEOUT_S`, or its process ran on this machine and has ended (a killed driver's
-rerun need not wait), or its file cannot be read.
-
-Every change of the lease is a compare-and-swap (`pipeline.output.leasestore`): under a
-`flock` on local disks, by conditional writes on S3 (If-None-Match / If-Match), and by read,
-compare, write and read back on other stores (not atomic; docs/outputs.md says what that leaves).
-"""
+A run takes the lease before it writes anything, renews it while it runs and removes it at its
+end; a second run is refused, and a stopped run's lease is taken over with a warning. See
+docs/outputs.md, "one writer per output"."""
 
 from __future__ import annotations
 
@@ -40,7 +31,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["HEARTBEAT_S", "LEASE_TIMEOUT_S", "Holder", "Lease", "LeaseState"]
 
 LEASE_TIMEOUT_S = 300.0
-"""A lease whose last heartbeat is older than this is taken over (its run has stopped)."""
+"""A lease whose last heartbeat is older than this, in seconds, is taken over."""
 HEARTBEAT_S = 30.0
 """Seconds between two renewals of a held lease."""
 LEASE_VERSION = 1
@@ -87,8 +78,7 @@ class Holder:
 
 @dataclass(frozen=True)
 class LeaseState:
-    """A lease as found: its holder (None when the file cannot be read), and why it counts as
-    stale (None: live, a run is writing)."""
+    """A lease as found: its holder (None when unreadable), and why it is stale (None: live)."""
 
     holder: Holder | None
     stale: str | None
@@ -100,12 +90,8 @@ class LeaseState:
 
 
 class Lease:
-    """The lease of the output at `where` (its file at `url`), for a run of job `job`.
-
-    Args:
-        timeout_s: a heartbeat older than this makes a lease stale; heartbeat_s: seconds
-            between renewals; clock: UNIX seconds now (tests pass their own).
-    """
+    """The lease of the output at `where` (its file at `url`) for a run of `job`; `clock` gives
+    UNIX seconds (tests pass their own)."""
 
     def __init__(self, url: str, where: str, options: Mapping[str, Any] | None = None, *,
                  job: str = "", timeout_s: float = LEASE_TIMEOUT_S,
@@ -124,8 +110,7 @@ class Lease:
 
     # reading
     def state(self) -> LeaseState | None:
-        """The lease as it is now (None: no lease); StorageError naming it when it cannot be
-        read."""
+        """The lease as it is now (None: no lease); StorageError when it cannot be read."""
         content, _ = self._call("read", self.store.read)
         return None if content is None else self._judge(content)
 
@@ -144,12 +129,11 @@ class Lease:
 
     # holding
     def acquire(self) -> None:
-        """Take the lease, or take over a stale one (a warning names it).
+        """Take the lease, or take over a stale one with a warning.
 
         Raises:
             OutputBusyError: another run holds it (naming the run and its heartbeat's age).
-            StorageError: the store failed (naming the lease file).
-        """
+            StorageError: the store failed (naming the lease file)."""
         now = self.clock()
         user = _user()
         self.mine = Holder(uuid.uuid4().hex, f"{user}@{socket.gethostname()}",
@@ -205,7 +189,7 @@ class Lease:
 
     def release(self) -> None:
         """Stop the heartbeat and remove the lease if it is still this run's (best effort: a
-        lease left behind is taken over by the next run once stale)."""
+        lease left behind goes stale and is taken over)."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
@@ -248,8 +232,8 @@ class Lease:
                 f"{self.timeout_s:.0f} s is taken over ({redact_url(self.url)})")
 
     def _call(self, what: str, fn: Callable[[], Any]) -> Any:
-        """`fn()` with transient errors retried; any other failure a StorageError naming the
-        lease (a failed condition, ConflictError, passes)."""
+        """`fn()` with transient errors retried; other failures a StorageError naming the lease
+        (a failed condition, ConflictError, passes)."""
         try:
             return with_retries(fn, what=f"{what} the lease", url=self.url)
         except (ConflictError, OutputBusyError, StorageError):

@@ -1,16 +1,8 @@
 """Compare-and-swap of one small object (the lease file), with what each store offers.
 
-- local disks (`Local`): an exclusive `flock` of the object's folder around read, compare and
-  write; the write itself by temporary file, fsync and rename (readers never see half of it);
-- S3 (`S3`): conditional requests, `If-None-Match: *` to create, `If-Match: <ETag>` to replace
-  and delete (SeaweedFS 4.48 honours both); a store that answers 501 / NotImplemented falls
-  back to `Plain`, with a warning;
-- any other store (`Plain`): read, compare, write; not atomic (two writers in the same round
-  trip can both pass the compare; `pipeline.output.lease` reads back after writing).
-
-Each store's `read()` returns (content or None, tag); `write(data, tag)` and `delete(tag)`
-raise `ConflictError` unless the object is still the one read with `tag` (tag None: absent).
-"""
+`Local`: an exclusive `flock`; `S3`: conditional requests; `Plain`: read, compare, write (not
+atomic). `write(data, tag)` and `delete(tag)` raise `ConflictError` unless the object is still
+the one `read()` gave with `tag` (None: absent). See docs/outputs.md, "one writer per output"."""
 
 from __future__ import annotations
 
@@ -104,8 +96,8 @@ class Plain:
 
 
 class S3(Plain):
-    """S3 conditional writes (`If-None-Match: *`, `If-Match: ETag`); tags are ETags. Falls
-    back to `Plain` for good when the store answers that it does not implement them."""
+    """S3 conditional writes; tags are ETags. Falls back to `Plain` for good, with a warning,
+    when the store does not implement them."""
 
     def __init__(self, fs: FileSystem, path: str) -> None:
         super().__init__(fs, path)
@@ -163,8 +155,7 @@ class S3(Plain):
             raise ConflictError
 
     def _unsupported(self, exc: BaseException) -> bool:
-        """Raise `ConflictError` for a condition that failed; True for a store that does not
-        implement conditional requests (it falls back to `Plain` for good, with a warning)."""
+        """Raise `ConflictError` for a failed condition; True when the store has no conditions."""
         if isinstance(exc, FileExistsError):
             raise ConflictError from exc
         for status, code in _answers(exc):

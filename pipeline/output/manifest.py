@@ -1,18 +1,9 @@
 """The manifest: its schema, its error kinds and the one function that builds a row.
 
-Every shard's results carry one Parquet manifest (`OUT/manifests/{stem}.parquet`, see
-`pipeline.output.layout`) with one row per input sample x output index, errors included. This
-module is
-the only home of what a row is:
-
-- `MANIFEST_SCHEMA`: the columns, their types and order (new columns are only appended, so
-  manifests written before a column existed read together with newer ones);
-- `ERROR_KINDS`: the fixed list of `error_kind` values, with what each means;
-- `manifest_row`: the one row builder; it refuses a row with an unknown or a missing column, a
-  status other than "ok" / "error", an ok row with an error, or an error row without a message
-  or with a kind not in `ERROR_KINDS` (a misspelt column never becomes a silent null);
-- `manifest_bytes`: the Parquet bytes of a shard's rows.
-"""
+Each shard has one Parquet manifest with one row per input sample x output index, errors
+included. `manifest_row` refuses a row that does not fit the schema, so a misspelt column never
+becomes a silent null; columns are only ever appended, so older manifests read with newer ones.
+The columns and kinds are documented in docs/outputs.md."""
 
 from __future__ import annotations
 
@@ -56,21 +47,17 @@ MANIFEST_SCHEMA = pa.schema([
     ("model", pa.string()), ("width", pa.int32()), ("height", pa.int32()),
     ("faithfulness_l2", pa.float64()), ("seconds", pa.float64()), ("worker", pa.string()),
     ("created_at", pa.timestamp("us", tz="UTC")),
-    # added with issue 11 (appended: older manifests read together with these, the new
-    # columns null for their rows)
+    # appended columns (never inserted: older manifests read together with newer ones, the
+    # columns they lack null for their rows)
     ("eta", pa.float64()), ("dtype", pa.string()), ("batch_size", pa.int32()),
     ("model_identity", pa.string()), ("error_kind", pa.string()),
-    # added with issue 10: per-row settings of text-conditioned models (null for pixel models)
+    # per-row settings of text-conditioned models (null for pixel models)
     ("prompt", pa.string()), ("negative_prompt", pa.string()), ("guidance_scale", pa.float64()),
-    # added with issue 23: what the text encoders did not take of the prompts (null: whole)
+    # what the text encoders did not take of the prompts (null: whole)
     ("prompt_truncated", pa.string()), ("negative_prompt_truncated", pa.string()),
 ])
-"""One row per input sample x output index. `input_shard`, `output_shard` and `model` are
-absolute (local paths made absolute, URLs without credentials, a hub id as given);
-`batch_size` is the number of samples in the network call that made the output.
-`prompt_truncated` / `negative_prompt_truncated`: null when every text encoder took the prompt
-whole (and for pixel models, and rows whose settings were never read), else which encoders cut
-it and where ("text_encoder kept 77 of 95 tokens"; several joined by "; ")."""
+"""One row per input sample x output index; `input_shard`, `output_shard` and `model` are
+absolute, without credentials."""
 
 COLUMNS: tuple[str, ...] = tuple(MANIFEST_SCHEMA.names)
 """The manifest's column names, in order."""
@@ -79,18 +66,15 @@ _COLUMN_SET = frozenset(COLUMNS)
 
 
 class ManifestRowError(ValueError):
-    """A manifest row that does not fit the schema (a bug of the code building it, never a
-    problem of the input): the message names the columns or values at fault."""
+    """A manifest row that does not fit the schema: a bug of its builder, never of the input."""
 
 
 def manifest_row(**columns: Any) -> dict[str, Any]:
-    """One manifest row: every column of `MANIFEST_SCHEMA` given (None for null), no other.
+    """One manifest row in column order: every column of `MANIFEST_SCHEMA` given (None for null).
 
-    Returns the row as a dict in column order.
     Raises:
-        ManifestRowError: a column missing or unknown; `status` not "ok" or "error"; an ok row
-            with an `error` or `error_kind`; an error row whose `error_kind` is not one of
-            `ERROR_KINDS` or whose `error` is empty.
+        ManifestRowError: a column missing or unknown; a status not "ok" / "error"; an ok row
+            with an error; an error row without a message or with a kind not in `ERROR_KINDS`.
     """
     given = columns.keys()
     if given != _COLUMN_SET:
@@ -126,13 +110,8 @@ def check_row(row: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def manifest_bytes(rows: Sequence[Mapping[str, Any]]) -> bytes:
-    """Parquet bytes of manifest rows (each made by `manifest_row`), in the order given.
-
-    No rows (an empty shard, or one whose samples all failed before decoding) gives a file with
-    the schema and no row group: pyarrow, pandas and duckdb read it as 0 rows, and HF
-    `datasets` reads a folder holding it (a row group of 0 rows makes `datasets` fail with
-    "BatchSize must be greater than 0").
-    """
+    """Parquet bytes of manifest rows, in the order given. No rows gives the schema and no row
+    group, since a row group of 0 rows makes Hugging Face `datasets` fail."""
     sink = pa.BufferOutputStream()
     with pq.ParquetWriter(sink, MANIFEST_SCHEMA) as writer:
         if rows:

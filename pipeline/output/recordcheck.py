@@ -1,12 +1,8 @@
-"""The shape of OUT/job.json, checked before any command reads it (`run`, `validate`, `status`).
+"""The shape of OUT/job.json, checked before any command reads it.
 
-`record_problems` reads a parsed job.json against `SCHEMA`: every key this code reads, with its
-JSON type; the job's other recorded settings are not read back (the fingerprint and
-`output_affecting` decide a resume) and may hold any JSON value. A record written by a newer
-version of this code (`record_version` above `RECORD_VERSION`, or a fingerprint version above
-`pipeline.job.spec.FINGERPRINT_VERSION`) is named as such, with the version that wrote it.
-Messages name keys and types, never quote values (a value may be megabytes long).
-"""
+`record_problems` checks every key this code reads against `SCHEMA`; other recorded settings may
+hold any JSON value (the fingerprint decides a resume). A record of a newer version of this code
+is named as such. Messages name keys and types, never values (a value may be megabytes long)."""
 
 from __future__ import annotations
 
@@ -34,21 +30,16 @@ SCHEMA: dict[str, Schema] = {
     "compute?": {"device?": str, "dtype?": str, "threads?": int, "batch_size?": int},
     "precision?": {},
 }
-"""Keys of a job record (a trailing "?": may be absent) and their JSON types: a type, a
-one-item list (a list of that), or a dict (an object with these keys, others allowed)."""
+"""Keys of a job record (a trailing "?": may be absent) and their JSON types: a type, a one-item
+list (a list of that), or a dict (an object with these keys, others allowed)."""
 
 _NAMES = {str: "a string", int: "an integer", float: "a number", bool: "true or false",
           list: "a list", dict: "an object", type(None): "null"}
 
 
 def parse_record(data: bytes, where: str) -> dict[str, Any]:
-    """The job record in `data` (job.json's bytes; `where` names it in messages: "output OUT:
-    its job.json").
-
-    Raises:
-        ResumeConflictError: not JSON, not of the record's shape, or written by a newer
-        version; the message says what, and that `--overwrite` discards it.
-    """
+    """The job record in `data` (job.json's bytes; `where` names it in messages);
+    ResumeConflictError when it is not JSON, not of the record's shape, or of a newer version."""
     try:
         record = json.loads(data)
     except ValueError as exc:
@@ -68,16 +59,14 @@ def parse_record(data: bytes, where: str) -> dict[str, Any]:
 
 
 def record_problems(record: Any) -> list[str]:
-    """What keeps `record` (a parsed job.json) from being a job record: one line per key
-    missing or of another type ("spec.input: a string, expected an object")."""
+    """One line per key of `record` missing or of another type ("spec.input: a string, ...")."""
     problems: list[str] = []
     _check(record, SCHEMA, "", problems)
     return problems
 
 
 def newer_version(record: Mapping[str, Any]) -> str | None:
-    """Why `record` was written by a newer version than this one (naming the versions), or
-    None."""
+    """Why `record` was written by a newer version than this one (naming the versions), or None."""
     writer = (record.get("versions") or {}).get("sdedit-batch")
     by = f" (sdedit-batch {writer})" if isinstance(writer, str) else ""
     version = record.get("record_version", 1)

@@ -1,10 +1,8 @@
 """OUT/scores/settings.json: the score settings of an output's sidecars, checked on resume.
 
-Every sidecar of an output is made with the same settings (scorers, CLIP model, aesthetic
-model, prompt): `run` with a `score:` section and `sdedit-batch score` record them before any
-work and refuse other settings unless `--overwrite`, which discards the old sidecars (the
-outputs stay). `validate` makes the same check (`pipeline.driver.preflight`).
-"""
+Every sidecar of an output is made with the same settings: `run` with a `score:` section and
+`sdedit-batch score` record them before any work and refuse others unless `--overwrite`, which
+discards the old sidecars (the outputs stay). See docs/scores.md."""
 
 from __future__ import annotations
 
@@ -27,12 +25,8 @@ def scores_conflict(folder: OutputFolder, settings: Mapping[str, Any]) -> str | 
 
 
 def prepare_scores(folder: OutputFolder, settings: Mapping[str, Any], overwrite: bool) -> None:
-    """Refuse other score settings than the recorded ones (with `overwrite`: discard the old
-    sidecars), then record `settings`.
-
-    Raises:
-        ResumeConflictError: naming each changed setting.
-    """
+    """Refuse score settings other than the recorded ones (with `overwrite`, discard the old
+    sidecars), then record `settings`; ResumeConflictError names each change."""
     conflict = scores_conflict(folder, settings)
     if conflict is not None:
         if not overwrite:

@@ -1,13 +1,9 @@
 """Score sidecars: `OUT/scores/{stem}.parquet`, one row per manifest row, and their settings.
 
-A shard's sidecar holds its rows in the manifest's order with the manifest's keys (`key`,
-`output_key`, `sample_index`: rows join on them, or by position) and one column per scorer
-(`pipeline.score`); an error row, or a scorer not asked for, is null. The Parquet file's
-key-value metadata (`METADATA_KEY`) records what made the scores: the settings, the scorer
-models with their identities (as `model_identity` records the diffusion model) and versions.
-`OUT/scores/settings.json` records the settings of every sidecar of the output: scores made
-with other settings replace them only with `--overwrite` (`score_conflict`).
-"""
+A sidecar holds the manifest's rows in its order with its keys, and one column per scorer (null
+for error rows and scorers not asked for); its Parquet metadata records what made the scores.
+Scores with other settings replace them only with `--overwrite` (`score_conflict`). See
+docs/scores.md."""
 
 from __future__ import annotations
 
@@ -29,16 +25,16 @@ SCORE_SCHEMA = pa.schema([
     ("ssim", pa.float64()), ("clip_score", pa.float64()), ("aesthetic", pa.float64()),
     ("embedding", pa.list_(pa.float16())),
 ])
-"""One row per manifest row: its keys, then ssim (torchmetrics, to the guide, -1..1),
-clip_score (0..100), aesthetic (the LAION predictor's scale, about 1..10) and the
-L2-normalised CLIP image embedding (float16)."""
+"""One row per manifest row: its keys, then ssim (to the guide, -1..1), clip_score (0..100),
+aesthetic (the LAION predictor's scale, about 1..10) and the L2-normalised CLIP image embedding
+(float16)."""
 METADATA_KEY = b"sdedit_scores"
 """The Parquet metadata key holding what made a sidecar's scores (JSON)."""
 
 
 def score_row(manifest_row: Mapping[str, Any], scores: Mapping[str, Any] | None) -> dict[str, Any]:
-    """The sidecar row of one manifest row: its keys, and `scores` (scorer name -> value;
-    None or a missing name = null). Refuses a name that is not a score column."""
+    """The sidecar row of one manifest row: its keys and `scores` (name -> value; None or missing
+    = null); a name that is no score column is refused."""
     values = dict(scores or {})
     unknown = sorted(set(values) - set(SCORE_COLUMNS))
     if unknown:
@@ -54,7 +50,7 @@ def score_row(manifest_row: Mapping[str, Any], scores: Mapping[str, Any] | None)
 
 
 def scores_bytes(rows: Sequence[Mapping[str, Any]], metadata: Mapping[str, Any]) -> bytes:
-    """Parquet bytes of a shard's sidecar rows (`score_row`), with `metadata` as JSON."""
+    """Parquet bytes of a shard's sidecar rows, with `metadata` as JSON."""
     schema = SCORE_SCHEMA.with_metadata({METADATA_KEY: json.dumps(dict(metadata),
                                                                   sort_keys=True).encode()})
     sink = pa.BufferOutputStream()
@@ -72,8 +68,7 @@ def read_metadata(schema: pa.Schema) -> dict[str, Any]:
 
 def score_conflict(path: str, recorded: Mapping[str, Any] | None,
                    settings: Mapping[str, Any]) -> str | None:
-    """Why scores made with `settings` cannot join those recorded at output `path`
-    (naming each change), or None."""
+    """Why scores made with `settings` cannot join those recorded at `path`, or None."""
     if recorded is None or dict(recorded) == dict(settings):
         return None
     changed = [f"score.{k}: {recorded.get(k)!r} -> {settings.get(k)!r}"

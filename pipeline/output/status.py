@@ -1,16 +1,6 @@
-"""Job status from the output folder alone: done, failed and pending shards, sample counts,
-error rows by kind (all from the markers), committed shards that are damaged (their files
-against what their markers record, `pipeline.output.commits`: by one listing each of shards/ and
-manifests/, or read through with `verify`), the run writing there now (its lease), error rows
-themselves and keys repeated across shards (from the manifests).
-
-Memory does not grow with the number of rows: the totals come from the done markers
-(`MarkerTotals`, the same sum `run`'s summary makes), read a few hundred at a time by several
-threads (`OutputFolder.markers`); the manifests are read only to list error rows (`status --errors`)
-or to count repeated keys (`pipeline.output.keycount`: in passing up to `keycount.AUTO_ROWS` rows,
-at any size with `status --repeated-keys`). Every storage failure is a `StorageError` naming
-the location and the cause.
-"""
+"""Job status from the output folder alone: shards done, failed and pending, counts, damaged
+commits, the writing run, error rows and repeated keys. Totals come from the markers, so memory
+does not grow with the rows. See docs/outputs.md, "status"."""
 
 from __future__ import annotations
 
@@ -44,18 +34,15 @@ _WORKERS = 8
 
 @dataclass
 class MarkerTotals:
-    """Sums over done markers (or the stats of shards done by a run, which markers carry):
-    the one place `run`'s summary and `status` add them up."""
+    """Sums over done markers: the one place `run`'s summary and `status` add them up."""
 
     samples: int = 0
     outputs_ok: int = 0
     outputs_error: int = 0
     errors_by_kind: dict[str, int] = field(default_factory=dict)
-    """Error rows by `error_kind` ("unknown" for markers written before error kinds
-    existed)."""
+    """Error rows by `error_kind` ("unknown" for markers without kinds)."""
     row_warnings: dict[str, int] = field(default_factory=dict)
-    """Manifest rows by warning kind ("prompt cut at 77 tokens by text_encoder";
-    `pipeline.worker.notices`); none in markers written before warnings were counted."""
+    """Manifest rows by warning kind (`pipeline.worker.notices`)."""
     actor_warnings: dict[str, int] = field(default_factory=dict)
     """Python warnings the actors showed, by kind."""
 
@@ -65,9 +52,7 @@ class MarkerTotals:
         return self.outputs_ok + self.outputs_error
 
     def warnings_text(self, limit: int = SHOWN_WARNINGS) -> str:
-        """The warnings by kind, row warnings first, each sort most first: "3 rows: prompt
-        cut at 77 tokens by text_encoder; 1 time: UserWarning: ... (file.py:12)", at most
-        `limit` kinds (then how many more), or "none"."""
+        """The warnings by kind, row warnings first, most first, at most `limit` kinds."""
         items = [f"{count(n, noun)}: {kind}" for counts, noun in (
             (self.row_warnings, "row"), (self.actor_warnings, "time"))
             for kind, n in sorted(counts.items(), key=lambda item: (-item[1], item[0]))]
@@ -106,17 +91,15 @@ class JobStatus(MarkerTotals):
     unreadable: int = 0
     """Done markers whose content is not a JSON object (done, counts unknown)."""
     damaged: dict[str, str] = field(default_factory=dict)
-    """Committed shards whose files are missing, of other sizes than their markers record,
-    or (verified, or read for the key count) unreadable: stem -> what is wrong."""
+    """Committed shards with files missing, of other sizes or unreadable: stem -> what is wrong."""
     unrecorded: int = 0
-    """Done markers written before sizes were recorded (presence of their files checked)."""
+    """Done markers that record no sizes (only the presence of their files is checked)."""
     verified: bool = False
     """Whether every committed shard was read through (`job_status(verify=True)`)."""
     lease: LeaseState | None = None
     """The lease of the output (None: no run holds it)."""
     keys_in_several_shards: int | None = None
-    """Keys that occur in more than one input shard (manifests of done shards); None: not
-    counted (more than `keycount.AUTO_ROWS` rows and not asked for)."""
+    """Keys in more than one input shard; None: not counted (too many rows, not asked for)."""
 
     @property
     def pending(self) -> int | None:
@@ -127,17 +110,12 @@ class JobStatus(MarkerTotals):
 
 def job_status(target: str, storage_options: dict[str, Any] | None = None,
                repeated_keys: bool | None = None, verify: bool = False) -> JobStatus:
-    """Status of a job given its output path/URL or its job file (YAML).
+    """Status of a job from its output path / URL or its job file (YAML).
 
-    Args:
-        repeated_keys: count keys repeated across shards: None = when the job holds at most
-            `keycount.AUTO_ROWS` rows, True = always (reads every manifest's keys), False =
-            never.
-        verify: read every committed tar and manifest through, against the digests their
-            markers record (else their sizes are checked against one listing each).
-    Raises:
-        PipelineError: no job.json at `target`'s output; StorageError: it cannot be read.
-    """
+    `repeated_keys`: None = count them up to `keycount.AUTO_ROWS` rows, True = always, False =
+    never. `verify`: read every committed tar and manifest through against their digests (else
+    sizes are checked by listing). PipelineError when there is no job.json, StorageError when
+    unreadable."""
     spec: JobSpec | None = None
     if target.endswith((".yaml", ".yml")) and os.path.isfile(target):
         spec = load_spec(target)
@@ -189,8 +167,7 @@ def job_status(target: str, storage_options: dict[str, Any] | None = None,
 
 def _verify(folder: OutputFolder, markers: dict[str, dict[str, Any] | None]
             ) -> dict[str, str]:
-    """stem -> what is wrong, for the committed shards whose tar or manifest does not read
-    through to the digests their markers record (`_WORKERS` shards read at once)."""
+    """stem -> what is wrong, for committed shards whose files do not match their digests."""
     fs, _ = url_fs(folder.path, folder.options)
 
     def check(stem: str) -> tuple[str, str | None]:
@@ -203,9 +180,8 @@ def _verify(folder: OutputFolder, markers: dict[str, dict[str, Any] | None]
 
 
 def bounded_repeated_keys(folder: OutputFolder) -> int | None:
-    """Keys repeated across the job's done shards, counted only while the manifests hold at
-    most `keycount.AUTO_ROWS` rows (else None: `status --repeated-keys` counts them); None too
-    when they cannot be read (a summary figure never fails a run that succeeded)."""
+    """Keys repeated across the done shards, counted up to `keycount.AUTO_ROWS` rows; None above
+    that or when unreadable (a summary figure never fails a run that succeeded)."""
     try:
         return count_repeated_keys(folder, sorted(folder.done_stems()), limit=AUTO_ROWS)
     except Exception as exc:
@@ -215,9 +191,8 @@ def bounded_repeated_keys(folder: OutputFolder) -> int | None:
 
 def error_rows(output: str, storage_options: Mapping[str, Any] | None = None,
                limit: int = 20) -> tuple[list[dict[str, Any]], int, dict[str, str]]:
-    """(up to `limit` error rows, how many there are, the manifests that cannot be read: name
-    -> why) of the job's manifests, rows ordered by input shard then key; each row has key,
-    output_key, input_shard, error_kind and error."""
+    """(up to `limit` error rows ordered by shard then key, how many there are, unreadable
+    manifests: name -> why); each row has key, output_key, input_shard, error_kind and error."""
     columns = ["key", "output_key", "input_shard", "error_kind", "error"]
     table, unreadable = OutputFolder(output, storage_options).read_manifests(
         columns, pc.field("status") == "error")

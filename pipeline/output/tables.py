@@ -1,8 +1,7 @@
-"""The Parquet files of an output folder: manifests and score sidecars (their reads and writes).
+"""The Parquet files of an output folder: manifests and score sidecars, read and written.
 
-`ResultTables` is a base of `pipeline.output.folder.OutputFolder`, which gives it `path`,
-`options`, `url` and `shard_urls`: one owner of the output location, in two files.
-"""
+`ResultTables` is a base of `OutputFolder`, which gives it `path`, `options`, `url` and
+`shard_urls`: one owner of the output location, in two files."""
 
 from __future__ import annotations
 
@@ -29,7 +28,7 @@ __all__ = ["ResultTables", "json_object"]
 
 
 class ResultTables:
-    """Manifests and score sidecars of the output folder at `path` (see the module docstring)."""
+    """Manifests and score sidecars of the output folder at `path`."""
 
     path: str
     options: dict[str, Any]
@@ -138,9 +137,9 @@ class ResultTables:
 
     def read_manifests(self, columns: list[str], where: pc.Expression | None = None
                        ) -> tuple[pa.Table, dict[str, str]]:
-        """(`columns` of every readable manifest (rows matching `where`) as one table, the
-        manifests that cannot be read: name -> why). Read with MANIFEST_SCHEMA, so manifests
-        written before a column existed read with it null. No manifests: an empty table."""
+        """(`columns` of every readable manifest, rows matching `where`, as one table; unreadable
+        manifests: name -> why). Columns a manifest lacks read as null; no manifests, an empty
+        table."""
         url = self.url(MANIFESTS)
         fs, path = url_fs(url, self.options)
         schema = pa.schema([MANIFEST_SCHEMA.field(name) for name in columns])

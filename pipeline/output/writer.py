@@ -1,16 +1,7 @@
-"""Write one input shard's results: output tar, Parquet manifest, then the commit marker.
+"""Write one input shard's results: output tar, Parquet manifest, score sidecar, then the marker.
 
-Layout (docs/architecture.md):
-    OUT/shards/{stem}.tar          {okey}.{fmt} output, {okey}.guide.png, {okey}.mask.png,
-                                   {okey}.target.png (when the input had one), {okey}.json
-    OUT/manifests/{stem}.parquet   one row per input sample x output index, errors included
-    OUT/scores/{stem}.parquet      with scoring on: one row of scores per manifest row
-    OUT/done/{stem}.json           the commit marker, written last
-
-The tar is built in a local temporary file and published whole: local outputs by rename, object
-stores by one upload (completed on close). Tar bytes are deterministic: members in processing
-order, fixed mtime, metadata without timings.
-"""
+Each file is published whole, so a shard is either committed or made again. See
+docs/architecture.md, "the commit protocol"."""
 
 from __future__ import annotations
 
@@ -48,8 +39,8 @@ logger = logging.getLogger(__name__)
 
 
 def model_location(source: str) -> str:
-    """The manifest's `model` column for a model source: a local directory made absolute, a URL
-    without credentials, a hub id as given (decided as `sdedit.sources.resolve` decides)."""
+    """The manifest's `model` column: a local directory made absolute, a URL without credentials,
+    a hub id as given (decided as `sdedit.sources.resolve` decides)."""
     kind = source_kind(source)
     if kind == "hub":
         return source
@@ -64,21 +55,15 @@ def output_sample(output_key: str, output: np.ndarray, metadata: Mapping[str, An
                   carried: Mapping[str, bytes] | None = None, image_format: str = "png",
                   png_compress_level: int | None = None,
                   quality: int | None = None) -> dict[str, Any]:
-    """The tar members of one output sample, encoded (this runs in a host thread).
+    """The encoded tar members of one output sample (host thread); raises what the encoder
+    raises.
 
     Args:
-        output: uint8 (H, W, 3), stored as `{key}.{image_format}`.
-        metadata: stored as `{key}.json`.
-        guide: uint8 (H, W, 3), the guide as edited, stored as `{key}.guide.png`; or
-            guide_png: the input's own PNG bytes of exactly that image, stored unchanged.
-        mask: uint8 (H, W) in {0, 1}, stored as `{key}.mask.png` (white = regenerated).
-        target: bytes stored unchanged as `{key}.target.png`.
-        carried: the input sample's other members (extension -> bytes), stored unchanged under
-            their own extension, or as `input.<ext>` where that is one this function writes
-            (the input's `json` becomes `input.json`; see `carried_name`).
-        png_compress_level: zlib level of every PNG member; quality: of a jpg / webp output.
-    Raises:
-        what the encoder raises for this sample (a size the format cannot hold, ...).
+        output: uint8 (H, W, 3), stored as `{key}.{image_format}`; `metadata` as `{key}.json`.
+        guide: uint8 (H, W, 3), the guide as edited; or guide_png: the input's own PNG bytes of
+            exactly that image, stored unchanged.
+        mask: uint8 (H, W) in {0, 1} (white = regenerated).
+        carried: the input's other members (extension -> bytes), stored unchanged (`carried_name`).
     """
     sample: dict[str, Any] = {
         "__key__": output_key,
@@ -102,8 +87,8 @@ OWN_MEMBERS = ("json", "guide.png", "mask.png", "target.png")
 
 
 def carried_name(ext: str, image_format: str, taken: Mapping[str, Any]) -> str:
-    """The extension a carried input member gets: its own, or `input.<ext>` where the output
-    writes that extension itself (and `input.input.<ext>` ... should that be taken too)."""
+    """The extension a carried input member gets: its own, or `input.<ext>` (repeated) where the
+    output writes that one itself."""
     name = ext
     while name in (image_format, *OWN_MEMBERS) or name in taken:
         name = f"input.{name}"
@@ -111,8 +96,8 @@ def carried_name(ext: str, image_format: str, taken: Mapping[str, Any]) -> str:
 
 
 class _Digest:
-    """A write-only file that counts the bytes written through it and their CRC-32 (the tar's
-    digest in the commit marker, made while the tar is written: no second read)."""
+    """A write-only file counting the bytes written through it and their CRC-32, so that the
+    marker's digest needs no second read."""
 
     def __init__(self, handle: BinaryIO) -> None:
         self.handle, self.size, self.crc32 = handle, 0, 0
@@ -125,19 +110,17 @@ class _Digest:
 
 
 def files_record(tar_size: int, tar_crc32: int, manifest: bytes) -> dict[str, Any]:
-    """What a commit marker records of the files it commits (`files`): each one's size in
-    bytes, the tar's CRC-32 (made while writing) and the manifest's sha256."""
+    """The marker's `files`: sizes in bytes, the tar's CRC-32 and the manifest's sha256."""
     return {"tar": {"bytes": tar_size, "crc32": f"{tar_crc32:08x}"},
             "manifest": {"bytes": len(manifest), "sha256": hashlib.sha256(manifest).hexdigest()}}
 
 
 class ShardOutput:
-    """Collects one shard's outputs and manifest rows (and their scores); `commit()` publishes
-    them in order. Made by `OutputFolder.shard_writer`, which names `urls` and, with scoring
-    on, the sidecar's (`scores`: its URL and metadata). The tar is written to a temporary
-    file named after this process (`pipeline.storage.temp_name`): local outputs beside the
-    tar, object stores in the system's temporary folder; a writer never removes another's.
-    Every failure to write is a `StorageError` naming the file (and the temporary file)."""
+    """Collects one shard's outputs, manifest rows and scores; `commit()` publishes them in
+    order.
+
+    The tar goes to a `temp_name` file of this process (beside the tar locally, in the system's
+    temporary folder for object stores). Every failed write is a `StorageError` naming the file."""
 
     def __init__(self, urls: ShardUrls, stem: str,
                  storage_options: Mapping[str, Any] | None,
@@ -171,8 +154,7 @@ class ShardOutput:
                             f"(writing its temporary file {self.tmp})")
 
     def add_sample(self, sample: Mapping[str, Any]) -> None:
-        """Append one encoded output sample (`output_sample`) to the tar; members of a key are
-        contiguous and samples stay in the order they are added."""
+        """Append one encoded output sample (`output_sample`); samples stay in the order added."""
         try:
             self._tar.write(dict(sample))
         except OSError as exc:
@@ -180,15 +162,9 @@ class ShardOutput:
 
     def add_row(self, row: Mapping[str, Any], position: int = 0,
                 scores: Mapping[str, Any] | None = None) -> None:
-        """Add one manifest row (made by `pipeline.output.manifest.manifest_row`) of the sample at
-        `position` in the input shard, with its `scores` (scorer -> value; None: null scores);
-        the manifest holds its rows in input order (by position, then `sample_index`),
-        whatever the order they were added in, and the sidecar in the same order.
-
-        Raises:
-            ManifestRowError: a row with an unknown or missing column, or an error kind that
-            is not one of `pipeline.output.manifest.ERROR_KINDS` (checked again here).
-        """
+        """Add one manifest row of the sample at `position` in the input shard, with its `scores`
+        (None: null); rows are written in input order, whatever order they come in.
+        ManifestRowError for an unknown or missing column, or an error kind not in `ERROR_KINDS`."""
         self.rows.append(check_row(row))
         self._positions.append(position)
         self._scores.append(scores)
@@ -202,12 +178,9 @@ class ShardOutput:
         return [self.rows[i] for i in self._order()]
 
     def commit(self, marker: Mapping[str, Any]) -> dict[str, Any]:
-        """Publish tar, then manifest, then the marker (the shard counts as done only then);
-        the marker gets `files` (`files_record`). Returns the marker as written.
-
-        Raises:
-            StorageError: a file could not be written, naming it and the cause.
-        """
+        """Publish tar, manifest, sidecar, then the marker (with `files`), which makes the shard
+        done; returns the marker as written. StorageError naming a file that could not be
+        written."""
         try:
             self._tar.close()
             self._file.flush()

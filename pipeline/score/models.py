@@ -1,16 +1,9 @@
-"""The scorer models: a CLIP model with its processor, and the LAION improved aesthetic
-predictor, loaded from a hub id, a local path or an fsspec URL, with their identities.
+"""The scorer models: a CLIP model with its processor and the LAION improved aesthetic predictor,
+loaded from a hub id, a local path or an fsspec URL, with their identities.
 
-CLIP (transformers' CLIPModel + CLIPProcessor) is found as the diffusion model is
-(`sdedit.resolve`, its transformers layout: configs, tokenizer, processor, one weights file).
-In transformers 5 `get_image_features` / `get_text_features` return a model output: the
-embeddings are its `pooler_output` (the projection of the pooled token).
-
-The aesthetic predictor (christophschuhmann/improved-aesthetic-predictor) is an MLP with no
-activations, Linear(d, 1024) -> Dropout -> Linear(1024, 128) -> Dropout -> Linear(128, 64) ->
-Dropout -> Linear(64, 16) -> Linear(16, 1), state-dict keys `layers.{0,2,4,6,7}.{weight,bias}`,
-applied to the L2-normalised CLIP image embedding (d = 768 for ViT-L/14).
-"""
+CLIP is found as the diffusion model is (`sdedit.resolve`). The aesthetic predictor is the
+published MLP without activations on the L2-normalised CLIP image embedding; its layout is
+checked against `AESTHETIC_KEYS`. See docs/scores.md."""
 
 from __future__ import annotations
 
@@ -63,8 +56,7 @@ class Clip:
         return int(self.model.config.projection_dim)
 
     def pixel_values(self, image: Any) -> torch.Tensor:
-        """float32 (3, S, S): the processor's input of one uint8 (H, W, 3) image (resized,
-        centre-cropped, normalised; host work)."""
+        """float32 (3, S, S): the processor's input of one uint8 (H, W, 3) image (host work)."""
         return self.processor.image_processor(images=image, return_tensors="pt")[
             "pixel_values"][0]
 
@@ -76,8 +68,8 @@ class Clip:
 
     @torch.inference_mode()
     def text_embeddings(self, texts: list[str]) -> torch.Tensor:
-        """float32 (B, d) L2-normalised text embeddings; texts longer than the text model's
-        positions are truncated by the tokenizer (keeping the end token)."""
+        """float32 (B, d) L2-normalised text embeddings; texts too long for the text model are
+        truncated by the tokenizer, keeping the end token."""
         limit = int(self.model.config.text_config.max_position_embeddings)
         tokens = self.processor.tokenizer(texts, padding=True, truncation=True,
                                           max_length=limit, return_tensors="pt")
@@ -99,11 +91,8 @@ def _normalised(x: torch.Tensor) -> torch.Tensor:
 
 def load_clip(source: str, device: torch.device,
               storage_options: dict[str, Any] | None = None) -> Clip:
-    """CLIPModel + CLIPProcessor from `source` (hub id, local folder or fsspec URL).
-
-    Raises:
-        ScorerModelError: naming score.clip_model, the source and why it cannot be loaded.
-    """
+    """CLIPModel + CLIPProcessor from `source` (hub id, local folder or fsspec URL);
+    ScorerModelError names score.clip_model, the source and why it cannot be loaded."""
     from transformers import CLIPModel, CLIPProcessor
     from transformers.utils import logging as hf_logging
 
@@ -160,12 +149,9 @@ class Aesthetic:
 
 def load_aesthetic(source: str, device: torch.device, width: int,
                    storage_options: dict[str, Any] | None = None) -> Aesthetic:
-    """The aesthetic predictor's state dict from a local file or an fsspec URL, checked
-    against the published layout and the CLIP embedding `width`.
-
-    Raises:
-        ScorerModelError: naming score.aesthetic_model and what is wrong.
-    """
+    """The aesthetic predictor from a local file or an fsspec URL, checked against the published
+    layout and the CLIP embedding `width`; ScorerModelError names score.aesthetic_model and what
+    is wrong."""
     where = f"score.aesthetic_model: {source!r}"
     path = _aesthetic_file(source, storage_options, where)
     try:
@@ -205,8 +191,7 @@ def load_aesthetic(source: str, device: torch.device, width: int,
 
 def _aesthetic_file(source: str, storage_options: dict[str, Any] | None,
                     where: str) -> Path:
-    """The local file of the predictor: a local path, or a URL's one file copied once into
-    the model cache (~/.cache/sdedit-batch/models/HASH/NAME)."""
+    """The predictor's local file: a local path, or a URL's file copied once into the cache."""
     if source_kind(source) != "url":
         path = local_path(source)
         if not path.is_file():
@@ -234,10 +219,8 @@ def _aesthetic_file(source: str, storage_options: dict[str, Any] | None,
 
 def scorer_model_problems(source: str, *, aesthetic: bool = False, offline: bool = False
                           ) -> tuple[list[str], list[str]]:
-    """(problems, notes) of a scorer model source, read without loading weights, as
-    `validate` checks the diffusion model: a local predictor file exists; a local CLIP folder
-    (or its hub-cache snapshot) has config.json and weights; a hub id not in the cache is on
-    the hub (unless `offline`). URLs are left to the actors, which copy them."""
+    """(problems, notes) of a scorer model source without loading weights, as `validate` checks
+    the diffusion model; URLs are left to the actors, which copy them."""
     kind = source_kind(source)
     field = "score.aesthetic_model" if aesthetic else "score.clip_model"
     if kind == "url":

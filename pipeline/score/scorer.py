@@ -1,18 +1,8 @@
 """`Scorer`: the per-row scores of outputs, batched on the device, their inputs made on the host.
 
-Scores are computed from the 8-bit outputs as written (`prepare` takes the pixels a reader of
-the output file decodes), so scoring after the fact (`pipeline.score.shard`) gives the run's.
-One CLIP forward serves `clip_score`, `aesthetic` and `embedding`:
-
-- `ssim`: torchmetrics' `structural_similarity_index_measure` of output and guide as float
-  [0, 1] RGB, data_range 1 (its default derives the range from the data of the whole batch,
-  which would make a row's score depend on its batch), the other arguments at their defaults
-  (gaussian kernel 11, sigma 1.5), one value per image;
-- `clip_score`: torchmetrics' definition, 100 x max(cosine, 0) of the CLIP image embedding and
-  the text embedding of the row's prompt (or `score.prompt` for rows without one, else null);
-- `aesthetic`: the LAION improved aesthetic predictor on the L2-normalised image embedding;
-- `embedding`: that embedding, float16.
-"""
+Scores are computed from the 8-bit outputs as written, so scoring after the fact gives the run's
+scores; one CLIP forward serves `clip_score`, `aesthetic` and `embedding`. What each score is:
+docs/scores.md."""
 
 from __future__ import annotations
 
@@ -44,7 +34,8 @@ class ScoreInput:
 
 
 def ssim(outputs: torch.Tensor, guides: torch.Tensor) -> torch.Tensor:
-    """float32 (B,) SSIM of uint8 (B, 3, H, W) outputs and guides (see the module docstring)."""
+    """float32 (B,) SSIM of uint8 (B, 3, H, W) outputs and guides, with data_range 1 so that a
+    row's score does not depend on its batch."""
     from torchmetrics.functional.image import structural_similarity_index_measure
 
     values = structural_similarity_index_measure(
@@ -53,15 +44,9 @@ def ssim(outputs: torch.Tensor, guides: torch.Tensor) -> torch.Tensor:
 
 
 class Scorer:
-    """The scorers of a `score:` section on one device.
-
-    Args:
-        spec: the score section (metrics, models, prompt).
-        device: where the models run (the edit's device).
-        clip, aesthetic: loaded models (tests); default: loaded from the spec.
-    Raises:
-        ScorerModelError: a scorer model cannot be loaded or does not fit.
-    """
+    """The scorers of a `score:` section on `device` (the edit's); `clip` and `aesthetic` are
+    loaded from the spec unless given (tests). ScorerModelError when a model cannot be loaded or
+    does not fit."""
 
     def __init__(self, spec: ScoreSpec, device: torch.device, clip: Clip | None = None,
                  aesthetic: Aesthetic | None = None) -> None:
@@ -78,8 +63,7 @@ class Scorer:
         self._texts: dict[str, torch.Tensor] = {}
 
     def metadata(self) -> dict[str, Any]:
-        """What makes these scores: the settings, the models' identities, the versions (the
-        sidecar's metadata; as `model_identity` for the diffusion model)."""
+        """What makes these scores: settings, model identities, versions."""
         models = {}
         if self.clip is not None:
             models["clip"] = {"source": self.clip.source, "identity": self.clip.identity}
@@ -97,13 +81,8 @@ class Scorer:
 
     def prepare(self, output: np.ndarray, guide: np.ndarray | None,
                 prompt: str | None) -> ScoreInput:
-        """One output's inputs (host work: the CLIP processor's resize, crop, normalise).
-
-        Args:
-            output: uint8 (H, W, 3), the output as written.
-            guide: uint8 (H, W, 3), the guide it was edited from (for ssim).
-            prompt: the prompt the row was edited with (None for unconditional models).
-        """
+        """One output's inputs (host work): `output` and `guide` uint8 (H, W, 3) as written and
+        edited from, `prompt` None for unconditional models."""
         pixels = None if self.clip is None else self.clip.pixel_values(output)
         return ScoreInput(output, guide if "ssim" in self.metrics else None, pixels,
                           self.text_of(prompt))

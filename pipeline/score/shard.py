@@ -1,11 +1,8 @@
 """`ShardScorer`: the score sidecar of a committed output shard, after the fact.
 
-Reads the shard's manifest and its output tar (each ok row's output as written and, for ssim,
-its `{key}.guide.png`), scores the rows with the same `Scorer` as a run (host work in a pool,
-the models batched on the device) and publishes `scores/{stem}.parquet`: one row per manifest
-row, so `sdedit-batch score` after the fact gives the run's scores. A shard that already has a
-sidecar is skipped (resume); one without a commit marker is not scored.
-"""
+It reads the shard's manifest and output tar and scores the rows with the same `Scorer` a run
+uses, so `sdedit-batch score` gives the run's scores. A shard with a sidecar is skipped (resume);
+one without a commit marker is not scored."""
 
 from __future__ import annotations
 
@@ -44,15 +41,8 @@ class ScoreStats:
 class ShardScorer:
     """Scores committed shards of one output folder.
 
-    Args:
-        folder: the output folder.
-        scorer: the loaded scorers.
-        image_format: the outputs' member extension (the job's output.image_format).
-        batch_size: images per scorer call.
-        host_threads: threads decoding and preparing inputs.
-        after_batch: called with (stem, rows scored so far) after each scorer call (the
-            test hooks' `after_batch`).
-    """
+    `image_format` is the outputs' member extension (output.image_format); `after_batch` gets
+    (stem, rows scored so far) after each scorer call (the test hooks')."""
 
     def __init__(self, folder: OutputFolder, scorer: Scorer, image_format: str,
                  batch_size: int, host_threads: int = 2,
@@ -66,11 +56,8 @@ class ShardScorer:
         self.pool.shutdown(wait=True, cancel_futures=True)
 
     def process(self, stem: str, progress: Callable[[int], None] | None = None) -> ScoreStats:
-        """Score shard `stem` and publish its sidecar (skipped when it has one).
-
-        Raises:
-            ShardError: the manifest or tar cannot be read, or a row's output is missing.
-        """
+        """Score shard `stem` and publish its sidecar (skipped when it has one); ShardError when
+        the manifest or tar cannot be read or a row's output is missing."""
         start = time.perf_counter()
         if self.folder.has_scores(stem):
             return ScoreStats(stem, skipped=True)
@@ -99,8 +86,8 @@ class ShardScorer:
 
     def _prepared(self, stem: str, rows: list[dict[str, Any]], wanted: dict[str, int]
                   ) -> Iterator[tuple[int, Any]]:
-        """(manifest row index, future ScoreInput) of each ok row, in tar order, submitted to
-        the host pool as the caller takes them (a batch is decoded and prepared in parallel)."""
+        """(manifest row index, future ScoreInput) of each ok row in tar order, submitted to the
+        host pool as the caller takes them."""
         url = self.folder.shard_urls(stem).tar
         for raw in iter_raw(url, self.folder.options):
             index = wanted.get(raw.key)

@@ -1,14 +1,8 @@
 """`sdedit-batch bench`: throughput of `sdedit.edit` against the paper's loop, FLOPs and MFU.
 
-For each threads x dtype x batch size it times whole `edit` calls (warm-up first, then the
-median of `repeats`; CUDA synchronised around each) and one batched network forward, and
-reports image-forwards/s, edits/s, achieved TFLOP/s and MFU (known GPUs only). The baseline is
-`pipeline.tools.reference_loop` (the official SDEdit loop: fp32, eager, one guide repeated to a
-batch of 8), part of the installed package. FLOPs per forward are counted once with
-`torch.utils.flop_counter.FlopCounterMode` on the "meta" device (2 FLOPs per multiply-add;
-on the CPU, real tensors would hide attention inside an uncounted fused kernel).
-Networks get random weights with the real architecture unless `source` names a model.
-"""
+Whole `edit` calls are timed against `pipeline.tools.reference_loop`; FLOPs are counted on the
+meta device, where attention is not hidden in an uncounted fused kernel. Networks get random
+weights unless `source` names a model. Figures: docs/performance.md."""
 
 from __future__ import annotations
 
@@ -70,7 +64,7 @@ PEAKS: list[tuple[str, dict[str, float]]] = [
 
 @dataclass(frozen=True)
 class BenchConfig:
-    """What to measure. `source` (a model) wins over `arch` (random weights)."""
+    """What to measure; `source` (a model) wins over `arch` (random weights)."""
 
     arch: str = "ddpm-256"
     source: str | None = None
@@ -92,7 +86,7 @@ class BenchConfig:
 
 @dataclass
 class BenchRow:
-    """One measurement. Rates count per-image network evaluations ("image-forwards")."""
+    """One measurement; rates count per-image network evaluations ("image-forwards")."""
 
     impl: str
     dtype: str
@@ -177,8 +171,8 @@ def count_flops(model: DiffusionModel) -> float:
 
 
 def peak_tflops(device: torch.device, dtype: str) -> float | None:
-    """Dense peak TFLOP/s of the GPU for `dtype` (fp32 convolutions count as TF32 when cuDNN
-    may use it, PyTorch's default); None for CPUs and unknown GPUs."""
+    """Dense peak TFLOP/s of the GPU for `dtype` (fp32 convolutions as TF32, PyTorch's default);
+    None for CPUs and unknown GPUs."""
     if device.type != "cuda":
         return None
     name = torch.cuda.get_device_name(device)
@@ -207,8 +201,8 @@ def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -
 
 def _count_syncs(fn: Callable[[int], Any], device: torch.device
                  ) -> tuple[int | None, float | None]:
-    """(syncs of a 4-step call, syncs per extra step from 2 to 4 steps): host-device
-    synchronisations seen by CUDA's sync debug mode; (None, None) off CUDA."""
+    """(syncs of a 4-step call, syncs per extra step from 2 to 4 steps) seen by CUDA's sync debug
+    mode; (None, None) off CUDA."""
     if device.type != "cuda":
         return None, None
     counts = []
@@ -225,7 +219,7 @@ def _count_syncs(fn: Callable[[int], Any], device: torch.device
 
 
 def run_bench(config: BenchConfig, progress: Callable[[str], None] = logger.info) -> BenchReport:
-    """Measure; see the module docstring. Raises PipelineError for bad settings."""
+    """The measurements of `config`; PipelineError for bad settings."""
     device, model, evals = _setup(config)
     flops = count_flops(model)
     report = BenchReport(config=asdict(config), env=_environment(device, model),

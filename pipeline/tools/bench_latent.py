@@ -1,22 +1,9 @@
 """`sdedit-batch bench --family flux|sdxl`: the latent families at real sizes, random weights.
 
-A FLUX.1-dev-sized transformer (11.9 B parameters) with the Flux VAE, or SDXL base 1.0's UNet
-(2.6 B) with its VAE, built from the published configs with seeded random weights, given the
-job's weights precision (`sdedit.precision.apply_precision`: bf16, fp8, ...), edited through
-`sdedit.edit` exactly as a job does at 1024 x 1024 (VAE encode, the family's network call,
-guidance, VAE decode). Text encoders are not run: prompt rows are random tensors of their
-output shapes (T5-XXL / CLIP), so their weights stay off the device.
-
-Per weights precision and batch size: edits of 2 and 4 steps (the faster of two runs each)
-give seconds per step (their difference / 2) and the fixed cost (VAE, conditioning); edits per
-hour at t0 = 0.6 (Flux-dev: 17 of its 28 steps; SDXL: 30 of diffusers' 50); TFLOP/s and MFU
-against the FLOPs of one step counted on the meta device (Flux at 1024 px: the issue's 74.5
-TFLOP is the published figure to compare); peak device memory against the memory plan
-(`sdedit.memplan`, the parts this run holds). Side by side, diffusers' own img2img pipeline
-(FluxImg2ImgPipeline / StableDiffusionXLImg2ImgPipeline) with the same network, VAE and
-prompt embeddings, timed the same way. `smoke`: tiny configs at 32 px on the CPU, one timed run
-each (checks the code path, measures nothing).
-"""
+A FLUX.1-dev-sized transformer or SDXL base's UNet, with its VAE, edited through `sdedit.edit` at
+1024 x 1024 as a job does; text encoders are not run (random prompt rows), so their weights stay
+off the device. Diffusers' img2img pipeline is timed beside it; `smoke` checks the code path on
+the CPU. Figures: docs/performance.md."""
 
 from __future__ import annotations
 
@@ -217,7 +204,7 @@ def _step_flops(model: DiffusionModel, rows: int) -> float:
 def run_latent(family: str, device: torch.device, smoke: bool,
                weights: tuple[str, ...] = ("bf16", "fp8"), batches: tuple[int, ...] = (1, 4),
                reference: bool = True) -> dict[str, Any]:
-    """The measurements (see the module docstring), as a JSON-able dict."""
+    """The measurements of `family` on `device`, as a JSON-able dict."""
     from pipeline.tools.bench import peak_tflops
 
     out: dict[str, Any] = {"family": family, "rows": [], "reference": []}
@@ -277,9 +264,8 @@ def _measure(model: DiffusionModel, weights: str, batch: int, cfg: bool, built: 
 
 
 def _plan(model: DiffusionModel, batch: int, cfg: bool) -> int:
-    """The plan of what this run holds: network + VAE + activations + batch (offload text: no
-    text encoders' weights, as here; no runtime allowance: max_memory_allocated counts none;
-    SDXL: a one-layer stand-in CLIP config gives the UNet's text shapes)."""
+    """The plan of what this run holds: network, VAE, activations and batch, no text encoders'
+    weights and no runtime allowance (max_memory_allocated counts none)."""
     net_config, vae_config = _configs(model.family, model.sample_size[0] == 32)
     name = "transformer" if model.family == "flux" else "unet"
     configs: dict[str, Any] = {name: net_config, "vae": vae_config, "index": {}}
@@ -301,8 +287,8 @@ def _plan(model: DiffusionModel, batch: int, cfg: bool) -> int:
 
 
 def _diffusers(model: DiffusionModel, batch: int) -> dict[str, Any]:
-    """diffusers' img2img pipeline with the same network, VAE and random prompt embeddings:
-    seconds per step and fixed cost from runs of 2 and 4 steps (strength 1)."""
+    """diffusers' img2img pipeline with the same network, VAE and prompt embeddings: seconds per
+    step and fixed cost from runs of 2 and 4 steps."""
     import diffusers
     from diffusers import FlowMatchEulerDiscreteScheduler
 
@@ -343,8 +329,8 @@ def _diffusers(model: DiffusionModel, batch: int) -> dict[str, Any]:
 
 
 def compile_part(device: torch.device, smoke: bool) -> dict[str, Any]:
-    """Flux bf16 with regional torch.compile: the first 2-step edit (compiling) against the
-    next, and s/step from 2- and 4-step edits afterwards."""
+    """Flux bf16 with regional torch.compile: the first (compiling) 2-step edit against the next,
+    and s/step from 2- and 4-step edits after."""
     model = build("flux", "bf16", device, smoke)
     model.accelerate(compile_regional=True, compile_backend="eager" if smoke else "inductor")
     guides = torch.rand(1, 3, *model.sample_size, generator=torch.Generator().manual_seed(2))
@@ -360,9 +346,8 @@ def compile_part(device: torch.device, smoke: bool) -> dict[str, Any]:
 
 
 def fp8_quality(device: torch.device, smoke: bool, n: int = 4) -> dict[str, Any]:
-    """The same Flux edits (smooth random guides, t0 0.6, 17 steps) with bf16 and fp8 weights
-    (the same seeded random network): SSIM of fp8's outputs to bf16's, largest difference in
-    levels of 255."""
+    """The same Flux edits with bf16 and fp8 weights of one seeded random network: SSIM of fp8's
+    outputs to bf16's and the largest difference in levels of 255."""
     size = 32 if smoke else 1024
     g = torch.Generator().manual_seed(5)
     guides = torch.nn.functional.interpolate(torch.rand(n, 3, 8, 8, generator=g), size=size,
@@ -382,8 +367,8 @@ def fp8_quality(device: torch.device, smoke: bool, n: int = 4) -> dict[str, Any]
 
 
 def ssim(x: torch.Tensor, y: torch.Tensor) -> float:
-    """SSIM of two (3, H, W) images in [0, 1] (Wang et al. 2004: 11 x 11 Gaussian window,
-    sigma 1.5, per channel, averaged)."""
+    """SSIM of two (3, H, W) images in [0, 1] (Wang et al. 2004: 11 x 11 Gaussian window, sigma
+    1.5, per channel, averaged)."""
     coords = torch.arange(11, dtype=torch.float32) - 5
     g = torch.exp(-coords**2 / (2 * 1.5**2))
     window = (g[:, None] * g[None, :] / g.sum() ** 2).expand(3, 1, 11, 11)

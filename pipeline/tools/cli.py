@@ -1,10 +1,6 @@
-"""Click commands of the side tools: demo-data, prepare, preview, train, bench, convert,
-t0-sweep.
-
-They are added to the `sdedit-batch` group by `pipeline/cli.py`, whose one error handler turns a
-`PipelineError` into its message and exit code. Each command parses its options and calls one
-function of `pipeline/tools/`.
-"""
+"""Click commands of the side tools (demo-data, prepare, preview, train, bench, convert,
+t0-sweep), added to the `sdedit-batch` group by `pipeline/cli.py`; each calls one function of
+`pipeline/tools/`."""
 
 from __future__ import annotations
 
@@ -48,7 +44,7 @@ def demo_data_cmd(out: str, n: int, size: int, shard_size: int, seed: int,
 
 
 def _storage_options(text: str | None) -> dict[str, Any] | None:
-    """Parse a --storage-options JSON object (fsspec keyword arguments), or None."""
+    """A --storage-options JSON object (fsspec keyword arguments), or None."""
     if text is None:
         return None
     try:
@@ -91,11 +87,11 @@ def prepare_cmd(sources: tuple[str, ...], out: str, shard_size: int, size: int, 
                 progress: bool) -> None:
     """Turn image folders, globs or URL lists into WebDataset input shards.
 
-    Each SRC is a folder (searched recursively), a glob, one image file, or a .txt file with
-    one URL or path per line (relative ones resolved against the list's folder); local or any
-    fsspec URL. Images are centre-cropped to a square and resized to --size; each becomes
-    {key}.png, with a key made from its relative path ('.' and '/' become '_', duplicates get
-    a suffix). Unreadable files are skipped and listed. Exit code 1 if no file was readable.
+    Each SRC is a folder (searched recursively), a glob, one image file, or a .txt file of one
+    URL or path per line (relative ones against the list's folder); local or any fsspec URL.
+    Images are centre-cropped to a square and resized to --size; each becomes {key}.png, its key
+    made from its relative path ('.' and '/' become '_', duplicates get a suffix). Unreadable
+    files are skipped and listed. Exit code 1 if no file was readable.
 
     \b
     Examples:
@@ -198,16 +194,16 @@ def train_cmd(data: tuple[str, ...], out: str, size: int, steps: int, batch_size
               storage_options: str | None, progress: bool) -> None:
     """Train a small unconditional diffusion model (DDPM) on your own images.
 
-    This is how you get SDEdit for your own domain: SDEdit turns rough guides into images of
-    whatever domain its diffusion model was trained on. Put a few thousand images of the
-    target domain into WebDataset shards (`sdedit-batch prepare`, or `sdedit-batch demo-data`
-    for the built-in rooms), train here, and name MODEL_DIR as the model of a job.
+    SDEdit turns rough guides into images of whatever domain its model was trained on: this is
+    how you get SDEdit for your own domain. Put a few thousand images of it into WebDataset
+    shards (`sdedit-batch prepare`, or `demo-data` for the built-in rooms), train here, and name
+    MODEL_DIR as a job's model.
 
-    DATA are shard URLs (local or fsspec: s3://, gs://, ...), brace patterns
-    (data/rooms-{000000..000015}.tar), globs, or folders of *.tar. MODEL_DIR becomes a diffusers
-    model directory (config.json, diffusion_pytorch_model.safetensors with the EMA weights,
-    scheduler_config.json) plus train_log.csv and checkpoint/. Run the same command again to
-    resume an interrupted run; raise --steps to train further. Uses a GPU when present.
+    DATA are shard URLs (local or fsspec), brace patterns (data/rooms-{000000..000015}.tar),
+    globs, or folders of *.tar. MODEL_DIR becomes a diffusers model directory (config.json,
+    diffusion_pytorch_model.safetensors with the EMA weights, scheduler_config.json) plus
+    train_log.csv and checkpoint/. The same command again resumes an interrupted run; raise
+    --steps to train further. Uses a GPU when present.
 
     \b
     Example:
@@ -320,15 +316,15 @@ def bench_cmd(source: str | None, arch: str, batch_sizes: tuple[int, ...], dtype
               help="The diffusers model directory to write (new or empty).")
 @click.option("--overwrite", is_flag=True, help="Replace a MODEL_DIR that is not empty.")
 def convert_cmd(ckpt: str, config: str, out: str, overwrite: bool) -> None:
-    """Convert an original DDPM/SDEdit checkpoint into a model directory jobs can use.
+    """Convert an original DDPM / SDEdit checkpoint into a model directory jobs can use.
 
     CKPT is the state dict of the official code's `models/diffusion.py` Model (SDEdit's
-    bedroom.ckpt, church_outdoor.ckpt, celeba_hq.ckpt; DDPM's LSUN and CIFAR-10 models),
-    read safely (torch.load with weights_only: no arbitrary unpickling). MODEL_DIR gets
-    config.json (a diffusers UNet2DModel), diffusion_pytorch_model.safetensors and
-    scheduler_config.json (the config's betas): set it as a job's model.source. The converted
-    network predicts the same noise as the original, within float32 rounding. Unknown,
-    missing or misshapen weights are named in the error.
+    bedroom.ckpt, church_outdoor.ckpt, celeba_hq.ckpt; DDPM's LSUN and CIFAR-10 models), read
+    safely (torch.load with weights_only: no arbitrary unpickling). MODEL_DIR gets config.json (a
+    diffusers UNet2DModel), diffusion_pytorch_model.safetensors and scheduler_config.json (the
+    config's betas): set it as a job's model.source. The converted network predicts the same
+    noise as the original within float32 rounding; unknown, missing or misshapen weights are
+    named in the error.
 
     \b
     Example:
@@ -350,9 +346,10 @@ def convert_cmd(ckpt: str, config: str, out: str, overwrite: bool) -> None:
               help="The t0 values, comma-separated.")
 @click.option("--out", required=True, metavar="DIR", help="Folder (or URL) for the shards.")
 def t0_sweep_cmd(shards: tuple[str, ...], t0s: str, out: str) -> None:
-    """Inputs of a t0 sweep: each sample of SHARDS once per t0, with its t0 as a per-row
-    setting ({key}.json) and key KEY_tNNN (1000 t0). Run a job on them, then
-    `sdedit-batch eval` shows realism against faithfulness per t0.
+    """Inputs of a t0 sweep: each sample of SHARDS once per t0.
+
+    Its t0 becomes a per-row setting ({key}.json) and its key KEY_tNNN (1000 t0). Run a job on
+    them, then `sdedit-batch eval` shows realism against faithfulness per t0.
 
     \b
     Example:

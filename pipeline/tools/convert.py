@@ -1,15 +1,8 @@
 """Convert an original DDPM / SDEdit checkpoint into a diffusers UNet2DModel directory.
 
-The official code (ermongroup/SDEdit, ermongroup/ddim: `models/diffusion.py` `Model`) saves a
-plain state dict with keys such as `temb.dense.0.weight`, `down.1.block.0.conv1.weight`,
-`down.1.attn.0.q.weight`, `down.0.downsample.conv.weight`, `mid.attn_1.proj_out.weight`,
-`up.2.upsample.conv.weight`, `norm_out.weight`, and a YAML config (`configs/bedroom.yml`). The
-architecture is diffusers' UNet2DModel with `flip_sin_to_cos=False, freq_shift=1,
-downsample_padding=0, norm_eps=1e-6, norm_num_groups=32` and one-head attention, so the weights
-map one to one: attention q/k/v/proj_out 1x1 convolutions become linear layers, nin_shortcut
-becomes conv_shortcut, and the official `up.{i}` (indexed by resolution level) becomes
-`up_blocks.{levels - 1 - i}` (diffusers orders up blocks from the lowest resolution).
-"""
+The official `Model` is a UNet2DModel with `flip_sin_to_cos=False, freq_shift=1,
+downsample_padding=0, norm_eps=1e-6` and one-head attention, so weights map one to one (up blocks
+in reverse order). See docs/models.md."""
 
 from __future__ import annotations
 
@@ -53,31 +46,12 @@ RENAMES = [  # diffusers name piece -> official name piece, applied to one key i
 
 def convert_checkpoint(ckpt_path: str | os.PathLike[str], config_path: str | os.PathLike[str],
                        out_dir: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Convert an original DDPM/SDEdit checkpoint (+ its YAML config) into a diffusers model
-    directory that `load_model` and jobs read.
+    """Convert an official checkpoint and the YAML config it was trained with into a model
+    directory jobs read; returns `out_dir`.
 
-    Reads the state dict of the official `models/diffusion.py` `Model` (e.g. SDEdit's
-    bedroom.ckpt, church_outdoor.ckpt, celeba_hq.ckpt) with `torch.load(weights_only=True)`
-    (no arbitrary unpickling) and the YAML config it was trained with (`configs/bedroom.yml`:
-    model.ch, ch_mult, num_res_blocks, attn_resolutions, resamp_with_conv, var_type; diffusion.
-    beta_schedule, beta_start, beta_end, num_diffusion_timesteps; data.image_size, channels).
-    Writes OUT_DIR/config.json (UNet2DModel), diffusion_pytorch_model.safetensors and
-    scheduler_config.json (DDPMScheduler with the config's betas), in the root layout of
-    google/ddpm-ema-bedroom-256. The converted network's eps equals the original's within
-    float32 rounding.
-
-    Args:
-        ckpt_path: the checkpoint file (.ckpt / .pth): a state dict, keys optionally prefixed
-            "module." (DataParallel).
-        config_path: the YAML config the checkpoint was trained with.
-        out_dir: the output directory; created (its parent must exist or be creatable).
-        overwrite: replace a non-empty `out_dir` (default: refuse).
-    Returns:
-        out_dir as a Path.
-    Raises:
-        ValueError naming the file, the field or the checkpoint keys that are missing,
-        unknown or of the wrong shape, and what is allowed.
-    """
+    Read with `weights_only=True` (no arbitrary unpickling); DataParallel's "module." prefix is
+    accepted; a non-empty `out_dir` needs `overwrite`. ValueError names the file, field or keys
+    missing, unknown or of the wrong shape, and what is allowed."""
     from diffusers import DDPMScheduler, UNet2DModel
 
     ckpt, out = Path(ckpt_path), Path(out_dir)

@@ -1,8 +1,4 @@
-"""`sdedit-batch demo-data`: shards of the built-in procedural domain "rooms" (`rooms.py`).
-
-`write_demo_data` produces byte-identical shards for a given seed: image i is rendered from
-`numpy.random.default_rng([seed, i])`, encoded as deterministic PNG (`pipeline.images`).
-"""
+"""`sdedit-batch demo-data`: shards of the built-in procedural domain "rooms" (`rooms.py`)."""
 
 from __future__ import annotations
 
@@ -27,17 +23,11 @@ logger = logging.getLogger(__name__)
 def write_demo_data(out: str, n: int, *, size: int = 64, shard_size: int = 256, seed: int = 0,
                     storage_options: Mapping[str, Any] | None = None,
                     strokes: bool = False) -> list[str]:
-    """Write `n` random rooms as WebDataset shards `{out}/rooms-000000.tar`, ... (any fsspec URL).
+    """Write `n` random rooms as shards `{out}/rooms-000000.tar`, ...; returns their URLs.
 
-    Each sample is one member `{key}.png` (RGB, `size` x `size`) with key `room_0000123`.
-    Image i is rendered from `numpy.random.default_rng([seed, i])`, so the same seed gives
-    byte-identical shards, and a shard's content does not depend on `shard_size` of others.
-    With `strokes`, `{key}.png` is the room's simulated stroke painting (SDEdit guide) and
-    `{key}.target.png` the room itself (for evaluation and previews).
-
-    Returns:
-        The URLs of the shards written, in order, spelled like `out`.
-    """
+    Image i is rendered from `numpy.random.default_rng([seed, i])`, so a seed gives
+    byte-identical shards whatever `shard_size`. With `strokes`, `{key}.png` is the room's stroke
+    painting and `{key}.target.png` the room."""
     if n < 1:
         raise PipelineError(f"n must be >= 1, got {n}")
     if shard_size < 1:

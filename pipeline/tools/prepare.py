@@ -1,13 +1,9 @@
-"""Turn folders / globs / URL lists of images into WebDataset input shards for a job.
+"""Turn folders, globs and URL lists of images into WebDataset input shards for a job.
 
-    report = prepare(["photos/", "s3://bucket/more/*.jpg", "urls.txt"], "s3://bucket/in",
-                     strokes="simulate")
-
-Each image is centre-cropped to a square, resized to `size` (LANCZOS) and written to
-`{out}/shard-000000.tar`, ... as `{key}.png` (the guide) and, with `strokes="simulate"`,
-`{key}.target.png` (the resized original; the guide is then its simulated stroke painting).
-Files that cannot be read or decoded are skipped and reported, never dropped silently.
-"""
+Each image is centre-cropped to a square, resized (LANCZOS) and written as `{key}.png`; with
+`strokes="simulate"` the guide is its simulated stroke painting and `{key}.target.png` the
+original. Files that cannot be read are skipped and reported, never dropped silently. See
+docs/inputs.md."""
 
 from __future__ import annotations
 
@@ -44,14 +40,7 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class PrepareReport:
-    """What `prepare` wrote.
-
-    Attributes:
-        n_images: images written.
-        n_shards: shards written.
-        shards: URLs of the written shards, in order.
-        skipped: (file URL, error message) of every file that could not be read or decoded.
-    """
+    """What `prepare` wrote; `skipped`: (file URL, error) of each file that could not be read."""
 
     n_images: int
     n_shards: int
@@ -78,11 +67,8 @@ class _Source:
 
 
 def sanitize_key(relpath: str) -> str:
-    """A WebDataset-safe key from a relative path: extension dropped, other chars -> '_'.
-
-    WebDataset splits a member name at the first '.' of its basename, so keys hold only
-    [A-Za-z0-9_-]: "rooms/a.b/x.1.jpg" -> "rooms_a_b_x_1". Uniqueness is handled by the caller.
-    """
+    """A WebDataset-safe key from a relative path: extension dropped, characters other than
+    [A-Za-z0-9_-] as '_' (a key ends at the first dot). The caller makes keys unique."""
     stem, _ = posixpath.splitext(relpath.strip("/"))
     key = _UNSAFE_KEY_CHARS.sub("_", stem or relpath)
     return key or "_"
@@ -112,11 +98,8 @@ def _find_files(fs: FileSystem, root: str) -> list[tuple[str, str]]:
 def _expand_list_file(
     fs: FileSystem, path: str, storage_options: dict[str, Any]
 ) -> list[_Source]:
-    """Entries of a .txt list file: one URL or path per line; '#' comments and blanks ignored.
-
-    Relative entries are resolved against the list file's folder. Relative paths (for keys) are
-    taken from the entries' longest common folder.
-    """
+    """Entries of a .txt list file, one URL or path per line ('#' comments and blanks ignored),
+    relative ones against the list's folder; keys from the entries' longest common folder."""
     try:
         text = fs.cat_file(path).decode("utf-8")
     except (OSError, UnicodeDecodeError) as exc:
@@ -214,25 +197,15 @@ def prepare(
     """Write images from `sources` as WebDataset shards `{out}/shard-000000.tar`, ...
 
     Args:
-        sources: image folders (recursive), globs, single image files, or .txt files with one
-            URL/path per line; local paths or any fsspec URL.
-        out: output folder, local path or fsspec URL.
-        shard_size: images per shard (the last shard may hold fewer).
-        size: side of the square output images in pixels.
-        strokes: "none": `{key}.png` is the image itself; "simulate": `{key}.png` is its
-            simulated stroke painting (`pipeline.tools.strokes.simulate_strokes`) and
+        sources: image folders (recursive), globs, image files, or .txt files of one URL / path per
+            line; local or fsspec URLs.
+        strokes: "none": `{key}.png` is the image; "simulate": its stroke painting, and
             `{key}.target.png` the image.
-        storage_options: fsspec options for every source and for `out` (e.g. S3 endpoint).
-        progress: show a tqdm progress bar on stderr.
-        overwrite: replace shards already in `out` (else their presence is an error).
-        workers: threads that read and decode images concurrently (I/O bound on object stores).
-
-    Returns:
-        A `PrepareReport`. Unreadable files are listed in `report.skipped` and logged.
+        overwrite: replace shards already in `out` (else they are an error).
 
     Raises:
-        PipelineError: bad arguments, a source that does not exist or matches nothing, or
-            shards already present in `out` without `overwrite`.
+        PipelineError: bad arguments, a source that does not exist or matches nothing, or shards
+            already in `out` without `overwrite`.
         StorageError: `out` cannot be written.
     """
     if shard_size < 1:
@@ -319,7 +292,7 @@ def _load_members(source: _Source, size: int,
 
 
 class _ShardWriter:
-    """One output tar being written (fixed member mtime: the same inputs give the same bytes)."""
+    """One output tar being written, with a fixed mtime: the same inputs give the same bytes."""
 
     def __init__(self, fs: FileSystem, path: str) -> None:
         self.stream = fs.open(path, "wb")

@@ -1,14 +1,7 @@
-"""Contact sheets of a finished (or running) job: guide | output (| target), one row per sample.
+"""Contact sheets of a finished (or running) job: guide | output | target, one row per output.
 
-    image = make_preview("s3://bucket/out/sketch2bedroom", n=16)
-    write_preview("s3://bucket/out/sketch2bedroom", "grid.png", n=16)
-
-Reads the output shards `OUT/shards/*.tar`: the output `{key}.png|jpg|webp` (any
-`output.image_format`), and when present `{key}.guide.png` (absent with `include_guide: false`:
-the sheet then has no guide column), `{key}.target.png`, and `{key}.json` metadata
-("output_key", "t0"). Rows are outputs: with `samples_per_input > 1` each output of an input
-has its own row, captioned with its own key (`{key}_{n:02d}`).
-"""
+The sheet reads `OUT/shards/*.tar`: each output (any `output.image_format`), its guide and target
+when present, and its json for the caption (key and t0). Each output of an input has its own row."""
 
 from __future__ import annotations
 
@@ -33,7 +26,7 @@ __all__ = ["CAPTION_HEIGHT", "DEFAULT_ROWS", "HEADER_HEIGHT", "PADDING", "Previe
 log = logging.getLogger(__name__)
 
 DEFAULT_ROWS = 32
-"""Outputs a preview draws unless told otherwise: all of the quickstart's 32."""
+"""Outputs a preview draws unless told otherwise: all of the quickstart's."""
 PADDING = 4
 """Pixels between tiles and around the sheet."""
 CAPTION_HEIGHT = 14
@@ -56,11 +49,7 @@ class _Sample:
 
 
 def grid_size(rows: int, columns: int, tile: int) -> tuple[int, int]:
-    """(width, height) in pixels of a contact sheet of `rows` x `columns` square tiles.
-
-    width = columns * tile + (columns + 1) * PADDING
-    height = HEADER_HEIGHT + rows * (tile + CAPTION_HEIGHT) + (rows + 1) * PADDING
-    """
+    """(width, height) in pixels of a contact sheet of `rows` x `columns` square tiles."""
     width = columns * tile + (columns + 1) * PADDING
     height = HEADER_HEIGHT + rows * (tile + CAPTION_HEIGHT) + (rows + 1) * PADDING
     return width, height
@@ -100,10 +89,8 @@ def _read_samples(fs: FileSystem, path: str) -> list[_Sample]:
 
 
 def _first_samples(fs: FileSystem, paths: list[str], n: int) -> list[_Sample]:
-    """The first `n` samples: shards in name order, samples sorted by key within each shard.
-
-    Reads whole shards only until `n` samples are found; keeps at most `n` encoded samples.
-    """
+    """The first `n` samples (shards in name order, keys sorted within each), reading whole
+    shards only until `n` are found."""
     chosen: list[_Sample] = []
     for path in paths:
         in_shard: list[_Sample] = []
@@ -173,26 +160,12 @@ def render_preview(
     *,
     tile: int | None = None,
 ) -> Preview:
-    """A contact sheet of the first `n` outputs of the job in `out`.
+    """A contact sheet of the first `n` (>= 1) outputs in `out` (shards in name order, keys
+    sorted).
 
-    One row per output: guide | output | target, each column only when some shown output has
-    that member (the output always); a caption with the output key and t0 under each row;
-    column titles on top.
-    Outputs are taken from the shards in name order, sorted by key within each shard.
-
-    Args:
-        out: the job's output folder (local path or fsspec URL) holding `shards/*.tar`.
-        n: at most this many rows (>= 1).
-        storage_options: fsspec options for `out`.
-        tile: side of each square tile in pixels; None = the larger side of the first output.
-
-    Returns:
-        the sheet, a PIL RGB image of size `grid_size(rows, columns, tile)`, with how many
-        rows it has and whether the shards hold more outputs.
-
-    Raises:
-        PipelineError: `out` holds no shards or no complete sample, or `n`/`tile` < 1.
-    """
+    A column (guide, output, target) only where some shown output has it; a caption of key and t0
+    under each row. `tile`: side of each square tile in pixels (None: the first output's larger
+    side). PipelineError when `out` holds no shards or no complete sample, or `n` / `tile` < 1."""
     if n < 1:
         raise PipelineError(f"n must be >= 1, got {n}")
     if tile is not None and tile < 1:
@@ -233,7 +206,7 @@ def write_preview(out: str, path: str, n: int = DEFAULT_ROWS,
                   storage_options: dict[str, Any] | None = None, *,
                   tile: int | None = None) -> Preview:
     """`render_preview`, its sheet written as PNG to `path` (local or fsspec URL, with the same
-    options). Raises StorageError when `path` cannot be written."""
+    options); StorageError when it cannot be written."""
     preview = render_preview(out, n, storage_options, tile=tile)
     try:
         put_bytes_atomic(path, encode_image(preview.sheet, "png"), storage_options)

@@ -1,22 +1,9 @@
-"""The paper's SDEdit loop, built like the official code (ermongroup/SDEdit,
-runners/image_editing.py), as the baseline of `sdedit-batch bench`. Never used by the product.
+"""The paper's SDEdit loop built like the official code: the baseline of `sdedit-batch bench`,
+never used by the product.
 
-What it keeps from the official code, since these are what cost time:
-  * fp32, eager, the network wrapped in `torch.nn.DataParallel` (one device), attention as
-    explicit bmm + softmax (the official `AttnBlock`; here diffusers' classic `AttnProcessor`);
-  * one guide repeated to a batch of 8 (`config.sampling.batch_size`);
-  * per step: `t = (torch.ones(n) * i).to(device)` (float timesteps built on the host and
-    copied), `alphas.cumprod()` and `betas / sqrt(1 - alphas_cumprod)` recomputed, `extract()`
-    building device tensors from the tables (the log-variance table is a numpy array: a
-    host-to-device copy per step), `torch.randn_like` noise on the device (drawn at every step,
-    also the last, where it is multiplied by 0), and the masked update
-    `x[:, mask != 1] = x_[:, mask != 1]` (boolean indexing: a host-device sync per step).
-Left out: progress bars and the intermediate PNGs written every 100 steps (I/O, not compute).
-
-The math is the paper's: x = sqrt(a_T) x0 + sqrt(1 - a_T) e, then for i = T-1 .. 0 the
-ancestral DDPM step with the small posterior variance; `tests/pipeline/tools/test_bench.py`
-checks that, fed the same noise, it matches `sdedit.edit(..., sampler="ddpm")`.
-"""
+It keeps what costs time there (fp32, eager, DataParallel, per-step host tensors, device noise, a
+boolean-mask update); fed the same noise it equals `sdedit.edit(..., sampler="ddpm")`. See
+docs/performance.md, "speed"."""
 
 from __future__ import annotations
 
@@ -66,8 +53,8 @@ class _Eps(torch.nn.Module):
 
 
 def official_network(net: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """A float32 copy of a diffusers UNet2DModel run like the official model: classic attention
-    (bmm + softmax), eval mode, wrapped in DataParallel on CUDA."""
+    """A float32 copy of a diffusers UNet2DModel run like the official model: classic attention,
+    eval mode, DataParallel on CUDA."""
     from diffusers.models.attention_processor import Attention, AttnProcessor
 
     net = copy.deepcopy(net).float().to(device, memory_format=torch.contiguous_format).eval()
@@ -95,15 +82,9 @@ def reference_edit(model: torch.nn.Module, guide: torch.Tensor, total_noise_leve
                    batch: int = BATCH,
                    randn_like: Callable[[torch.Tensor], torch.Tensor] = torch.randn_like
                    ) -> torch.Tensor:
-    """image_editing_sample for one round: `guide` (1, C, H, W) in [-1, 1] repeated to `batch`.
-
-    Args:
-        model: from `official_network`.
-        total_noise_levels: the official `--t` (t0 * 1000): that many network evaluations.
-        randn_like: the noise source (tests substitute per-sample generators).
-    Returns:
-        float32 (batch, C, H, W), not clamped, on the model's device.
-    """
+    """image_editing_sample for one round: float32 (batch, C, H, W), unclamped, from `guide` (1,
+    C, H, W) in [-1, 1] repeated to `batch`; `total_noise_levels` is the official `--t` (t0 *
+    1000), that many network evaluations."""
     device = next(model.parameters()).device
     betas, logvar = schedule(device)
     x0 = guide.to(device).repeat(batch, 1, 1, 1)

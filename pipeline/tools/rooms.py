@@ -1,16 +1,9 @@
 """The built-in procedural image domain "rooms": tiny bedroom-like scenes.
 
-A room is a box seen by a pinhole camera from near its front: ceiling, back wall and side walls
-in perspective, a floor with wooden planks, carpet or tiles, a bed against the back wall (frame,
-headboard, blanket, pillows), a bedside table with a lamp, a window (sky and frame), optionally
-a picture and a rug. Colours, positions, sizes and the camera are random; faces get simple
-shading (gradients, soft shadows, lamp glow) and light texture noise. The scene is drawn with
-PIL polygons at a supersampled resolution and downsampled, so edges are anti-aliased.
-
-Only numpy and PIL are used; `render_room` is deterministic for a given generator state. Each
-part of the scene is drawn by its own function, in a fixed order: the order of the random draws
-is part of the data set's definition (the bundled model was trained on it).
-"""
+A room is a box seen by a pinhole camera: walls, a textured floor, a bed, a bedside table with a
+lamp, a window, sometimes a picture and a rug, with random colours, placement and camera, drawn
+with PIL polygons supersampled for anti-aliasing. Each part has its own function, drawn in a
+fixed order: the order of the random draws defines the data set the bundled model was trained on."""
 
 from __future__ import annotations
 
@@ -243,8 +236,7 @@ def _bed(cv: Canvas, rng: np.random.Generator, room: _Room, wood: np.ndarray) ->
 
 
 def _furniture(cv: Canvas, rng: np.random.Generator, room: _Room) -> None:
-    """Bed and bedside table (on the side of the bed with more room) in painter's order: the
-    table after the bed when the camera sees it past the bed; then the lamp's warm glow."""
+    """Bed and bedside table in painter's order, then the lamp's glow."""
     hw, bx0, bx1, cam = room.hw, room.bx0, room.bx1, cv.cam
     ns_side = 1.0 if (hw - bx1) > (bx0 + hw) else -1.0
     ns_x0 = bx1 + 0.08 if ns_side > 0 else bx0 - 0.08 - 0.45
@@ -269,15 +261,7 @@ def _furniture(cv: Canvas, rng: np.random.Generator, room: _Room) -> None:
 
 
 def render_room(rng: np.random.Generator, size: int) -> Image.Image:
-    """Render one random bedroom-like scene.
-
-    Args:
-        rng: the source of every random choice; the same generator state gives the same image.
-        size: output width and height in pixels (>= 8).
-
-    Returns:
-        An RGB PIL image of `size` x `size`.
-    """
+    """One random room, an RGB image of `size` x `size` (>= 8), determined by `rng`'s state."""
     if size < 8:
         raise ValueError(f"size must be >= 8, got {size}")
     res = size * max(2, math.ceil(256 / size))

@@ -1,13 +1,9 @@
 """Stroke-painting simulation and compositing helpers for building SDEdit guides.
 
-Stroke simulation follows the evaluation protocol of SDEdit (Meng et al., 2021, arXiv 2108.01073,
-section 5.1): a real image is turned into a "stroke painting" by a median filter (kernel 23 at
-256 px) followed by an adaptive palette of 6 colours. Compositing pastes a region of one image onto
-another and returns the mask of that region for masked editing (255 = regenerate, 0 = keep).
-
-Images are either `PIL.Image.Image` (mode RGB) or `numpy.ndarray` uint8 of shape (H, W, 3) in
-[0, 255]; every function returns the type it was given. Only numpy and PIL are used here.
-"""
+Strokes follow the SDEdit paper's evaluation (arXiv 2108.01073, section 5.1): a median filter
+(kernel 23 at 256 px), then an adaptive 6-colour palette. Compositing pastes a region of one
+image onto another and returns its mask (255 = regenerate, 0 = keep). Images are PIL RGB or uint8
+(H, W, 3) arrays; every function returns the type it was given."""
 
 from __future__ import annotations
 
@@ -31,17 +27,14 @@ PAPER_KERNEL = 23
 PAPER_RESOLUTION = 256
 
 Box = tuple[int, int, int, int]
-"""A pixel box (left, upper, right, lower), right/lower exclusive, as in PIL."""
+"""A pixel box (left, upper, right, lower), right / lower exclusive, as in PIL."""
 
 ImageLike = TypeVar("ImageLike", Image.Image, np.ndarray)
 
 
 def stroke_kernel_size(height: int, width: int) -> int:
-    """The median-filter kernel for an image of this size: 23 at 256 px, scaled linearly.
-
-    round(23 * min(height, width) / 256) rounded half up, then made odd (+1 if even) and at
-    least 3. Examples: 256 -> 23, 512 -> 47, 128 -> 13, 64 -> 7, 16 -> 3.
-    """
+    """The median-filter kernel for an image of this size: 23 at 256 px scaled linearly by the
+    shorter side, rounded half up, made odd and at least 3 (512 -> 47, 64 -> 7)."""
     if height < 1 or width < 1:
         raise ValueError(f"height and width must be >= 1, got height={height}, width={width}")
     kernel = int(PAPER_KERNEL * min(height, width) / PAPER_RESOLUTION + 0.5)
@@ -51,7 +44,7 @@ def stroke_kernel_size(height: int, width: int) -> int:
 
 
 def _to_pil_rgb(image: Image.Image | np.ndarray, name: str) -> Image.Image:
-    """Validate `image` and return it as a PIL RGB image (PIL images of other modes converted)."""
+    """`image` validated, as a PIL RGB image."""
     if isinstance(image, Image.Image):
         return image if image.mode == "RGB" else image.convert("RGB")
     if isinstance(image, np.ndarray):
@@ -65,28 +58,16 @@ def _to_pil_rgb(image: Image.Image | np.ndarray, name: str) -> Image.Image:
 
 
 def _like(result: Image.Image, reference: Image.Image | np.ndarray) -> Image.Image | np.ndarray:
-    """Return `result` as the type of `reference` (PIL image or uint8 array)."""
+    """`result` as the type of `reference` (PIL image or uint8 array)."""
     return np.asarray(result).copy() if isinstance(reference, np.ndarray) else result
 
 
 def simulate_strokes(
     image: ImageLike, *, kernel: int | None = None, colors: int = 6
 ) -> ImageLike:
-    """Simulate a stroke painting of a real image, as in the SDEdit paper's evaluation.
-
-    A median filter (kernel `kernel`; when None, `stroke_kernel_size(H, W)`: 23 at 256 px) removes
-    texture and detail, then an adaptive palette of `colors` colours (PIL median cut on the
-    filtered image itself, no dithering) flattens it into uniform colour blobs.
-
-    Args:
-        image: PIL image (converted to RGB) or uint8 array (H, W, 3) in [0, 255].
-        kernel: odd median-filter size >= 1, or None for the size-scaled paper value.
-        colors: number of palette colours, 1..256 (the paper uses 6).
-
-    Returns:
-        The stroke painting with the same size and type as `image`: a PIL RGB image or a uint8
-        array (H, W, 3) holding at most `colors` distinct colours.
-    """
+    """A stroke painting of a real image, as in the paper, of `image`'s size and type: a median
+    filter of size `kernel` (None: `stroke_kernel_size`), then an adaptive palette of `colors`
+    (1..256)."""
     pil = _to_pil_rgb(image, "image")
     if kernel is None:
         kernel = stroke_kernel_size(pil.height, pil.width)
@@ -100,15 +81,7 @@ def simulate_strokes(
 
 
 def mask_from_box(size: tuple[int, int], box: Box) -> np.ndarray:
-    """A binary mask that is 255 inside `box` and 0 elsewhere.
-
-    Args:
-        size: (width, height) of the image, as PIL's `Image.size`.
-        box: (left, upper, right, lower) in pixels, right/lower exclusive; clipped to the image.
-
-    Returns:
-        uint8 array of shape (height, width), values in {0, 255}; 255 = region to regenerate.
-    """
+    """uint8 (height, width) in {0, 255}, 255 inside `box`; `size` is PIL's (width, height)."""
     width, height = size
     if width < 1 or height < 1:
         raise ValueError(f"size must be (width, height) with both >= 1, got {size!r}")
@@ -130,24 +103,12 @@ def composite(
     *,
     at: tuple[int, int] | None = None,
 ) -> tuple[ImageLike, ImageLike]:
-    """Paste a region of `patch` onto `base`; return the composite guide and the region's mask.
+    """Paste a region of `patch` onto `base`: (the composite guide, its mask, 255 where pasted).
 
-    This builds guides for SDEdit's image compositing: the pasted region is what the model
-    regenerates (mask 255), the rest of `base` is kept (mask 0).
-
-    Args:
-        base: the background, PIL image or uint8 array (H, W, 3).
-        patch: the image the region is taken from, PIL image or uint8 array (h, w, 3).
-        region: either a box (left, upper, right, lower) in `patch` pixel coordinates, or a mask
-            of `base`'s size (PIL "L"/"1" image or array (H, W), bool or uint8; nonzero = paste),
-            in which case `patch` must have `base`'s size.
-        at: with a box only: (left, upper) where the box's corner lands in `base`; defaults to
-            the box's own corner. Parts falling outside `base` are cropped.
-
-    Returns:
-        (guide, mask): guide has `base`'s size and type; mask is 255 where pixels were pasted and
-        0 elsewhere, as a PIL "L" image when `base` is a PIL image, else a uint8 array (H, W).
-    """
+    `region` is a box in `patch` pixels, placed with its corner at `at` (default: its own corner)
+    and cropped to `base`; or a mask of `base`'s size (nonzero = paste), `patch` then of `base`'s
+    size too. The guide has `base`'s type; the mask is a PIL "L" image for a PIL `base`, else
+    uint8 (H, W)."""
     base_pil = _to_pil_rgb(base, "base")
     patch_pil = _to_pil_rgb(patch, "patch")
     if isinstance(region, tuple):

@@ -1,9 +1,7 @@
 """A t0 sweep's inputs: every sample of some input shards once per t0, with per-row t0.
 
-Sample `{key}` becomes `{key}_t{1000 t0}` (t0 0.45 -> `_t450`) with all its members and a
-`{key}.json` holding `"t0"` (added to the sample's own json, if it has one), so one run edits
-the same guides at each t0 and `sdedit-batch eval` reports the trade-off per t0.
-"""
+Sample `{key}` becomes `{key}_t{1000 t0}` with all its members and `"t0"` added to its json, so
+one run edits the same guides at each t0 and `sdedit-batch eval` reports the trade-off per t0."""
 
 from __future__ import annotations
 
@@ -26,11 +24,8 @@ __all__ = ["sweep_inputs"]
 
 def sweep_inputs(shards: Sequence[str], t0s: Sequence[float], out: str,
                  storage_options: dict[str, Any] | None = None) -> list[str]:
-    """Write one sweep shard per input shard under `out` (same stem); returns their URLs.
-
-    Raises:
-        PipelineError: a t0 outside (0, 1], or a sample's json that is not an object.
-    """
+    """Write one sweep shard per input shard under `out` (same stem) and return their URLs;
+    PipelineError for a t0 outside (0, 1] or a json that is not an object."""
     if not t0s or any(not 0 < t0 <= 1 for t0 in t0s):
         raise PipelineError(f"--t0 {list(t0s)}: allowed: one or more values in (0, 1]")
     fs, base = url_fs(out, storage_options)

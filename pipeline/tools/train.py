@@ -1,15 +1,8 @@
 """Train a small unconditional DDPM on WebDataset image shards: SDEdit for your own domain.
 
-SDEdit needs a diffusion model of the *target* domain. `train` fits a diffusers `UNet2DModel`
-with the DDPM objective (Ho et al., 2020, arXiv 2006.11239): linear betas 1e-4..0.02 over
-1000 steps, x_t = sqrt(alpha_bar_t) x0 + sqrt(1 - alpha_bar_t) eps, loss = |eps - eps_theta|^2,
-AdamW, an EMA of the weights, random horizontal flips. The result is a model directory laid out
-like google/ddpm-ema-bedroom-256 (`config.json`, `diffusion_pytorch_model.safetensors` holding
-the EMA weights, `scheduler_config.json`) that every loader of the project accepts.
-
-Training state lives in `OUT/checkpoint/` (written every `checkpoint_every` steps and at the
-end); running `train` again with the same `out_dir` resumes from it, `steps` being the total.
-"""
+A diffusers `UNet2DModel` fit with the DDPM objective (Ho et al., 2020), AdamW and an EMA of the
+weights, exported as a model directory jobs accept; the same `out_dir` again resumes from its
+checkpoint. See docs/models.md."""
 
 from __future__ import annotations
 
@@ -52,11 +45,8 @@ SCHEDULER_CONFIG: dict[str, Any] = {
 
 @dataclass(frozen=True)
 class TrainReport:
-    """What one call of `train` did.
-
-    `losses` are the per-step training losses of this call only (steps start_step+1 .. steps);
-    `seconds` counts the wall time of every run that contributed to the model, resumes included.
-    """
+    """What one call of `train` did: `losses` of this call's steps only, `seconds` of every run
+    that made the model, resumes included."""
 
     out_dir: str
     start_step: int
@@ -70,8 +60,8 @@ class TrainReport:
 
 def make_unet(size: int, block_out_channels: Sequence[int], layers_per_block: int = 1,
               norm_num_groups: int = 8, attention: bool = True) -> UNet2DModel:
-    """A small DDPM UNet for `size` x `size` RGB images: convolutional blocks at every level,
-    one self-attention layer in the middle block when `attention` is set."""
+    """A small DDPM UNet for `size` x `size` RGB images, one self-attention layer in the middle
+    block when `attention` is set."""
     n = len(block_out_channels)
     if n < 1 or size % (2 ** (n - 1)) != 0:
         raise PipelineError(f"size {size} must be divisible by 2**(levels-1) = {2 ** (n - 1)}")
@@ -179,8 +169,8 @@ def _start(out_dir: str, model: UNet2DModel, lr: float, seed: int,
 
 def _loss(state: _State, x0: torch.Tensor, alpha_bar: torch.Tensor, dev: torch.device,
           bf16: bool, snr_gamma: float | None) -> torch.Tensor:
-    """The DDPM loss of one batch x0 (B, 3, S, S) in [-1, 1], with random flips, timesteps and
-    noise from the state's generator (in that order, so a resumed run draws the same)."""
+    """The DDPM loss of one batch x0 (B, 3, S, S) in [-1, 1]; flips, timesteps and noise come
+    from the state's generator in that order, so a resumed run draws the same."""
     b = x0.shape[0]
     flip = torch.rand(b, generator=state.generator) < 0.5
     x0 = torch.where(flip[:, None, None, None], x0.flip(-1), x0).to(dev)
@@ -233,30 +223,19 @@ def train(
     progress: bool = True,
     storage_options: Mapping[str, Any] | None = None,
 ) -> TrainReport:
-    """Train (or resume training) an unconditional DDPM on the images of WebDataset shards.
+    """Train (or resume) an unconditional DDPM on the images of WebDataset shards; the model
+    directory is complete when it returns.
 
     Args:
-        data: shard URLs (any fsspec URL), brace patterns like `data/rooms-{000000..000015}.tar`,
-            glob patterns, or folders holding `*.tar`. Members .png/.jpg/.jpeg/.webp are used.
-        out_dir: local model directory; holds the exported model, `train_log.csv` and
-            `checkpoint/`. If a checkpoint exists, training resumes from it.
-        size: training resolution; images are centre-cropped to square and resized.
-        steps: total number of optimisation steps (including those of earlier runs).
-        batch_size, lr, warmup_steps: AdamW batch size, peak learning rate, linear warm-up.
-        ema_decay: decay of the weight EMA (warmed up as min(decay, (1 + k) / (10 + k))).
-        block_out_channels, layers_per_block, norm_num_groups, attention: the UNet size.
-        checkpoint_every: steps between checkpoints (and model exports).
-        shuffle_buffer: samples held in the shuffle buffer.
-        seed: seeds weights, noise, timesteps, flips and data order.
-        device: "auto" (CUDA if present, else CPU), "cpu", "cuda", "cuda:1", ...
-        bf16: run forward/backward under bfloat16 autocast (weights stay float32).
-        snr_gamma: if set, weight each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR,
-            Hang et al. 2023, arXiv 2303.09556), which speeds up learning the coarse structure.
-        threads: torch intra-op threads (None: torch's default).
-        progress: show a progress bar with the loss.
-
-    Returns:
-        A `TrainReport`; the model directory is complete when it returns.
+        data: shard URLs, brace or glob patterns, or folders of `*.tar`; png / jpg / jpeg / webp
+            members are used.
+        out_dir: local model directory, with `train_log.csv` and `checkpoint/` (resumed from).
+        steps: total optimisation steps, those of earlier runs included.
+        ema_decay: decay of the weight EMA, warmed up as min(decay, (1 + k) / (10 + k)).
+        device: "auto" (CUDA if present), "cpu", "cuda", "cuda:1", ...
+        bf16: forward and backward under bfloat16 autocast (weights stay float32).
+        snr_gamma: weight each sample's loss by min(SNR_t, gamma) / SNR_t (Min-SNR, Hang et al.
+            2023), which learns the coarse structure faster.
     """
     if steps < 1 or batch_size < 1 or checkpoint_every < 1:
         raise PipelineError("steps, batch_size and checkpoint_every must be >= 1")

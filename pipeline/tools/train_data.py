@@ -1,8 +1,5 @@
-"""Training data for `sdedit-batch train`: endless shuffled image batches from WebDataset shards.
-
-Shards are read as streams through `pipeline.storage` (any fsspec URL); the first image member
-of each sample (`pipeline.images.IMAGE_EXTS`) is centre-cropped to a square and resized.
-"""
+"""Training data for `sdedit-batch train`: endless shuffled image batches from WebDataset shards,
+each sample's first image member centre-cropped to a square and resized."""
 
 from __future__ import annotations
 
@@ -72,9 +69,8 @@ def image_batches(urls: Sequence[str], size: int, batch_size: int, *, rng: np.ra
                   storage_options: Mapping[str, Any] | None = None) -> Iterator[torch.Tensor]:
     """Endless shuffled batches (batch_size, 3, size, size), float32 in [-1, 1], from shards.
 
-    The buffer holds encoded samples; only emitted ones are decoded. The first `skip_batches`
-    batches are drawn but not decoded, so a resumed run sees exactly the batches it would have.
-    """
+    Only emitted samples are decoded; the first `skip_batches` are drawn but not decoded, so a
+    resumed run sees exactly the batches it would have."""
     buffer: list[Mapping[str, Any]] = []
     batch: list[torch.Tensor] = []
     to_skip = skip_batches * batch_size

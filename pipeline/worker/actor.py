@@ -1,10 +1,6 @@
-"""What runs inside the Ray actors, as plain classes (`pipeline.driver.pool` wraps them with
-`ray.remote`; only the driver imports Ray).
-
-`ShardActor` holds one `ShardWorker` (`run`); `ScoreActor` one `ShardScorer` (`score` after the
-fact); `Counter` (one per command) sums the images the actors have finished, for the progress
-bar; `Batched` sends an actor's counts at most every 0.5 s.
-"""
+"""What runs inside the Ray actors, as plain classes that `pipeline.driver.pool` wraps with
+`ray.remote`: `ShardActor` (`run`), `ScoreActor` (`score`), and the image counters of the
+progress bar."""
 
 from __future__ import annotations
 
@@ -29,8 +25,8 @@ __all__ = ["Batched", "Counter", "ScoreActor", "ShardActor"]
 
 
 class Counter:
-    """Images finished so far per shard, reported by the actors as they write them; a failed
-    attempt's count is dropped (its images are made again). O(1) per call."""
+    """Images finished so far per shard, as the actors write them; a failed attempt's count is
+    dropped (its images are made again)."""
 
     def __init__(self) -> None:
         self.counts: dict[str, int] = {}
@@ -54,11 +50,9 @@ class Counter:
 class ShardActor:
     """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
 
-    A worker that cannot start is not an actor crash: the error is kept and raised by `ready`
-    (and every `process`), so the driver sees the cause as the task's exception
-    (`RayTaskError.cause`): a model that cannot load or run the job stops the job at once, any
-    other cause counts as a failed actor start.
-    """
+    A worker that cannot start keeps its error and raises it from `ready` and `process`, so the
+    driver sees the cause: a model that cannot load or run the job stops the job at once, any
+    other cause counts as a failed actor start."""
 
     def __init__(self, spec: JobSpec, threads: int, counter: Any,
                  hooks: Hooks = NO_HOOKS) -> None:
@@ -97,8 +91,7 @@ class ShardActor:
 
 class ScoreActor:
     """One `ShardScorer` in a Ray actor: loads the scorer models once, then scores committed
-    shards (`process` takes the shard's output tar URL). A start error is kept and raised by
-    `ready`, as `ShardActor` does."""
+    shards by their output tar URL; a start error is raised by `ready`, as in `ShardActor`."""
 
     def __init__(self, spec: JobSpec, threads: int, counter: Any,
                  hooks: Hooks = NO_HOOKS) -> None:
@@ -142,7 +135,7 @@ class ScoreActor:
 
 
 class Batched:
-    """Image counts sent to the counter at most every 0.5 s (not one remote call per image)."""
+    """Image counts sent to the counter at most every 0.5 s, not one remote call per image."""
 
     def __init__(self, send: Any) -> None:
         self.send, self.count, self.last = send, 0, time.monotonic()

@@ -1,10 +1,7 @@
-"""One attempt at one shard, while it runs: its results, counts, timings and manifest rows.
+"""One attempt at one shard while it runs: its results, counts, timings and manifest rows.
 
-`ShardWorker.process` makes one `Attempt` per call; every stage of the worker (the sample ->
-tasks stage in `pipeline.worker.tasks`, the device and encode stages in
-`pipeline.worker.shard`) writes its rows through it, so that each row is counted once: error
-rows by kind, row warnings by kind (`pipeline.worker.notices`).
-"""
+`ShardWorker.process` makes one `Attempt` per call and every stage writes its rows through it, so
+that each row is counted once."""
 
 from __future__ import annotations
 
@@ -28,10 +25,9 @@ __all__ = ["Attempt"]
 
 @dataclass
 class Attempt:
-    """One attempt at one shard, while it runs: where its results go (`writer`, with rows
-    built by `records`), what it counted, its timings, its decoded images alive (`gauge`),
-    its turn at the device (`token`), the ordered sink of its encodes and the ok rows waiting
-    for their scores (`scoring`)."""
+    """One attempt at one shard: its writer and records, its counts and timings, its decoded
+    images alive (`gauge`), its device turn (`token`), its encode sink and the ok rows awaiting
+    scores."""
 
     url: str
     stem: str
@@ -47,8 +43,8 @@ class Attempt:
     """(manifest row, sample position, score input) of ok rows not yet scored."""
 
     def ok_row(self, item: Encoded) -> dict[str, Any]:
-        """The encoded output to the tar (processing order); returns its manifest row, which
-        the caller hands to the writer (at once, or with its scores)."""
+        """The encoded output to the tar, in processing order; returns its manifest row for the
+        caller to hand to the writer (at once, or with its scores)."""
         task = item.done.task
         assert item.sample is not None
         with self.timings.measure("write"):
@@ -62,9 +58,8 @@ class Attempt:
 
     def error_row(self, sample: Sample, position: int, index: int, kind: str | None,
                   error: str, batch_size: int | None = None, task: Task | None = None) -> None:
-        """One error row (`kind`: one of `pipeline.output.manifest.ERROR_KINDS`) of the sample
-        at `position` in the shard, with the row's own settings when they were read (`task`),
-        else the job's."""
+        """One error row of kind `kind` for the sample at `position`, with the row's own settings
+        when they were read (`task`), else the job's."""
         settings = task.settings if task is not None else self.records.job_settings()
         row = self.records.row(self.stats.input_shard, sample, index, settings,
                                batch_size=batch_size, error=error, error_kind=kind)

@@ -1,8 +1,7 @@
 """From decoded samples to batches for the device: one task per output, grouped by image size.
 
-A batch is decided by the shard's content alone, never by timing (the reproducibility
-promise: the same shard and batch size give the same batches, hence the same outputs).
-"""
+Batches are decided by the shard's content alone, never by timing: the same shard and batch size
+give the same batches, hence the same outputs."""
 
 from __future__ import annotations
 
@@ -48,8 +47,8 @@ class Task:
 
 @dataclass
 class Prepared:
-    """A batch ready for the device: guides float32 (B, 3, H, W) in [-1, 1], masks float32
-    (B, 1, H, W) in {0, 1} or None, and its noise already being drawn (`noise`)."""
+    """A batch ready for the device: guides float32 (B, 3, H, W) in [-1, 1], masks float32 (B, 1,
+    H, W) in {0, 1} or None, and its noise already being drawn."""
 
     tasks: list[Task]
     images: torch.Tensor
@@ -62,7 +61,7 @@ class Prepared:
 
 
 def prepare(tasks: list[Task], noise: NoiseSource | None = None) -> Prepared:
-    """The batch's tensors (run in the host pool while the device works on the batch before)."""
+    """The batch's tensors (in the host pool, while the device works on the batch before)."""
     guides = np.stack([task.sample.guide for task in tasks])  # (B, H, W, 3) uint8
     images = torch.from_numpy(guides).permute(0, 3, 1, 2).float() / 127.5 - 1.0
     masks = None
@@ -74,9 +73,8 @@ def prepare(tasks: list[Task], noise: NoiseSource | None = None) -> Prepared:
 def by_size(tasks: Iterable[Task], size: int) -> Iterator[list[Task]]:
     """Batches of `size` tasks of one image size (and mask or not), in arrival order.
 
-    At most 2 * size tasks wait in size buckets: beyond that the largest bucket goes as a
-    partial batch (many distinct sizes cannot hold a shard in memory); the rest go at the end.
-    """
+    Beyond 2 * size waiting tasks the largest bucket goes as a partial batch, so many distinct
+    sizes cannot hold a shard in memory; the rest go at the end."""
     buckets: dict[tuple[object, ...], list[Task]] = {}
     waiting = 0
     for task in tasks:

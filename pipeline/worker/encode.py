@@ -1,8 +1,7 @@
-"""What one edited output becomes: 8-bit pixels, its faithfulness, and its encoded tar sample.
+"""What one edited output becomes: 8-bit pixels, its faithfulness and its encoded tar sample.
 
-`encode_output` runs in the worker's host pool, one output at a time; an output whose size or
-content the chosen format cannot hold is that output's error row, never the shard's.
-"""
+`encode_output` runs in the host pool; an output the chosen format cannot hold is that output's
+error row, never the shard's."""
 
 from __future__ import annotations
 
@@ -20,9 +19,8 @@ from pipeline.worker.batching import Task
 __all__ = ["MAX_SIDE", "Done", "Encoded", "encode_output", "faithfulness_l2"]
 
 MAX_SIDE = {"png": 2**31 - 1, "jpg": 65500, "webp": 16383}
-"""The largest width or height each output format holds (PNG: 2^31 - 1; JPEG: libjpeg's 65500;
-WebP: 16383, its 14-bit size fields; Pillow refuses larger ones). A larger output is that output's
-"encode" row; any other failure of the encoder fails the attempt (retried, then reported)."""
+"""The largest width or height each output format holds; a larger output is an "encode" row, any
+other encoder failure fails the attempt."""
 
 
 @dataclass
@@ -54,8 +52,8 @@ class Encoded:
 
 def encode_output(done: Done, out: OutputSpec,
                   metadata: Callable[[Task, float], dict[str, Any]]) -> Encoded:
-    """The output's metadata (`metadata(task, faithfulness_l2)`, its `{key}.json`) and encoded
-    tar sample, or why it cannot be encoded (its size or content: that output's error)."""
+    """The output's metadata (`metadata(task, faithfulness_l2)`) and encoded tar sample, or why
+    its size or content cannot be encoded."""
     sample = done.task.sample
     assert sample.guide is not None and sample.members is not None
     pixels = done.pixels()
@@ -79,8 +77,8 @@ def encode_output(done: Done, out: OutputSpec,
 
 
 def faithfulness_l2(output: np.ndarray, guide: np.ndarray, mask: np.ndarray | None) -> float:
-    """RMS difference of output and guide, uint8 (H, W, 3) each, in 0..255 units; inside the
-    mask (uint8 (H, W) in {0, 1}) when it regenerates anything."""
+    """RMS difference of uint8 (H, W, 3) output and guide in 0..255 units, inside the mask (uint8
+    (H, W) in {0, 1}) when it regenerates anything."""
     diff = output.astype(np.int32) - guide.astype(np.int32)
     if mask is not None and mask.any():
         diff = diff[mask.astype(bool)]

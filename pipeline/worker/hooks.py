@@ -1,35 +1,8 @@
-"""Test hooks: faults and stand-ins that a test or a benchmark hands to the run path as an object.
+"""Test hooks: faults and stand-ins that a test or a benchmark hands to the run path as an
+object.
 
-Production code never builds a `Hooks` and never reads one from the environment: a test passes
-`Hooks(...)` to `ShardWorker(spec, hooks=...)` or `run_job(spec, hooks=...)`, and the runner
-hands the same object to each actor it starts (pickled with the actor's arguments). Without it
-(the default `NO_HOOKS`) the worker does nothing more. Fields, all off by default:
-
-    crash        "STEM:OUTPUTS:FLAGFILE": the process exits once OUTPUTS outputs of shard STEM
-                 are done, once (FLAGFILE records that it happened); tests actor loss.
-    batch_delay  seconds to sleep after each batch (to stop a run mid-way).
-    fake_gpu     true: compute.device cuda runs on the CPU (a fake multi-node cluster whose
-                 GPUs are Ray resources only).
-    fail_write   "STEM:FLAGFILE": writing the first output of shard STEM raises OSError, once
-                 (FLAGFILE records that it happened); tests that a write error aborts the shard.
-    stall_read   "STEM:FLAGFILE": reading shard STEM blocks for good (a read that never
-                 returns), once; tests the per-shard deadline.
-    hold_read    "STEM:GATEFILE": reading shard STEM waits until GATEFILE exists (a run held at
-                 a known point while a test looks at it, without timing).
-    fail_start   a message: the worker's constructor raises RuntimeError with it (an actor that
-                 dies while starting, for a reason other than its model).
-    device_memory_gb  not None: the worker checks the job's memory plan against a device of this
-                 many GB (2^30 bytes), as it checks a real GPU's at start.
-    stand_in_ms  not None: the loaded model's network is replaced by a stand-in whose every call
-                 sleeps this many milliseconds per image (0: returns at once; sleeping releases
-                 the GIL, as waiting on a GPU does) and predicts zeros: an emulated device whose
-                 busy time is known exactly (benchmarks/host_pipeline.py, driver_scale.py).
-                 Noise is drawn ahead in background threads, as the fast path does on a GPU host.
-    score_stand_in_ms  not None: the scorers' device work (`pipeline.score.scorer.Scorer.score`)
-                 is replaced by a sleep of this many milliseconds per image that returns zero
-                 scores; their host work (decoding, the CLIP processor) stays real: an emulated
-                 device for the scorers too (benchmarks/host_pipeline.py --scores).
-"""
+Production code never builds one nor reads one from the environment; the default, `NO_HOOKS`,
+does nothing. Flag files make a fault happen once across processes."""
 
 from __future__ import annotations
 
@@ -52,18 +25,29 @@ __all__ = ["NO_HOOKS", "Hooks"]
 
 @dataclass(frozen=True)
 class Hooks:
-    """The hooks a test switched on (see the module docstring)."""
+    """The hooks a test switched on; every field is off by default."""
 
     crash: str | None = None
+    """"STEM:OUTPUTS:FLAGFILE": the process exits once OUTPUTS outputs of shard STEM are done."""
     batch_delay: float = 0.0
+    """Seconds to sleep after each batch (to stop a run mid-way)."""
     fake_gpu: bool = False
+    """compute.device cuda runs on the CPU (a fake cluster whose GPUs are Ray resources only)."""
     fail_write: str | None = None
+    """"STEM:FLAGFILE": writing the first output of shard STEM raises OSError."""
     stall_read: str | None = None
+    """"STEM:FLAGFILE": reading shard STEM never returns (the per-shard deadline's test)."""
     hold_read: str | None = None
+    """"STEM:GATEFILE": reading shard STEM waits until GATEFILE exists (a run held, no timing)."""
     fail_start: str | None = None
+    """A message: the worker's constructor raises RuntimeError with it."""
     stand_in_ms: float | None = None
+    """The network becomes a stand-in that sleeps this many ms per image (releasing the GIL, as
+    a GPU wait does) and predicts zeros: an emulated device; noise is drawn in threads."""
     score_stand_in_ms: float | None = None
+    """The scorers' device work becomes a sleep of this many ms per image giving zero scores."""
     device_memory_gb: float | None = None
+    """The worker checks the memory plan against a device of this many GB (2^30 bytes)."""
 
     def starting(self) -> None:
         """Run when a worker starts, before it loads its model."""

@@ -1,12 +1,6 @@
-"""An actor's model: the weights' precision and offload the job resolved, checked against the
-device's memory before any weights are read, then loaded (LoRAs fused, regions compiled).
-
-The precision is what OUT/job.json says this output was started with
-(`pipeline.job.memory.weights_request`); the memory plan is made for the guide size the driver
-planned (job.json) and checked against the real GPU's memory (or `Hooks.device_memory_gb`),
-with the same words `validate` uses for compute.gpu_memory_gb: a job that cannot fit fails the
-actor's start (ModelSettingsError stops the run) instead of looping on out-of-memory splits.
-"""
+"""An actor's model: the job's precision and offload, its memory plan checked against the device
+before any weights are read (a job that cannot fit fails the actor's start rather than looping on
+out-of-memory splits), then loaded."""
 
 from __future__ import annotations
 
@@ -42,12 +36,11 @@ __all__ = ["load_job_model"]
 
 
 def load_job_model(spec: JobSpec, device: torch.device, hooks: Hooks) -> DiffusionModel:
-    """The job's model on `device` (see the module docstring).
+    """The job's model on `device`.
 
     Raises:
         ModelSettingsError: the weights' precision or the memory plan refuses the job.
-        ModelSourceError: the model cannot be read or loaded.
-    """
+        ModelSourceError: the model cannot be read or loaded."""
     options = dict(spec.model.storage_options) or None
     record = _record(spec)
     layout = inspect_model_dir(model_directory(spec.model.source, options), spec.model.source)

@@ -1,17 +1,6 @@
-"""Warnings that reach the user: counted by kind in the actor, summed in `run`'s summary and
-`status` (through each shard's done marker, `pipeline.output.status.MarkerTotals`).
-
-Two sorts, counted apart:
-
-- row warnings (`ShardStats.row_warnings`): the worker's own facts about a row that was made
-  anyway, counted per manifest row: a prompt cut by a text encoder (`cut_notes`), a setting a
-  row gave that the model does not use (`pipeline.input.rows.row_settings`);
-- actor warnings (`ShardStats.actor_warnings`): Python `warnings` raised in the actor's process
-  (by torch, diffusers, transformers, PIL, ...) as Python shows them (its default filter shows
-  each once per place it is raised), counted by category and message. `ActorWarnings` counts
-  them from the moment a worker starts (model loading included) and hands the counts to the
-  next shard that commits.
-"""
+"""Warnings that reach the user, counted by kind in the actor and summed in `run`'s summary and
+`status`: row warnings (a prompt cut, a setting the model does not use) and Python warnings the
+actor's process raised. See docs/outputs.md, "warnings"."""
 
 from __future__ import annotations
 
@@ -32,15 +21,14 @@ _MESSAGE_CHARS = 120
 
 
 def describe_cuts(cuts: Sequence[PromptCut]) -> str | None:
-    """The manifest's record of a prompt's cuts: "text_encoder kept 77 of 95 tokens" (several
-    encoders joined by "; "), or None when every encoder took the prompt whole."""
+    """The manifest's record of a prompt's cuts, "text_encoder kept 77 of 95 tokens" (joined by
+    "; "), or None when every encoder took it whole."""
     return "; ".join(f"{c.encoder} kept {c.kept} of {c.tokens} tokens" for c in cuts) or None
 
 
 def cut_notes(what: str, cuts: Sequence[PromptCut]) -> list[str]:
-    """The row warning of a prompt (`what`: "prompt" or "negative prompt") cut by some
-    encoders: ["prompt cut at 77 tokens by text_encoder, text_encoder_2"], or "prompt cut at
-    77 tokens by text_encoder, at 512 by text_encoder_2"; [] when it was taken whole."""
+    """The row warning of a prompt (`what`: "prompt" or "negative prompt") cut by some encoders,
+    "prompt cut at 77 tokens by text_encoder, ..."; [] when it was taken whole."""
     if not cuts:
         return []
     by_length: dict[int, list[str]] = {}
@@ -53,13 +41,9 @@ def cut_notes(what: str, cuts: Sequence[PromptCut]) -> list[str]:
 
 
 class ActorWarnings:
-    """Counts the Python warnings this process shows, by kind ("UserWarning: message
-    (file.py:12)"), while installed; `take` hands over the counts since the last call.
-
-    Installing wraps `warnings.showwarning` (what shows a warning goes on showing it: logs,
-    pytest's capture); it is process-wide, so one object serves every worker of a process
-    (`ActorWarnings.shared`). Thread-safe.
-    """
+    """Counts the Python warnings this process shows, by kind; `take` hands over the counts since
+    the last call. It wraps `warnings.showwarning` process-wide (they still show), so one object
+    serves every worker of a process (`shared`). Thread-safe."""
 
     _shared: ActorWarnings | None = None
     _lock = threading.Lock()
@@ -102,8 +86,7 @@ class ActorWarnings:
 
 def kind_of(message: Warning | str, category: type[Warning], filename: str,
             lineno: int) -> str:
-    """"Category: first line of the message (file.py:line)", the message at most 120
-    characters."""
+    """"Category: first line of the message (file.py:line)", the message at most 120 characters."""
     text = str(message).strip().splitlines()[0] if str(message).strip() else ""
     if len(text) > _MESSAGE_CHARS:
         text = text[:_MESSAGE_CHARS] + "..."

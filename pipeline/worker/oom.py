@@ -1,12 +1,6 @@
-"""Device batches that run out of memory: split in halves and retried, recursively.
-
-`split_on_oom` is what the worker (pipeline/worker/shard.py) runs every device batch through: a
-batch
-whose network call raises torch.OutOfMemoryError (torch.cuda.OutOfMemoryError) is retried as
-two halves, each the same way, so no sample is lost to a batch too large for the device; a
-single sample that still runs out of memory is an `EditFailure` of kind "device", the error row
-of that sample alone. The parts keep the batch's order.
-"""
+"""Device batches that run out of memory: split in halves and retried, recursively, so no sample
+is lost to a batch too large for the device; a single sample that still does not fit is its own
+"device" error row."""
 
 from __future__ import annotations
 
@@ -27,8 +21,8 @@ R = TypeVar("R")
 
 @dataclass(frozen=True)
 class EditFailure:
-    """Why a part of a batch produced no outputs: kind "device" (out of memory alone) or
-    "edit" (the engine refused the inputs), and the message for its error rows."""
+    """Why a part of a batch produced no outputs: kind "device" (out of memory alone) or "edit"
+    (the engine refused the inputs), and the message for its error rows."""
 
     kind: str
     message: str
@@ -36,13 +30,10 @@ class EditFailure:
 
 def split_on_oom(items: Sequence[T], run: Callable[[Sequence[T]], R]
                  ) -> Iterator[tuple[Sequence[T], R | EditFailure]]:
-    """Yield (part, run(part)) covering `items` in order: all of them at once, or, when `run`
-    raises torch.OutOfMemoryError, each half the same way (recursively). A single item that
-    still runs out of memory yields an `EditFailure` of kind "device" instead of a result.
-
-    The exception (and the tensors its traceback holds) is dropped and the device's cached
-    memory released before the halves run.
-    """
+    """(part, run(part)) covering `items` in order: all at once or, on torch.OutOfMemoryError,
+    each half the same way; a single item still out of memory gives an `EditFailure` of kind
+    "device". The exception and the tensors it holds are dropped, and cached memory released,
+    before the halves."""
     try:
         result = run(items)
     except torch.OutOfMemoryError as exc:

@@ -1,11 +1,7 @@
 """What a shard's results record: each manifest row, each output's metadata, the commit marker.
 
-`Records` holds a worker's job-constant columns and assembles every manifest row of its shards
-in one place (`row`, through `pipeline.output.manifest.manifest_row`, which refuses a column that is
-unknown or missing), every output's `{key}.json` (`metadata`) and the done marker (`marker`).
-`ShardStats` is what a shard's attempt counts as it goes; the marker carries it, and the run's
-summary and `status` add markers up (`pipeline.output.status.MarkerTotals`).
-"""
+`Records` assembles all of them in one place for a worker; `ShardStats` is what an attempt counts
+as it goes, carried by the marker and added up by `run`'s summary and `status`."""
 
 from __future__ import annotations
 
@@ -52,7 +48,7 @@ class ShardStats:
     timings: dict[str, float] = field(default_factory=dict)
     in_flight_max: int = 0
     row_warnings: dict[str, int] = field(default_factory=dict)
-    """Manifest rows by warning kind ("prompt cut at 77 tokens by text_encoder")."""
+    """Manifest rows by warning kind."""
     actor_warnings: dict[str, int] = field(default_factory=dict)
     """Python warnings the actor showed since its last commit, by kind."""
 
@@ -70,14 +66,9 @@ class ShardStats:
 class Records:
     """Rows, metadata and markers of one worker's shards.
 
-    Args:
-        spec: the job.
-        columns: manifest columns the same for every row of the worker (sampler, repeats, eta,
-            model, model_identity, dtype, worker, guidance_scale).
-        steps: network evaluations per round of an output started at a t0 (None: invalid t0).
-        conditional: whether the model takes prompts.
-        fingerprint: the job's fingerprint, recorded in markers.
-    """
+    `columns`: the manifest columns the same for every row of the worker; `steps`: network
+    evaluations per round of an output started at a t0 (None: invalid t0); `conditional`: whether
+    the model takes prompts."""
 
     def __init__(self, spec: JobSpec, columns: dict[str, Any],
                  steps: Callable[[float], int | None], conditional: bool,
@@ -96,7 +87,7 @@ class Records:
             output_shard: str | None = None, error: str | None = None,
             error_kind: str | None = None) -> dict[str, Any]:
         """The manifest row of output `index` of `sample`: ok when `encoded` is given (with
-        `output_shard`), else an error row (`error`, `error_kind`)."""
+        `output_shard`), else an error row."""
         sd = self.spec.sdedit
         if encoded is not None:
             h, w = encoded.size
@@ -115,8 +106,8 @@ class Records:
             negative_prompt_truncated=settings.negative_prompt_truncated, **self.columns)
 
     def metadata(self, task: Task, l2: float) -> dict[str, Any]:
-        """The output's `{key}.json`: what it was made with, enough to make it again with
-        `sdedit.edit` (no timings: tar bytes are deterministic)."""
+        """The output's `{key}.json`: enough to make it again with `sdedit.edit`, and no timings
+        (tar bytes are deterministic)."""
         data = {"key": task.sample.key, "output_key": task.output_key, "sample_index": task.index,
                 "seed": task.seed, "t0": task.settings.t0, "steps": task.steps,
                 **{k: self.columns[k] for k in ("sampler", "repeats", "eta", "model",
@@ -131,8 +122,7 @@ class Records:
         return data
 
     def marker(self, stats: ShardStats, urls: ShardUrls) -> dict[str, Any]:
-        """The done marker: the shard's counts (what `run` and `status` add up), where its
-        results are, and what made them."""
+        """The done marker: the shard's counts, where its results are, and what made them."""
         return {"stem": stats.stem, "input_shard": stats.input_shard,
                 "output_shard": absolute_url(urls.tar),
                 "manifest": absolute_url(urls.manifest),

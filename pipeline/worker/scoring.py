@@ -1,10 +1,8 @@
 """The worker's score stage: each ok output's scores, right after its edit, on the same device.
 
-The host part (`prepare`: the pixels as written, the CLIP processor's input) runs in the host
-pool beside the encode; the device part scores the rows in batches as they are written, and the
-rows (manifest row + scores) go to the shard's writer then; the last partial batch is scored
-before the commit, so a committed shard has every row's scores (`pipeline.output.scores`).
-"""
+The scorers' host inputs are made in the host pool beside the encode; the device scores rows in
+batches as they are written, and the last partial batch before the commit, so a committed shard
+has every row's scores."""
 
 from __future__ import annotations
 
@@ -22,8 +20,8 @@ __all__ = ["ScoreStage"]
 
 
 class ScoreStage:
-    """The scorers of `spec.score` on `device`, batched by `score.batch_size` (default
-    `compute.batch_size`). `scorer`: a loaded `Scorer` (tests); default: loaded here."""
+    """The scorers of `spec.score` on `device`, in batches of `score.batch_size` (default
+    `compute.batch_size`); `scorer` is loaded here unless given (tests)."""
 
     def __init__(self, spec: JobSpec, device: torch.device, scorer: Scorer | None = None) -> None:
         self.scorer = scorer or Scorer(spec.score, device)
@@ -32,8 +30,7 @@ class ScoreStage:
         self.metadata: dict[str, Any] = self.scorer.metadata()
 
     def prepare(self, encoded: Encoded) -> ScoreInput:
-        """The output's scorer inputs from its pixels as written (a png output's pixels are
-        the ones encoded; a jpg or webp output is decoded from its bytes). Host pool."""
+        """The output's scorer inputs from its pixels as written (host pool)."""
         done = encoded.done
         assert encoded.sample is not None and done.task.sample.guide is not None
         if self.image_format == "png":

@@ -1,17 +1,8 @@
-"""ShardWorker: read -> decode -> batch -> edit -> encode (-> score) -> write -> commit, pipelined.
+"""ShardWorker: read -> batch -> edit -> encode (-> score) -> write -> commit, pipelined.
 
-One ShardWorker holds one loaded model and edits whole input shards; the Ray actor
-(`pipeline.worker.actor`) wraps it, tests call it directly. Two shards may be in process at
-once: the second reads while the first computes, and computes while the first encodes and
-commits (`stages.DeviceTurns`). Within a shard, decoding, the device and encoding overlap;
-tars hold outputs in the serial loop's order, manifests hold rows in input order.
-
-No sample fails its shard: one that cannot be edited is error rows (decode, size, setting before
-batching; "device" when it runs out of memory alone after `oom.split_on_oom`; "edit" for the
-engine's `EditInputError`; "encode" for a size the format cannot hold). Any other exception
-fails the attempt, which the runner retries, and leaves nothing behind. Memory is bounded in
-decoded images (`ShardWorker.max_in_flight`).
-"""
+One worker holds one model and edits whole shards, two at once. No sample fails its shard: one
+that cannot be edited is error rows; any other exception fails the attempt, leaving nothing
+behind. See docs/performance.md, "the pipelined actor"."""
 
 from __future__ import annotations
 
@@ -59,22 +50,15 @@ logger = logging.getLogger(__name__)
 __all__ = ["SLOTS", "ShardStats", "ShardWorker"]
 
 SLOTS = 2
-"""Shards an actor holds at once (concurrent `ShardWorker.process` calls): one computing, the
-other reading ahead or committing. A shard counts as in flight until it is committed."""
+"""Shards an actor holds at once: one computing, the other reading ahead or committing (a shard
+is in flight until committed)."""
 
 
 class ShardWorker:
-    """Edits whole input shards with one loaded model.
+    """Edits whole input shards with one loaded model (None: the job's, loaded here).
 
-    Args:
-        spec: the validated job.
-        model: a loaded model (or None to load the job's: `pipeline.worker.loading`).
-        worker_id: recorded in manifests and markers (default host:pid).
-        threads: torch intra-op threads (CPU actors get their CPU share).
-        host_threads: threads decoding and encoding (default `compute.host_threads`, else
-            max(2, threads)).
-        hooks: test hooks (`pipeline.worker.hooks.Hooks`), from a test or a benchmark only.
-    """
+    `threads` are torch's intra-op threads, `host_threads` those decoding and encoding (default
+    `compute.host_threads`, else max(2, threads)); `hooks` come from tests and benchmarks only."""
 
     def __init__(self, spec: JobSpec, model: DiffusionModel | None = None,
                  worker_id: str | None = None, threads: int | None = None,
@@ -117,18 +101,16 @@ class ShardWorker:
         batch = spec.compute.batch_size
         self.depth = self.window = 2 * batch
         self.max_in_flight = SLOTS * (self.depth + 2 * batch + 2 * batch + self.window)
-        """Decoded images alive at most (two shards, each: read ahead, size buckets, one batch
-        prepared, one on the device, those being encoded)."""
+        """Decoded images alive at most, over two shards."""
         warm_up(self.model, batch)  # the first shard pays no allocator / kernel-selection cost
 
     def process(self, url: str, progress: Callable[[int], None] | None = None) -> ShardStats:
-        """Edit every sample of the shard at `url` and commit its outputs.
+        """Edit every sample of the shard at `url` and commit its outputs; a committed shard is
+        skipped (`skipped=True`). At most `SLOTS` calls run at once, the others wait.
 
-        A shard whose marker already exists is not redone (`skipped=True`). Safe to call from
-        several threads: at most `SLOTS` calls run at once, the others wait.
         Raises:
-            ShardError: the tar is unreadable or truncated (the runner retries the shard);
-            any other error (writing, a bug): the shard is aborted, nothing of it is committed.
+            ShardError: the tar is unreadable or truncated (the runner retries the shard); any other
+                error aborts the shard, nothing of it committed.
         """
         if self.closed:
             raise RuntimeError("ShardWorker.process after close()")
@@ -230,9 +212,8 @@ class ShardWorker:
                                         pool=self.noise_pool))
 
     def _edit(self, prepared: Prepared, a: Attempt) -> list[Done]:
-        """Edit one batch on the device (split in halves when it runs out of memory); float
-        outputs on the CPU, or error rows for the outputs the engine refuses (a problem of
-        these inputs, not of the shard) or that run out of memory alone."""
+        """Edit one batch on the device, split in halves when out of memory: float outputs on the
+        CPU, or error rows for outputs the engine refuses or that run out of memory alone."""
         self.stage.settle(prepared.tasks)  # on the device's turn, where the encoders run
         done: list[Done] = []
         indices = list(range(len(prepared.tasks)))
@@ -256,11 +237,8 @@ class ShardWorker:
         return done
 
     def _run(self, prepared: Prepared, rows: Sequence[int]) -> torch.Tensor | EditFailure:
-        """float32 (len(rows), 3, H, W) outputs on the CPU of these rows of a prepared batch
-        (all of them: with its noise drawn ahead), or the engine's refusal of the inputs.
-        Raises:
-            torch.OutOfMemoryError: the device ran out of memory (see `split_on_oom`).
-        """
+        """float32 (len(rows), 3, H, W) CPU outputs of these rows of a prepared batch, or the
+        engine's refusal; raises torch.OutOfMemoryError for `split_on_oom`."""
         sd = self.spec.sdedit
         whole = len(rows) == len(prepared.tasks)
         index = torch.tensor(list(rows))
@@ -281,7 +259,7 @@ class ShardWorker:
         return out.cpu()  # converted to 8 bits per output, in the host pool (`Done.pixels`)
 
     def _encode(self, done: Done) -> Encoded:
-        """The output encoded (`encode.encode_output`) and its scorer inputs; host pool."""
+        """The output encoded and its scorer inputs; host pool."""
         encoded = encode_output(done, self.spec.output, self.records.metadata)
         if self.scoring is not None and encoded.sample is not None:
             encoded.score_input = self.scoring.prepare(encoded)

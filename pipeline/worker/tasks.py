@@ -1,12 +1,8 @@
 """The worker's sample -> tasks stage: what each decoded sample is to be made with.
 
-`TaskStage.tasks` turns a shard's samples into one `batching.Task` per output, in input order,
-after the checks that need the loaded model: the guide's size, the row's own settings
-(`pipeline.input.rows`: t0 against the model's schedule, prompts). A sample that cannot be
-edited is its error rows here, so it never fails a batch. `TaskStage.settle` adds what the
-text encoders will take of each task's prompts (`sdedit.prompt_cuts`), on the device's turn,
-where the encoders run (tokenizers are not thread-safe).
-"""
+The checks that need the loaded model happen here, so a sample that cannot be edited is its error
+rows and never fails a batch; prompt cuts are settled on the device's turn, where the text
+encoders run."""
 
 from __future__ import annotations
 
@@ -37,10 +33,9 @@ class TaskStage:
         self.known: dict[str, tuple[PromptCut, ...]] = {}
 
     def tasks(self, samples: Iterator[Sample], a: Attempt) -> Iterator[Task]:
-        """One task per output of each editable sample, in input order; a sample that cannot
-        be edited (decode, size, its per-row settings) is its error rows here. A sample with
-        an error but no kind is a bug of the reader: the row builder refuses it and the
-        attempt fails."""
+        """One task per output of each editable sample, in input order; a sample that cannot be
+        edited is its error rows here (one with an error but no kind is a bug, and fails the
+        attempt)."""
         sd = self.spec.sdedit
         while True:
             with a.timings.measure("wait_input"):
@@ -76,9 +71,8 @@ class TaskStage:
                            position, list(notes))
 
     def settle(self, tasks: Sequence[Task]) -> None:
-        """Record in each task what the text encoders take of its prompts: the settings'
-        `prompt_truncated` / `negative_prompt_truncated` and a row warning for each cut
-        prompt. Call it on the device's turn, once per task."""
+        """Record in each task what the text encoders take of its prompts (`prompt_truncated` and
+        a row warning per cut). Call it on the device's turn, once per task."""
         if self.model.text is None:
             return
         wanted = list(dict.fromkeys(text for task in tasks for text in (
@@ -109,8 +103,8 @@ class TaskStage:
         return None
 
     def steps(self, t0: float) -> int | None:
-        """Network evaluations per round of an output started at t0 (None: t0 is invalid):
-        the sampler's default at this t0 when `sdedit.steps` is unset."""
+        """Network evaluations per round of an output started at t0 (None: t0 is invalid); the
+        sampler's default at this t0 when `sdedit.steps` is unset."""
         return None if self.t0_problem(t0) else count_steps(
             self.model, self.spec.sdedit.sampler, t0, self.spec.sdedit.steps)
 
