@@ -1,3 +1,3 @@
 """sdedit-batch orchestration: job specs, WebDataset I/O, Ray actors, the CLI."""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"

@@ -79,4 +79,4 @@ __all__ = [
 ]
 OFFLOAD_SETTINGS = ("auto", *OFFLOADS)
 """`compute.offload`: auto (from the memory plan) or one of OFFLOADS."""
-__version__ = "0.1.0"
+__version__ = "0.2.0"
