@@ -70,6 +70,8 @@ DROP = 34
 TOKENIZER_MAX = 1024
 MAX_SEQUENCE_LENGTH = 512
 """Prompt tokens kept (the img2img pipeline's `max_sequence_length` default)."""
+TILE = 1024
+"""Image side above which the VAE tiles (the pipeline's default_sample_size 128 x 8)."""
 REFUSED_OPTIONS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 """Transformer options of other Qwen-Image variants (Edit-2511, Layered)."""
 
@@ -77,7 +79,16 @@ REFUSED_OPTIONS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "u
 @dataclass
 class QwenCodec(LatentCodec):
     """The video VAE on one-frame clips: (N, 3, H, W) <-> (N, z_dim, H/f, W/f), normalised
-    with the per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`)."""
+    with the per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`).
+    Tiled only above `TILE` px a side (the pipeline's default image side), in tiles of `TILE`
+    overlapping by a quarter as AutoencoderKL's; the class's own tiling starts at 256 px, which
+    would make every 1024 px output differ from the pipeline's, which does not tile."""
+
+    def bound_memory(self) -> None:
+        """Tiling on above `TILE` px (see the class docstring)."""
+        stride = TILE * 3 // 4
+        self.vae.enable_tiling(tile_sample_min_height=TILE, tile_sample_min_width=TILE,
+                               tile_sample_stride_height=stride, tile_sample_stride_width=stride)
 
     def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]
