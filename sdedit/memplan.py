@@ -206,7 +206,7 @@ def plan_memory(layout: ModelLayout, precision: Precision, *, batch_size: int,
     if "vae" in layout.configs:
         weights["vae"] = (precision.vae, _weights(layout.configs["vae"], precision.vae))
     for name in texts:
-        weights[name] = (precision.text, _weights(layout.configs[name], precision.text))
+        weights[name] = (precision.text, _weights(_loaded_config(layout, name), precision.text))
     family = family_named(layout.family)
     with _fake():
         codec = None
@@ -226,10 +226,22 @@ def plan_memory(layout: ModelLayout, precision: Precision, *, batch_size: int,
             batch += 6 * batch_size * shape[0] * shape[1] * shape[2] * 4
             del codec
         for name in texts:
-            config = json.dumps(layout.configs[name], sort_keys=True)
+            config = json.dumps(_loaded_config(layout, name), sort_keys=True)
             text_act = max(text_act, _text_peak(config, precision.text, rows))
     return MemoryPlan(weights, net_act, vae_act, text_act, batch, size, batch_size, rows,
                       net_name, notes)
+
+
+def _loaded_config(layout: ModelLayout, name: str) -> dict[str, Any]:
+    """Part `name`'s config, naming the transformers class the pipeline loads: the one
+    model_index.json gives it where it names one (Z-Image's text encoder is loaded as the
+    Qwen3Model of its index; its config's `architectures` say Qwen3ForCausalLM, which would
+    add a language-model head the run never computes)."""
+    config = layout.configs[name]
+    entry = (layout.configs.get("index") or {}).get(name)
+    if isinstance(entry, list) and len(entry) == 2 and entry[0] == "transformers" and entry[1]:
+        return {**config, "architectures": [entry[1]]}
+    return config
 
 
 def _weights(config: dict[str, Any], precision: str) -> int:
@@ -274,13 +286,13 @@ def _net_peak(inputs: tuple[NetCall, Conditioning | None], net: torch.nn.Module,
 def _vae_peak(codec: LatentCodec, batch: int, size: tuple[int, int]) -> int:
     """The larger activation peak of encoding and decoding a batch, as `LatentCodec` runs them."""
     vae = codec.vae
-    if callable(getattr(vae, "enable_tiling", None)):
-        vae.enable_tiling()
+    codec.bound_memory()
     factor, channels, dtype = codec.factor, codec.channels, codec.dtype
     images = torch.zeros(batch, 3, *size)
     latents = torch.zeros(batch, channels, size[0] // factor, size[1] // factor)
     exclude = [*vae.parameters(), *vae.buffers(), images, latents]
-    tile = int(getattr(vae, "tile_sample_min_size", 0) or 0)
+    tile = int(getattr(vae, "tile_sample_min_size", 0) or   # AutoencoderKL's or the video VAEs'
+               getattr(vae, "tile_sample_min_height", 0) or 0)
     if tile and max(size) > tile:  # tiled: one tile's peak + the image and its tiles
         images, latents = images[:1, :, :tile, :tile], latents[:1, :, :tile // factor,
                                                                :tile // factor]

@@ -112,7 +112,10 @@ def job_plan(spec: JobSpec, layout: ModelLayout, precision: Precision,
              size: tuple[int, int], size_source: str) -> JobPlan:
     """The memory plan of `spec` on `layout` at `precision` for guides of `size`."""
     text = layout.text
-    guided = text is not None and text.guidance == "cfg" and spec.sdedit.guidance_scale != 1.0
+    scale = spec.sdedit.guidance_scale
+    if text is not None and scale is None:  # the family's default (Z-Image-Turbo's is 1: no CFG)
+        scale = text.default_guidance
+    guided = text is not None and text.guidance == "cfg" and scale != 1.0
     autocast = None
     if not precision.low and spec.compute.dtype in ("bf16", "fp16"):
         autocast = DTYPES[spec.compute.dtype]

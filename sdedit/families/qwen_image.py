@@ -50,6 +50,8 @@ DROP = 34
 TOKENIZER_MAX = 1024
 MAX_SEQUENCE_LENGTH = 512
 """Prompt tokens kept (the img2img pipeline's `max_sequence_length` default)."""
+TILE = 1024
+"""Image side above which the VAE tiles (the pipeline's default_sample_size 128 x 8)."""
 REFUSED_OPTIONS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "use_layer3d_rope")
 """Transformer options of other Qwen-Image variants (Edit-2511, Layered)."""
 
@@ -57,7 +59,15 @@ REFUSED_OPTIONS = ("guidance_embeds", "zero_cond_t", "use_additional_t_cond", "u
 @dataclass
 class QwenCodec(LatentCodec):
     """The video VAE on one-frame clips: (N, 3, H, W) <-> (N, z_dim, H/f, W/f), normalised by
-    per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`)."""
+    per-channel latents_mean (`shift_factor`) and 1 / latents_std (`scaling_factor`). Tiled
+    only above `TILE` px a side, as the pipeline (which does not tile at 1024 px); the class's
+    own tiling would start at 256 px."""
+
+    def bound_memory(self) -> None:
+        """Tiling on above `TILE` px, in tiles of `TILE` overlapping by a quarter."""
+        stride = TILE * 3 // 4
+        self.vae.enable_tiling(tile_sample_min_height=TILE, tile_sample_min_width=TILE,
+                               tile_sample_stride_height=stride, tile_sample_stride_width=stride)
 
     def posterior_mean(self, images: torch.Tensor) -> torch.Tensor:
         return self.vae.encode(images.unsqueeze(2)).latent_dist.mean[:, :, 0]

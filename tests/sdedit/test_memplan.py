@@ -17,12 +17,32 @@ TARGETS = [  # (model, weights, batch, the smallest GPU class it must fit, at 10
 ]
 
 
+OPEN = [  # (model, batch, GB at 1024 x 1024 with bf16 weights (auto) and the family's default
+    #        guidance, the smallest GPU class it fits without offload / with offload text,
+    #        parameters of the network and of the text encoder; figures of jobs/ and
+    #        docs/open-models.md)
+    ("Qwen-Image", 1, 58.4, 80, 48, 20.43e9, 8.29e9),   # 20 B; Qwen2.5-VL-7B with its vision
+    ("Qwen-Image", 4, 58.5, 80, 48, 20.43e9, 8.29e9),   # tower
+    ("Z-Image-Turbo", 1, 21.9, 24, 16, 6.15e9, 4.02e9),  # 6 B; Qwen3-4B
+    ("Z-Image-Turbo", 4, 22.6, 48, 24, 6.15e9, 4.02e9),
+    ("Chroma", 1, 28.4, 48, 24, 8.90e9, 4.76e9),        # 8.9 B; T5-XXL encoder
+    ("Chroma", 4, 30.7, 48, 24, 8.90e9, 4.76e9),
+]
+
+
 def _plan(name, weights, batch, root):
     layout = inspect_model_dir(published_dir(name, root), name)
     precision = resolve_precision(weights, family=family_named(layout.family),
                                   process=layout.process, vae_config=layout.configs.get("vae"))
+    text = layout.text
     return plan_memory(layout, precision, batch_size=batch, size=(1024, 1024),
-                       guided=layout.text.guidance == "cfg")
+                       guided=text.guidance == "cfg" and text.default_guidance != 1.0)
+
+
+def _smallest(plan, offload):
+    """The nominal GB of the smallest GPU class that holds the plan with `offload`."""
+    return next((n for n, _, mib in GPU_CLASSES if plan.peak(offload) <= mib / 1024 * GIB),
+                None)
 
 
 @pytest.mark.parametrize("name,weights,batch,nominal", TARGETS)
@@ -31,6 +51,20 @@ def test_the_published_models_fit_the_gpus_the_issue_targets(name, weights, batc
     plan = _plan(name, weights, batch, tmp_path)
     mib = next(m for n, _, m in GPU_CLASSES if n == nominal)
     assert plan.offload_for(mib / 1024) is not None, "\n".join(plan.lines())
+
+
+@pytest.mark.parametrize("name,batch,gb,alone,offloaded,net,text", OPEN)
+def test_the_open_families_published_configs_are_planned(name, batch, gb, alone, offloaded, net,
+                                                         text, tmp_path):
+    """Qwen-Image, Z-Image-Turbo and Chroma: their published parameter counts, bf16 by default,
+    and the plans the jobs state (Qwen-Image's VAE untiled at 1024 px, as its pipeline runs;
+    Z-Image's text encoder the Qwen3Model its index names)."""
+    plan = _plan(name, "auto", batch, tmp_path)
+    assert plan.notes == [] and {p for p, _ in plan.weights.values()} == {"bf16"}
+    assert plan.weights["transformer"][1] / 2 == pytest.approx(net, rel=0.005)
+    assert plan.weights["text_encoder"][1] / 2 == pytest.approx(text, rel=0.005)
+    assert plan.peak() / GIB == pytest.approx(gb, abs=0.06), "\n".join(plan.lines())
+    assert (_smallest(plan, "none"), _smallest(plan, "text")) == (alone, offloaded)
 
 
 def test_weights_are_the_parameter_counts_at_their_precision(tmp_path):

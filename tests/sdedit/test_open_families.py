@@ -217,3 +217,21 @@ def test_fast_path_options_run_the_new_network_calls(open_family_dirs, family):
     model.accelerate(autocast=torch.bfloat16)
     half = edit(model, x, t0=0.5, seeds=[1, 2], sampler="euler", steps=2, **texts)
     assert torch.isfinite(half).all() and (half - plain).abs().max() < 0.5
+
+
+def test_the_qwen_vae_is_not_tiled_up_to_1024_px(open_family_models):
+    """The loaded codec (its memory bound on) encodes and decodes a 264 px image whole, as the
+    pipeline does: the VAE class's own tiling starts at 256 px and would change both."""
+    codec = open_family_models["qwen-image"].codec
+    images = torch.rand(1, 3, 264, 264, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    vae = codec.vae
+    with torch.no_grad():
+        latents = codec.encode(images)
+        pixels = codec.decode(latents)
+        assert vae.use_tiling and vae.tile_sample_min_height == vae.tile_sample_min_width == 1024
+        vae.disable_tiling()
+        try:
+            torch.testing.assert_close(codec.encode(images), latents, atol=1e-6, rtol=0)
+            torch.testing.assert_close(codec.decode(latents), pixels, atol=1e-6, rtol=0)
+        finally:
+            codec.bound_memory()

@@ -1,10 +1,11 @@
 """The published pipelines' configs as model directories with header-only weights files.
 
 tests/data/published_configs.json holds the config files of FLUX.1-dev, FLUX.1-schnell, SDXL
-base 1.0, SD3.5 Large and SD 1.5; `published_dir` writes one as a diffusers pipeline directory whose
-weights files are valid safetensors headers holding no tensors (whole, as `check_weights_file`
-reads them) and whose tokenizer folders are empty: what `inspect_model_dir`, `validate` and
-the memory plan read, without weights.
+base 1.0, SD3.5 Large, SD 1.5, Qwen-Image, Z-Image-Turbo and Chroma (where each came from: its
+"_about" and docs/open-models.md); `published_dir` writes one as a diffusers pipeline directory
+whose weights files are valid safetensors headers holding no tensors (whole, as
+`check_weights_file` reads them) and whose tokenizer folders are empty: what
+`inspect_model_dir`, `validate` and the memory plan read, without weights.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 CONFIGS = Path(__file__).resolve().parents[1] / "data" / "published_configs.json"
 PUBLISHED = ("FLUX.1-dev", "FLUX.1-schnell", "stable-diffusion-xl-base-1.0",
-             "stable-diffusion-3.5-large", "stable-diffusion-v1-5")
+             "stable-diffusion-3.5-large", "stable-diffusion-v1-5", "Qwen-Image", "Z-Image-Turbo",
+             "Chroma")
 
 
 def _empty_safetensors(path: Path) -> None:

@@ -7,10 +7,10 @@ from click.testing import CliRunner
 
 from pipeline.cli import main
 from pipeline.errors import ModelSettingsError, SpecError
-from pipeline.job.memory import weights_request
+from pipeline.job.memory import job_plan, precision_of, weights_request
 from pipeline.worker.hooks import Hooks
 from pipeline.worker.shard import ShardWorker
-from sdedit import Precision
+from sdedit import Precision, inspect_model_dir
 from tests.support.shards import make_spec, write_job, write_shards
 
 
@@ -56,3 +56,16 @@ def test_validate_refuses_a_plan_over_gpu_memory_gb_and_an_actor_its_device(tiny
     assert clash.exit_code == 2 and "compute.dtype: compute.dtype fp16 with bf16 weights " \
         "(model.weights_dtype auto): a network with bf16 weights computes in bf16" in \
         clash.output
+
+
+@pytest.mark.parametrize("guidance,rows", [(None, 2), (1.0, 2), (3.0, 4)])
+def test_a_job_is_planned_at_the_guidance_it_runs(open_family_dirs, tmp_path, guidance, rows):
+    """No `sdedit.guidance_scale`: the family's default (Z-Image-Turbo's 1.0 runs no negative
+    pass, one network row per image); above 1, two rows per image."""
+    directory = open_family_dirs["z-image"]
+    sdedit = {} if guidance is None else {"guidance_scale": guidance}
+    spec = make_spec(directory, ["a.tar"], tmp_path / "out", compute={"batch_size": 2},
+                     sdedit=sdedit)
+    layout = inspect_model_dir(directory, "z-image")
+    plan = job_plan(spec, layout, precision_of("auto", layout), (16, 16), "test").plan
+    assert plan.rows == rows
