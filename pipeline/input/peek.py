@@ -21,7 +21,7 @@ logger = logging.getLogger(__name__)
 __all__ = ["first_guide_size", "guide_size"]
 
 
-PEEK_TIMEOUT_S = 10.0
+PEEK_TIMEOUT_S = 4.0
 """Seconds the first guide's header may take to arrive; past that the plan takes the largest size
 input.max_pixels allows, so a store that never answers cannot hold up validate or run."""
 

@@ -21,12 +21,10 @@ OPEN = [  # (model, batch, GB at 1024 x 1024 with bf16 weights (auto) and the fa
     #        guidance, the smallest GPU class it fits without offload / with offload text,
     #        parameters of the network and of the text encoder; figures of jobs/ and
     #        docs/open-models.md)
-    ("Qwen-Image", 1, 58.4, 80, 48, 20.43e9, 8.29e9),   # 20 B; Qwen2.5-VL-7B with its vision
-    ("Qwen-Image", 4, 58.5, 80, 48, 20.43e9, 8.29e9),   # tower
+    ("Qwen-Image", 4, 58.5, 80, 48, 20.43e9, 8.29e9),   # 20 B; Qwen2.5-VL-7B with its vision
     ("Z-Image-Turbo", 1, 21.9, 24, 16, 6.15e9, 4.02e9),  # 6 B; Qwen3-4B
     ("Z-Image-Turbo", 4, 22.6, 48, 24, 6.15e9, 4.02e9),
-    ("Chroma", 1, 28.4, 48, 24, 8.90e9, 4.76e9),        # 8.9 B; T5-XXL encoder
-    ("Chroma", 4, 30.7, 48, 24, 8.90e9, 4.76e9),
+    ("Chroma", 4, 30.7, 48, 24, 8.90e9, 4.76e9),        # 8.9 B; T5-XXL encoder
 ]
 
 

@@ -56,7 +56,7 @@ def test_a_job_from_before_weights_dtype_resumes_in_fp32(ray_connected, tiny_flu
                                                          tmp_path):
     url = _shard(tmp_path)
     old, new = tmp_path / "old", tmp_path / "new"
-    sd = {"t0": 0.4, "sampler": "euler", "prompt": "lamp"}
+    sd = {"t0": 0.4, "sampler": "euler", "steps": 2, "prompt": "lamp"}
     job = write_job(tmp_path / "job.yaml", tiny_flux_dev_dir, [url], old, sdedit=sd,
                     compute={"batch_size": 2, "cpus_per_actor": 1})
     record = job_record(load_spec(str(job)))          # what the version before wrote:
