@@ -1,7 +1,7 @@
 """`model.weights_dtype` through `sdedit-batch run`: a job.json from before the setting resumes
 with fp32 weights and the outputs fp32 gives; a new job resolves auto and records it; bf16,
-fp16 (SDXL's auto) and fp8 jobs make outputs close to fp32's (SDXL fp8 and every precision of
-both families against fp32 through the engine: tests/sdedit/test_precision.py)."""
+fp16 (SDXL's auto) and fp8 jobs of both families make outputs close to fp32's (every precision
+of every family against fp32 through the engine: tests/sdedit/test_precision.py)."""
 
 from __future__ import annotations
 
@@ -86,7 +86,8 @@ def test_a_job_from_before_weights_dtype_resumes_in_fp32(ray_connected, tiny_flu
 
 
 @pytest.mark.parametrize("fixture,weights,sampler", [
-    ("tiny_flux_dev_dir", "fp8", "euler"), ("tiny_sdxl_dir", "auto", "ddim")])
+    ("tiny_flux_dev_dir", "fp8", "euler"), ("tiny_sdxl_dir", "auto", "ddim"),
+    ("tiny_sdxl_dir", "bf16", "ddim"), ("tiny_sdxl_dir", "fp8", "ddim")])
 def test_low_precision_jobs_stay_close_to_fp32(ray_connected, fixture, weights, sampler,
                                                tmp_path, request):
     directory = request.getfixturevalue(fixture)
@@ -97,7 +98,7 @@ def test_low_precision_jobs_stay_close_to_fp32(ray_connected, fixture, weights, 
                     compute={"batch_size": 2, "cpus_per_actor": 1})
     _run(job)
     reference = load_model(directory)                      # fp32 weights
-    expected = {"auto": "fp16", "fp8": "fp8"}[weights]
+    expected = {"auto": "fp16", "bf16": "bf16", "fp8": "fp8"}[weights]
     pixels = _pixels(tmp_path / "out")
     for row in _rows(tmp_path / "out"):
         assert f"{'unet' if 'sdxl' in fixture else 'transformer'} {expected}" in \

@@ -87,8 +87,11 @@ def test_end_to_end_rerun_does_nothing_resume_redoes_only_a_damaged_shard(
     job = json.loads((out / "job.json").read_text())
     assert job["fingerprint"] == spec.fingerprint() and job["versions"]["ray"] == ray.__version__
     assert job["compute"] == {"device": "cpu", "dtype": "fp32", "threads": 1, "batch_size": 3}
-    again = run_job(spec, progress=False)
-    assert again.shards_done == 0 and again.shards_already_done == 3
+    job_file = tmp_path / "job.yaml"
+    job_file.write_text(yaml.safe_dump(spec.to_dict()))
+    again = CliRunner().invoke(main, ["run", str(job_file), "--no-progress"])
+    assert again.exit_code == 0, again.output
+    assert "nothing to do: all 3 of 3 shards are already done" in again.stdout
     assert not (out / "lease.json").exists()  # each run released it
     manifest = out / "manifests" / "part-000001.parquet"  # committed, then cut short
     size = manifest.stat().st_size
@@ -188,8 +191,6 @@ def test_driver_killed_mid_run_then_rerun(ray_head, tiny_vp_dir, inputs, referen
     assert status.exit_code == 0, status.output
     assert "shards: 3 done, 0 pending, 0 failed (of 3)" in status.output
     assert "samples: 12; outputs 20 ok, 4 error" in status.output
-    third = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
-    assert third.returncode == 0 and "nothing to do" in third.stdout
 
 
 def test_two_runs_started_together_one_runs_the_other_is_refused(ray_head, tiny_vp_dir,
