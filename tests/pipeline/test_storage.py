@@ -178,11 +178,9 @@ def test_with_retries_gives_up_while_the_server_is_down_and_survives_its_restart
 
     thread: threading.Thread | None = None
     try:
-        started = time.monotonic()
-        with pytest.raises(StorageError) as info:
+        with pytest.raises(StorageError) as info:   # gives up after its 3 attempts
             with_retries(lambda: fs.cat_file(path), what="read", url=url,
                          attempts=3, base_delay=0.1)
-        assert time.monotonic() - started < 20
         thread = threading.Thread(target=restart)
         thread.start()
         with caplog.at_level(logging.WARNING, logger="pipeline.storage"):

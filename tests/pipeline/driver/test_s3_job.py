@@ -300,12 +300,11 @@ def test_a_read_that_never_returns_fails_its_attempt_at_the_deadline(
 
     thread = threading.Thread(target=run, name="hung-read-job")
     with s3_bucket.server.paused():
-        started = time.monotonic()
         thread.start()
-        thread.join(timeout=90)
-        seconds = time.monotonic() - started
+        thread.join(timeout=120)   # a hang bound, far above the 4 s deadline: not a speed check
+        ended_while_paused = not thread.is_alive()
     thread.join(timeout=240)  # (the old code went on once the server answered again)
-    assert seconds < 60, f"the job hung for {seconds:.0f} s on a read that never returns"
+    assert ended_while_paused, "the job hung on a read that never returns"
     assert "error" not in result, repr(result.get("error"))
     summary: RunSummary = result["summary"]
     assert summary.exit_code == 1 and list(summary.failed) == [shard]
@@ -370,16 +369,13 @@ def test_read_only_output_is_refused_before_any_model_work(
         "sdedit": {"t0": 0.04}, "compute": {"device": "cpu"}})
     ray_tmp = Path(tempfile.mkdtemp(prefix="rt", dir="/tmp"))
     try:
-        started = time.monotonic()
         run = _run_cli(["run", job, "--no-progress"],
                        _cli_env(s3_bucket, ray_tmp, readonly=True), ray_tmp, timeout=120)
-        seconds = time.monotonic() - started
         ray_started = (ray_tmp / "ray").exists()
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
     assert run.returncode == 2, run.stdout + run.stderr
     assert re.search(r"output\.path s3://\S+/out: cannot write: AccessDenied", run.stderr)
     assert not ray_started, "Ray was started (and with it actors) for an unwritable output"
-    assert seconds < 30
     assert objects_under(s3_bucket, "out") == {}
     assert s3_bucket.server.env(readonly=True)["AWS_SECRET_ACCESS_KEY"] not in run.stderr
