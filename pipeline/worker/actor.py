@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -47,23 +48,19 @@ class Counter:
         return self.sum
 
 
-class ShardActor:
-    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
+class _WorkerActor:
+    """What both actors share: logs with secrets redacted, one worker made at start, a start
+    error kept and raised by `ready` and `process`, per-image counts sent to the counter."""
 
-    A worker that cannot start keeps its error and raises it from `ready` and `process`, so the
-    driver sees the cause: a model that cannot load or run the job stops the job at once, any
-    other cause counts as a failed actor start."""
-
-    def __init__(self, spec: JobSpec, threads: int, counter: Any,
-                 hooks: Hooks = NO_HOOKS) -> None:
+    def __init__(self, make: Callable[[], Any], counter: Any) -> None:
         logging.basicConfig(level=logging.INFO)
         for handler in logging.getLogger().handlers:
             handler.addFilter(SecretFilter())
         self.counter = counter
         self.start_error: Exception | None = None
-        self.worker: ShardWorker | None = None
+        self.worker: Any = None
         try:
-            self.worker = ShardWorker(spec, threads=threads, hooks=hooks)
+            self.worker = make()
         except Exception as exc:
             self.start_error = exc
 
@@ -73,12 +70,10 @@ class ShardActor:
             raise self.start_error
         return True
 
-    def process(self, url: str) -> dict[str, Any]:
-        """Process one shard (two may run at once: the actor's two slots)."""
+    def _counted(self, url: str, work: Callable[[Batched], Any]) -> dict[str, Any]:
         self.ready()
-        assert self.worker is not None
         report = Batched(lambda n: self.counter.add.remote(url, n))
-        stats = self.worker.process(url, progress=report)
+        stats = work(report)
         report.flush()
         return dataclasses.asdict(stats)
 
@@ -89,50 +84,44 @@ class ShardActor:
         return True
 
 
-class ScoreActor:
+class ShardActor(_WorkerActor):
+    """One ShardWorker in a Ray actor: loads the model once, then processes whole shards.
+
+    A worker that cannot start keeps its error and raises it from `ready` and `process`, so the
+    driver sees the cause: a model that cannot load or run the job stops the job at once, any
+    other cause counts as a failed actor start."""
+
+    def __init__(self, spec: JobSpec, threads: int, counter: Any,
+                 hooks: Hooks = NO_HOOKS) -> None:
+        super().__init__(lambda: ShardWorker(spec, threads=threads, hooks=hooks), counter)
+
+    def process(self, url: str) -> dict[str, Any]:
+        """Process one shard (two may run at once: the actor's two slots)."""
+        return self._counted(url, lambda report: self.worker.process(url, progress=report))
+
+
+class ScoreActor(_WorkerActor):
     """One `ShardScorer` in a Ray actor: loads the scorer models once, then scores committed
     shards by their output tar URL; a start error is raised by `ready`, as in `ShardActor`."""
 
     def __init__(self, spec: JobSpec, threads: int, counter: Any,
                  hooks: Hooks = NO_HOOKS) -> None:
-        logging.basicConfig(level=logging.INFO)
-        for handler in logging.getLogger().handlers:
-            handler.addFilter(SecretFilter())
-        self.counter = counter
-        self.start_error: Exception | None = None
-        self.worker: ShardScorer | None = None
-        try:
+        def make() -> ShardScorer:
             torch.set_num_threads(max(1, threads))
             hooks.starting()
             fake_gpu = hooks.fake_gpu and spec.compute.device == "cuda"
             device = resolve_device("cpu" if fake_gpu else spec.compute.device)
-            self.worker = ShardScorer(
+            return ShardScorer(
                 OutputFolder.of(spec), Scorer(spec.score, device), spec.output.image_format,
                 spec.score.batch_size or spec.compute.batch_size,
                 spec.compute.host_threads or max(2, threads), after_batch=hooks.after_batch)
-        except Exception as exc:
-            self.start_error = exc
 
-    def ready(self) -> bool:
-        """Returns once the scorers are loaded; raises why they could not be."""
-        if self.start_error is not None:
-            raise self.start_error
-        return True
+        super().__init__(make, counter)
 
     def process(self, url: str) -> dict[str, Any]:
         """Score the committed shard whose output tar is at `url`."""
-        self.ready()
-        assert self.worker is not None
-        report = Batched(lambda n: self.counter.add.remote(url, n))
-        stats = self.worker.process(shard_stem(url), progress=report)
-        report.flush()
-        return dataclasses.asdict(stats)
-
-    def close(self) -> bool:
-        if self.worker is not None:
-            self.worker.close()
-        return True
-
+        return self._counted(
+            url, lambda report: self.worker.process(shard_stem(url), progress=report))
 
 class Batched:
     """Image counts sent to the counter at most every 0.5 s, not one remote call per image."""

@@ -25,7 +25,7 @@ from sdedit.sources import ModelSourceError
 from sdedit.weights import check_weights_file
 
 __all__ = ["Family", "Loaded", "ModelLayout", "component", "meta_model", "read_json",
-           "scheduler_process", "unet_call", "weight_files"]
+           "scheduler_process", "transformer_lora_modules", "unet_call", "weight_files"]
 
 VP_SCHEDULERS = {"DDPMScheduler", "DDIMScheduler", "GaussianDDPMScheduler", "PNDMScheduler",
                  "DPMSolverMultistepScheduler", "EulerDiscreteScheduler",
@@ -123,6 +123,16 @@ def meta_model(cls: type, folder: Path) -> torch.nn.Module:
         if issubclass(cls, ModelMixin):
             return cls.from_config(cls.load_config(folder))
         return cls(cls.config_class.from_pretrained(folder))
+
+
+def transformer_lora_modules(cls: type, layout: ModelLayout | None,
+                             net: torch.nn.Module | None) -> dict[str, torch.nn.Module]:
+    """The LoRA part "transformer" alone: the loaded `net`, or `cls` built from the layout's
+    transformer/ config on the meta device (for families whose loader adapts nothing else)."""
+    if net is not None:
+        return {"transformer": net}
+    assert layout is not None
+    return {"transformer": meta_model(cls, layout.directory / "transformer")}
 
 
 def unet_call(module: torch.nn.Module, x: torch.Tensor, t: torch.Tensor,

@@ -21,8 +21,8 @@ from sdedit.families.base import (
     ModelLayout,
     component,
     component_files,
-    meta_model,
     require_weights,
+    transformer_lora_modules,
 )
 from sdedit.families.flow import T5Embedder, flow_scheduler, read_configs, transformer_class
 from sdedit.families.flux import PACK, image_ids, pack, unpack
@@ -161,12 +161,7 @@ class ChromaFamily:
         """The LoRA part "transformer" (a Flux LoRA's CLIP part has no Chroma counterpart)."""
         from diffusers import ChromaTransformer2DModel
 
-        if net is not None:
-            return {"transformer": net}
-        assert layout is not None
-        return {"transformer": meta_model(ChromaTransformer2DModel,
-                                          layout.directory / "transformer")}
-
+        return transformer_lora_modules(ChromaTransformer2DModel, layout, net)
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:

@@ -22,8 +22,8 @@ from sdedit.families.base import (
     ModelLayout,
     component,
     component_files,
-    meta_model,
     require_weights,
+    transformer_lora_modules,
 )
 from sdedit.families.flow import flow_scheduler, read_configs, transformer_class
 from sdedit.families.flux import PACK, pack, unpack
@@ -243,12 +243,7 @@ class QwenImageFamily:
         """The LoRA part "transformer", the only one diffusers' loader adapts."""
         from diffusers import QwenImageTransformer2DModel
 
-        if net is not None:
-            return {"transformer": net}
-        assert layout is not None
-        return {"transformer": meta_model(QwenImageTransformer2DModel,
-                                          layout.directory / "transformer")}
-
+        return transformer_lora_modules(QwenImageTransformer2DModel, layout, net)
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:

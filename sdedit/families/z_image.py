@@ -22,8 +22,8 @@ from sdedit.families.base import (
     ModelLayout,
     component,
     component_files,
-    meta_model,
     require_weights,
+    transformer_lora_modules,
 )
 from sdedit.families.flow import flow_scheduler, read_configs, transformer_class
 from sdedit.families.sd import check_vae_fits
@@ -187,12 +187,7 @@ class ZImageFamily:
         """The LoRA part "transformer", the only one diffusers' loader adapts."""
         from diffusers import ZImageTransformer2DModel
 
-        if net is not None:
-            return {"transformer": net}
-        assert layout is not None
-        return {"transformer": meta_model(ZImageTransformer2DModel,
-                                          layout.directory / "transformer")}
-
+        return transformer_lora_modules(ZImageTransformer2DModel, layout, net)
 
     def plan_inputs(self, layout: ModelLayout, rows: int, size: tuple[int, int]
                     ) -> tuple[NetCall, Conditioning]:
