@@ -319,10 +319,3 @@ class OutputFolder(ResultTables):
         return [(stem, entry["name"], modified(entry)) for entry in entries
                 if (stem := marker_stem(entry["name"])) is not None]
 
-    def _put(self, url: str, record: Mapping[str, Any]) -> None:
-        try:
-            put_bytes_atomic(url, json.dumps(dict(record), indent=1).encode(), self.options)
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc

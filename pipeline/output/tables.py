@@ -87,25 +87,12 @@ class ResultTables:
 
     def read_score_settings(self) -> dict[str, Any] | None:
         """The settings recorded in `scores/settings.json`, or None when there are none."""
-        url = self.url(SCORES, SCORE_SETTINGS)
-        try:
-            fs, path = url_fs(url, self.options)
-            data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
-        except FileNotFoundError:
-            return None
-        except Exception as exc:
-            raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
-        return json_object(data)
+        data = self._read_bytes(self.url(SCORES, SCORE_SETTINGS))
+        return None if data is None else json_object(data)
 
     def write_score_settings(self, settings: Mapping[str, Any]) -> None:
         """Record the settings of the output's scores (`scores/settings.json`)."""
-        url = self.url(SCORES, SCORE_SETTINGS)
-        try:
-            put_bytes_atomic(url, json.dumps(dict(settings), indent=1).encode(), self.options)
-        except StorageError:
-            raise
-        except Exception as exc:
-            raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
+        self._put(self.url(SCORES, SCORE_SETTINGS), settings)
 
     def discard_scores(self) -> None:
         """Remove every sidecar and the settings (`score --overwrite`)."""
@@ -119,15 +106,30 @@ class ResultTables:
             raise StorageError(f"--overwrite: cannot remove {redact_url(url)}: "
                                f"{describe_error(exc)}") from exc
 
-    def _read_parquet(self, url: str, schema: pa.Schema
-                      ) -> tuple[pa.Table, dict[str, Any]] | None:
+    def _read_bytes(self, url: str) -> bytes | None:
+        """The file at `url`, or None when there is none; other errors name it."""
         try:
             fs, path = url_fs(url, self.options)
-            data = with_retries(lambda: fs.cat_file(path), what="read", url=url)
+            return with_retries(lambda: fs.cat_file(path), what="read", url=url)
         except FileNotFoundError:
             return None
         except Exception as exc:
             raise StorageError(f"cannot read {redact_url(url)}: {describe_error(exc)}") from exc
+
+    def _put(self, url: str, record: Mapping[str, Any]) -> None:
+        """Write `record` as JSON at `url`, atomically; errors name the file."""
+        try:
+            put_bytes_atomic(url, json.dumps(dict(record), indent=1).encode(), self.options)
+        except StorageError:
+            raise
+        except Exception as exc:
+            raise StorageError(f"cannot write {redact_url(url)}: {describe_error(exc)}") from exc
+
+    def _read_parquet(self, url: str, schema: pa.Schema
+                      ) -> tuple[pa.Table, dict[str, Any]] | None:
+        data = self._read_bytes(url)
+        if data is None:
+            return None
         table = pq.read_table(pa.BufferReader(data))
         metadata = read_metadata(table.schema)
         missing = [f for f in schema if f.name not in table.column_names]
